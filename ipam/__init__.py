@@ -1,0 +1,3 @@
+"""whereabouts-py: a cluster-wide IPAM CNI plugin, compatible with Whereabouts' IPPool format."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,316 @@
+"""The CNI protocol: read env + stdin, dispatch the command, write the result or error JSON to stdout.
+
+Only parses, dispatches and formats. Heavy modules (pydantic, netaddr, datastores) are imported on the
+paths that need them, so VERSION and env errors answer from the standard library alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TextIO
+
+from . import errors
+from .errors import CNIError
+from .log import log
+from .versions import LATEST
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .engine import Assigned, Engine
+
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_IFNAME_BAD = re.compile(r"[/:\s]")
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """`K=V;K2=V2` from CNI_ARGS; a pair without '=' is an invalid environment (code 4)."""
+    out: dict[str, str] = {}
+    for part in filter(None, text.split(";")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS: {part!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _require(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    if not value:
+        raise CNIError(errors.INVALID_ENV, f"required environment variable {name} is missing")
+    return value
+
+
+def container_identity(env: Mapping[str, str], need_netns: bool) -> tuple[str, str]:
+    container_id = _require(env, "CNI_CONTAINERID")
+    if not _CONTAINER_ID.match(container_id):
+        raise CNIError(errors.INVALID_ENV, f"invalid CNI_CONTAINERID {container_id!r}")
+    ifname = _require(env, "CNI_IFNAME")
+    if len(ifname) > 15 or _IFNAME_BAD.search(ifname) or ifname in (".", ".."):
+        raise CNIError(errors.INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}")
+    if need_netns:
+        _require(env, "CNI_NETNS")
+    return container_id, ifname
+
+
+def format_ips(version: str, assigned: list[Assigned], cfg: Config) -> dict[str, Any]:
+    """The IPAM result in the caller's cniVersion (`ips[].version` below 1.0.0)."""
+    from .versions import version_tuple
+
+    old = version_tuple(version) < (1, 0, 0)
+    ips: list[dict[str, Any]] = []
+    for a in assigned:
+        entry: dict[str, Any] = {"address": a.cidr()}
+        if old:
+            entry["version"] = str(a.spec.version)
+        if a.spec.gateway is not None:
+            entry["gateway"] = str(a.spec.gateway)
+        ips.append(entry)
+    result: dict[str, Any] = {"cniVersion": version, "ips": ips}
+    routes = [r.model_dump(exclude_none=True) for r in cfg.ipam.routes]
+    if routes:
+        result["routes"] = routes
+    if cfg.ipam.dns is not None:
+        result["dns"] = cfg.ipam.dns.model_dump(exclude_none=True, exclude_defaults=True)
+    return result
+
+
+def node_name(cfg: Config) -> str:
+    import socket
+
+    return os.environ.get("NODENAME") or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def make_engine(cfg: Config) -> Engine:
+    from .engine import Engine, RetryPolicy
+    from .store.open import open_store
+
+    ipam = cfg.ipam
+    policy = RetryPolicy(
+        deadline_seconds=ipam.retry_deadline_seconds,
+        backoff_initial=ipam.retry_backoff_initial_ms / 1000,
+        backoff_max=ipam.retry_backoff_max_ms / 1000,
+    )
+    return Engine(
+        open_store(cfg), policy, network_name=ipam.network_name, overlapping=ipam.enable_overlapping_ranges
+    )
+
+
+def _require_version(cfg: Config, command: str, minimum: tuple[int, ...]) -> None:
+    from .versions import version_tuple
+
+    if version_tuple(cfg.cni_version) < minimum:
+        wanted = ".".join(map(str, minimum))
+        raise CNIError(
+            errors.INCOMPATIBLE_VERSION,
+            f"config version {cfg.cni_version} does not allow {command}",
+            f"{command} needs cniVersion {wanted} or later",
+        )
+
+
+def cmd_add(cfg: Config, env: Mapping[str, str]) -> dict[str, Any]:
+    from .allocator import Request
+
+    container_id, ifname = container_identity(env, need_netns=True)
+    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    ns, pod = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
+    request = Request(
+        container_id=container_id,
+        ifname=ifname,
+        podref=f"{ns}/{pod}" if ns and pod else "",
+        poduid=args.get("K8S_POD_UID", ""),
+        node=node_name(cfg),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    engine = make_engine(cfg)
+    try:
+        assigned = engine.add(cfg.ranges, request)
+    finally:
+        engine.store.close()
+    return format_ips(cfg.cni_version, assigned, cfg)
+
+
+def cmd_del(cfg: Config, env: Mapping[str, str]) -> None:
+    container_id, ifname = container_identity(env, need_netns=False)
+    engine = make_engine(cfg)
+    try:
+        engine.release(cfg.ranges, container_id, ifname)
+    finally:
+        engine.store.close()
+
+
+def cmd_check(cfg: Config, env: Mapping[str, str]) -> None:
+    _require_version(cfg, "CHECK", (0, 4, 0))
+    container_id, ifname = container_identity(env, need_netns=True)
+    engine = make_engine(cfg)
+    try:
+        held = engine.leases_of(cfg.ranges, container_id, ifname)
+    finally:
+        engine.store.close()
+    held_ranges = {a.spec for a in held}
+    missing = [spec.describe() for spec in cfg.ranges if spec not in held_ranges]
+    if missing:
+        raise CNIError(
+            errors.LEASE_NOT_FOUND,
+            f"container {container_id} ({ifname}) holds no lease in {', '.join(missing)}",
+        )
+    prev = cfg.prev_result or {}
+    prev_ips = {
+        str(ip.get("address", "")).split("/")[0] for ip in prev.get("ips", []) if isinstance(ip, dict)
+    }
+    if prev_ips:
+        absent = [str(a.address) for a in held if str(a.address) not in prev_ips]
+        if absent:
+            raise CNIError(
+                errors.LEASE_NOT_FOUND,
+                f"leased address {', '.join(absent)} is not in prevResult",
+                f"prevResult ips: {sorted(prev_ips)}",
+            )
+
+
+def valid_attachments(raw: Any) -> set[tuple[str, str]]:
+    if raw is None:
+        return set()
+    if not isinstance(raw, list):
+        raise CNIError(errors.INVALID_CONFIG, "invalid config: cni.dev/valid-attachments must be a list")
+    out = set()
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str):
+            raise CNIError(
+                errors.INVALID_CONFIG,
+                f"invalid config: cni.dev/valid-attachments[{i}]: {item!r} has no string containerID",
+            )
+        out.add((item["containerID"], str(item.get("ifname", ""))))
+    return out
+
+
+def cmd_gc(cfg: Config, doc: Mapping[str, Any]) -> None:
+    _require_version(cfg, "GC", (1, 1, 0))
+    raw = doc.get("cni.dev/valid-attachments", doc.get("cni.dev/attachments"))
+    valid = valid_attachments(raw)
+    engine = make_engine(cfg)
+    try:
+        released = engine.gc(cfg.ranges, valid, node_name(cfg))
+    finally:
+        engine.store.close()
+    log.info("gc.done", released=len(released), valid=len(valid))
+
+
+def cmd_status(cfg: Config) -> None:
+    _require_version(cfg, "STATUS", (1, 1, 0))
+    engine = make_engine(cfg)
+    try:
+        engine.store.check_reachable()
+        full = [spec.describe() for spec, free in engine.free_counts(cfg.ranges) if free <= 0]
+    except CNIError as exc:
+        if exc.code == errors.PLUGIN_NOT_AVAILABLE:
+            raise
+        raise CNIError(errors.PLUGIN_NOT_AVAILABLE, "datastore not reachable", str(exc)) from None
+    finally:
+        engine.store.close()
+    if full:
+        raise CNIError(errors.PLUGIN_NOT_AVAILABLE, f"no free address in range {', '.join(full)}")
+
+
+def cmd_version(stdin: bytes) -> dict[str, Any]:
+    from .versions import SUPPORTED_VERSIONS
+
+    version = LATEST
+    try:
+        doc = json.loads(stdin) if stdin.strip() else {}
+        if isinstance(doc, dict) and isinstance(doc.get("cniVersion"), str):
+            version = doc["cniVersion"]
+    except ValueError:
+        pass
+    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def error_json(exc: CNIError, version: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
+    if exc.details:
+        out["details"] = exc.details
+    return out
+
+
+def _reply_version(stdin: bytes) -> str:
+    from .versions import SUPPORTED_VERSIONS
+
+    try:
+        doc = json.loads(stdin)
+        version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    except ValueError:
+        version = None
+    return version if version in SUPPORTED_VERSIONS else LATEST
+
+
+def run(env: Mapping[str, str], stdin: bytes, out: TextIO) -> int:
+    """Execute one CNI call; returns the exit code. Never raises."""
+    command = env.get("CNI_COMMAND", "")
+    try:
+        if not command:
+            raise CNIError(errors.INVALID_ENV, "required environment variable CNI_COMMAND is missing")
+        if command not in COMMANDS:
+            raise CNIError(
+                errors.INVALID_ENV, f"invalid CNI_COMMAND {command!r}", f"one of {', '.join(COMMANDS)}"
+            )
+        if command == "VERSION":
+            out.write(json.dumps(cmd_version(stdin)) + "\n")
+            return 0
+        from .config import load_config, parse_netconf
+
+        netconf = parse_netconf(stdin)
+        cfg = load_config(stdin, netconf=netconf)
+        log.configure(
+            level=cfg.ipam.log_level,
+            path=cfg.ipam.log_file,
+            command=command,
+            container=env.get("CNI_CONTAINERID", ""),
+            ifname=env.get("CNI_IFNAME", ""),
+            network=cfg.network,
+        )
+        if cfg.ipam.node_slice_size:
+            log.warning(
+                "config.node_slice_size-ignored",
+                detail="node slices are not implemented; using the whole range",
+            )
+        if command == "ADD":
+            result = cmd_add(cfg, env)
+            out.write(json.dumps(result) + "\n")
+        elif command == "DEL":
+            cmd_del(cfg, env)
+        elif command == "CHECK":
+            cmd_check(cfg, env)
+        elif command == "GC":
+            cmd_gc(cfg, json.loads(stdin))
+        elif command == "STATUS":
+            cmd_status(cfg)
+        return 0
+    except CNIError as exc:
+        log.error("cni.error", command=command, code=exc.code, msg=exc.msg, details=exc.details)
+        out.write(json.dumps(error_json(exc, _reply_version(stdin))) + "\n")
+        return 1
+    except Exception as exc:
+        log.error("cni.internal-error", command=command, error=repr(exc), trace=traceback.format_exc())
+        wrapped = CNIError(errors.DATASTORE_ERROR, f"internal error during {command}", repr(exc))
+        out.write(json.dumps(error_json(wrapped, _reply_version(stdin))) + "\n")
+        return 1
+
+
+def main() -> int:
+    try:
+        stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+    except OSError as exc:
+        error = CNIError(errors.IO_FAILURE, "failed to read network config from stdin", str(exc))
+        sys.stdout.write(json.dumps(error_json(error, LATEST)) + "\n")
+        return 1
+    return run(os.environ, stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The one retry loop every datastore shares.
+
+read pool + version -> allocate / release (pure) -> conditional write -> on conflict re-read after a
+jittered exponential backoff, all bounded by a deadline. Several ranges are all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from netaddr import IPAddress
+
+from . import allocator, errors
+from .allocator import Allocations, Request
+from .errors import CNIError, ConflictError, TransientStoreError
+from .log import log
+from .ranges import RangeSpec, pool_name, reservation_name
+from .store.base import PoolSnapshot, Store
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    deadline_seconds: float = 90.0
+    backoff_initial: float = 0.01
+    backoff_max: float = 1.0
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """One address handed out: the range it came from and the address."""
+
+    spec: RangeSpec
+    address: IPAddress
+
+    def cidr(self) -> str:
+        return f"{self.address}/{self.spec.prefixlen}"
+
+
+@dataclass
+class Stats:
+    attempts: int = 0
+    conflicts: int = 0
+    transient: int = 0
+
+
+@dataclass
+class Engine:
+    store: Store
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    network_name: str = ""
+    overlapping: bool = True
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+    stats: Stats = field(default_factory=Stats)
+
+    # -- the retry loop -------------------------------------------------------------------------
+
+    def _pool(self, spec: RangeSpec) -> str:
+        return pool_name(spec.cidr, self.network_name)
+
+    @contextmanager
+    def _locked(self, name: str, deadline: float) -> Iterator[None]:
+        with self.store.pool_lock(name, max(0.0, deadline - self.clock())):
+            yield
+
+    def _retry(self, name: str, deadline: float, step: Callable[[], bool]) -> None:
+        """Run `step` until it returns True; conflicts and transient errors retry until the deadline."""
+        attempt = 0
+        last: Exception | None = None
+        while True:
+            self.stats.attempts += 1
+            wait_hint: float | None = None
+            try:
+                if step():
+                    return
+            except ConflictError as exc:
+                self.stats.conflicts += 1
+                last = exc
+            except TransientStoreError as exc:
+                self.stats.transient += 1
+                last = exc
+                wait_hint = exc.retry_after
+            cap = min(self.policy.backoff_max, self.policy.backoff_initial * (2**attempt))
+            delay = self.rng.uniform(cap / 2, cap)
+            if wait_hint is not None:
+                delay = max(delay, wait_hint)
+            attempt += 1
+            if self.clock() + delay >= deadline:
+                raise CNIError(
+                    errors.TRY_AGAIN_LATER,
+                    f"pool {name}: gave up after {attempt} attempts within the deadline; try again later",
+                    str(last),
+                )
+            log.debug("retry", pool=name, attempt=attempt, delay=round(delay, 4), reason=str(last))
+            self.sleep(delay)
+
+    def _deadline(self) -> float:
+        return self.clock() + self.policy.deadline_seconds
+
+    # -- ADD ------------------------------------------------------------------------------------
+
+    def add(self, ranges: Sequence[RangeSpec], request: Request) -> list[Assigned]:
+        """One address per range, all or nothing."""
+        deadline = self._deadline()
+        done: list[tuple[Assigned, bool]] = []
+        try:
+            for spec in ranges:
+                done.append(self._add_one(spec, request, deadline))
+        except BaseException:
+            for assigned, reused in reversed(done):
+                if not reused:
+                    self._release_quietly(assigned.spec, request, deadline)
+            raise
+        return [a for a, _ in done]
+
+    def _add_one(self, spec: RangeSpec, request: Request, deadline: float) -> tuple[Assigned, bool]:
+        name = self._pool(spec)
+        held: dict[int, str] = {}  # offset -> reservation name held by this request
+        result: list[tuple[int, bool]] = []
+
+        def step() -> bool:
+            snapshot = self.store.read_pool(name, spec.cidr)
+            skip: set[int] = set()
+            while True:
+                decision = allocator.allocate(spec, snapshot.allocations, request, skip)
+                if decision is None:
+                    raise CNIError(
+                        errors.POOL_EXHAUSTED,
+                        f"no free address in range {spec.describe()} (pool {name})",
+                        f"{len(snapshot.allocations)} leases, {spec.size()} allocatable addresses",
+                    )
+                if not self.overlapping or decision.offset in held:
+                    break
+                rname = reservation_name(spec.address_at(decision.offset), self.network_name)
+                holder = self.store.reserve(rname, request.lease())
+                if holder is None:
+                    held[decision.offset] = rname
+                    break
+                log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
+                skip.add(decision.offset)
+            if decision.changed:
+                self.store.write_pool(snapshot, decision.allocations)
+            result.append((decision.offset, decision.reused))
+            return True
+
+        try:
+            with self._locked(name, deadline):
+                self._retry(name, deadline, step)
+        finally:
+            chosen = result[-1][0] if result else None
+            for offset, rname in held.items():
+                if offset != chosen:
+                    self.store.unreserve(rname, request.container_id, request.ifname)
+        offset, reused = result[-1]
+        assigned = Assigned(spec, spec.address_at(offset))
+        log.info("lease.add", pool=name, address=str(assigned.address), reused=reused)
+        return assigned, reused
+
+    # -- DEL / GC -------------------------------------------------------------------------------
+
+    def _mutate(
+        self, spec: RangeSpec, deadline: float, change: Callable[[Allocations], tuple[Allocations, list[int]]]
+    ) -> list[int]:
+        """Apply `change` to the pool's leases with the retry loop; returns the released offsets."""
+        name = self._pool(spec)
+        released: list[int] = []
+
+        def step() -> bool:
+            snapshot: PoolSnapshot = self.store.read_pool(name, spec.cidr)
+            if snapshot.version is None:
+                return True
+            remaining, gone = change(snapshot.allocations)
+            if gone:
+                self.store.write_pool(snapshot, remaining)
+            released[:] = gone
+            return True
+
+        with self._locked(name, deadline):
+            self._retry(name, deadline, step)
+        return released
+
+    def _unreserve(self, spec: RangeSpec, offsets: list[int], container_id: str, ifname: str) -> None:
+        if not self.overlapping:
+            return
+        for offset in offsets:
+            rname = reservation_name(spec.address_at(offset), self.network_name)
+            self.store.unreserve(rname, container_id, ifname)
+
+    def release(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
+        deadline = self._deadline()
+        out: list[Assigned] = []
+        for spec in ranges:
+            gone = self._mutate(spec, deadline, lambda a: allocator.release(a, container_id, ifname))
+            self._unreserve(spec, gone, container_id, ifname)
+            out += [Assigned(spec, spec.address_at(o)) for o in gone]
+            for o in gone:
+                log.info("lease.release", pool=self._pool(spec), address=str(spec.address_at(o)))
+        return out
+
+    def _release_quietly(self, spec: RangeSpec, request: Request, deadline: float) -> None:
+        try:
+            gone = self._mutate(
+                spec, deadline, lambda a: allocator.release(a, request.container_id, request.ifname)
+            )
+            self._unreserve(spec, gone, request.container_id, request.ifname)
+        except Exception as exc:  # the runtime's DEL after a failed ADD cleans up what is left
+            log.error("rollback.failed", pool=self._pool(spec), error=str(exc))
+
+    def gc(self, ranges: Sequence[RangeSpec], valid: set[tuple[str, str]], node: str) -> list[Assigned]:
+        deadline = self._deadline()
+        out: list[Assigned] = []
+        for spec in ranges:
+            holders: dict[int, tuple[str, str]] = {}
+
+            def change(allocs: Allocations) -> tuple[Allocations, list[int]]:
+                remaining, gone = allocator.release_stale(allocs, valid, node)
+                holders.update({o: (allocs[o].id, allocs[o].ifname) for o in gone})  # noqa: B023
+                return remaining, gone
+
+            gone = self._mutate(spec, deadline, change)
+            for offset in gone:
+                cid, ifname = holders[offset]
+                self._unreserve(spec, [offset], cid, ifname)
+                log.info(
+                    "lease.gc", pool=self._pool(spec), address=str(spec.address_at(offset)), container=cid
+                )
+            out += [Assigned(spec, spec.address_at(o)) for o in gone]
+        return out
+
+    # -- CHECK / STATUS -------------------------------------------------------------------------
+
+    def leases_of(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
+        out = []
+        for spec in ranges:
+            snapshot = self.store.read_pool(self._pool(spec), spec.cidr)
+            out += [
+                Assigned(spec, spec.address_at(o))
+                for o in allocator.find_container(snapshot.allocations, container_id, ifname)
+            ]
+        return out
+
+    def free_counts(self, ranges: Sequence[RangeSpec]) -> list[tuple[RangeSpec, int]]:
+        out = []
+        for spec in ranges:
+            snapshot = self.store.read_pool(self._pool(spec), spec.cidr)
+            base = int(spec.network.first)
+            used = sum(1 for o in snapshot.allocations if spec.contains(base + o))
+            out.append((spec, spec.size() - used))
+        return out

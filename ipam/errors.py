@@ -1,0 +1,47 @@
+"""CNI error codes and the one exception type every layer raises for a reportable failure.
+
+Codes 1-99 are the CNI specification's; 100 and up are ours.
+"""
+
+from __future__ import annotations
+
+INCOMPATIBLE_VERSION = 1
+UNSUPPORTED_FIELD = 2
+UNKNOWN_CONTAINER = 3
+INVALID_ENV = 4
+IO_FAILURE = 5
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+PLUGIN_NOT_AVAILABLE = 50
+PLUGIN_LIMITED_RESOURCES = 51
+
+POOL_EXHAUSTED = 100
+DATASTORE_CORRUPT = 101
+LEASE_NOT_FOUND = 102
+DATASTORE_ERROR = 103
+
+
+class CNIError(Exception):
+    """A failure that is reported to the runtime as CNI error JSON."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.msg}: {self.details}" if self.details else self.msg
+
+
+class ConflictError(Exception):
+    """The pool changed since it was read (resourceVersion mismatch); re-read and retry."""
+
+
+class TransientStoreError(Exception):
+    """The datastore failed in a way worth retrying (5xx, 429, connection reset)."""
+
+    def __init__(self, msg: str, retry_after: float | None = None) -> None:
+        super().__init__(msg)
+        self.retry_after = retry_after

@@ -1,0 +1,199 @@
+"""Address ranges: parse the Whereabouts range forms and answer which addresses are allocatable.
+
+Pure logic over `netaddr`; knows nothing about leases or storage. A range is turned into a sorted
+list of inclusive integer intervals, so callers never walk a /8 address by address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange, IPSet
+
+
+class RangeConfigError(ValueError):
+    """A range setting is unusable; `key` names the config key, `value` what was given."""
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        super().__init__(f"{key}: {value!r} {reason}")
+        self.key = key
+        self.value = value
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RangeSpec:
+    """One allocatable range: the network it belongs to and the addresses that may be handed out."""
+
+    network: IPNetwork
+    start: int
+    end: int
+    exclude: tuple[IPNetwork, ...] = ()
+    gateway: IPAddress | None = None
+    intervals: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+
+    @property
+    def version(self) -> int:
+        return int(self.network.version)
+
+    @property
+    def cidr(self) -> str:
+        return str(self.network.cidr)
+
+    @property
+    def prefixlen(self) -> int:
+        return int(self.network.prefixlen)
+
+    def size(self) -> int:
+        """How many addresses this range can hand out in total."""
+        return sum(hi - lo + 1 for lo, hi in self.intervals)
+
+    def contains(self, value: int) -> bool:
+        return any(lo <= value <= hi for lo, hi in self.intervals)
+
+    def offset_of(self, value: int) -> int:
+        return value - int(self.network.first)
+
+    def address_at(self, offset: int) -> IPAddress:
+        return IPAddress(int(self.network.first) + offset, self.version)
+
+    def describe(self) -> str:
+        first = IPAddress(self.start, self.version)
+        last = IPAddress(self.end, self.version)
+        return f"{self.cidr} ({first}-{last})"
+
+
+def usable_bounds(network: IPNetwork) -> tuple[int, int]:
+    """First and last address a host may hold in `network`.
+
+    IPv4 /31 (RFC 3021) and /32, IPv6 /127 (RFC 6164) and /128 use every address. Shorter prefixes
+    lose the network address and the last one; for IPv6 that is the subnet-router anycast address
+    and, as in Whereabouts, the all-ones address, so offsets stay identical to Whereabouts'.
+    """
+    first, last = int(network.first), int(network.last)
+    host_bits = (32 if network.version == 4 else 128) - int(network.prefixlen)
+    if host_bits <= 1:
+        return first, last
+    return first + 1, last - 1
+
+
+def parse_ip(key: str, value: str) -> IPAddress:
+    try:
+        if "/" in value or not value.strip():
+            raise AddrFormatError(value)
+        return IPAddress(value.strip())
+    except (AddrFormatError, ValueError, TypeError):
+        raise RangeConfigError(key, value, "is not an IP address") from None
+
+
+def parse_cidr(key: str, value: str) -> IPNetwork:
+    """A CIDR (host bits allowed, they name the network) or a single address (a /32 or /128)."""
+    try:
+        text = value.strip()
+        if "/" in text:
+            addr_text, _, plen_text = text.partition("/")
+            IPAddress(addr_text)  # netaddr accepts shorthand like "10/8"; we do not
+            if not plen_text.isdigit():
+                raise AddrFormatError(text)
+        else:
+            IPAddress(text)
+        return IPNetwork(text)
+    except (AddrFormatError, ValueError, TypeError):
+        raise RangeConfigError(key, value, "is not a valid CIDR or IP address") from None
+
+
+def _split_range(key: str, value: str) -> tuple[IPNetwork, IPAddress | None, IPAddress | None]:
+    """`CIDR` or Whereabouts' `A-B/prefix` form (A first address, B/prefix last address + network)."""
+    if "-" in value:
+        first_text, _, rest = value.partition("-")
+        first = parse_ip(key, first_text)
+        if "/" not in rest:
+            raise RangeConfigError(key, value, "must be a CIDR or 'first-last/prefix'")
+        network = parse_cidr(key, rest)
+        last = IPAddress(network.ip)
+        if first.version != network.version:
+            raise RangeConfigError(key, value, "mixes IPv4 and IPv6 addresses")
+        return network, first, last
+    if "/" not in value:
+        raise RangeConfigError(key, value, "must be a CIDR (address/prefix)")
+    return parse_cidr(key, value), None, None
+
+
+def build_range(
+    key: str,
+    range_text: str,
+    range_start: str | None = None,
+    range_end: str | None = None,
+    exclude: Sequence[str] = (),
+    gateway: IPAddress | None = None,
+) -> RangeSpec:
+    """Validate one range entry and compute its allocatable intervals.
+
+    `key` is the config path of the entry (e.g. `ipam.ipRanges[1]`) so errors name the exact key.
+    """
+    network, dash_first, dash_last = _split_range(f"{key}.range", range_text)
+    network = network.cidr
+    start_key, end_key = f"{key}.range_start", f"{key}.range_end"
+    first_usable, last_usable = usable_bounds(network)
+
+    start_ip = parse_ip(start_key, range_start) if range_start else dash_first
+    end_ip = parse_ip(end_key, range_end) if range_end else dash_last
+    start, end = first_usable, last_usable
+    for k, ip in ((start_key, start_ip), (end_key, end_ip)):
+        if ip is None:
+            continue
+        if ip.version != network.version:
+            raise RangeConfigError(k, str(ip), f"is not the same IP family as range {network}")
+        if ip not in network:
+            raise RangeConfigError(k, str(ip), f"is outside range {network}")
+    if start_ip is not None:
+        start = max(int(start_ip), first_usable)
+    if end_ip is not None:
+        end = min(int(end_ip), last_usable)
+    if start > end:
+        raise RangeConfigError(
+            start_key,
+            str(start_ip if start_ip is not None else IPAddress(start, network.version)),
+            f"is after range_end {end_ip if end_ip is not None else IPAddress(end, network.version)}",
+        )
+
+    excluded: list[IPNetwork] = []
+    for i, text in enumerate(exclude):
+        ex = parse_cidr(f"{key}.exclude[{i}]", text)
+        if ex.version != network.version:
+            raise RangeConfigError(
+                f"{key}.exclude[{i}]", text, f"is not the same IP family as range {network}"
+            )
+        excluded.append(ex.cidr)
+
+    if gateway is not None and gateway.version != network.version:
+        gateway = None
+    intervals = allocatable_intervals(network.version, start, end, excluded, gateway)
+    return RangeSpec(network, start, end, tuple(excluded), gateway, intervals)
+
+
+def allocatable_intervals(
+    version: int, start: int, end: int, exclude: Iterable[IPNetwork], gateway: IPAddress | None
+) -> tuple[tuple[int, int], ...]:
+    allowed = IPSet(IPRange(IPAddress(start, version), IPAddress(end, version)))
+    removed = IPSet(exclude)
+    if gateway is not None:
+        removed.add(gateway)
+    allowed -= removed
+    return tuple((int(r.first), int(r.last)) for r in allowed.iter_ipranges())
+
+
+def pool_name(cidr: str, network_name: str = "") -> str:
+    """Whereabouts' IPPool name: the CIDR with ':' and '/' turned into '-', prefixed by the network name."""
+    text = cidr + "0" if cidr.endswith(":") else cidr
+    normalized = text.replace(":", "-").replace("/", "-")
+    return f"{network_name}-{normalized}" if network_name else normalized
+
+
+def reservation_name(ip: IPAddress, network_name: str = "") -> str:
+    """Whereabouts' OverlappingRangeIPReservation name for an address."""
+    text = str(ip).replace(":", "-")
+    if text.endswith("-"):
+        text += "0"
+    return f"{network_name}-{text}" if network_name else text

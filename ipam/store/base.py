@@ -1,0 +1,60 @@
+"""The small interface every datastore implements, so the engine's retry loop is written once."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..allocator import Allocations, Lease
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """A pool as read: its leases and the version a conditional write must still find.
+
+    `version` is None when the pool does not exist yet (the write then creates it).
+    `token` is the store's own bookkeeping for the conditional write.
+    """
+
+    name: str
+    cidr: str
+    allocations: Allocations
+    version: str | None
+    token: Any = field(default=None, compare=False)
+
+
+class Store(Protocol):
+    def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
+        """The pool's leases and version; an empty snapshot with version None when it does not exist."""
+        ...
+
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
+        """Replace the pool's leases if it is still at `snapshot.version`; else raise ConflictError."""
+        ...
+
+    def list_pools(self) -> list[PoolSnapshot]:
+        """Every pool this store holds (reconciler, STATUS)."""
+        ...
+
+    def reserve(self, name: str, lease: Lease) -> Lease | None:
+        """Claim the overlapping-range reservation `name` for `lease`.
+
+        Returns None when it is now held by the same attachment (pod reference + interface), or the
+        other holder's lease when it belongs to someone else.
+        """
+        ...
+
+    def unreserve(self, name: str, container_id: str, ifname: str) -> None:
+        """Delete reservation `name` if this container holds it; a missing one is fine."""
+        ...
+
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
+        """Node-local lock serialising this node's writers of one pool."""
+        ...
+
+    def check_reachable(self) -> None:
+        """Raise CNIError when the datastore cannot be used right now."""
+        ...
+
+    def close(self) -> None: ...
