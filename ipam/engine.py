@@ -155,7 +155,7 @@ class Engine:
             chosen = result[-1][0] if result else None
             for offset, rname in held.items():
                 if offset != chosen:
-                    self.store.unreserve(rname, request.container_id, request.ifname)
+                    self._unreserve_name(rname, request.container_id, request.ifname, deadline, quiet=True)
         offset, reused = result[-1]
         assigned = Assigned(spec, spec.address_at(offset))
         log.info("lease.add", pool=name, address=str(assigned.address), reused=reused)
@@ -184,19 +184,36 @@ class Engine:
             self._retry(name, deadline, step)
         return released
 
-    def _unreserve(self, spec: RangeSpec, offsets: list[int], container_id: str, ifname: str) -> None:
+    def _unreserve_name(
+        self, rname: str, container_id: str, ifname: str, deadline: float, quiet: bool
+    ) -> None:
+        def step() -> bool:
+            self.store.unreserve(rname, container_id, ifname)
+            return True
+
+        try:
+            self._retry(rname, deadline, step)
+        except CNIError as exc:
+            if not quiet:
+                raise
+            # an orphaned reservation only blocks its address until the reconciler removes it
+            log.error("reservation.release-failed", reservation=rname, error=str(exc))
+
+    def _unreserve(
+        self, spec: RangeSpec, offsets: list[int], container_id: str, ifname: str, deadline: float
+    ) -> None:
         if not self.overlapping:
             return
         for offset in offsets:
             rname = reservation_name(spec.address_at(offset), self.network_name)
-            self.store.unreserve(rname, container_id, ifname)
+            self._unreserve_name(rname, container_id, ifname, deadline, quiet=False)
 
     def release(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
         deadline = self._deadline()
         out: list[Assigned] = []
         for spec in ranges:
             gone = self._mutate(spec, deadline, lambda a: allocator.release(a, container_id, ifname))
-            self._unreserve(spec, gone, container_id, ifname)
+            self._unreserve(spec, gone, container_id, ifname, deadline)
             out += [Assigned(spec, spec.address_at(o)) for o in gone]
             for o in gone:
                 log.info("lease.release", pool=self._pool(spec), address=str(spec.address_at(o)))
@@ -207,7 +224,7 @@ class Engine:
             gone = self._mutate(
                 spec, deadline, lambda a: allocator.release(a, request.container_id, request.ifname)
             )
-            self._unreserve(spec, gone, request.container_id, request.ifname)
+            self._unreserve(spec, gone, request.container_id, request.ifname, deadline)
         except Exception as exc:  # the runtime's DEL after a failed ADD cleans up what is left
             log.error("rollback.failed", pool=self._pool(spec), error=str(exc))
 
@@ -225,7 +242,7 @@ class Engine:
             gone = self._mutate(spec, deadline, change)
             for offset in gone:
                 cid, ifname = holders[offset]
-                self._unreserve(spec, [offset], cid, ifname)
+                self._unreserve(spec, [offset], cid, ifname, deadline)
                 log.info(
                     "lease.gc", pool=self._pool(spec), address=str(spec.address_at(offset)), container=cid
                 )

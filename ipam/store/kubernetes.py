@@ -1,0 +1,311 @@
+"""The `kubernetes` datastore: leases in IPPool custom resources, written with optimistic concurrency.
+
+Pools and reservations use Whereabouts' group, version, names and field layout, so a cluster can
+move between Whereabouts and whereabouts-py without renumbering pods. Every pool write is a PUT at
+the resourceVersion that was read; the API server's 409 Conflict sends the engine back to re-read.
+This module is imported only when the kubernetes datastore is chosen (the client costs ~0.4 s).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as _k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from .. import errors
+from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
+from ..errors import CNIError, ConflictError, TransientStoreError
+from .base import PoolSnapshot
+from .locks import pool_lock
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+GROUP = "whereabouts.cni.cncf.io"
+VERSION = "v1alpha1"
+POOLS = "ippools"
+RESERVATIONS = "overlappingrangeipreservations"
+DEFAULT_NAMESPACE = "kube-system"
+k8s_config: Any = _k8s_config  # untyped module
+REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    headers = exc.headers or {}
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _raise_api(exc: ApiException, what: str) -> NoReturn:
+    """Map an API error to the engine's vocabulary: conflict, transient, or a final CNI error."""
+    status = int(exc.status or 0)
+    if status == 409:
+        raise ConflictError(f"{what}: {exc.reason}")
+    if status in _TRANSIENT_STATUS or status == 0:
+        raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", _retry_after(exc))
+    if status in (401, 403):
+        raise CNIError(
+            errors.DATASTORE_ERROR,
+            f"{what}: the API server refused the plugin's credentials (HTTP {status}); check the kubeconfig and RBAC",
+            str(exc.body or exc.reason),
+        )
+    raise CNIError(errors.DATASTORE_ERROR, f"{what}: HTTP {status} {exc.reason}", str(exc.body or ""))
+
+
+class KubernetesStore:
+    def __init__(self, api_client: Any, namespace: str, lock_dir: str) -> None:
+        self.api_client = api_client
+        self.api = k8s.CustomObjectsApi(api_client)
+        self.namespace = namespace
+        self.lock_dir = lock_dir
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> KubernetesStore:
+        path = cfg.ipam.kubernetes.kubeconfig
+        configuration = k8s.Configuration()
+        try:
+            if path:
+                k8s_config.load_kube_config(config_file=path, client_configuration=configuration)
+                _, active = k8s_config.list_kube_config_contexts(config_file=path)
+                namespace = (active or {}).get("context", {}).get("namespace") or DEFAULT_NAMESPACE
+            else:
+                k8s_config.load_incluster_config(client_configuration=configuration)
+                namespace = os.environ.get("WHEREABOUTS_NAMESPACE", DEFAULT_NAMESPACE)
+        except (k8s_config.ConfigException, OSError, ValueError, TypeError) as exc:
+            key = "ipam.kubernetes.kubeconfig"
+            raise CNIError(
+                errors.INVALID_CONFIG, f"invalid config: {key}: {path!r} cannot be loaded", str(exc)
+            ) from None
+        configuration.retries = False  # the engine retries, with a deadline and backoff
+        return cls(k8s.ApiClient(configuration), namespace, os.path.join(cfg.ipam.data_dir, "locks"))
+
+    # -- pools ----------------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+        except ApiException as exc:
+            _raise_api(exc, what)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    def _snapshot(self, obj: dict[str, Any], name: str, cidr: str) -> PoolSnapshot:
+        spec = obj.get("spec") or {}
+        try:
+            allocations = parse_allocations(spec.get("allocations") or {})
+        except ValueError as exc:
+            raise CNIError(
+                errors.DATASTORE_CORRUPT,
+                f"IPPool {self.namespace}/{name} has unreadable allocations",
+                str(exc),
+            ) from None
+        version = str(obj.get("metadata", {}).get("resourceVersion", ""))
+        return PoolSnapshot(name, str(spec.get("range") or cidr), allocations, version, token=obj)
+
+    def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
+        try:
+            obj = cast(
+                dict[str, Any],
+                self.api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, POOLS, name, _request_timeout=REQUEST_TIMEOUT
+                ),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return PoolSnapshot(name, cidr, {}, None)
+            _raise_api(exc, f"get IPPool {name}")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientStoreError(f"get IPPool {name}: {type(exc).__name__}: {exc}") from None
+        return self._snapshot(obj, name, cidr)
+
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
+        spec = {"range": snapshot.cidr, "allocations": dump_allocations(allocations)}
+        if snapshot.version is None:
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "IPPool",
+                "metadata": {"name": snapshot.name, "namespace": self.namespace},
+                "spec": spec,
+            }
+            self._call(
+                f"create IPPool {snapshot.name}",
+                self.api.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                POOLS,
+                body,
+            )
+            return
+        old: dict[str, Any] = snapshot.token or {}
+        body = {
+            **old,
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "IPPool",
+            "metadata": {**old.get("metadata", {}), "resourceVersion": snapshot.version},
+            "spec": {**old.get("spec", {}), **spec},
+        }
+        try:
+            self.api.replace_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, POOLS, snapshot.name, body, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 404:  # deleted since we read it: start over from an absent pool
+                raise ConflictError(f"IPPool {snapshot.name} was deleted") from None
+            _raise_api(exc, f"update IPPool {snapshot.name}")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientStoreError(f"update IPPool {snapshot.name}: {type(exc).__name__}: {exc}") from None
+
+    def list_pools(self) -> list[PoolSnapshot]:
+        out: list[PoolSnapshot] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": 500}
+            if token:
+                kwargs["_continue"] = token
+            page = self._call(
+                "list IPPools",
+                self.api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                POOLS,
+                **kwargs,
+            )
+            for obj in page.get("items", []):
+                name = obj.get("metadata", {}).get("name", "")
+                out.append(self._snapshot(obj, name, ""))
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return out
+
+    # -- overlapping-range reservations ---------------------------------------------------------
+
+    def _reservation_body(self, name: str, lease: Lease, version: str | None = None) -> dict[str, Any]:
+        spec = {"containerid": lease.id, "podref": lease.podref, "ifname": lease.ifname}
+        if lease.node:
+            spec["node"] = lease.node
+        if lease.created:
+            spec["created"] = lease.created
+        metadata: dict[str, Any] = {"name": name, "namespace": self.namespace}
+        if version:
+            metadata["resourceVersion"] = version
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "OverlappingRangeIPReservation",
+            "metadata": metadata,
+            "spec": spec,
+        }
+
+    def _get_reservation(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj = self.api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, RESERVATIONS, name, _request_timeout=REQUEST_TIMEOUT
+            )
+            return cast(dict[str, Any], obj)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            _raise_api(exc, f"get reservation {name}")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientStoreError(f"get reservation {name}: {type(exc).__name__}: {exc}") from None
+
+    @staticmethod
+    def _holder(obj: dict[str, Any]) -> Lease:
+        spec = obj.get("spec") or {}
+        return Lease(
+            str(spec.get("containerid", "")), str(spec.get("podref", "")), str(spec.get("ifname", ""))
+        )
+
+    def reserve(self, name: str, lease: Lease) -> Lease | None:
+        try:
+            self.api.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                RESERVATIONS,
+                self._reservation_body(name, lease),
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+            return None
+        except ApiException as exc:
+            if exc.status != 409:
+                _raise_api(exc, f"create reservation {name}")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientStoreError(f"create reservation {name}: {type(exc).__name__}: {exc}") from None
+        existing = self._get_reservation(name)
+        if existing is None:
+            raise ConflictError(f"reservation {name} vanished while being claimed")
+        holder = self._holder(existing)
+        if not holder.owned_by(lease.podref, lease.ifname, lease.id):
+            return holder
+        if holder.id != lease.id:  # the same pod, recreated: the reservation follows its new container
+            version = str(existing.get("metadata", {}).get("resourceVersion", ""))
+            self._call(
+                f"update reservation {name}",
+                self.api.replace_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                RESERVATIONS,
+                name,
+                self._reservation_body(name, lease, version),
+            )
+        return None
+
+    def unreserve(self, name: str, container_id: str, ifname: str) -> None:
+        existing = self._get_reservation(name)
+        if existing is None:
+            return
+        holder = self._holder(existing)
+        if holder.id != container_id or (ifname and holder.ifname and holder.ifname != ifname):
+            return
+        version = str(existing.get("metadata", {}).get("resourceVersion", ""))
+        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=version))
+        try:
+            self.api.delete_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                RESERVATIONS,
+                name,
+                body=body,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            _raise_api(exc, f"delete reservation {name}")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientStoreError(f"delete reservation {name}: {type(exc).__name__}: {exc}") from None
+
+    # -- node lock, health ----------------------------------------------------------------------
+
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
+        return pool_lock(self.lock_dir, name, timeout)
+
+    def check_reachable(self) -> None:
+        try:
+            self._call(
+                "list IPPools",
+                self.api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                POOLS,
+                limit=1,
+            )
+        except (TransientStoreError, CNIError, ConflictError) as exc:
+            raise CNIError(errors.PLUGIN_NOT_AVAILABLE, "Kubernetes API not reachable", str(exc)) from None
+
+    def close(self) -> None:
+        self.api_client.close()
