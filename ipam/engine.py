@@ -155,7 +155,7 @@ class Engine:
             chosen = result[-1][0] if result else None
             for offset, rname in held.items():
                 if offset != chosen:
-                    self._unreserve_name(rname, request.container_id, request.ifname, deadline, quiet=True)
+                    self.unreserve_name(rname, request.container_id, request.ifname, deadline, quiet=True)
         offset, reused = result[-1]
         assigned = Assigned(spec, spec.address_at(offset))
         log.info("lease.add", pool=name, address=str(assigned.address), reused=reused)
@@ -166,12 +166,25 @@ class Engine:
     def _mutate(
         self, spec: RangeSpec, deadline: float, change: Callable[[Allocations], tuple[Allocations, list[int]]]
     ) -> list[int]:
-        """Apply `change` to the pool's leases with the retry loop; returns the released offsets."""
-        name = self._pool(spec)
+        return self.mutate_pool(self._pool(spec), spec.cidr, change, deadline)
+
+    def mutate_pool(
+        self,
+        name: str,
+        cidr: str,
+        change: Callable[[Allocations], tuple[Allocations, list[int]]],
+        deadline: float | None = None,
+    ) -> list[int]:
+        """Apply `change` to a pool's leases with the retry loop; returns the offsets it released.
+
+        `change` is re-run on every attempt against freshly read leases, so a concurrent writer wins
+        and the change is recomputed against what it wrote.
+        """
+        deadline = self._deadline() if deadline is None else deadline
         released: list[int] = []
 
         def step() -> bool:
-            snapshot: PoolSnapshot = self.store.read_pool(name, spec.cidr)
+            snapshot: PoolSnapshot = self.store.read_pool(name, cidr)
             if snapshot.version is None:
                 return True
             remaining, gone = change(snapshot.allocations)
@@ -184,7 +197,7 @@ class Engine:
             self._retry(name, deadline, step)
         return released
 
-    def _unreserve_name(
+    def unreserve_name(
         self, rname: str, container_id: str, ifname: str, deadline: float, quiet: bool
     ) -> None:
         def step() -> bool:
@@ -206,7 +219,7 @@ class Engine:
             return
         for offset in offsets:
             rname = reservation_name(spec.address_at(offset), self.network_name)
-            self._unreserve_name(rname, container_id, ifname, deadline, quiet=False)
+            self.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
 
     def release(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
         deadline = self._deadline()

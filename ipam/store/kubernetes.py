@@ -8,6 +8,7 @@ This module is imported only when the kubernetes datastore is chosen (the client
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -70,23 +71,28 @@ class KubernetesStore:
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
-        path = cfg.ipam.kubernetes.kubeconfig
+        return cls.connect(cfg.ipam.kubernetes.kubeconfig, os.path.join(cfg.ipam.data_dir, "locks"))
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None, lock_dir: str, namespace: str | None = None) -> KubernetesStore:
+        """Client from `kubeconfig` (in-cluster service account when None); pools in `namespace`,
+        else the current context's namespace, else kube-system (Whereabouts' rule)."""
         configuration = k8s.Configuration()
         try:
-            if path:
-                k8s_config.load_kube_config(config_file=path, client_configuration=configuration)
-                _, active = k8s_config.list_kube_config_contexts(config_file=path)
-                namespace = (active or {}).get("context", {}).get("namespace") or DEFAULT_NAMESPACE
+            if kubeconfig:
+                k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+                _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
+                context_ns = (active or {}).get("context", {}).get("namespace")
             else:
                 k8s_config.load_incluster_config(client_configuration=configuration)
-                namespace = os.environ.get("WHEREABOUTS_NAMESPACE", DEFAULT_NAMESPACE)
+                context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")
         except (k8s_config.ConfigException, OSError, ValueError, TypeError) as exc:
             key = "ipam.kubernetes.kubeconfig"
             raise CNIError(
-                errors.INVALID_CONFIG, f"invalid config: {key}: {path!r} cannot be loaded", str(exc)
+                errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
             ) from None
         configuration.retries = False  # the engine retries, with a deadline and backoff
-        return cls(k8s.ApiClient(configuration), namespace, os.path.join(cfg.ipam.data_dir, "locks"))
+        return cls(k8s.ApiClient(configuration), namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
 
     # -- pools ----------------------------------------------------------------------------------
 
@@ -166,27 +172,10 @@ class KubernetesStore:
             raise TransientStoreError(f"update IPPool {snapshot.name}: {type(exc).__name__}: {exc}") from None
 
     def list_pools(self) -> list[PoolSnapshot]:
-        out: list[PoolSnapshot] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": 500}
-            if token:
-                kwargs["_continue"] = token
-            page = self._call(
-                "list IPPools",
-                self.api.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                POOLS,
-                **kwargs,
-            )
-            for obj in page.get("items", []):
-                name = obj.get("metadata", {}).get("name", "")
-                out.append(self._snapshot(obj, name, ""))
-            token = page.get("metadata", {}).get("continue")
-            if not token:
-                return out
+        items = self._list_all(
+            "list IPPools", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, POOLS
+        )
+        return [self._snapshot(obj, obj.get("metadata", {}).get("name", ""), "") for obj in items]
 
     # -- overlapping-range reservations ---------------------------------------------------------
 
@@ -269,8 +258,37 @@ class KubernetesStore:
         holder = self._holder(existing)
         if holder.id != container_id or (ifname and holder.ifname and holder.ifname != ifname):
             return
-        version = str(existing.get("metadata", {}).get("resourceVersion", ""))
-        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=version))
+        self.delete_reservation(name, str(existing.get("metadata", {}).get("resourceVersion", "")))
+
+    # -- what the reconciler reads ---------------------------------------------------------------
+
+    def _list_all(self, what: str, fn: Any, *args: Any) -> list[dict[str, Any]]:
+        """Every item of a paged LIST (limit/continue), decoded without the client's model classes."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": 500, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            response = self._call(what, fn, *args, **kwargs)
+            page = json.loads(response.data)
+            items += page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
+    def list_reservations(self) -> list[dict[str, Any]]:
+        return self._list_all(
+            "list reservations",
+            self.api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            RESERVATIONS,
+        )
+
+    def delete_reservation(self, name: str, resource_version: str) -> None:
+        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=resource_version))
         try:
             self.api.delete_namespaced_custom_object(
                 GROUP,
@@ -287,6 +305,10 @@ class KubernetesStore:
             _raise_api(exc, f"delete reservation {name}")
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientStoreError(f"delete reservation {name}: {type(exc).__name__}: {exc}") from None
+
+    def list_pods(self) -> list[dict[str, Any]]:
+        core = k8s.CoreV1Api(self.api_client)
+        return self._list_all("list pods", core.list_pod_for_all_namespaces)
 
     # -- node lock, health ----------------------------------------------------------------------
 
