@@ -82,9 +82,11 @@ def format_ips(version: str, assigned: list[Assigned], cfg: Config) -> dict[str,
 
 
 def node_name(cfg: Config) -> str:
+    """The node recorded on leases (GC releases only its own node's): flat-file `node_name`, the
+    NODENAME environment variable, else the host name."""
     import socket
 
-    return os.environ.get("NODENAME") or os.environ.get("NODE_NAME") or socket.gethostname()
+    return cfg.ipam.node_name or os.environ.get("NODENAME") or socket.gethostname()
 
 
 def make_engine(cfg: Config) -> Engine:

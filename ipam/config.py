@@ -75,6 +75,7 @@ class IPAMConfig(_Model):
     log_level: Literal["debug", "verbose", "info", "warning", "error", "panic"] = "info"
     datastore: Literal["kubernetes", "file"] = "kubernetes"
     data_dir: str = DEFAULT_DATA_DIR
+    node_name: str = ""
     retry_deadline_seconds: float = Field(default=90.0, gt=0, le=200)
     retry_backoff_initial_ms: float = Field(default=10.0, gt=0)
     retry_backoff_max_ms: float = Field(default=1000.0, gt=0)
