@@ -1,0 +1,195 @@
+"""whereabouts-py processes against the Kubernetes API test server: concurrency, faults, deadlines,
+dual-stack, Whereabouts' own CRDs. Each process is the real executable with a normal kubeconfig."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cni_exec import Call, cni_env, finish, run, start
+from tests.kubeapi.fixtures import KubeHandle
+
+NAMESPACE = "kube-system"
+
+
+def netconf(kube: KubeHandle, tmp: Path, ipam: dict[str, Any], version: str = "1.0.0") -> dict[str, Any]:
+    base = {
+        "type": "whereabouts-py",
+        "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        "data_dir": str(tmp / "node"),
+        "log_file": str(tmp / "ipam.log"),
+        "log_level": "debug",
+        "retry_deadline_seconds": 60,
+    }
+    return {"cniVersion": version, "name": "storage", "type": "ipvlan", "ipam": {**base, **ipam}}
+
+
+def pool(kube: KubeHandle, name: str) -> dict[str, Any]:
+    [obj] = [o for o in kube.api.objects("ippools", NAMESPACE) if o["metadata"]["name"] == name]
+    return obj
+
+
+def add_many(kube: KubeHandle, tmp: Path, ipam: dict[str, Any], count: int, nodes: int) -> list[Call]:
+    procs = []
+    for i in range(count):
+        node = f"node-{i % nodes}"
+        conf = netconf(kube, tmp, ipam)
+        conf["ipam"]["data_dir"] = str(tmp / node)  # each simulated node has its own lock dir
+        procs.append(start(conf, cni_env("ADD", f"ctr{i:03d}", NODENAME=node)))
+    return [finish(p, timeout=300) for p in procs]
+
+
+def addresses(calls: list[Call]) -> list[str]:
+    return [ip["address"].split("/")[0] for c in calls for ip in c.result["ips"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("faulty", [False, True], ids=["clean", "20pct-500s-100ms"])
+def test_40_processes_on_4_nodes_get_distinct_addresses(
+    kube: KubeHandle, tmp_path: Path, faulty: bool
+) -> None:
+    if faulty:
+        kube.api.set_faults(seed=7, latency=0.1, error_rate=0.2, error_codes=(500,))
+    calls = add_many(kube, tmp_path, {"range": "10.50.0.0/24"}, count=40, nodes=4)
+    failed = [c for c in calls if c.code != 0]
+    assert not failed, failed[0].stdout + failed[0].stderr[-2000:]
+    got = addresses(calls)
+    assert len(got) == 40 and len(set(got)) == 40
+    kube.api.clear_faults()
+    leases = pool(kube, "10.50.0.0-24")["spec"]["allocations"]
+    assert len(leases) == 40  # none lost, none extra
+    held = {str(ipaddress.ip_address("10.50.0.0") + int(k)) for k in leases}
+    assert held == set(got)
+    assert {lease["node"] for lease in leases.values()} == {f"node-{n}" for n in range(4)}
+    reservations = {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", NAMESPACE)
+    }
+    assert reservations == set(got)
+    if faulty:
+        assert kube.api.count("update", "ippools") + kube.api.count("create", "ippools") >= 40
+
+
+def test_deadline_under_constant_conflicts_is_code_11_without_a_lease(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    conf = netconf(kube, tmp_path, {"range": "10.51.0.0/24", "retry_deadline_seconds": 2})
+    assert run(conf, cni_env("ADD", "first")).code == 0  # the pool exists
+    kube.api.set_faults(always_conflict={"ippools"})
+    call = run(conf, cni_env("ADD", "second"))
+    assert call.code != 0
+    assert call.result["code"] == 11 and "try again later" in call.result["msg"]
+    kube.api.clear_faults()
+    leases = pool(kube, "10.51.0.0-24")["spec"]["allocations"]
+    assert [v["id"] for v in leases.values()] == ["first"]
+    # its reservation was given back too
+    names = {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", NAMESPACE)}
+    assert names == {"10.51.0.1"}
+    assert kube.api.count("update", "ippools") >= 2  # it really retried
+
+
+def test_throttling_is_retried_honouring_retry_after(kube: KubeHandle, tmp_path: Path) -> None:
+    kube.api.set_faults(seed=3, throttle_rate=0.5, retry_after=0)
+    conf = netconf(kube, tmp_path, {"range": "10.52.0.0/24"})
+    calls = [run(conf, cni_env("ADD", f"c{i}")) for i in range(4)]
+    assert all(c.code == 0 for c in calls), [c.stdout for c in calls]
+    assert len(set(addresses(calls))) == 4
+
+
+def test_dropped_connections_are_retried(kube: KubeHandle, tmp_path: Path) -> None:
+    kube.api.set_faults(seed=5, drop_rate=0.3)
+    conf = netconf(kube, tmp_path, {"range": "10.53.0.0/24"})
+    calls = [run(conf, cni_env("ADD", f"c{i}")) for i in range(4)]
+    assert all(c.code == 0 for c in calls), [c.stdout for c in calls]
+    kube.api.clear_faults()
+    assert len(pool(kube, "10.53.0.0-24")["spec"]["allocations"]) == 4
+
+
+def test_dual_stack_gives_one_address_per_family(kube: KubeHandle, tmp_path: Path) -> None:
+    ipam = {"ipRanges": [{"range": "10.54.0.0/24"}, {"range": "fd00:54::/64"}]}
+    call = run(netconf(kube, tmp_path, ipam), cni_env("ADD", "ds1"))
+    assert call.code == 0, call.stdout
+    assert [ip["address"] for ip in call.result["ips"]] == ["10.54.0.1/24", "fd00:54::1/64"]
+    assert pool(kube, "fd00-54---64")["spec"]["allocations"]["1"]["id"] == "ds1"
+
+
+def test_dual_stack_is_all_or_nothing(kube: KubeHandle, tmp_path: Path) -> None:
+    ipam = {"ipRanges": [{"range": "10.55.0.0/24"}, {"range": "fd00:55::/126"}]}  # v6: two usable addresses
+    conf = netconf(kube, tmp_path, ipam)
+    assert run(conf, cni_env("ADD", "a")).code == 0
+    assert run(conf, cni_env("ADD", "b")).code == 0
+    call = run(conf, cni_env("ADD", "c"))
+    assert call.result["code"] == 100 and "fd00:55::/126" in call.result["msg"]
+    v4 = pool(kube, "10.55.0.0-24")["spec"]["allocations"]
+    assert sorted(v["id"] for v in v4.values()) == ["a", "b"]  # c's IPv4 lease was rolled back
+    names = {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", NAMESPACE)}
+    assert "10.55.0.3" not in names
+
+
+def test_whereabouts_crd_prunes_our_fields_and_nothing_breaks(kube: KubeHandle, tmp_path: Path) -> None:
+    """A Whereabouts CRD applied over ours drops node/poduid/created; leases still work, GC skips them."""
+    crd = yaml.safe_load(
+        (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
+    )
+    item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "allocations"
+    ]
+    for extra in ("node", "poduid", "created"):
+        del item["additionalProperties"]["properties"][extra]
+    foreign = tmp_path / "whereabouts-ippools.yaml"
+    foreign.write_text(yaml.safe_dump(crd))
+    others = sorted(p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name)
+    kube.api.use_crds([foreign, *others])
+    conf = netconf(kube, tmp_path, {"range": "10.56.0.0/24"})
+    first = run(conf, cni_env("ADD", "p1", NODENAME="node-a"))
+    assert first.code == 0
+    lease = pool(kube, "10.56.0.0-24")["spec"]["allocations"]["1"]
+    assert lease == {"id": "p1", "podref": "default/p1", "ifname": "net1"}  # pruned to Whereabouts' fields
+    gc_conf = {
+        **netconf(kube, tmp_path, {"range": "10.56.0.0/24"}, version="1.1.0"),
+        "cni.dev/valid-attachments": [],
+    }
+    gc = run(gc_conf, cni_env("GC", "unused", NODENAME="node-a"))
+    assert gc.code == 0, gc.stdout
+    assert "1" in pool(kube, "10.56.0.0-24")["spec"]["allocations"]  # no node recorded: GC keeps it
+    assert run(conf, cni_env("ADD", "p1", NODENAME="node-a")).result["ips"][0]["address"] == "10.56.0.1/24"
+
+
+def test_status_reports_an_unreachable_api(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    from tests.kubeapi.server import write_kubeconfig
+
+    write_kubeconfig(kubeconfig, "http://127.0.0.1:9")  # nothing listens on the discard port
+    conf = {
+        "cniVersion": "1.1.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": "10.57.0.0/24",
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": str(kubeconfig)},
+            "data_dir": str(tmp_path),
+        },
+    }
+    call = run(conf, cni_env("STATUS", "x"))
+    assert call.code != 0 and call.result["code"] == 50
+
+
+def test_gc_releases_only_this_nodes_stale_leases(kube: KubeHandle, tmp_path: Path) -> None:
+    conf = netconf(kube, tmp_path, {"range": "10.58.0.0/24"})
+    for ctr, node in (("keep-a", "node-a"), ("stale-a", "node-a"), ("stale-b", "node-b")):
+        assert run(conf, cni_env("ADD", ctr, NODENAME=node)).code == 0
+    gc_conf = {
+        **netconf(kube, tmp_path, {"range": "10.58.0.0/24"}, version="1.1.0"),
+        "cni.dev/valid-attachments": [{"containerID": "keep-a", "ifname": "net1"}],
+    }
+    assert run(gc_conf, cni_env("GC", "unused", NODENAME="node-a")).code == 0
+    left = sorted(v["id"] for v in pool(kube, "10.58.0.0-24")["spec"]["allocations"].values())
+    assert left == ["keep-a", "stale-b"]
+    names = {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", NAMESPACE)}
+    assert names == {"10.58.0.1", "10.58.0.3"}
