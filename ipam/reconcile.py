@@ -134,6 +134,7 @@ class Reconciler:
         except (CNIError, TransientStoreError) as exc:
             summary.errors += 1
             self.say(summary, f"error listing pools or pods: {exc}")
+            self._finish(summary)
             return summary
         verb = "would-release" if self.dry_run else "release"
         for snapshot in pools:
@@ -158,13 +159,16 @@ class Reconciler:
             elif judged:
                 summary.released += len(judged)
         self._orphaned_reservations(summary, now)
+        self._finish(summary)
+        return summary
+
+    def _finish(self, summary: Summary) -> None:
         self.say(
             summary,
             f"summary pools={summary.pools} leases={summary.leases} kept={summary.kept} "
             f"{'would_release' if self.dry_run else 'released'}={summary.released} "
             f"reservations_deleted={summary.reservations_deleted} errors={summary.errors}",
         )
-        return summary
 
     def _release(self, snapshot: PoolSnapshot, judged: Allocations, summary: Summary) -> int:
         def change(allocations: Allocations) -> tuple[Allocations, list[int]]:
