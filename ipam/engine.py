@@ -40,6 +40,32 @@ class Assigned:
         return f"{self.address}/{self.spec.prefixlen}"
 
 
+@dataclass(eq=False)
+class AddOp:
+    """One range's share of an ADD; filled in by `Engine.apply_batch`."""
+
+    spec: RangeSpec
+    request: Request
+    offset: int | None = None
+    reused: bool = False
+    error: CNIError | None = None
+    held: dict[int, str] = field(default_factory=dict)  # offset -> reservation claimed for it
+
+
+@dataclass(eq=False)
+class ReleaseOp:
+    """A DEL's share of one pool; `released` holds the offsets given back."""
+
+    container_id: str
+    ifname: str
+    released: list[int] = field(default_factory=list)
+
+
+Op = AddOp | ReleaseOp
+# Runs a batch of ops on one pool; the default is Engine.apply_batch, the node agent coalesces.
+BatchRunner = Callable[["Engine", str, str, list[Op], float], None]
+
+
 @dataclass
 class Stats:
     attempts: int = 0
@@ -57,6 +83,7 @@ class Engine:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     stats: Stats = field(default_factory=Stats)
+    runner: BatchRunner | None = None
 
     # -- the retry loop -------------------------------------------------------------------------
 
@@ -118,50 +145,92 @@ class Engine:
             raise
         return [a for a, _ in done]
 
+    def _submit(self, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
+        (self.runner or Engine.apply_batch)(self, name, cidr, ops, deadline)
+
     def _add_one(self, spec: RangeSpec, request: Request, deadline: float) -> tuple[Assigned, bool]:
-        name = self._pool(spec)
-        held: dict[int, str] = {}  # offset -> reservation name held by this request
-        result: list[tuple[int, bool]] = []
+        op = AddOp(spec, request)
+        self._submit(self._pool(spec), spec.cidr, [op], deadline)
+        if op.error is not None:
+            raise op.error
+        assert op.offset is not None
+        return Assigned(spec, spec.address_at(op.offset)), op.reused
+
+    def apply_batch(self, name: str, cidr: str, ops: Sequence[Op], deadline: float) -> None:
+        """Serve every op on one pool with a single read-modify-write (retried as a whole on conflict).
+
+        Ops are applied in order to the leases as read, so a batch of N ADDs costs one GET and one PUT.
+        Each op gets its own result (`offset`/`error`, `released`); a failure of the read or write
+        itself is raised for the whole batch. No op is answered before the write holding it succeeded.
+        """
 
         def step() -> bool:
-            snapshot = self.store.read_pool(name, spec.cidr)
-            skip: set[int] = set()
-            while True:
-                decision = allocator.allocate(spec, snapshot.allocations, request, skip)
-                if decision is None:
-                    raise CNIError(
-                        errors.POOL_EXHAUSTED,
-                        f"no free address in range {spec.describe()} (pool {name})",
-                        f"{len(snapshot.allocations)} leases, {spec.size()} allocatable addresses",
-                    )
-                if not self.overlapping or decision.offset in held:
-                    break
-                rname = reservation_name(spec.address_at(decision.offset), self.network_name)
-                holder = self.store.reserve(rname, request.lease())
-                if holder is None:
-                    held[decision.offset] = rname
-                    break
-                log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
-                skip.add(decision.offset)
-            if decision.changed:
-                self.store.write_pool(snapshot, decision.allocations)
-            result.append((decision.offset, decision.reused))
+            snapshot = self.store.read_pool(name, cidr)
+            leases = snapshot.allocations
+            changed = False
+            for op in ops:
+                if isinstance(op, ReleaseOp):
+                    leases, op.released = allocator.release(leases, op.container_id, op.ifname)
+                    changed = changed or bool(op.released)
+                    continue
+                decision = self._choose(name, op, leases)
+                if decision is not None:
+                    leases = decision.allocations
+                    changed = changed or decision.changed
+            if changed:
+                self.store.write_pool(snapshot, leases)
             return True
 
+        written = False
         try:
             with self._locked(name, deadline):
                 self._retry(name, deadline, step)
+            written = True
         finally:
-            chosen = result[-1][0] if result else None
-            for offset, rname in held.items():
-                if offset != chosen:
-                    self.unreserve_name(rname, request.container_id, request.ifname, deadline, quiet=True)
-        offset, reused = result[-1]
-        assigned = Assigned(spec, spec.address_at(offset))
-        log.info("lease.add", pool=name, address=str(assigned.address), reused=reused)
-        return assigned, reused
+            for op in ops:
+                if isinstance(op, AddOp):
+                    chosen = op.offset if written and op.error is None else None
+                    for offset, rname in op.held.items():
+                        if offset != chosen:
+                            self.unreserve_name(
+                                rname, op.request.container_id, op.request.ifname, deadline, quiet=True
+                            )
+        for op in ops:
+            if isinstance(op, AddOp) and op.error is None and op.offset is not None:
+                log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
+
+    def _choose(self, name: str, op: AddOp, leases: Allocations) -> allocator.Decision | None:
+        """Pick op's address among `leases`, claiming its overlapping-range reservation."""
+        spec, request = op.spec, op.request
+        op.offset, op.error = None, None
+        skip: set[int] = set()
+        while True:
+            decision = allocator.allocate(spec, leases, request, skip)
+            if decision is None:
+                op.error = CNIError(
+                    errors.POOL_EXHAUSTED,
+                    f"no free address in range {spec.describe()} (pool {name})",
+                    f"{len(leases)} leases, {spec.size()} allocatable addresses",
+                )
+                return None
+            if not self.overlapping or decision.offset in op.held:
+                break
+            rname = reservation_name(spec.address_at(decision.offset), self.network_name)
+            holder = self.store.reserve(rname, request.lease())
+            if holder is None:
+                op.held[decision.offset] = rname
+                break
+            log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
+            skip.add(decision.offset)
+        op.offset, op.reused = decision.offset, decision.reused
+        return decision
 
     # -- DEL / GC -------------------------------------------------------------------------------
+
+    def _release_op(self, spec: RangeSpec, container_id: str, ifname: str, deadline: float) -> list[int]:
+        op = ReleaseOp(container_id, ifname)
+        self._submit(self._pool(spec), spec.cidr, [op], deadline)
+        return op.released
 
     def _mutate(
         self, spec: RangeSpec, deadline: float, change: Callable[[Allocations], tuple[Allocations, list[int]]]
@@ -225,7 +294,7 @@ class Engine:
         deadline = self._deadline()
         out: list[Assigned] = []
         for spec in ranges:
-            gone = self._mutate(spec, deadline, lambda a: allocator.release(a, container_id, ifname))
+            gone = self._release_op(spec, container_id, ifname, deadline)
             self._unreserve(spec, gone, container_id, ifname, deadline)
             out += [Assigned(spec, spec.address_at(o)) for o in gone]
             for o in gone:
@@ -234,9 +303,7 @@ class Engine:
 
     def _release_quietly(self, spec: RangeSpec, request: Request, deadline: float) -> None:
         try:
-            gone = self._mutate(
-                spec, deadline, lambda a: allocator.release(a, request.container_id, request.ifname)
-            )
+            gone = self._release_op(spec, request.container_id, request.ifname, deadline)
             self._unreserve(spec, gone, request.container_id, request.ifname, deadline)
         except Exception as exc:  # the runtime's DEL after a failed ADD cleans up what is left
             log.error("rollback.failed", pool=self._pool(spec), error=str(exc))
