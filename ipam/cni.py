@@ -12,7 +12,8 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import errors
@@ -23,6 +24,9 @@ from .versions import LATEST
 if TYPE_CHECKING:
     from .config import Config
     from .engine import Assigned, Engine
+    from .store.base import Store
+
+EngineSource = Callable[["Config"], AbstractContextManager["Engine"]]
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -89,9 +93,8 @@ def node_name(cfg: Config) -> str:
     return cfg.ipam.node_name or os.environ.get("NODENAME") or socket.gethostname()
 
 
-def make_engine(cfg: Config) -> Engine:
+def make_engine(cfg: Config, store: Store) -> Engine:
     from .engine import Engine, RetryPolicy
-    from .store.open import open_store
 
     ipam = cfg.ipam
     policy = RetryPolicy(
@@ -99,9 +102,19 @@ def make_engine(cfg: Config) -> Engine:
         backoff_initial=ipam.retry_backoff_initial_ms / 1000,
         backoff_max=ipam.retry_backoff_max_ms / 1000,
     )
-    return Engine(
-        open_store(cfg), policy, network_name=ipam.network_name, overlapping=ipam.enable_overlapping_ranges
-    )
+    return Engine(store, policy, network_name=ipam.network_name, overlapping=ipam.enable_overlapping_ranges)
+
+
+@contextmanager
+def direct_engine(cfg: Config) -> Iterator[Engine]:
+    """Direct mode: a fresh datastore connection for this one call."""
+    from .store.open import open_store
+
+    store = open_store(cfg)
+    try:
+        yield make_engine(cfg, store)
+    finally:
+        store.close()
 
 
 def _require_version(cfg: Config, command: str, minimum: tuple[int, ...]) -> None:
@@ -116,7 +129,7 @@ def _require_version(cfg: Config, command: str, minimum: tuple[int, ...]) -> Non
         )
 
 
-def cmd_add(cfg: Config, env: Mapping[str, str]) -> dict[str, Any]:
+def cmd_add(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> dict[str, Any]:
     from .allocator import Request
 
     container_id, ifname = container_identity(env, need_netns=True)
@@ -130,31 +143,22 @@ def cmd_add(cfg: Config, env: Mapping[str, str]) -> dict[str, Any]:
         node=node_name(cfg),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    engine = make_engine(cfg)
-    try:
+    with engines(cfg) as engine:
         assigned = engine.add(cfg.ranges, request)
-    finally:
-        engine.store.close()
     return format_ips(cfg.cni_version, assigned, cfg)
 
 
-def cmd_del(cfg: Config, env: Mapping[str, str]) -> None:
+def cmd_del(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> None:
     container_id, ifname = container_identity(env, need_netns=False)
-    engine = make_engine(cfg)
-    try:
+    with engines(cfg) as engine:
         engine.release(cfg.ranges, container_id, ifname)
-    finally:
-        engine.store.close()
 
 
-def cmd_check(cfg: Config, env: Mapping[str, str]) -> None:
+def cmd_check(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> None:
     _require_version(cfg, "CHECK", (0, 4, 0))
     container_id, ifname = container_identity(env, need_netns=True)
-    engine = make_engine(cfg)
-    try:
+    with engines(cfg) as engine:
         held = engine.leases_of(cfg.ranges, container_id, ifname)
-    finally:
-        engine.store.close()
     held_ranges = {a.spec for a in held}
     missing = [spec.describe() for spec in cfg.ranges if spec not in held_ranges]
     if missing:
@@ -192,30 +196,25 @@ def valid_attachments(raw: Any) -> set[tuple[str, str]]:
     return out
 
 
-def cmd_gc(cfg: Config, doc: Mapping[str, Any]) -> None:
+def cmd_gc(cfg: Config, doc: Mapping[str, Any], engines: EngineSource) -> None:
     _require_version(cfg, "GC", (1, 1, 0))
     raw = doc.get("cni.dev/valid-attachments", doc.get("cni.dev/attachments"))
     valid = valid_attachments(raw)
-    engine = make_engine(cfg)
-    try:
+    with engines(cfg) as engine:
         released = engine.gc(cfg.ranges, valid, node_name(cfg))
-    finally:
-        engine.store.close()
     log.info("gc.done", released=len(released), valid=len(valid))
 
 
-def cmd_status(cfg: Config) -> None:
+def cmd_status(cfg: Config, engines: EngineSource) -> None:
     _require_version(cfg, "STATUS", (1, 1, 0))
-    engine = make_engine(cfg)
     try:
-        engine.store.check_reachable()
-        full = [spec.describe() for spec, free in engine.free_counts(cfg.ranges) if free <= 0]
+        with engines(cfg) as engine:
+            engine.store.check_reachable()
+            full = [spec.describe() for spec, free in engine.free_counts(cfg.ranges) if free <= 0]
     except CNIError as exc:
         if exc.code == errors.PLUGIN_NOT_AVAILABLE:
             raise
         raise CNIError(errors.PLUGIN_NOT_AVAILABLE, "datastore not reachable", str(exc)) from None
-    finally:
-        engine.store.close()
     if full:
         raise CNIError(errors.PLUGIN_NOT_AVAILABLE, f"no free address in range {', '.join(full)}")
 
@@ -251,8 +250,12 @@ def _reply_version(stdin: bytes) -> str:
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
-def run(env: Mapping[str, str], stdin: bytes, out: TextIO) -> int:
-    """Execute one CNI call; returns the exit code. Never raises."""
+def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource | None = None) -> int:
+    """Execute one CNI call; returns the exit code. Never raises.
+
+    `engines` supplies the engine per call: direct mode by default, the node agent's shared one there.
+    """
+    engines = engines or direct_engine
     command = env.get("CNI_COMMAND", "")
     try:
         if not command:
@@ -282,16 +285,16 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO) -> int:
                 detail="node slices are not implemented; using the whole range",
             )
         if command == "ADD":
-            result = cmd_add(cfg, env)
+            result = cmd_add(cfg, env, engines)
             out.write(json.dumps(result) + "\n")
         elif command == "DEL":
-            cmd_del(cfg, env)
+            cmd_del(cfg, env, engines)
         elif command == "CHECK":
-            cmd_check(cfg, env)
+            cmd_check(cfg, env, engines)
         elif command == "GC":
-            cmd_gc(cfg, json.loads(stdin))
+            cmd_gc(cfg, json.loads(stdin), engines)
         elif command == "STATUS":
-            cmd_status(cfg)
+            cmd_status(cfg, engines)
         return 0
     except CNIError as exc:
         log.error("cni.error", command=command, code=exc.code, msg=exc.msg, details=exc.details)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -18,15 +19,22 @@ class Logger:
     def __init__(self) -> None:
         self.threshold = _LEVELS["info"]
         self.path: str | None = None
-        self.context: dict[str, Any] = {}
+        self._local = threading.local()  # per-thread call context: the node agent serves calls in threads
         self.stderr: TextIO = sys.stderr
+
+    @property
+    def context(self) -> dict[str, Any]:
+        ctx: dict[str, Any] | None = getattr(self._local, "context", None)
+        if ctx is None:
+            ctx = self._local.context = {}
+        return ctx
 
     def configure(self, level: str | None = None, path: str | None = None, **context: Any) -> None:
         if level:
             self.threshold = _LEVELS.get(level, self.threshold)
         if path:
             self.path = path
-        self.context.update({k: v for k, v in context.items() if v})
+        self._local.context = {k: v for k, v in context.items() if v}
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         if _LEVELS.get(level, 20) < self.threshold:
