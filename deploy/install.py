@@ -110,11 +110,21 @@ def write_atomic(path: str, data: bytes, mode: int) -> bool:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
+        fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise InstallError(f"cannot write {path}: {exc.strerror or exc}") from None
     return True
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` survive a crash of the node."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def ensure_dir(path: str) -> None:
@@ -200,6 +210,9 @@ def remove_tree(path: str) -> None:
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
     elif os.path.isdir(path):
+        # Without CAP_DAC_OVERRIDE even root needs write permission on a directory to empty it.
+        for directory, _, _ in os.walk(path):
+            os.chmod(directory, 0o755)
         shutil.rmtree(path)
 
 
@@ -229,10 +242,12 @@ def install_bundle(src: str, host_root: str) -> bool:
             if not os.path.isdir(final):
                 temp = os.path.join(root, f"{TEMP_PREFIX}{name}.{os.getpid()}")
                 copy_tree(src, temp)
+                os.sync()  # the copy's data is on disk before its name says it is complete
                 os.rename(temp, final)
             temp_link = os.path.join(root, f"{TEMP_PREFIX}current.{os.getpid()}")
             os.symlink(name, temp_link)
             os.replace(temp_link, link)
+            fsync_dir(root)
             for entry in os.listdir(root):
                 if entry.startswith(BUNDLE_PREFIX) and entry not in (name, previous):
                     remove_tree(os.path.join(root, entry))

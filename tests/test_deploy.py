@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -296,6 +297,9 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Node:
     (bundle / "lib" / "libpython3.11.so.1.0").write_bytes(b"\x7fELF fake")
     (bundle / "lib" / "libpython3.11.so").symlink_to("libpython3.11.so.1.0")
     (bundle / "bin" / "python-abs").symlink_to(bundle / "bin" / "python3.11")  # absolute, inside the tree
+    (bundle / "share" / "read-only").mkdir(parents=True)
+    (bundle / "share" / "read-only" / "data").write_text("x")
+    (bundle / "share" / "read-only").chmod(0o555)
     host = tmp_path / "host"
     host.mkdir()
     result = Node(tmp_path, host, sa, bundle, tmp_path / "ready")
@@ -349,6 +353,8 @@ def test_install_copies_the_bundle_and_points_current_at_it(
     assert os.readlink(copy / "lib" / "libpython3.11.so") == "libpython3.11.so.1.0"
     assert os.readlink(copy / "bin" / "python-abs") == "python3.11"  # absolute link made relative
     assert (copy / "lib" / "python3.11" / "site-packages" / "ipam" / "__init__.py").exists()
+    assert stat.S_IMODE((copy / "share" / "read-only").stat().st_mode) == 0o555
+    assert (copy / "share" / "read-only" / "data").read_text() == "x"
     assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")] == []
 
 
@@ -482,6 +488,28 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     for phrase in phrases:
         assert phrase in result.stderr
+
+
+def test_installs_and_prunes_without_capabilities_as_in_the_daemonset(node: Node) -> None:
+    """The DaemonSet drops ALL capabilities: root then needs owner write permission, also to remove
+    an old bundle holding a read-only directory."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")  # util-linux
+        assert setpriv, "setpriv is needed to run the installer without capabilities"
+        prefix = [setpriv, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
+    for version in range(3):
+        (node.bundle / "lib" / f"v{version}").write_text(str(version))
+        result = subprocess.run(
+            [*prefix, sys.executable, str(INSTALL_PY), *node.argv()],
+            env=node.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    assert len(bundles(node)) == 2
+    assert (node.at(inst.BUNDLE_LINK) / "lib" / "v2").read_text() == "2"
 
 
 def test_missing_token_fails_with_a_message_naming_the_file(node: Node) -> None:
