@@ -107,10 +107,13 @@ def _split_range(key: str, value: str) -> tuple[IPNetwork, IPAddress | None, IPA
     """`CIDR` or Whereabouts' `A-B/prefix` form (A first address, B/prefix last address + network)."""
     if "-" in value:
         first_text, _, rest = value.partition("-")
-        first = parse_ip(key, first_text)
         if "/" not in rest:
             raise RangeConfigError(key, value, "must be a CIDR or 'first-last/prefix'")
-        network = parse_cidr(key, rest)
+        try:
+            first = parse_ip(key, first_text)
+            network = parse_cidr(key, rest)
+        except RangeConfigError as exc:  # name the whole value, not the part that failed
+            raise RangeConfigError(key, value, f"is not 'first-last/prefix': {exc}") from None
         last = IPAddress(network.ip)
         if first.version != network.version:
             raise RangeConfigError(key, value, "mixes IPv4 and IPv6 addresses")
@@ -134,19 +137,23 @@ def build_range(
     """
     network, dash_first, dash_last = _split_range(f"{key}.range", range_text)
     network = network.cidr
-    start_key, end_key = f"{key}.range_start", f"{key}.range_end"
+    # A bound taken from the `A-B/prefix` form is reported as the range key with the whole range text.
+    start_key, start_shown = (
+        (f"{key}.range_start", range_start) if range_start else (f"{key}.range", range_text)
+    )
+    end_key, end_shown = (f"{key}.range_end", range_end) if range_end else (f"{key}.range", range_text)
     first_usable, last_usable = usable_bounds(network)
 
     start_ip = parse_ip(start_key, range_start) if range_start else dash_first
     end_ip = parse_ip(end_key, range_end) if range_end else dash_last
     start, end = first_usable, last_usable
-    for k, ip in ((start_key, start_ip), (end_key, end_ip)):
+    for k, shown, ip in ((start_key, start_shown, start_ip), (end_key, end_shown, end_ip)):
         if ip is None:
             continue
         if ip.version != network.version:
-            raise RangeConfigError(k, str(ip), f"is not the same IP family as range {network}")
+            raise RangeConfigError(k, shown, f"is not the same IP family as range {network}")
         if ip not in network:
-            raise RangeConfigError(k, str(ip), f"is outside range {network}")
+            raise RangeConfigError(k, shown, f"is outside range {network}")
     if start_ip is not None:
         start = max(int(start_ip), first_usable)
     if end_ip is not None:
@@ -154,7 +161,7 @@ def build_range(
     if start > end:
         raise RangeConfigError(
             start_key,
-            str(start_ip if start_ip is not None else IPAddress(start, network.version)),
+            start_shown if start_ip is not None else str(IPAddress(start, network.version)),
             f"is after range_end {end_ip if end_ip is not None else IPAddress(end, network.version)}",
         )
 
