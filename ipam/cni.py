@@ -308,12 +308,20 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
 
 
 def main() -> int:
+    """The CNI executable: the node agent answers when it runs, else the call runs in-process."""
     try:
         stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     except OSError as exc:
         error = CNIError(errors.IO_FAILURE, "failed to read network config from stdin", str(exc))
         sys.stdout.write(json.dumps(error_json(error, LATEST)) + "\n")
         return 1
+    from .shim import try_agent
+
+    answered = try_agent(os.environ, stdin)
+    if answered is not None:
+        code, stdout = answered
+        sys.stdout.write(stdout)
+        return code
     return run(os.environ, stdin, sys.stdout)
 
 

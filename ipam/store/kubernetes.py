@@ -92,6 +92,7 @@ class KubernetesStore:
                 errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
             ) from None
         configuration.retries = False  # the engine retries, with a deadline and backoff
+        configuration.connection_pool_maxsize = 32  # the node agent shares one client across threads
         return cls(k8s.ApiClient(configuration), namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
 
     # -- pools ----------------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""The CNI executable's fast path: forward the call to the node agent over its unix socket.
+
+Standard library only, so a call answered by the agent costs a bare interpreter start. Returns
+None whenever the agent cannot answer (no socket, refused, died mid-call, timed out); the caller then
+runs the call in-process (direct mode). That fallback cannot double-allocate: an ADD is idempotent
+by pod reference + interface, so a repeat finds the lease the agent may already have written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+
+from .log import log
+
+DEFAULT_SOCKET = "/run/whereabouts-py/agent.sock"
+DEFAULT_TIMEOUT = 150.0  # above the engine's default 90 s deadline, below kubelet's 4 minutes
+MAX_REPLY = 16 << 20
+FORWARDED = ("CNI_", "K8S_", "NODENAME")
+
+
+def socket_path(env: Mapping[str, str], stdin: bytes) -> str:
+    """$WHEREABOUTS_PY_AGENT_SOCKET, else the config's `ipam.agent_socket`, else the default."""
+    if env.get("WHEREABOUTS_PY_AGENT_SOCKET"):
+        return env["WHEREABOUTS_PY_AGENT_SOCKET"]
+    try:
+        conf = json.loads(stdin)
+        ipam = conf.get("ipam") if isinstance(conf, dict) else None
+        if isinstance(ipam, dict) and isinstance(ipam.get("agent_socket"), str):
+            return str(ipam["agent_socket"])
+    except ValueError:
+        pass
+    return DEFAULT_SOCKET
+
+
+def forward(env: Mapping[str, str], stdin: bytes, path: str, timeout: float) -> tuple[int, str] | None:
+    """(exit code, stdout) from the agent, or None when it could not answer."""
+    if not path or not os.path.exists(path):
+        return None
+    request = {
+        "env": {k: v for k, v in env.items() if k.startswith(FORWARDED)},
+        "stdin": stdin.decode("utf-8", errors="surrogateescape"),
+    }
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_REPLY:
+                    raise ValueError("agent reply too large")
+        reply = json.loads(b"".join(chunks))
+        code, stdout = reply["code"], reply["stdout"]
+        if not isinstance(code, int) or not isinstance(stdout, str):
+            raise ValueError("malformed agent reply")
+        return code, stdout
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.info(
+            "agent.unavailable", socket=path, error=f"{type(exc).__name__}: {exc}", fallback="direct mode"
+        )
+        return None
+
+
+def try_agent(env: Mapping[str, str], stdin: bytes) -> tuple[int, str] | None:
+    if env.get("CNI_COMMAND", "") in ("", "VERSION"):
+        return None  # answered locally, no need for the agent
+    try:
+        timeout = float(env.get("WHEREABOUTS_PY_AGENT_TIMEOUT") or DEFAULT_TIMEOUT)
+    except ValueError:
+        timeout = DEFAULT_TIMEOUT
+    return forward(env, stdin, socket_path(env, stdin), timeout)

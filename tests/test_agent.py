@@ -1,0 +1,223 @@
+"""The node agent and the shim: coalesced batches, fallback to direct mode, kill mid-batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam.agent import Agent
+from tests.cni_exec import cni_env, finish, run, start
+from tests.kubeapi.fixtures import KubeHandle
+
+
+def file_conf(tmp: Path, cidr: str = "10.70.0.0/24") -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {"type": "whereabouts-py", "range": cidr, "datastore": "file", "data_dir": str(tmp / "data")},
+    }
+
+
+def call(agent: Agent, conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    reply = agent.serve_call({"env": env, "stdin": json.dumps(conf)})
+    assert reply["code"] == 0, reply
+    result: dict[str, Any] = json.loads(reply["stdout"])
+    return result
+
+
+def test_coalesced_batches_give_each_call_its_own_answer(kube: KubeHandle, tmp_path: Path) -> None:
+    kube.api.set_faults(latency=0.02)  # writes take a while, so calls pile up behind them
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": "10.71.0.0/24",
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+            "data_dir": str(tmp_path),
+        },
+    }
+    agent = Agent()
+    results: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        ip = call(agent, conf, cni_env("ADD", f"c{i}"))["ips"][0]["address"]
+        with lock:
+            results[f"c{i}"] = ip
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    agent.close()
+    assert len(results) == 30 and len(set(results.values())) == 30
+    [pool] = kube.api.objects("ippools", "kube-system")
+    by_container = {v["id"]: f"10.71.0.{k}/24" for k, v in pool["spec"]["allocations"].items()}
+    assert by_container == results  # every caller was told exactly the lease written for it
+    batches = agent.metrics.batches.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    assert count < 30  # fewer pool writes than calls: they were coalesced
+    writes = kube.api.count("update", "ippools") + kube.api.count("create", "ippools")
+    assert writes == count
+
+
+def test_batch_mixes_adds_releases_and_errors(tmp_path: Path) -> None:
+    agent = Agent()
+    conf = file_conf(tmp_path, "10.72.0.0/30")  # two usable addresses
+    assert call(agent, conf, cni_env("ADD", "a"))["ips"][0]["address"] == "10.72.0.1/30"
+    replies: dict[str, dict[str, Any]] = {}
+
+    def one(command: str, ctr: str) -> None:
+        replies[f"{command}-{ctr}"] = agent.serve_call(
+            {"env": cni_env(command, ctr), "stdin": json.dumps(conf)}
+        )
+
+    threads = [
+        threading.Thread(target=one, args=args)
+        for args in [("ADD", "b"), ("ADD", "c"), ("DEL", "a"), ("ADD", "a")]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    agent.close()
+    pool = json.loads(next((tmp_path / "data" / "pools").glob("*.json")).read_text())
+    holders = sorted(v["id"] for v in pool["spec"]["allocations"].values())
+    failed = [k for k, r in replies.items() if r["code"] != 0]
+    assert replies["DEL-a"]["code"] == 0
+    # two addresses, three ADDs competing (b, c and a re-added): exactly one is told the pool is full
+    assert len(failed) == 1 and json.loads(replies[failed[0]]["stdout"])["code"] == 100
+    assert len(holders) == 2 and failed[0].split("-")[1] not in holders
+
+
+@pytest.fixture
+def agent_proc(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    sock = str(tmp_path / "run" / "agent.sock")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ipam-agent"), "--socket", sock, "--metrics-port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.05)
+    assert os.path.exists(sock), "agent did not start"
+    assert (os.stat(sock).st_mode & 0o777) == 0o600
+    yield proc, sock
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_shim_uses_the_agent_and_falls_back_without_it(
+    tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    proc, sock = agent_proc
+    conf = file_conf(tmp_path)
+    via_agent = run(conf, cni_env("ADD", "a", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    assert via_agent.code == 0 and "agent.unavailable" not in via_agent.stderr
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert not os.path.exists(sock)  # the agent removed its socket
+    direct = run(conf, cni_env("ADD", "b", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    assert direct.code == 0
+    assert [via_agent.result["ips"][0]["address"], direct.result["ips"][0]["address"]] == [
+        "10.70.0.1/24",
+        "10.70.0.2/24",
+    ]
+    # a stale socket file (agent died hard) is refused: logged, then direct mode
+    Path(sock).parent.mkdir(exist_ok=True)
+    import socket as socketlib
+
+    stale = socketlib.socket(socketlib.AF_UNIX)
+    stale.bind(sock)
+    stale.close()
+    third = run(conf, cni_env("ADD", "c", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    assert third.code == 0 and "agent.unavailable" in third.stderr
+    assert third.result["ips"][0]["address"] == "10.70.0.3/24"
+
+
+def test_agent_killed_mid_batch_loses_no_acknowledged_lease(
+    kube: KubeHandle, tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    proc, sock = agent_proc
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": "10.73.0.0/24",
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+            "data_dir": str(tmp_path / "node"),
+        },
+    }
+    acked = [run(conf, cni_env("ADD", f"acked{i}", WHEREABOUTS_PY_AGENT_SOCKET=sock)) for i in range(3)]
+    assert all(c.code == 0 for c in acked)
+    kube.api.set_faults(latency=0.5)  # the next batch is slow: kill the agent while it is in flight
+    updates = kube.api.count("update", "ippools")
+    inflight = [start(conf, cni_env("ADD", f"late{i}", WHEREABOUTS_PY_AGENT_SOCKET=sock)) for i in range(4)]
+    deadline = time.monotonic() + 30
+    while kube.api.count("get", "ippools") + kube.api.count("update", "ippools") <= 3 + updates:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    kube.api.clear_faults()
+    late = [finish(p) for p in inflight]  # each shim saw the agent die and fell back to direct mode
+    assert all(c.code == 0 for c in late), [c.stdout for c in late]
+    [pool] = kube.api.objects("ippools", "kube-system")
+    leases = {v["id"]: f"10.73.0.{k}/24" for k, v in pool["spec"]["allocations"].items()}
+    for i, c in enumerate(acked):
+        assert leases[f"acked{i}"] == c.result["ips"][0]["address"]
+    for i, c in enumerate(late):
+        assert leases[f"late{i}"] == c.result["ips"][0]["address"]
+    assert len(leases) == 7 and len(set(leases.values())) == 7
+    again = run(conf, cni_env("ADD", "late0", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    assert again.result["ips"][0]["address"] == late[0].result["ips"][0]["address"]
+
+
+@pytest.mark.slow
+def test_shims_and_direct_processes_together_never_duplicate(
+    kube: KubeHandle, tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    _, sock = agent_proc
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": "10.74.0.0/24",
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+            "data_dir": str(tmp_path / "node"),
+        },
+    }
+    procs = []
+    for i in range(24):
+        socket_env = sock if i % 2 == 0 else str(tmp_path / "no-agent.sock")
+        procs.append(start(conf, cni_env("ADD", f"c{i}", WHEREABOUTS_PY_AGENT_SOCKET=socket_env)))
+    calls = [finish(p) for p in procs]
+    assert all(c.code == 0 for c in calls), [c.stdout for c in calls if c.code]
+    got = [c.result["ips"][0]["address"] for c in calls]
+    assert len(set(got)) == 24
+    [pool] = kube.api.objects("ippools", "kube-system")
+    assert len(pool["spec"]["allocations"]) == 24
