@@ -69,8 +69,10 @@ def parse_allocations(raw: Mapping[str, Any]) -> Allocations:
     """Decode `spec.allocations`; raises ValueError on anything that is not offset -> lease."""
     out: Allocations = {}
     for key, value in raw.items():
-        if not (isinstance(key, str) and key.isdigit()):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
             raise ValueError(f"allocation key {key!r} is not a decimal offset")
+        if int(key) in out:
+            raise ValueError(f"allocation key {key!r} repeats offset {int(key)}")
         out[int(key)] = Lease.from_json(value)
     return out
 
