@@ -1,0 +1,357 @@
+"""The pure allocator: lowest free first, idempotent re-ADD, release, GC, the lease wire format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from netaddr import IPAddress
+
+from ipam.allocator import (
+    Allocations,
+    Lease,
+    Request,
+    allocate,
+    dump_allocations,
+    find_container,
+    find_owner,
+    lowest_free,
+    parse_allocations,
+    release,
+    release_stale,
+)
+from ipam.ranges import RangeSpec, build_range
+
+
+def spec_of(cidr: str, **kw: object) -> RangeSpec:
+    return build_range("ipam", cidr, **kw)  # type: ignore[arg-type]
+
+
+def req(n: int | str, ifname: str = "net1", pod: str | None = None, node: str = "") -> Request:
+    return Request(container_id=f"c{n}", ifname=ifname, podref=f"ns/{pod or f'p{n}'}", node=node)
+
+
+def fill(spec: RangeSpec, count: int, start: int = 0) -> Allocations:
+    """Allocate `count` addresses for pods start..start+count-1; asserts each ADD succeeds."""
+    leases: Allocations = {}
+    for i in range(start, start + count):
+        decision = allocate(spec, leases, req(i))
+        assert decision is not None
+        leases = decision.allocations
+    return leases
+
+
+def addr(spec: RangeSpec, offset: int) -> str:
+    return str(spec.address_at(offset))
+
+
+def drain(spec: RangeSpec) -> list[str]:
+    """Allocate until exhausted; returns the addresses in order."""
+    leases: Allocations = {}
+    out = []
+    for i in range(10_000):
+        decision = allocate(spec, leases, req(i))
+        if decision is None:
+            return out
+        leases = decision.allocations
+        out.append(addr(spec, decision.offset))
+    raise AssertionError("range never exhausted")
+
+
+# -- lowest free first -------------------------------------------------------------------------
+
+
+def test_lowest_first_and_offsets_from_network() -> None:
+    spec = spec_of("10.0.0.0/24")
+    d = allocate(spec, {}, req(1))
+    assert d is not None and d.offset == 1 and d.changed and not d.reused
+    assert d.allocations == {1: Lease("c1", "ns/p1", "net1")}
+    d2 = allocate(spec, d.allocations, req(2))
+    assert d2 is not None and d2.offset == 2
+    assert set(d2.allocations) == {1, 2}
+
+
+def test_fills_holes_first() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 5)
+    leases, gone = release(leases, "c2", "net1")
+    assert gone == [3]
+    d = allocate(spec, leases, req(9))
+    assert d is not None and d.offset == 3
+
+
+def test_excluded_edges_never_handed_out() -> None:
+    spec = spec_of("10.0.0.0/29", exclude=["10.0.0.1", "10.0.0.6"])
+    assert drain(spec) == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+
+
+def test_range_start_end() -> None:
+    spec = spec_of("10.0.0.0/24", range_start="10.0.0.250", range_end="10.0.0.252")
+    assert drain(spec) == ["10.0.0.250", "10.0.0.251", "10.0.0.252"]
+
+
+def test_range_start_end_with_excludes_at_their_edges() -> None:
+    spec = spec_of(
+        "10.0.0.0/24", range_start="10.0.0.10", range_end="10.0.0.14", exclude=["10.0.0.10", "10.0.0.14"]
+    )
+    assert drain(spec) == ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
+
+
+def test_network_broadcast_and_gateway_never_handed_out() -> None:
+    spec = spec_of("10.0.0.0/29", gateway=IPAddress("10.0.0.1"))
+    got = drain(spec)
+    assert got == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+    assert "10.0.0.0" not in got and "10.0.0.7" not in got
+
+
+def test_slash_31_and_32() -> None:
+    assert drain(spec_of("10.0.0.0/31")) == ["10.0.0.0", "10.0.0.1"]
+    assert drain(spec_of("10.0.0.9/32")) == ["10.0.0.9"]
+
+
+def test_slash_127_and_128() -> None:
+    assert drain(spec_of("fd00::/127")) == ["fd00::", "fd00::1"]
+    assert drain(spec_of("fd00::7/128")) == ["fd00::7"]
+
+
+def test_ipv6_slash_120() -> None:
+    spec = spec_of("fd00::/120", exclude=["fd00::1"], gateway=IPAddress("fd00::2"))
+    got = drain(spec)
+    assert got[:2] == ["fd00::3", "fd00::4"]
+    assert got[-1] == "fd00::fe"
+    assert len(got) == 0xFE - 3 + 1
+    assert "fd00::ff" not in got and "fd00::" not in got
+
+
+def test_ipv6_slash_64() -> None:
+    spec = spec_of("fd00::/64", exclude=["fd00::/120"])
+    leases = fill(spec, 3)
+    assert [addr(spec, o) for o in sorted(leases)] == ["fd00::100", "fd00::101", "fd00::102"]
+    assert sorted(leases) == [0x100, 0x101, 0x102]
+
+
+def test_exhaustion_returns_none_and_frees_make_room() -> None:
+    spec = spec_of("10.0.0.0/30")
+    leases = fill(spec, 2)
+    assert allocate(spec, leases, req(99)) is None
+    leases, _ = release(leases, "c0", "net1")
+    d = allocate(spec, leases, req(99))
+    assert d is not None and addr(spec, d.offset) == "10.0.0.1"
+
+
+def test_exhausted_by_excludes_alone() -> None:
+    spec = spec_of("10.0.0.0/29", exclude=["10.0.0.0/29"])
+    assert allocate(spec, {}, req(1)) is None
+
+
+def test_skip_offsets_are_passed_over() -> None:
+    spec = spec_of("10.0.0.0/29")
+    d = allocate(spec, {}, req(1), skip={1, 2})
+    assert d is not None and d.offset == 3
+    assert allocate(spec, {}, req(1), skip=set(range(8))) is None
+
+
+def test_foreign_leases_outside_the_range_do_not_block() -> None:
+    """Leases at offsets this config does not allocate (another range_start) are kept, not reused."""
+    spec = spec_of("10.0.0.0/24", range_start="10.0.0.100")
+    leases: Allocations = {5: Lease("old", "ns/old", "eth0")}
+    d = allocate(spec, leases, req(1))
+    assert d is not None and d.offset == 100
+    assert d.allocations[5] == Lease("old", "ns/old", "eth0")
+
+
+# -- performance shape (correctness on sizes that walking could not finish) ---------------------
+
+
+def test_lowest_free_skips_a_huge_excluded_block() -> None:
+    spec = spec_of("10.0.0.0/8", exclude=["10.0.0.0/9"])
+    assert lowest_free(spec, []) == int(IPAddress("10.128.0.0")) - int(IPAddress("10.0.0.0"))
+    d = allocate(spec, {}, req(1))
+    assert d is not None and addr(spec, d.offset) == "10.128.0.0"
+
+
+def test_lowest_free_on_slash_8_with_ten_leases_then_exclude() -> None:
+    # first ten usable addresses leased, then an exclude block of 2^22 addresses follows
+    spec = spec_of("10.0.0.0/8", exclude=["10.0.0.11", "10.0.0.12/30", "10.0.0.16/28", "10.0.0.32/27", "10.0.0.64/26", "10.0.0.128/25", "10.0.1.0/24", "10.0.2.0/23", "10.0.4.0/22", "10.0.8.0/21", "10.0.16.0/20", "10.0.32.0/19", "10.0.64.0/18", "10.0.128.0/17", "10.1.0.0/16", "10.2.0.0/15", "10.4.0.0/14", "10.8.0.0/13", "10.16.0.0/12", "10.32.0.0/11", "10.64.0.0/10"])  # fmt: skip
+    leases = fill(spec, 10)
+    assert [addr(spec, o) for o in sorted(leases)] == [f"10.0.0.{i}" for i in range(1, 11)]
+    d = allocate(spec, leases, req(10))
+    assert d is not None and addr(spec, d.offset) == "10.128.0.0"
+
+
+def test_lowest_free_ignores_taken_outside_intervals_and_skips_leased_runs() -> None:
+    spec = spec_of("fd00::/64", exclude=["fd00::/65"])
+    base = int(spec.network.first)
+    boundary = int(IPAddress("fd00::8000:0:0:0")) - base
+    taken = [*range(boundary, boundary + 1000), 5, 7, 2**70]
+    assert lowest_free(spec, taken) == boundary + 1000
+
+
+# -- idempotent re-ADD ---------------------------------------------------------------------------
+
+
+def test_re_add_same_pod_and_ifname_returns_same_address() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 3)
+    d = allocate(spec, leases, req(1))
+    assert d is not None and d.offset == 2 and d.reused and not d.changed
+    assert d.allocations is leases
+
+
+def test_re_add_with_new_container_id_updates_the_lease() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 3)
+    again = Request(container_id="c1-restarted", ifname="net1", podref="ns/p1", node="n2")
+    d = allocate(spec, leases, again)
+    assert d is not None and d.offset == 2 and d.reused and d.changed
+    assert d.allocations[2].id == "c1-restarted"
+    assert d.allocations[2].node == "n2"
+    assert len(d.allocations) == 3
+    assert leases[2].id == "c1"  # the input was not mutated
+
+
+def test_re_add_keeps_created_and_extra_fields() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = {1: Lease("c1", "ns/p1", "net1", created="2020-01-01T00:00:00Z", extra={"team": "x"})}
+    d = allocate(spec, leases, Request("c1b", "net1", "ns/p1", created="2030-01-01T00:00:00Z"))
+    assert d is not None and d.offset == 1
+    assert d.allocations[1].created == "2020-01-01T00:00:00Z"
+    assert d.allocations[1].to_json()["team"] == "x"
+
+
+def test_same_pod_other_ifname_gets_another_address() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 1)
+    d = allocate(spec, leases, req(0, ifname="net2"))
+    assert d is not None and d.offset == 2 and not d.reused
+
+
+def test_without_podref_container_id_identifies_the_attachment() -> None:
+    spec = spec_of("10.0.0.0/24")
+    r = Request(container_id="abc", ifname="eth0")
+    d1 = allocate(spec, {}, r)
+    assert d1 is not None
+    d2 = allocate(spec, d1.allocations, r)
+    assert d2 is not None and d2.offset == d1.offset and d2.reused
+    d3 = allocate(spec, d1.allocations, Request(container_id="other", ifname="eth0"))
+    assert d3 is not None and d3.offset != d1.offset
+
+
+def test_re_add_moves_a_lease_that_the_config_no_longer_allows() -> None:
+    spec = spec_of("10.0.0.0/24", exclude=["10.0.0.1"])
+    leases = {1: Lease("c1", "ns/p1", "net1")}
+    d = allocate(spec, leases, req(1))
+    assert d is not None and d.offset == 2 and not d.reused
+    assert set(d.allocations) == {2}  # the old lease was dropped, not duplicated
+
+
+def test_find_owner_and_find_container() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 3)
+    assert find_owner(leases, req(2)) == 3
+    assert find_owner(leases, req(7)) is None
+    assert find_container(leases, "c2", "net1") == [3]
+    assert find_container(leases, "c2", "") == [3]
+    assert find_container(leases, "c2", "net9") == []
+
+
+# -- release ----------------------------------------------------------------------------------------
+
+
+def test_release_by_container_and_ifname() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 3)
+    d = allocate(spec, leases, req(1, ifname="net2"))
+    assert d is not None
+    leases = d.allocations
+    remaining, gone = release(leases, "c1", "net2")
+    assert gone == [4]
+    assert set(remaining) == {1, 2, 3}
+    assert 4 in leases  # input untouched
+
+
+def test_release_of_unknown_is_a_no_op() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = fill(spec, 2)
+    remaining, gone = release(leases, "nobody", "net1")
+    assert gone == [] and remaining == leases
+    remaining, gone = release(leases, "c1", "eth7")
+    assert gone == [] and remaining == leases
+    assert release({}, "c1", "net1") == ({}, [])
+
+
+def test_release_lease_without_ifname_matches_any_interface() -> None:
+    leases = {4: Lease("c1", "ns/p1", "")}
+    assert release(leases, "c1", "net1") == ({}, [4])
+
+
+# -- GC ------------------------------------------------------------------------------------------------
+
+
+def test_release_stale_only_for_the_given_node_and_never_without_node() -> None:
+    leases: Allocations = {
+        1: Lease("keep", "ns/a", "net1", node="n1"),
+        2: Lease("stale", "ns/b", "net1", node="n1"),
+        3: Lease("stale-other-node", "ns/c", "net1", node="n2"),
+        4: Lease("no-node", "ns/d", "net1"),
+        5: Lease("keep", "ns/a", "net2", node="n1"),  # same container, other ifname: not listed
+    }
+    remaining, gone = release_stale(leases, {("keep", "net1")}, "n1")
+    assert gone == [2, 5]
+    assert set(remaining) == {1, 3, 4}
+    remaining, gone = release_stale(leases, set(), "n2")
+    assert gone == [3]
+    # an empty node name never matches the leases that have none
+    remaining, gone = release_stale(leases, set(), "")
+    assert gone == [] and remaining == leases
+
+
+# -- wire format -----------------------------------------------------------------------------------
+
+
+def test_lease_json_round_trip_keeps_unknown_fields() -> None:
+    raw = {
+        "1": {"id": "c1", "podref": "ns/p1", "ifname": "net1", "node": "n1", "foo": {"bar": [1]}},
+        "10": {"id": "c2", "podref": "ns/p2"},  # Whereabouts' shape: no ifname
+        "2": {"id": "c3", "podref": "", "ifname": "eth0", "poduid": "u", "created": "t", "x": 1},
+    }
+    leases = parse_allocations(raw)
+    assert leases[1] == Lease("c1", "ns/p1", "net1", node="n1")
+    assert leases[10].ifname == ""
+    dumped = dump_allocations(leases)
+    assert list(dumped) == ["1", "2", "10"]  # ordered by offset
+    assert dumped["1"]["foo"] == {"bar": [1]}
+    assert dumped["2"] == raw["2"]
+    assert dumped["10"] == {"id": "c2", "podref": "ns/p2"}
+    assert parse_allocations(json.loads(json.dumps(dumped))) == leases
+    assert json.loads(json.dumps(dumped)) == {k: dumped[k] for k in dumped}
+
+
+def test_extra_fields_survive_an_allocation() -> None:
+    spec = spec_of("10.0.0.0/24")
+    leases = parse_allocations({"1": {"id": "w", "podref": "ns/w", "ifname": "net1", "future": "v"}})
+    d = allocate(spec, leases, req(2))
+    assert d is not None
+    assert dump_allocations(d.allocations)["1"]["future"] == "v"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"x": {"id": "c"}},
+        {"-1": {"id": "c"}},
+        {"1.0": {"id": "c"}},
+        {"0x1": {"id": "c"}},
+        {" 1": {"id": "c"}},
+        {"": {"id": "c"}},
+        {"\u0661": {"id": "c"}},  # ARABIC-INDIC DIGIT ONE: str.isdigit() but not a decimal offset
+        {"\u00b2": {"id": "c"}},  # SUPERSCRIPT TWO
+        {"1": {"id": "a"}, "01": {"id": "b"}},  # two keys for one offset: one lease would vanish
+        {"1": "not-an-object"},
+        {"1": {"id": 5}},
+        {"1": ["id"]},
+    ],
+)
+def test_parse_allocations_rejects(raw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        parse_allocations(raw)
