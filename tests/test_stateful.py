@@ -1,0 +1,215 @@
+"""Random ADD / re-ADD / DEL / GC sequences through Engine + FileStore against a model of live attachments.
+
+Several ranges in one config: two overlapping IPv4 ranges (so reservations matter) with excludes at
+their edges, and an IPv6 one. After every step: no address held twice, every lease allocatable under
+the config, one lease per live attachment per range, no orphan reservation; a failed ADD changed nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from netaddr import IPAddress
+
+from ipam import errors
+from ipam.allocator import Request
+from ipam.config import load_config
+from ipam.engine import Engine
+from ipam.errors import CNIError
+from ipam.ranges import RangeSpec, pool_name, reservation_name
+from ipam.store.file import FileStore
+
+SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+NODE = "node-a"
+
+Key = tuple[str, str]  # (container id, ifname)
+
+
+def ipam_block(data_dir: str) -> dict[str, Any]:
+    return {
+        "type": "whereabouts-py",
+        "datastore": "file",
+        "data_dir": data_dir,
+        # .2 - .29: first and last usable excluded
+        "range": "10.0.0.0/27",
+        "exclude": ["10.0.0.1", "10.0.0.30"],
+        "ipRanges": [
+            # overlaps the upper half of the range above (shared through reservations):
+            # range_start on the network address = first usable; .17-.19 and .24-.30
+            {"range": "10.0.0.16/28", "range_start": "10.0.0.16", "exclude": ["10.0.0.20/30"]},
+            {"range": "fd00::/124", "exclude": ["fd00::1"]},  # fd00::2 - fd00::e
+        ],
+    }
+
+
+class Attachment:
+    def __init__(self, container_id: str, ifname: str, podref: str, addresses: tuple[str, ...]) -> None:
+        self.container_id = container_id
+        self.ifname = ifname
+        self.podref = podref
+        self.addresses = addresses
+
+
+class IPAMMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="wpy-stateful-", dir=SCRATCH)
+        stdin = json.dumps({"cniVersion": "1.1.0", "name": "net", "ipam": ipam_block(self.dir)}).encode()
+        self.cfg = load_config(stdin, flat_search=[])
+        self.ranges: tuple[RangeSpec, ...] = self.cfg.ranges
+        self.store = FileStore(self.cfg.ipam.data_dir)
+        self.engine = Engine(self.store, network_name=self.cfg.ipam.network_name)
+        self.live: dict[str, Attachment] = {}  # podref/ifname -> attachment
+        self.counter = 0
+        self.exhausted = 0
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def leases(self) -> dict[str, list[tuple[str, str, str]]]:
+        """pool name -> [(address, container id, ifname)] as stored."""
+        out: dict[str, list[tuple[str, str, str]]] = {}
+        for spec in self.ranges:
+            name = pool_name(spec.cidr, self.cfg.ipam.network_name)
+            snap = self.store.read_pool(name, spec.cidr)
+            out[name] = sorted((str(spec.address_at(o)), x.id, x.ifname) for o, x in snap.allocations.items())
+        return out
+
+    def reservations(self) -> set[str]:
+        if not self.store.reservations.is_dir():
+            return set()
+        return {p.stem for p in self.store.reservations.glob("*.json")}
+
+    def add(self, request: Request) -> tuple[str, ...] | CNIError:
+        try:
+            return tuple(str(a.address) for a in self.engine.add(self.ranges, request))
+        except CNIError as exc:
+            return exc
+
+    def truly_exhausted(self) -> bool:
+        """Some range has every allocatable address held (in any pool: the ranges overlap)."""
+        held = {addr for pool in self.leases().values() for addr, _, _ in pool}
+        for spec in self.ranges:
+            free = [
+                v
+                for lo, hi in spec.intervals
+                for v in range(lo, hi + 1)
+                if str(spec.address_at(v - int(spec.network.first))) not in held
+            ]
+            if not free:
+                return True
+        return False
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    @rule(ifname=st.sampled_from(["net1", "net2"]))
+    def add_new(self, ifname: str) -> None:
+        self.counter += 1
+        podref = f"ns/pod{self.counter}"
+        cid = f"c{self.counter}"
+        before_leases, before_res = self.leases(), self.reservations()
+        got = self.add(Request(cid, ifname, podref, node=NODE))
+        if isinstance(got, CNIError):
+            assert got.code == errors.POOL_EXHAUSTED, got
+            assert "no free address in range" in got.msg
+            # all-or-nothing: nothing of this ADD is left behind
+            assert self.leases() == before_leases
+            assert self.reservations() == before_res
+            assert self.truly_exhausted(), f"ADD failed with room left: {got}"
+            self.exhausted += 1
+            return
+        assert len(got) == len(self.ranges)
+        self.live[f"{podref}/{ifname}"] = Attachment(cid, ifname, podref, got)
+
+    @rule(ifname=st.sampled_from(["net1", "net2"]))
+    def fill(self, ifname: str) -> None:
+        """ADD until the config runs out of room: high occupancy and the exhaustion path every time."""
+        before = self.exhausted
+        for _ in range(40):
+            self.add_new(ifname)
+            if self.exhausted > before:
+                return
+        raise AssertionError(f"never exhausted with {len(self.live)} live attachments")
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data(), restart=st.booleans())
+    def re_add(self, data: st.DataObject, restart: bool) -> None:
+        key = data.draw(st.sampled_from(sorted(self.live)))
+        att = self.live[key]
+        cid = f"{att.container_id}-r" if restart else att.container_id
+        got = self.add(Request(cid, att.ifname, att.podref, node=NODE))
+        assert got == att.addresses
+        att.container_id = cid
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.live)))
+        att = self.live.pop(key)
+        gone = self.engine.release(self.ranges, att.container_id, att.ifname)
+        assert sorted(str(a.address) for a in gone) == sorted(att.addresses)
+
+    @rule(ifname=st.sampled_from(["net1", "net2", "eth0"]))
+    def delete_unknown(self, ifname: str) -> None:
+        before = self.leases()
+        assert self.engine.release(self.ranges, "never-added", ifname) == []
+        assert self.leases() == before
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def gc(self, data: st.DataObject) -> None:
+        keep = data.draw(st.sets(st.sampled_from(sorted(self.live))))
+        valid = {(self.live[k].container_id, self.live[k].ifname) for k in keep}
+        gone = self.engine.gc(self.ranges, valid, NODE)
+        expected = sorted(a for k, att in self.live.items() if k not in keep for a in att.addresses)
+        assert sorted(str(a.address) for a in gone) == expected
+        self.live = {k: v for k, v in self.live.items() if k in keep}
+
+    # -- invariants -------------------------------------------------------------------------------
+
+    @invariant()
+    def no_address_held_twice(self) -> None:
+        held = [addr for pool in self.leases().values() for addr, _, _ in pool]
+        assert len(held) == len(set(held)), held
+
+    @invariant()
+    def every_lease_allocatable(self) -> None:
+        for spec in self.ranges:
+            snap = self.store.read_pool(pool_name(spec.cidr, self.cfg.ipam.network_name), spec.cidr)
+            for offset in snap.allocations:
+                assert spec.contains(int(spec.network.first) + offset), (spec.describe(), offset)
+
+    @invariant()
+    def leases_match_live_attachments(self) -> None:
+        leases = self.leases()
+        assert sum(len(v) for v in leases.values()) == len(self.live) * len(self.ranges)
+        stored = sorted((addr, cid, ifn) for pool in leases.values() for addr, cid, ifn in pool)
+        model = sorted((a, att.container_id, att.ifname) for att in self.live.values() for a in att.addresses)
+        assert stored == model
+
+    @invariant()
+    def one_reservation_per_lease(self) -> None:
+        expected = {
+            reservation_name(IPAddress(a), self.cfg.ipam.network_name)
+            for att in self.live.values()
+            for a in att.addresses
+        }
+        assert self.reservations() == expected
+
+
+IPAMMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestIPAM = IPAMMachine.TestCase
