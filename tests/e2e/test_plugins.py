@@ -1,0 +1,298 @@
+"""whereabouts-py under Debian's real main plugins (bridge, macvlan, ipvlan) in real network namespaces.
+
+Every test runs with cniVersion 0.3.1, 0.4.0 and 1.0.0 (the versions Debian's plugins speak); CHECK is
+exercised where the runtime would send it (0.4.0 and later). The file datastore is read back after
+each step, so "DEL released the lease" means the pool on disk no longer names the container.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e import runtime as rt
+from tests.e2e.conftest import IpamFactory, dumps, require_kernel_link
+
+pytestmark = pytest.mark.e2e
+
+IFNAME = "net1"
+
+
+def bridge_conf(version: str, name: str, bridge: str, ipam: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "cniVersion": version,
+        "name": name,
+        "type": "bridge",
+        "bridge": bridge,
+        "isGateway": True,
+        "ipMasq": False,
+        "ipam": ipam,
+    }
+
+
+def vlan_conf(version: str, kind: str, name: str, master: str, ipam: dict[str, Any]) -> dict[str, Any]:
+    """A macvlan (bridge mode) or ipvlan (L2 mode) attachment on `master`, as in a Rook NAD."""
+    mode = {"macvlan": "bridge", "ipvlan": "l2"}[kind]
+    return {"cniVersion": version, "name": name, "type": kind, "master": master, "mode": mode, "ipam": ipam}
+
+
+def offset(address: str, cidr: str) -> str:
+    ip = ipaddress.ip_interface(address).ip
+    return str(int(ip) - int(ipaddress.ip_network(cidr, strict=False).network_address))
+
+
+def assert_result_shape(result: dict[str, Any], version: str, cidr: str) -> str:
+    """The ADD result as the runtime sees it; returns the one address (CIDR form)."""
+    assert result.get("cniVersion") == version, dumps(result)
+    ips = result.get("ips", [])
+    assert len(ips) == 1, dumps(result)
+    address = str(ips[0]["address"])
+    assert ipaddress.ip_interface(address).network == ipaddress.ip_network(cidr, strict=False), address
+    if rt.version_at_least(version, (1, 0, 0)):
+        assert "version" not in ips[0], f"1.0.0 results carry no ips[].version: {dumps(result)}"
+    else:
+        assert ips[0].get("version") == "4", f"{version} results carry ips[].version: {dumps(result)}"
+    return address
+
+
+def lease_must_be_gone(data_dir: Path, container_id: str, log: Callable[[], str]) -> None:
+    held = rt.read_store(data_dir).held_by(container_id)
+    assert not held, f"leases still held by {container_id} after DEL: {held}\nipam.log:\n{log()}"
+
+
+# ---- scenario 1: bridge --------------------------------------------------------------------------
+
+
+def test_bridge_add_check_del(
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+) -> None:
+    cidr = "10.213.1.0/24"
+    # Every route names its gw: Debian's bridge (plugins < 1.3) fails CHECK for a gw-less route
+    # ("Expected Route ... GW:<nil> not found", containernetworking/plugins#886), whatever the IPAM.
+    routes = [{"dst": "10.213.99.0/24", "gw": "10.213.1.1"}, {"dst": "10.213.98.0/24", "gw": "10.213.1.254"}]
+    conf = bridge_conf(
+        cni_version,
+        "e2e-bridge",
+        "wpybr1",
+        ipam(cidr, gateway="10.213.1.1", routes=routes, network_name="e2e-bridge"),
+    )
+    pod = runtime.new_pod("web-0", namespace="default")
+    att = runtime.add(pod, conf, IFNAME)
+
+    address = assert_result_shape(att.result, cni_version, cidr)
+    assert att.result["ips"][0].get("gateway") == "10.213.1.1", dumps(att.result)
+    assert address != "10.213.1.1/24", "the gateway was handed out"
+    assert [r["dst"] for r in att.result.get("routes", [])] == [r["dst"] for r in routes], dumps(att.result)
+
+    # the address and routes of the result are what the pod's netns really has
+    assert rt.netns_addresses(pod.netns, IFNAME) == [address]
+    table = {r["dst"]: r for r in rt.netns_routes(pod.netns) if r.get("dev") == IFNAME}
+    assert "10.213.1.0/24" in table, f"no subnet route: {dumps(table)}"
+    assert table["10.213.99.0/24"].get("gateway") == "10.213.1.1", dumps(table)
+    assert table["10.213.98.0/24"].get("gateway") == "10.213.1.254", dumps(table)
+    # and it works: the gateway is the bridge in the node netns
+    reply = rt.ping(pod.netns, "10.213.1.1")
+    assert reply.returncode == 0, reply.stdout + reply.stderr
+
+    # the lease on disk: right offset, this container, this pod, this interface
+    leases = rt.read_store(data_dir).leases_of(pod.container_id)
+    assert len(leases) == 1, leases
+    _, off, lease = leases[0]
+    assert off == offset(address, cidr)
+    assert (lease.get("podref"), lease.get("ifname")) == (pod.podref, IFNAME), lease
+
+    if rt.version_at_least(cni_version, (0, 4, 0)):
+        runtime.check(att)
+
+    runtime.delete(att)
+    lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    assert IFNAME not in rt.netns_links(pod.netns)
+    # runtimes repeat DEL (kubelet retries, GC): a second one must succeed too
+    again = runtime.exec_plugin("DEL", runtime.delete_conf(att), pod, IFNAME)
+    assert again.ok, again.describe()
+
+
+@pytest.mark.parametrize("cni_version", ["0.4.0", "1.0.0"])
+def test_check_reports_lost_lease_through_bridge(
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path
+) -> None:
+    """CHECK really asks the IPAM plugin: once the lease is gone, the bridge's CHECK fails with our error."""
+    conf = bridge_conf(cni_version, "e2e-check", "wpybr2", ipam("10.213.2.0/24", gateway="10.213.2.1"))
+    pod = runtime.new_pod("check-0", namespace="default")
+    att = runtime.add(pod, conf, IFNAME)
+    runtime.check(att)
+
+    # release the lease behind the main plugin's back (as a wrong reconcile would)
+    released = runtime.exec_plugin("DEL", conf, pod, IFNAME, plugin=rt.OUR_TYPE)
+    assert released.ok, released.describe()
+    assert not rt.read_store(data_dir).leases_of(pod.container_id)
+
+    through_bridge = runtime.try_check(att)
+    assert not through_bridge.ok, f"CHECK passed without a lease:\n{through_bridge.describe()}"
+    ours = runtime.exec_plugin("CHECK", runtime.with_prev_result(att), pod, IFNAME, plugin=rt.OUR_TYPE)
+    assert not ours.ok, ours.describe()
+    assert _error_fields(through_bridge) == _error_fields(ours), (
+        f"bridge did not pass our CHECK error through unchanged:\n{through_bridge.describe()}\n\n{ours.describe()}"
+    )
+
+
+# ---- scenario 2: Rook/Ceph storage networks --------------------------------------------------------
+
+PODS = 10
+PUBLIC = "10.213.10.0/24"
+PUBLIC_EXCLUDE = "10.213.10.0/28"  # .0-.15 are never handed out
+CLUSTER = "10.213.11.0/24"
+CLUSTER_START, CLUSTER_END = "10.213.11.100", "10.213.11.150"
+
+
+@pytest.mark.parametrize("kind", ["ipvlan", "macvlan"])
+def test_storage_networks(
+    runtime: rt.Runtime,
+    cni_version: str,
+    kind: str,
+    ipam: IpamFactory,
+    data_dir: Path,
+    ipam_log: Callable[[], str],
+) -> None:
+    """Rook's public + cluster NADs: 10 OSD pods attach to both at once, on two parent links."""
+    require_kernel_link(kind)
+    public_parent = runtime.add_parent_link("pub0")
+    cluster_parent = runtime.add_parent_link("clu0")
+    nads = {
+        "public": vlan_conf(
+            cni_version, kind, "public-net", public_parent,
+            ipam(PUBLIC, exclude=[PUBLIC_EXCLUDE], network_name="public-net"),
+        ),
+        "cluster": vlan_conf(
+            cni_version, kind, "cluster-net", cluster_parent,
+            ipam(CLUSTER, range_start=CLUSTER_START, range_end=CLUSTER_END, network_name="cluster-net"),
+        ),
+    }
+    ifnames = {"public": "net1", "cluster": "net2"}
+
+    def start_pod(i: int) -> rt.Pod:
+        pod = runtime.new_pod(f"rook-ceph-osd-{i}")
+        for net in ("public", "cluster"):  # Multus attaches a pod's networks one after the other
+            runtime.add(pod, nads[net], ifnames[net])
+        return pod
+
+    with ThreadPoolExecutor(max_workers=PODS) as pool:
+        pods = list(pool.map(start_pod, range(PODS)))
+
+    addresses: dict[str, list[str]] = {"public": [], "cluster": []}
+    for pod in pods:
+        for net, att in zip(("public", "cluster"), pod.attachments, strict=True):
+            cidr = PUBLIC if net == "public" else CLUSTER
+            address = assert_result_shape(att.result, cni_version, cidr)
+            assert rt.netns_addresses(pod.netns, ifnames[net]) == [address], (pod.netns, net)
+            addresses[net].append(address)
+    for net, got in addresses.items():
+        assert len(set(got)) == PODS, f"{net}: an address was handed out twice: {sorted(got)}"
+    public_ips = [ipaddress.ip_interface(a).ip for a in addresses["public"]]
+    assert all(ip not in ipaddress.ip_network(PUBLIC_EXCLUDE) for ip in public_ips), sorted(public_ips)
+    cluster_ips = [ipaddress.IPv4Interface(a).ip for a in addresses["cluster"]]
+    low, high = ipaddress.IPv4Address(CLUSTER_START), ipaddress.IPv4Address(CLUSTER_END)
+    assert all(low <= ip <= high for ip in cluster_ips), sorted(cluster_ips)
+
+    # the two pools on disk: ten leases each, one per pod, for the right interface
+    store = rt.read_store(data_dir)
+    by_range = {doc["spec"]["range"]: doc["spec"].get("allocations", {}) for doc in store.pools.values()}
+    assert set(by_range) == {PUBLIC, CLUSTER}, f"pool files: {sorted(store.pools)}"
+    for net, cidr in (("public", PUBLIC), ("cluster", CLUSTER)):
+        owners = sorted((lease["id"], lease["ifname"]) for lease in by_range[cidr].values())
+        assert owners == sorted((p.container_id, ifnames[net]) for p in pods), (net, owners)
+
+    # every pod reaches two others on each network (a ring plus a chord), pings in parallel
+    jobs = [
+        (pods[i].netns, pods[(i + step) % PODS].attachments[n].addresses()[0].split("/")[0])
+        for i in range(PODS)
+        for step in (1, PODS // 2)
+        for n in (0, 1)
+    ]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        replies = list(pool.map(lambda job: rt.ping(*job), jobs))
+    failed = [f"{src} -> {dst}: {r.stdout.strip()} {r.stderr.strip()}" for (src, dst), r in zip(jobs, replies, strict=True) if r.returncode]
+    assert not failed, "pings failed:\n" + "\n".join(failed)
+
+    if rt.version_at_least(cni_version, (0, 4, 0)):
+        with ThreadPoolExecutor(max_workers=PODS) as pool:
+            list(pool.map(runtime.check, [a for p in pods for a in p.attachments]))
+
+    with ThreadPoolExecutor(max_workers=PODS) as pool:
+        list(pool.map(runtime.delete, [a for p in pods for a in reversed(p.attachments)]))
+    store = rt.read_store(data_dir)
+    left = {path: doc["spec"].get("allocations") for path, doc in store.pools.items() if doc["spec"].get("allocations")}
+    assert not left, f"leases left after DEL of every pod: {dumps(left)}\nipam.log:\n{ipam_log()}"
+    assert not store.reservations, f"reservations left: {sorted(store.reservations)}"
+
+
+# ---- scenario 3: an exhausted pool ------------------------------------------------------------------
+
+
+def _error_fields(call: rt.CniCall) -> tuple[Any, Any, Any]:
+    try:
+        doc = call.json()
+    except ValueError:
+        raise AssertionError(f"not a CNI error JSON on stdout:\n{call.describe()}") from None
+    return doc.get("code"), doc.get("msg"), doc.get("details") or ""
+
+
+@pytest.mark.parametrize("kind", ["bridge", "macvlan"])
+def test_exhausted_pool(
+    runtime: rt.Runtime,
+    cni_version: str,
+    kind: str,
+    ipam: IpamFactory,
+    data_dir: Path,
+    ipam_log: Callable[[], str],
+) -> None:
+    """One allocatable address, two pods: the second ADD fails with our error, passed through as is."""
+    cidr = "10.213.20.0/24"
+    block = ipam(cidr, range_start="10.213.20.10", range_end="10.213.20.10", network_name="tiny")
+    if kind == "bridge":
+        conf = bridge_conf(cni_version, "tiny", "wpybr20", block)
+    else:
+        require_kernel_link(kind)
+        conf = vlan_conf(cni_version, kind, "tiny", runtime.add_parent_link("tiny0"), block)
+
+    first = runtime.new_pod("first")
+    held = runtime.add(first, conf, IFNAME)
+    assert held.addresses() == ["10.213.20.10/24"], dumps(held.result)
+
+    second = runtime.new_pod("second")
+    call, att = runtime.try_add(second, conf, IFNAME)
+    assert att is None and call.code != 0, f"ADD on an exhausted pool succeeded:\n{call.describe()}"
+    code, msg, details = _error_fields(call)
+
+    # what our plugin itself answers to the same ADD (the pool stays exhausted, so this takes nothing)
+    ours = runtime.exec_plugin("ADD", conf, second, IFNAME, plugin=rt.OUR_TYPE)
+    assert not ours.ok, ours.describe()
+    assert (code, msg, details) == _error_fields(ours), (
+        f"{kind} changed our error:\nthrough {kind}:\n{call.describe()}\n\nours:\n{ours.describe()}"
+    )
+    assert code == 100, call.describe()
+    assert "10.213.20." in str(msg), f"the message does not name the range: {msg!r}"
+
+    lease_must_be_gone(data_dir, second.container_id, ipam_log)
+    # the failed ADD did not disturb the first pod's lease
+    assert [o for _, o, _ in rt.read_store(data_dir).leases_of(first.container_id)] == ["10"]
+
+    # the runtime DELs a sandbox whose ADD failed (no cached result, so no prevResult): it succeeds
+    cleanup = runtime.delete_unknown(second, conf, IFNAME)
+    assert cleanup.ok, cleanup.describe()
+    assert IFNAME not in rt.netns_links(second.netns)
+    assert [o for _, o, _ in rt.read_store(data_dir).leases_of(first.container_id)] == ["10"], (
+        "DEL of the failed pod released someone else's lease"
+    )
+
+    # once the first pod is gone, the second one gets the address
+    runtime.delete(held)
+    lease_must_be_gone(data_dir, first.container_id, ipam_log)
+    retry = runtime.add(second, conf, IFNAME)
+    assert retry.addresses() == ["10.213.20.10/24"], dumps(retry.result)
+    assert rt.netns_addresses(second.netns, IFNAME) == ["10.213.20.10/24"]
