@@ -93,15 +93,12 @@ def ipam(tmp_path: Path) -> IpamFactory:
     """Build an ipam block for our plugin on the file datastore in this test's tmp dir."""
     data_dir = tmp_path / "ipam-data"
 
-    def make(cidr: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "type": rt.OUR_TYPE,
-            "range": cidr,
-            "datastore": "file",
-            "data_dir": str(data_dir),
-            "log_file": str(tmp_path / "ipam.log"),
-            **extra,
-        }
+    def make(cidr: str | None = None, **extra: Any) -> dict[str, Any]:
+        block: dict[str, Any] = {"type": rt.OUR_TYPE}
+        if cidr is not None:
+            block["range"] = cidr
+        block.update(datastore="file", data_dir=str(data_dir), log_file=str(tmp_path / "ipam.log"), **extra)
+        return block
 
     return make
 
