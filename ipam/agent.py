@@ -180,6 +180,7 @@ class _CallHandler(socketserver.StreamRequestHandler):
 
 class _SocketServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 512  # a burst of pods connects at once; a full backlog would push shims to direct mode
 
     def __init__(self, path: str, agent: Agent) -> None:
         self.agent = agent

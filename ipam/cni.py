@@ -322,6 +322,10 @@ def main() -> int:
         code, stdout = answered
         sys.stdout.write(stdout)
         return code
+    if sys.flags.no_site:  # started with -S for a cheap agent round trip; direct mode needs site-packages
+        import site
+
+        site.main()
     return run(os.environ, stdin, sys.stdout)
 
 

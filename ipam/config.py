@@ -77,8 +77,8 @@ class IPAMConfig(_Model):
     data_dir: str = DEFAULT_DATA_DIR
     node_name: str = ""
     retry_deadline_seconds: float = Field(default=90.0, gt=0, le=200)
-    retry_backoff_initial_ms: float = Field(default=10.0, gt=0)
-    retry_backoff_max_ms: float = Field(default=1000.0, gt=0)
+    retry_backoff_initial_ms: float = Field(default=5.0, gt=0)
+    retry_backoff_max_ms: float = Field(default=250.0, gt=0)
 
 
 class NetConf(_Model):

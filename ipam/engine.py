@@ -25,8 +25,8 @@ from .store.base import PoolSnapshot, Store
 @dataclass(frozen=True)
 class RetryPolicy:
     deadline_seconds: float = 90.0
-    backoff_initial: float = 0.01
-    backoff_max: float = 1.0
+    backoff_initial: float = 0.005
+    backoff_max: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ class Engine:
                 last = exc
                 wait_hint = exc.retry_after
             cap = min(self.policy.backoff_max, self.policy.backoff_initial * (2**attempt))
-            delay = self.rng.uniform(cap / 2, cap)
+            # full jitter: contenders spread over the whole window instead of colliding again at its end
+            delay = self.rng.uniform(0, cap)
             if wait_hint is not None:
                 delay = max(delay, wait_hint)
             attempt += 1

@@ -72,8 +72,8 @@ def forward(env: Mapping[str, str], stdin: bytes, path: str, timeout: float) -> 
 
 
 def try_agent(env: Mapping[str, str], stdin: bytes) -> tuple[int, str] | None:
-    if env.get("CNI_COMMAND", "") in ("", "VERSION"):
-        return None  # answered locally, no need for the agent
+    if env.get("CNI_COMMAND", "") in ("", "VERSION") or env.get("WHEREABOUTS_PY_DIRECT"):
+        return None  # answered locally (or direct mode asked for): no agent round trip
     try:
         timeout = float(env.get("WHEREABOUTS_PY_AGENT_TIMEOUT") or DEFAULT_TIMEOUT)
     except ValueError:

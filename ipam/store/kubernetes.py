@@ -120,12 +120,11 @@ class KubernetesStore:
 
     def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
         try:
-            obj = cast(
-                dict[str, Any],
-                self.api.get_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, POOLS, name, _request_timeout=REQUEST_TIMEOUT
-                ),
+            response: Any = self.api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, POOLS, name, _request_timeout=REQUEST_TIMEOUT, _preload_content=False
             )
+            # decoded here: the client's generic deserializer walks every lease in Python, ~10x slower
+            obj = cast(dict[str, Any], json.loads(response.data))
         except ApiException as exc:
             if exc.status == 404:
                 return PoolSnapshot(name, cidr, {}, None)

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .schema import Kind, load_crds, prune, validate
+from .schema import CRDSource, Kind, load_crds, prune, validate
 
 CORE = {
-    "pods": Kind("", "v1", "pods", "Pod", True, None),
+    "pods": Kind("", "v1", "pods", "Pod", True, None, status_subresource=True),
     "namespaces": Kind("", "v1", "namespaces", "Namespace", False, None),
 }
 
@@ -101,24 +101,95 @@ def conflict(
     )
 
 
-def invalid(kind: Kind, name: str, causes: list[dict[str, str]]) -> APIError:
+def invalid(kind: Kind, name: str, causes: list[dict[str, str]], kind_name: str | None = None) -> APIError:
+    """422 Invalid as apierrors.NewInvalid builds it; kind_name overrides the Kind (the generic store
+    reports a missing resourceVersion with the resource's plural there)."""
     group = f".{kind.group}" if kind.group else ""
     summary = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
     message = (
-        f'{kind.kind}{group} "{name}" is invalid: {summary}'
+        f'{kind_name or kind.kind}{group} "{name}" is invalid: {summary}'
         if len(causes) == 1
-        else f'{kind.kind}{group} "{name}" is invalid: [{summary}]'
+        else f'{kind_name or kind.kind}{group} "{name}" is invalid: [{summary}]'
     )
     details: dict[str, Any] = {"name": name}
     if kind.group:
         details["group"] = kind.group
-    details["kind"] = kind.kind
+    details["kind"] = kind_name or kind.kind
     details["causes"] = causes
     return APIError(422, "Invalid", message, details)
 
 
 def bad_request(message: str) -> APIError:
     return APIError(400, "BadRequest", message)
+
+
+def no_route() -> APIError:
+    """What kube-apiserver answers for a path or subresource it does not serve."""
+    return APIError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+def internal_error(cause: str) -> APIError:
+    return APIError(
+        500, "InternalError", f"Internal error occurred: {cause}", {"causes": [{"message": cause}]}
+    )
+
+
+def patch_not_applied() -> APIError:
+    """A JSON patch that cannot be applied (a failed `test`, a missing path): kube-apiserver answers
+    422 with this generic body and no causes, the same for every such failure."""
+    return APIError(422, "Invalid", "the server rejected our request due to an error in our request", {})
+
+
+def _storage_key(kind: Kind, namespace: str, name: str) -> str:
+    parts = [
+        "/registry",
+        *([kind.group] if kind.group else []),
+        kind.plural,
+        *([namespace] if namespace else []),
+        name,
+    ]
+    return "/".join(parts)
+
+
+def precondition_failed(
+    kind: Kind, namespace: str, name: str, what: str, wanted: str, actual: str
+) -> APIError:
+    """409 for a failed uid/resourceVersion precondition, worded as kube-apiserver wraps etcd's error."""
+    return conflict(
+        kind,
+        name,
+        f"StorageError: invalid object, Code: 4, Key: {_storage_key(kind, namespace, name)}, ResourceVersion: 0, "
+        f"AdditionalErrorMsg: Precondition failed: {what} in precondition: {wanted}, {what} in object meta: {actual}",
+    )
+
+
+# a lowercase RFC 1123 subdomain: what metadata.name of pods and custom resources must be
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_SUBDOMAIN_MSG = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
+    "and must start and end with an alphanumeric character (e.g. 'example.com', regex used for "
+    "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+
+
+def name_problems(name: str) -> list[dict[str, str]]:
+    if len(name) > 253:
+        return [
+            {
+                "reason": "FieldValueTooLong",
+                "message": "Too long: may not be more than 253 bytes",
+                "field": "metadata.name",
+            }
+        ]
+    if not _SUBDOMAIN.match(name):
+        return [
+            {
+                "reason": "FieldValueInvalid",
+                "message": f'Invalid value: "{name}": {_SUBDOMAIN_MSG}',
+                "field": "metadata.name",
+            }
+        ]
+    return []
 
 
 @dataclass
@@ -132,7 +203,9 @@ class Faults:
     retry_after: int = 1
     drop_rate: float = 0.0
     methods: frozenset[str] | None = None  # None: every method; else e.g. {"PUT", "POST"}
+    resources: frozenset[str] | None = None  # None: every resource; else plurals, e.g. {"ippools"}
     always_conflict: frozenset[str] = frozenset()  # plurals whose PUT/PATCH always answer 409 Conflict
+    drop_after_rate: float = 0.0  # share of requests carried out and then dropped before the answer
 
 
 @dataclass
@@ -266,6 +339,12 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
     return doc
 
 
+def _json_kind(value: Any) -> str:
+    return {dict: "object", str: "string", bool: "bool", int: "number", float: "number"}.get(
+        type(value), "null"
+    )
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
@@ -284,20 +363,24 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class KubeAPI:
     """Thread-safe object store with kube-apiserver semantics; the HTTP layer calls into it."""
 
-    def __init__(self, crd_paths: list[Path] | None = None, seed: int = 0) -> None:
+    def __init__(self, crd_paths: list[CRDSource] | None = None, seed: int = 0) -> None:
+        """crd_paths: CRD files and/or parsed CRD dicts to serve (default: every file in crds/)."""
         self.lock = threading.RLock()
         self.kinds: dict[str, Kind] = {**CORE, **load_crds(crd_paths)}
         self.state = State()
         self.faults = Faults()
+        self.seed = seed
         self.rng = random.Random(seed)
         self.counts: Counter[tuple[str, str]] = Counter()
         self.reset()
 
     # test-facing helpers
     def reset(self) -> None:
+        """Forget every object, fault and counter (the CRD set stays); default namespaces exist again."""
         with self.lock:
             self.state = State()
             self.faults = Faults()
+            self.rng = random.Random(self.seed)
             self.counts.clear()
             for ns in ("default", "kube-system"):
                 self._store(
@@ -305,10 +388,12 @@ class KubeAPI:
                 )
 
     def set_faults(self, seed: int | None = None, **values: Any) -> None:
+        """Replace the active faults (fields of `Faults`; unnamed ones go back to off). A seed restarts
+        the random sequence that decides which requests are hit, so a run is reproducible."""
         with self.lock:
             if seed is not None:
                 self.rng = random.Random(seed)
-            for key in ("methods", "always_conflict"):
+            for key in ("methods", "resources", "always_conflict"):
                 if key in values and values[key] is not None:
                     values[key] = frozenset(values[key])
             self.faults = Faults(**values)
@@ -316,14 +401,26 @@ class KubeAPI:
     def clear_faults(self) -> None:
         self.set_faults()
 
-    def use_crds(self, paths: list[Path]) -> None:
-        """Serve custom resources by other CRD files (e.g. Whereabouts' own, without our fields)."""
+    def use_crds(self, paths: list[CRDSource] | None) -> None:
+        """Serve custom resources by other CRDs (files or parsed dicts; None: ours from crds/), e.g.
+        Whereabouts' own without our extra fields. Stored objects are kept, as when a CRD is re-applied;
+        the new schema applies from the next write."""
         with self.lock:
             self.kinds = {**CORE, **load_crds(paths)}
 
     def count(self, verb: str, plural: str) -> int:
+        """Requests seen (including those answered by a fault) for a verb (get, list, create, update,
+        patch, delete) and a plural; ("conflict", plural) counts 409 Conflict answers."""
         with self.lock:
             return self.counts[(verb, plural)]
+
+    def counts_snapshot(self) -> dict[tuple[str, str], int]:
+        with self.lock:
+            return dict(self.counts)
+
+    def reset_counts(self) -> None:
+        with self.lock:
+            self.counts.clear()
 
     def objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
@@ -424,11 +521,36 @@ class KubeAPI:
             return copy.deepcopy(obj)
 
     def list(self, kind: Kind, namespace: str | None, query: dict[str, str]) -> dict[str, Any]:
+        """LIST with labelSelector/fieldSelector, limit/continue paging (ordered by namespace/name, as
+        etcd keys are) and resourceVersion: unset or "0" or not newer than now serves the current state;
+        newer than now is 504 "Too large resource version", as from the watch cache."""
         with self.lock:
             selector = query.get("labelSelector", "")
             field_selector = query.get("fieldSelector", "")
+            token = query.get("continue")
+            list_rv = str(self.state.resource_version)
+            wanted_rv = query.get("resourceVersion", "")
+            if token and wanted_rv:
+                raise bad_request("specifying resource version is not allowed when using continue")
+            if wanted_rv:
+                if not wanted_rv.isdigit():
+                    raise bad_request(
+                        f'invalid resource version: strconv.ParseUint: parsing "{wanted_rv}": invalid syntax'
+                    )
+                if int(wanted_rv) > self.state.resource_version:
+                    raise APIError(
+                        504,
+                        "Timeout",
+                        f"Too large resource version: {wanted_rv}, current: {self.state.resource_version}",
+                        {
+                            "causes": [
+                                {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                            ],
+                            "retryAfterSeconds": 1,
+                        },
+                    )
             items = []
-            for (plural, ns, name), obj in sorted(self.state.objects.items()):
+            for (plural, ns, name), obj in self.state.objects.items():
                 if plural != kind.plural or (namespace is not None and ns != namespace):
                     continue
                 labels = obj.get("metadata", {}).get("labels") or {}
@@ -436,26 +558,29 @@ class KubeAPI:
                     continue
                 if field_selector and not self._field_matches(field_selector, obj):
                     continue
-                items.append(((ns, name), obj))
+                items.append((f"{ns}/{name}" if ns else name, obj))
+            items.sort(key=lambda item: item[0])
             start = 0
-            token = query.get("continue")
             if token:
                 try:
-                    after = json.loads(base64.urlsafe_b64decode(token.encode()))
-                    start = next((i for i, (key, _) in enumerate(items) if list(key) > after), len(items))
-                except (ValueError, TypeError):
-                    raise APIError(
-                        410,
-                        "Expired",
-                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
-                    ) from None
-            limit = int(query.get("limit") or 0)
+                    decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+                    after, list_rv = str(decoded["start"]), str(decoded["rv"])
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise bad_request(f"continue key is not valid: {exc}") from None
+                start = next((i for i, (key, _) in enumerate(items) if key > after), len(items))
+            try:
+                limit = int(query.get("limit") or 0)
+            except ValueError:
+                raise bad_request(f"limit: invalid value {query.get('limit')!r}") from None
             page = items[start : start + limit] if limit > 0 else items[start:]
-            meta: dict[str, Any] = {"resourceVersion": str(self.state.resource_version)}
+            meta: dict[str, Any] = {"resourceVersion": list_rv}
             if limit > 0 and start + limit < len(items):
-                last = list(page[-1][0])
-                meta["continue"] = base64.urlsafe_b64encode(json.dumps(last).encode()).decode()
-                meta["remainingItemCount"] = len(items) - start - limit
+                last = page[-1][0]
+                meta["continue"] = base64.urlsafe_b64encode(
+                    json.dumps({"v": "meta.k8s.io/v1", "rv": list_rv, "start": last}).encode()
+                ).decode()
+                if not selector and not field_selector:
+                    meta["remainingItemCount"] = len(items) - start - limit
             return {
                 "apiVersion": f"{kind.group}/{kind.version}" if kind.group else kind.version,
                 "kind": f"{kind.kind}List",
@@ -484,7 +609,11 @@ class KubeAPI:
             meta = body.get("metadata") or {}
             name = meta.get("name") or ""
             if not name and meta.get("generateName"):
-                name = meta["generateName"] + uuid.uuid4().hex[:5]
+                # five characters from the alphabet kube-apiserver's name generator uses
+                while True:
+                    name = meta["generateName"] + "".join(random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
+                    if (kind.plural, namespace, name) not in self.state.objects:
+                        break
             if not name:
                 raise invalid(
                     kind,
@@ -492,7 +621,7 @@ class KubeAPI:
                     [
                         {
                             "reason": "FieldValueRequired",
-                            "message": "name or generateName is required",
+                            "message": "Required value: name or generateName is required",
                             "field": "metadata.name",
                         }
                     ],
@@ -501,10 +630,14 @@ class KubeAPI:
                 raise bad_request(
                     "the namespace of the provided object does not match the namespace sent on the request"
                 )
+            problems = name_problems(name)
+            if problems:
+                raise invalid(kind, name, problems)
+            # order as in kube-apiserver: validation (422), then admission (namespace 404), then storage (409)
+            obj = self._admit(kind, name, copy.deepcopy(body))
             self._check_namespace(kind, namespace)
             if (kind.plural, namespace, name) in self.state.objects:
                 raise already_exists(kind, name)
-            obj = self._admit(kind, name, copy.deepcopy(body))
             new_meta = {
                 k: v
                 for k, v in (obj.get("metadata") or {}).items()
@@ -514,6 +647,8 @@ class KubeAPI:
             obj["metadata"] = new_meta
             if kind.plural == "pods":
                 obj["status"] = {"phase": "Pending"}
+            elif kind.status_subresource:
+                obj.pop("status", None)  # status is only written through /status
             return self._store(kind.plural, namespace if kind.namespaced else "", obj)
 
     def _faulty_write(self, kind: Kind, name: str) -> None:
@@ -523,12 +658,10 @@ class KubeAPI:
     def replace(
         self, kind: Kind, namespace: str, name: str, body: dict[str, Any], status_only: bool = False
     ) -> dict[str, Any]:
+        """PUT, in kube-apiserver's order: name check (400), existence (404), uid precondition and
+        resourceVersion (409; a missing one is 422 for custom resources, which do not allow
+        unconditional updates), schema (422). A write that changes nothing keeps its resourceVersion."""
         with self.lock:
-            key = (kind.plural, namespace, name)
-            current = self.state.objects.get(key)
-            if current is None:
-                raise not_found(kind, name)
-            self._faulty_write(kind, name)
             meta = body.get("metadata") or {}
             if meta.get("name") and meta["name"] != name:
                 raise bad_request(
@@ -536,35 +669,78 @@ class KubeAPI:
                         meta["name"], name
                     )
                 )
+            key = (kind.plural, namespace, name)
+            current = self.state.objects.get(key)
+            if current is None:
+                raise not_found(kind, name)
+            self._faulty_write(kind, name)
+            current_meta = current["metadata"]
+            if meta.get("uid") and meta["uid"] != current_meta["uid"]:
+                raise precondition_failed(kind, namespace, name, "UID", meta["uid"], current_meta["uid"])
             rv = meta.get("resourceVersion")
-            if rv and rv != current["metadata"]["resourceVersion"]:
+            if not rv and kind.group:
+                raise invalid(
+                    kind,
+                    name,
+                    [
+                        {
+                            "reason": "FieldValueInvalid",
+                            "message": "Invalid value: 0x0: must be specified for an update",
+                            "field": "metadata.resourceVersion",
+                        }
+                    ],
+                    kind_name=kind.plural,
+                )
+            if rv and rv != current_meta["resourceVersion"]:
                 raise conflict(kind, name)
             if status_only:
                 obj = copy.deepcopy(current)
-                obj["status"] = copy.deepcopy(body.get("status"))
+                checked = self._admit(kind, name, {**current, "status": copy.deepcopy(body.get("status"))})
+                if "status" in checked:
+                    obj["status"] = checked["status"]
+                else:
+                    obj.pop("status", None)
+                new_meta = copy.deepcopy(current_meta)
             else:
                 obj = self._admit(kind, name, copy.deepcopy(body))
-                if "status" in current and kind.plural == "pods":
-                    obj["status"] = current["status"]
-            kept = {
-                k: current["metadata"][k]
-                for k in ("uid", "creationTimestamp", "namespace", "generation", "deletionTimestamp")
-                if k in current["metadata"]
-            }
-            obj["metadata"] = {
-                **{
-                    k: v
-                    for k, v in meta.items()
-                    if k in ("labels", "annotations", "finalizers", "ownerReferences")
-                },
-                **kept,
-                "name": name,
-            }
-            if not status_only and obj.get("spec") != current.get("spec"):
-                obj["metadata"]["generation"] = int(current["metadata"].get("generation", 1)) + 1
-            obj["metadata"]["resourceVersion"] = self._next_rv()
+                if kind.status_subresource:  # the main endpoint leaves status as it was
+                    obj.pop("status", None)
+                    if "status" in current:
+                        obj["status"] = copy.deepcopy(current["status"])
+                kept = {
+                    k: current_meta[k]
+                    for k in ("uid", "creationTimestamp", "namespace", "generation", "deletionTimestamp")
+                    if k in current_meta
+                }
+                new_meta = {
+                    **{
+                        k: v
+                        for k, v in meta.items()
+                        if k in ("labels", "annotations", "finalizers", "ownerReferences")
+                    },
+                    **kept,
+                    "name": name,
+                }
+            new_meta["resourceVersion"] = current_meta["resourceVersion"]
+            obj["metadata"] = new_meta
+            if obj == current:  # a no-op update is not written: same object, same resourceVersion
+                return copy.deepcopy(current)
+            if not status_only and self._generation_content(kind, obj) != self._generation_content(
+                kind, current
+            ):
+                new_meta["generation"] = int(current_meta.get("generation", 1)) + 1
+            new_meta["resourceVersion"] = self._next_rv()
             self.state.objects[key] = obj
             return copy.deepcopy(obj)
+
+    @staticmethod
+    def _generation_content(kind: Kind, obj: dict[str, Any]) -> Any:
+        """What metadata.generation tracks: spec for built-in kinds and custom resources with a status
+        subresource, everything but metadata for custom resources without one."""
+        if not kind.group:
+            return obj.get("spec")
+        skip = {"metadata", "status"} if kind.status_subresource else {"metadata"}
+        return {k: v for k, v in obj.items() if k not in skip}
 
     def patch(
         self, kind: Kind, namespace: str, name: str, content_type: str, patch: Any, status_only: bool = False
@@ -577,26 +753,36 @@ class KubeAPI:
             try:
                 if content_type.startswith("application/json-patch+json"):
                     if not isinstance(patch, list):
-                        raise bad_request("json patch must be a list of operations")
+                        raise bad_request(
+                            f"json: cannot unmarshal {_json_kind(patch)} into Go value of type jsonpatch.Patch"
+                        )
                     patched = json_patch(current, patch)
-                elif content_type.startswith(
-                    ("application/merge-patch+json", "application/strategic-merge-patch+json")
+                elif content_type.startswith("application/merge-patch+json") or (
+                    # strategic merge (treated as a merge patch here) exists for built-in kinds only
+                    not kind.group and content_type.startswith("application/strategic-merge-patch+json")
                 ):
                     patched = merge_patch(current, patch)
                 else:
+                    accepted = ["application/json-patch+json", "application/merge-patch+json"]
+                    if not kind.group:
+                        accepted.append("application/strategic-merge-patch+json")
+                    accepted.append("application/apply-patch+yaml")
                     raise APIError(
                         415,
                         "UnsupportedMediaType",
-                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                        "the body of the request was in an unknown format - accepted media types include: "
+                        + ", ".join(accepted),
+                        {},
                     )
-            except PatchTestFailed as exc:
-                raise invalid(
-                    kind, name, [{"reason": "FieldValueInvalid", "message": str(exc), "field": ""}]
-                ) from None
-            except (KeyError, IndexError, ValueError, TypeError) as exc:
-                raise APIError(
-                    422, "Invalid", f"the server rejected our request due to an error in our request: {exc}"
-                ) from None
+            except (PatchTestFailed, KeyError, IndexError, ValueError, TypeError):
+                raise patch_not_applied() from None
+            if not isinstance(patched, dict):
+                raise patch_not_applied()
+            patched_meta = patched.setdefault("metadata", {})
+            if not isinstance(patched_meta, dict):
+                raise patch_not_applied()
+            if not patched_meta.get("resourceVersion"):  # a patch is applied to the object as it is now
+                patched_meta["resourceVersion"] = current["metadata"]["resourceVersion"]
             return self.replace(kind, namespace, name, patched, status_only=status_only)
 
     def delete(self, kind: Kind, namespace: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -605,23 +791,19 @@ class KubeAPI:
             current = self.state.objects.get(key)
             if current is None:
                 raise not_found(kind, name)
+            # a precondition that is present is compared, even when empty (Go's *string)
             pre = options.get("preconditions") or {}
-            if pre.get("uid") and pre["uid"] != current["metadata"]["uid"]:
-                raise conflict(
-                    kind,
-                    name,
-                    f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {current['metadata']['uid']}",
-                )
-            if (
-                pre.get("resourceVersion")
-                and pre["resourceVersion"] != current["metadata"]["resourceVersion"]
-            ):
-                raise conflict(
-                    kind,
-                    name,
-                    f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, ResourceVersion in object meta: {current['metadata']['resourceVersion']}",
+            meta = current["metadata"]
+            if pre.get("uid") is not None and pre["uid"] != meta["uid"]:
+                raise precondition_failed(kind, namespace, name, "UID", pre["uid"], meta["uid"])
+            if pre.get("resourceVersion") is not None and pre["resourceVersion"] != meta["resourceVersion"]:
+                raise precondition_failed(
+                    kind, namespace, name, "ResourceVersion", pre["resourceVersion"], meta["resourceVersion"]
                 )
             del self.state.objects[key]
+            if kind.plural == "namespaces":  # what the namespace controller does, at once
+                for other in [k for k in self.state.objects if k[1] == name]:
+                    del self.state.objects[other]
             self._next_rv()
             if kind.group:
                 return {
@@ -649,6 +831,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         return
 
+    def setup(self) -> None:
+        super().setup()
+        # answer without Nagle's delay, as Go's net/http (kube-apiserver) does by default
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _send(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(body).encode()
         self.send_response(code)
@@ -669,25 +856,34 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise bad_request(f"couldn't get version/kind; json parse error: {exc}") from None
 
-    def _inject(self, verb: str) -> bool:
-        """Apply faults; True when the request was answered (or dropped) by a fault."""
+    def _drop(self) -> None:
+        """Close the connection without an answer (the client sees the peer hang up)."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _inject(self, kind: Kind) -> tuple[bool, bool]:
+        """Apply faults before the request is carried out. Returns (answered, drop_after): answered when
+        a fault already answered (or dropped) the request; drop_after when the request is to be carried
+        out and its answer then lost."""
         api = self.server.api
         with api.lock:
             faults = api.faults
-            applies = faults.methods is None or self.command in faults.methods
+            applies = (faults.methods is None or self.command in faults.methods) and (
+                faults.resources is None or kind.plural in faults.resources
+            )
             roll = api.rng.random() if applies else 1.0
             roll_code = api.rng.choice(faults.error_codes) if faults.error_codes else 500
+        if not applies:
+            return False, False
         if faults.latency:
             time.sleep(faults.latency)
-        if not applies:
-            return False
         if roll < faults.drop_rate:
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
-            return True
+            self._drop()
+            return True, False
         roll -= faults.drop_rate
         if roll < faults.throttle_rate:
+            # API Priority and Fairness' rejection, with its Retry-After header
             err = APIError(
                 429,
                 "TooManyRequests",
@@ -696,39 +892,129 @@ class Handler(BaseHTTPRequestHandler):
                 {"Retry-After": str(faults.retry_after)},
             )
             self._send(429, err.body(), err.headers)
-            return True
+            return True, False
         roll -= faults.throttle_rate
         if roll < faults.error_rate:
             if roll_code == 503:
                 err = APIError(
-                    503, "ServiceUnavailable", "the server is currently unable to handle the request"
+                    503, "ServiceUnavailable", "the server is currently unable to handle the request", {}
                 )
             else:
-                err = APIError(roll_code, "InternalError", "Internal error occurred: injected fault")
+                err = internal_error("injected fault")
+                err.code = roll_code
             self._send(err.code, err.body())
-            return True
-        return False
+            return True, False
+        roll -= faults.error_rate
+        return False, roll < faults.drop_after_rate
+
+    def _discovery(self, path: str) -> Any:
+        """Discovery documents (/api, /apis, group and group-version resource lists); None if not one."""
+        api = self.server.api
+        kinds = list(api.kinds.values())
+        path = path.rstrip("/")
+        groups: dict[str, list[str]] = {}
+        for k in kinds:
+            if k.group and k.version not in groups.setdefault(k.group, []):
+                groups[k.group].append(k.version)
+
+        def group_doc(name: str) -> dict[str, Any]:
+            versions = [{"groupVersion": f"{name}/{v}", "version": v} for v in groups[name]]
+            return {"name": name, "versions": versions, "preferredVersion": versions[0]}
+
+        def resources(group: str, version: str) -> dict[str, Any]:
+            out: list[dict[str, Any]] = []
+            for k in kinds:
+                if k.group != group or k.version != version:
+                    continue
+                out.append(
+                    {
+                        "name": k.plural,
+                        "singularName": k.kind.lower(),
+                        "namespaced": k.namespaced,
+                        "kind": k.kind,
+                        "verbs": ["delete", "get", "list", "patch", "create", "update"],
+                    }
+                )
+                if k.status_subresource:
+                    out.append(
+                        {
+                            "name": f"{k.plural}/status",
+                            "singularName": "",
+                            "namespaced": k.namespaced,
+                            "kind": k.kind,
+                            "verbs": ["get", "patch", "update"],
+                        }
+                    )
+            return {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": f"{group}/{version}" if group else version,
+                "resources": out,
+            }
+
+        host, port = self.server.server_address[:2]
+        if path == "/api":
+            return {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{host}:{port}"}
+                ],
+            }
+        if path == "/api/v1":
+            return resources("", "v1")
+        if path == "/apis":
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_doc(g) for g in groups]}
+        parts = path.split("/")
+        if len(parts) == 3 and parts[1] == "apis" and parts[2] in groups:
+            return {"kind": "APIGroup", "apiVersion": "v1", **group_doc(parts[2])}
+        if len(parts) == 4 and parts[1] == "apis" and parts[3] in groups.get(parts[2], []):
+            return resources(parts[2], parts[3])
+        return None
 
     def _route(self) -> None:
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         api = self.server.api
-        if url.path in ("/version", "/version/"):
-            self._send(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-whereabouts-py-test"})
-            return
-        if url.path in ("/healthz", "/readyz", "/livez"):
-            self._send(200, "ok")
-            return
-        m = _PATH.match(url.path)
         body = self._body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else None
+        if self.command == "GET":
+            if url.path in ("/version", "/version/"):
+                self._send(
+                    200,
+                    {
+                        "major": "1",
+                        "minor": "33",
+                        "gitVersion": "v1.33.0-whereabouts-py-test",
+                        "gitCommit": "0000000000000000000000000000000000000000",
+                        "gitTreeState": "clean",
+                        "buildDate": "2026-01-01T00:00:00Z",
+                        "goVersion": "go1.24.0",
+                        "compiler": "gc",
+                        "platform": "linux/amd64",
+                    },
+                )
+                return
+            if url.path in ("/healthz", "/readyz", "/livez"):
+                self._send_text(200, "ok")
+                return
+            with api.lock:
+                doc = self._discovery(url.path)
+            if doc is not None:
+                self._send(200, doc)
+                return
+        m = _PATH.match(url.path)
         if not m:
-            raise APIError(404, "NotFound", "the server could not find the requested resource")
+            raise no_route()
         group = m.group("group") or ""
         version = m.group("core") or m.group("version")
         kind = api.kinds.get(m.group("plural"))
         if kind is None or kind.group != group or kind.version != version:
-            raise APIError(404, "NotFound", "the server could not find the requested resource")
+            raise no_route()
+        if m.group("ns") and not kind.namespaced:
+            raise no_route()
         ns, name, sub = m.group("ns") or "", m.group("name"), m.group("sub")
+        if sub and not kind.status_subresource:
+            raise no_route()
         verb = {
             "GET": "get" if name else "list",
             "POST": "create",
@@ -738,34 +1024,52 @@ class Handler(BaseHTTPRequestHandler):
         }.get(self.command, "")
         with api.lock:
             api.counts[(verb, kind.plural)] += 1
-        if self._inject(verb):
+        answered, drop_after = self._inject(kind)
+        if answered:
             return
         if self.command == "GET" and name:
-            self._send(200, api.get(kind, ns, name))
-        elif self.command == "GET":
-            self._send(200, api.list(kind, ns if m.group("ns") else None, query))
+            code, out = 200, api.get(kind, ns, name)
+        elif self.command == "GET" and not sub:
+            if query.get("watch") in ("1", "true"):
+                raise bad_request("watch is not supported by this test server")
+            code, out = 200, api.list(kind, ns if m.group("ns") else None, query)
         elif self.command == "POST" and not name:
             if not isinstance(body, dict):
                 raise bad_request("the body of the request must be an object")
-            self._send(201, api.create(kind, ns, body))
+            code, out = 201, api.create(kind, ns, body)
         elif self.command == "PUT" and name:
             if not isinstance(body, dict):
                 raise bad_request("the body of the request must be an object")
-            self._send(200, api.replace(kind, ns, name, body, status_only=sub == "status"))
+            code, out = 200, api.replace(kind, ns, name, body, status_only=sub == "status")
         elif self.command == "PATCH" and name:
             ctype = self.headers.get("Content-Type", "")
-            self._send(200, api.patch(kind, ns, name, ctype, body, status_only=sub == "status"))
-        elif self.command == "DELETE" and name:
-            self._send(200, api.delete(kind, ns, name, body if isinstance(body, dict) else {}))
+            code, out = 200, api.patch(kind, ns, name, ctype, body, status_only=sub == "status")
+        elif self.command == "DELETE" and name and not sub:
+            code, out = 200, api.delete(kind, ns, name, body if isinstance(body, dict) else {})
         else:
             raise APIError(
-                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                405, "MethodNotAllowed", "the server does not allow this method on the requested resource", {}
             )
+        if drop_after:
+            self._drop()  # done, but the client never hears of it
+            return
+        self._send(code, out)
+
+    def _send_text(self, code: int, text: str) -> None:
+        payload = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def _handle(self) -> None:
         try:
             self._route()
         except APIError as exc:
+            if exc.reason == "Conflict" and exc.details:
+                with self.server.api.lock:
+                    self.server.api.counts[("conflict", str(exc.details.get("kind", "")))] += 1
             self._send(exc.code, exc.body(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True

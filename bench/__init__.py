@@ -1,0 +1,1 @@
+"""Benchmarks for whereabouts-py (`make bench`); results are appended to bench/RESULTS.md."""
