@@ -125,7 +125,9 @@ def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted() ->
     assert pod["serviceAccountName"] == "whereabouts-py"
     assert pod["hostNetwork"] is True
     assert {"operator": "Exists"} in pod["tolerations"]  # every taint
-    (container,) = pod["containers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"install", "agent"}
+    container = containers["install"]
     command = container["command"]
     assert command[:2] == ["python3", "/opt/whereabouts-py/deploy/install.py"]
     host_root = command[command.index("--host-root") + 1]
@@ -618,3 +620,26 @@ def test_watch_reports_a_vanished_token_keeps_running_and_recovers(
     _, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 0
     assert str(node.sa / "token") in err and "Traceback" not in err
+
+
+def test_daemonset_runs_the_node_agent_on_the_hosts_socket_dir() -> None:
+    from ipam.shim import DEFAULT_SOCKET
+
+    pod = pod_spec("DaemonSet", "whereabouts-py")
+    [agent] = [c for c in pod["containers"] if c["name"] == "agent"]
+    command = agent["command"]
+    assert command[0] == "ipam-agent"
+    assert command[command.index("--socket") + 1] == DEFAULT_SOCKET  # where the shim looks by default
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {
+        volumes[m["name"]]["hostPath"]["path"]: m["mountPath"]
+        for m in agent["volumeMounts"]
+        if "hostPath" in volumes[m["name"]]
+    }
+    # the socket dir, node locks (data_dir) and the kubeconfig named in the flat file are shared with
+    # CNI calls on the host, so each is mounted at its host path
+    for host_dir in (os.path.dirname(DEFAULT_SOCKET), "/var/lib/cni/whereabouts-py", "/etc/cni/net.d/whereabouts.d"):
+        assert mounted.get(host_dir) == host_dir
+    probe = " ".join(agent["readinessProbe"]["exec"]["command"])
+    assert "127.0.0.1:9733/healthz" in probe and command[command.index("--metrics-port") + 1] == "9733"
+    assert agent["securityContext"]["privileged"] is False
