@@ -1,4 +1,13 @@
-"""pytest fixtures: one API test server per session, reset before each test that asks for `kube`."""
+"""pytest fixtures: one API test server per session, reset before each test that asks for `kube`.
+
+from tests.kubeapi.fixtures import kube, kube_server  # noqa: F401   (in conftest.py)
+
+def test_something(kube):
+    kube.kubeconfig_path            # an ordinary kubeconfig: token user, context namespace kube-system
+    kube.api.set_faults(seed=1, error_rate=0.2)
+    kube.api.put_pod("apps", "web-0", uid="u1")
+    kube.api.objects("ippools", "kube-system")
+"""
 
 from __future__ import annotations
 
@@ -14,21 +23,29 @@ from .server import APIServer, KubeAPI, write_kubeconfig
 @dataclass
 class KubeHandle:
     url: str
-    kubeconfig_path: str
-    api: KubeAPI
-    server: APIServer
+    kubeconfig_path: str  # context namespace: kube-system
+    api: KubeAPI  # the store: faults, counters, pods, objects, CRDs
+    server: APIServer  # the HTTP server (api is also server.api)
+    tmp_dir: Path
 
     def reset(self) -> None:
+        """Clear objects, faults and counters and serve our own CRDs from crds/ again."""
         self.api.reset()
-        self.api.use_crds(sorted((Path(__file__).resolve().parents[2] / "crds").glob("*.yaml")))
+        self.api.use_crds(None)
+
+    def kubeconfig(self, namespace: str | None = "kube-system", name: str | None = None) -> str:
+        """Another kubeconfig for the same server, with a different context namespace (None: none)."""
+        path = self.tmp_dir / (name or f"kubeconfig-{namespace or 'none'}")
+        return str(write_kubeconfig(path, self.url, namespace=namespace))
 
 
 @pytest.fixture(scope="session")
 def kube_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeHandle]:
     api = KubeAPI()
     server = APIServer(api).start()
-    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "kubeconfig", server.url)
-    yield KubeHandle(server.url, str(kubeconfig), api, server)
+    tmp_dir = tmp_path_factory.mktemp("kube")
+    kubeconfig = write_kubeconfig(tmp_dir / "kubeconfig", server.url)
+    yield KubeHandle(server.url, str(kubeconfig), api, server, tmp_dir)
     server.stop()
 
 

@@ -23,27 +23,75 @@ class Kind:
     kind: str
     namespaced: bool
     schema: dict[str, Any] | None  # None: a built-in kind, not pruned by us
+    status_subresource: bool = False  # /status is its own endpoint; the main one ignores status
 
 
-def load_crds(paths: list[Path] | None = None) -> dict[str, Kind]:
-    """Kinds by plural, from CRD YAML files (default: every file in crds/)."""
+CRDSource = Path | str | dict[str, Any]
+
+
+def crd_documents(sources: list[CRDSource] | None = None) -> list[dict[str, Any]]:
+    """CustomResourceDefinition documents from files (paths) and/or already-parsed dicts."""
+    docs: list[dict[str, Any]] = []
+    for source in sources if sources is not None else sorted(CRD_DIR.glob("*.yaml")):
+        found = [source] if isinstance(source, dict) else list(yaml.safe_load_all(Path(source).read_text()))
+        docs += [d for d in found if d and d.get("kind") == "CustomResourceDefinition"]
+    return docs
+
+
+def load_crds(sources: list[CRDSource] | None = None) -> dict[str, Kind]:
+    """Kinds by plural, from CRDs (default: every file in crds/); a non-structural schema is an error,
+    as kube-apiserver refuses such a CRD."""
     out: dict[str, Kind] = {}
-    for path in paths if paths is not None else sorted(CRD_DIR.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
+    for doc in crd_documents(sources):
+        spec = doc["spec"]
+        for version in spec["versions"]:
+            if not version.get("served", True):
                 continue
-            spec = doc["spec"]
-            for version in spec["versions"]:
-                if version.get("served", True):
-                    out[spec["names"]["plural"]] = Kind(
-                        spec["group"],
-                        version["name"],
-                        spec["names"]["plural"],
-                        spec["names"]["kind"],
-                        spec.get("scope", "Namespaced") == "Namespaced",
-                        version["schema"]["openAPIV3Schema"],
-                    )
+            schema = version["schema"]["openAPIV3Schema"]
+            problems = structural_errors(schema)
+            if problems:
+                raise ValueError(f"CRD {doc['metadata']['name']} is not structural: {'; '.join(problems)}")
+            out[spec["names"]["plural"]] = Kind(
+                spec["group"],
+                version["name"],
+                spec["names"]["plural"],
+                spec["names"]["kind"],
+                spec.get("scope", "Namespaced") == "Namespaced",
+                schema,
+                "status" in (version.get("subresources") or {}),
+            )
     return out
+
+
+def structural_errors(schema: dict[str, Any], path: str = "") -> list[str]:
+    """The rules of a structural schema that matter here: every node has a type (or preserves unknown
+    fields), properties and additionalProperties are not both set, metadata declares nothing but
+    name/generateName."""
+    problems: list[str] = []
+    where = path or "<root>"
+    if (
+        "type" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+        and not schema.get("x-kubernetes-int-or-string")
+    ):
+        problems.append(f"{where}: type: Required value")
+    if "properties" in schema and "additionalProperties" in schema:
+        problems.append(f"{where}: additionalProperties and properties are mutual exclusive")
+    for key, sub in (schema.get("properties") or {}).items():
+        child = f"{path}.properties[{key}]" if path else f"properties[{key}]"
+        if not path and key == "metadata":
+            extra = set(sub.get("properties") or {}) - {"name", "generateName"}
+            if extra or sub.get("type") != "object":
+                problems.append(f"{child}: must be a plain object (only name/generateName may be restricted)")
+            continue
+        problems += structural_errors(sub, child)
+    if isinstance(schema.get("additionalProperties"), dict):
+        problems += structural_errors(schema["additionalProperties"], f"{where}.additionalProperties")
+    if isinstance(schema.get("items"), dict):
+        problems += structural_errors(schema["items"], f"{where}.items")
+    elif schema.get("type") == "array":
+        problems.append(f"{where}.items: Required value")
+    return problems
 
 
 def prune(value: Any, schema: dict[str, Any]) -> Any:
@@ -55,10 +103,17 @@ def prune(value: Any, schema: dict[str, Any]) -> Any:
         extra = schema.get("additionalProperties")
         out = {}
         for key, item in value.items():
-            if props is not None and key in props:
-                out[key] = prune(item, props[key])
-            elif isinstance(extra, dict):
-                out[key] = prune(item, extra)
+            sub = (
+                props[key]
+                if props is not None and key in props
+                else extra
+                if isinstance(extra, dict)
+                else None
+            )
+            if sub is not None:
+                if item is None and not sub.get("nullable") and "default" not in sub:
+                    continue  # a null for a non-nullable field is dropped, as the API server does
+                out[key] = prune(item, sub)
             elif extra is True:
                 out[key] = item
         return out
@@ -77,6 +132,23 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _json_type(value: Any) -> str:
+    """The JSON type name kube-apiserver reports for a value."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
+
+
 def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[str, str]]:
     """Causes (FieldValueRequired / FieldValueTypeInvalid) in kube-apiserver's shape."""
     causes: list[dict[str, str]] = []
@@ -86,7 +158,7 @@ def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[st
             expected in ("integer", "number") and isinstance(value, bool)
         )
         if not ok:
-            got = type(value).__name__
+            got = _json_type(value)
             causes.append(
                 {
                     "reason": "FieldValueTypeInvalid",
@@ -112,3 +184,27 @@ def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[st
         for i, item in enumerate(value):
             causes += validate(item, schema["items"], f"{path}[{i}]")
     return causes
+
+
+OUR_EXTRA_FIELDS = ("node", "poduid", "created")
+
+
+def without_fields(
+    fields: tuple[str, ...] = OUR_EXTRA_FIELDS, sources: list[CRDSource] | None = None
+) -> list[dict[str, Any]]:
+    """CRD documents (default: ours) with the named properties removed at every depth: by default
+    what Whereabouts' own CRDs declare, to emulate them being applied over ours."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: strip(v) for k, v in node.items()}
+            if isinstance(out.get("properties"), dict):
+                out["properties"] = {k: v for k, v in out["properties"].items() if k not in fields}
+                if "required" in out:
+                    out["required"] = [r for r in out["required"] if r not in fields]
+            return out
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return [strip(doc) for doc in crd_documents(sources)]
