@@ -338,3 +338,58 @@ def test_exhausted_pool(
     retry = runtime.add(second, conf, IFNAME)
     assert retry.addresses() == ["10.213.20.10/24"], dumps(retry.result)
     assert rt.netns_addresses(second.netns, IFNAME) == ["10.213.20.10/24"]
+
+
+def test_concurrent_burst_into_small_pool(
+    runtime: rt.Runtime, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+) -> None:
+    """8 pods race for 5 addresses: exactly 5 win distinct addresses, 3 get our exhaustion error and
+    keep nothing. One cniVersion: the race is the point here, the formats are covered above."""
+    require_kernel_link("macvlan")
+    cidr = "10.213.21.0/24"
+    block = ipam(cidr, range_start="10.213.21.10", range_end="10.213.21.14", network_name="burst")
+    conf = vlan_conf("1.0.0", "macvlan", "burst", runtime.add_parent_link("burst0"), block)
+    pods = [runtime.new_pod(f"burst-{i}") for i in range(8)]
+    with ThreadPoolExecutor(max_workers=len(pods)) as pool:
+        outcomes = list(pool.map(lambda pod: runtime.try_add(pod, conf, IFNAME), pods))
+
+    won = [att for _, att in outcomes if att is not None]
+    lost = [(pod, call) for pod, (call, att) in zip(pods, outcomes, strict=True) if att is None]
+    got = sorted(a.addresses()[0] for a in won)
+    assert got == [f"10.213.21.{n}/24" for n in range(10, 15)], (got, [c.describe() for _, c in lost])
+    for pod, call in lost:
+        assert _error_fields(call)[0] == 100, call.describe()
+        lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    assert len(rt.read_store(data_dir).leases_of(won[0].pod.container_id)) == 1
+
+
+def test_invalid_config_is_reported_through_the_main_plugin(
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path
+) -> None:
+    """A range that cannot exist: code 7 naming the key, passed through by the bridge; nothing stored."""
+    conf = bridge_conf(cni_version, "bad", "wpybr5", ipam("10.213.5.0/33"))
+    pod = runtime.new_pod("bad-0", namespace="default")
+    call, att = runtime.try_add(pod, conf, IFNAME)
+    assert att is None, call.describe()
+    code, msg, _ = _error_fields(call)
+    assert code == 7 and "ipam.range" in str(msg) and "10.213.5.0/33" in str(msg), call.describe()
+    ours = runtime.exec_plugin("ADD", conf, pod, IFNAME, plugin=rt.OUR_TYPE)
+    assert _error_fields(call) == _error_fields(ours), f"{call.describe()}\n\n{ours.describe()}"
+    assert not rt.read_store(data_dir).pools, "a rejected config wrote a pool"
+
+
+def test_main_plugin_failure_after_ipam_rolls_the_lease_back(
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+) -> None:
+    """macvlan gets an address from us, then cannot install a route (its gateway is off-link) and
+    calls our DEL to undo the ADD: the runtime sees the failure and the pool keeps no lease."""
+    require_kernel_link("macvlan")
+    block = ipam("10.213.6.0/24", routes=[{"dst": "10.213.96.0/24", "gw": "10.213.250.1"}])
+    conf = vlan_conf(cni_version, "macvlan", "rollback", runtime.add_parent_link("rb0"), block)
+    pod = runtime.new_pod("rollback-0")
+    call, att = runtime.try_add(pod, conf, IFNAME)
+    assert att is None, f"ADD with an off-link route gateway succeeded:\n{call.describe()}"
+    lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    assert "lease.add" in ipam_log(), "the main plugin failed before it asked us for an address"
+    cleanup = runtime.delete_unknown(pod, conf, IFNAME)
+    assert cleanup.ok, cleanup.describe()
