@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ DEFAULT_FLAT_FILES = (
     "/etc/cni/net.d/whereabouts.d/whereabouts.conf",
 )
 DEFAULT_DATA_DIR = "/var/lib/cni/whereabouts-py"
+_OBJECT_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")  # RFC 1123 subdomain characters
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
 
 
@@ -221,6 +223,13 @@ def load_config(
         ipam = IPAMConfig.model_validate(raw)
     except ValidationError as exc:
         raise _pydantic_error("ipam", exc, raw) from None
+    if ipam.network_name and not _OBJECT_NAME.match(ipam.network_name):
+        # it prefixes pool and reservation names: Kubernetes object names and the file store's file names
+        raise invalid(
+            "ipam.network_name",
+            ipam.network_name,
+            "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit",
+        )
     try:
         ranges = build_ranges(ipam)
     except RangeConfigError as exc:
