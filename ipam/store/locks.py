@@ -17,8 +17,11 @@ POLL_SECONDS = 0.003
 
 @contextmanager
 def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[None]:
-    os.makedirs(lock_dir, exist_ok=True)
     path = os.path.join(lock_dir, f"{name}.lock")
+    try:
+        os.makedirs(lock_dir, exist_ok=True)
+    except OSError as exc:
+        raise CNIError(errors.IO_FAILURE, f"cannot create lock directory {lock_dir}", str(exc)) from None
     lock = FileLock(path)
     try:
         lock.acquire(timeout=max(timeout, 0.0), poll_interval=POLL_SECONDS)
@@ -26,6 +29,8 @@ def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[None]:
         raise CNIError(
             errors.TRY_AGAIN_LATER, f"timed out waiting for the node lock of pool {name}", path
         ) from None
+    except OSError as exc:
+        raise CNIError(errors.IO_FAILURE, f"cannot open lock file {path}", str(exc)) from None
     try:
         yield
     finally:
