@@ -167,9 +167,10 @@ def cmd_check(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> Non
             f"container {container_id} ({ifname}) holds no lease in {', '.join(missing)}",
         )
     prev = cfg.prev_result or {}
-    prev_ips = {
-        str(ip.get("address", "")).split("/")[0] for ip in prev.get("ips", []) if isinstance(ip, dict)
-    }
+    raw_ips = prev.get("ips") or []
+    if not isinstance(raw_ips, list):
+        raise CNIError(errors.INVALID_CONFIG, f"invalid config: prevResult.ips: {raw_ips!r} is not a list")
+    prev_ips = {str(ip.get("address", "")).split("/")[0] for ip in raw_ips if isinstance(ip, dict)}
     if prev_ips:
         absent = [str(a.address) for a in held if str(a.address) not in prev_ips]
         if absent:
