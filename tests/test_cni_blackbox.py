@@ -437,6 +437,29 @@ def test_corrupt_pool_file_is_code_101_and_left_untouched(
     assert [p.name for p in pools.iterdir()] == [path.name]  # no temp file left behind
 
 
+def test_data_dir_that_is_a_file_is_code_5_naming_it(plugin: Plugin) -> None:
+    not_a_dir = plugin.tmp / "regular-file"
+    not_a_dir.write_text("x")
+    for command in ("ADD", "DEL"):
+        doc = plugin.call(command, plugin.conf(data_dir=str(not_a_dir))).error(5)
+        assert str(not_a_dir) in doc["msg"]
+    assert not_a_dir.read_text() == "x"
+
+
+def test_network_name_cannot_escape_data_dir(plugin: Plugin) -> None:
+    doc = plugin.call("ADD", plugin.conf(network_name="../../escaped")).error(7)
+    assert "ipam.network_name" in doc["msg"] and "../../escaped" in doc["msg"]
+    assert not (plugin.tmp / "escaped-10.0.0.0-24.json").exists()
+    assert {p.name for p in plugin.tmp.iterdir()} <= {"plugin.log"}  # nothing created next to data_dir
+
+
+def test_check_with_malformed_prev_result_is_code_7(plugin: Plugin) -> None:
+    conf = plugin.conf("1.1.0")
+    plugin.add(conf)
+    doc = plugin.call("CHECK", {**conf, "prevResult": {"cniVersion": "1.1.0", "ips": 5}}).error(7)
+    assert "prevResult.ips" in doc["msg"]
+
+
 # -- logging -----------------------------------------------------------------------------------------------
 
 

@@ -132,6 +132,11 @@ def test_routes_and_dns_are_kept() -> None:
     assert cfg.ipam.dns is not None and cfg.ipam.dns.nameservers == ["10.0.0.53"]
 
 
+@pytest.mark.parametrize("name", ["blue", "net-1", "a", "net.v2", "0"])
+def test_network_name_accepted(name: str) -> None:
+    assert load({"range": "10.0.0.0/24", "network_name": name}).ipam.network_name == name
+
+
 @pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
 def test_supported_versions(version: str) -> None:
     assert load({"range": "10.0.0.0/24"}, version).cni_version == version
@@ -210,6 +215,12 @@ def test_supported_versions(version: str) -> None:
             "maybe",
         ),
         ({"range": "10.0.0.0/24", "network_name": 5}, "ipam.network_name", "5"),
+        # it becomes part of pool file and object names: no path separators, Kubernetes name rules
+        ({"range": "10.0.0.0/24", "network_name": "../../etc/x"}, "ipam.network_name", "../../etc/x"),
+        ({"range": "10.0.0.0/24", "network_name": "a/b"}, "ipam.network_name", "a/b"),
+        ({"range": "10.0.0.0/24", "network_name": "Blue"}, "ipam.network_name", "Blue"),
+        ({"range": "10.0.0.0/24", "network_name": "-x"}, "ipam.network_name", "-x"),
+        ({"range": "10.0.0.0/24", "network_name": "a b"}, "ipam.network_name", "a b"),
         ({"range": "10.0.0.0/24", "dns": "x"}, "ipam.dns", "x"),
         ({"range": "10.0.0.0/24", "kubernetes": "kc"}, "ipam.kubernetes", "kc"),
         ({"range": "10.0.0.0/24", "retry_deadline_seconds": 0}, "ipam.retry_deadline_seconds", "0"),
