@@ -194,8 +194,12 @@ def build_ranges(ipam: IPAMConfig) -> tuple[RangeSpec, ...]:
     )
     for i, spec in enumerate(specs):
         for j in range(i):
-            if specs[j].network == spec.network and specs[j].start == spec.start:
-                raise RangeConfigError(entries[i][0] + ".range", entries[i][1].range, "is listed twice")
+            if specs[j].network == spec.network:  # one pool, and a pool holds one lease per attachment
+                raise RangeConfigError(
+                    entries[i][0] + ".range",
+                    entries[i][1].range,
+                    f"uses network {spec.cidr} of {entries[j][0]}.range again (one address per network)",
+                )
     for i, route in enumerate(ipam.routes):
         parse_cidr(f"ipam.routes[{i}].dst", route.dst)
         if route.gw:
