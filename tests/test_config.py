@@ -207,6 +207,22 @@ def test_supported_versions(version: str) -> None:
             "ipam.ipRanges[1].range",
             "10.0.0.0/24",
         ),
+        # two ranges of one network share one pool, which holds one lease per attachment
+        (
+            {
+                "range": "10.0.0.0/24",
+                "range_start": "10.0.0.10",
+                "range_end": "10.0.0.20",
+                "ipRanges": [{"range": "10.0.0.0/24", "range_start": "10.0.0.100"}],
+            },
+            "ipam.ipRanges[0].range",
+            "10.0.0.0/24",
+        ),
+        (
+            {"ipRanges": [{"range": "fd00::/64"}, {"range": "10.0.0.0/24"}, {"range": "fd00::5/64"}]},
+            "ipam.ipRanges[2].range",
+            "fd00::5/64",
+        ),
         ({"range": "10.0.0.0/24", "log_level": "loud"}, "ipam.log_level", "loud"),
         ({"range": "10.0.0.0/24", "datastore": "etcd"}, "ipam.datastore", "etcd"),
         (
