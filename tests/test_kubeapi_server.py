@@ -288,6 +288,21 @@ def test_duplicate_create_is_409_already_exists(crs: client.CustomObjectsApi) ->
     }
 
 
+def test_create_with_a_resource_version_is_refused(crs: client.CustomObjectsApi) -> None:
+    """A body copied from a read object still carries its resourceVersion: etcd refuses to create it."""
+    with pytest.raises(ApiException) as info:
+        crs.create_namespaced_custom_object(GROUP, VERSION, NS, POOLS, pool("p", resourceVersion="5"))
+    assert info.value.status == 500
+    assert status_of(info.value) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": "resourceVersion should not be set on objects to be created",
+        "code": 500,
+    }
+
+
 def test_missing_objects_are_404_not_found(crs: client.CustomObjectsApi) -> None:
     for call in (
         lambda: crs.get_namespaced_custom_object(GROUP, VERSION, NS, POOLS, "nope"),

@@ -60,8 +60,9 @@ class APIError(Exception):
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
         }
+        if self.reason:  # StatusReasonUnknown is "" and left out, as Go's omitempty does
+            out["reason"] = self.reason
         if self.details is not None:
             out["details"] = self.details
         out["code"] = self.code
@@ -636,6 +637,8 @@ class KubeAPI:
             # order as in kube-apiserver: validation (422), then admission (namespace 404), then storage (409)
             obj = self._admit(kind, name, copy.deepcopy(body))
             self._check_namespace(kind, namespace)
+            if meta.get("resourceVersion"):  # etcd3 store's plain error: a 500 without a reason
+                raise APIError(500, "", "resourceVersion should not be set on objects to be created")
             if (kind.plural, namespace, name) in self.state.objects:
                 raise already_exists(kind, name)
             new_meta = {
