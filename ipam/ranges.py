@@ -94,7 +94,7 @@ def parse_cidr(key: str, value: str) -> IPNetwork:
         if "/" in text:
             addr_text, _, plen_text = text.partition("/")
             IPAddress(addr_text)  # netaddr accepts shorthand like "10/8"; we do not
-            if not plen_text.isdigit():
+            if not (plen_text.isascii() and plen_text.isdigit()):
                 raise AddrFormatError(text)
         else:
             IPAddress(text)
