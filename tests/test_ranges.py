@@ -196,7 +196,20 @@ def test_reservation_name(address: str, network_name: str, name: str) -> None:
     assert reservation_name(IPAddress(address), network_name) == name
 
 
-@pytest.mark.parametrize("text", ["10.0.0.0/33", "10.0/8", "x/24", "10.0.0.0/", "", "  ", "10.0.0.0/24/1"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.0/33",
+        "10.0/8",
+        "x/24",
+        "10.0.0.0/",
+        "",
+        "  ",
+        "10.0.0.0/24/1",
+        "10.0.0.0/+24",
+        "10.0.0.0/\u0662\u0664",
+    ],
+)
 def test_parse_cidr_rejects(text: str) -> None:
     with pytest.raises(RangeConfigError) as info:
         parse_cidr("k", text)
