@@ -815,6 +815,12 @@ def test_pods_across_namespaces(kube: KubeHandle, core: client.CoreV1Api) -> Non
     patched = core.patch_namespaced_pod("web-0", "apps", {"metadata": {"annotations": {"x": "y"}}})
     assert patched.metadata.annotations == {"a": "b", "x": "y"}
 
+    kube.api.put_pod("db", "pg-1", uid="u1", labels={"app": "pg"}, node="node-b", deleting=True)
+    pg1 = core.read_namespaced_pod("pg-1", "db")
+    assert (pg1.metadata.labels, pg1.spec.node_name, pg1.status.phase) == ({"app": "pg"}, "node-b", "Running")
+    assert pg1.metadata.deletion_timestamp is not None
+    kube.api.delete_pod("db", "pg-1")
+
     deleted = core.delete_namespaced_pod("web-0", "apps")  # a pod delete answers with the pod
     assert deleted.metadata.name == "web-0"
     kube.api.delete_pod("db", "pg-0")

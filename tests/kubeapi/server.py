@@ -1,11 +1,16 @@
 """A Kubernetes API test server: real HTTP, kube-apiserver's status codes and Status bodies.
 
-It serves pods and namespaces (core/v1) and the custom resources declared in crds/ with GET, LIST
-(label selectors, limit/continue paging), POST, PUT, PATCH (json-patch, merge-patch,
-strategic-merge treated as merge) and DELETE (with preconditions); one global resourceVersion
-counter; 409 Conflict on a stale resourceVersion; 409 AlreadyExists; 404 NotFound; 422 Invalid
-with causes; pruning of undeclared custom-resource fields. Faults are injected on demand: latency,
-a share of 500/503 answers, 429 with Retry-After, dropped connections, always-conflicting writes.
+It serves discovery (/version, /api, /apis, group and group-version documents), pods and
+namespaces (core/v1) and the custom resources declared in crds/ (or any CRD set given) with GET,
+LIST (label/field selectors, limit/continue paging, resourceVersion), POST (generateName), PUT,
+PATCH (json-patch incl. `test`, merge-patch; strategic-merge as merge, for built-in kinds only) and
+DELETE (uid/resourceVersion preconditions); the status subresource where declared; one global
+resourceVersion counter; 409 Conflict on a stale resourceVersion; 422 for a custom resource PUT
+without one; 409 AlreadyExists; 404 NotFound; 422 Invalid with causes; pruning of undeclared
+custom-resource fields; no-op updates that keep their resourceVersion. Faults are injected on
+demand (`KubeAPI.set_faults`): latency, a share of 500/503 answers, 429 with Retry-After, dropped
+connections (before the request, or after it was carried out), always-conflicting writes; scoped by
+method and resource, seeded.
 
 The production code reaches it through an ordinary kubeconfig, so the code under test is unchanged.
 Standalone: `python -m tests.kubeapi.server --port 0 --kubeconfig PATH [--latency-ms N]`.
@@ -195,14 +200,20 @@ def name_problems(name: str) -> list[dict[str, str]]:
 
 @dataclass
 class Faults:
-    """What to inject; every share is a probability per matching request (seeded, deterministic)."""
+    """What to inject into requests that match `methods` and `resources` (discovery is never hit).
 
-    latency: float = 0.0
+    One random roll per matching request (from the seeded generator, so a sequence of requests is hit
+    the same way every run) picks at most one of: drop (drop_rate), 429 (throttle_rate), 500/503
+    (error_rate), drop after carrying it out (drop_after_rate); the shares add up, in that order.
+    always_conflict is checked by the store on every PUT/PATCH of those plurals.
+    """
+
+    latency: float = 0.0  # seconds added before each matching request is handled
     error_rate: float = 0.0
-    error_codes: tuple[int, ...] = (500, 503)
+    error_codes: tuple[int, ...] = (500, 503)  # 500 -> InternalError, 503 -> ServiceUnavailable
     throttle_rate: float = 0.0
-    retry_after: int = 1
-    drop_rate: float = 0.0
+    retry_after: int = 1  # Retry-After header and details.retryAfterSeconds of the 429
+    drop_rate: float = 0.0  # share of requests whose connection is closed without an answer
     methods: frozenset[str] | None = None  # None: every method; else e.g. {"PUT", "POST"}
     resources: frozenset[str] | None = None  # None: every resource; else plurals, e.g. {"ippools"}
     always_conflict: frozenset[str] = frozenset()  # plurals whose PUT/PATCH always answer 409 Conflict
@@ -440,8 +451,11 @@ class KubeAPI:
         annotations: dict[str, str] | None = None,
         created: str | None = None,
         deleting: bool = False,
+        labels: dict[str, str] | None = None,
+        node: str | None = None,
     ) -> dict[str, Any]:
-        """Create or replace a pod with the given status directly (what kubelet would have written)."""
+        """Create or replace a pod with the given status directly (what kubelet would have written);
+        its namespace is created when missing. deleting: a deletionTimestamp is set (terminating)."""
         with self.lock:
             if ("namespaces", "", namespace) not in self.state.objects:
                 self._store(
@@ -458,16 +472,22 @@ class KubeAPI:
             }
             if deleting:
                 meta["deletionTimestamp"] = _now()
+            if labels:
+                meta["labels"] = dict(labels)
+            spec: dict[str, Any] = {"containers": [{"name": "c", "image": "x"}]}
+            if node:
+                spec["nodeName"] = node
             pod = {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": meta,
-                "spec": {"containers": [{"name": "c", "image": "x"}]},
+                "spec": spec,
                 "status": {"phase": phase},
             }
             return self._store("pods", namespace, pod, keep_meta=True)
 
     def delete_pod(self, namespace: str, name: str) -> None:
+        """Remove a pod at once (what kubelet's final delete does); a missing one is no error."""
         with self.lock:
             self.state.objects.pop(("pods", namespace, name), None)
 
@@ -493,6 +513,7 @@ class KubeAPI:
     def _admit(self, kind: Kind, name: str, obj: dict[str, Any]) -> dict[str, Any]:
         """Prune and validate a custom resource's body, as the API server does on every write."""
         if kind.schema is None:
+            obj["apiVersion"], obj["kind"] = kind.version, kind.kind
             return obj
         props = kind.schema.get("properties") or {}
         out: dict[str, Any] = {}
