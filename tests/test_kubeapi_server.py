@@ -715,15 +715,36 @@ def test_error_share_is_seeded_and_scoped(kube: KubeHandle, crs: client.CustomOb
 
 
 def test_throttling_answers_429_with_retry_after(kube: KubeHandle, crs: client.CustomObjectsApi) -> None:
+    # API Priority and Fairness rejects before any handler runs: plain text, not a Status
     kube.api.set_faults(throttle_rate=1.0, retry_after=7, methods={"POST"})
     with pytest.raises(ApiException) as info:
         create_pool(crs, "p")
     assert info.value.status == 429
     assert info.value.headers["Retry-After"] == "7"
+    assert info.value.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert info.value.body == "Too many requests, please try again later.\n"
+
+    kube.api.set_faults(throttle_rate=1.0, retry_after=3, methods={"POST"}, throttle_format="status")
+    with pytest.raises(ApiException) as info:
+        create_pool(crs, "p")
+    assert info.value.status == 429 and info.value.headers["Retry-After"] == "3"
     body = status_of(info.value)
-    assert body["reason"] == "TooManyRequests" and body["details"] == {"retryAfterSeconds": 7}
+    assert body["reason"] == "TooManyRequests" and body["details"] == {"retryAfterSeconds": 3}
     kube.api.clear_faults()
     assert crs.list_namespaced_custom_object(GROUP, VERSION, NS, POOLS)["items"] == []
+
+
+def test_urllib3_retries_idempotent_requests_on_429_by_itself(
+    kube: KubeHandle, crs: client.CustomObjectsApi
+) -> None:
+    """The client's default urllib3 Retry(3) honours Retry-After for GET/PUT/DELETE: code above it
+    sees such a 429 only after four answers in a row."""
+    create_pool(crs, "p")
+    kube.api.set_faults(seed=2, throttle_rate=0.5, retry_after=0, methods={"GET"})
+    kube.api.reset_counts()
+    for _ in range(5):
+        assert crs.get_namespaced_custom_object(GROUP, VERSION, NS, POOLS, "p")["metadata"]["name"] == "p"
+    assert kube.api.count("get", POOLS) > 5  # some answers were 429s, retried unseen
 
 
 def test_latency_delays_every_answer(kube: KubeHandle, crs: client.CustomObjectsApi) -> None:

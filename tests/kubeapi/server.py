@@ -212,7 +212,10 @@ class Faults:
     error_rate: float = 0.0
     error_codes: tuple[int, ...] = (500, 503)  # 500 -> InternalError, 503 -> ServiceUnavailable
     throttle_rate: float = 0.0
-    retry_after: int = 1  # Retry-After header and details.retryAfterSeconds of the 429
+    retry_after: int = 1  # Retry-After header (and details.retryAfterSeconds of a "status" 429)
+    # "text": API Priority and Fairness / max-in-flight rejection, plain text (the usual 429);
+    # "status": a Status JSON with reason TooManyRequests (e.g. "storage is (re)initializing")
+    throttle_format: str = "text"
     drop_rate: float = 0.0  # share of requests whose connection is closed without an answer
     methods: frozenset[str] | None = None  # None: every method; else e.g. {"PUT", "POST"}
     resources: frozenset[str] | None = None  # None: every resource; else plurals, e.g. {"ippools"}
@@ -907,15 +910,21 @@ class Handler(BaseHTTPRequestHandler):
             return True, False
         roll -= faults.drop_rate
         if roll < faults.throttle_rate:
-            # API Priority and Fairness' rejection, with its Retry-After header
-            err = APIError(
-                429,
-                "TooManyRequests",
-                "Too many requests, please try again later.",
-                {"retryAfterSeconds": faults.retry_after},
-                {"Retry-After": str(faults.retry_after)},
-            )
-            self._send(429, err.body(), err.headers)
+            if faults.throttle_format == "status":
+                err = APIError(
+                    429,
+                    "TooManyRequests",
+                    "storage is (re)initializing",
+                    {"retryAfterSeconds": faults.retry_after},
+                    {"Retry-After": str(faults.retry_after)},
+                )
+                self._send(429, err.body(), err.headers)
+            else:  # what the APF/max-in-flight filter writes: http.Error, plain text, before any handler
+                self._send_text(
+                    429,
+                    "Too many requests, please try again later.\n",
+                    {"Retry-After": str(faults.retry_after), "X-Content-Type-Options": "nosniff"},
+                )
             return True, False
         roll -= faults.throttle_rate
         if roll < faults.error_rate:
@@ -1079,11 +1088,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send(code, out)
 
-    def _send_text(self, code: int, text: str) -> None:
+    def _send_text(self, code: int, text: str, headers: dict[str, str] | None = None) -> None:
         payload = text.encode()
         self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(payload)
 
