@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e import runtime as rt
+from tests.kubeapi.fixtures import KubeHandle
 
 CNI_VERSIONS = ["0.3.1", "0.4.0", "1.0.0"]
 
@@ -86,26 +88,64 @@ def require_kernel_link(kind: str) -> None:
 
 
 IpamFactory = Callable[..., dict[str, Any]]
+KUBE_NAMESPACE = "kube-system"  # the context namespace of the API test server's kubeconfig
+
+
+@dataclass
+class Backend:
+    """Where leases live for a test: the ipam keys that select the datastore, and how to read it back."""
+
+    name: str
+    keys: dict[str, Any]
+    read: Callable[[], rt.StoreView]
 
 
 @pytest.fixture
-def ipam(tmp_path: Path) -> IpamFactory:
-    """Build an ipam block for our plugin on the file datastore in this test's tmp dir."""
+def backend(request: pytest.FixtureRequest, runtime: rt.Runtime, tmp_path: Path) -> Backend:
+    """The file datastore by default; parametrise indirectly with "kubernetes" for IPPool objects in
+    the Kubernetes API test server, reached from the node netns through a loopback forwarder."""
+    name = getattr(request, "param", "file")
     data_dir = tmp_path / "ipam-data"
+    if name == "file":
+        return Backend(name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir))
+    if name != "kubernetes":
+        raise ValueError(f"unknown backend {name!r}")
+    kube: KubeHandle = request.getfixturevalue("kube")
+    forwarder = rt.LoopbackForwarder(runtime.node, int(kube.url.rsplit(":", 1)[1]))
+    runtime.after_dels.append(forwarder.close)  # the teardown DELs still need the API server
+
+    def read() -> rt.StoreView:
+        def named(plural: str) -> dict[str, dict[str, Any]]:
+            return {o["metadata"]["name"]: o for o in kube.api.objects(plural, KUBE_NAMESPACE)}
+
+        return rt.StoreView(named("ippools"), named("overlappingrangeipreservations"))
+
+    keys = {
+        "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        "data_dir": str(data_dir),  # the node-local lock directory
+    }
+    return Backend(name, keys, read)
+
+
+@pytest.fixture
+def ipam(backend: Backend, tmp_path: Path) -> IpamFactory:
+    """Build an ipam block for our plugin on this test's datastore."""
 
     def make(cidr: str | None = None, **extra: Any) -> dict[str, Any]:
         block: dict[str, Any] = {"type": rt.OUR_TYPE}
         if cidr is not None:
             block["range"] = cidr
-        block.update(datastore="file", data_dir=str(data_dir), log_file=str(tmp_path / "ipam.log"), **extra)
+        block.update(backend.keys, log_file=str(tmp_path / "ipam.log"), **extra)
         return block
 
     return make
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "ipam-data"
+def store(backend: Backend) -> Callable[[], rt.StoreView]:
+    """Read the datastore back: pools (spec.allocations) and overlapping-range reservations."""
+    return backend.read
 
 
 @pytest.fixture

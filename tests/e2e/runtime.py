@@ -19,15 +19,17 @@ remove leftovers of a run that died without touching those of a run still going.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,7 @@ class Runtime:
         self.cni_bin = cni_bin
         self.node = unique("node")
         self.pods: list[Pod] = []
+        self.after_dels: list[Callable[[], None]] = []  # run once every DEL is done, before netns go
         self._lock = threading.Lock()
         run(["ip", "netns", "add", self.node])
         run(["ip", "-n", self.node, "link", "set", "lo", "up"])
@@ -331,16 +334,21 @@ class Runtime:
     def cleanup(self) -> list[str]:
         """DEL every live attachment (last first), then delete every namespace; returns DEL failures."""
         failures = []
-        for pod in reversed(self.pods):
-            for att in reversed(pod.attachments):
-                if att.deleted:
-                    continue
-                try:
-                    self.delete(att)
-                except (CniFailed, subprocess.TimeoutExpired) as exc:
-                    failures.append(str(exc))
-            delete_netns(pod.netns)
-        delete_netns(self.node)
+        try:
+            for pod in reversed(self.pods):
+                for att in reversed(pod.attachments):
+                    if att.deleted:
+                        continue
+                    try:
+                        self.delete(att)
+                    except (CniFailed, subprocess.TimeoutExpired) as exc:
+                        failures.append(str(exc))
+            for hook in self.after_dels:
+                hook()
+        finally:
+            for pod in self.pods:
+                delete_netns(pod.netns)
+            delete_netns(self.node)
         return failures
 
 
@@ -456,3 +464,89 @@ def kernel_supports(link_kind: str) -> str | None:
         args = ["ip", "-n", ns, "link", "add", "c0", "link", "p0", "type", link_kind]
         proc = run(args, check=False)
         return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit {proc.returncode}")
+
+
+# ---- a loopback port of this process, made reachable inside a netns ------------------------------
+
+CLONE_NEWNET = 0x40000000
+
+
+def _listen_in_netns(netns: str, port: int) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1:`port` that belongs to `netns`.
+
+    A socket keeps the netns it was created in, and setns(2) moves only the calling thread, so a
+    throwaway thread enters the netns, makes the socket and ends; the caller never leaves its own.
+    """
+    made: list[socket.socket | BaseException] = []
+
+    def enter_and_listen() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(64)
+            made.append(sock)
+        except BaseException as exc:
+            made.append(exc)
+
+    thread = threading.Thread(target=enter_and_listen, name=f"listen-{netns}")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+class LoopbackForwarder:
+    """127.0.0.1:PORT inside `netns` relays to 127.0.0.1:PORT of the test process (e.g. the Kubernetes
+    API test server), so a plugin exec'd inside the node netns reaches it with an unchanged kubeconfig."""
+
+    def __init__(self, netns: str, port: int) -> None:
+        self.port = port
+        self.listener = _listen_in_netns(netns, port)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, name=f"forward-{netns}", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                inner, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                outer = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                outer.settimeout(None)
+            except OSError:
+                inner.close()
+                continue
+            self.conns += [inner, outer]
+            for a, b in ((inner, outer), (outer, inner)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from tests.e2e import runtime as rt
 from tests.e2e.conftest import IpamFactory, dumps, require_kernel_link
 
 pytestmark = pytest.mark.e2e
+Store = Callable[[], rt.StoreView]
 
 IFNAME = "net1"
 
@@ -60,16 +60,17 @@ def assert_result_shape(result: dict[str, Any], version: str, cidr: str) -> str:
     return address
 
 
-def lease_must_be_gone(data_dir: Path, container_id: str, log: Callable[[], str]) -> None:
-    held = rt.read_store(data_dir).held_by(container_id)
+def lease_must_be_gone(store: Store, container_id: str, log: Callable[[], str]) -> None:
+    held = store().held_by(container_id)
     assert not held, f"leases still held by {container_id} after DEL: {held}\nipam.log:\n{log()}"
 
 
 # ---- scenario 1: bridge --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["file", "kubernetes"], indirect=True)
 def test_bridge_add_check_del(
-    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
 ) -> None:
     cidr = "10.213.1.0/24"
     # Every route names its gw: Debian's bridge (plugins < 1.3) fails CHECK for a gw-less route
@@ -100,7 +101,7 @@ def test_bridge_add_check_del(
     assert reply.returncode == 0, reply.stdout + reply.stderr
 
     # the lease on disk: right offset, this container, this pod, this interface
-    leases = rt.read_store(data_dir).leases_of(pod.container_id)
+    leases = store().leases_of(pod.container_id)
     assert len(leases) == 1, leases
     _, off, lease = leases[0]
     assert off == offset(address, cidr)
@@ -110,7 +111,7 @@ def test_bridge_add_check_del(
         runtime.check(att)
 
     runtime.delete(att)
-    lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    lease_must_be_gone(store, pod.container_id, ipam_log)
     assert IFNAME not in rt.netns_links(pod.netns)
     # runtimes repeat DEL (kubelet retries, GC): a second one must succeed too
     again = runtime.exec_plugin("DEL", runtime.delete_conf(att), pod, IFNAME)
@@ -119,7 +120,7 @@ def test_bridge_add_check_del(
 
 @pytest.mark.parametrize("cni_version", ["0.4.0", "1.0.0"])
 def test_check_reports_lost_lease_through_bridge(
-    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store
 ) -> None:
     """CHECK really asks the IPAM plugin: once the lease is gone, the bridge's CHECK fails with our error."""
     conf = bridge_conf(cni_version, "e2e-check", "wpybr2", ipam("10.213.2.0/24", gateway="10.213.2.1"))
@@ -130,7 +131,7 @@ def test_check_reports_lost_lease_through_bridge(
     # release the lease behind the main plugin's back (as a wrong reconcile would)
     released = runtime.exec_plugin("DEL", conf, pod, IFNAME, plugin=rt.OUR_TYPE)
     assert released.ok, released.describe()
-    assert not rt.read_store(data_dir).leases_of(pod.container_id)
+    assert not store().leases_of(pod.container_id)
 
     through_bridge = runtime.try_check(att)
     assert not through_bridge.ok, f"CHECK passed without a lease:\n{through_bridge.describe()}"
@@ -142,7 +143,7 @@ def test_check_reports_lost_lease_through_bridge(
 
 
 def test_bridge_dual_stack(
-    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
 ) -> None:
     """ipRanges: one IPv4 and one IPv6 address per attachment, both on the interface, both released."""
     v4, v6 = "10.213.3.0/24", "fd00:213:3::/64"
@@ -160,26 +161,26 @@ def test_bridge_dual_stack(
     if not rt.version_at_least(cni_version, (1, 0, 0)):
         assert [ip.get("version") for ip in ips] == ["4", "6"], dumps(att.result)
     assert sorted(rt.netns_addresses(pod.netns, IFNAME)) == ["10.213.3.10/24", "fd00:213:3::10/64"]
-    assert len(rt.read_store(data_dir).leases_of(pod.container_id)) == 2
+    assert len(store().leases_of(pod.container_id)) == 2
 
     if rt.version_at_least(cni_version, (0, 4, 0)):
         runtime.check(att)
     runtime.delete(att)
-    lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    lease_must_be_gone(store, pod.container_id, ipam_log)
 
 
 def test_del_after_netns_is_gone(
-    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
 ) -> None:
     """After a node reboot the sandbox's netns is gone; the runtime's DEL must still release the lease."""
     conf = bridge_conf(cni_version, "gone", "wpybr4", ipam("10.213.4.0/24", gateway="10.213.4.1"))
     pod = runtime.new_pod("gone-0", namespace="default")
     att = runtime.add(pod, conf, IFNAME)
-    assert rt.read_store(data_dir).leases_of(pod.container_id)
+    assert store().leases_of(pod.container_id)
 
     rt.delete_netns(pod.netns)
     runtime.delete(att)  # CNI_NETNS still names the vanished path, as it does for a real runtime
-    lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    lease_must_be_gone(store, pod.container_id, ipam_log)
 
 
 # ---- scenario 2: Rook/Ceph storage networks --------------------------------------------------------
@@ -191,13 +192,23 @@ CLUSTER = "10.213.11.0/24"
 CLUSTER_START, CLUSTER_END = "10.213.11.100", "10.213.11.150"
 
 
-@pytest.mark.parametrize("kind", ["ipvlan", "macvlan"])
+# Every cniVersion and both main plugins on the file datastore. The Kubernetes datastore (IPPools in
+# the API test server) once, at 1.0.0 on macvlan: neither the version nor the main plugin changes how
+# the datastore is used, and each kubernetes call costs ~0.5 s of CPU for its imports.
+STORAGE_CASES = [
+    pytest.param(kind, version, "file", id=f"{kind}-{version}-file")
+    for kind in ("ipvlan", "macvlan")
+    for version in ("0.3.1", "0.4.0", "1.0.0")
+] + [pytest.param("macvlan", "1.0.0", "kubernetes", id="macvlan-1.0.0-kubernetes")]
+
+
+@pytest.mark.parametrize(("kind", "cni_version", "backend"), STORAGE_CASES, indirect=["backend"])
 def test_storage_networks(
     runtime: rt.Runtime,
     cni_version: str,
     kind: str,
     ipam: IpamFactory,
-    data_dir: Path,
+    store: Store,
     ipam_log: Callable[[], str],
 ) -> None:
     """Rook's public + cluster NADs: 10 OSD pods attach to both at once, on two parent links."""
@@ -241,9 +252,9 @@ def test_storage_networks(
     assert all(low <= ip <= high for ip in cluster_ips), sorted(cluster_ips)
 
     # the two pools on disk: ten leases each, one per pod, for the right interface
-    store = rt.read_store(data_dir)
-    by_range = {doc["spec"]["range"]: doc["spec"].get("allocations", {}) for doc in store.pools.values()}
-    assert set(by_range) == {PUBLIC, CLUSTER}, f"pool files: {sorted(store.pools)}"
+    view = store()
+    by_range = {doc["spec"]["range"]: doc["spec"].get("allocations", {}) for doc in view.pools.values()}
+    assert set(by_range) == {PUBLIC, CLUSTER}, f"pool files: {sorted(view.pools)}"
     for net, cidr in (("public", PUBLIC), ("cluster", CLUSTER)):
         owners = sorted((lease["id"], lease["ifname"]) for lease in by_range[cidr].values())
         assert owners == sorted((p.container_id, ifnames[net]) for p in pods), (net, owners)
@@ -267,10 +278,10 @@ def test_storage_networks(
 
     with ThreadPoolExecutor(max_workers=PODS) as pool:
         list(pool.map(runtime.delete, [a for p in pods for a in reversed(p.attachments)]))
-    store = rt.read_store(data_dir)
-    left = {path: doc["spec"].get("allocations") for path, doc in store.pools.items() if doc["spec"].get("allocations")}
+    view = store()
+    left = {path: doc["spec"].get("allocations") for path, doc in view.pools.items() if doc["spec"].get("allocations")}
     assert not left, f"leases left after DEL of every pod: {dumps(left)}\nipam.log:\n{ipam_log()}"
-    assert not store.reservations, f"reservations left: {sorted(store.reservations)}"
+    assert not view.reservations, f"reservations left: {sorted(view.reservations)}"
 
 
 # ---- scenario 3: an exhausted pool ------------------------------------------------------------------
@@ -284,13 +295,22 @@ def _error_fields(call: rt.CniCall) -> tuple[Any, Any, Any]:
     return doc.get("code"), doc.get("msg"), doc.get("details") or ""
 
 
-@pytest.mark.parametrize("kind", ["bridge", "macvlan"])
+@pytest.mark.parametrize(
+    ("kind", "cni_version", "backend"),
+    [
+        pytest.param(kind, version, "file", id=f"{kind}-{version}-file")
+        for kind in ("bridge", "macvlan")
+        for version in ("0.3.1", "0.4.0", "1.0.0")
+    ]
+    + [pytest.param("bridge", "1.0.0", "kubernetes", id="bridge-1.0.0-kubernetes")],
+    indirect=["backend"],
+)
 def test_exhausted_pool(
     runtime: rt.Runtime,
     cni_version: str,
     kind: str,
     ipam: IpamFactory,
-    data_dir: Path,
+    store: Store,
     ipam_log: Callable[[], str],
 ) -> None:
     """One allocatable address, two pods: the second ADD fails with our error, passed through as is."""
@@ -320,28 +340,28 @@ def test_exhausted_pool(
     assert code == 100, call.describe()
     assert "10.213.20." in str(msg), f"the message does not name the range: {msg!r}"
 
-    lease_must_be_gone(data_dir, second.container_id, ipam_log)
+    lease_must_be_gone(store, second.container_id, ipam_log)
     # the failed ADD did not disturb the first pod's lease
-    assert [o for _, o, _ in rt.read_store(data_dir).leases_of(first.container_id)] == ["10"]
+    assert [o for _, o, _ in store().leases_of(first.container_id)] == ["10"]
 
     # the runtime DELs a sandbox whose ADD failed (no cached result, so no prevResult): it succeeds
     cleanup = runtime.delete_unknown(second, conf, IFNAME)
     assert cleanup.ok, cleanup.describe()
     assert IFNAME not in rt.netns_links(second.netns)
-    assert [o for _, o, _ in rt.read_store(data_dir).leases_of(first.container_id)] == ["10"], (
+    assert [o for _, o, _ in store().leases_of(first.container_id)] == ["10"], (
         "DEL of the failed pod released someone else's lease"
     )
 
     # once the first pod is gone, the second one gets the address
     runtime.delete(held)
-    lease_must_be_gone(data_dir, first.container_id, ipam_log)
+    lease_must_be_gone(store, first.container_id, ipam_log)
     retry = runtime.add(second, conf, IFNAME)
     assert retry.addresses() == ["10.213.20.10/24"], dumps(retry.result)
     assert rt.netns_addresses(second.netns, IFNAME) == ["10.213.20.10/24"]
 
 
 def test_concurrent_burst_into_small_pool(
-    runtime: rt.Runtime, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+    runtime: rt.Runtime, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
 ) -> None:
     """8 pods race for 5 addresses: exactly 5 win distinct addresses, 3 get our exhaustion error and
     keep nothing. One cniVersion: the race is the point here, the formats are covered above."""
@@ -359,12 +379,12 @@ def test_concurrent_burst_into_small_pool(
     assert got == [f"10.213.21.{n}/24" for n in range(10, 15)], (got, [c.describe() for _, c in lost])
     for pod, call in lost:
         assert _error_fields(call)[0] == 100, call.describe()
-        lease_must_be_gone(data_dir, pod.container_id, ipam_log)
-    assert len(rt.read_store(data_dir).leases_of(won[0].pod.container_id)) == 1
+        lease_must_be_gone(store, pod.container_id, ipam_log)
+    assert len(store().leases_of(won[0].pod.container_id)) == 1
 
 
 def test_invalid_config_is_reported_through_the_main_plugin(
-    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store
 ) -> None:
     """A range that cannot exist: code 7 naming the key, passed through by the bridge; nothing stored."""
     conf = bridge_conf(cni_version, "bad", "wpybr5", ipam("10.213.5.0/33"))
@@ -375,11 +395,11 @@ def test_invalid_config_is_reported_through_the_main_plugin(
     assert code == 7 and "ipam.range" in str(msg) and "10.213.5.0/33" in str(msg), call.describe()
     ours = runtime.exec_plugin("ADD", conf, pod, IFNAME, plugin=rt.OUR_TYPE)
     assert _error_fields(call) == _error_fields(ours), f"{call.describe()}\n\n{ours.describe()}"
-    assert not rt.read_store(data_dir).pools, "a rejected config wrote a pool"
+    assert not store().pools, "a rejected config wrote a pool"
 
 
 def test_main_plugin_failure_after_ipam_rolls_the_lease_back(
-    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, data_dir: Path, ipam_log: Callable[[], str]
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
 ) -> None:
     """macvlan gets an address from us, then cannot install a route (its gateway is off-link) and
     calls our DEL to undo the ADD: the runtime sees the failure and the pool keeps no lease."""
@@ -389,7 +409,7 @@ def test_main_plugin_failure_after_ipam_rolls_the_lease_back(
     pod = runtime.new_pod("rollback-0")
     call, att = runtime.try_add(pod, conf, IFNAME)
     assert att is None, f"ADD with an off-link route gateway succeeded:\n{call.describe()}"
-    lease_must_be_gone(data_dir, pod.container_id, ipam_log)
+    lease_must_be_gone(store, pod.container_id, ipam_log)
     assert "lease.add" in ipam_log(), "the main plugin failed before it asked us for an address"
     cleanup = runtime.delete_unknown(pod, conf, IFNAME)
     assert cleanup.ok, cleanup.describe()
