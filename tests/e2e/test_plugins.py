@@ -413,3 +413,31 @@ def test_main_plugin_failure_after_ipam_rolls_the_lease_back(
     assert "lease.add" in ipam_log(), "the main plugin failed before it asked us for an address"
     cleanup = runtime.delete_unknown(pod, conf, IFNAME)
     assert cleanup.ok, cleanup.describe()
+
+
+def test_recreated_sandbox_keeps_its_address(
+    runtime: rt.Runtime, cni_version: str, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
+) -> None:
+    """A pod's sandbox is recreated (new container id, new netns) before the old one is torn down, as
+    after a node reboot: the pod keeps its address, and the late DEL of the old sandbox must not take
+    it from the new one."""
+    require_kernel_link("macvlan")
+    conf = vlan_conf(cni_version, "macvlan", "sticky", runtime.add_parent_link("st0"), ipam("10.213.7.0/24"))
+    old = runtime.new_pod("rook-ceph-mon-a")
+    first = runtime.add(old, conf, IFNAME)
+    new = runtime.new_pod("rook-ceph-mon-a")
+    new.uid = old.uid
+    second = runtime.add(new, conf, IFNAME)
+    assert second.addresses() == first.addresses(), (first.result, second.result)
+    [(_, _, lease)] = store().leases_of(new.container_id)
+    assert lease.get("podref") == new.podref
+
+    runtime.delete(first)
+    assert [lease for _, _, lease in store().leases_of(new.container_id)], (
+        f"DEL of the old sandbox released the new sandbox's lease\nipam.log:\n{ipam_log()}"
+    )
+    assert rt.netns_addresses(new.netns, IFNAME) == second.addresses()
+    if rt.version_at_least(cni_version, (0, 4, 0)):
+        runtime.check(second)
+    runtime.delete(second)
+    lease_must_be_gone(store, new.container_id, ipam_log)
