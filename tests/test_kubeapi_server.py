@@ -199,6 +199,31 @@ def test_create_get_list_replace_patch_delete(crs: client.CustomObjectsApi) -> N
     assert info.value.status == 404
 
 
+def test_managed_fields_name_the_writer(crs: client.CustomObjectsApi) -> None:
+    made = create_pool(crs, "p", allocations={"1": lease("c1")}, labels={"net": "a"})
+    [entry] = made["metadata"]["managedFields"]
+    assert entry["manager"] == "OpenAPI-Generator"  # the Python client's User-Agent, up to its first '/'
+    assert (entry["operation"], entry["apiVersion"], entry["fieldsType"]) == (
+        "Update",
+        f"{GROUP}/{VERSION}",
+        "FieldsV1",
+    )
+    assert entry["fieldsV1"] == {
+        "f:metadata": {".": {}, "f:labels": {".": {}, "f:net": {}}},
+        "f:spec": {
+            ".": {},
+            "f:allocations": {".": {}, "f:1": {".": {}, "f:id": {}, "f:ifname": {}, "f:podref": {}}},
+            "f:range": {},
+        },
+    }
+    made["metadata"]["managedFields"] = []  # what a body says about managedFields is not taken here
+    made["spec"]["allocations"]["2"] = lease("c2")
+    replaced = crs.replace_namespaced_custom_object(
+        GROUP, VERSION, NS, POOLS, "p", made, field_manager="ipam"
+    )
+    assert [e["manager"] for e in replaced["metadata"]["managedFields"]] == ["OpenAPI-Generator", "ipam"]
+
+
 def test_resource_versions_come_from_one_counter_across_kinds(
     crs: client.CustomObjectsApi, core: client.CoreV1Api
 ) -> None:

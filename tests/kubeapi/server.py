@@ -233,6 +233,59 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+# -- managedFields --------------------------------------------------------------------------------
+
+_TRACKED_META = ("labels", "annotations", "finalizers", "ownerReferences")
+
+
+def _fields_v1(value: Any) -> dict[str, Any]:
+    """The FieldsV1 set of an object: every field path, lists atomic (no list-type is declared)."""
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        sub = _fields_v1(item)
+        out[f"f:{key}"] = {".": {}, **sub} if isinstance(item, dict) and item else sub
+    return out
+
+
+def manager_name(user_agent: str) -> str:
+    """The field manager kube-apiserver records for a request without fieldManager: the User-Agent up to
+    its first '/' (e.g. "OpenAPI-Generator" for the Python client)."""
+    return (user_agent.split("/", 1)[0] or "unknown")[:128]
+
+
+def record_manager(
+    obj: dict[str, Any], manager: str, api_version: str, subresource: str | None = None
+) -> None:
+    """Set the requester's managedFields entry (operation Update) to the fields the object now has."""
+    meta = obj["metadata"]
+    if subresource:
+        fields = _fields_v1({"status": obj.get("status")}) if "status" in obj else {}
+    else:
+        body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata", "status")}
+        tracked = {k: meta[k] for k in _TRACKED_META if meta.get(k)}
+        if tracked:
+            body = {"metadata": tracked, **body}
+        fields = _fields_v1(body)
+    entry: dict[str, Any] = {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": api_version,
+        "time": _now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    }
+    if subresource:
+        entry["subresource"] = subresource
+    others = [
+        e
+        for e in meta.get("managedFields") or []
+        if not (e.get("manager") == manager and e.get("subresource") == subresource)
+    ]
+    meta["managedFields"] = [*others, entry]
+
+
 # -- label selectors ------------------------------------------------------------------------------
 
 _SET_RE = re.compile(r"^\s*([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
@@ -629,7 +682,10 @@ class KubeAPI:
                 return False
         return True
 
-    def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    def create(
+        self, kind: Kind, namespace: str, body: dict[str, Any], manager: str | None = None
+    ) -> dict[str, Any]:
+        """POST. manager: the field manager to record in managedFields (None: none, as for helpers)."""
         with self.lock:
             meta = body.get("metadata") or {}
             name = meta.get("name") or ""
@@ -676,6 +732,8 @@ class KubeAPI:
                 obj["status"] = {"phase": "Pending"}
             elif kind.status_subresource:
                 obj.pop("status", None)  # status is only written through /status
+            if manager:
+                record_manager(obj, manager, obj["apiVersion"])
             return self._store(kind.plural, namespace if kind.namespaced else "", obj)
 
     def _faulty_write(self, kind: Kind, name: str) -> None:
@@ -683,7 +741,13 @@ class KubeAPI:
             raise conflict(kind, name)
 
     def replace(
-        self, kind: Kind, namespace: str, name: str, body: dict[str, Any], status_only: bool = False
+        self,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        body: dict[str, Any],
+        status_only: bool = False,
+        manager: str | None = None,
     ) -> dict[str, Any]:
         """PUT, in kube-apiserver's order: name check (400), existence (404), uid precondition and
         resourceVersion (409; a missing one is 422 for custom resources, which do not allow
@@ -749,9 +813,15 @@ class KubeAPI:
                     "name": name,
                 }
             new_meta["resourceVersion"] = current_meta["resourceVersion"]
+            if "managedFields" in current_meta:  # kept by the server, whatever the body says
+                new_meta["managedFields"] = copy.deepcopy(current_meta["managedFields"])
+            else:
+                new_meta.pop("managedFields", None)
             obj["metadata"] = new_meta
             if obj == current:  # a no-op update is not written: same object, same resourceVersion
                 return copy.deepcopy(current)
+            if manager:
+                record_manager(obj, manager, obj["apiVersion"], "status" if status_only else None)
             if not status_only and self._generation_content(kind, obj) != self._generation_content(
                 kind, current
             ):
@@ -770,7 +840,14 @@ class KubeAPI:
         return {k: v for k, v in obj.items() if k not in skip}
 
     def patch(
-        self, kind: Kind, namespace: str, name: str, content_type: str, patch: Any, status_only: bool = False
+        self,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        content_type: str,
+        patch: Any,
+        status_only: bool = False,
+        manager: str | None = None,
     ) -> dict[str, Any]:
         with self.lock:
             current = self.state.objects.get((kind.plural, namespace, name))
@@ -810,7 +887,7 @@ class KubeAPI:
                 raise patch_not_applied()
             if not patched_meta.get("resourceVersion"):  # a patch is applied to the object as it is now
                 patched_meta["resourceVersion"] = current["metadata"]["resourceVersion"]
-            return self.replace(kind, namespace, name, patched, status_only=status_only)
+            return self.replace(kind, namespace, name, patched, status_only=status_only, manager=manager)
 
     def delete(self, kind: Kind, namespace: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -1069,14 +1146,22 @@ class Handler(BaseHTTPRequestHandler):
         elif self.command == "POST" and not name:
             if not isinstance(body, dict):
                 raise bad_request("the body of the request must be an object")
-            code, out = 201, api.create(kind, ns, body)
+            code, out = 201, api.create(kind, ns, body, manager=self._manager(query))
         elif self.command == "PUT" and name:
             if not isinstance(body, dict):
                 raise bad_request("the body of the request must be an object")
-            code, out = 200, api.replace(kind, ns, name, body, status_only=sub == "status")
+            code, out = (
+                200,
+                api.replace(kind, ns, name, body, status_only=sub == "status", manager=self._manager(query)),
+            )
         elif self.command == "PATCH" and name:
             ctype = self.headers.get("Content-Type", "")
-            code, out = 200, api.patch(kind, ns, name, ctype, body, status_only=sub == "status")
+            code, out = (
+                200,
+                api.patch(
+                    kind, ns, name, ctype, body, status_only=sub == "status", manager=self._manager(query)
+                ),
+            )
         elif self.command == "DELETE" and name and not sub:
             code, out = 200, api.delete(kind, ns, name, body if isinstance(body, dict) else {})
         else:
@@ -1087,6 +1172,9 @@ class Handler(BaseHTTPRequestHandler):
             self._drop()  # done, but the client never hears of it
             return
         self._send(code, out)
+
+    def _manager(self, query: dict[str, str]) -> str:
+        return query.get("fieldManager") or manager_name(self.headers.get("User-Agent", ""))
 
     def _send_text(self, code: int, text: str, headers: dict[str, str] | None = None) -> None:
         payload = text.encode()
