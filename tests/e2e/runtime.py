@@ -189,6 +189,7 @@ class Pod:
     name: str
     uid: str
     attachments: list[Attachment] = field(default_factory=list)
+    kubernetes: bool = True  # False: a plain runtime (podman, cnitool) that sends no K8S_* args
 
     @property
     def netns_path(self) -> str:
@@ -196,6 +197,8 @@ class Pod:
 
     @property
     def cni_args(self) -> str:
+        if not self.kubernetes:
+            return "IgnoreUnknown=1"
         return (
             f"IgnoreUnknown=1;K8S_POD_NAMESPACE={self.namespace};K8S_POD_NAME={self.name};"
             f"K8S_POD_INFRA_CONTAINER_ID={self.container_id};K8S_POD_UID={self.uid}"

@@ -441,3 +441,22 @@ def test_recreated_sandbox_keeps_its_address(
         runtime.check(second)
     runtime.delete(second)
     lease_must_be_gone(store, new.container_id, ipam_log)
+
+
+def test_containers_without_pod_identity_get_distinct_addresses(
+    runtime: rt.Runtime, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
+) -> None:
+    """A plain runtime (podman, cnitool) sends no K8S_POD_* args: each container still gets its own
+    address, so the idempotent re-ADD (same pod and interface) must not match on an empty pod ref."""
+    conf = bridge_conf("1.0.0", "plain", "wpybr8", ipam("10.213.8.0/24", gateway="10.213.8.1"))
+    pods = [runtime.new_pod(f"plain-{i}") for i in range(2)]
+    for pod in pods:
+        pod.kubernetes = False
+    atts = [runtime.add(pod, conf, "eth0") for pod in pods]
+    got = [a.addresses()[0] for a in atts]
+    assert len(set(got)) == 2, f"two containers share {got[0]}\nipam.log:\n{ipam_log()}"
+    for pod, att in zip(pods, atts, strict=True):
+        assert rt.netns_addresses(pod.netns, "eth0") == att.addresses()
+        assert len(store().leases_of(pod.container_id)) == 1
+    runtime.delete(atts[0])
+    assert len(store().leases_of(pods[1].container_id)) == 1, "DEL of one container released the other's"
