@@ -460,3 +460,24 @@ def test_containers_without_pod_identity_get_distinct_addresses(
         assert len(store().leases_of(pod.container_id)) == 1
     runtime.delete(atts[0])
     assert len(store().leases_of(pods[1].container_id)) == 1, "DEL of one container released the other's"
+
+
+def test_overlapping_ranges_in_two_nads_never_share_an_address(
+    runtime: rt.Runtime, ipam: IpamFactory, store: Store
+) -> None:
+    """Two NADs on one L2 segment with overlapping ranges (no network_name, enable_overlapping_ranges
+    on by default): the reservation keeps the second pool off the address the first one gave out."""
+    require_kernel_link("macvlan")
+    parent = runtime.add_parent_link("ov0")
+    wide = vlan_conf("1.0.0", "macvlan", "wide", parent, ipam("10.213.12.0/24", range_start="10.213.12.10"))
+    narrow = vlan_conf("1.0.0", "macvlan", "narrow", parent, ipam("10.213.12.0/25", range_start="10.213.12.10"))
+    a, b = runtime.new_pod("overlap-a"), runtime.new_pod("overlap-b")
+    on_wide = runtime.add(a, wide, IFNAME)
+    on_narrow = runtime.add(b, narrow, IFNAME)
+    assert on_wide.addresses() == ["10.213.12.10/24"], on_wide.result
+    assert on_narrow.addresses() == ["10.213.12.11/25"], on_narrow.result
+    assert len(store().reservations) == 2, sorted(store().reservations)
+    reply = rt.ping(a.netns, "10.213.12.11")
+    assert reply.returncode == 0, reply.stdout + reply.stderr
+    runtime.delete(on_wide)
+    assert len(store().reservations) == 1, sorted(store().reservations)
