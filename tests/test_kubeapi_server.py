@@ -23,7 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.kubeapi.fixtures import KubeHandle
-from tests.kubeapi.schema import crd_documents, structural_errors, without_fields
+from tests.kubeapi.schema import crd_documents, prune, structural_errors, without_fields
 
 GROUP, VERSION, NS = "whereabouts.cni.cncf.io", "v1alpha1", "kube-system"
 POOLS = "ippools"
@@ -466,6 +466,36 @@ def test_undeclared_fields_are_pruned_declared_ones_kept(crs: client.CustomObjec
         },
     }
     assert crs.get_namespaced_custom_object(GROUP, VERSION, NS, POOLS, "p") == made
+
+
+def test_prune_honours_maps_preserved_subtrees_and_nulls() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "keep": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "map": {
+                "type": "object",
+                "additionalProperties": {"type": "object", "properties": {"a": {"type": "string"}}},
+            },
+            "list": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "string"}}}},
+            "s": {"type": "string"},
+            "n": {"type": "string", "nullable": True},
+        },
+    }
+    value = {
+        "keep": {"x": {"y": 1}},
+        "map": {"k": {"a": "1", "z": 2}},
+        "list": [{"b": "2", "c": 3}],
+        "s": None,
+        "n": None,
+        "gone": 1,
+    }
+    assert prune(value, schema) == {
+        "keep": {"x": {"y": 1}},
+        "map": {"k": {"a": "1"}},
+        "list": [{"b": "2"}],
+        "n": None,
+    }
 
 
 def test_whereabouts_crd_applied_over_ours_prunes_our_fields(

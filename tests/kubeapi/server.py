@@ -1062,7 +1062,7 @@ class Handler(BaseHTTPRequestHandler):
                 "resources": out,
             }
 
-        host, port = self.server.server_address[:2]
+        host, port = str(self.server.server_address[0]), int(self.server.server_address[1])
         if path == "/api":
             return {
                 "kind": "APIVersions",
@@ -1211,7 +1211,7 @@ class APIServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = str(self.server_address[0]), int(self.server_address[1])
         return f"http://{host}:{port}"
 
     def start(self) -> APIServer:
