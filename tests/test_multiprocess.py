@@ -119,6 +119,44 @@ def test_24_concurrent_adds_get_distinct_addresses(tmp_path: Path, data_dir: Pat
     assert sorted(int(off) for off in raw) == list(range(1, n + 1))
 
 
+def test_concurrent_adds_into_overlapping_pools_never_share_an_address(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Two pools over the same addresses (different node locks): only the reservations keep them apart."""
+    n = 24
+    wide = json.dumps(conf(data_dir, range="10.30.0.0/24")).encode()
+    narrow = json.dumps(conf(data_dir, range="10.30.0.0/26")).encode()
+    procs = []
+    for i in range(n):
+        proc = subprocess.Popen(
+            [str(INSTALLED)],
+            env=cni_env(tmp_path, "ADD", f"ov{i}"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+    for i, proc in enumerate(procs):
+        assert proc.stdin is not None
+        proc.stdin.write(wide if i % 2 else narrow)
+        proc.stdin.close()
+        proc.stdin = None
+    got = []
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (i, out, err)
+        got.append(json.loads(out)["ips"][0]["address"].split("/")[0])
+    assert len(set(got)) == n, sorted(got)
+    pools = data_dir / "pools"
+    leased = []
+    for name in ("10.30.0.0-24", "10.30.0.0-26"):
+        doc = json.loads((pools / f"{name}.json").read_text())
+        assert len(doc["spec"]["allocations"]) == n // 2, name
+        leased += [f"10.30.0.{int(off)}" for off in doc["spec"]["allocations"]]
+    assert sorted(leased) == sorted(got)
+    assert {p.stem for p in (data_dir / "reservations").glob("*.json")} == set(got)
+
+
 LOOP = r"""
 import io, json, sys
 from ipam.cni import run
