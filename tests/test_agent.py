@@ -77,6 +77,7 @@ def test_coalesced_batches_give_each_call_its_own_answer(kube: KubeHandle, tmp_p
 
 
 def test_batch_mixes_adds_releases_and_errors(tmp_path: Path) -> None:
+    """ADDs, a DEL and exhaustion queued together: each call gets its own, consistent answer."""
     agent = Agent()
     conf = file_conf(tmp_path, "10.72.0.0/30")  # two usable addresses
     assert call(agent, conf, cni_env("ADD", "a"))["ips"][0]["address"] == "10.72.0.1/30"
@@ -89,20 +90,27 @@ def test_batch_mixes_adds_releases_and_errors(tmp_path: Path) -> None:
 
     threads = [
         threading.Thread(target=one, args=args)
-        for args in [("ADD", "b"), ("ADD", "c"), ("DEL", "a"), ("ADD", "a")]
+        for args in [("ADD", "b"), ("ADD", "c"), ("ADD", "d"), ("DEL", "a")]
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     agent.close()
+    assert replies["DEL-a"]["code"] == 0 and replies["DEL-a"]["stdout"] == ""
     pool = json.loads(next((tmp_path / "data" / "pools").glob("*.json")).read_text())
-    holders = sorted(v["id"] for v in pool["spec"]["allocations"].values())
-    failed = [k for k, r in replies.items() if r["code"] != 0]
-    assert replies["DEL-a"]["code"] == 0
-    # two addresses, three ADDs competing (b, c and a re-added): exactly one is told the pool is full
-    assert len(failed) == 1 and json.loads(replies[failed[0]]["stdout"])["code"] == 100
-    assert len(holders) == 2 and failed[0].split("-")[1] not in holders
+    holders = {v["id"]: f"10.72.0.{k}/30" for k, v in pool["spec"]["allocations"].items()}
+    assert "a" not in holders
+    granted = {}
+    for ctr in "bcd":
+        reply = replies[f"ADD-{ctr}"]
+        if reply["code"] == 0:
+            granted[ctr] = json.loads(reply["stdout"])["ips"][0]["address"]
+        else:  # the only way an ADD may fail here: both addresses held when its batch ran
+            assert json.loads(reply["stdout"])["code"] == 100
+    # which ADDs win depends on when the DEL lands, but every answer matches the pool exactly
+    assert granted == holders
+    assert 1 <= len(granted) <= 2
 
 
 @pytest.fixture
