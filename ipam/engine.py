@@ -27,6 +27,8 @@ class RetryPolicy:
     deadline_seconds: float = 90.0
     backoff_initial: float = 0.005
     backoff_max: float = 0.25
+    # a failed ADD's rollback may retry this long even when the ADD used up its deadline
+    rollback_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,10 @@ class Engine:
             for spec in ranges:
                 done.append(self._add_one(spec, request, deadline))
         except BaseException:
+            undo_deadline = max(deadline, self.clock() + self.policy.rollback_seconds)
             for assigned, reused in reversed(done):
                 if not reused:
-                    self._release_quietly(assigned.spec, request, deadline)
+                    self._release_quietly(assigned.spec, request, undo_deadline)
             raise
         return [a for a, _ in done]
 
