@@ -220,6 +220,34 @@ def test_second_range_failing_to_write_rolls_back_the_first(store: FlakyStore, c
     assert store.reservation_names() == []
 
 
+def test_rollback_after_a_spent_deadline_still_retries_its_conflicts(
+    store: FlakyStore, clock: FakeClock
+) -> None:
+    """The second range used up the deadline; undoing the first must not give up at its first conflict."""
+    first = build_range("ipam", "10.0.0.0/24")
+    second = build_range("ipam", "10.1.0.0/24")
+    engine = engine_for(store, clock, deadline=5.0)
+    original = store.write_pool
+    rollback_conflicts = [
+        ConflictError("busy") for _ in range(10)
+    ]  # a busy pool: more than the time left allows
+
+    def write(snapshot: PoolSnapshot, allocations: Allocations) -> None:
+        if snapshot.name == pool_name(second.cidr):
+            raise ConflictError("second pool busy")
+        if snapshot.name == pool_name(first.cidr) and not allocations and rollback_conflicts:
+            raise rollback_conflicts.pop()  # the rollback meets a few conflicts of its own
+        original(snapshot, allocations)
+
+    store.write_pool = write  # type: ignore[method-assign]
+    with pytest.raises(CNIError) as info:
+        engine.add([first, second], req(1))
+    assert info.value.code == errors.TRY_AGAIN_LATER
+    assert rollback_conflicts == []
+    assert leases(store, first) == {}
+    assert store.reservation_names() == []
+
+
 def test_rollback_keeps_a_reused_lease(store: FlakyStore, clock: FakeClock) -> None:
     """A re-ADD that fails on the second range must not release the lease the pod already had."""
     first = build_range("ipam", "10.0.0.0/24")
