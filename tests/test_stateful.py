@@ -3,14 +3,19 @@
 Several ranges in one config: two overlapping IPv4 ranges (so reservations matter) with excludes at
 their edges, and an IPv6 one. After every step: no address held twice, every lease allocatable under
 the config, one lease per live attachment per range, no orphan reservation; a failed ADD changed nothing.
+ADDs of new attachments can be made to meet injected write conflicts and transient errors (fake clock,
+so the deadline passes instantly): they must then succeed whole, or fail leaving nothing after DEL.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -19,11 +24,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from netaddr import IPAddress
 
 from ipam import errors
-from ipam.allocator import Request
+from ipam.allocator import Allocations, Lease, Request
 from ipam.config import load_config
-from ipam.engine import Engine
-from ipam.errors import CNIError
+from ipam.engine import Engine, RetryPolicy
+from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.ranges import RangeSpec, pool_name, reservation_name
+from ipam.store.base import PoolSnapshot
 from ipam.store.file import FileStore
 
 SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -49,6 +55,38 @@ def ipam_block(data_dir: str) -> dict[str, Any]:
     }
 
 
+class ChaosStore(FileStore):
+    """The file store, with pool writes that conflict and reservations that fail transiently at `rate`."""
+
+    def __init__(self, data_dir: str) -> None:
+        super().__init__(data_dir)
+        self.rate = 0.0
+        self.rng = random.Random(0)
+
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
+        if self.rng.random() < self.rate:
+            raise ConflictError("chaos: another writer won")
+        super().write_pool(snapshot, allocations)
+
+    def reserve(self, name: str, lease: Lease) -> Lease | None:
+        if self.rng.random() < self.rate / 2:
+            raise TransientStoreError("chaos: 503", retry_after=0.05)
+        return super().reserve(name, lease)
+
+
+class FakeClock:
+    """Engine time: sleeping advances it, so deadlines pass without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class Attachment:
     def __init__(self, container_id: str, ifname: str, podref: str, addresses: tuple[str, ...]) -> None:
         self.container_id = container_id
@@ -64,11 +102,20 @@ class IPAMMachine(RuleBasedStateMachine):
         stdin = json.dumps({"cniVersion": "1.1.0", "name": "net", "ipam": ipam_block(self.dir)}).encode()
         self.cfg = load_config(stdin, flat_search=[])
         self.ranges: tuple[RangeSpec, ...] = self.cfg.ranges
-        self.store = FileStore(self.cfg.ipam.data_dir)
-        self.engine = Engine(self.store, network_name=self.cfg.ipam.network_name)
+        self.store = ChaosStore(self.cfg.ipam.data_dir)
+        self.time = FakeClock()
+        self.engine = Engine(
+            self.store,
+            RetryPolicy(deadline_seconds=1.0, backoff_initial=0.01, backoff_max=0.1, rollback_seconds=3.0),
+            network_name=self.cfg.ipam.network_name,
+            clock=self.time.clock,
+            sleep=self.time.sleep,
+            rng=random.Random(1),
+        )
         self.live: dict[str, Attachment] = {}  # podref/ifname -> attachment
         self.counter = 0
         self.exhausted = 0
+        self.gave_up = 0
 
     def teardown(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -95,6 +142,15 @@ class IPAMMachine(RuleBasedStateMachine):
         except CNIError as exc:
             return exc
 
+    @contextmanager
+    def calm(self) -> Iterator[None]:
+        """No injected failures inside (DEL/GC under chaos would release only part of an attachment)."""
+        rate, self.store.rate = self.store.rate, 0.0
+        try:
+            yield
+        finally:
+            self.store.rate = rate
+
     def truly_exhausted(self) -> bool:
         """Some range has every allocatable address held (in any pool: the ranges overlap)."""
         held = {addr for pool in self.leases().values() for addr, _, _ in pool}
@@ -118,6 +174,22 @@ class IPAMMachine(RuleBasedStateMachine):
         cid = f"c{self.counter}"
         before_leases, before_res = self.leases(), self.reservations()
         got = self.add(Request(cid, ifname, podref, node=NODE))
+        if isinstance(got, CNIError) and self.store.rate >= 1.0:
+            # every write conflicts: not even the rollback can write. The runtime answers a failed
+            # ADD with DEL; after that nothing of this ADD may be left.
+            assert got.code in (errors.TRY_AGAIN_LATER, errors.POOL_EXHAUSTED), got
+            with self.calm():
+                self.engine.release(self.ranges, cid, ifname)
+            assert self.leases() == before_leases
+            assert self.reservations() == before_res
+            return
+        if isinstance(got, CNIError) and got.code == errors.TRY_AGAIN_LATER:
+            assert self.store.rate > 0, got  # only injected failures may exhaust the deadline
+            # all-or-nothing without help: the rollback outlasts the conflicts
+            assert self.leases() == before_leases
+            assert self.reservations() == before_res
+            self.gave_up += 1
+            return
         if isinstance(got, CNIError):
             assert got.code == errors.POOL_EXHAUSTED, got
             assert "no free address in range" in got.msg
@@ -130,14 +202,21 @@ class IPAMMachine(RuleBasedStateMachine):
         assert len(got) == len(self.ranges)
         self.live[f"{podref}/{ifname}"] = Attachment(cid, ifname, podref, got)
 
+    @rule(rate=st.sampled_from([0.0, 0.3, 0.7, 1.0]), seed=st.integers(0, 2**16))
+    def chaos(self, rate: float, seed: int) -> None:
+        """From now on ADDs of new attachments meet conflicts and transient errors at this rate."""
+        self.store.rate = rate
+        self.store.rng.seed(seed)
+
     @rule(ifname=st.sampled_from(["net1", "net2"]))
     def fill(self, ifname: str) -> None:
         """ADD until the config runs out of room: high occupancy and the exhaustion path every time."""
         before = self.exhausted
-        for _ in range(40):
-            self.add_new(ifname)
-            if self.exhausted > before:
-                return
+        with self.calm():
+            for _ in range(40):
+                self.add_new(ifname)
+                if self.exhausted > before:
+                    return
         raise AssertionError(f"never exhausted with {len(self.live)} live attachments")
 
     @precondition(lambda self: bool(self.live))
@@ -146,7 +225,8 @@ class IPAMMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(self.live)))
         att = self.live[key]
         cid = f"{att.container_id}-r" if restart else att.container_id
-        got = self.add(Request(cid, att.ifname, att.podref, node=NODE))
+        with self.calm():
+            got = self.add(Request(cid, att.ifname, att.podref, node=NODE))
         assert got == att.addresses
         att.container_id = cid
 
@@ -155,7 +235,8 @@ class IPAMMachine(RuleBasedStateMachine):
     def delete(self, data: st.DataObject) -> None:
         key = data.draw(st.sampled_from(sorted(self.live)))
         att = self.live.pop(key)
-        gone = self.engine.release(self.ranges, att.container_id, att.ifname)
+        with self.calm():
+            gone = self.engine.release(self.ranges, att.container_id, att.ifname)
         assert sorted(str(a.address) for a in gone) == sorted(att.addresses)
 
     @rule(ifname=st.sampled_from(["net1", "net2", "eth0"]))
@@ -169,7 +250,8 @@ class IPAMMachine(RuleBasedStateMachine):
     def gc(self, data: st.DataObject) -> None:
         keep = data.draw(st.sets(st.sampled_from(sorted(self.live))))
         valid = {(self.live[k].container_id, self.live[k].ifname) for k in keep}
-        gone = self.engine.gc(self.ranges, valid, NODE)
+        with self.calm():
+            gone = self.engine.gc(self.ranges, valid, NODE)
         expected = sorted(a for k, att in self.live.items() if k not in keep for a in att.addresses)
         assert sorted(str(a.address) for a in gone) == expected
         self.live = {k: v for k, v in self.live.items() if k in keep}
