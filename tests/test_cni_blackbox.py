@@ -443,6 +443,8 @@ def test_data_dir_that_is_a_file_is_code_5_naming_it(plugin: Plugin) -> None:
     for command in ("ADD", "DEL"):
         doc = plugin.call(command, plugin.conf(data_dir=str(not_a_dir))).error(5)
         assert str(not_a_dir) in doc["msg"]
+    doc = plugin.call("STATUS", plugin.conf("1.1.0", data_dir=str(not_a_dir))).error(50)
+    assert str(not_a_dir) in doc["details"]
     assert not_a_dir.read_text() == "x"
 
 
