@@ -12,6 +12,10 @@ A parent link for macvlan/ipvlan is one end of a veth pair whose both ends stay 
 deletes every link in it, so cleanup is: DEL every attachment still held (like a runtime tearing
 down a sandbox), then delete the pod namespaces, then the node namespace.
 
+The plugins run inside the node netns, whose loopback is not the test process's: LoopbackForwarder
+makes a port of the test process (the Kubernetes API test server) answer on the same address inside
+the node netns, so a kubeconfig works unchanged there.
+
 Namespace names carry the pid of the pytest process (`wpye2e-<pid>-...`), so a session sweep can
 remove leftovers of a run that died without touching those of a run still going.
 """
