@@ -490,3 +490,17 @@ def test_overlapping_ranges_in_two_nads_never_share_an_address(
     assert reply.returncode == 0, reply.stdout + reply.stderr
     runtime.delete(on_wide)
     assert len(store().reservations) == 1, sorted(store().reservations)
+
+
+@pytest.mark.parametrize("backend", ["file", "kubernetes"], indirect=True)
+def test_del_before_any_add_succeeds_and_creates_nothing(
+    runtime: rt.Runtime, ipam: IpamFactory, store: Store
+) -> None:
+    """A runtime DELs sandboxes whose ADD never got as far as IPAM (and repeats DELs); on a store that
+    has never seen the pool that must succeed and must not create the pool."""
+    conf = bridge_conf("1.0.0", "never", "wpybr10", ipam("10.213.13.0/24"))
+    pod = runtime.new_pod("never-0")
+    call = runtime.delete_unknown(pod, conf, IFNAME)
+    assert call.ok, call.describe()
+    view = store()
+    assert not view.pools and not view.reservations, (sorted(view.pools), sorted(view.reservations))
