@@ -97,10 +97,16 @@ class KubernetesStore:
 
     # -- pools ----------------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Any, *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """One API request, its JSON answer decoded here (the client's generic deserializer walks every
+        lease in Python, ~10x slower). 404 gives None when `missing_ok`; every other failure is mapped
+        by `_raise_api`, connection errors are transient."""
         try:
-            return fn(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+            response = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False, **kwargs)
+            return json.loads(response.data) if response.data else {}
         except ApiException as exc:
+            if exc.status == 404 and missing_ok:
+                return None
             _raise_api(exc, what)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -119,18 +125,18 @@ class KubernetesStore:
         return PoolSnapshot(name, str(spec.get("range") or cidr), allocations, version, token=obj)
 
     def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
-        try:
-            response: Any = self.api.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, POOLS, name, _request_timeout=REQUEST_TIMEOUT, _preload_content=False
-            )
-            # decoded here: the client's generic deserializer walks every lease in Python, ~10x slower
-            obj = cast(dict[str, Any], json.loads(response.data))
-        except ApiException as exc:
-            if exc.status == 404:
-                return PoolSnapshot(name, cidr, {}, None)
-            _raise_api(exc, f"get IPPool {name}")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransientStoreError(f"get IPPool {name}: {type(exc).__name__}: {exc}") from None
+        obj = self._call(
+            f"get IPPool {name}",
+            self.api.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            POOLS,
+            name,
+            missing_ok=True,
+        )
+        if obj is None:
+            return PoolSnapshot(name, cidr, {}, None)
         return self._snapshot(obj, name, cidr)
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
@@ -160,16 +166,19 @@ class KubernetesStore:
             "metadata": {**old.get("metadata", {}), "resourceVersion": snapshot.version},
             "spec": {**old.get("spec", {}), **spec},
         }
-        try:
-            self.api.replace_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, POOLS, snapshot.name, body, _request_timeout=REQUEST_TIMEOUT
-            )
-        except ApiException as exc:
-            if exc.status == 404:  # deleted since we read it: start over from an absent pool
-                raise ConflictError(f"IPPool {snapshot.name} was deleted") from None
-            _raise_api(exc, f"update IPPool {snapshot.name}")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransientStoreError(f"update IPPool {snapshot.name}: {type(exc).__name__}: {exc}") from None
+        replaced = self._call(
+            f"update IPPool {snapshot.name}",
+            self.api.replace_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            POOLS,
+            snapshot.name,
+            body,
+            missing_ok=True,
+        )
+        if replaced is None:  # deleted since we read it: start over from an absent pool
+            raise ConflictError(f"IPPool {snapshot.name} was deleted")
 
     def list_pools(self) -> list[PoolSnapshot]:
         items = self._list_all(
@@ -196,17 +205,17 @@ class KubernetesStore:
         }
 
     def _get_reservation(self, name: str) -> dict[str, Any] | None:
-        try:
-            obj = self.api.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, RESERVATIONS, name, _request_timeout=REQUEST_TIMEOUT
-            )
-            return cast(dict[str, Any], obj)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            _raise_api(exc, f"get reservation {name}")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransientStoreError(f"get reservation {name}: {type(exc).__name__}: {exc}") from None
+        obj = self._call(
+            f"get reservation {name}",
+            self.api.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            RESERVATIONS,
+            name,
+            missing_ok=True,
+        )
+        return cast(dict[str, Any] | None, obj)
 
     @staticmethod
     def _holder(obj: dict[str, Any]) -> Lease:
@@ -217,20 +226,18 @@ class KubernetesStore:
 
     def reserve(self, name: str, lease: Lease) -> Lease | None:
         try:
-            self.api.create_namespaced_custom_object(
+            self._call(
+                f"create reservation {name}",
+                self.api.create_namespaced_custom_object,
                 GROUP,
                 VERSION,
                 self.namespace,
                 RESERVATIONS,
                 self._reservation_body(name, lease),
-                _request_timeout=REQUEST_TIMEOUT,
             )
             return None
-        except ApiException as exc:
-            if exc.status != 409:
-                _raise_api(exc, f"create reservation {name}")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransientStoreError(f"create reservation {name}: {type(exc).__name__}: {exc}") from None
+        except ConflictError:
+            pass  # AlreadyExists: whose is it?
         existing = self._get_reservation(name)
         if existing is None:
             raise ConflictError(f"reservation {name} vanished while being claimed")
@@ -267,11 +274,10 @@ class KubernetesStore:
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": 500, "_preload_content": False}
+            kwargs: dict[str, Any] = {"limit": 500}
             if token:
                 kwargs["_continue"] = token
-            response = self._call(what, fn, *args, **kwargs)
-            page = json.loads(response.data)
+            page = self._call(what, fn, *args, **kwargs)
             items += page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -288,23 +294,19 @@ class KubernetesStore:
         )
 
     def delete_reservation(self, name: str, resource_version: str) -> None:
+        """Delete a reservation if it is still at `resource_version` (409 otherwise); gone already is fine."""
         body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=resource_version))
-        try:
-            self.api.delete_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.namespace,
-                RESERVATIONS,
-                name,
-                body=body,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return
-            _raise_api(exc, f"delete reservation {name}")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransientStoreError(f"delete reservation {name}: {type(exc).__name__}: {exc}") from None
+        self._call(
+            f"delete reservation {name}",
+            self.api.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            RESERVATIONS,
+            name,
+            body=body,
+            missing_ok=True,
+        )
 
     def list_pods(self) -> list[dict[str, Any]]:
         core = k8s.CoreV1Api(self.api_client)
