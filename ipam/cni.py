@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
@@ -302,6 +301,8 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
         out.write(json.dumps(error_json(exc, _reply_version(stdin))) + "\n")
         return 1
     except Exception as exc:
+        import traceback
+
         log.error("cni.internal-error", command=command, error=repr(exc), trace=traceback.format_exc())
         wrapped = CNIError(errors.DATASTORE_ERROR, f"internal error during {command}", repr(exc))
         out.write(json.dumps(error_json(wrapped, _reply_version(stdin))) + "\n")
