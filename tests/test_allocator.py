@@ -48,7 +48,7 @@ def addr(spec: RangeSpec, offset: int) -> str:
 def drain(spec: RangeSpec) -> list[str]:
     """Allocate until exhausted; returns the addresses in order."""
     leases: Allocations = {}
-    out = []
+    out: list[str] = []
     for i in range(10_000):
         decision = allocate(spec, leases, req(i))
         if decision is None:

@@ -13,7 +13,7 @@ import pytest
 
 from ipam import errors
 from ipam.allocator import Allocations, Lease, Request
-from ipam.engine import Engine, RetryPolicy
+from ipam.engine import Assigned, Engine, RetryPolicy
 from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.ranges import RangeSpec, build_range, pool_name
 from ipam.store.base import PoolSnapshot
@@ -91,8 +91,8 @@ def leases(store: FileStore, spec: RangeSpec, network_name: str = "") -> Allocat
     return store.read_pool(pool_name(spec.cidr, network_name), spec.cidr).allocations
 
 
-def addresses(assigned: list[object]) -> list[str]:
-    return [str(a.address) for a in assigned]  # type: ignore[attr-defined]
+def addresses(assigned: list[Assigned]) -> list[str]:
+    return [str(a.address) for a in assigned]
 
 
 V4 = build_range("ipam", "10.0.0.0/24")
