@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -108,13 +109,15 @@ def netconf(draw: st.DrawFn, data_dir: str) -> dict[str, Any]:
     return doc
 
 
-DATA_DIR = tempfile.mkdtemp(prefix="wpy-cni-run-")
+# named at import, created by the fixture: collecting the module must not leave a directory behind
+DATA_DIR = os.path.join(tempfile.gettempdir(), f"wpy-cni-run-{os.getpid()}")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def quiet_and_clean() -> Iterator[None]:
     saved = (log.stderr, log.path, log.threshold)
     log.stderr = io.StringIO()  # thousands of records are not worth printing
+    os.makedirs(DATA_DIR, exist_ok=True)
     yield
     log.stderr, log.path, log.threshold = saved  # the call context is reset by every run() anyway
     shutil.rmtree(DATA_DIR, ignore_errors=True)
