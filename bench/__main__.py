@@ -348,12 +348,6 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    # Hosts run a precompiled bundle; with PYTHONDONTWRITEBYTECODE set, every exec would recompile ipam/.
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "ipam")],
-        check=True,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
-    )
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench."))
     cluster = Cluster(args.kubeconfig, args.latency_ms, work)
     try:
