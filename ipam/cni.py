@@ -181,8 +181,11 @@ def cmd_check(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> Non
 
 
 def valid_attachments(raw: Any) -> set[tuple[str, str]]:
-    if raw is None:
-        return set()
+    if raw is None:  # absent is not "none valid": releasing every lease on the node would be the wrong guess
+        raise CNIError(
+            errors.INVALID_CONFIG,
+            "invalid config: cni.dev/valid-attachments is missing; GC needs the list of valid attachments",
+        )
     if not isinstance(raw, list):
         raise CNIError(errors.INVALID_CONFIG, "invalid config: cni.dev/valid-attachments must be a list")
     out = set()

@@ -301,6 +301,8 @@ def test_gc_with_a_bad_attachment_list_is_code_7(plugin: Plugin) -> None:
     plugin.add(conf)
     plugin.call("GC", {**conf, "cni.dev/valid-attachments": "c1"}).error(7)
     plugin.call("GC", {**conf, "cni.dev/valid-attachments": [{"ifname": "net1"}]}).error(7)
+    missing = plugin.call("GC", conf).error(7)  # no list at all: not "nothing is valid"
+    assert "cni.dev/valid-attachments" in missing["msg"]
     assert list(plugin.leases()) == ["1"]
 
 
