@@ -336,7 +336,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="sequential ADDs per latency case")
     parser.add_argument("--pods", type=int, default=1000, help="ADDs in the burst")
     parser.add_argument("--nodes", type=int, default=10, help="simulated nodes (one agent each) in the burst")
-    parser.add_argument("--per-node", type=int, default=4, help="concurrent ADDs per node in the burst")
+    parser.add_argument("--per-node", type=int, default=10, help="concurrent ADDs per node in the burst")
     parser.add_argument("--fill", default="0,1000,10000", help="pool sizes for the fill test")
     parser.add_argument(
         "--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md"

@@ -107,8 +107,19 @@ class Coalescer:
             engine = batch[0].engine
             ops = [op for t in batch for op in t.ops]
             conflicts_before = engine.stats.conflicts
+
+            def absorb() -> list[Op]:
+                more: list[Op] = []
+                while True:
+                    try:
+                        ticket = q.get_nowait()
+                    except queue.Empty:
+                        return more
+                    batch.append(ticket)  # noqa: B023 - this batch, while it is being served
+                    more.extend(ticket.ops)
+
             try:
-                engine.apply_batch(name, batch[0].cidr, ops, max(t.deadline for t in batch))
+                engine.apply_batch(name, batch[0].cidr, ops, max(t.deadline for t in batch), absorb)
                 self.metrics.allocations.inc(
                     sum(1 for op in ops if isinstance(op, AddOp) and op.error is None)
                 )
@@ -180,7 +191,9 @@ class _CallHandler(socketserver.StreamRequestHandler):
 
 class _SocketServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
-    request_queue_size = 512  # a burst of pods connects at once; a full backlog would push shims to direct mode
+    request_queue_size = (
+        512  # a burst of pods connects at once; a full backlog would push shims to direct mode
+    )
 
     def __init__(self, path: str, agent: Agent) -> None:
         self.agent = agent

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from netaddr import IPAddress
 
 from . import allocator, errors
-from .allocator import Allocations, Request
+from .allocator import Allocations, Lease, Request
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .ranges import RangeSpec, pool_name, reservation_name
@@ -51,7 +51,7 @@ class AddOp:
     offset: int | None = None
     reused: bool = False
     error: CNIError | None = None
-    held: dict[int, str] = field(default_factory=dict)  # offset -> reservation claimed for it
+    skip: set[int] = field(default_factory=set)  # offsets found reserved by another pool
 
 
 @dataclass(eq=False)
@@ -66,6 +66,18 @@ class ReleaseOp:
 Op = AddOp | ReleaseOp
 # Runs a batch of ops on one pool; the default is Engine.apply_batch, the node agent coalesces.
 BatchRunner = Callable[["Engine", str, str, list[Op], float], None]
+
+
+def _drop_leases(
+    taken: set[tuple[str, int | None]],
+) -> Callable[[Allocations], tuple[Allocations, list[int]]]:
+    """A pool change removing the leases at these (container id, offset) pairs."""
+
+    def change(leases: Allocations) -> tuple[Allocations, list[int]]:
+        gone = [o for o, lease in leases.items() if (lease.id, o) in taken]
+        return {k: v for k, v in leases.items() if k not in gone}, gone
+
+    return change
 
 
 @dataclass
@@ -160,15 +172,49 @@ class Engine:
         assert op.offset is not None
         return Assigned(spec, spec.address_at(op.offset)), op.reused
 
-    def apply_batch(self, name: str, cidr: str, ops: Sequence[Op], deadline: float) -> None:
+    def apply_batch(
+        self,
+        name: str,
+        cidr: str,
+        ops: list[Op],
+        deadline: float,
+        absorb: Callable[[], list[Op]] | None = None,
+    ) -> None:
         """Serve every op on one pool with a single read-modify-write (retried as a whole on conflict).
 
         Ops are applied in order to the leases as read, so a batch of N ADDs costs one GET and one PUT.
         Each op gets its own result (`offset`/`error`, `released`); a failure of the read or write
-        itself is raised for the whole batch. No op is answered before the write holding it succeeded.
-        """
+        itself is raised for the whole batch. No op is answered before the write holding its lease,
+        and then its overlapping-range reservation, succeeded. `absorb`, called before every attempt,
+        adds ops that queued up meanwhile: under contention a retry then carries more work instead of
+        leaving it for yet another contended write.
 
+        The pool write comes first and the reservation after it, as in Whereabouts: claiming
+        reservations before the write would make every contending node walk the addresses the others
+        hold for their still-unwritten batches, one API round trip each.
+        """
+        pending = ops
+        with self._locked(name, deadline):
+            while True:
+                self._write_batch(name, cidr, pending, deadline, absorb)
+                absorb = None
+                collided = self._reserve_batch(name, pending, deadline)
+                if not collided:
+                    break
+                # another pool holds those addresses: give the leases back and place those ops again
+                drop = _drop_leases({(op.request.container_id, op.offset) for op in collided})
+                self._retry(name, deadline, self._mutation_step(name, cidr, drop, []))
+                pending = list(collided)
+        for op in ops:
+            if isinstance(op, AddOp) and op.error is None and op.offset is not None:
+                log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
+
+    def _write_batch(
+        self, name: str, cidr: str, ops: list[Op], deadline: float, absorb: Callable[[], list[Op]] | None
+    ) -> None:
         def step() -> bool:
+            if absorb is not None:
+                ops.extend(absorb())
             snapshot = self.store.read_pool(name, cidr)
             leases = snapshot.allocations
             changed = False
@@ -185,47 +231,46 @@ class Engine:
                 self.store.write_pool(snapshot, leases)
             return True
 
-        written = False
-        try:
-            with self._locked(name, deadline):
-                self._retry(name, deadline, step)
-            written = True
-        finally:
-            for op in ops:
-                if isinstance(op, AddOp):
-                    chosen = op.offset if written and op.error is None else None
-                    for offset, rname in op.held.items():
-                        if offset != chosen:
-                            self.unreserve_name(
-                                rname, op.request.container_id, op.request.ifname, deadline, quiet=True
-                            )
+        self._retry(name, deadline, step)
+
+    def _reserve_batch(self, name: str, ops: list[Op], deadline: float) -> list[AddOp]:
+        """Claim the reservation of every address just written; returns the ops that collided."""
+        collided: list[AddOp] = []
+        if not self.overlapping:
+            return collided
         for op in ops:
-            if isinstance(op, AddOp) and op.error is None and op.offset is not None:
-                log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
+            if not isinstance(op, AddOp) or op.error is not None or op.offset is None:
+                continue
+            rname = reservation_name(op.spec.address_at(op.offset), self.network_name)
+            holder = self._reserve(rname, op.request.lease(), deadline)
+            if holder is not None:
+                log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
+                op.skip.add(op.offset)
+                collided.append(op)
+        return collided
+
+    def _reserve(self, rname: str, lease: Lease, deadline: float) -> Lease | None:
+        """store.reserve inside the retry loop; the other holder, or None when it is ours now."""
+        holder: list[Lease | None] = [None]
+
+        def step() -> bool:
+            holder[0] = self.store.reserve(rname, lease)
+            return True
+
+        self._retry(rname, deadline, step)
+        return holder[0]
 
     def _choose(self, name: str, op: AddOp, leases: Allocations) -> allocator.Decision | None:
-        """Pick op's address among `leases`, claiming its overlapping-range reservation."""
-        spec, request = op.spec, op.request
+        """Pick op's address among `leases`, avoiding addresses found reserved by another pool."""
         op.offset, op.error = None, None
-        skip: set[int] = set()
-        while True:
-            decision = allocator.allocate(spec, leases, request, skip)
-            if decision is None:
-                op.error = CNIError(
-                    errors.POOL_EXHAUSTED,
-                    f"no free address in range {spec.describe()} (pool {name})",
-                    f"{len(leases)} leases, {spec.size()} allocatable addresses",
-                )
-                return None
-            if not self.overlapping or decision.offset in op.held:
-                break
-            rname = reservation_name(spec.address_at(decision.offset), self.network_name)
-            holder = self.store.reserve(rname, request.lease())
-            if holder is None:
-                op.held[decision.offset] = rname
-                break
-            log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
-            skip.add(decision.offset)
+        decision = allocator.allocate(op.spec, leases, op.request, op.skip)
+        if decision is None:
+            op.error = CNIError(
+                errors.POOL_EXHAUSTED,
+                f"no free address in range {op.spec.describe()} (pool {name})",
+                f"{len(leases)} leases, {op.spec.size()} allocatable addresses",
+            )
+            return None
         op.offset, op.reused = decision.offset, decision.reused
         return decision
 
@@ -255,6 +300,18 @@ class Engine:
         """
         deadline = self._deadline() if deadline is None else deadline
         released: list[int] = []
+        with self._locked(name, deadline):
+            self._retry(name, deadline, self._mutation_step(name, cidr, change, released))
+        return released
+
+    def _mutation_step(
+        self,
+        name: str,
+        cidr: str,
+        change: Callable[[Allocations], tuple[Allocations, list[int]]],
+        released: list[int],
+    ) -> Callable[[], bool]:
+        """One attempt of `change` on freshly read leases; the offsets it removed go to `released`."""
 
         def step() -> bool:
             snapshot: PoolSnapshot = self.store.read_pool(name, cidr)
@@ -266,9 +323,7 @@ class Engine:
             released[:] = gone
             return True
 
-        with self._locked(name, deadline):
-            self._retry(name, deadline, step)
-        return released
+        return step
 
     def unreserve_name(
         self, rname: str, container_id: str, ifname: str, deadline: float, quiet: bool
