@@ -163,7 +163,11 @@ class KubernetesStore:
             **old,
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "IPPool",
-            "metadata": {**old.get("metadata", {}), "resourceVersion": snapshot.version},
+            # managedFields (as large as the leases on a big pool) stay the server's: omitted, they are kept
+            "metadata": {
+                **{k: v for k, v in old.get("metadata", {}).items() if k != "managedFields"},
+                "resourceVersion": snapshot.version,
+            },
             "spec": {**old.get("spec", {}), **spec},
         }
         replaced = self._call(
