@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.cni_exec import cni_env as exec_env  # noqa: E402  (the runtime's env, shared with the suite)
+
 VENV_BIN = Path(sys.executable).parent
 PLUGIN = str(VENV_BIN / "whereabouts-py")  # the installed console script: direct mode when no agent answers
 # The shim as a host runs it: bin/whereabouts-py under the system interpreter with -S (standard library only).
@@ -42,17 +45,7 @@ FALLBACKS: list[str] = []  # calls meant for an agent that ran in direct mode in
 
 
 def cni_env(command: str, container: str, sock: str = NO_AGENT, node: str = "node-0") -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container,
-        "CNI_NETNS": f"/var/run/netns/{container}",
-        "CNI_IFNAME": "net1",
-        "CNI_PATH": "/usr/lib/cni",
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}",
-        "WHEREABOUTS_PY_AGENT_SOCKET": sock,
-        "NODENAME": node,
-    }
+    return exec_env(command, container, namespace="bench", NODENAME=node, WHEREABOUTS_PY_AGENT_SOCKET=sock)
 
 
 def exec_plugin(binary: str | list[str], conf: dict[str, Any], env: dict[str, str]) -> tuple[float, int, str]:
@@ -100,7 +93,6 @@ class Cluster:
         if kubeconfig:
             self.kubeconfig = kubeconfig
         else:
-            sys.path.insert(0, str(ROOT))
             from tests.kubeapi.server import APIServer, KubeAPI, write_kubeconfig
 
             self.api = KubeAPI()

@@ -29,6 +29,21 @@ def file_conf(tmp: Path, cidr: str = "10.70.0.0/24") -> dict[str, Any]:
     }
 
 
+def kube_conf(kube: KubeHandle, tmp: Path, cidr: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": cidr,
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+            "data_dir": str(tmp / "node"),
+        },
+    }
+
+
 def call(agent: Agent, conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     reply = agent.serve_call({"env": env, "stdin": json.dumps(conf)})
     assert reply["code"] == 0, reply
@@ -38,18 +53,7 @@ def call(agent: Agent, conf: dict[str, Any], env: dict[str, str]) -> dict[str, A
 
 def test_coalesced_batches_give_each_call_its_own_answer(kube: KubeHandle, tmp_path: Path) -> None:
     kube.api.set_faults(latency=0.02)  # writes take a while, so calls pile up behind them
-    conf = {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "type": "ipvlan",
-        "ipam": {
-            "type": "whereabouts-py",
-            "range": "10.71.0.0/24",
-            "datastore": "kubernetes",
-            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
-            "data_dir": str(tmp_path),
-        },
-    }
+    conf = kube_conf(kube, tmp_path, "10.71.0.0/24")
     agent = Agent()
     results: dict[str, str] = {}
     lock = threading.Lock()
@@ -165,18 +169,7 @@ def test_agent_killed_mid_batch_loses_no_acknowledged_lease(
     kube: KubeHandle, tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
 ) -> None:
     proc, sock = agent_proc
-    conf = {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "type": "ipvlan",
-        "ipam": {
-            "type": "whereabouts-py",
-            "range": "10.73.0.0/24",
-            "datastore": "kubernetes",
-            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
-            "data_dir": str(tmp_path / "node"),
-        },
-    }
+    conf = kube_conf(kube, tmp_path, "10.73.0.0/24")
     acked = [run(conf, cni_env("ADD", f"acked{i}", WHEREABOUTS_PY_AGENT_SOCKET=sock)) for i in range(3)]
     assert all(c.code == 0 for c in acked)
     kube.api.set_faults(latency=0.5)  # the next batch is slow: kill the agent while it is in flight
@@ -207,18 +200,7 @@ def test_shims_and_direct_processes_together_never_duplicate(
     kube: KubeHandle, tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
 ) -> None:
     _, sock = agent_proc
-    conf = {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "type": "ipvlan",
-        "ipam": {
-            "type": "whereabouts-py",
-            "range": "10.74.0.0/24",
-            "datastore": "kubernetes",
-            "kubernetes": {"kubeconfig": kube.kubeconfig_path},
-            "data_dir": str(tmp_path / "node"),
-        },
-    }
+    conf = kube_conf(kube, tmp_path, "10.74.0.0/24")
     procs = []
     for i in range(24):
         socket_env = sock if i % 2 == 0 else str(tmp_path / "no-agent.sock")

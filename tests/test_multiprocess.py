@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from ipam.allocator import parse_allocations
+from tests.cni_exec import cni_env as exec_env
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +39,13 @@ def conf(data_dir: Path, **ipam: Any) -> dict[str, Any]:
 
 
 def cni_env(tmp: Path, command: str, container: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container,
-        "CNI_NETNS": f"/var/run/netns/{container}",
-        "CNI_IFNAME": "net1",
-        "CNI_ARGS": f"K8S_POD_NAMESPACE=mp;K8S_POD_NAME={container}",
-        "NODENAME": "node-mp",
-        "WHEREABOUTS_PY_AGENT_SOCKET": str(tmp / "no-agent.sock"),
-    }
+    return exec_env(
+        command,
+        container,
+        namespace="mp",
+        NODENAME="node-mp",
+        WHEREABOUTS_PY_AGENT_SOCKET=str(tmp / "no-agent.sock"),
+    )
 
 
 def scratch(tmp_path: Path) -> Path:
