@@ -41,6 +41,24 @@ class Lease:
             return self.podref == podref
         return self.id == container_id
 
+    def held_by_container(self, container_id: str, ifname: str) -> bool:
+        """This container on this interface (an empty ifname on either side matches any)."""
+        return self.id == container_id and (not ifname or not self.ifname or self.ifname == ifname)
+
+    def reservation_spec(self) -> dict[str, str]:
+        """`spec` of an OverlappingRangeIPReservation held by this lease (Whereabouts' fields + ours)."""
+        spec = {"containerid": self.id, "podref": self.podref, "ifname": self.ifname}
+        if self.node:
+            spec["node"] = self.node
+        if self.created:
+            spec["created"] = self.created
+        return spec
+
+    @classmethod
+    def from_reservation(cls, spec: Mapping[str, Any]) -> Lease:
+        """The holder named by an OverlappingRangeIPReservation's `spec`."""
+        return cls(str(spec.get("containerid", "")), str(spec.get("podref", "")), str(spec.get("ifname", "")))
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
         out["id"] = self.id
@@ -116,9 +134,7 @@ def find_owner(allocations: Allocations, request: Request) -> int | None:
 def find_container(allocations: Allocations, container_id: str, ifname: str) -> list[int]:
     """Offsets leased to this container on this interface (an empty ifname matches any)."""
     return sorted(
-        offset
-        for offset, lease in allocations.items()
-        if lease.id == container_id and (not ifname or not lease.ifname or lease.ifname == ifname)
+        offset for offset, lease in allocations.items() if lease.held_by_container(container_id, ifname)
     )
 
 

@@ -143,19 +143,18 @@ class FileStore:
         doc = self._load(path)
         if doc is None:
             return None
-        spec = doc["spec"]
-        return Lease(
-            str(spec.get("containerid", "")), str(spec.get("podref", "")), str(spec.get("ifname", ""))
-        )
+        return Lease.from_reservation(doc["spec"])
 
     def reserve(self, name: str, lease: Lease) -> Lease | None:
         self._ensure_dirs()
         path = self._reservation_path(name)
-        spec = {"containerid": lease.id, "podref": lease.podref, "ifname": lease.ifname}
-        if lease.node:
-            spec["node"] = lease.node
-        doc = {"apiVersion": API_VERSION, "kind": "OverlappingRangeIPReservation", "metadata": {"name": name}}
-        payload = json.dumps({**doc, "spec": spec}, sort_keys=True).encode()
+        doc = {
+            "apiVersion": API_VERSION,
+            "kind": "OverlappingRangeIPReservation",
+            "metadata": {"name": name},
+            "spec": lease.reservation_spec(),
+        }
+        payload = json.dumps(doc, sort_keys=True).encode()
         try:
             _atomic_write(path, payload, exclusive=True)
             return None
@@ -175,7 +174,7 @@ class FileStore:
     def unreserve(self, name: str, container_id: str, ifname: str) -> None:
         path = self._reservation_path(name)
         holder = self._read_reservation(path)
-        if holder is not None and holder.id == container_id and (not ifname or holder.ifname in ("", ifname)):
+        if holder is not None and holder.held_by_container(container_id, ifname):
             with suppress(FileNotFoundError):
                 path.unlink()
 

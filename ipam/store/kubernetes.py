@@ -193,11 +193,6 @@ class KubernetesStore:
     # -- overlapping-range reservations ---------------------------------------------------------
 
     def _reservation_body(self, name: str, lease: Lease, version: str | None = None) -> dict[str, Any]:
-        spec = {"containerid": lease.id, "podref": lease.podref, "ifname": lease.ifname}
-        if lease.node:
-            spec["node"] = lease.node
-        if lease.created:
-            spec["created"] = lease.created
         metadata: dict[str, Any] = {"name": name, "namespace": self.namespace}
         if version:
             metadata["resourceVersion"] = version
@@ -205,7 +200,7 @@ class KubernetesStore:
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "OverlappingRangeIPReservation",
             "metadata": metadata,
-            "spec": spec,
+            "spec": lease.reservation_spec(),
         }
 
     def _get_reservation(self, name: str) -> dict[str, Any] | None:
@@ -220,13 +215,6 @@ class KubernetesStore:
             missing_ok=True,
         )
         return cast(dict[str, Any] | None, obj)
-
-    @staticmethod
-    def _holder(obj: dict[str, Any]) -> Lease:
-        spec = obj.get("spec") or {}
-        return Lease(
-            str(spec.get("containerid", "")), str(spec.get("podref", "")), str(spec.get("ifname", ""))
-        )
 
     def reserve(self, name: str, lease: Lease) -> Lease | None:
         try:
@@ -245,7 +233,7 @@ class KubernetesStore:
         existing = self._get_reservation(name)
         if existing is None:
             raise ConflictError(f"reservation {name} vanished while being claimed")
-        holder = self._holder(existing)
+        holder = Lease.from_reservation(existing.get("spec") or {})
         if not holder.owned_by(lease.podref, lease.ifname, lease.id):
             return holder
         if holder.id != lease.id:  # the same pod, recreated: the reservation follows its new container
@@ -266,8 +254,8 @@ class KubernetesStore:
         existing = self._get_reservation(name)
         if existing is None:
             return
-        holder = self._holder(existing)
-        if holder.id != container_id or (ifname and holder.ifname and holder.ifname != ifname):
+        holder = Lease.from_reservation(existing.get("spec") or {})
+        if not holder.held_by_container(container_id, ifname):
             return
         self.delete_reservation(name, str(existing.get("metadata", {}).get("resourceVersion", "")))
 
