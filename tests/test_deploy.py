@@ -15,13 +15,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.fake_tokenrequest import FakeTokenAPI, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -237,8 +239,13 @@ def test_dockerfile_names_only_paths_that_exist() -> None:
 
 # -- (c) install.py against a fake node ----------------------------------------------------------------
 
-CA = b"-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 FAKE_PYTHON = '#!/bin/sh\necho "args: $*"\necho "ld: $LD_LIBRARY_PATH"\n'
+POD_TOKEN = "pod-token-1"
+
+
+@pytest.fixture(scope="module")
+def token_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTokenAPI]:
+    yield from serve(tmp_path_factory.mktemp("token-api"))
 
 
 @dataclass
@@ -248,6 +255,8 @@ class Node:
     sa: Path
     bundle: Path
     ready: Path
+    api: FakeTokenAPI
+    watchers: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def argv(self, *extra: str) -> list[str]:
         return [
@@ -267,26 +276,31 @@ class Node:
         ]
 
     def env(self) -> dict[str, str]:
+        port = self.api.url.rsplit(":", 1)[1]
         return {
             **os.environ,
-            "KUBERNETES_SERVICE_HOST": "10.96.0.1",
-            "KUBERNETES_SERVICE_PORT": "443",
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": port,
             "NODENAME": "node-a",
         }
 
     def at(self, host_path: str) -> Path:
         return self.host / host_path.lstrip("/")
 
-    def kubeconfig(self) -> dict[str, Any]:
-        return yaml.safe_load(self.at(inst.KUBECONFIG_PATH).read_text())  # type: ignore[no-any-return]
+    def kubeconfig(self, path: str = inst.KUBECONFIG_PATH) -> dict[str, Any]:
+        return yaml.safe_load(self.at(path).read_text())  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Node:
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_api: FakeTokenAPI) -> Iterator[Node]:
+    token_api.accepted = {POD_TOKEN}
+    token_api.grant_seconds = None
+    token_api.fail_status = None
+    token_api.minted.clear()
     sa = tmp_path / "sa"
     sa.mkdir()
-    (sa / "token").write_text("token-1\n")
-    (sa / "ca.crt").write_bytes(CA)
+    (sa / "token").write_text(POD_TOKEN + "\n")
+    (sa / "ca.crt").write_bytes(token_api.ca)
     (sa / "namespace").write_text("kube-system")
     bundle = tmp_path / "usr-local"
     (bundle / "bin").mkdir(parents=True)
@@ -304,10 +318,14 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Node:
     (bundle / "share" / "read-only").chmod(0o555)
     host = tmp_path / "host"
     host.mkdir()
-    result = Node(tmp_path, host, sa, bundle, tmp_path / "ready")
+    result = Node(tmp_path, host, sa, bundle, tmp_path / "ready", token_api)
     for key, value in result.env().items():
         monkeypatch.setenv(key, value)
-    return result
+    yield result
+    for proc in result.watchers:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def run_inproc(node: Node, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str, str]:
@@ -360,28 +378,37 @@ def test_install_copies_the_bundle_and_points_current_at_it(
     assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")] == []
 
 
-def test_kubeconfig_holds_server_token_ca_and_namespace(
+def test_kubeconfig_holds_server_a_minted_token_inline_ca_and_namespace(
     node: Node, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_inproc(node, capsys)[0] == 0
+    rc, out, err = run_inproc(node, capsys)
+    assert rc == 0, err
+    [minted] = node.api.minted
+    # the installer's own (pod) token was used for the TokenRequest only, for the plugin's account
+    assert (minted.namespace, minted.service_account, minted.bearer) == (
+        "kube-system",
+        "whereabouts-py",
+        POD_TOKEN,
+    )
+    assert minted.body["spec"] == {"expirationSeconds": 86400}  # bound to nothing, 24 h by default
     path = node.at("/etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     config = node.kubeconfig()
     context = next(c["context"] for c in config["contexts"] if c["name"] == config["current-context"])
     cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
     user = next(u["user"] for u in config["users"] if u["name"] == context["user"])
-    assert cluster["server"] == "https://10.96.0.1:443"
-    assert base64.b64decode(cluster["certificate-authority-data"]) == CA
-    assert user["token"] == "token-1"
+    assert cluster["server"] == node.api.url
+    assert base64.b64decode(cluster["certificate-authority-data"]) == node.api.ca
+    assert user == {"token": minted.token}  # inline only: no tokenFile, exec or file paths
+    assert set(cluster) == {"server", "certificate-authority-data"}
     assert context["namespace"] == "kube-system"
+    assert path.stat().st_uid == os.geteuid()
+    assert "minted a token for ServiceAccount kube-system/whereabouts-py: expires " in out
 
 
-def test_ipv6_api_server_address_is_bracketed(
-    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:10:96::1")
-    assert run_inproc(node, capsys)[0] == 0
-    assert node.kubeconfig()["clusters"][0]["cluster"]["server"] == "https://[fd00:10:96::1]:443"
+def test_ipv6_api_server_address_is_bracketed() -> None:
+    env = {"KUBERNETES_SERVICE_HOST": "fd00:10:96::1", "KUBERNETES_SERVICE_PORT": "443"}
+    assert inst.api_server(env, None) == "https://[fd00:10:96::1]:443"
 
 
 def test_flat_file_names_the_kubeconfig_and_the_node(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
@@ -424,6 +451,37 @@ def test_running_twice_changes_nothing(node: Node, capsys: pytest.CaptureFixture
     assert rc == 0, err
     assert snapshot_tree(node.host) == before  # same inodes: nothing was rewritten or recopied
     assert "wrote" not in out and "installed bundle" not in out
+    assert len(node.api.minted) == 1  # the token in the kubeconfig is fresh enough: kept, not re-minted
+    assert "kept the plugin's token from /etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig: expires" in out
+
+
+def test_a_token_due_for_renewal_is_replaced_at_the_next_run(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_inproc(node, capsys)[0] == 0
+    first = node.api.minted[-1].token
+    # two thirds of the lifetime later (by the installer's clock): a third is left, so it renews
+    start = time.time()
+    monkeypatch.setattr(inst, "now", lambda: start + 86400 * 2 / 3 + 1)
+    rc, out, err = run_inproc(node, capsys)
+    assert rc == 0, err
+    assert len(node.api.minted) == 2
+    assert token_in_kubeconfig(node) == node.api.minted[-1].token != first
+    assert "rewrote" not in out and f"wrote {inst.KUBECONFIG_PATH}" in out
+
+
+def test_a_kubeconfig_of_another_account_or_server_is_not_reused(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_inproc(node, capsys)[0] == 0
+    path = node.at(inst.KUBECONFIG_PATH)
+    config = json.loads(path.read_text())
+    foreign = node.api.mint("kube-system", "someone-else", POD_TOKEN, {"spec": {"expirationSeconds": 86400}})
+    config["users"][0]["user"]["token"] = foreign["status"]["token"]
+    path.write_text(json.dumps(config))
+    assert run_inproc(node, capsys)[0] == 0
+    assert token_in_kubeconfig(node) == node.api.minted[-1].token
+    assert node.api.minted[-1].service_account == "whereabouts-py"
 
 
 def bundles(node: Node) -> set[str]:
@@ -462,10 +520,11 @@ def test_kubeconfig_loads_in_the_kubernetes_client(node: Node, capsys: pytest.Ca
     path = str(node.at(inst.KUBECONFIG_PATH))
     configuration = client.Configuration()
     config.load_kube_config(config_file=path, client_configuration=configuration)
-    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.host == node.api.url
     bearer = configuration.auth_settings()["BearerToken"]  # what the client puts in its requests
-    assert (bearer["in"], bearer["key"], bearer["value"]) == ("header", "authorization", "Bearer token-1")
-    assert Path(configuration.ssl_ca_cert).read_bytes() == CA
+    token = node.api.minted[-1].token
+    assert (bearer["in"], bearer["key"], bearer["value"]) == ("header", "authorization", f"Bearer {token}")
+    assert Path(configuration.ssl_ca_cert).read_bytes() == node.api.ca
     _, active = config.list_kube_config_contexts(config_file=path)
     assert active["context"]["namespace"] == "kube-system"
 
@@ -556,8 +615,7 @@ def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[st
     pytest.fail(f"{what} never happened; installer rc={proc.returncode} stdout={out!r} stderr={err!r}")
 
 
-@pytest.fixture
-def watcher(node: Node) -> Iterator[subprocess.Popen[str]]:
+def start_watcher(node: Node) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, str(INSTALL_PY), *node.argv("--watch", "--interval", "0.1")],
         env=node.env(),
@@ -565,6 +623,13 @@ def watcher(node: Node) -> Iterator[subprocess.Popen[str]]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    node.watchers.append(proc)
+    return proc
+
+
+@pytest.fixture
+def watcher(node: Node) -> Iterator[subprocess.Popen[str]]:
+    proc = start_watcher(node)
     try:
         yield proc
     finally:
@@ -580,17 +645,24 @@ def token_in_kubeconfig(node: Node) -> str:
         return ""
 
 
-def test_watch_rewrites_the_kubeconfig_on_token_rotation_and_stops_on_sigterm(
-    node: Node, watcher: subprocess.Popen[str]
-) -> None:
+def test_watch_renews_the_plugins_token_before_it_expires_and_stops_on_sigterm(node: Node) -> None:
+    node.api.grant_seconds = 3  # the API server may grant less than asked: the installer goes by expiry
+    watcher = start_watcher(node)
     wait_for(node.ready.exists, "first install", watcher)
-    assert token_in_kubeconfig(node) == "token-1"
+    first = node.api.minted[0]
+    assert token_in_kubeconfig(node) == first.token
 
-    # The kubelet rotates the projected token by swapping its file.
+    # The kubelet rotates the pod's own token: the kubeconfig never held it, but the next
+    # TokenRequest authenticates with the new one.
+    node.api.accepted = {POD_TOKEN, "pod-token-2"}
     new = node.sa / "token.new"
-    new.write_text("token-2\n")
+    new.write_text("pod-token-2\n")
     new.replace(node.sa / "token")
-    wait_for(lambda: token_in_kubeconfig(node) == "token-2", "kubeconfig rewrite with the new token", watcher)
+
+    # With a third of the 3 s left the installer mints again and rewrites the kubeconfig.
+    wait_for(lambda: any(m.bearer == "pod-token-2" for m in node.api.minted), "renewal", watcher)
+    wait_for(lambda: token_in_kubeconfig(node) not in ("", first.token), "kubeconfig rewrite", watcher)
+    assert token_in_kubeconfig(node) in {m.token for m in node.api.minted[1:]}
     kubeconfig = node.at(inst.KUBECONFIG_PATH)
     assert stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
 
@@ -604,22 +676,45 @@ def test_watch_rewrites_the_kubeconfig_on_token_rotation_and_stops_on_sigterm(
     assert watcher.returncode == 0, err
     assert "Traceback" not in err
     assert f"rewrote {inst.KUBECONFIG_PATH}" in out
+    assert "minted a token for ServiceAccount kube-system/whereabouts-py: expires " in out
+    # each renewal happened before the token it replaced expired (the log says when it was due)
+    assert "expired" not in err
     assert node.at(inst.PLUGIN_PATH).exists()  # stopping leaves the plugin installed
 
 
-def test_watch_reports_a_vanished_token_keeps_running_and_recovers(
+def test_watch_reports_a_vanished_pod_token_keeps_running_and_recovers(
     node: Node, watcher: subprocess.Popen[str]
 ) -> None:
     wait_for(node.ready.exists, "first install", watcher)
+    first = token_in_kubeconfig(node)
     (node.sa / "token").unlink()
     wait_for(lambda: not node.ready.exists(), "readiness withdrawn", watcher)
-    (node.sa / "token").write_text("token-3")
-    wait_for(lambda: token_in_kubeconfig(node) == "token-3", "recovery with the new token", watcher)
+    assert token_in_kubeconfig(node) == first  # the plugin's token is untouched meanwhile
+    (node.sa / "token").write_text(POD_TOKEN)
     wait_for(node.ready.exists, "readiness restored", watcher)
     watcher.send_signal(signal.SIGTERM)
     _, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 0
     assert str(node.sa / "token") in err and "Traceback" not in err
+
+
+def test_a_refused_renewal_keeps_the_old_token_and_is_retried(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installer = inst.Installer(inst.parse_args(node.argv()))
+    installer.install()
+    first = token_in_kubeconfig(node)
+    start = time.time()
+    monkeypatch.setattr(inst, "now", lambda: start + 86400 * 2 / 3 + 1)  # due, not expired
+    node.api.fail_status = 403
+    with pytest.raises(
+        inst.InstallError, match=r"HTTP 403: .*create on serviceaccounts/token .*whereabouts-py"
+    ):
+        installer.write_config()
+    assert token_in_kubeconfig(node) == first
+    node.api.fail_status = None
+    assert installer.write_config() == [inst.KUBECONFIG_PATH]
+    assert token_in_kubeconfig(node) == node.api.minted[-1].token != first
 
 
 def test_daemonset_runs_the_node_agent_on_the_hosts_socket_dir() -> None:
@@ -638,8 +733,148 @@ def test_daemonset_runs_the_node_agent_on_the_hosts_socket_dir() -> None:
     }
     # the socket dir, node locks (data_dir) and the kubeconfig named in the flat file are shared with
     # CNI calls on the host, so each is mounted at its host path
-    for host_dir in (os.path.dirname(DEFAULT_SOCKET), "/var/lib/cni/whereabouts-py", "/etc/cni/net.d/whereabouts.d"):
+    for host_dir in (
+        os.path.dirname(DEFAULT_SOCKET),
+        "/var/lib/cni/whereabouts-py",
+        "/etc/cni/net.d/whereabouts.d",
+    ):
         assert mounted.get(host_dir) == host_dir
     probe = " ".join(agent["readinessProbe"]["exec"]["command"])
     assert "127.0.0.1:9733/healthz" in probe and command[command.index("--metrics-port") + 1] == "9733"
     assert agent["securityContext"]["privileged"] is False
+
+
+# -- (d) the host is not trusted: symlinks, modes, other distributions' paths ---------------------------
+
+
+@pytest.mark.parametrize("target", [inst.KUBECONFIG_PATH, inst.FLAT_FILE_PATH, inst.PLUGIN_PATH])
+def test_a_planted_symlink_to_an_identical_copy_is_replaced_not_kept(
+    node: Node, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    assert run_inproc(node, capsys)[0] == 0
+    path = node.at(target)
+    copy = node.tmp / "attacker-copy"
+    shutil.copy2(path, copy)  # same content and mode: the old installer kept the link
+    path.unlink()
+    path.symlink_to(copy)
+    assert run_inproc(node, capsys)[0] == 0
+    assert not path.is_symlink() and path.is_file()
+    if target != inst.KUBECONFIG_PATH:  # a symlinked kubeconfig is not read at all: a new token is minted
+        assert path.read_bytes() == copy.read_bytes()
+    copy.write_text("changed by the attacker")  # the node's file no longer depends on it
+    assert path.read_text() != "changed by the attacker"
+
+
+def test_a_symlink_is_never_written_through(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    victim = node.tmp / "victim"
+    victim.write_text("precious")
+    kubeconfig = node.at(inst.KUBECONFIG_PATH)
+    kubeconfig.parent.mkdir(parents=True)
+    kubeconfig.symlink_to(victim)
+    assert run_inproc(node, capsys)[0] == 0
+    assert victim.read_text() == "precious"
+    assert not kubeconfig.is_symlink() and stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
+
+
+def test_the_install_lock_does_not_follow_a_symlink(node: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    victim = node.tmp / "victim"
+    victim.write_text("precious")
+    root = node.at(inst.BUNDLE_DIR)
+    root.mkdir(parents=True)
+    (root / ".install.lock").symlink_to(victim)
+    rc, _, err = run_inproc(node, capsys)
+    assert rc == 0, err
+    assert victim.read_text() == "precious" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert not (root / ".install.lock").is_symlink()
+
+
+def test_a_symlinked_directory_on_the_way_is_refused(node: Node) -> None:
+    elsewhere = node.tmp / "elsewhere"
+    elsewhere.mkdir()
+    node.at("/etc/cni/net.d").mkdir(parents=True)
+    node.at(inst.CONF_DIR).symlink_to(elsewhere)
+    result = run_installer(node)
+    assert_clean_failure(result, "is a symlink", str(node.at(inst.CONF_DIR)))
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_planted_bundle_symlink_is_replaced_by_a_real_copy(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = inst.BUNDLE_PREFIX + inst.bundle_stamp(str(node.bundle))
+    elsewhere = node.tmp / "evil-bundle"
+    (elsewhere / "bin").mkdir(parents=True)
+    root = node.at(inst.BUNDLE_DIR)
+    root.mkdir(parents=True)
+    (root / name).symlink_to(elsewhere)
+    assert run_inproc(node, capsys)[0] == 0
+    assert not (root / name).is_symlink() and (root / name / "bin" / "python3.11").is_file()
+
+
+def test_directories_are_created_0755_whatever_the_umask(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = os.umask(0o077)
+    try:
+        assert run_inproc(node, capsys)[0] == 0
+    finally:
+        os.umask(old)
+    for directory in ("/etc", "/etc/cni", "/etc/cni/net.d", *inst.HOST_DIRS):
+        st = node.at(directory).lstat()
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755, directory
+
+
+def test_a_directory_others_may_write_is_refused(node: Node) -> None:
+    conf = node.at(inst.CONF_DIR)
+    conf.mkdir(parents=True)
+    conf.chmod(0o777)
+    result = run_installer(node)
+    assert_clean_failure(result, str(conf), "writable by group or others")
+    assert not node.at(inst.KUBECONFIG_PATH).exists()
+
+
+def test_the_installers_conf_dirs_are_the_ones_the_plugin_searches() -> None:
+    from ipam.config import DEFAULT_FLAT_FILES
+
+    assert {f"{d}/whereabouts.d/whereabouts.conf" for d in inst.FLAT_FILE_CONF_DIRS} == set(
+        DEFAULT_FLAT_FILES
+    )
+
+
+@pytest.mark.parametrize(
+    ("bin_dir", "conf_dir"),
+    [("/var/lib/rancher/k3s/data/cni", "/etc/cni/net.d"), ("/var/lib/cni/bin", "/etc/kubernetes/cni/net.d")],
+    ids=["k3s", "openshift"],
+)
+def test_host_paths_are_options(
+    node: Node, capsys: pytest.CaptureFixture[str], bin_dir: str, conf_dir: str
+) -> None:
+    rc, _, err = run_inproc(node, capsys, "--cni-bin-dir", bin_dir, "--cni-conf-dir", conf_dir)
+    assert rc == 0, err
+    paths = inst.Paths(bin_dir, conf_dir)
+    assert node.at(f"{bin_dir}/whereabouts-py").read_text() == inst.WRAPPER
+    flat = json.loads(node.at(f"{conf_dir}/whereabouts.d/whereabouts.conf").read_text())
+    assert (
+        flat["kubernetes"]["kubeconfig"]
+        == paths.kubeconfig
+        == f"{conf_dir}/whereabouts.d/whereabouts.kubeconfig"
+    )
+    assert node.kubeconfig(paths.kubeconfig)["users"][0]["user"]["token"] == node.api.minted[-1].token
+    assert not node.at("/opt/cni/bin").exists()
+
+
+def test_a_conf_dir_the_plugin_does_not_search_is_a_usage_error(node: Node) -> None:
+    result = run_installer(node, "--cni-conf-dir", "/var/lib/rancher/k3s/agent/etc/cni/net.d")
+    assert result.returncode == 2 and "--cni-conf-dir" in result.stderr
+
+
+def test_a_token_lifetime_below_the_api_servers_minimum_is_a_usage_error(node: Node) -> None:
+    result = run_installer(node, "--token-lifetime", "599")
+    assert result.returncode == 2 and "at least 600" in result.stderr
+
+
+def test_a_refused_token_request_fails_cleanly_naming_the_rbac_rule(node: Node) -> None:
+    node.api.fail_status = 403
+    result = run_installer(node)
+    assert_clean_failure(result, "HTTP 403", "serviceaccounts/token", "whereabouts-py")
+    assert not node.at(inst.KUBECONFIG_PATH).exists() and not node.ready.exists()
