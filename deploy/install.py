@@ -544,7 +544,7 @@ def mint_token(cluster: Cluster, service_account: str, lifetime: int) -> PluginT
         hint = {
             401: "the installer's own token was refused",
             403: "the installer's ServiceAccount lacks create on serviceaccounts/token for "
-            f"resourceNames [{service_account}] (deploy/rbac.yaml)",
+            f"resourceNames [{service_account}] (deploy/base/rbac.yaml)",
             404: f"ServiceAccount {cluster.namespace}/{service_account} does not exist",
         }.get(exc.code, "")
         raise InstallError(

@@ -28,7 +28,11 @@ from tests.fake_tokenrequest import FakeTokenAPI, serve
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 INSTALL_PY = DEPLOY / "install.py"
-MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+BASE = DEPLOY / "base"
+MANIFESTS = sorted(p for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+#: kustomize overlays, each a distribution's host paths on top of deploy/base
+OVERLAYS = sorted(p.parent for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+LAYOUTS = [BASE, *OVERLAYS]
 GROUP = "whereabouts.cni.cncf.io"
 
 
@@ -52,14 +56,25 @@ def all_objects() -> list[dict[str, Any]]:
     return [doc for path in MANIFESTS for doc in load_docs(path)]
 
 
-def find(kind: str, name: str) -> dict[str, Any]:
-    matches = [o for o in all_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+def kustomize(layout: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k layout` would apply (kubectl's built-in kustomize)."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render deploy/overlays"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(layout)], capture_output=True, text=True, check=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def find(kind: str, name: str, objects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    objects = all_objects() if objects is None else objects
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(matches) == 1, f"expected exactly one {kind} {name}, found {len(matches)}"
     return matches[0]
 
 
-def pod_spec(kind: str, name: str) -> dict[str, Any]:
-    obj = find(kind, name)
+def pod_spec(kind: str, name: str, objects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    obj = find(kind, name, objects)
     if kind == "CronJob":
         return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
     return obj["spec"]["template"]["spec"]  # type: ignore[no-any-return]
@@ -70,6 +85,8 @@ def pod_spec(kind: str, name: str) -> dict[str, Any]:
 
 def test_manifests_exist() -> None:
     assert {p.name for p in MANIFESTS} >= {"rbac.yaml", "daemonset.yaml", "cronjob.yaml"}
+    # the base kustomization applies exactly these files
+    assert sorted(load_docs(BASE / "kustomization.yaml")[0]["resources"]) == sorted(p.name for p in MANIFESTS)
 
 
 def _validate(obj: dict[str, Any]) -> str:
@@ -120,20 +137,27 @@ def test_cronjob_runs_one_reconcile_pass_every_five_minutes_never_overlapping() 
     assert "--interval" not in command and "--dry-run" not in command and "--kubeconfig" not in command
 
 
-def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted() -> None:
-    ds = find("DaemonSet", "whereabouts-py")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda p: p.name)
+def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted(layout: Path) -> None:
+    """In the base and every overlay: the installer's own argument parser reads the DaemonSet's args,
+    and every host directory it will write is mounted at --host-root + that path, and nothing else."""
+    objects = kustomize(layout)
+    ds = find("DaemonSet", "whereabouts-py", objects)
     assert ds["metadata"]["namespace"] == "kube-system"
-    pod = pod_spec("DaemonSet", "whereabouts-py")
-    assert pod["serviceAccountName"] == "whereabouts-py"
+    pod = pod_spec("DaemonSet", "whereabouts-py", objects)
+    assert pod["serviceAccountName"] == "whereabouts-py-installer"
+    assert pod["automountServiceAccountToken"] is False  # the installer's token: install container only
     assert pod["hostNetwork"] is True
     assert {"operator": "Exists"} in pod["tolerations"]  # every taint
     containers = {c["name"]: c for c in pod["containers"]}
     assert set(containers) == {"install", "agent"}
     container = containers["install"]
-    command = container["command"]
-    assert command[:2] == ["python3", "/opt/whereabouts-py/deploy/install.py"]
-    host_root = command[command.index("--host-root") + 1]
-    assert "--watch" in command
+    assert container["command"] == ["python3", "/opt/whereabouts-py/deploy/install.py"]
+    args = inst.parse_args(container["args"])
+    assert args.watch and args.token_lifetime == inst.DEFAULT_TOKEN_LIFETIME
+    assert args.plugin_service_account == "whereabouts-py"
+    host_root = args.host_root
+    paths = inst.paths_of(args)
     env = {e["name"]: e for e in container["env"]}
     assert env["NODENAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
@@ -144,11 +168,29 @@ def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted() ->
         if "hostPath" in volume:
             mounted[volume["hostPath"]["path"]] = mount["mountPath"]
             assert not mount.get("readOnly", False)
-    for host_dir in inst.HOST_DIRS:
+    for host_dir in paths.host_dirs:
         assert mounted.get(host_dir) == host_root + host_dir, (
             f"{host_dir} is not mounted at {host_root}{host_dir}"
         )
-    assert set(mounted) == set(inst.HOST_DIRS), "hostPath mounts the installer does not need"
+    assert set(mounted) == set(paths.host_dirs), "hostPath mounts the installer does not need"
+    # the agent reads the kubeconfig the flat file names, at its host path
+    [agent] = [c for c in pod["containers"] if c["name"] == "agent"]
+    agent_mounts = {
+        volumes[m["name"]]["hostPath"]["path"]: m["mountPath"]
+        for m in agent["volumeMounts"]
+        if "hostPath" in volumes[m["name"]]
+    }
+    assert agent_mounts[paths.conf_dir] == paths.conf_dir == os.path.dirname(paths.kubeconfig)
+
+    # the installer's identity: its projected token, the cluster CA and namespace, in this container only
+    identity = {m["mountPath"]: m for m in container["volumeMounts"]}[inst.SA_DIR]
+    sources = volumes[identity["name"]]["projected"]["sources"]
+    assert {"path": "token", "expirationSeconds": 3607} in [x.get("serviceAccountToken") for x in sources]
+    assert all(
+        inst.SA_DIR not in [m["mountPath"] for m in c["volumeMounts"]]
+        for c in pod["containers"]
+        if c is not container
+    )
 
     probe = container["readinessProbe"]["exec"]["command"]
     assert inst.DEFAULT_READY_FILE in probe
@@ -163,6 +205,28 @@ def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted() ->
     assert "add" not in security["capabilities"]
 
 
+@pytest.mark.parametrize("layout", OVERLAYS, ids=lambda p: p.name)
+def test_overlays_validate_against_kubernetes_schema(layout: Path) -> None:
+    for obj in kustomize(layout):
+        _validate(obj)
+
+
+def test_overlays_set_each_distributions_documented_paths() -> None:
+    expected = {
+        "k3s": ("/var/lib/rancher/k3s/data/cni", "/etc/cni/net.d"),
+        "openshift": ("/var/lib/cni/bin", "/etc/kubernetes/cni/net.d"),
+    }
+    assert {p.name for p in OVERLAYS} == set(expected)
+    for layout in OVERLAYS:
+        [install] = [
+            c
+            for c in pod_spec("DaemonSet", "whereabouts-py", kustomize(layout))["containers"]
+            if c["name"] == "install"
+        ]
+        args = inst.parse_args(install["args"])
+        assert (args.cni_bin_dir, args.cni_conf_dir) == expected[layout.name]
+
+
 def test_both_workloads_run_the_same_image() -> None:
     images = {
         pod_spec(kind, name)["containers"][0]["image"]
@@ -174,12 +238,14 @@ def test_both_workloads_run_the_same_image() -> None:
 PLUGIN_RULES = {
     (GROUP, "ippools"): {"get", "list", "create", "update"},
     (GROUP, "overlappingrangeipreservations"): {"get", "create", "update", "delete"},
+    (GROUP, "nodeslicepools"): {"get", "create", "update"},
 }
 RECONCILER_RULES = {
     (GROUP, "ippools"): {"get", "list", "update"},
     (GROUP, "overlappingrangeipreservations"): {"get", "list", "delete"},
-    ("", "pods"): {"list"},
+    (GROUP, "nodeslicepools"): {"get", "list", "update"},
 }
+RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}}
 
 
 def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -192,23 +258,50 @@ def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+def assert_bound(kind: str, name: str, account: str) -> None:
+    binding = find(kind + "Binding", name)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "kube-system"}]
+    if kind == "Role":
+        assert (
+            binding["metadata"]["namespace"] == find("Role", name)["metadata"]["namespace"] == "kube-system"
+        )
+
+
 @pytest.mark.parametrize(
     ("account", "rules"),
     [("whereabouts-py", PLUGIN_RULES), ("whereabouts-py-reconciler", RECONCILER_RULES)],
 )
-def test_cluster_roles_grant_exactly_the_verbs_each_component_uses(
+def test_roles_grant_exactly_the_verbs_each_component_uses_in_the_pools_namespace(
     account: str, rules: dict[tuple[str, str], set[str]]
 ) -> None:
-    assert granted(find("ClusterRole", account)) == rules
-    sa = find("ServiceAccount", account)
-    assert sa["metadata"]["namespace"] == "kube-system"
-    binding = find("ClusterRoleBinding", account)
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "ClusterRole",
-        "name": account,
-    }
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "kube-system"}]
+    assert granted(find("Role", account)) == rules
+    assert find("ServiceAccount", account)["metadata"]["namespace"] == "kube-system"
+    assert_bound("Role", account, account)
+
+
+def test_only_the_reconciler_has_a_cluster_wide_right_listing_pods() -> None:
+    cluster_roles = [o for o in all_objects() if o["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["whereabouts-py-reconciler"]
+    assert granted(cluster_roles[0]) == RECONCILER_CLUSTER_RULES
+    assert_bound("ClusterRole", "whereabouts-py-reconciler", "whereabouts-py-reconciler")
+    assert [o["metadata"]["name"] for o in all_objects() if o["kind"] == "ClusterRoleBinding"] == [
+        "whereabouts-py-reconciler"
+    ]
+
+
+def test_the_installer_may_mint_tokens_for_the_plugins_account_only() -> None:
+    role = find("Role", "whereabouts-py-installer")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["serviceaccounts/token"],
+            "resourceNames": ["whereabouts-py"],
+            "verbs": ["create"],
+        }
+    ]
+    assert_bound("Role", "whereabouts-py-installer", "whereabouts-py-installer")
+    assert inst.DEFAULT_PLUGIN_SERVICE_ACCOUNT == "whereabouts-py"
 
 
 def test_dockerfile_names_only_paths_that_exist() -> None:
