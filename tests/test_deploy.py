@@ -971,3 +971,29 @@ def test_a_refused_token_request_fails_cleanly_naming_the_rbac_rule(node: Node) 
     result = run_installer(node)
     assert_clean_failure(result, "HTTP 403", "serviceaccounts/token", "whereabouts-py")
     assert not node.at(inst.KUBECONFIG_PATH).exists() and not node.ready.exists()
+
+
+def test_a_long_lived_client_follows_the_installers_kubeconfig_rewrite(
+    node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node agent keeps one client per kubeconfig: after a renewal its next request must carry the
+    new token, since the old one expires a third of a lifetime later."""
+    from ipam.store.kubernetes import KubernetesStore
+
+    installer = inst.Installer(inst.parse_args(node.argv()))
+    installer.install()
+    store = KubernetesStore.connect(str(node.at(inst.KUBECONFIG_PATH)), str(node.tmp / "locks"))
+
+    def bearer() -> str:
+        return str(store.api_client.configuration.auth_settings()["BearerToken"]["value"])
+
+    assert bearer() == f"Bearer {node.api.minted[-1].token}"
+    start = time.time()
+    monkeypatch.setattr(inst, "now", lambda: start + 86400 * 2 / 3 + 1)
+    assert installer.write_config() == [inst.KUBECONFIG_PATH]
+    assert len(node.api.minted) == 2
+    assert bearer() == f"Bearer {node.api.minted[-1].token}"
+    # a broken replacement (not a kubeconfig) keeps the last good token instead of failing every call
+    node.at(inst.KUBECONFIG_PATH).write_text("garbage")
+    assert bearer() == f"Bearer {node.api.minted[-1].token}"
+    store.close()

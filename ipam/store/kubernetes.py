@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -62,6 +63,49 @@ def _raise_api(exc: ApiException, what: str) -> NoReturn:
     raise CNIError(errors.DATASTORE_ERROR, f"{what}: HTTP {status} {exc.reason}", str(exc.body or ""))
 
 
+def follow_token_renewal(configuration: Any, kubeconfig: str) -> None:
+    """Make `configuration` send the token the kubeconfig file holds now, not the one it held at load.
+
+    The installer renews the node's token by replacing the kubeconfig (rename, so a new inode); a
+    long-lived client (the node agent) must pick the new token up before the old one expires. The
+    client asks `refresh_api_key_hook` before every request: one stat, and a reload only when the file
+    was replaced. An unreadable or tokenless replacement keeps the last good token.
+    """
+    inner = configuration.refresh_api_key_hook
+    lock = threading.Lock()
+    state: dict[str, Any] = {"seen": _file_identity(kubeconfig), "token": None}
+
+    def hook(conf: Any) -> None:
+        if inner is not None:
+            inner(conf)  # the loader's own hook: it re-sets the token it loaded, and itself as the hook
+            conf.refresh_api_key_hook = hook
+        identity = _file_identity(kubeconfig)
+        if identity is not None and identity != state["seen"]:
+            with lock:
+                if identity != state["seen"]:
+                    fresh = k8s.Configuration()
+                    try:
+                        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=fresh)
+                        token = fresh.api_key.get("BearerToken")
+                    except (k8s_config.ConfigException, OSError, ValueError, TypeError):
+                        token = None
+                    if token:
+                        state["token"] = token
+                    state["seen"] = identity
+        if state["token"] is not None:
+            conf.api_key["BearerToken"] = state["token"]
+
+    configuration.refresh_api_key_hook = hook
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class KubernetesStore:
     def __init__(self, api_client: Any, namespace: str, lock_dir: str) -> None:
         self.api_client = api_client
@@ -81,6 +125,7 @@ class KubernetesStore:
         try:
             if kubeconfig:
                 k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+                follow_token_renewal(configuration, kubeconfig)
                 _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
                 context_ns = (active or {}).get("context", {}).get("namespace")
             else:
