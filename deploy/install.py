@@ -564,6 +564,27 @@ def mint_token(cluster: Cluster, service_account: str, lifetime: int) -> PluginT
     return PluginToken(token, expires, issued)
 
 
+def token_works(cluster: Cluster, token: str) -> bool | None:
+    """Whether the API server accepts `token`: a SelfSubjectReview (allowed to every authenticated
+    identity) made with it. True/False; None when the answer says nothing about the token (the server
+    is unreachable or has no such API), which keeps the token."""
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+    request = urllib.request.Request(
+        cluster.server + "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+    )
+    try:
+        context = ssl.create_default_context(cadata=cluster.ca.decode(errors="replace"))
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT, context=context):
+            return True
+    except urllib.error.HTTPError as exc:
+        return False if exc.code == 401 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 def jwt_claims(token: str) -> dict[str, object]:
     """The (unverified) claims of a service-account JWT; {} when it is not one. Used only to decide
     whether a kubeconfig left by an earlier run still holds a fresh token of the right account."""
@@ -661,17 +682,35 @@ class Installer:
         self.args = args
         self.paths = paths_of(args)
         self.token: PluginToken | None = None
+        self.checked_at = 0.0
 
     def plugin_token(self, cluster: Cluster) -> PluginToken:
         """The token to write: the current one until it is due, then a freshly minted one. A failed
-        renewal keeps the old token (valid until it expires) and raises, so it is retried."""
+        renewal keeps the old token (valid until it expires) and raises, so it is retried. A token
+        kept from an earlier run, and every --token-check-interval the current one, is shown to the
+        API server first: one it refuses (its ServiceAccount was deleted and recreated to revoke
+        every node's access) is replaced at once."""
+        refused = False
         if self.token is None:
             self.token = reusable_token(
                 self.args.host_root, self.paths, cluster, self.args.plugin_service_account
             )
             if self.token is not None:
-                say(f"kept the plugin's token from {self.paths.kubeconfig}: {describe(self.token)}")
-        if self.token is None or self.token.due():
+                self.checked_at = now()
+                refused = token_works(cluster, self.token.token) is False
+                if not refused:
+                    say(f"kept the plugin's token from {self.paths.kubeconfig}: {describe(self.token)}")
+        elif now() - self.checked_at >= self.args.token_check_interval:
+            self.checked_at = now()
+            refused = token_works(cluster, self.token.token) is False
+        if refused:
+            print(
+                f"{PROG}: error: the API server refuses the plugin's token (its ServiceAccount was "
+                "recreated?); minting a new one",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.token is None or refused or self.token.due():
             if self.token is not None and now() >= self.token.expires:
                 print(
                     f"{PROG}: error: the plugin's token expired at {format_time(self.token.expires)}",
@@ -679,6 +718,7 @@ class Installer:
                     flush=True,
                 )
             self.token = mint_token(cluster, self.args.plugin_service_account, self.args.token_lifetime)
+            self.checked_at = now()
             say(
                 f"minted a token for ServiceAccount {cluster.namespace}/{self.args.plugin_service_account}: "
                 f"{describe(self.token)}"
@@ -778,6 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", action="store_true", help="keep running; renew the plugin's token and repair the files"
     )
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between checks with --watch")
+    parser.add_argument(
+        "--token-check-interval",
+        type=float,
+        default=300.0,
+        help="seconds between showing the plugin's token to the API server with --watch, so a revoked "
+        "one (ServiceAccount recreated) is replaced (default: 300)",
+    )
     parser.add_argument(
         "--plugin-service-account",
         default=DEFAULT_PLUGIN_SERVICE_ACCOUNT,

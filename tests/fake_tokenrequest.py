@@ -72,6 +72,9 @@ class FakeTokenAPI:
     #: answer every request with this status instead (e.g. 403)
     fail_status: int | None = None
     minted: list[Minted] = field(default_factory=list)
+    #: minted tokens the server now refuses (their ServiceAccount was recreated)
+    revoked: set[str] = field(default_factory=set)
+    reviews: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def mint(self, namespace: str, account: str, bearer: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +120,11 @@ def serve(directory: Path) -> Iterator[FakeTokenAPI]:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
             bearer = self.headers.get("Authorization", "").removeprefix("Bearer ")
             match = TOKEN_PATH.match(self.path)
-            if api.fail_status is not None:
+            if self.path == "/apis/authentication.k8s.io/v1/selfsubjectreviews":
+                valid = {m.token for m in api.minted} - api.revoked
+                api.reviews += 1
+                self.reply(201 if bearer in valid else 401, {"kind": "SelfSubjectReview", "status": {}})
+            elif api.fail_status is not None:
                 self.reply(api.fail_status, {"kind": "Status", "message": "refused by the test"})
             elif bearer not in api.accepted:
                 self.reply(401, {"kind": "Status", "message": "Unauthorized"})

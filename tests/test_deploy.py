@@ -390,6 +390,7 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_api: FakeTokenAP
     token_api.grant_seconds = None
     token_api.fail_status = None
     token_api.minted.clear()
+    token_api.revoked.clear()
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text(POD_TOKEN + "\n")
@@ -546,6 +547,38 @@ def test_running_twice_changes_nothing(node: Node, capsys: pytest.CaptureFixture
     assert "wrote" not in out and "installed bundle" not in out
     assert len(node.api.minted) == 1  # the token in the kubeconfig is fresh enough: kept, not re-minted
     assert "kept the plugin's token from /etc/cni/net.d/whereabouts.d/whereabouts.kubeconfig: expires" in out
+    assert node.api.reviews == 1  # shown to the API server once before it is kept
+
+
+def test_a_kept_token_the_api_server_refuses_is_replaced(
+    node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_inproc(node, capsys)[0] == 0
+    node.api.revoked.add(node.api.minted[-1].token)  # the ServiceAccount was deleted and recreated
+    rc, _, err = run_inproc(node, capsys)
+    assert rc == 0, err
+    assert "refuses the plugin's token" in err
+    assert len(node.api.minted) == 2 and token_in_kubeconfig(node) == node.api.minted[-1].token
+
+
+def test_watch_replaces_a_revoked_token_at_the_next_check(node: Node) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(INSTALL_PY),
+            *node.argv("--watch", "--interval", "0.05", "--token-check-interval", "0.1"),
+        ],
+        env=node.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    node.watchers.append(proc)
+    wait_for(node.ready.exists, "first install", proc)
+    first = node.api.minted[0].token
+    node.api.revoked.add(first)
+    wait_for(lambda: token_in_kubeconfig(node) not in ("", first), "a new token after revocation", proc)
+    assert len(node.api.minted) == 2
 
 
 def test_a_token_due_for_renewal_is_replaced_at_the_next_run(

@@ -131,6 +131,9 @@ class InstallerPod:
     def token(self) -> str:
         return str(json.loads(Path(self.kubeconfig).read_text())["users"][0]["user"]["token"])
 
+    def installer_cluster(self) -> Any:
+        return inst.read_cluster(self.installer.args)
+
     def delete(self) -> None:
         self.kube.api.delete_pod(self.kube.namespace, "whereabouts-py-install")
 
@@ -347,3 +350,27 @@ def test_a_broken_manifest_fails_the_dry_run(apiserver: RealCluster) -> None:
     with pytest.raises(ApiError) as caught:
         apiserver.apply(ds, dry_run=True)
     assert caught.value.status in (400, 422)
+
+
+def test_recreating_the_plugins_service_account_revokes_every_token_and_installers_mint_anew(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """README's "revoke every node at once": the real server refuses tokens of the deleted account; a
+    running installer notices at its next check and writes a token of the new account."""
+    cluster, ns = real_kube.cluster, real_kube.namespace
+    pod = InstallerPod(real_kube, tmp_path, "--token-check-interval", "0.2")
+    pod.installer.install()
+    first = pod.token()
+    assert inst.token_works(pod.installer_cluster(), first) is True
+    real_kube.request("DELETE", f"/api/v1/namespaces/{ns}/serviceaccounts/{PLUGIN_SA}")
+    real_kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": PLUGIN_SA}})
+    poll(lambda: call(cluster, first, "GET", pools_path(ns)) == 401, "the old account's token refused")
+    stop = threading.Event()
+    watcher = threading.Thread(target=pod.installer.watch, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+        poll(lambda: pod.token() != first, "a token of the new account in the kubeconfig")
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+    assert call(cluster, pod.token(), "GET", pools_path(ns)) == 200
