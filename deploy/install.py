@@ -683,6 +683,7 @@ class Installer:
         self.paths = paths_of(args)
         self.token: PluginToken | None = None
         self.checked_at = 0.0
+        self.refused = False
 
     def plugin_token(self, cluster: Cluster) -> PluginToken:
         """The token to write: the current one until it is due, then a freshly minted one. A failed
@@ -704,13 +705,14 @@ class Installer:
             self.checked_at = now()
             refused = token_works(cluster, self.token.token) is False
         if refused:
+            self.refused = True  # until a new token is minted, even if minting fails for a while
             print(
                 f"{PROG}: error: the API server refuses the plugin's token (its ServiceAccount was "
                 "recreated?); minting a new one",
                 file=sys.stderr,
                 flush=True,
             )
-        if self.token is None or refused or self.token.due():
+        if self.token is None or self.refused or self.token.due():
             if self.token is not None and now() >= self.token.expires:
                 print(
                     f"{PROG}: error: the plugin's token expired at {format_time(self.token.expires)}",
@@ -719,6 +721,7 @@ class Installer:
                 )
             self.token = mint_token(cluster, self.args.plugin_service_account, self.args.token_lifetime)
             self.checked_at = now()
+            self.refused = False
             say(
                 f"minted a token for ServiceAccount {cluster.namespace}/{self.args.plugin_service_account}: "
                 f"{describe(self.token)}"

@@ -1030,3 +1030,20 @@ def test_a_long_lived_client_follows_the_installers_kubeconfig_rewrite(
     node.at(inst.KUBECONFIG_PATH).write_text("garbage")
     assert bearer() == f"Bearer {node.api.minted[-1].token}"
     store.close()
+
+
+def test_a_refused_token_is_replaced_at_the_first_mint_that_succeeds(node: Node) -> None:
+    args = inst.parse_args([*node.argv(), "--token-check-interval", "0"])
+    installer = inst.Installer(args)
+    installer.install()
+    first = token_in_kubeconfig(node)
+    node.api.revoked.add(first)
+    node.api.fail_status = 403  # revoked, and the first attempts to mint anew are refused too
+    with pytest.raises(inst.InstallError, match="HTTP 403"):
+        installer.write_config()
+    installer.args.token_check_interval = 3600  # no further check: the refusal is remembered
+    with pytest.raises(inst.InstallError, match="HTTP 403"):
+        installer.write_config()
+    node.api.fail_status = None
+    assert installer.write_config() == [inst.KUBECONFIG_PATH]
+    assert token_in_kubeconfig(node) == node.api.minted[-1].token != first
