@@ -178,21 +178,18 @@ def ensure_dir(path: str, host_root: str | None = None) -> None:
         parts = [] if rel == "." else rel.split(os.sep)
         components = [os.path.join(base, *parts[: i + 1]) for i in range(len(parts))]
     for component in components:
-        try:
-            os.mkdir(component, DIR_MODE)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise _os_error("cannot create directory", component, exc) from None
-        else:
+        if not os.path.lexists(component):  # above the mount points the container's root is read-only
             try:
-                os.chmod(component, DIR_MODE, follow_symlinks=False)  # the umask may have taken bits
+                os.mkdir(component, DIR_MODE)
+                os.chmod(component, DIR_MODE)  # the umask may have taken bits; lstat-checked below
+            except FileExistsError:
+                pass
             except OSError as exc:
-                raise _os_error("cannot set the mode of", component, exc) from None
-        check_dir(component)
+                raise _os_error("cannot create directory", component, exc) from None
+        check_dir(component, writable=component == components[-1])
 
 
-def check_dir(path: str) -> None:
+def check_dir(path: str, writable: bool = True) -> None:
     try:
         st = os.lstat(path)
     except OSError as exc:
@@ -208,7 +205,7 @@ def check_dir(path: str) -> None:
             f"directory {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
             "chmod go-w it"
         )
-    if not os.access(path, os.W_OK | os.X_OK):
+    if writable and not os.access(path, os.W_OK | os.X_OK):
         raise InstallError(f"directory {path} is not writable")
 
 

@@ -1047,3 +1047,29 @@ def test_a_refused_token_is_replaced_at_the_first_mint_that_succeeds(node: Node)
     node.api.fail_status = None
     assert installer.write_config() == [inst.KUBECONFIG_PATH]
     assert token_in_kubeconfig(node) == node.api.minted[-1].token != first
+
+
+def test_installs_under_a_read_only_root_with_only_the_host_dirs_writable(node: Node) -> None:
+    """As in the DaemonSet (readOnlyRootFilesystem): /host, /host/opt, /host/etc/cni/net.d ... are
+    read-only; only the hostPath mounts are writable. The installer must check, not create, the
+    directories above them. Reproduced with bind mounts in a private mount namespace (root)."""
+    assert os.geteuid() == 0, "needs root for a mount namespace (as in CI)"
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare (util-linux) is needed"
+    for directory in inst.HOST_DIRS:
+        node.at(directory).mkdir(parents=True, exist_ok=True)
+    host = str(node.host)
+    script = [f"mount --bind {host} {host}"]
+    script += [f"mount --bind {node.at(d)} {node.at(d)}" for d in inst.HOST_DIRS]
+    script += [f"mount -o remount,bind,ro {host}"]
+    script += [f"touch {host}/probe 2>/dev/null && {{ echo root still writable; exit 3; }}"]
+    script += ["exec " + " ".join([sys.executable, str(INSTALL_PY), *node.argv()])]
+    result = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "sh", "-ec", "\n".join(script)],
+        env=node.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert node.at(inst.KUBECONFIG_PATH).is_file() and node.at(inst.PLUGIN_PATH).is_file()
