@@ -241,11 +241,12 @@ PLUGIN_RULES = {
     (GROUP, "nodeslicepools"): {"get", "create", "update"},
 }
 RECONCILER_RULES = {
-    (GROUP, "ippools"): {"get", "list", "update"},
+    # create + delete: node slices, fence a slice pool before returning its slice, remove it after
+    (GROUP, "ippools"): {"get", "list", "update", "create", "delete"},
     (GROUP, "overlappingrangeipreservations"): {"get", "list", "delete"},
     (GROUP, "nodeslicepools"): {"get", "list", "update"},
 }
-RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}}
+RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}, ("", "nodes"): {"list"}}
 
 
 def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -280,7 +281,7 @@ def test_roles_grant_exactly_the_verbs_each_component_uses_in_the_pools_namespac
     assert_bound("Role", account, account)
 
 
-def test_only_the_reconciler_has_a_cluster_wide_right_listing_pods() -> None:
+def test_only_the_reconciler_has_cluster_wide_rights_listing_pods_and_nodes() -> None:
     cluster_roles = [o for o in all_objects() if o["kind"] == "ClusterRole"]
     assert [r["metadata"]["name"] for r in cluster_roles] == ["whereabouts-py-reconciler"]
     assert granted(cluster_roles[0]) == RECONCILER_CLUSTER_RULES

@@ -318,7 +318,9 @@ def test_the_reconcilers_identity_lists_pods_cluster_wide_and_pools_only_in_thei
     assert call(cluster, reconciler, "GET", "/api/v1/pods") == 200
     assert call(cluster, reconciler, "GET", pools_path(ns)) == 200
     assert call(cluster, reconciler, "GET", pools_path("default")) == 403
-    assert call(cluster, reconciler, "POST", pools_path(ns), pool("x")) == 403  # never creates a pool
+    assert call(cluster, reconciler, "POST", pools_path("default"), pool("x")) == 403
+    assert call(cluster, reconciler, "GET", "/api/v1/nodes") == 200  # node slices: which nodes exist
+    assert call(cluster, reconciler, "GET", f"/api/v1/namespaces/{ns}/secrets") == 403
     store = KubernetesStore.connect(real_kube.token_kubeconfig(RECONCILER_SA, ns, ns), str(tmp_path / "l"))
     try:
         store.list_pods()
