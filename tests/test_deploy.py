@@ -1007,16 +1007,37 @@ def test_a_refused_token_request_fails_cleanly_naming_the_rbac_rule(node: Node) 
     assert not node.at(inst.KUBECONFIG_PATH).exists() and not node.ready.exists()
 
 
+def cni_path_store(kubeconfig: str, tmp: Path) -> Any:
+    """A KubernetesStore opened the way a CNI call and the node agent open it: from a node flat file
+    naming `kubeconfig` (KubernetesStore.from_config), not from a path handed to connect()."""
+    from ipam.config import load_config
+    from ipam.store.kubernetes import KubernetesStore
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    flat = tmp / "whereabouts.conf"
+    flat_doc = {
+        "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kubeconfig},
+        "data_dir": str(tmp / "data"),
+    }
+    flat.write_text(json.dumps(flat_doc))
+    nad = {
+        "cniVersion": "1.0.0",
+        "name": "net",
+        "type": "x",
+        "ipam": {"type": "whereabouts-py", "range": "10.4.0.0/24"},
+    }
+    return KubernetesStore.from_config(load_config(json.dumps(nad).encode(), flat_search=[str(flat)]))
+
+
 def test_a_long_lived_client_follows_the_installers_kubeconfig_rewrite(
     node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The node agent keeps one client per kubeconfig: after a renewal its next request must carry the
     new token, since the old one expires a third of a lifetime later."""
-    from ipam.store.kubernetes import KubernetesStore
-
     installer = inst.Installer(inst.parse_args(node.argv()))
     installer.install()
-    store = KubernetesStore.connect(str(node.at(inst.KUBECONFIG_PATH)), str(node.tmp / "locks"))
+    store = cni_path_store(str(node.at(inst.KUBECONFIG_PATH)), node.tmp / "cni")
 
     def bearer() -> str:
         return str(store.api_client.configuration.auth_settings()["BearerToken"]["value"])

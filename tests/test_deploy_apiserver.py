@@ -20,7 +20,7 @@ from ipam.allocator import Lease
 from ipam.errors import CNIError
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealCluster, RealKube
-from tests.test_deploy import LAYOUTS, MANIFESTS, inst, kustomize, load_docs
+from tests.test_deploy import LAYOUTS, MANIFESTS, cni_path_store, inst, kustomize, load_docs
 
 GROUP_PATH = "/apis/whereabouts.cni.cncf.io/v1alpha1"
 PLUGIN_SA, INSTALLER_SA, RECONCILER_SA = (
@@ -201,11 +201,11 @@ def test_renewal_rewrites_the_kubeconfig_before_expiry_and_calls_never_see_401(
     stop = threading.Event()
     watcher = threading.Thread(target=pod.installer.watch, args=(stop,), daemon=True)
     watcher.start()
-    agent = KubernetesStore.connect(pod.kubeconfig, str(tmp_path / "locks"))
+    agent = cni_path_store(pod.kubeconfig, tmp_path / "agent")
     refused: list[str] = []
 
     def cni_calls() -> None:
-        for store in (agent, KubernetesStore.connect(pod.kubeconfig, str(tmp_path / "locks"))):
+        for store in (agent, cni_path_store(pod.kubeconfig, tmp_path / "exec")):
             try:
                 store.check_reachable()
                 store.read_pool("renewal", "10.8.0.0/24")

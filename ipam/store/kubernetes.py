@@ -68,8 +68,9 @@ def follow_token_renewal(configuration: Any, kubeconfig: str) -> None:
 
     The installer renews the node's token by replacing the kubeconfig (rename, so a new inode); a
     long-lived client (the node agent) must pick the new token up before the old one expires. The
-    client asks `refresh_api_key_hook` before every request: one stat, and a reload only when the file
-    was replaced. An unreadable or tokenless replacement keeps the last good token.
+    client asks `refresh_api_key_hook` before every request: one stat, and a re-read only when the
+    file was replaced. Only an inline `token` of the current context's user is taken (nothing is
+    executed, no other file is read); an unreadable or tokenless replacement keeps the last good one.
     """
     inner = configuration.refresh_api_key_hook
     lock = threading.Lock()
@@ -83,19 +84,30 @@ def follow_token_renewal(configuration: Any, kubeconfig: str) -> None:
         if identity is not None and identity != state["seen"]:
             with lock:
                 if identity != state["seen"]:
-                    fresh = k8s.Configuration()
-                    try:
-                        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=fresh)
-                        token = fresh.api_key.get("BearerToken")
-                    except (k8s_config.ConfigException, OSError, ValueError, TypeError):
-                        token = None
+                    token = kubeconfig_token(kubeconfig)
                     if token:
                         state["token"] = token
                     state["seen"] = identity
         if state["token"] is not None:
-            conf.api_key["BearerToken"] = state["token"]
+            conf.api_key["BearerToken"] = f"Bearer {state['token']}"
 
     configuration.refresh_api_key_hook = hook
+
+
+def kubeconfig_token(path: str) -> str | None:
+    """The inline bearer token of the kubeconfig's current-context user; None when there is none."""
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.safe_load(f)
+        context_name = doc["current-context"]
+        context = next(c["context"] for c in doc["contexts"] if c["name"] == context_name)
+        user = next(u["user"] for u in doc["users"] if u["name"] == context["user"])
+        token = user.get("token")
+    except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration, AttributeError):
+        return None
+    return token if isinstance(token, str) and token else None
 
 
 def _file_identity(path: str) -> tuple[int, int, int, int] | None:
