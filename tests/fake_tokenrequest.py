@@ -75,6 +75,8 @@ class FakeTokenAPI:
     #: minted tokens the server now refuses (their ServiceAccount was recreated)
     revoked: set[str] = field(default_factory=set)
     reviews: int = 0
+    #: the bearer token of every GET, in order
+    bearers: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def mint(self, namespace: str, account: str, bearer: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +117,11 @@ def serve(directory: Path) -> Iterator[FakeTokenAPI]:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            """Any list (e.g. the plugin's STATUS check on IPPools): empty, recording who asked."""
+            api.bearers.append(self.headers.get("Authorization", "").removeprefix("Bearer "))
+            self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": []})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")

@@ -392,6 +392,7 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_api: FakeTokenAP
     token_api.fail_status = None
     token_api.minted.clear()
     token_api.revoked.clear()
+    token_api.bearers.clear()
     sa = tmp_path / "sa"
     sa.mkdir()
     (sa / "token").write_text(POD_TOKEN + "\n")
@@ -1039,18 +1040,19 @@ def test_a_long_lived_client_follows_the_installers_kubeconfig_rewrite(
     installer.install()
     store = cni_path_store(str(node.at(inst.KUBECONFIG_PATH)), node.tmp / "cni")
 
-    def bearer() -> str:
-        return str(store.api_client.configuration.auth_settings()["BearerToken"]["value"])
+    def bearer() -> str:  # the token the store's next request carries
+        store.check_reachable()
+        return node.api.bearers[-1]
 
-    assert bearer() == f"Bearer {node.api.minted[-1].token}"
+    assert bearer() == node.api.minted[-1].token
     start = time.time()
     monkeypatch.setattr(inst, "now", lambda: start + 86400 * 2 / 3 + 1)
     assert installer.write_config() == [inst.KUBECONFIG_PATH]
     assert len(node.api.minted) == 2
-    assert bearer() == f"Bearer {node.api.minted[-1].token}"
+    assert bearer() == node.api.minted[-1].token
     # a broken replacement (not a kubeconfig) keeps the last good token instead of failing every call
     node.at(inst.KUBECONFIG_PATH).write_text("garbage")
-    assert bearer() == f"Bearer {node.api.minted[-1].token}"
+    assert bearer() == node.api.minted[-1].token
     store.close()
 
 

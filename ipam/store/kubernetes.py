@@ -21,7 +21,6 @@ from kubernetes.client.exceptions import ApiException
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, TransientStoreError
-from . import renewal
 from .base import PoolSnapshot
 from .locks import pool_lock
 
@@ -82,7 +81,9 @@ class KubernetesStore:
         try:
             if kubeconfig:
                 k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-                renewal.follow_token_renewal(configuration, kubeconfig)  # the installer renews the token
+                from .renewal import follow_token_renewal  # the installer renews the node's token
+
+                follow_token_renewal(configuration, kubeconfig)
                 _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
                 context_ns = (active or {}).get("context", {}).get("namespace")
             else:
