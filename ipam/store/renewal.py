@@ -3,6 +3,9 @@
 deploy/install.py mints the plugin's token with a lifetime and replaces the kubeconfig (by rename)
 with a third of it left. A CNI call reads the file afresh; the node agent keeps one client for its
 lifetime, so that client must pick the new token up before the old one expires.
+
+`KubeconfigToken` is the client-independent part (any HTTP client asks it before each request);
+`follow_token_renewal` wires it into the kubernetes package's Configuration.
 """
 
 from __future__ import annotations
@@ -12,33 +15,43 @@ import threading
 from typing import Any
 
 
-def follow_token_renewal(configuration: Any, kubeconfig: str) -> None:
-    """Make `configuration` send the token the kubeconfig file holds now, not the one it held at load.
+class KubeconfigToken:
+    """The inline bearer token the kubeconfig at `path` holds now: one stat per call, and a re-read
+    only when the file was replaced. Only an inline `token` of the current context's user is taken
+    (nothing is executed, no other file is read); an unreadable or tokenless replacement keeps the
+    last good one. None until the file has been replaced once (the client keeps what it loaded)."""
 
-    The installer renews the node's token by replacing the kubeconfig (rename, so a new inode); a
-    long-lived client (the node agent) must pick the new token up before the old one expires. The
-    client asks `refresh_api_key_hook` before every request: one stat, and a re-read only when the
-    file was replaced. Only an inline `token` of the current context's user is taken (nothing is
-    executed, no other file is read); an unreadable or tokenless replacement keeps the last good one.
-    """
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._seen = _file_identity(path)
+        self._token: str | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> str | None:
+        identity = _file_identity(self.path)
+        if identity is not None and identity != self._seen:
+            with self._lock:
+                if identity != self._seen:
+                    token = kubeconfig_token(self.path)
+                    if token:
+                        self._token = token
+                    self._seen = identity
+        return self._token
+
+
+def follow_token_renewal(configuration: Any, kubeconfig: str) -> None:
+    """Make a kubernetes-package `configuration` send the token `kubeconfig` holds now: the client
+    asks `refresh_api_key_hook` before every request."""
     inner = configuration.refresh_api_key_hook
-    lock = threading.Lock()
-    state: dict[str, Any] = {"seen": _file_identity(kubeconfig), "token": None}
+    source = KubeconfigToken(kubeconfig)
 
     def hook(conf: Any) -> None:
         if inner is not None:
             inner(conf)  # the loader's own hook: it re-sets the token it loaded, and itself as the hook
             conf.refresh_api_key_hook = hook
-        identity = _file_identity(kubeconfig)
-        if identity is not None and identity != state["seen"]:
-            with lock:
-                if identity != state["seen"]:
-                    token = kubeconfig_token(kubeconfig)
-                    if token:
-                        state["token"] = token
-                    state["seen"] = identity
-        if state["token"] is not None:
-            conf.api_key["BearerToken"] = f"Bearer {state['token']}"
+        token = source.current()
+        if token is not None:
+            conf.api_key["BearerToken"] = f"Bearer {token}"
 
     configuration.refresh_api_key_hook = hook
 
