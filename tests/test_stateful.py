@@ -108,6 +108,7 @@ class IPAMMachine(RuleBasedStateMachine):
             self.store,
             RetryPolicy(deadline_seconds=1.0, backoff_initial=0.01, backoff_max=0.1, rollback_seconds=3.0),
             network_name=self.cfg.ipam.network_name,
+            network=self.cfg.network,
             clock=self.time.clock,
             sleep=self.time.sleep,
             rng=random.Random(1),
