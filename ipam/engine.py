@@ -51,6 +51,7 @@ class AddOp:
     request: Request
     offset: int | None = None
     reused: bool = False
+    created: bool = False  # the last decision added a new lease (rather than confirming one)
     error: CNIError | None = None
     skip: set[int] = field(default_factory=set)  # offsets found reserved by another pool
     # leases this attachment held at addresses the config no longer allows, dropped by the write
@@ -182,7 +183,7 @@ class Engine:
             for op in reversed(reached):
                 # a pool whose schema prunes our token (a Whereabouts CRD): what this call created as far
                 # as it knows, i.e. the behaviour before tokens
-                self._release_quietly(op.spec, request, undo_deadline, untokened=not op.reused)
+                self._release_quietly(op.spec, request, undo_deadline, untokened=op.created)
             raise
         return done
 
@@ -324,7 +325,7 @@ class Engine:
 
     def _choose(self, name: str, op: AddOp, leases: Allocations) -> allocator.Decision | None:
         """Pick op's address among `leases`, avoiding addresses found reserved by another pool."""
-        op.offset, op.error = None, None
+        op.offset, op.error, op.created = None, None, False
         decision = allocator.allocate(op.spec, leases, op.request, op.skip)
         if decision is None:
             op.error = CNIError(
@@ -334,6 +335,7 @@ class Engine:
             )
             return None
         op.offset, op.reused = decision.offset, decision.reused
+        op.created = decision.changed and not decision.reused
         return decision
 
     # -- DEL / GC -------------------------------------------------------------------------------
