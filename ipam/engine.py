@@ -229,12 +229,12 @@ class Engine:
                     break
                 # another pool holds those addresses: give the leases back and place those ops again
                 try:
-                    drop = _drop_leases({(op.request.container_id, op.offset) for op in collided})
+                    drop = _drop_leases({(c.request.container_id, c.offset) for c in collided})
                     self._retry(name, deadline, self._mutation_step(name, cidr, drop, []))
                     self._write_batch(name, cidr, list(collided), deadline, None)
                 except CNIError as exc:  # theirs alone: the other ops' leases and reservations stand
-                    for op in collided:
-                        op.offset, op.error = None, exc
+                    for failed in collided:
+                        failed.offset, failed.error = None, exc
                     break
                 pending = list(collided)
             self._unreserve_moved(name, ops, deadline)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ipam import errors
-from ipam.allocator import Allocations, Lease, Request
+from ipam.allocator import Allocations, Request
 from ipam.engine import Assigned, Engine, RetryPolicy
 from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.ranges import RangeSpec, build_range, pool_name
