@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ipam import errors
 from ipam.agent import Agent, Coalescer, Metrics
@@ -37,6 +38,7 @@ from tests.kubeapi.fixtures import KubeHandle
 from tests.kubeapi.real import RealKube
 from tests.test_engine import FakeClock, FlakyStore, addresses, engine_for, leases, req
 
+CRDS = Path(__file__).parents[1] / "crds"
 OLD = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -200,6 +202,32 @@ def test_cni_gc_records_and_honours_the_config_name(tmp_path: Path) -> None:
     call("GC", "unused", conf("storage-a", {"cni.dev/valid-attachments": []}))
     pool = FileStore(str(tmp_path)).read_pool(pool_name("10.0.0.0/24"), "10.0.0.0/24").allocations
     assert [(lease.id, lease.network) for lease in pool.values()] == [("b1", "storage-b")]
+
+
+def test_cni_gc_across_networks_on_the_real_server(real_kube: RealKube, tmp_path: Path) -> None:
+    """The CRD declares `network`, so the API server keeps it and GC can tell the networks apart."""
+
+    def conf(name: str, extra: dict[str, Any] | None = None) -> bytes:
+        ipam = {"type": "whereabouts-py", "range": "10.64.0.0/24", "datastore": "kubernetes",
+                "kubernetes": {"kubeconfig": real_kube.kubeconfig_path}, "data_dir": str(tmp_path)}  # fmt: skip
+        return json.dumps({"cniVersion": "1.1.0", "name": name, "ipam": ipam, **(extra or {})}).encode()
+
+    def call(command: str, container: str, stdin: bytes) -> None:
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": "/x", "CNI_IFNAME": container,
+               "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={container}", "NODENAME": "n1"}  # fmt: skip
+        out = io.StringIO()
+        assert cni_run(env, stdin, out) == 0, out.getvalue()
+
+    call("ADD", "a1", conf("storage-a"))
+    call("ADD", "b1", conf("storage-b"))
+    call("GC", "unused", conf("storage-a", {"cni.dev/valid-attachments": []}))
+    [pool] = real_kube.api.objects("ippools", real_kube.namespace)
+    assert [(v["id"], v["network"]) for v in pool["spec"]["allocations"].values()] == [("b1", "storage-b")]
+    names = [
+        r["metadata"]["name"]
+        for r in real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
+    ]
+    assert names == ["10.64.0.2"]
 
 
 # -- 4. file datastore: reservation ownership changes are atomic -----------------------------------
@@ -494,6 +522,26 @@ def test_lost_answer_to_a_del_write_still_unreserves(kube: KubeHandle, tmp_path:
     assert addresses(gone) == ["10.62.0.1"]
     assert _kube_pool(store, R1) == {}
     assert _reservation_names(store) == []
+    store.close()
+
+
+def test_rollback_stays_all_or_nothing_when_a_foreign_crd_prunes_the_token(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    """Whereabouts' CRD applied over ours drops `token`: a failed ADD still removes what it created."""
+    crd = yaml.safe_load((CRDS / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for extra in ("node", "poduid", "created", "network", "token"):
+        del props["allocations"]["additionalProperties"]["properties"][extra]
+    kube.api.use_crds([crd, *(p for p in CRDS.glob("*.yaml") if "ippools" not in p.name)])
+    store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    engine = Engine(store, RetryPolicy(deadline_seconds=20))
+    engine.add([R1], Request("other", "net1", "apps/other"))
+    engine.add([R2], Request("filler", "net1", "apps/filler"))
+    with pytest.raises(CNIError):
+        engine.add([R1, R2], Request("x", "net1", "apps/x"))
+    assert [lease.id for lease in _kube_pool(store, R1).values()] == ["other"]
+    assert _reservation_names(store) == ["10.62.0.1", "10.63.0.0"]
     store.close()
 
 
