@@ -83,35 +83,45 @@ def test_agent_rollback_spares_the_lease_its_direct_mode_fallback_confirmed(
     assert addresses(direct.add([first, second], req(2))) == ["10.0.0.2", "fd00::2"]
 
 
-class StallingLocks(FileStore):
+class Stalling:
     """The agent's node lock for one pool waits until `release` is set, then times out (its deadline)."""
 
-    def __init__(self, data_dir: str, stall_pool: str) -> None:
-        super().__init__(data_dir)
-        self.stall_pool = stall_pool
-        self.stalled = threading.Event()
-        self.release = threading.Event()
+    stall_pool = ""
+    stalled: threading.Event
+    release: threading.Event
+
+    def stall(self, pool: str) -> None:
+        self.stall_pool, self.stalled, self.release = pool, threading.Event(), threading.Event()
 
     def pool_lock(self, name: str, timeout: float) -> Any:
         if name == self.stall_pool and not self.stalled.is_set():
             self.stalled.set()
             assert self.release.wait(10)
             raise CNIError(errors.TRY_AGAIN_LATER, f"timed out waiting for the node lock of pool {name}")
-        return super().pool_lock(name, timeout)
+        return super().pool_lock(name, timeout)  # type: ignore[misc]
 
 
-def test_agent_call_and_its_direct_mode_fallback_through_cni(tmp_path: Path) -> None:
+class StallingFileStore(Stalling, FileStore):
+    pass
+
+
+class StallingKubernetesStore(Stalling, KubernetesStore):
+    pass
+
+
+V4_65, V6_65 = "10.65.0.0/24", "fd00:65::/120"
+
+
+def _agent_and_fallback(ipam: dict[str, Any], store: Any, key: tuple[str, str, str]) -> None:
     """The same ADD through the agent (stalled on range 2, then failing) and in-process (the shim's
-    fallback, answered meanwhile): the address the fallback answered with stays leased."""
-    data = str(tmp_path / "data")
-    ipam = {"type": "whereabouts-py", "datastore": "file", "data_dir": data,
-            "ipRanges": [{"range": "10.65.0.0/24"}, {"range": "fd00:65::/120"}]}  # fmt: skip
+    fallback, answered meanwhile): the addresses the fallback answered with stay leased."""
+    ipam = {**ipam, "type": "whereabouts-py", "ipRanges": [{"range": V4_65}, {"range": V6_65}]}
     stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": ipam})
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/x", "CNI_IFNAME": "net1",
            "CNI_ARGS": "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p1", "NODENAME": "n1"}  # fmt: skip
     agent = Agent()
-    store = StallingLocks(data, pool_name("fd00:65::/120"))
-    agent.stores[("file", "", data)] = store
+    store.stall(pool_name(V6_65))
+    agent.stores[key] = store
     replies: list[dict[str, Any]] = []
     agent_call = threading.Thread(
         target=lambda: replies.append(agent.serve_call({"env": env, "stdin": stdin}))
@@ -119,16 +129,30 @@ def test_agent_call_and_its_direct_mode_fallback_through_cni(tmp_path: Path) -> 
     agent_call.start()
     assert store.stalled.wait(10)  # the agent wrote range 1 and waits for range 2's lock
     out = io.StringIO()
-    assert cni_run(env, stdin.encode(), out) == 0, out.getvalue()  # direct mode, the shim gave up
+    assert cni_run(env, stdin.encode(), out) == 0, out.getvalue()  # direct mode: the shim gave up
     answered = [ip["address"] for ip in json.loads(out.getvalue())["ips"]]
     store.release.set()
     agent_call.join(20)
-    assert replies[0]["code"] != 0  # the agent failed and rolled back: nothing of the answered ADD
-    agent.close()
+    assert replies[0]["code"] != 0  # the agent failed and rolled back what it still owned: nothing
     assert answered == ["10.65.0.1/24", "fd00:65::1/120"]
-    for cidr in ("10.65.0.0/24", "fd00:65::/120"):
+    for cidr in (V4_65, V6_65):
         assert [lease.id for lease in store.read_pool(pool_name(cidr), cidr).allocations.values()] == ["c1"]
     assert sorted(r["metadata"]["name"] for r in store.list_reservations()) == ["10.65.0.1", "fd00-65--1"]
+    agent.close()
+
+
+def test_agent_call_and_its_direct_mode_fallback_through_cni(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    _agent_and_fallback({"datastore": "file", "data_dir": data}, StallingFileStore(data), ("file", "", data))
+
+
+def test_agent_call_and_its_direct_mode_fallback_on_the_real_server(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    data, kubeconfig = str(tmp_path / "node"), real_kube.kubeconfig_path
+    ipam = {"datastore": "kubernetes", "kubernetes": {"kubeconfig": kubeconfig}, "data_dir": data}
+    store = StallingKubernetesStore.connect(kubeconfig, str(tmp_path / "node" / "locks"))
+    _agent_and_fallback(ipam, store, ("kubernetes", kubeconfig, data))
 
 
 def test_shim_waits_longer_than_any_agent_call_can_take() -> None:
