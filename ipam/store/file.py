@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
@@ -20,37 +20,48 @@ from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError
 from .base import PoolSnapshot
 from .locks import pool_lock
+from .safepath import UnsafePathError, open_dir, opened_dir, read_file_at
 
 API_VERSION = "whereabouts.cni.cncf.io/v1alpha1"
 
 
 def _atomic_write(path: Path, payload: bytes, exclusive: bool = False) -> None:
-    """Write `payload` to `path` via a fsync'd temp file; with `exclusive`, fail if `path` exists."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, path)  # atomic create-if-absent with the full content
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
+    """Write `payload` to `path` via a fsync'd temp file; with `exclusive`, fail if `path` exists.
+
+    Every step is relative to the directory's descriptor (no symlink followed, see safepath)."""
+    with opened_dir(str(path.parent), create=True) as dir_fd:
+        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if exclusive:
+                os.link(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                os.unlink(tmp, dir_fd=dir_fd)  # atomic create-if-absent with the full content
+            else:
+                os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
         os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def _unlink(path: Path) -> None:
+    """Remove `path` (not what a symlink there points to); absent is fine."""
+    try:
+        with opened_dir(str(path.parent)) as dir_fd:
+            os.unlink(path.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 class FileStore:
     def __init__(self, data_dir: str) -> None:
-        self.root = Path(data_dir)
+        # absolute and free of NUL (config validates it): resolved against / one component at a time
+        self.root = Path(os.path.abspath(data_dir))
         self.pools = self.root / "pools"
         self.reservations = self.root / "reservations"
         self.locks = str(self.root / "locks")
@@ -58,7 +69,11 @@ class FileStore:
     def _ensure_dirs(self) -> None:
         try:
             for directory in (self.pools, self.reservations):
-                directory.mkdir(parents=True, exist_ok=True)
+                os.close(open_dir(str(directory), create=True))
+        except UnsafePathError as exc:
+            raise CNIError(
+                errors.IO_FAILURE, f"data_dir {self.root}: {exc.filename} {exc.strerror}; symlinks are not followed"
+            ) from None
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot create data_dir {self.root}", str(exc)) from None
 
@@ -67,7 +82,8 @@ class FileStore:
 
     def _load(self, path: Path) -> dict[str, Any] | None:
         try:
-            raw = path.read_bytes()
+            with opened_dir(str(path.parent)) as dir_fd:
+                raw = read_file_at(dir_fd, path.name)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -127,10 +143,15 @@ class FileStore:
             raise CNIError(errors.IO_FAILURE, f"cannot write pool file {path}", str(exc)) from None
 
     def list_pools(self) -> list[PoolSnapshot]:
-        if not self.pools.is_dir():
+        try:
+            with opened_dir(str(self.pools)) as dir_fd:
+                names = sorted(n for n in os.listdir(dir_fd) if n.endswith(".json") and not n.startswith("."))
+        except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise CNIError(errors.IO_FAILURE, f"cannot list pool files in {self.pools}", str(exc)) from None
         out = []
-        for path in sorted(self.pools.glob("*.json")):
+        for path in (self.pools / n for n in names):
             doc = self._load(path)
             if doc is not None:
                 out.append(self._snapshot(path, path.stem, "", doc))
@@ -175,15 +196,16 @@ class FileStore:
         path = self._reservation_path(name)
         holder = self._read_reservation(path)
         if holder is not None and holder.held_by_container(container_id, ifname):
-            with suppress(FileNotFoundError):
-                path.unlink()
+            _unlink(path)
 
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return pool_lock(self.locks, name, timeout)
 
     def check_reachable(self) -> None:
         self._ensure_dirs()
-        if not os.access(self.pools, os.W_OK):
+        with opened_dir(str(self.pools)) as dir_fd:
+            writable = os.access(".", os.W_OK, dir_fd=dir_fd)
+        if not writable:
             raise CNIError(errors.PLUGIN_NOT_AVAILABLE, f"data_dir {self.root} is not writable")
 
     def close(self) -> None:
