@@ -173,15 +173,21 @@ class StoreCache:
     @contextmanager
     def use(self, cfg: Config) -> Iterator[Store]:
         key = (cfg.ipam.datastore, cfg.ipam.kubernetes.kubeconfig or "", cfg.ipam.data_dir)
+        idle: list[Store] = []
         with self.lock:
             store = self.stores.get(key)
             if store is None:
                 store = self.stores[key] = open_store(cfg)
                 while len(self.stores) > self.limit:
                     _, old = self.stores.popitem(last=False)
-                    self.evicted[id(old)] = old
+                    if self.users.get(id(old)):
+                        self.evicted[id(old)] = old  # closed by its last user
+                    else:
+                        idle.append(old)
             self.stores.move_to_end(key)
             self.users[id(store)] = self.users.get(id(store), 0) + 1
+        for old in idle:
+            old.close()
         try:
             yield store
         finally:

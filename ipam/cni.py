@@ -290,6 +290,9 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
         if command == "ADD":
             result = cmd_add(cfg, env, engines)
             out.write(json.dumps(result) + "\n")
+            # in the node agent the engine logs from a pool's worker thread, outside this call's
+            # settings: this line is the call's own record in its log file
+            log.info("cni.done", ips=[ip["address"] for ip in result["ips"]])
         elif command == "DEL":
             cmd_del(cfg, env, engines)
         elif command == "CHECK":

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from . import errors
 from .errors import CNIError
@@ -80,11 +80,16 @@ def _host_path(value: str) -> str:
     return value
 
 
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
 HostPath = Annotated[str, AfterValidator(_host_path)]
+OptionalHostPath = Annotated[HostPath | None, BeforeValidator(_empty_is_none)]  # "" means unset
 
 
 class KubernetesSettings(_Model):
-    kubeconfig: HostPath | None = None
+    kubeconfig: OptionalHostPath = None
 
 
 class IPAMConfig(_Model):
@@ -104,12 +109,12 @@ class IPAMConfig(_Model):
     node_slice_size: str | None = None
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     configuration_path: str | None = None
-    log_file: HostPath | None = None
+    log_file: OptionalHostPath = None
     log_level: Literal["debug", "verbose", "info", "warning", "error", "panic"] = "info"
     datastore: Literal["kubernetes", "file"] = "kubernetes"
     data_dir: HostPath = DEFAULT_DATA_DIR
     node_name: str = Field(default="", max_length=253)
-    agent_socket: HostPath | None = None
+    agent_socket: OptionalHostPath = None
     allow_nad_overrides: bool = False
     retry_deadline_seconds: float = Field(default=90.0, gt=0, le=200)
     retry_backoff_initial_ms: float = Field(default=5.0, gt=0)

@@ -105,9 +105,7 @@ def parse_kubeconfig(text: bytes, path: str, context: str | None = None) -> Kube
             )
     for key in REFUSED_CLUSTER_FIELDS:
         if cluster.get(key):
-            raise _bad(
-                path, f"uses clusters[].cluster.{key}: only certificate-authority-data is accepted"
-            )
+            raise _bad(path, f"uses clusters[].cluster.{key}: only certificate-authority-data is accepted")
     server = cluster.get("server")
     if not isinstance(server, str) or not server.startswith(("https://", "http://")):
         raise _bad(path, "has no https:// server for its current context")
