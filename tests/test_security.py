@@ -740,3 +740,70 @@ def test_agent_caps_concurrent_connections(
     release.set()
     thread.join(60)
     assert first and first[0] is not None and first[0][0] == 0, first
+
+
+# -- on the real API server ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("credential", ["client-certificate", "token"])
+def test_node_kubeconfig_with_inline_credentials_serves_on_the_real_server(
+    tmp_path: Path, real_kube: Any, credential: str
+) -> None:
+    """The node setup as the installer writes it: the flat file names an inline kubeconfig."""
+    if credential == "token":
+        kubeconfig = real_kube.token_kubeconfig("whereabouts-py", real_kube.namespace)
+        rules = [
+            {
+                "apiGroups": ["whereabouts.cni.cncf.io"],
+                "resources": ["ippools", "overlappingrangeipreservations"],
+                "verbs": ["get", "list", "create", "update", "delete"],
+            }
+        ]
+        real_kube.apply(
+            [
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "Role",
+                    "metadata": {"name": "plugin"},
+                    "rules": rules,
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": "plugin"},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "plugin"},
+                    "subjects": [
+                        {"kind": "ServiceAccount", "name": "whereabouts-py", "namespace": real_kube.namespace}
+                    ],
+                },
+            ]
+        )
+    else:
+        kubeconfig = real_kube.kubeconfig_path
+    node = Node(tmp_path, datastore="kubernetes", kubernetes={"kubeconfig": kubeconfig})
+    added = node.call("ADD", kubernetes={"kubeconfig": kubeconfig})  # repeating the node's value is fine
+    assert added.code == 0, added
+    assert added.result["ips"][0]["address"] == "10.216.0.1/24"
+    pools = real_kube.api.objects("ippools", real_kube.namespace)
+    assert [p["metadata"]["name"] for p in pools] == ["10.216.0.0-24"]
+
+
+@pytest.mark.parametrize(
+    ("cidr", "network_name", "pool", "reservation"),
+    [("::/120", "", "0---120", "0--1"), ("::/120", "n" * 128, "n" * 128 + "----120", "n" * 128 + "---1")],
+)
+def test_an_ipv6_range_from_double_colon_gets_names_the_real_server_accepts(
+    tmp_path: Path, real_kube: Any, cidr: str, network_name: str, pool: str, reservation: str
+) -> None:
+    node = Node(tmp_path, datastore="kubernetes", kubernetes={"kubeconfig": real_kube.kubeconfig_path})
+    conf = node.conf()
+    conf["ipam"].update(range=cidr, network_name=network_name)
+    added = run(conf, node.env("ADD"))
+    assert added.code == 0, added
+    assert added.result["ips"][0]["address"] == "::1/120"
+    assert [p["metadata"]["name"] for p in real_kube.api.objects("ippools", real_kube.namespace)] == [pool]
+    reservations = real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
+    assert [r["metadata"]["name"] for r in reservations] == [reservation]
+    deleted = run(conf, node.env("DEL"))
+    assert deleted.code == 0, deleted
+    assert real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace) == []
