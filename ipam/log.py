@@ -5,7 +5,8 @@ Never to stdout, which carries the CNI result. Kept dependency-free and cheap to
 Settings have two levels: the process's (`configure`: the agent's own level, a tool's log file) and
 one CNI call's (`begin_call`/`end_call`: its level, log file and context fields), kept per thread, so
 in the node agent one call's settings never apply to another call. The log file is opened per record
-with O_NOFOLLOW and must be a regular file: a planted symlink, FIFO or device is never written to.
+without following symlinks (in its directory path too) and must be a regular file: a planted
+symlink, FIFO or device is never written to.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from .safepath import open_dir
+
 _LEVELS = {"debug": 10, "verbose": 15, "info": 20, "warning": 30, "error": 40, "panic": 50}
 LOG_FILE_MODE = 0o640
 _OPEN_FLAGS = (
@@ -28,13 +31,21 @@ _OPEN_FLAGS = (
 def append_record(path: str, line: str) -> bool:
     """Append `line` to the regular file `path` (created 0640); False when that is not possible.
 
-    O_NOFOLLOW refuses a symlink as the last component, O_NONBLOCK keeps a FIFO from blocking the
-    call, and anything but a regular file is left alone. Never raises (a NUL byte included).
+    The directory is reached without following any symlink (safepath.open_dir) and the file is opened
+    relative to it with O_NOFOLLOW; O_NONBLOCK keeps a FIFO from blocking the call, and anything but a
+    regular file is left alone. Never raises (a NUL byte included).
     """
     try:
-        fd = os.open(path, _OPEN_FLAGS, LOG_FILE_MODE)
+        directory, name = os.path.split(os.path.abspath(path))
+        dir_fd = open_dir(directory)
     except (OSError, ValueError, TypeError):
         return False
+    try:
+        fd = os.open(name, _OPEN_FLAGS, LOG_FILE_MODE, dir_fd=dir_fd)
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False

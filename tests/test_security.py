@@ -446,6 +446,36 @@ def test_a_log_file_symlink_is_not_followed(tmp_path: Path, nad: bool) -> None:
     assert link.is_symlink()
 
 
+def test_a_symlinked_directory_in_the_log_path_is_not_followed(opt_in_node: Node) -> None:
+    """O_NOFOLLOW guards only the last component: a tenant's directory swapped for a symlink to a host
+    directory must not make root create a log file there (found trying to break this change)."""
+    node = opt_in_node
+    target = node.tmp / "host-dir"
+    target.mkdir()
+    (node.tenant / "logs").symlink_to(target)
+    call = node.call("ADD", log_file=str(node.tenant / "logs" / "x.log"), log_level="debug")
+    assert call.code == 0, call
+    assert tree(target) == {}
+
+
+def test_any_other_kubernetes_key_from_a_nad_is_refused(node: Node) -> None:
+    doc = error_of(
+        node.call("ADD", kubernetes={"k8s_api_root": "https://tenant.example"}), errors.INVALID_CONFIG
+    )
+    assert "ipam.kubernetes.k8s_api_root" in doc["msg"]
+    doc = error_of(node.call("ADD", kubernetes="/tenant/kubeconfig"), errors.INVALID_CONFIG)
+    assert "ipam.kubernetes" in doc["msg"]
+
+
+def test_path_tricks_do_not_pass_for_the_node_value(node: Node) -> None:
+    escaped = str(node.data_dir) + "/../tenant/data"
+    doc = error_of(node.call("ADD", data_dir=escaped), errors.INVALID_CONFIG)
+    assert "ipam.data_dir" in doc["msg"]
+    assert not (node.tenant / "data").exists()
+    same = f"{node.data_dir.parent}/./{node.data_dir.name}//"  # the node's path, spelled differently
+    assert node.call("ADD", data_dir=same).code == 0
+
+
 def test_a_fifo_or_directory_log_file_is_skipped_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.log"
     os.mkfifo(fifo)

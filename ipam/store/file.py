@@ -18,9 +18,9 @@ from typing import Any
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError
+from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
 from .base import PoolSnapshot
 from .locks import pool_lock
-from .safepath import UnsafePathError, open_dir, opened_dir, read_file_at
 
 API_VERSION = "whereabouts.cni.cncf.io/v1alpha1"
 

@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 
 from .. import errors
 from ..errors import CNIError
-from .safepath import UnsafePathError, open_dir
+from ..safepath import UnsafePathError, open_dir
 
 # flock is polled while another process holds it; short polls keep a queue of pods moving.
 POLL_SECONDS = 0.003

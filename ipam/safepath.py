@@ -1,4 +1,4 @@
-"""Directories the plugin writes as root, opened without following symlinks.
+"""Directories the plugin writes as root (data_dir, locks, the log file's), opened without following symlinks.
 
 `data_dir` and everything under it are reached one path component at a time from `/`, each opened
 with O_NOFOLLOW | O_DIRECTORY relative to its parent's descriptor, and files inside are opened,
