@@ -47,7 +47,8 @@ def append_record(path: str, line: str) -> bool:
     finally:
         os.close(dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link could name any file
             return False
         os.write(fd, line.encode("utf-8", errors="replace"))
         return True

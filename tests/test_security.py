@@ -486,6 +486,14 @@ def test_a_fifo_or_directory_log_file_is_skipped_without_blocking(tmp_path: Path
     assert append_record(str(fifo), "x\n") is False
 
 
+def test_a_hard_linked_log_file_is_not_written(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("ORIGINAL\n")
+    os.link(victim, tmp_path / "x.log")
+    assert append_record(str(tmp_path / "x.log"), "line\n") is False
+    assert victim.read_text() == "ORIGINAL\n"
+
+
 def test_a_new_log_file_is_private(tmp_path: Path) -> None:
     path = tmp_path / "new.log"
     old = os.umask(0)
