@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module is on the shim's import-light path
+    from collections.abc import Mapping, Sequence
 
 FLAT_FILE_ENV = "WHEREABOUTS_PY_FLAT_FILE"
 DEFAULT_FLAT_FILES = (

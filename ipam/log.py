@@ -19,8 +19,6 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .safepath import open_dir
-
 _LEVELS = {"debug": 10, "verbose": 15, "info": 20, "warning": 30, "error": 40, "panic": 50}
 LOG_FILE_MODE = 0o640
 _OPEN_FLAGS = (
@@ -35,6 +33,8 @@ def append_record(path: str, line: str) -> bool:
     relative to it with O_NOFOLLOW; O_NONBLOCK keeps a FIFO from blocking the call, and anything but a
     regular file is left alone. Never raises (a NUL byte included).
     """
+    from .safepath import open_dir  # only when a record is written to a file (not on the shim's path)
+
     try:
         directory, name = os.path.split(os.path.abspath(path))
         dir_fd = open_dir(directory)
