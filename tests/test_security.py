@@ -184,6 +184,17 @@ def test_each_node_only_key_from_a_nad_is_code_7_and_touches_nothing(node: Node)
     assert not marker.exists()
 
 
+def test_configuration_path_is_no_oracle_for_host_files(node: Node) -> None:
+    """The same answer whether the named file exists, is a flat file, or is missing."""
+    (node.tenant / "probe.conf").write_text(json.dumps({"data_dir": "/leak"}))
+    answers = []
+    for path in (str(node.tenant / "probe.conf"), "/etc/passwd", str(node.tenant / "missing")):
+        doc = error_of(node.call("ADD", configuration_path=path), errors.INVALID_CONFIG)
+        answers.append(doc["msg"].replace(repr(path), "PATH"))
+        assert "/leak" not in json.dumps(doc)
+    assert len(set(answers)) == 1, answers
+
+
 def test_a_nad_may_repeat_the_node_values(node: Node) -> None:
     same = {
         "datastore": "file",
@@ -585,6 +596,19 @@ def test_a_directory_swapped_for_a_symlink_mid_write_is_not_followed(
     file_store._atomic_write(store.pools / "p.json", b"{}")
     assert tree(target) == {}
     assert (tmp_path / "moved-pools" / "p.json").read_bytes() == b"{}"
+
+
+def test_a_symlinked_lock_file_does_not_truncate_its_target(tmp_path: Path) -> None:
+    """CVE-2025-68146: filelock < 3.20.1 truncated the target of a symlinked lock file."""
+    victim = tmp_path / "victim"
+    victim.write_text("host file\n")
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "p.lock").symlink_to(victim)
+    with pytest.raises(errors.CNIError) as info, pool_lock(str(locks), "p", 0.5):
+        pass
+    assert info.value.code in (errors.IO_FAILURE, errors.TRY_AGAIN_LATER)
+    assert victim.read_text() == "host file\n"
 
 
 def test_the_lock_directory_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
