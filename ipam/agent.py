@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,7 +31,7 @@ from . import cni
 from .config import Config
 from .engine import AddOp, Engine, Op, ReleaseOp
 from .log import log
-from .shim import DEFAULT_SOCKET
+from .shim import DEFAULT_SOCKET, WORK_MARGIN
 from .store.base import Store
 from .store.open import open_store
 
@@ -219,10 +219,14 @@ class Agent:
         self.cache = StoreCache()
 
     @contextmanager
-    def engines(self, cfg: Config) -> Iterator[Engine]:
+    def engines(self, cfg: Config, shim_timeout: float | None = None) -> Iterator[Engine]:
         with self.cache.use(cfg) as store:
             engine = cni.make_engine(cfg, store)
             engine.runner = self.coalescer.run
+            if shim_timeout is not None:  # done (rollback included) before the shim falls back to direct mode
+                policy = engine.policy
+                fits = max(1.0, shim_timeout - policy.rollback_seconds - WORK_MARGIN)
+                engine.policy = replace(policy, deadline_seconds=min(policy.deadline_seconds, fits))
             yield engine
 
     def serve_call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +235,9 @@ class Agent:
         command = env.get("CNI_COMMAND", "")
         out = io.StringIO()
         started = time.monotonic()
-        code = cni.run(env, stdin, out, engines=self.engines)
+        raw_timeout = request.get("timeout")
+        shim_timeout = float(raw_timeout) if isinstance(raw_timeout, (int, float)) else None
+        code = cni.run(env, stdin, out, engines=lambda cfg: self.engines(cfg, shim_timeout))
         self.metrics.latency.labels(command).observe(time.monotonic() - started)
         self.metrics.requests.labels(command, "ok" if code == 0 else "error").inc()
         return {"code": code, "stdout": out.getvalue()}
