@@ -869,3 +869,17 @@ def test_an_ipv6_range_from_double_colon_gets_names_the_real_server_accepts(
     deleted = run(conf, node.env("DEL"))
     assert deleted.code == 0, deleted
     assert real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace) == []
+
+
+def test_the_installers_kubeconfig_passes_the_cni_path_policy(tmp_path: Path) -> None:
+    """What deploy/install.py writes on a node is what the CNI path accepts: inline data only."""
+    from tests.test_deploy import inst
+
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    creds = inst.Credentials(server="https://10.96.0.1:443", token="tok", ca=pem, namespace="kube-system")
+    path = tmp_path / "whereabouts.kubeconfig"
+    path.write_bytes(inst.kubeconfig(creds))
+    path.chmod(0o600)
+    assert load_node_kubeconfig(str(path)) == KubeCredentials(
+        server="https://10.96.0.1:443", namespace="kube-system", ca_data=pem, token="tok"
+    )
