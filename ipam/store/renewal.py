@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -21,8 +22,9 @@ class KubeconfigToken:
     (nothing is executed, no other file is read); an unreadable or tokenless replacement keeps the
     last good one. None until the file has been replaced once (the client keeps what it loaded)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, read: Callable[[str], str | None] | None = None) -> None:
         self.path = path
+        self.read = read or kubeconfig_token
         self._seen = _file_identity(path)
         self._token: str | None = None
         self._lock = threading.Lock()
@@ -32,18 +34,24 @@ class KubeconfigToken:
         if identity is not None and identity != self._seen:
             with self._lock:
                 if identity != self._seen:
-                    token = kubeconfig_token(self.path)
+                    try:
+                        token = self.read(self.path)
+                    except Exception:  # a replacement the loader refuses: keep the last good token
+                        token = None
                     if token:
                         self._token = token
                     self._seen = identity
         return self._token
 
 
-def follow_token_renewal(configuration: Any, kubeconfig: str) -> None:
+def follow_token_renewal(
+    configuration: Any, kubeconfig: str, read: Callable[[str], str | None] | None = None
+) -> None:
     """Make a kubernetes-package `configuration` send the token `kubeconfig` holds now: the client
-    asks `refresh_api_key_hook` before every request."""
+    asks `refresh_api_key_hook` before every request. `read` extracts the token from a replaced file
+    (the CNI path passes its inline-only, root-owned-file loader); by default `kubeconfig_token`."""
     inner = configuration.refresh_api_key_hook
-    source = KubeconfigToken(kubeconfig)
+    source = KubeconfigToken(kubeconfig, read)
 
     def hook(conf: Any) -> None:
         if inner is not None:
