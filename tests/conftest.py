@@ -1,6 +1,6 @@
 import pytest
 
-from tests.kubeapi.fixtures import apiserver, kube, kube_server, real_kube  # noqa: F401
+from tests.kubeapi.fixtures import apiserver, k8s, kube, kube_server, real_kube  # noqa: F401
 from tests.kubeapi.real import ASSETS_ENV, assets_dir
 
 REAL_FIXTURES = {"apiserver", "real_kube"}

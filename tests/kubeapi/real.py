@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
+RBAC = ROOT / "deploy" / "rbac.yaml"
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 
 
@@ -328,6 +330,39 @@ class RealCluster:
         raise RuntimeError(f"CRD {crd} never became Established")
 
 
+def load_yaml(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def rebase_rbac(
+    docs: list[dict[str, Any]], namespace: str, suffix: str, cluster: RealCluster
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """RBAC manifests moved into one test namespace, whatever their shape (ClusterRole+Binding or
+    Role+RoleBinding): namespaced objects and ServiceAccount subjects go to `namespace`; cluster-scoped
+    objects (and roleRefs to ClusterRoles) get `-suffix` so tests never share or clobber them.
+    Also returns {app.kubernetes.io/component label (else name): ServiceAccount name}."""
+    out, accounts = [], {}
+    for doc in docs:
+        doc = copy.deepcopy(doc)
+        meta = doc.setdefault("metadata", {})
+        _, namespaced = cluster.resource(doc["apiVersion"], doc["kind"])
+        if namespaced:
+            meta["namespace"] = namespace
+        else:
+            meta["name"] = f"{meta['name']}-{suffix}"
+        ref = doc.get("roleRef")
+        if ref and ref.get("kind") == "ClusterRole":
+            ref["name"] = f"{ref['name']}-{suffix}"
+        for subject in doc.get("subjects") or []:
+            if subject.get("kind") == "ServiceAccount":
+                subject["namespace"] = namespace
+        if doc["kind"] == "ServiceAccount":
+            component = (meta.get("labels") or {}).get("app.kubernetes.io/component", meta["name"])
+            accounts[component] = meta["name"]
+        out.append(doc)
+    return out, accounts
+
+
 @dataclass
 class RealAPI:
     """The test server's helper surface (objects, put_pod, delete_pod) on the real server."""
@@ -353,7 +388,8 @@ class RealAPI:
         node: str | None = None,
     ) -> dict[str, Any]:
         """Create a pod (the server assigns uid and creationTimestamp), set its phase through the status
-        subresource, and with `deleting` delete it gracefully so it stays Terminating (no kubelet)."""
+        subresource, and with `deleting` delete it gracefully so it stays Terminating (no kubelet).
+        An existing pod of that name is updated (annotations, labels, phase) and keeps its uid."""
         self.cluster.ensure_namespace(namespace)
         meta: dict[str, Any] = {"name": name, "annotations": annotations or {}}
         if labels:
@@ -362,7 +398,15 @@ class RealAPI:
         if node or deleting:
             spec["nodeName"] = node or "node-a"
         base = f"/api/v1/namespaces/{namespace}/pods"
-        pod = self.cluster.request("POST", base, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
+        try:
+            pod = self.cluster.request(
+                "POST", base, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+            )
+        except ApiError as exc:  # it exists: an update of the same pod (same uid), as the test server does
+            if exc.status != 409:
+                raise
+            update = {k: v for k, v in (("annotations", annotations), ("labels", labels)) if v}
+            pod = self.cluster.request("PATCH", f"{base}/{name}", {"metadata": update})
         if phase != "Pending":
             pod["status"] = {**(pod.get("status") or {}), "phase": phase}
             pod = self.cluster.request("PUT", f"{base}/{name}/status", pod)
@@ -387,6 +431,8 @@ class RealKube:
     tmp_dir: Path
     kubeconfig_path: str = ""
     api: RealAPI = field(init=False)
+    kind: str = "apiserver"  # the `k8s` fixture's parameter: which server this is
+    _accounts: dict[str, str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.cluster.ensure_namespace(self.namespace)
@@ -420,6 +466,30 @@ class RealKube:
         self, objs: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None, dry_run: bool = False
     ) -> list[Any]:
         return self.cluster.apply(objs, namespace or self.namespace, dry_run)
+
+    # -- the components' own identities (deploy/rbac.yaml) ------------------------------------------
+
+    def apply_rbac(self) -> dict[str, str]:
+        """deploy/rbac.yaml, rebased into this namespace (once): {component label: ServiceAccount name}."""
+        if self._accounts is None:
+            docs, accounts = rebase_rbac(load_yaml(RBAC), self.namespace, self.namespace, self.cluster)
+            self.cluster.apply(docs)
+            self._accounts = accounts
+        return self._accounts
+
+    def identity_kubeconfig(self, component: str) -> str:
+        """A TokenRequest kubeconfig of the component's own ServiceAccount (`cni-plugin`, `reconciler`),
+        context namespace = this test's namespace (where the pools live)."""
+        accounts = self.apply_rbac()
+        if component not in accounts:
+            raise KeyError(f"deploy/rbac.yaml has no ServiceAccount labelled component={component}: {accounts}")
+        return self.token_kubeconfig(accounts[component], self.namespace)
+
+    def plugin_kubeconfig(self) -> str:
+        return self.identity_kubeconfig("cni-plugin")
+
+    def reconciler_kubeconfig(self) -> str:
+        return self.identity_kubeconfig("reconciler")
 
     def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         return self.cluster.request(method, path, body, params)
