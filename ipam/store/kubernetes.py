@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -34,6 +35,10 @@ RESERVATIONS = "overlappingrangeipreservations"
 DEFAULT_NAMESPACE = "kube-system"
 k8s_config: Any = _k8s_config  # untyped module
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
+# A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
+# has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
+# this long after the first one, then reported as final (bad credentials or RBAC).
+AUTH_SETTLE_SECONDS = 10.0
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -46,11 +51,28 @@ def _retry_after(exc: ApiException) -> float | None:
         return None
 
 
+# etcd refuses a write larger than its request limit (--max-request-bytes, 1.5 MiB by default): the
+# API server answers 500 with etcd's words, or 413 above its own 3 MiB body limit. Never transient.
+_TOO_LARGE = ("request is too large", "trying to send message larger than max")
+
+
+def _too_large(status: int, exc: ApiException) -> bool:
+    return status == 413 or (status == 500 and any(t in str(exc.body or "") for t in _TOO_LARGE))
+
+
 def _raise_api(exc: ApiException, what: str) -> NoReturn:
     """Map an API error to the engine's vocabulary: conflict, transient, or a final CNI error."""
     status = int(exc.status or 0)
     if status == 409:
         raise ConflictError(f"{what}: {exc.reason}")
+    if _too_large(status, exc):
+        raise CNIError(
+            errors.DATASTORE_ERROR,
+            f"{what}: the object is too large for the API server's storage (etcd's request-size limit, "
+            "about 10,000 leases in one IPPool), so this pool cannot grow; split the range into smaller "
+            "ranges or use node slices (node_slice_size) so that no one IPPool holds every lease",
+            str(exc.body or exc.reason),
+        )
     if status in _TRANSIENT_STATUS or status == 0:
         raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", _retry_after(exc))
     if status in (401, 403):
@@ -68,6 +90,8 @@ class KubernetesStore:
         self.api = k8s.CustomObjectsApi(api_client)
         self.namespace = namespace
         self.lock_dir = lock_dir
+        self.auth_settle_seconds = AUTH_SETTLE_SECONDS
+        self._refused_since: float | None = None  # monotonic time of the first 401/403 in a row
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
@@ -103,10 +127,16 @@ class KubernetesStore:
         by `_raise_api`, connection errors are transient."""
         try:
             response = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False, **kwargs)
+            self._refused_since = None
             return json.loads(response.data) if response.data else {}
         except ApiException as exc:
             if exc.status == 404 and missing_ok:
                 return None
+            if exc.status in (401, 403):
+                now = time.monotonic()
+                self._refused_since = self._refused_since or now
+                if now - self._refused_since < self.auth_settle_seconds:
+                    raise TransientStoreError(f"{what}: HTTP {exc.status} (the API server may be starting)") from None
             _raise_api(exc, what)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None

@@ -131,6 +131,7 @@ class RealCluster:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_etcd(self) -> None:
+        """Start etcd (again: same data directory, same ports) and wait for its /health."""
         peer = f"http://127.0.0.1:{self.peer_port}"
         client = f"http://127.0.0.1:{self.etcd_port}"
         argv = [
@@ -182,9 +183,24 @@ class RealCluster:
         self._terminate(self.apiserver)
 
     def restart_apiserver(self) -> None:
-        """Stop kube-apiserver (etcd keeps every object) and start it again on the same port."""
+        """Stop kube-apiserver (etcd keeps every object) and start it again on the same port; return
+        once custom resources are served again (after /readyz they answer 429 "storage is
+        (re)initializing" for a while)."""
         self.stop_apiserver()
         self.start_apiserver()
+        self.wait_crs_served()
+
+    def wait_crs_served(self, polls: int = 1200) -> None:
+        """Until IPPools can be listed: a CRD is Established before its storage is ready (429)."""
+        for _ in range(polls):
+            try:
+                self.request("GET", "/apis/whereabouts.cni.cncf.io/v1alpha1/ippools", params={"limit": "1"})
+                return
+            except ApiError as exc:
+                if exc.status not in (429, 503):
+                    raise
+            time.sleep(0.05)
+        raise RuntimeError("custom resources not served after the API server restart")
 
     def stop_etcd(self) -> None:
         self._terminate(self.etcd)
@@ -318,6 +334,7 @@ class RealCluster:
                     names.append(doc["metadata"]["name"])
         for name in names:
             self.wait_established(name)
+        self.wait_crs_served()
 
     def wait_established(self, crd: str) -> None:
         for _ in range(300):
