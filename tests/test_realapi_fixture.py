@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,43 @@ def test_server_side_dry_run_refuses_unknown_fields(real_kube: RealKube) -> None
     with pytest.raises(ApiError) as err:
         real_kube.apply({**cm, "bogus": 1}, dry_run=True)
     assert err.value.status == 400
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "crds").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_crd_passes_a_server_side_dry_run(real_kube: RealKube, path: Path) -> None:
+    """crds/ as written, replacing the installed copy under dry run with strict field validation."""
+    from tests.kubeapi.real import load_yaml
+
+    for crd in load_yaml(path):
+        url = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+        current = real_kube.request("GET", url)
+        body = {**crd, "metadata": {**crd["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        answer = real_kube.request("PUT", url, body, {"dryRun": "All", "fieldValidation": "Strict"})
+        assert answer["spec"]["group"] == "whereabouts.cni.cncf.io"
+        broken = copy.deepcopy(body)
+        broken["spec"]["bogus"] = True
+        with pytest.raises(ApiError) as err:  # the dry run really validates
+            real_kube.request("PUT", url, broken, {"dryRun": "All", "fieldValidation": "Strict"})
+        assert err.value.status == 400
+
+
+def test_rbac_rebase_gives_each_component_its_own_rights_in_the_test_namespace(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """The identities the real-tier tests run as: the plugin writes pools but cannot list pods; the
+    reconciler lists pools and pods. (Which namespaces each may reach: tests/test_deploy*.)"""
+    from ipam.errors import CNIError
+
+    plugin = KubernetesStore.connect(real_kube.plugin_kubeconfig(), str(tmp_path / "p"))
+    reconciler = KubernetesStore.connect(real_kube.reconciler_kubeconfig(), str(tmp_path / "r"))
+    try:
+        plugin.auth_settle_seconds = 0
+        plugin.write_pool(plugin.read_pool("10.3.0.0-24", "10.3.0.0/24"), {})
+        assert [p.name for p in reconciler.list_pools()] == ["10.3.0.0-24"]
+        real_kube.api.put_pod(real_kube.namespace, "p0")
+        assert any(p["metadata"]["name"] == "p0" for p in reconciler.list_pods())
+        with pytest.raises(CNIError, match="HTTP 403"):
+            plugin.list_pods()
+    finally:
+        for store in (plugin, reconciler):
+            store.close()

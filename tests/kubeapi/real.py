@@ -30,7 +30,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
-RBAC = ROOT / "deploy" / "rbac.yaml"
+
+def rbac_manifest() -> Path:
+    """deploy/rbac.yaml, or deploy/base/rbac.yaml once the manifests are a kustomize base."""
+    for path in (ROOT / "deploy" / "base" / "rbac.yaml", ROOT / "deploy" / "rbac.yaml"):
+        if path.exists():
+            return path
+    raise FileNotFoundError("no deploy/rbac.yaml or deploy/base/rbac.yaml")
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 
 
@@ -487,9 +493,9 @@ class RealKube:
     # -- the components' own identities (deploy/rbac.yaml) ------------------------------------------
 
     def apply_rbac(self) -> dict[str, str]:
-        """deploy/rbac.yaml, rebased into this namespace (once): {component label: ServiceAccount name}."""
+        """deploy's RBAC manifest, rebased into this namespace (once): {component label: ServiceAccount}."""
         if self._accounts is None:
-            docs, accounts = rebase_rbac(load_yaml(RBAC), self.namespace, self.namespace, self.cluster)
+            docs, accounts = rebase_rbac(load_yaml(rbac_manifest()), self.namespace, self.namespace, self.cluster)
             self.cluster.apply(docs)
             self._accounts = accounts
         return self._accounts
