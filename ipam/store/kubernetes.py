@@ -91,7 +91,7 @@ class KubernetesStore:
         self.namespace = namespace
         self.lock_dir = lock_dir
         self.auth_settle_seconds = AUTH_SETTLE_SECONDS
-        self._refused_since: float | None = None  # monotonic time of the first 401/403 in a row
+        self._refusals: tuple[float, float] | None = None  # (first, last) 401/403 of the current run
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
@@ -127,19 +127,26 @@ class KubernetesStore:
         by `_raise_api`, connection errors are transient."""
         try:
             response = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False, **kwargs)
-            self._refused_since = None
             return json.loads(response.data) if response.data else {}
         except ApiException as exc:
             if exc.status == 404 and missing_ok:
                 return None
-            if exc.status in (401, 403):
-                now = time.monotonic()
-                self._refused_since = self._refused_since or now
-                if now - self._refused_since < self.auth_settle_seconds:
-                    raise TransientStoreError(f"{what}: HTTP {exc.status} (the API server may be starting)") from None
-            _raise_api(exc, what)
+            self._raise(exc, what)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    def _raise(self, exc: Any, what: str) -> NoReturn:
+        """`_raise_api`, except that 401/403 are retried for `auth_settle_seconds` after the first of a
+        run of refusals (a run ends when none came for that long): a just-started API server's RBAC."""
+        if exc.status in (401, 403):
+            now = time.monotonic()
+            first = now
+            if self._refusals is not None and now - self._refusals[1] < self.auth_settle_seconds:
+                first = self._refusals[0]
+            self._refusals = (first, now)
+            if now - first < self.auth_settle_seconds:
+                raise TransientStoreError(f"{what}: HTTP {exc.status} (retried: the API server may be starting)")
+        _raise_api(exc, what)
 
     def _snapshot(self, obj: dict[str, Any], name: str, cidr: str) -> PoolSnapshot:
         spec = obj.get("spec") or {}
