@@ -197,3 +197,27 @@ def test_gc_releases_only_this_nodes_stale_leases(k8s: K8s, tmp_path: Path) -> N
     left = sorted(v["id"] for v in pool(k8s, "10.58.0.0-24")["spec"]["allocations"].values())
     assert left == ["keep-a", "stale-b"]
     assert reservations(k8s) == {"10.58.0.1", "10.58.0.3"}
+
+
+def test_refusals_are_retried_for_a_moment_then_reported(kube: KubeHandle, tmp_path: Path) -> None:
+    """A just-restarted kube-apiserver answers 403 until its RBAC cache syncs (seen on the real server,
+    tests/test_realapi_faults.py): scattered 403s are retried; a steady 403 becomes the final error."""
+    from ipam.allocator import Request
+    from ipam.engine import Engine, RetryPolicy
+    from ipam.errors import CNIError
+    from ipam.ranges import build_range
+    from ipam.store.kubernetes import KubernetesStore
+
+    store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    store.auth_settle_seconds = 0.5
+    engine = Engine(store, RetryPolicy(deadline_seconds=60))
+    spec = build_range("ipam", "10.59.0.0/24")
+    kube.api.set_faults(seed=2, error_rate=0.5, error_codes=(403,))
+    assert str(engine.add([spec], Request("a", "net1", "default/a"))[0].address) == "10.59.0.1"
+    kube.api.set_faults(error_rate=1.0, error_codes=(403,))
+    with pytest.raises(CNIError) as err:
+        engine.add([spec], Request("b", "net1", "default/b"))
+    assert err.value.code == 103 and "HTTP 403" in err.value.msg and "RBAC" in err.value.msg
+    kube.api.clear_faults()
+    assert [v["id"] for v in pool(kube, "10.59.0.0-24")["spec"]["allocations"].values()] == ["a"]
+    store.close()
