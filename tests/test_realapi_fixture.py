@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,18 @@ def test_rbac_rebase_gives_each_component_its_own_rights_in_the_test_namespace(
     finally:
         for store in (plugin, reconciler):
             store.close()
+
+
+def test_pool_managed_fields_do_not_list_every_lease(real_kube: RealKube, tmp_path: Path) -> None:
+    """allocations is an atomic map (crds/): managedFields name the map once, not each lease, so a
+    pool's every write does not grow with its field-ownership bookkeeping."""
+    from ipam.allocator import Lease
+
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    snapshot = store.read_pool("10.4.0.0-24", "10.4.0.0/24")
+    store.write_pool(snapshot, {i: Lease(f"c{i}", f"default/p{i}", "net1") for i in range(1, 4)})
+    store.close()
+    [pool] = real_kube.api.objects("ippools", real_kube.namespace)
+    fields = [json.dumps(m.get("fieldsV1", {})) for m in pool["metadata"]["managedFields"]]
+    assert any('"f:allocations": {}' in f for f in fields), fields
+    assert not any('"f:1"' in f for f in fields), fields
