@@ -547,6 +547,7 @@ def main() -> int:
             "its figures are not comparable with a cluster's",
             file=sys.stderr,
         )
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench."))
     cluster = Cluster(args.kubeconfig, args.latency_ms, work, args.server)
     e: list[dict[str, Any]] = []
@@ -577,7 +578,9 @@ def main() -> int:
             "",
             f"Command: `make bench` (`python -m bench {' '.join(sys.argv[1:])}`).",
             f"Server: {cluster.label}.",
-            f"Machine: {machine()}. Every whereabouts-py call: `{' '.join(SHIM)}` (direct mode: no agent socket).",
+            f"Machine: {machine()}; 1-minute load average {load_start:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end (the references come from part a: compare ratios, not ms).",
+            f"Every whereabouts-py call: `{' '.join(SHIM)}` (direct mode: no agent socket).",
             "",
             "Issue 9's figures, each beside its ratio to this run's references:",
             "",

@@ -69,8 +69,9 @@ def _raise_api(exc: ApiException, what: str) -> NoReturn:
         raise CNIError(
             errors.DATASTORE_ERROR,
             f"{what}: the object is too large for the API server's storage (etcd's request-size limit, "
-            "about 10,000 leases in one IPPool), so this pool cannot grow; split the range into smaller "
-            "ranges or use node slices (node_slice_size) so that no one IPPool holds every lease",
+            "~1.5 MiB: about 7,000 leases as whereabouts-py writes them, 10,000 in Whereabouts' layout), so "
+            "this pool cannot grow; split the range into smaller ranges or use node slices "
+            "(node_slice_size) so that no one IPPool holds every lease",
             str(exc.body or exc.reason),
         )
     if status in _TRANSIENT_STATUS or status == 0:
