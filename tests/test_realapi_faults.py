@@ -173,26 +173,26 @@ def whereabouts_pool(count: int) -> dict[str, Any]:
 
 
 def test_pool_too_large_for_etcd_is_a_clear_error_not_a_retry(fault_kube: RealKube, tmp_path: Path) -> None:
-    """A pool seeded a few hundred bytes below etcd's request limit: the ADDs that still fit succeed,
+    """A pool seeded ~1 kB below etcd's request limit: the ADDs that still fit succeed,
     the first that does not gets a final error naming the pool and what to do, and changes nothing."""
     kube = fault_kube
     base = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{kube.namespace}/ippools"
     kube.request("POST", base, whereabouts_pool(10_000))
     stored = kube.request("GET", f"{base}/10.91.0.0-16")
-    # one more Whereabouts lease whose podref fills the object to ~600 bytes below the limit
-    room = ETCD_REQUEST_LIMIT - 600 - len(json.dumps(stored, separators=(",", ":")))
+    # one more Whereabouts lease whose podref fills the object to ~1,000 bytes below the limit
+    room = ETCD_REQUEST_LIMIT - 1000 - len(json.dumps(stored, separators=(",", ":")))
     stored["spec"]["allocations"]["60000"] = {"id": "filler", "podref": "tenant-0/" + "f" * room, "ifname": "net1"}
     stored = kube.request("PUT", f"{base}/10.91.0.0-16", stored)
     conf = netconf(kube, tmp_path, "node-a", deadline=60)
     conf["ipam"]["range"] = "10.91.0.0/16"
     answers = []
-    for i in range(8):  # each lease adds ~250 bytes: the third ADD cannot fit
+    for i in range(10):  # each of our leases adds ~300 bytes: by the fourth or so one cannot fit
         call = run(conf, cni_env("ADD", f"big{i}", NODENAME="node-a"))
         answers.append(call)
         if call.code != 0:
             break
     failed = answers[-1]
-    assert failed.code != 0 and 1 <= len(answers) - 1 <= 4, [a.stdout for a in answers]
+    assert failed.code != 0 and 1 <= len(answers) - 1 <= 8, [a.stdout for a in answers]
     result = failed.result
     assert result["code"] == errors.DATASTORE_ERROR, result
     assert "10.91.0.0-16" in result["msg"] and "too large" in result["msg"], result
