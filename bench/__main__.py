@@ -32,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.cni_exec import cni_env as exec_env  # noqa: E402  (the runtime's env, shared with the suite)
+from tests.cni_exec import use_opt_in_flat_file  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 PLUGIN = str(VENV_BIN / "whereabouts-py")  # the installed console script: direct mode when no agent answers
@@ -547,6 +548,7 @@ def main() -> int:
             "its figures are not comparable with a cluster's",
             file=sys.stderr,
         )
+    use_opt_in_flat_file()  # the bench's NADs carry data_dir/kubeconfig: a single-tenant node flat file
     load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench."))
     cluster = Cluster(args.kubeconfig, args.latency_ms, work, args.server)
