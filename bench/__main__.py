@@ -544,7 +544,8 @@ def main() -> int:
         return 1
     if args.server == "testserver" and not args.kubeconfig:
         print(
-            f"bench: {ASSETS_ENV} is unset: measuring the Python API test server, NOT a real kube-apiserver; "
+            f"bench: {'--server testserver' if assets_dir() else ASSETS_ENV + ' is unset'}: measuring the "
+            "Python API test server, NOT a real kube-apiserver; "
             "its figures are not comparable with a cluster's",
             file=sys.stderr,
         )
