@@ -113,6 +113,30 @@ class NodeSlices:
         return None
 
 
+def parse_time(value: object) -> datetime | None:
+    """A Kubernetes timestamp (`2026-01-02T03:04:05Z`) as an aware datetime; None when unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def from_object(obj: Mapping[str, Any], name: str) -> NodeSlices:
+    """A NodeSlicePool object (Whereabouts' layout) as read from the store."""
+    spec = obj.get("spec") or {}
+    meta = obj.get("metadata") or {}
+    return NodeSlices(
+        name,
+        str(spec.get("range") or ""),
+        str(spec.get("sliceSize") or ""),
+        parse_entries((obj.get("status") or {}).get("allocations")),
+        str(meta.get("resourceVersion", "")),
+        token=obj,
+    )
+
+
 def parse_entries(raw: object) -> tuple[SliceEntry, ...]:
     if not isinstance(raw, list):
         return ()
