@@ -175,7 +175,9 @@ class Slicer:
     def _claiming(self, engine: Engine, deadline: float) -> Iterator[None]:
         with _LOCK:
             lock = _CLAIMS.setdefault(self._key, threading.Lock())
-        with lock, engine.store.pool_lock(f"nodeslicepool-{self.pool_name}", max(0.0, deadline - engine.clock())):
+        # this node's processes claim one at a time (a lock per node: on the file store all share a dir)
+        name = f"nodeslicepool-{self.pool_name}-{self.node}"
+        with lock, engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
             yield
 
     def _claim(self, engine: Engine, deadline: float, tried: set[str]) -> NodeSlices:
@@ -225,29 +227,31 @@ class Slicer:
 
     def _add_in(
         self, engine: Engine, spec: RangeSpec, slice_range: str, request: Request, deadline: float
-    ) -> tuple[Assigned, bool] | None:
-        """A lease in one slice; None when the slice is full, retired or not this node's."""
+    ) -> tuple[Assigned, bool] | str:
+        """A lease in one slice, or why not: "full", "retired" (reclaim is returning it), "not-held"."""
         from .engine import AddOp, Assigned
 
         name, sub = self._names(slice_range)
         if sub.size() == 0:
-            return None
+            return "full"
         sub_engine = self._sub_engine(engine)
         for _ in range(3):
             op = AddOp(sub, request)
             try:
                 sub_engine._submit(name, sub.cidr, [op], deadline)
             except PoolRetiredError as exc:
-                if exc.absent and self._create_pool(engine, slice_range, deadline):
+                if not exc.absent:
+                    return "retired"
+                if self._create_pool(engine, slice_range, deadline):
                     continue
-                return None
+                return "not-held"
             if op.error is None:
                 assert op.offset is not None
                 return Assigned(spec, sub.address_at(op.offset)), op.reused
             if op.error.code == errors.POOL_EXHAUSTED:
-                return None
+                return "full"
             raise op.error
-        return None
+        return "not-held"
 
     def _holding(self, engine: Engine, held: Sequence[str], request: Request) -> list[str]:
         """The node's slices, the one already holding this attachment's lease first (a repeated ADD)."""
@@ -265,7 +269,8 @@ class Slicer:
 
     def add(self, engine: Engine, spec: RangeSpec, request: Request, deadline: float) -> tuple[Assigned, bool]:
         pool = self._read(engine, deadline, refresh=False)
-        tried: set[str] = set()
+        tried: set[str] = set()  # not again in this ADD
+        unusable: set[str] = set()  # full or being returned: not worth claiming again
         refreshed = False
         first = True
         while True:
@@ -274,15 +279,18 @@ class Slicer:
                 held, first = self._holding(engine, held, request), False
             for s in held:
                 done = self._add_in(engine, spec, s, request, deadline)
-                if done is not None:
+                if not isinstance(done, str):
                     return done
                 tried.add(s)
+                if done != "not-held":
+                    unusable.add(s)
             if not refreshed:  # another process of this node may have claimed one meanwhile
                 refreshed = True
                 pool = self._read(engine, deadline, refresh=True)
                 if any(s not in tried for s in pool.held_by(self.node)):
                     continue
-            pool = self._claim(engine, deadline, tried)
+            pool = self._claim(engine, deadline, unusable)
+            tried -= set(pool.held_by(self.node)) - unusable
 
     # -- DEL / GC / CHECK / STATUS --------------------------------------------------------------
 
@@ -447,3 +455,17 @@ def reclaim_slices(
             log.info("slice.return", nodeslicepool=nsp.name, slice=r.slice_range, node=r.node, reason=r.reason)
             lines.append(f"{verb} {where}")
     return lines
+
+
+def return_slices(store: object, grace: float, dry_run: bool, now: datetime | None = None) -> list[str]:
+    """`reclaim_slices` for ipam-reconcile (and ipamctl): live nodes from the API; errors as lines."""
+    list_nodes = getattr(store, "list_nodes", None)
+    if not isinstance(store, SliceStore) or list_nodes is None:
+        return []
+    try:
+        if not store.list_node_slices():
+            return []
+        live: set[str] = list_nodes()
+        return reclaim_slices(store, live, grace, dry_run, now)
+    except (CNIError, ConflictError, TransientStoreError) as exc:
+        return [f"error returning node slices: {exc}"]

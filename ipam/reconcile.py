@@ -24,6 +24,7 @@ from .allocator import Allocations, Lease
 from .engine import Engine, RetryPolicy
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
+from .nodeslices import return_slices
 from .ranges import pool_name, reservation_name
 from .store.base import PoolSnapshot
 from .store.kubernetes import KubernetesStore
@@ -159,6 +160,9 @@ class Reconciler:
             elif judged:
                 summary.released += len(judged)
         self._orphaned_reservations(summary, now)
+        for line in return_slices(self.store, self.grace, self.dry_run, now):  # node slices (nodeslices.py)
+            summary.errors += line.startswith("error")
+            self.say(summary, line)
         self._finish(summary)
         return summary
 

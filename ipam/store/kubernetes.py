@@ -359,6 +359,18 @@ class KubernetesStore:
             self._put(what + "/status", NODE_SLICES, pool.name, {**done, "status": status}, status=True)
 
     def list_node_slices(self) -> list[NodeSlices]:
+        probe = self._call(
+            "list NodeSlicePools",
+            self.api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            NODE_SLICES,
+            limit=1,
+            missing_ok=True,
+        )
+        if not probe or not probe.get("items"):  # none, or the CRD is not installed
+            return []
         items = self._list_all(
             "list NodeSlicePools", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, NODE_SLICES
         )
