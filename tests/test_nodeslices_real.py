@@ -1,0 +1,169 @@
+"""Node slices on a real kube-apiserver: racing claims, Whereabouts' objects read as they are,
+reclaim after a Node is deleted (through ipam-reconcile), network_name, IPv6."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+from ipam import errors, nodeslices, reconcile
+from ipam.cni import run
+from tests.kubeapi.real import RealKube
+
+WB = "whereabouts.cni.cncf.io/v1alpha1"
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache() -> None:
+    nodeslices.forget_cache()
+
+
+def call(
+    kube: RealKube,
+    tmp: Path,
+    command: str,
+    cid: str,
+    node: str,
+    rng: str = "10.0.0.0/24",
+    size: str = "/26",
+    **extra: Any,
+) -> tuple[int, dict[str, Any]]:
+    ipam = {
+        "type": "whereabouts-py",
+        "range": rng,
+        "node_slice_size": size,
+        "node_name": node,
+        "data_dir": str(tmp / node),
+        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        **extra,
+    }
+    conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": "/var/run/netns/x",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": f"K8S_POD_NAMESPACE={kube.namespace};K8S_POD_NAME={cid}",
+    }
+    out = io.StringIO()
+    code = run(env, json.dumps(conf).encode(), out)
+    text = out.getvalue().strip()
+    return code, (json.loads(text) if text else {})
+
+
+def nsp(kube: RealKube, name: str = "net1") -> dict[str, Any]:
+    got: dict[str, Any] = kube.request("GET", f"/apis/{WB}/namespaces/{kube.namespace}/nodeslicepools/{name}")
+    return got
+
+
+def held(kube: RealKube, name: str = "net1") -> dict[str, str]:
+    return {e["sliceRange"]: e["nodeName"] for e in nsp(kube, name)["status"]["allocations"]}
+
+
+def pool(kube: RealKube, name: str) -> dict[str, Any]:
+    got: dict[str, Any] = kube.request("GET", f"/apis/{WB}/namespaces/{kube.namespace}/ippools/{name}")
+    return got
+
+
+def test_eight_nodes_race_for_slices_of_a_fresh_range(real_kube: RealKube, tmp_path: Path) -> None:
+    nodes = [f"node-{i}" for i in range(8)]
+    start = threading.Barrier(len(nodes))
+    results: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def node_adds(node: str) -> None:
+        start.wait()
+        results[node] = call(real_kube, tmp_path, "ADD", f"pod-{node}", node, rng="10.0.0.0/24", size="/28")
+
+    threads = [threading.Thread(target=node_adds, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(code == 0 for code, _ in results.values()), results
+    slices = held(real_kube)
+    assert len(slices) == 16  # every slice listed, in Whereabouts' layout
+    owners = [n for n in slices.values() if n]
+    assert sorted(owners) == sorted(nodes)  # each node exactly one slice: none doubled, none lost
+    for node, (_, doc) in results.items():
+        addr = IPAddress(doc["ips"][0]["address"].split("/")[0])
+        (mine,) = [s for s, n in slices.items() if n == node]
+        assert addr in IPNetwork(mine) and doc["ips"][0]["address"].endswith("/24")
+        leases = pool(real_kube, f"{node}-{mine.replace('/', '-')}")["spec"]["allocations"]
+        assert [v["podref"] for v in leases.values()] == [f"{real_kube.namespace}/pod-{node}"]
+    assert nsp(real_kube)["spec"] == {"range": "10.0.0.0/24", "sliceSize": "/28"}
+
+
+def test_whereabouts_node_slice_pool_and_slice_pools_are_honoured(real_kube: RealKube, tmp_path: Path) -> None:
+    ns = real_kube.namespace
+    slices = [f"10.0.0.{i * 64}/26" for i in range(4)]
+    # as Whereabouts' node-slice controller writes it: every slice listed, one per node, size without "/"
+    real_kube.apply({
+        "apiVersion": WB, "kind": "NodeSlicePool", "metadata": {"name": "net1", "namespace": ns},
+        "spec": {"range": "10.0.0.0/24", "sliceSize": "26"},
+        "status": {"allocations": [{"nodeName": n, "sliceRange": s} for n, s in zip(["", "node-a", "node-b", ""], slices, strict=True)]},
+    })
+    # and a slice pool Whereabouts' CNI made: offsets from the slice's network address
+    real_kube.apply({
+        "apiVersion": WB, "kind": "IPPool", "metadata": {"name": "node-a-10.0.0.64-26", "namespace": ns},
+        "spec": {"range": "10.0.0.64/26", "allocations": {"1": {"id": "wb-cid", "podref": f"{ns}/wb-pod", "ifname": "eth0"}}},
+    })
+    code, doc = call(real_kube, tmp_path, "ADD", "ours", "node-a", size="/26")
+    assert code == 0 and doc["ips"][0]["address"] == "10.0.0.66/24"
+    code, doc = call(real_kube, tmp_path, "ADD", "b0", "node-b", size="/26")
+    assert code == 0 and doc["ips"][0]["address"] == "10.0.0.129/24"
+    assert held(real_kube) == dict(zip(slices, ["", "node-a", "node-b", ""], strict=True))  # no claim needed
+    # DEL of the Whereabouts pod's container releases its lease in the same pool
+    assert call(real_kube, tmp_path, "DEL", "wb-cid", "node-a", size="/26")[0] == 0
+    assert set(pool(real_kube, "node-a-10.0.0.64-26")["spec"]["allocations"]) == {"2"}
+    assert call(real_kube, tmp_path, "CHECK", "ours", "node-a", size="/26")[0] == 0
+
+
+def test_reclaim_after_a_node_is_deleted(real_kube: RealKube, tmp_path: Path) -> None:
+    for node in ("node-a", "node-b"):
+        real_kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"{real_kube.namespace}-{node}"}})
+    a, b = f"{real_kube.namespace}-node-a", f"{real_kube.namespace}-node-b"
+    assert call(real_kube, tmp_path, "ADD", "a0", a)[0] == 0
+    assert call(real_kube, tmp_path, "ADD", "b0", b)[0] == 0
+    assert call(real_kube, tmp_path, "DEL", "b0", b)[0] == 0
+    real_kube.request("DELETE", f"/api/v1/nodes/{b}")
+    args = ["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"]
+    out = io.StringIO()
+    reconcile.main([*args, "--dry-run"], out)
+    line = f"would-return nodeslicepool=net1 slice=10.0.0.64/26 node={b} reason=node-gone"
+    assert line in out.getvalue().splitlines()
+    assert held(real_kube)["10.0.0.64/26"] == b  # dry run: nothing changed
+    out = io.StringIO()
+    reconcile.main(args, out)
+    assert line.replace("would-return", "return") in out.getvalue().splitlines()
+    assert held(real_kube) == {"10.0.0.0/26": a, "10.0.0.64/26": "", "10.0.0.128/26": "", "10.0.0.192/26": ""}
+    names = [p["metadata"]["name"] for p in real_kube.api.objects("ippools", real_kube.namespace)]
+    assert names == [f"{a}-10.0.0.0-26"]  # b's pool (and the fence) are gone; a's lease is a's
+    real_kube.request("DELETE", f"/api/v1/nodes/{a}")
+
+
+def test_node_slice_size_with_network_name(real_kube: RealKube, tmp_path: Path) -> None:
+    code, doc = call(real_kube, tmp_path, "ADD", "p0", "node-a", network_name="blue")
+    assert code == 0 and doc["ips"][0]["address"] == "10.0.0.1/24"
+    assert held(real_kube, "blue")["10.0.0.0/26"] == "node-a"
+    assert set(pool(real_kube, "blue-node-a-10.0.0.0-26")["spec"]["allocations"]) == {"1"}
+    reservations = [r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)]
+    assert reservations == ["blue-10.0.0.1"]
+    assert call(real_kube, tmp_path, "DEL", "p0", "node-a", network_name="blue")[0] == 0
+    assert real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace) == []
+
+
+def test_ipv6_slices(real_kube: RealKube, tmp_path: Path) -> None:
+    got = [call(real_kube, tmp_path, "ADD", f"p{i}", "node-a", rng="fd00::/120", size="/124") for i in range(3)]
+    assert [doc["ips"][0]["address"] for _, doc in got] == ["fd00::1/120", "fd00::2/120", "fd00::3/120"]
+    assert held(real_kube)["fd00::/124"] == "node-a" and len(held(real_kube)) == 16
+    assert set(pool(real_kube, "node-a-fd00---124")["spec"]["allocations"]) == {"1", "2", "3"}
+    assert call(real_kube, tmp_path, "ADD", "q", "node-b", rng="fd00::/120", size="/124")[1]["ips"][0]["address"] == "fd00::11/120"
+    assert pool(real_kube, "node-b-fd00--10-124")["spec"]["range"] == "fd00::10/124"
+    code, doc = call(real_kube, tmp_path, "ADD", "x", "node-a", rng="fd00::/120", size="/20")
+    assert code == 1 and doc["code"] == errors.INVALID_CONFIG and "ipam.node_slice_size" in doc["msg"]
