@@ -38,6 +38,7 @@ from .slices import (
     exhausted_message,
     fresh,
     matches,
+    network_prefixes,
     reclaimable,
     release,
     slice_pool_name,
@@ -469,3 +470,12 @@ def return_slices(store: object, grace: float, dry_run: bool, now: datetime | No
         return reclaim_slices(store, live, grace, dry_run, now)
     except (CNIError, ConflictError, TransientStoreError) as exc:
         return [f"error returning node slices: {exc}"]
+
+
+def slice_network_prefixes(store: object, pools: Sequence[PoolSnapshot]) -> dict[str, str]:
+    """Which network name the reservations of each slice pool carry (see `slices.network_prefixes`);
+    empty when the store has no NodeSlicePools. The reconciler must use it: deriving the prefix from a
+    slice pool's name would take the node for part of the network name."""
+    if not isinstance(store, SliceStore):
+        return {}
+    return network_prefixes(store.list_node_slices(), [p.name for p in pools])

@@ -250,3 +250,29 @@ def exhausted_message(spec: RangeSpec, size_text: str, pool: NodeSlices, node: s
 
 def to_status(entries: Sequence[SliceEntry]) -> dict[str, Any]:
     return {"allocations": [e.to_json() for e in entries]}
+
+
+def network_prefixes(node_slice_pools: Iterable[NodeSlices], pool_names: Iterable[str]) -> dict[str, str]:
+    """For each slice pool among `pool_names`: the network name its reservations carry.
+
+    A slice pool's name holds the node between the network name and the slice (`blue-node-a-10.0.0.64-26`
+    reserves `blue-10.0.0.65`), so the name alone does not tell where the network name ends; the
+    NodeSlicePools do (named after network_name, or after the network's name when it has none, and
+    then the pool names carry no prefix). Pools that are not slice pools are left out.
+    """
+    names = set(pool_names)
+    out: dict[str, str] = {}
+    guessed: dict[str, str] = {}  # the node holds no slice any more: go by the name
+    for pool in node_slice_pools:
+        nodes = {e.node for e in pool.entries if e.node}
+        for bare in {pool_name(e.slice_range) for e in pool.entries}:
+            for name in [n for n in names if n.endswith("-" + bare)]:
+                head = name[: -len(bare) - 1]
+                named = head.startswith(pool.name + "-")
+                if named and head[len(pool.name) + 1 :] in nodes:
+                    out[name] = pool.name
+                elif head in nodes:
+                    out.setdefault(name, "")
+                elif named or name not in guessed:
+                    guessed[name] = pool.name if named else ""
+    return {**guessed, **out}

@@ -25,6 +25,7 @@ from ipam.slices import (
     SlicePoolState,
     claim,
     cut,
+    network_prefixes,
     reclaimable,
     slice_pool_name,
     slice_prefix,
@@ -407,3 +408,14 @@ def test_conflicting_nodeslicepool_write_is_a_conflict(tmp_path: Path) -> None:
     store.write_node_slices(current, (SliceEntry("a", "10.0.0.0/30"),))
     with pytest.raises(ConflictError):
         store.write_node_slices(current, (SliceEntry("b", "10.0.0.0/30"),))
+
+
+def test_reservation_prefix_of_slice_pools_comes_from_the_node_slice_pool() -> None:
+    blue = NodeSlices("blue", "10.0.0.0/24", "/26", (SliceEntry("node-a", "10.0.0.0/26"), SliceEntry("", "10.0.0.64/26")), "1")
+    net1 = NodeSlices("net1", "10.1.0.0/24", "/26", (SliceEntry("net1-x", "10.1.0.0/26"),), "1")
+    names = ["blue-node-a-10.0.0.0-26", "blue-old-node-10.0.0.64-26", "net1-x-10.1.0.0-26", "10.2.0.0-24", "blue-10.0.0.0-24"]
+    assert network_prefixes([blue, net1], names) == {
+        "blue-node-a-10.0.0.0-26": "blue",
+        "blue-old-node-10.0.0.64-26": "blue",  # its node holds no slice now: by the name
+        "net1-x-10.1.0.0-26": "",  # NodeSlicePool named after the network (no network_name): no prefix
+    }

@@ -167,3 +167,19 @@ def test_ipv6_slices(real_kube: RealKube, tmp_path: Path) -> None:
     assert pool(real_kube, "node-b-fd00--10-124")["spec"]["range"] == "fd00::10/124"
     code, doc = call(real_kube, tmp_path, "ADD", "x", "node-a", rng="fd00::/120", size="/20")
     assert code == 1 and doc["code"] == errors.INVALID_CONFIG and "ipam.node_slice_size" in doc["msg"]
+
+
+def test_reconciler_keeps_the_reservations_of_slice_pools(real_kube: RealKube, tmp_path: Path) -> None:
+    ns = real_kube.namespace
+    real_kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}, namespace=ns)
+    for cid, net in (("p0", "blue"), ("p1", "")):
+        real_kube.api.put_pod(ns, cid, node="node-a")
+        extra = {"network_name": net} if net else {}
+        assert call(real_kube, tmp_path, "ADD", cid, "node-a", **extra)[0] == 0
+    before = sorted(r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", ns))
+    assert before == ["10.0.0.1", "blue-10.0.0.1"]
+    out = io.StringIO()
+    assert reconcile.main(["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"], out) == 0, out.getvalue()
+    assert "reservations_deleted=0" in out.getvalue()
+    after = sorted(r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", ns))
+    assert after == before
