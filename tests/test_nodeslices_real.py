@@ -183,3 +183,35 @@ def test_reconciler_keeps_the_reservations_of_slice_pools(real_kube: RealKube, t
     assert "reservations_deleted=0" in out.getvalue()
     after = sorted(r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", ns))
     assert after == before
+
+
+def test_agent_coalesces_per_slice_pool_and_keeps_the_slice_list_warm(real_kube: RealKube, tmp_path: Path) -> None:
+    from ipam.agent import Agent
+
+    agent = Agent()
+    results: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"c{i}", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+               "CNI_ARGS": f"K8S_POD_NAMESPACE={real_kube.namespace};K8S_POD_NAME=c{i}"}
+        ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": "node-a",
+                "data_dir": str(tmp_path), "kubernetes": {"kubeconfig": real_kube.kubeconfig_path}}
+        conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
+        reply = agent.serve_call({"env": env, "stdin": json.dumps(conf)})
+        assert reply["code"] == 0, reply
+        with lock:
+            results[f"c{i}"] = json.loads(reply["stdout"])["ips"][0]["address"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]  # two /28 slices' worth
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    agent.close()
+    assert len(set(results.values())) == 30
+    mine = [IPNetwork(s) for s, n in held(real_kube).items() if n == "node-a"]
+    assert len(mine) == 3  # 14 addresses a /28 slice: 30 ADDs need three, and no more were claimed
+    assert all(any(IPAddress(a.split("/")[0]) in net for net in mine) for a in results.values())
+    count = next(s.value for s in agent.metrics.batches.collect()[0].samples if s.name.endswith("_count"))
+    assert count < 30  # fewer pool writes than calls: coalesced per slice pool
