@@ -86,25 +86,29 @@ class FencedStore:
         self.inner.close()
 
 
-# Per process (the agent's is long-lived): NodeSlicePools as last read, the fenced view of each store,
-# one claim at a time per NodeSlicePool.
+# Per process (the agent's is long-lived, with one store per datastore): NodeSlicePools as last read,
+# the fenced view of each store (one per store, so the agent's coalescer keys stay stable), one claim
+# at a time per NodeSlicePool. Keyed by the store object itself (identity), never by a reusable id().
 _LOCK = threading.Lock()
-_CACHE: dict[tuple[int, str], NodeSlices] = {}
-_FENCED: dict[int, FencedStore] = {}
-_CLAIMS: dict[tuple[int, str], threading.Lock] = {}
+_CACHE: dict[tuple[object, str], NodeSlices] = {}
+_FENCED: dict[object, FencedStore] = {}
+_CLAIMS: dict[tuple[object, str], threading.Lock] = {}
 
 
 def fenced(store: Store) -> FencedStore:
     with _LOCK:
-        found = _FENCED.get(id(store))
-        if found is None or found.inner is not store:
-            found = _FENCED[id(store)] = FencedStore(store)
+        found = _FENCED.get(store)
+        if found is None:
+            found = _FENCED[store] = FencedStore(store)
         return found
 
 
 def forget_cache() -> None:
+    """Drop what this process remembers (tests; a store that was closed)."""
     with _LOCK:
         _CACHE.clear()
+        _FENCED.clear()
+        _CLAIMS.clear()
 
 
 @dataclass
@@ -124,8 +128,8 @@ class Slicer:
         return spec == self.spec
 
     @property
-    def _key(self) -> tuple[int, str]:
-        return (id(self.store), self.pool_name)
+    def _key(self) -> tuple[object, str]:
+        return (self.store, self.pool_name)
 
     def _names(self, slice_range: str) -> tuple[str, RangeSpec]:
         return slice_pool_name(self.node, slice_range, self.network_name), slice_spec(self.spec, slice_range)
