@@ -294,6 +294,11 @@ class Slicer:
                 pool = self._read(engine, deadline, refresh=True)
                 if any(s not in tried for s in pool.held_by(self.node)):
                     continue
+            if engine.clock() >= deadline:
+                raise CNIError(
+                    errors.TRY_AGAIN_LATER,
+                    f"no usable slice of range {self.spec.cidr} for node {self.node} within the deadline; try again later",
+                )
             pool = self._claim(engine, deadline, unusable)
             tried -= set(pool.held_by(self.node)) - unusable
 
