@@ -258,31 +258,16 @@ class Slicer:
             raise op.error
         return "not-held"
 
-    def _holding(self, engine: Engine, held: Sequence[str], request: Request) -> list[str]:
-        """The node's slices, the one already holding this attachment's lease first (a repeated ADD)."""
-        if len(held) < 2:
-            return list(held)
-        for s in held:
-            name, sub = self._names(s)
-            try:
-                leases = engine.store.read_pool(name, sub.cidr).allocations
-            except PoolRetiredError:
-                continue
-            if any(lease.owned_by(request.podref, request.ifname, request.container_id) for lease in leases.values()):
-                return [s] + [x for x in held if x != s]
-        return list(held)
-
     def add(self, engine: Engine, spec: RangeSpec, request: Request, deadline: float) -> tuple[Assigned, bool]:
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
         refreshed = False
-        first = True
         while True:
-            held = [s for s in pool.held_by(self.node) if s not in tried]
-            if first:
-                held, first = self._holding(engine, held, request), False
-            for s in held:
+            # in the NodeSlicePool's order: a full slice's read still finds this attachment's lease
+            # there (reuse is checked before room), so a repeated ADD gets its address back unless
+            # its lease sits in a later slice while an earlier one has room again
+            for s in [s for s in pool.held_by(self.node) if s not in tried]:
                 done = self._add_in(engine, spec, s, request, deadline)
                 if not isinstance(done, str):
                     return done
