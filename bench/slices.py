@@ -143,6 +143,58 @@ def node_slice_burst(
     }
 
 
+def filled_range_latency(
+    kubeconfig: str, seed: Callable[[dict[str, Any]], None], work: Path, runs: int, nodes: int, per_node: int
+) -> list[dict[str, Any]]:
+    """ADD p50 on one node (agent + shim, DEL between, so its slice stays as it was) in an empty
+    range, and in a range whose other `nodes` nodes' slices hold `per_node` leases each."""
+    import statistics
+
+    rows = []
+    for label, cidr, network, fill in (
+        ("empty range", "10.212.0.0/16", "empty", 0),
+        (f"{nodes * per_node} leases in {nodes} other nodes' slices", "10.213.0.0/16", "filled", per_node),
+    ):
+        if fill:
+            prefix = "10.213"
+            seed({
+                "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+                "metadata": {"name": network},
+                "spec": {"range": cidr, "sliceSize": "/24"},
+                "status": {"allocations": [
+                    {"nodeName": f"{network}-other-{i}" if i < nodes else "", "sliceRange": f"{prefix}.{i}.0/24"}
+                    for i in range(256)
+                ]},
+            })
+            for i in range(nodes):
+                seed({
+                    "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+                    "metadata": {"name": f"{network}-{network}-other-{i}-{prefix}.{i}.0-24"},
+                    "spec": {"range": f"{prefix}.{i}.0/24", "allocations": {
+                        str(k + 1): {"id": f"s{i}-{k}", "podref": f"bench/s{i}-{k}", "ifname": "net1"} for k in range(fill)
+                    }},
+                })
+        sock = str(work / f"{network}.sock")
+        node = f"{network}-me"
+        times = []
+        with agent(sock, node):
+            ipam = {"type": "whereabouts-py", "range": cidr, "network_name": network, "node_slice_size": "/24",
+                    "kubernetes": {"kubeconfig": kubeconfig}, "data_dir": str(work / network)}
+            conf = json.dumps({"cniVersion": "1.0.0", "name": network, "type": "ipvlan", "ipam": ipam}).encode()
+            for i in range(runs + 1):
+                for command in ("ADD", "DEL"):
+                    env = cni_env(command, f"{network}-{i}", namespace="bench", NODENAME=node, WHEREABOUTS_PY_AGENT_SOCKET=sock)
+                    started = time.perf_counter()
+                    proc = subprocess.run(SHIM, input=conf, env=env, capture_output=True, check=False)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"{label}: {command} failed: {proc.stdout.decode()}")
+                    if command == "ADD" and i:  # the first claims the slice: not the steady state
+                        times.append(time.perf_counter() - started)
+        rows.append({"case": label, "runs": runs, "add_p50_ms": round(statistics.median(times) * 1000, 1)})
+    rows[1]["x_empty"] = round(rows[1]["add_p50_ms"] / rows[0]["add_p50_ms"], 2)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.slices", description=__doc__)
     parser.add_argument("--kubeconfig", help="a real cluster (default: start one from $KUBEBUILDER_ASSETS)")
@@ -151,6 +203,10 @@ def main() -> int:
     parser.add_argument("--per-node", type=int, default=10)
     parser.add_argument("--slice-size", default="/26")
     parser.add_argument("--no-baseline", action="store_true", help="skip the burst without slices")
+    parser.add_argument("--fill-nodes", type=int, default=80, help="other nodes in the filled-range case (0: skip)")
+    parser.add_argument("--fill-per-node", type=int, default=250, help="leases in each of their slices")
+    parser.add_argument("--runs", type=int, default=30, help="sequential ADDs per filled-range case")
+    parser.add_argument("--no-burst", action="store_true", help="only the filled-range case")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench-slices."))
     cluster: Any = None
@@ -174,29 +230,38 @@ def main() -> int:
             def metrics() -> str:
                 return _raw(cluster, "/metrics")
 
-        threads = args.nodes * args.per_node
-        rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
-                 "wall_s": round(floor(args.pods, threads), 2)}]
-        rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                     args.slice_size, "10.210.0.0/16", "slices"))
-        if not args.no_baseline:
+        if not args.no_burst:
+            threads = args.nodes * args.per_node
+            rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
+                     "wall_s": round(floor(args.pods, threads), 2)}]
             rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                         None, "10.211.0.0/22", "onepool"))
-        base = float(rows[0]["wall_s"])
-        for row in rows:
-            row["x_floor"] = round(float(row["wall_s"]) / base, 2)
-        keys = ["case", "pods", "nodes", "wall_s", "x_floor", "failures", "duplicates", "api_requests_per_add", "409_per_add"]
-        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-        for row in rows:
-            print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
-        for row in rows:
-            if row.get("first_failure"):
-                print(f"first failure ({row['case']}): {row['first_failure']}")
+                                         args.slice_size, "10.210.0.0/16", "slices"))
+            if not args.no_baseline:
+                rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
+                                             None, "10.211.0.0/22", "onepool"))
+            base = float(rows[0]["wall_s"])
+            for row in rows:
+                row["x_floor"] = round(float(row["wall_s"]) / base, 2)
+            keys = ["case", "pods", "nodes", "wall_s", "x_floor", "failures", "duplicates", "api_requests_per_add", "409_per_add"]
+            print(_table(rows, keys))
+            for row in rows:
+                if row.get("first_failure"):
+                    print(f"first failure ({row['case']}): {row['first_failure']}")
+        if args.fill_nodes and cluster is not None:
+            fill = filled_range_latency(kubeconfig, lambda obj: cluster.apply(obj, namespace="bench"), work,
+                                        args.runs, args.fill_nodes, args.fill_per_node)
+            print()
+            print(_table(fill, ["case", "runs", "add_p50_ms", "x_empty"]))
     finally:
         if cluster is not None:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows])
 
 
 def _raw(cluster: Any, path: str) -> str:
