@@ -67,3 +67,36 @@ def test_claims_go_through_status_when_the_crd_has_a_status_subresource(kube: Ku
     [pool] = kube.api.objects("nodeslicepools", "kube-system")
     held = {e["sliceRange"]: e["nodeName"] for e in pool["status"]["allocations"]}
     assert held["10.0.0.0/28"] == "node-a" and held["10.0.0.16/28"] == "node-b" and len(held) == 16
+
+
+def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(kube: KubeHandle, tmp_path: Path) -> None:
+    from collections.abc import Sequence
+
+    from ipam.allocator import Request
+    from ipam.cni import make_engine
+    from ipam.config import load_config
+    from ipam.slices import NodeSlices, SliceEntry
+    from ipam.store.kubernetes import KubernetesStore
+
+    class Racing(KubernetesStore):
+        hook: Any = None
+
+        def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+            hook, Racing.hook = Racing.hook, None
+            if hook is not None:
+                hook()  # node-b creates the NodeSlicePool between our read (absent) and our create
+            super().write_node_slices(pool, entries)
+
+    Racing.hook = lambda: add(kube, tmp_path / "b", "b0", "node-b")
+    store = Racing.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": "node-a",
+            "data_dir": str(tmp_path), "kubernetes": {"kubeconfig": kube.kubeconfig_path}}
+    cfg = load_config(json.dumps({"cniVersion": "1.0.0", "name": "net1", "ipam": ipam}).encode(), flat_search=())
+    engine = make_engine(cfg, store)
+    got = engine.add(cfg.ranges, Request(container_id="a0", ifname="eth0", podref="ns/a0", node="node-a"))
+    assert str(got[0].address) == "10.0.0.17"
+    assert engine.stats.conflicts == 1 and kube.api.count("create", "nodeslicepools") == 2  # AlreadyExists
+    [pool] = kube.api.objects("nodeslicepools", "kube-system")
+    held = [(e["nodeName"], e["sliceRange"]) for e in pool["status"]["allocations"] if e["nodeName"]]
+    assert held == [("node-b", "10.0.0.0/28"), ("node-a", "10.0.0.16/28")]
+    store.close()
