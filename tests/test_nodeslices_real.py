@@ -226,3 +226,34 @@ def test_pool_allocations_are_one_managed_field(real_kube: RealKube, tmp_path: P
     assert len(obj["spec"]["allocations"]) == 5
     fields = [f["fieldsV1"] for f in obj["metadata"]["managedFields"] if "fieldsV1" in f]
     assert fields and all(f.get("f:spec", {}).get("f:allocations", {}) == {} for f in fields)
+
+
+def test_an_add_meeting_a_retired_slice_pool_moves_on(real_kube: RealKube, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from ipam.store.kubernetes import KubernetesStore
+
+    def add(cid: str) -> str:
+        code, doc = call(real_kube, tmp_path, "ADD", cid, "node-a", rng="10.0.0.0/28", size="/30")
+        assert code == 0, doc
+        return str(doc["ips"][0]["address"])
+
+    for cid in ("a0", "a1", "a2"):
+        add(cid)  # two slices: .1 .2 | .5
+    for cid in ("a2", "a0", "a1"):
+        assert call(real_kube, tmp_path, "DEL", cid, "node-a", rng="10.0.0.0/28", size="/30")[0] == 0
+    seen: list[str] = []
+
+    def adds_between_fence_and_free(node: str, slice_range: str) -> None:
+        assert (node, slice_range) == ("node-a", "10.0.0.4/30")
+        seen.extend(add(cid) for cid in ("x0", "x1", "x2"))  # x2 meets the retired pool of 10.0.0.4/30
+
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    later = datetime.now(UTC) + timedelta(seconds=120)
+    lines = nodeslices.reclaim_slices(store, {"node-a"}, 60, False, later, before_free=adds_between_fence_and_free)
+    store.close()
+    assert lines == ["return nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare"]
+    assert seen == ["10.0.0.1/28", "10.0.0.2/28", "10.0.0.9/28"]
+    assert held(real_kube) == {"10.0.0.0/30": "node-a", "10.0.0.4/30": "", "10.0.0.8/30": "node-a", "10.0.0.12/30": ""}
+    names = sorted(p["metadata"]["name"] for p in real_kube.api.objects("ippools", real_kube.namespace))
+    assert names == ["node-a-10.0.0.0-30", "node-a-10.0.0.8-30"]  # the retired pool was removed after the free
