@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from . import errors
-from .allocator import Allocations, Lease, Request
+from .allocator import Allocations, Lease
 from .errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
 from .log import log
 from .ranges import RangeSpec
@@ -48,7 +48,7 @@ from .store.base import PoolSnapshot, Store
 from .store.slicestore import SlicePoolView, SliceStore
 
 if TYPE_CHECKING:
-    from .engine import Assigned, Engine
+    from .engine import AddOp, Assigned, Engine
 
 
 class FencedStore:
@@ -230,10 +230,9 @@ class Slicer:
 
     # -- ADD ------------------------------------------------------------------------------------
 
-    def _add_in(
-        self, engine: Engine, spec: RangeSpec, slice_range: str, request: Request, deadline: float
-    ) -> tuple[Assigned, bool] | str:
-        """A lease in one slice, or why not: "full", "retired" (reclaim is returning it), "not-held"."""
+    def _add_in(self, engine: Engine, op: AddOp, slice_range: str, deadline: float) -> Assigned | str:
+        """A lease in one slice (`op` filled in with range offsets), or why not: "full", "retired"
+        (reclaim is returning it), "not-held"."""
         from .engine import AddOp, Assigned
 
         name, sub = self._names(slice_range)
@@ -241,24 +240,26 @@ class Slicer:
             return "full"
         sub_engine = self._sub_engine(engine)
         for _ in range(3):
-            op = AddOp(sub, request)
+            sub_op = AddOp(sub, op.request)
             try:
-                sub_engine._submit(name, sub.cidr, [op], deadline)
+                sub_engine._submit(name, sub.cidr, [sub_op], deadline)
             except PoolRetiredError as exc:
                 if not exc.absent:
                     return "retired"
                 if self._create_pool(engine, slice_range, deadline):
                     continue
                 return "not-held"
-            if op.error is None:
-                assert op.offset is not None
-                return Assigned(spec, sub.address_at(op.offset)), op.reused
-            if op.error.code == errors.POOL_EXHAUSTED:
+            op.created = op.created or sub_op.created
+            if sub_op.error is None:
+                assert sub_op.offset is not None
+                op.offset, op.reused = sub_op.offset + self._shift(sub), sub_op.reused
+                return Assigned(op.spec, sub.address_at(sub_op.offset))
+            if sub_op.error.code == errors.POOL_EXHAUSTED:
                 return "full"
-            raise op.error
+            raise sub_op.error
         return "not-held"
 
-    def add(self, engine: Engine, spec: RangeSpec, request: Request, deadline: float) -> tuple[Assigned, bool]:
+    def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
@@ -268,7 +269,7 @@ class Slicer:
             # there (reuse is checked before room), so a repeated ADD gets its address back unless
             # its lease sits in a later slice while an earlier one has room again
             for s in [s for s in pool.held_by(self.node) if s not in tried]:
-                done = self._add_in(engine, spec, s, request, deadline)
+                done = self._add_in(engine, op, s, deadline)
                 if not isinstance(done, str):
                     return done
                 tried.add(s)
@@ -294,8 +295,18 @@ class Slicer:
             name, sub = self._names(s)
             yield s, name, sub
 
-    def release(self, engine: Engine, spec: RangeSpec, container_id: str, ifname: str, deadline: float) -> list[int]:
-        """Give back this container's lease in whichever of the node's slices holds it (range offsets)."""
+    def release(
+        self,
+        engine: Engine,
+        spec: RangeSpec,
+        container_id: str,
+        ifname: str,
+        deadline: float,
+        token: str = "",
+        untokened: bool = False,
+    ) -> list[int]:
+        """Give back this container's lease in whichever of the node's slices holds it (range offsets);
+        with `token` (a rollback) only leases still carrying it, as `ReleaseOp` does."""
         from .engine import ReleaseOp
 
         sub_engine = self._sub_engine(engine)
@@ -306,7 +317,7 @@ class Slicer:
                 if s in tried:
                     continue
                 tried.add(s)
-                op = ReleaseOp(container_id, ifname)
+                op = ReleaseOp(container_id, ifname, token=token, untokened=untokened)
                 try:
                     sub_engine._submit(name, sub.cidr, [op], deadline)
                 except PoolRetiredError:
