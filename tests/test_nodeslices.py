@@ -419,3 +419,17 @@ def test_reservation_prefix_of_slice_pools_comes_from_the_node_slice_pool() -> N
         "blue-old-node-10.0.0.64-26": "blue",  # its node holds no slice now: by the name
         "net1-x-10.1.0.0-26": "",  # NodeSlicePool named after the network (no network_name): no prefix
     }
+
+
+def test_a_failing_second_range_rolls_back_the_slice_lease(tmp_path: Path) -> None:
+    extra = {"ipRanges": [{"range": "10.9.0.0/30"}]}  # two addresses: the third ADD fails there
+    for cid in ("a0", "a1"):
+        code, doc = call(tmp_path, "ADD", cid, "node-a", extra=extra)
+        assert code == 0 and len(doc["ips"]) == 2
+    code, doc = call(tmp_path, "ADD", "a2", "node-a", extra=extra)
+    assert code == 1 and doc["code"] == errors.POOL_EXHAUSTED and "10.9.0.0/30" in doc["msg"]
+    leases = {**pool_leases(tmp_path, "node-a-10.0.0.0-30"), **{"4+" + k: v for k, v in pool_leases(tmp_path, "node-a-10.0.0.4-30").items()}}
+    assert sorted(v["id"] for v in leases.values()) == ["a0", "a1"]  # a2's slice lease was given back
+    assert sorted(p.name for p in (tmp_path / "reservations").iterdir()) == [
+        "10.0.0.1.json", "10.0.0.2.json", "10.9.0.1.json", "10.9.0.2.json"
+    ]
