@@ -100,3 +100,13 @@ def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(ku
     held = [(e["nodeName"], e["sliceRange"]) for e in pool["status"]["allocations"] if e["nodeName"]]
     assert held == [("node-b", "10.0.0.0/28"), ("node-a", "10.0.0.16/28")]
     store.close()
+
+
+def test_reconciler_without_the_node_slice_pool_crd_returns_nothing_and_fails_nothing(kube: KubeHandle) -> None:
+    from ipam import reconcile
+
+    kube.api.use_crds([d for d in crd_documents() if d["spec"]["names"]["plural"] != "nodeslicepools"])
+    out = io.StringIO()
+    assert reconcile.main(["--kubeconfig", kube.kubeconfig_path], out) == 0, out.getvalue()
+    assert out.getvalue().splitlines()[-1].endswith("errors=0")
+    assert kube.api.count("list", "nodes") == 0  # no NodeSlicePools: nodes are not even listed
