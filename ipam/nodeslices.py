@@ -93,6 +93,10 @@ _LOCK = threading.Lock()
 _CACHE: dict[tuple[object, str], NodeSlices] = {}
 _FENCED: dict[object, FencedStore] = {}
 _CLAIMS: dict[tuple[object, str], threading.Lock] = {}
+# slice pools this process created (or found) after checking its node holds the slice, and when: the
+# other calls that found the pool absent at the same moment retry at once instead of checking again
+_CREATED: dict[tuple[object, str], float] = {}
+CREATED_FRESH_SECONDS = 2.0
 
 
 def fenced(store: Store) -> FencedStore:
@@ -109,6 +113,7 @@ def forget_cache() -> None:
         _CACHE.clear()
         _FENCED.clear()
         _CLAIMS.clear()
+        _CREATED.clear()
 
 
 @dataclass
@@ -204,18 +209,35 @@ class Slicer:
             return True
 
         with self._claiming(engine, deadline):
+            before = set(self._cached_held())
             engine._retry(self.pool_name, deadline, step)
-        pool = out[0]
-        assert pool is not None
-        with _LOCK:
-            _CACHE[self._key] = pool
+            pool = out[0]
+            assert pool is not None
+            with _LOCK:
+                _CACHE[self._key] = pool
+            # make the new slice's pool now, while this node's other calls wait for the claim: they
+            # then find it instead of all taking the absent-pool path together
+            for s in pool.held_by(self.node):
+                if s not in before and s not in tried:
+                    self._create_pool(engine, s, deadline, held=True)
         return pool
 
-    def _create_pool(self, engine: Engine, slice_range: str, deadline: float) -> bool:
-        """Create the node's pool of a slice it holds; False when the slice is not (or no longer) its."""
-        if slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
-            return False
+    def _cached_held(self) -> list[str]:
+        with _LOCK:
+            cached = _CACHE.get(self._key)
+        return cached.held_by(self.node) if cached is not None else []
+
+    def _create_pool(self, engine: Engine, slice_range: str, deadline: float, held: bool = False) -> bool:
+        """Create the node's pool of a slice it holds; False when the slice is not (or no longer) its.
+        `held`: the caller has just written the claim, so the first check is skipped."""
         name, sub = self._names(slice_range)
+        key = (self.store, name)
+        with _LOCK:
+            made = _CREATED.get(key)
+        if made is not None and engine.clock() - made < CREATED_FRESH_SECONDS:
+            return True  # another call of this process just made (and checked) it
+        if not held and slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
+            return False
 
         def step() -> bool:
             # ConflictError: it exists (another caller made it, or reclaim's fence: read_pool will say)
@@ -226,7 +248,11 @@ class Slicer:
         with engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
             engine._retry(name, deadline, step)
         # reclaim may have returned the slice between the read above and the create
-        return slice_range in self._read(engine, deadline, refresh=True).held_by(self.node)
+        if slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
+            return False
+        with _LOCK:
+            _CREATED[key] = engine.clock()
+        return True
 
     # -- ADD ------------------------------------------------------------------------------------
 
@@ -260,10 +286,12 @@ class Slicer:
         return "not-held"
 
     def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
+        with _LOCK:
+            cold = self._key not in _CACHE
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
-        refreshed = False
+        refreshed = cold  # a cold cache was just read: no need to read again before claiming
         while True:
             # in the NodeSlicePool's order: a full slice's read still finds this attachment's lease
             # there (reuse is checked before room), so a repeated ADD gets its address back unless
