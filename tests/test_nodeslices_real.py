@@ -32,6 +32,7 @@ def call(
     node: str,
     rng: str = "10.0.0.0/24",
     size: str = "/26",
+    kubeconfig: str | None = None,
     **extra: Any,
 ) -> tuple[int, dict[str, Any]]:
     ipam = {
@@ -40,7 +41,7 @@ def call(
         "node_slice_size": size,
         "node_name": node,
         "data_dir": str(tmp / node),
-        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        "kubernetes": {"kubeconfig": kubeconfig or kube.kubeconfig_path},
         **extra,
     }
     conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
@@ -257,3 +258,39 @@ def test_an_add_meeting_a_retired_slice_pool_moves_on(real_kube: RealKube, tmp_p
     assert held(real_kube) == {"10.0.0.0/30": "node-a", "10.0.0.4/30": "", "10.0.0.8/30": "node-a", "10.0.0.12/30": ""}
     names = sorted(p["metadata"]["name"] for p in real_kube.api.objects("ippools", real_kube.namespace))
     assert names == ["node-a-10.0.0.0-30", "node-a-10.0.0.8-30"]  # the retired pool was removed after the free
+
+
+def _grant(kube: RealKube, role_name: str, sa: str) -> str:
+    """deploy/rbac.yaml's ClusterRole `role_name`, bound to ServiceAccount `sa` of this namespace
+    (under names of this test's own); a token kubeconfig for it."""
+    import yaml
+
+    docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "deploy" / "rbac.yaml").read_text()))
+    [role] = [d for d in docs if d and d["kind"] == "ClusterRole" and d["metadata"]["name"] == role_name]
+    name = f"{kube.namespace}-{role_name}"
+    kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name}, "rules": role["rules"]})
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}, namespace=kube.namespace)
+    kube.apply({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": kube.namespace}],
+    })
+    return kube.token_kubeconfig(sa, kube.namespace)
+
+
+def test_deployed_rbac_is_enough_for_claiming_and_returning_slices(real_kube: RealKube, tmp_path: Path) -> None:
+    plugin = _grant(real_kube, "whereabouts-py", "plugin")
+    reconciler = _grant(real_kube, "whereabouts-py-reconciler", "reconciler")
+    gone = f"{real_kube.namespace}-gone"
+    real_kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": gone}})
+    # get + create the NodeSlicePool, create + get + update the pool, create the reservation
+    assert call(real_kube, tmp_path, "ADD", "p0", gone, kubeconfig=plugin)[0] == 0
+    real_kube.api.put_pod(real_kube.namespace, "p1", node="other")
+    assert call(real_kube, tmp_path, "ADD", "p1", "other", kubeconfig=plugin)[0] == 0  # update the NodeSlicePool
+    assert call(real_kube, tmp_path, "DEL", "p0", gone, kubeconfig=plugin)[0] == 0
+    real_kube.request("DELETE", f"/api/v1/nodes/{gone}")
+    out = io.StringIO()
+    code = reconcile.main(["--kubeconfig", reconciler, "--grace", "0"], out)
+    assert f"return nodeslicepool=net1 slice=10.0.0.0/26 node={gone} reason=node-gone" in out.getvalue().splitlines()
+    assert held(real_kube)["10.0.0.0/26"] == "" and held(real_kube)["10.0.0.64/26"] == "other"
+    assert code == 0, out.getvalue()  # every list, get, update, create and delete it issued was allowed
