@@ -207,6 +207,11 @@ def main() -> int:
     parser.add_argument("--fill-per-node", type=int, default=250, help="leases in each of their slices")
     parser.add_argument("--runs", type=int, default=30, help="sequential ADDs per filled-range case")
     parser.add_argument("--no-burst", action="store_true", help="only the filled-range case")
+    parser.add_argument("--no-slices", action="store_true", help="only the floor and the burst without slices")
+    parser.add_argument(
+        "--granular-crd", action="store_true",
+        help="serve IPPools without `x-kubernetes-map-type: atomic` (per-lease managedFields), to compare",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench-slices."))
     cluster: Any = None
@@ -225,6 +230,8 @@ def main() -> int:
                 return 1
             cluster = RealCluster(assets, work / "cluster").start()
             cluster.ensure_namespace("bench")
+            if args.granular_crd:
+                _granular_ippools(cluster)
             kubeconfig = str(cluster.kubeconfig(work / "kubeconfig", "bench"))
 
             def metrics() -> str:
@@ -234,8 +241,9 @@ def main() -> int:
             threads = args.nodes * args.per_node
             rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
                      "wall_s": round(floor(args.pods, threads), 2)}]
-            rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                         args.slice_size, "10.210.0.0/16", "slices"))
+            if not args.no_slices:
+                rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
+                                             args.slice_size, "10.210.0.0/16", "slices"))
             if not args.no_baseline:
                 rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
                                              None, "10.211.0.0/22", "onepool"))
@@ -257,6 +265,16 @@ def main() -> int:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _granular_ippools(cluster: Any) -> None:
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/ippools.whereabouts.cni.cncf.io"
+    crd = cluster.request("GET", path)
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    props["allocations"].pop("x-kubernetes-map-type", None)
+    cluster.request("PUT", path, crd)
+    cluster.wait_established("ippools.whereabouts.cni.cncf.io")
+    time.sleep(2)  # the new schema reaches the IPPool handler
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
