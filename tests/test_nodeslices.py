@@ -293,7 +293,7 @@ def engine_for(data_dir: Path, node: str, store: FileStore) -> Any:
 
     ipam = {"type": "whereabouts-py", "datastore": "file", "data_dir": str(data_dir), "range": "10.0.0.0/28",
             "node_slice_size": "/30", "node_name": node}
-    cfg = load_config(json.dumps({"cniVersion": "1.1.0", "name": "net1", "ipam": ipam}).encode(), flat_search=())
+    cfg = load_config(json.dumps({"cniVersion": "1.1.0", "name": "net1", "ipam": ipam}).encode())
     return make_engine(cfg, store), cfg
 
 

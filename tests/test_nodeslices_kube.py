@@ -91,7 +91,7 @@ def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(ku
     store = Racing.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
     ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": "node-a",
             "data_dir": str(tmp_path), "kubernetes": {"kubeconfig": kube.kubeconfig_path}}
-    cfg = load_config(json.dumps({"cniVersion": "1.0.0", "name": "net1", "ipam": ipam}).encode(), flat_search=())
+    cfg = load_config(json.dumps({"cniVersion": "1.0.0", "name": "net1", "ipam": ipam}).encode())
     engine = make_engine(cfg, store)
     got = engine.add(cfg.ranges, Request(container_id="a0", ifname="eth0", podref="ns/a0", node="node-a"))
     assert str(got[0].address) == "10.0.0.17"

@@ -49,7 +49,7 @@ class NodeSliceMachine(RuleBasedStateMachine):
         if node not in self.engines:
             ipam = {"type": "whereabouts-py", "datastore": "file", "data_dir": str(self.dir), "range": RANGE,
                     "node_slice_size": "/30", "node_name": node, "retry_deadline_seconds": 5}
-            cfg = load_config(json.dumps({"cniVersion": "1.1.0", "name": "net", "ipam": ipam}).encode(), flat_search=())
+            cfg = load_config(json.dumps({"cniVersion": "1.1.0", "name": "net", "ipam": ipam}).encode())
             self.engines[node] = (make_engine(cfg, FileStore(str(self.dir))), cfg)
         return self.engines[node]
 
