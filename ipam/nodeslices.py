@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from . import errors
 from .allocator import Allocations, Lease
@@ -56,7 +57,8 @@ class FencedStore:
     (PoolRetiredError(absent=True)); `Slicer` creates it after checking the node holds the slice."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        # weakly: the per-store state below holds this, and must not keep its store alive
+        self.inner: Store = cast(Store, weakref.proxy(inner))
 
     def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
         snap = self.inner.read_pool(name, cidr)
@@ -86,34 +88,44 @@ class FencedStore:
         self.inner.close()
 
 
-# Per process (the agent's is long-lived, with one store per datastore): NodeSlicePools as last read,
-# the fenced view of each store (one per store, so the agent's coalescer keys stay stable), one claim
-# at a time per NodeSlicePool. Keyed by the store object itself (identity), never by a reusable id().
-_LOCK = threading.Lock()
-_CACHE: dict[tuple[object, str], NodeSlices] = {}
-_FENCED: dict[object, FencedStore] = {}
-_CLAIMS: dict[tuple[object, str], threading.Lock] = {}
-# slice pools this process created (or found) after checking its node holds the slice, and when: the
-# other calls that found the pool absent at the same moment retry at once instead of checking again
-_CREATED: dict[tuple[object, str], float] = {}
-CREATED_FRESH_SECONDS = 2.0
+# Per process and per store (the agent keeps its stores warm; an evicted one takes this with it):
+# NodeSlicePools as last read, one claim at a time per NodeSlicePool, the slice pools this process
+# made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
+# so the agent's coalescer keys stay stable).
+CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
 
 
-def fenced(store: Store) -> FencedStore:
+@dataclass
+class _StoreState:
+    fenced: FencedStore
+    pools: dict[str, NodeSlices] = field(default_factory=dict)
+    claims: dict[str, threading.Lock] = field(default_factory=dict)
+    created: dict[str, float] = field(default_factory=dict)
+
+
+_LOCK = threading.RLock()  # _state() is called with it held
+_STATE: weakref.WeakKeyDictionary[object, _StoreState] = weakref.WeakKeyDictionary()
+
+
+def _state(store: object) -> _StoreState:
     with _LOCK:
-        found = _FENCED.get(store)
+        found = _STATE.get(store)
         if found is None:
-            found = _FENCED[store] = FencedStore(store)
+            found = _STATE[store] = _StoreState(FencedStore(cast(Store, store)))
         return found
 
 
+def fenced(store: Store) -> FencedStore:
+    return _state(store).fenced
+
+
 def forget_cache() -> None:
-    """Drop what this process remembers (tests; a store that was closed)."""
+    """Drop what this process remembers about every store (tests)."""
     with _LOCK:
-        _CACHE.clear()
-        _FENCED.clear()
-        _CLAIMS.clear()
-        _CREATED.clear()
+        for state in _STATE.values():
+            state.pools.clear()
+            state.claims.clear()
+            state.created.clear()
 
 
 @dataclass
@@ -133,8 +145,8 @@ class Slicer:
         return spec == self.spec
 
     @property
-    def _key(self) -> tuple[object, str]:
-        return (self.store, self.pool_name)
+    def _st(self) -> _StoreState:
+        return _state(self.store)
 
     def _names(self, slice_range: str) -> tuple[str, RangeSpec]:
         return slice_pool_name(self.node, slice_range, self.network_name), slice_spec(self.spec, slice_range)
@@ -165,7 +177,7 @@ class Slicer:
     def _read(self, engine: Engine, deadline: float, refresh: bool) -> NodeSlices:
         if not refresh:
             with _LOCK:
-                cached = _CACHE.get(self._key)
+                cached = self._st.pools.get(self.pool_name)
             if cached is not None:
                 return cached
         found: list[NodeSlices | None] = [None]
@@ -178,13 +190,13 @@ class Slicer:
         self.reads.append(self.pool_name)
         pool = self._checked(found[0])
         with _LOCK:
-            _CACHE[self._key] = pool
+            self._st.pools[self.pool_name] = pool
         return pool
 
     @contextmanager
     def _claiming(self, engine: Engine, deadline: float) -> Iterator[None]:
         with _LOCK:
-            lock = _CLAIMS.setdefault(self._key, threading.Lock())
+            lock = self._st.claims.setdefault(self.pool_name, threading.Lock())
         # this node's processes claim one at a time (a lock per node: on the file store all share a dir)
         name = f"nodeslicepool-{self.pool_name}-{self.node}"
         with lock, engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
@@ -214,7 +226,7 @@ class Slicer:
             pool = out[0]
             assert pool is not None
             with _LOCK:
-                _CACHE[self._key] = pool
+                self._st.pools[self.pool_name] = pool
             # make the new slice's pool now, while this node's other calls wait for the claim: they
             # then find it instead of all taking the absent-pool path together
             for s in pool.held_by(self.node):
@@ -224,16 +236,15 @@ class Slicer:
 
     def _cached_held(self) -> list[str]:
         with _LOCK:
-            cached = _CACHE.get(self._key)
+            cached = self._st.pools.get(self.pool_name)
         return cached.held_by(self.node) if cached is not None else []
 
     def _create_pool(self, engine: Engine, slice_range: str, deadline: float, held: bool = False) -> bool:
         """Create the node's pool of a slice it holds; False when the slice is not (or no longer) its.
         `held`: the caller has just written the claim, so the first check is skipped."""
         name, sub = self._names(slice_range)
-        key = (self.store, name)
         with _LOCK:
-            made = _CREATED.get(key)
+            made = self._st.created.get(name)
         if made is not None and engine.clock() - made < CREATED_FRESH_SECONDS:
             return True  # another call of this process just made (and checked) it
         if not held and slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
@@ -251,7 +262,7 @@ class Slicer:
         if slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
             return False
         with _LOCK:
-            _CREATED[key] = engine.clock()
+            self._st.created[name] = engine.clock()
         return True
 
     # -- ADD ------------------------------------------------------------------------------------
@@ -287,7 +298,7 @@ class Slicer:
 
     def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
         with _LOCK:
-            cold = self._key not in _CACHE
+            cold = self.pool_name not in self._st.pools
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
