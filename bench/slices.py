@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.cni_exec import cni_env  # noqa: E402
+from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
@@ -213,6 +213,7 @@ def main() -> int:
         help="serve IPPools without `x-kubernetes-map-type: atomic` (per-lease managedFields), to compare",
     )
     args = parser.parse_args()
+    use_opt_in_flat_file()  # the bench's NADs carry data_dir/kubeconfig: a single-tenant node flat file
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench-slices."))
     cluster: Any = None
     try:
