@@ -1,81 +1,294 @@
 """The CNI executable's fast path: forward the call to the node agent over its unix socket.
 
-Standard library only, so a call answered by the agent costs a bare interpreter start. Returns
-None whenever the agent cannot answer (no socket, refused, died mid-call, timed out); the caller then
-runs the call in-process (direct mode). That fallback cannot double-allocate: an ADD is idempotent
-by pod reference + interface, so a repeat finds the lease the agent may already have written.
+Every pod pays this module's imports, so until the agent has answered it imports nothing but the C
+modules `_socket` and `_json` (plus `os`/`sys`, loaded by every interpreter): `socket` would pull in
+`enum`/`selectors`/`collections` and `json` pulls in `re`, ~10 ms per exec together on a 2-core host.
+tests/test_shim_imports.py holds it to that. Logging, the CNI layer, pydantic etc. are imported only
+once the agent declined.
+
+`try_agent` returns None whenever the agent cannot answer (no socket, refused, died mid-call, timed
+out); the caller then runs the call in-process (direct mode). That fallback cannot double-allocate:
+an ADD is idempotent by pod reference + interface, so a repeat finds the lease the agent may already
+have written.
+
+Agent restarts are not outages. While an agent serves, it touches a heartbeat file beside its socket
+(`<socket>.alive`, see `ipam.agent`). When the socket is missing or refusing, or the agent closed the
+connection without answering, the shim keeps retrying for as long as that heartbeat is younger than
+the wait budget ($WHEREABOUTS_PY_AGENT_WAIT seconds, default 15, 0 = never wait) and then falls back.
+A node that never ran an agent has no heartbeat file and falls back at once; a node whose agent was
+removed stops waiting once its last heartbeat is older than the budget.
 """
 
-from __future__ import annotations
-
-import json
 import os
-import socket
-from collections.abc import Mapping
+import sys
 
-from .log import log
+try:  # the C halves of socket and json: the pure-Python wrappers cost more than the whole call
+    import _json
+    import _socket
+except ImportError:  # an interpreter without them (not CPython): the regular modules do the same
+    _json = None  # type: ignore[assignment]
+    _socket = None  # type: ignore[assignment]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DEFAULT_SOCKET = "/run/whereabouts-py/agent.sock"
 DEFAULT_TIMEOUT = 150.0  # above the engine's default 90 s deadline, below kubelet's 4 minutes
+DEFAULT_WAIT = 15.0  # how long a restarting agent may be away before calls run in direct mode
+MAX_WAIT = 120.0  # a misconfigured wait must not eat kubelet's 4-minute budget
+HEARTBEAT_SUFFIX = ".alive"
+RETRY_INTERVAL = 0.05
 MAX_REPLY = 16 << 20
 FORWARDED = ("CNI_", "K8S_", "NODENAME")
 
 
-def socket_path(env: Mapping[str, str], stdin: bytes) -> str:
+class AgentUnavailable(Exception):
+    """The agent did not answer; `retry` when it may answer a repeat of the call (it was away)."""
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+def socket_path(env: "Mapping[str, str]", stdin: bytes) -> str:
     """$WHEREABOUTS_PY_AGENT_SOCKET, else the config's `ipam.agent_socket`, else the default."""
     if env.get("WHEREABOUTS_PY_AGENT_SOCKET"):
         return env["WHEREABOUTS_PY_AGENT_SOCKET"]
     try:
-        conf = json.loads(stdin)
+        conf = _loads(stdin)
         ipam = conf.get("ipam") if isinstance(conf, dict) else None
         if isinstance(ipam, dict) and isinstance(ipam.get("agent_socket"), str):
             return str(ipam["agent_socket"])
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         pass
     return DEFAULT_SOCKET
 
 
-def forward(env: Mapping[str, str], stdin: bytes, path: str, timeout: float) -> tuple[int, str] | None:
-    """(exit code, stdout) from the agent, or None when it could not answer."""
-    if not path or not os.path.exists(path):
-        return None
-    request = {
-        "env": {k: v for k, v in env.items() if k.startswith(FORWARDED)},
-        "stdin": stdin.decode("utf-8", errors="surrogateescape"),
-    }
+def heartbeat_path(path: str) -> str:
+    return path + HEARTBEAT_SUFFIX
+
+
+# -- JSON without the json package ------------------------------------------------------------------
+
+
+class _ScanContext:
+    """What _json's C scanner reads from a json.JSONDecoder: plain JSON, no hooks."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        raise ValueError(f"unexpected JSON constant {name}")
+
+
+def _loads(data: bytes) -> object:
+    """json.loads for a whole document (ValueError when it is not exactly one JSON value)."""
+    text = data.decode("utf-8").strip(" \t\r\n")
+    if _json is None:
+        import json
+
+        return json.loads(text)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            sock.shutdown(socket.SHUT_WR)
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_REPLY:
-                    raise ValueError("agent reply too large")
-        reply = json.loads(b"".join(chunks))
+        value, end = _json.make_scanner(_ScanContext)(text, 0)  # type: ignore[arg-type]
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    except Exception as exc:  # the C scanner's JSONDecodeError (a ValueError) and kin
+        raise ValueError(str(exc)) from None
+    if end != len(text):
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
+def _dumps_request(env: "Mapping[str, str]", stdin: str) -> bytes:
+    """json.dumps({"env": env, "stdin": stdin}) (ASCII, \\u escapes) for a map of strings."""
+    if _json is None:
+        import json
+
+        return json.dumps({"env": dict(env), "stdin": stdin}).encode()
+    quote = _json.encode_basestring_ascii
+    pairs = ", ".join(f"{quote(k)}: {quote(v)}" for k, v in env.items())
+    return f'{{"env": {{{pairs}}}, "stdin": {quote(stdin)}}}'.encode("ascii")
+
+
+# -- one round trip ---------------------------------------------------------------------------------
+
+
+def _connect(path: str, timeout: float) -> "_socket.socket":
+    if _socket is None:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def exchange(path: str, request: bytes, timeout: float) -> "tuple[int, str]":
+    """One request/answer with the agent; AgentUnavailable(retry=...) when there is none."""
+    try:
+        sock = _connect(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
+        # away (not listening yet, or a stale socket file), or its backlog is full: worth a repeat
+        raise AgentUnavailable(f"{type(exc).__name__}: {exc}", retry=True) from None
+    except OSError as exc:
+        raise AgentUnavailable(f"{type(exc).__name__}: {exc}", retry=False) from None
+    chunks: list[bytes] = []
+    try:
+        sock.sendall(request + b"\n")
+        sock.shutdown(1)  # SHUT_WR: the request is complete
+        size = 0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_REPLY:
+                raise AgentUnavailable("agent reply too large", retry=False)
+    except TimeoutError as exc:  # the agent is there but slow: a repeat would only wait again
+        raise AgentUnavailable(f"{type(exc).__name__}: {exc}", retry=False) from None
+    except OSError as exc:  # reset or broken pipe: the agent went away mid-call
+        raise AgentUnavailable(f"{type(exc).__name__}: {exc}", retry=True) from None
+    finally:
+        sock.close()
+    if not chunks:  # closed without an answer: the agent stopped (or refused the request)
+        raise AgentUnavailable("the agent closed the connection without an answer", retry=True)
+    try:
+        reply = _loads(b"".join(chunks))
+        if not isinstance(reply, dict):
+            raise ValueError("agent reply is not an object")
         code, stdout = reply["code"], reply["stdout"]
-        if not isinstance(code, int) or not isinstance(stdout, str):
-            raise ValueError("malformed agent reply")
-        return code, stdout
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.info(
-            "agent.unavailable", socket=path, error=f"{type(exc).__name__}: {exc}", fallback="direct mode"
-        )
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise AgentUnavailable(f"malformed agent reply: {exc}", retry=False) from None
+    if not isinstance(code, int) or not isinstance(stdout, str):
+        raise AgentUnavailable("malformed agent reply", retry=False)
+    return code, stdout
+
+
+def _seen_within(path: str, seconds: float) -> bool:
+    """True when the agent's heartbeat file was touched less than `seconds` ago."""
+    try:
+        mtime = os.stat(heartbeat_path(path)).st_mtime
+    except OSError:
+        return False
+    import time
+
+    return time.time() - mtime < seconds
+
+
+def _log_unavailable(path: str, error: str, waited: float) -> None:
+    from .log import log
+
+    log.info("agent.unavailable", socket=path, error=error, waited_s=round(waited, 3), fallback="direct mode")
+
+
+def forward(
+    env: "Mapping[str, str]", stdin: bytes, path: str, timeout: float, wait: float = 0.0
+) -> "tuple[int, str] | None":
+    """(exit code, stdout) from the agent, or None when it could not answer.
+
+    While the agent is away (socket missing or refusing, connection closed unanswered) and its
+    heartbeat is younger than `wait` seconds, the call is repeated every RETRY_INTERVAL until
+    `wait` seconds have passed: a repeated ADD is idempotent, so a call the old agent may already
+    have served gets the same lease from the new one.
+    """
+    if not path:
         return None
+    forwarded = {k: v for k, v in env.items() if k.startswith(FORWARDED)}
+    request = _dumps_request(forwarded, stdin.decode("utf-8", errors="surrogateescape"))
+    started = None
+    while True:
+        try:
+            return exchange(path, request, timeout)
+        except AgentUnavailable as exc:
+            error = str(exc)
+            if not exc.retry or wait <= 0 or not _seen_within(path, wait):
+                if started is not None or os.path.exists(path) or os.path.exists(heartbeat_path(path)):
+                    _log_unavailable(path, error, 0.0 if started is None else _now() - started)
+                return None  # no agent here at all: direct mode without a word
+        if started is None:
+            started = _now()
+        elif _now() - started >= wait:
+            _log_unavailable(path, error, _now() - started)
+            return None
+        _sleep(RETRY_INTERVAL)
 
 
-def try_agent(env: Mapping[str, str], stdin: bytes) -> tuple[int, str] | None:
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def _seconds(env: "Mapping[str, str]", name: str, default: float, cap: float) -> float:
+    try:
+        value = float(env.get(name) or default)
+    except ValueError:
+        return default
+    return min(max(value, 0.0), cap) if value == value else default  # NaN: the default
+
+
+def try_agent(env: "Mapping[str, str]", stdin: bytes) -> "tuple[int, str] | None":
     if env.get("CNI_COMMAND", "") in ("", "VERSION") or env.get("WHEREABOUTS_PY_DIRECT"):
         return None  # answered locally (or direct mode asked for): no agent round trip
+    timeout = _seconds(env, "WHEREABOUTS_PY_AGENT_TIMEOUT", DEFAULT_TIMEOUT, DEFAULT_TIMEOUT * 10)
+    wait = _seconds(env, "WHEREABOUTS_PY_AGENT_WAIT", DEFAULT_WAIT, MAX_WAIT)
+    return forward(env, stdin, socket_path(env, stdin), timeout, wait)
+
+
+def read_stdin() -> bytes:
+    stdin = sys.stdin
+    if stdin is None or stdin.isatty():
+        return b""
+    return stdin.buffer.read()
+
+
+def main() -> int:
+    """The CNI executable: the agent's answer when it gives one, else the call in this process.
+
+    Direct mode needs site-packages: an interpreter started with -S (the fast path) loads them now.
+    """
     try:
-        timeout = float(env.get("WHEREABOUTS_PY_AGENT_TIMEOUT") or DEFAULT_TIMEOUT)
-    except ValueError:
-        timeout = DEFAULT_TIMEOUT
-    return forward(env, stdin, socket_path(env, stdin), timeout)
+        stdin = read_stdin()
+    except OSError as exc:
+        sys.stdout.write(
+            '{"cniVersion": "1.1.0", "code": 5, "msg": "failed to read network config from stdin", '
+            f'"details": {_dumps_str(str(exc))}}}\n'
+        )
+        return 1
+    answered = try_agent(os.environ, stdin)
+    if answered is not None:
+        sys.stdout.write(answered[1])
+        return answered[0]
+    if sys.flags.no_site:
+        import site
+
+        site.main()
+    from .cni import run
+
+    return run(os.environ, stdin, sys.stdout)
+
+
+def _dumps_str(text: str) -> str:
+    if _json is None:
+        import json
+
+        return json.dumps(text)
+    return str(_json.encode_basestring_ascii(text))
