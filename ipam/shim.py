@@ -210,7 +210,12 @@ def forward(
     started = None
     while True:
         try:
-            return exchange(path, request, timeout)
+            answer = exchange(path, request, timeout)
+            if started is not None:
+                from .log import log
+
+                log.info("agent.back", socket=path, waited_s=round(_now() - started, 3))
+            return answer
         except AgentUnavailable as exc:
             error = str(exc)
             if not exc.retry or wait <= 0 or not _seen_within(path, wait):

@@ -1,0 +1,222 @@
+"""Agent restarts are not outages: the shim waits a bounded time for a restarted agent (heartbeat
+file beside the socket), and does not wait on a node that never ran one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam import shim
+from ipam.agent import heartbeat
+from tests.cni_exec import cni_env, finish, start
+
+AGENT = str(Path(sys.executable).parent / "ipam-agent")
+REPLY = {"code": 0, "stdout": "answer\n"}
+
+
+class Sleeps:
+    """Stands in for the shim's sleep: counts the waits and runs `on_sleep` at each."""
+
+    def __init__(self, on_sleep: Any = None) -> None:
+        self.count = 0
+        self.on_sleep = on_sleep
+
+    def __call__(self, seconds: float) -> None:
+        self.count += 1
+        if self.on_sleep is not None:
+            self.on_sleep(self.count)
+
+
+def serve_once(path: str, answer: bool) -> threading.Thread:
+    """Listen on `path`; the first connection gets REPLY (or is closed unanswered when not `answer`)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+
+    def run() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            if answer:
+                conn.sendall(json.dumps(REPLY).encode())
+        server.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def touch(path: str, age: float = 0.0) -> None:
+    Path(path).touch()
+    now = time.time()
+    os.utime(path, (now - age, now - age))
+
+
+def test_no_agent_ever_means_no_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps = Sleeps()
+    monkeypatch.setattr(shim, "_sleep", sleeps)
+    sock = str(tmp_path / "agent.sock")
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=5, wait=60) is None
+    assert sleeps.count == 0  # no heartbeat file: this node never ran an agent
+
+
+def test_stale_heartbeat_means_no_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent gone for longer than the wait budget (removed from the node) is not waited for."""
+    sleeps = Sleeps()
+    monkeypatch.setattr(shim, "_sleep", sleeps)
+    sock = str(tmp_path / "agent.sock")
+    touch(shim.heartbeat_path(sock), age=61)
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=5, wait=60) is None
+    assert sleeps.count == 0
+    touch(shim.heartbeat_path(sock), age=1)  # the same, seen a second ago, with no wait configured
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=5, wait=0) is None
+    assert sleeps.count == 0
+
+
+def test_restarting_agent_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Socket missing while the heartbeat is fresh: the shim retries until the new agent listens."""
+    sock = str(tmp_path / "agent.sock")
+    touch(shim.heartbeat_path(sock))
+    served: list[threading.Thread] = []
+
+    def on_sleep(n: int) -> None:
+        if n == 3:  # the new agent comes up during the third pause
+            served.append(serve_once(sock, answer=True))
+
+    sleeps = Sleeps(on_sleep)
+    monkeypatch.setattr(shim, "_sleep", sleeps)
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=5, wait=60) == (0, "answer\n")
+    assert sleeps.count == 3
+
+
+def test_call_dropped_by_a_stopping_agent_is_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = str(tmp_path / "agent.sock")
+    touch(shim.heartbeat_path(sock))
+    first = serve_once(sock, answer=False)  # accepts, reads, closes without an answer
+
+    def on_sleep(n: int) -> None:
+        first.join(5)
+        os.unlink(sock)
+        serve_once(sock, answer=True)
+
+    monkeypatch.setattr(shim, "_sleep", Sleeps(on_sleep))
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=5, wait=60) == (0, "answer\n")
+
+
+def test_wait_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat that stays fresh (agent stuck starting) still ends the wait after `wait` seconds."""
+    sock = str(tmp_path / "agent.sock")
+    touch(shim.heartbeat_path(sock))
+    clock = [100.0]
+    monkeypatch.setattr(shim, "_now", lambda: clock[0])
+
+    def on_sleep(n: int) -> None:
+        clock[0] += 1.0
+        touch(shim.heartbeat_path(sock))
+
+    sleeps = Sleeps(on_sleep)
+    monkeypatch.setattr(shim, "_sleep", sleeps)
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=5, wait=10) is None
+    assert sleeps.count == 10
+
+
+def test_wait_comes_from_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[float] = []
+    monkeypatch.setattr(shim, "forward", lambda env, stdin, path, timeout, wait=0.0: seen.append(wait))
+    conf = json.dumps({"ipam": {"agent_wait": 999}}).encode()
+    shim.try_agent(cni_env("ADD", "c"), conf)
+    shim.try_agent(cni_env("ADD", "c", WHEREABOUTS_PY_AGENT_WAIT="3"), conf)
+    shim.try_agent(cni_env("ADD", "c", WHEREABOUTS_PY_AGENT_WAIT="9999"), conf)
+    shim.try_agent(cni_env("ADD", "c", WHEREABOUTS_PY_AGENT_WAIT="junk"), conf)
+    assert seen == [shim.DEFAULT_WAIT, 3.0, shim.MAX_WAIT, shim.DEFAULT_WAIT]
+
+
+def test_heartbeat_is_touched_until_stopped(tmp_path: Path) -> None:
+    sock = str(tmp_path / "agent.sock")
+    stop = threading.Event()
+    thread = heartbeat(sock, stop, interval=0.01)
+    marker = Path(shim.heartbeat_path(sock))
+    for _ in range(500):
+        if marker.exists():
+            break
+        time.sleep(0.01)
+    assert (marker.stat().st_mode & 0o777) == 0o600
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and marker.exists()  # left behind: a restart is expected
+
+
+def start_agent(sock: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [AGENT, "--socket", sock, "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    for _ in range(600):
+        if os.path.exists(sock):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("agent did not start")
+
+
+def file_conf(tmp: Path) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": "10.76.0.0/24",
+            "datastore": "file",
+            "data_dir": str(tmp / "data"),
+        },
+    }
+
+
+@pytest.mark.slow
+def test_agent_restart_during_50_concurrent_adds(tmp_path: Path) -> None:
+    sock = str(tmp_path / "run" / "agent.sock")
+    conf = file_conf(tmp_path)
+    agent = start_agent(sock)
+    env = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "60"}
+    pools = tmp_path / "data" / "pools"
+    try:
+        procs = [start(conf, cni_env("ADD", f"c{i}", **env)) for i in range(50)]
+        for _ in range(6000):  # until the agent has written some of them (bounded poll)
+            files = list(pools.glob("*.json")) if pools.exists() else []
+            if files and len(json.loads(files[0].read_text())["spec"]["allocations"]) >= 5:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the agent never served the first ADDs")
+        agent.send_signal(signal.SIGTERM)  # the DaemonSet rolls: the old agent stops ...
+        agent.wait(timeout=30)
+        agent = start_agent(sock)  # ... and its replacement starts
+        calls = [finish(p) for p in procs]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    assert [c.code for c in calls] == [0] * 50, [c.stdout for c in calls if c.code]
+    got = {f"c{i}": c.result["ips"][0]["address"] for i, c in enumerate(calls)}
+    assert len(set(got.values())) == 50
+    [pool] = [json.loads(f.read_text()) for f in pools.glob("*.json")]
+    held = {v["id"]: f"10.76.0.{k}/24" for k, v in pool["spec"]["allocations"].items()}
+    assert held == got  # every answer is the lease written for it, nothing extra
+    fell_back = sum("agent.unavailable" in c.stderr for c in calls)
+    waited = sum("agent.back" in c.stderr for c in calls)
+    print(
+        f"agent restart during 50 ADDs: {waited} waited for the new agent, {fell_back} fell back to direct mode"
+    )
+    assert waited >= 1  # the restart did happen under the calls
+    assert fell_back == 0  # a 60 s wait bridges a restart of a few seconds
