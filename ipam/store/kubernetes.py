@@ -3,25 +3,23 @@
 Pools and reservations use Whereabouts' group, version, names and field layout, so a cluster can
 move between Whereabouts and whereabouts-py without renumbering pods. Every pool write is a PUT at
 the resourceVersion that was read; the API server's 409 Conflict sends the engine back to re-read.
-This module is imported only when the kubernetes datastore is chosen (the client costs ~0.4 s).
+Requests go through `kubeclient` (standard library HTTP): the `kubernetes` package costs ~0.4 s to
+import, which every direct-mode CNI call would pay.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import http.client
 import os
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
-
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as _k8s_config
-from kubernetes.client.exceptions import ApiException
 
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, TransientStoreError
 from .base import PoolSnapshot
+from .kubeclient import ApiError, KubeClient, KubeconfigError, in_cluster, load_kubeconfig, path_quote
 from .locks import pool_lock
 
 if TYPE_CHECKING:
@@ -32,27 +30,17 @@ VERSION = "v1alpha1"
 POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
 DEFAULT_NAMESPACE = "kube-system"
-k8s_config: Any = _k8s_config  # untyped module
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 
-def _retry_after(exc: ApiException) -> float | None:
-    headers = exc.headers or {}
-    value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _raise_api(exc: ApiException, what: str) -> NoReturn:
+def _raise_api(exc: ApiError, what: str) -> NoReturn:
     """Map an API error to the engine's vocabulary: conflict, transient, or a final CNI error."""
     status = int(exc.status or 0)
     if status == 409:
         raise ConflictError(f"{what}: {exc.reason}")
     if status in _TRANSIENT_STATUS or status == 0:
-        raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", _retry_after(exc))
+        raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", exc.retry_after())
     if status in (401, 403):
         raise CNIError(
             errors.DATASTORE_ERROR,
@@ -63,52 +51,63 @@ def _raise_api(exc: ApiException, what: str) -> NoReturn:
 
 
 class KubernetesStore:
-    def __init__(self, api_client: Any, namespace: str, lock_dir: str) -> None:
-        self.api_client = api_client
-        self.api = k8s.CustomObjectsApi(api_client)
+    def __init__(self, client: KubeClient, namespace: str, lock_dir: str) -> None:
+        self.client = client
         self.namespace = namespace
         self.lock_dir = lock_dir
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
-        return cls.connect(cfg.ipam.kubernetes.kubeconfig, os.path.join(cfg.ipam.data_dir, "locks"))
+        store = cls.connect(cfg.ipam.kubernetes.kubeconfig, os.path.join(cfg.ipam.data_dir, "locks"))
+        # TCP + TLS now, so a node lock taken later is held for the requests alone; a server that is not
+        # there is reported by the first request (and retried by the engine)
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            store.client.warm()
+        return store
 
     @classmethod
     def connect(cls, kubeconfig: str | None, lock_dir: str, namespace: str | None = None) -> KubernetesStore:
         """Client from `kubeconfig` (in-cluster service account when None); pools in `namespace`,
         else the current context's namespace, else kube-system (Whereabouts' rule)."""
-        configuration = k8s.Configuration()
         try:
             if kubeconfig:
-                k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-                _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
-                context_ns = (active or {}).get("context", {}).get("namespace")
+                creds = load_kubeconfig(kubeconfig)
+                context_ns = creds.namespace
             else:
-                k8s_config.load_incluster_config(client_configuration=configuration)
+                creds = in_cluster()
                 context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")
-        except (k8s_config.ConfigException, OSError, ValueError, TypeError) as exc:
+            client = KubeClient(creds, timeout=REQUEST_TIMEOUT)
+        except (KubeconfigError, OSError, ValueError, TypeError) as exc:
             key = "ipam.kubernetes.kubeconfig"
             raise CNIError(
                 errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
             ) from None
-        configuration.retries = False  # the engine retries, with a deadline and backoff
-        configuration.connection_pool_maxsize = 32  # the node agent shares one client across threads
-        return cls(k8s.ApiClient(configuration), namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
+        return cls(client, namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
+
+    def _path(self, plural: str, name: str | None = None) -> str:
+        base = f"/apis/{GROUP}/{VERSION}/namespaces/{path_quote(self.namespace)}/{plural}"
+        return base if name is None else f"{base}/{path_quote(name)}"
 
     # -- pools ----------------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Any, *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
-        """One API request, its JSON answer decoded here (the client's generic deserializer walks every
-        lease in Python, ~10x slower). 404 gives None when `missing_ok`; every other failure is mapped
-        by `_raise_api`, connection errors are transient."""
+    def _call(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """One API request, its JSON answer decoded. 404 gives None when `missing_ok`; every other
+        failure is mapped by `_raise_api`, connection errors are transient."""
         try:
-            response = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False, **kwargs)
-            return json.loads(response.data) if response.data else {}
-        except ApiException as exc:
+            return self.client.request(method, path, body, params)
+        except ApiError as exc:
             if exc.status == 404 and missing_ok:
                 return None
             _raise_api(exc, what)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
 
     def _snapshot(self, obj: dict[str, Any], name: str, cidr: str) -> PoolSnapshot:
@@ -125,16 +124,7 @@ class KubernetesStore:
         return PoolSnapshot(name, str(spec.get("range") or cidr), allocations, version, token=obj)
 
     def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
-        obj = self._call(
-            f"get IPPool {name}",
-            self.api.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            POOLS,
-            name,
-            missing_ok=True,
-        )
+        obj = self._call(f"get IPPool {name}", "GET", self._path(POOLS, name), missing_ok=True)
         if obj is None:
             return PoolSnapshot(name, cidr, {}, None)
         return self._snapshot(obj, name, cidr)
@@ -148,15 +138,7 @@ class KubernetesStore:
                 "metadata": {"name": snapshot.name, "namespace": self.namespace},
                 "spec": spec,
             }
-            self._call(
-                f"create IPPool {snapshot.name}",
-                self.api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                POOLS,
-                body,
-            )
+            self._call(f"create IPPool {snapshot.name}", "POST", self._path(POOLS), body)
             return
         old: dict[str, Any] = snapshot.token or {}
         body = {
@@ -171,23 +153,13 @@ class KubernetesStore:
             "spec": {**old.get("spec", {}), **spec},
         }
         replaced = self._call(
-            f"update IPPool {snapshot.name}",
-            self.api.replace_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            POOLS,
-            snapshot.name,
-            body,
-            missing_ok=True,
+            f"update IPPool {snapshot.name}", "PUT", self._path(POOLS, snapshot.name), body, missing_ok=True
         )
         if replaced is None:  # deleted since we read it: start over from an absent pool
             raise ConflictError(f"IPPool {snapshot.name} was deleted")
 
     def list_pools(self) -> list[PoolSnapshot]:
-        items = self._list_all(
-            "list IPPools", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, POOLS
-        )
+        items = self._list_all("list IPPools", self._path(POOLS))
         return [self._snapshot(obj, obj.get("metadata", {}).get("name", ""), "") for obj in items]
 
     # -- overlapping-range reservations ---------------------------------------------------------
@@ -204,28 +176,13 @@ class KubernetesStore:
         }
 
     def _get_reservation(self, name: str) -> dict[str, Any] | None:
-        obj = self._call(
-            f"get reservation {name}",
-            self.api.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            RESERVATIONS,
-            name,
-            missing_ok=True,
-        )
+        obj = self._call(f"get reservation {name}", "GET", self._path(RESERVATIONS, name), missing_ok=True)
         return cast(dict[str, Any] | None, obj)
 
     def reserve(self, name: str, lease: Lease) -> Lease | None:
         try:
             self._call(
-                f"create reservation {name}",
-                self.api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                RESERVATIONS,
-                self._reservation_body(name, lease),
+                f"create reservation {name}", "POST", self._path(RESERVATIONS), self._reservation_body(name, lease)
             )
             return None
         except ConflictError:
@@ -240,12 +197,8 @@ class KubernetesStore:
             version = str(existing.get("metadata", {}).get("resourceVersion", ""))
             self._call(
                 f"update reservation {name}",
-                self.api.replace_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                RESERVATIONS,
-                name,
+                "PUT",
+                self._path(RESERVATIONS, name),
                 self._reservation_body(name, lease, version),
             )
         return None
@@ -261,48 +214,34 @@ class KubernetesStore:
 
     # -- what the reconciler reads ---------------------------------------------------------------
 
-    def _list_all(self, what: str, fn: Any, *args: Any) -> list[dict[str, Any]]:
-        """Every item of a paged LIST (limit/continue), decoded without the client's model classes."""
+    def _list_all(self, what: str, path: str) -> list[dict[str, Any]]:
+        """Every item of a paged LIST (limit/continue)."""
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": 500}
+            params: dict[str, Any] = {"limit": 500}
             if token:
-                kwargs["_continue"] = token
-            page = self._call(what, fn, *args, **kwargs)
+                params["continue"] = token
+            page = self._call(what, "GET", path, params=params)
             items += page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
 
     def list_reservations(self) -> list[dict[str, Any]]:
-        return self._list_all(
-            "list reservations",
-            self.api.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            RESERVATIONS,
-        )
+        return self._list_all("list reservations", self._path(RESERVATIONS))
 
     def delete_reservation(self, name: str, resource_version: str) -> None:
         """Delete a reservation if it is still at `resource_version` (409 otherwise); gone already is fine."""
-        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=resource_version))
-        self._call(
-            f"delete reservation {name}",
-            self.api.delete_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            RESERVATIONS,
-            name,
-            body=body,
-            missing_ok=True,
-        )
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"resourceVersion": resource_version},
+        }
+        self._call(f"delete reservation {name}", "DELETE", self._path(RESERVATIONS, name), body, missing_ok=True)
 
     def list_pods(self) -> list[dict[str, Any]]:
-        core = k8s.CoreV1Api(self.api_client)
-        return self._list_all("list pods", core.list_pod_for_all_namespaces)
+        return self._list_all("list pods", "/api/v1/pods")
 
     # -- node lock, health ----------------------------------------------------------------------
 
@@ -311,17 +250,9 @@ class KubernetesStore:
 
     def check_reachable(self) -> None:
         try:
-            self._call(
-                "list IPPools",
-                self.api.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                POOLS,
-                limit=1,
-            )
+            self._call("list IPPools", "GET", self._path(POOLS), params={"limit": 1})
         except (TransientStoreError, CNIError, ConflictError) as exc:
             raise CNIError(errors.PLUGIN_NOT_AVAILABLE, "Kubernetes API not reachable", str(exc)) from None
 
     def close(self) -> None:
-        self.api_client.close()
+        self.client.close()
