@@ -16,6 +16,7 @@ import os
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -32,7 +33,9 @@ class KubeconfigError(ValueError):
 class ApiError(Exception):
     """An HTTP error answer; `status` 0 for a connection failure."""
 
-    def __init__(self, status: int, reason: str, body: str = "", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, reason: str, body: str = "", headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} {reason}")
         self.status = status
         self.reason = reason
@@ -110,9 +113,7 @@ def _file(value: Any, base_dir: str, field: str, path: str) -> bytes:
         raise KubeconfigError(f"{path}: {field} {target}: {exc.strerror or exc}") from None
 
 
-def _inline_or_file(
-    section: dict[str, Any], key: str, base_dir: str, path: str
-) -> bytes | None:
+def _inline_or_file(section: dict[str, Any], key: str, base_dir: str, path: str) -> bytes | None:
     if section.get(f"{key}-data"):
         return _b64(section[f"{key}-data"], f"{key}-data", path)
     if section.get(key):
@@ -165,9 +166,10 @@ def load_kubeconfig(path: str) -> KubeCredentials:
     )
 
 
-def in_cluster(sa_dir: str = SA_DIR) -> KubeCredentials:
+def in_cluster(sa_dir: str = SA_DIR, env: Mapping[str, str] | None = None) -> KubeCredentials:
     """The pod's service account, as client-go's rest.InClusterConfig reads it."""
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    env = os.environ if env is None else env
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
     if not host or not port:
         raise KubeconfigError("not in a cluster: KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT are not set")
     if ":" in host and not host.startswith("["):
@@ -231,7 +233,9 @@ class KubeClient:
     def _new_connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
         if self.https:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout[0], context=self.context)
+            conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout[0], context=self.context
+            )
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout[0])
         conn.connect()
@@ -256,9 +260,7 @@ class KubeClient:
             self._token_read = time.monotonic()
         return f"Bearer {self._token}" if self._token else None
 
-    def request(
-        self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None
-    ) -> Any:
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
         """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire."""
         target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
         headers = {"Accept": "application/json", "User-Agent": "whereabouts-py"}

@@ -182,7 +182,10 @@ class KubernetesStore:
     def reserve(self, name: str, lease: Lease) -> Lease | None:
         try:
             self._call(
-                f"create reservation {name}", "POST", self._path(RESERVATIONS), self._reservation_body(name, lease)
+                f"create reservation {name}",
+                "POST",
+                self._path(RESERVATIONS),
+                self._reservation_body(name, lease),
             )
             return None
         except ConflictError:
@@ -238,7 +241,9 @@ class KubernetesStore:
             "kind": "DeleteOptions",
             "preconditions": {"resourceVersion": resource_version},
         }
-        self._call(f"delete reservation {name}", "DELETE", self._path(RESERVATIONS, name), body, missing_ok=True)
+        self._call(
+            f"delete reservation {name}", "DELETE", self._path(RESERVATIONS, name), body, missing_ok=True
+        )
 
     def list_pods(self) -> list[dict[str, Any]]:
         return self._list_all("list pods", "/api/v1/pods")

@@ -1,0 +1,301 @@
+"""The datastore's standard-library Kubernetes client: every kubeconfig form our users have, against
+the real kube-apiserver, and the error mapping the engine relies on."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam import errors
+from ipam.allocator import Lease
+from ipam.errors import CNIError, ConflictError, TransientStoreError
+from ipam.store import kubeclient
+from ipam.store.kubeclient import KubeClient, KubeconfigError, in_cluster
+from ipam.store.kubernetes import GROUP, KubernetesStore
+from tests.kubeapi.fixtures import KubeHandle
+from tests.kubeapi.real import RealKube
+
+
+def rewrite(path: str, dest: Path, change: Any) -> str:
+    doc = json.loads(Path(path).read_text())
+    change(doc)
+    dest.write_text(json.dumps(doc))
+    return str(dest)
+
+
+def roundtrip(store: KubernetesStore) -> None:
+    """Create a pool, update it at its version, and see a stale version refused."""
+    empty = store.read_pool("p-10-0-0-0-24", "10.0.0.0/24")
+    assert empty.version is None  # 404 on GET: an absent pool
+    lease = Lease(id="c1", podref="ns/pod", ifname="net1")
+    store.write_pool(empty, {1: lease})
+    first = store.read_pool("p-10-0-0-0-24", "10.0.0.0/24")
+    assert first.allocations[1].id == "c1" and first.version
+    store.write_pool(first, {1: lease, 2: Lease(id="c2", podref="ns/pod2", ifname="net1")})
+    with pytest.raises(ConflictError):  # 409: written since `first` was read
+        store.write_pool(first, {})
+    assert sorted(store.read_pool("p-10-0-0-0-24", "10.0.0.0/24").allocations) == [1, 2]
+
+
+def grant(real_kube: RealKube, serviceaccount: str) -> None:
+    ns = real_kube.namespace
+    real_kube.apply(
+        [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "ipam"},
+                "rules": [
+                    {
+                        "apiGroups": [GROUP],
+                        "resources": ["ippools", "overlappingrangeipreservations"],
+                        "verbs": ["get", "list", "create", "update", "delete"],
+                    }
+                ],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "ipam"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ipam"},
+                "subjects": [{"kind": "ServiceAccount", "name": serviceaccount, "namespace": ns}],
+            },
+        ]
+    )
+
+
+def test_client_certificate_inline(real_kube: RealKube, tmp_path: Path) -> None:
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    assert store.namespace == real_kube.namespace  # the context's namespace
+    roundtrip(store)
+    store.close()
+
+
+def test_client_certificate_and_ca_in_files_relative_to_the_kubeconfig(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    def to_files(doc: dict[str, Any]) -> None:
+        cluster, user = doc["clusters"][0]["cluster"], doc["users"][0]["user"]
+        for section, key in (
+            (cluster, "certificate-authority"),
+            (user, "client-certificate"),
+            (user, "client-key"),
+        ):
+            (tmp_path / f"{key}.pem").write_bytes(base64.b64decode(section.pop(f"{key}-data")))
+            section[key] = f"{key}.pem"  # relative: to the kubeconfig's directory
+
+    path = rewrite(real_kube.kubeconfig_path, tmp_path / "kubeconfig", to_files)
+    store = KubernetesStore.connect(path, str(tmp_path / "locks"))
+    roundtrip(store)
+    store.close()
+
+
+def test_yaml_kubeconfig(real_kube: RealKube, tmp_path: Path) -> None:
+    import yaml
+
+    doc = json.loads(Path(real_kube.kubeconfig_path).read_text())
+    (tmp_path / "kubeconfig.yaml").write_text(yaml.safe_dump(doc))
+    store = KubernetesStore.connect(str(tmp_path / "kubeconfig.yaml"), str(tmp_path / "locks"))
+    roundtrip(store)
+    store.close()
+
+
+def test_service_account_token(real_kube: RealKube, tmp_path: Path) -> None:
+    path = real_kube.token_kubeconfig("ipam", real_kube.namespace)
+    store = KubernetesStore.connect(path, str(tmp_path / "locks"))
+    with pytest.raises(CNIError) as refused:  # no RBAC yet: 403
+        store.read_pool("p", "10.0.0.0/24")
+    assert refused.value.code == errors.DATASTORE_ERROR
+    assert "refused the plugin's credentials (HTTP 403)" in refused.value.msg
+    grant(real_kube, "ipam")
+    roundtrip(store)
+    store.close()
+
+
+def test_token_file_and_ca_file_in_cluster_style(real_kube: RealKube, tmp_path: Path) -> None:
+    path = real_kube.token_kubeconfig("ipam", real_kube.namespace)
+    grant(real_kube, "ipam")
+    doc = json.loads(Path(path).read_text())
+    token = doc["users"][0]["user"]["token"]
+    ca = base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"])
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text(token + "\n")
+    (sa / "ca.crt").write_bytes(ca)
+
+    def token_file(d: dict[str, Any]) -> None:
+        d["users"][0]["user"] = {"tokenFile": str(sa / "token")}
+        d["clusters"][0]["cluster"] = {"server": real_kube.url, "certificate-authority": str(sa / "ca.crt")}
+
+    store = KubernetesStore.connect(rewrite(path, tmp_path / "kubeconfig", token_file), str(tmp_path / "l"))
+    roundtrip(store)
+    store.close()
+
+    # in-cluster: the service account directory and the KUBERNETES_SERVICE_* variables
+    port = real_kube.url.rsplit(":", 1)[1]
+    creds = in_cluster(str(sa), {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port})
+    client = KubeClient(creds)
+    pool = client.request(
+        "GET", f"/apis/{GROUP}/v1alpha1/namespaces/{real_kube.namespace}/ippools/p-10-0-0-0-24"
+    )
+    assert set(pool["spec"]["allocations"]) == {"1", "2"}
+    client.close()
+
+
+def test_rotated_token_file_is_read_again(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grant(real_kube, "ipam")
+    good = json.loads(Path(real_kube.token_kubeconfig("ipam", real_kube.namespace)).read_text())
+    token_file = tmp_path / "token"
+    token_file.write_text("not-a-token")
+
+    def use_file(d: dict[str, Any]) -> None:
+        d["users"][0]["user"] = {"tokenFile": str(token_file)}
+
+    path = rewrite(real_kube.token_kubeconfig("ipam", real_kube.namespace), tmp_path / "kc", use_file)
+    store = KubernetesStore.connect(path, str(tmp_path / "locks"))
+    with pytest.raises(CNIError) as refused:
+        store.read_pool("p", "10.0.0.0/24")
+    assert "HTTP 401" in refused.value.msg
+    token_file.write_text(good["users"][0]["user"]["token"])  # the kubelet rotated it
+    monkeypatch.setattr(kubeclient, "TOKEN_REREAD_SECONDS", 0.0)
+    assert store.read_pool("p", "10.0.0.0/24").version is None
+    store.close()
+
+
+def test_reservations_and_precondition_delete(real_kube: RealKube, tmp_path: Path) -> None:
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    mine, other = Lease(id="c1", podref="ns/a", ifname="net1"), Lease(id="c2", podref="ns/b", ifname="net1")
+    assert store.reserve("10.0.0.1", mine) is None
+    assert store.reserve("10.0.0.1", other) == Lease.from_reservation(mine.reservation_spec())
+    [obj] = store.list_reservations()
+    with pytest.raises(ConflictError):  # a stale resourceVersion precondition
+        store.delete_reservation("10.0.0.1", "1")
+    store.delete_reservation("10.0.0.1", obj["metadata"]["resourceVersion"])
+    store.delete_reservation("10.0.0.1", "1")  # gone already: fine
+    assert store.list_reservations() == []
+    store.close()
+
+
+def test_list_pods_across_namespaces(real_kube: RealKube, tmp_path: Path) -> None:
+    real_kube.api.put_pod(real_kube.namespace, "web-0")
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    names = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in store.list_pods()}
+    assert (real_kube.namespace, "web-0") in names
+    store.close()
+
+
+def test_status_check_reaches_the_server(real_kube: RealKube, tmp_path: Path) -> None:
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    store.check_reachable()
+    store.close()
+
+
+def test_wrong_ca_is_a_transient_connection_error(real_kube: RealKube, tmp_path: Path) -> None:
+    """A server whose certificate does not verify is never talked to (the engine retries, then 11)."""
+    other = Path(real_kube.kubeconfig_path).read_text()
+    doc = json.loads(other)
+    user = doc["users"][0]["user"]
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = user[
+        "client-certificate-data"
+    ]  # not the CA
+    (tmp_path / "kc").write_text(json.dumps(doc))
+    store = KubernetesStore.connect(str(tmp_path / "kc"), str(tmp_path / "locks"))
+    with pytest.raises(TransientStoreError, match="SSL"):
+        store.read_pool("p", "10.0.0.0/24")
+
+
+# -- error mapping (test server: injected faults) ----------------------------------------------------
+
+
+def test_throttling_and_server_errors_are_transient_with_retry_after(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    kube.api.set_faults(throttle_rate=1.0, retry_after=7)
+    with pytest.raises(TransientStoreError) as throttled:
+        store.read_pool("p", "10.0.0.0/24")
+    assert throttled.value.retry_after == 7.0 and "HTTP 429" in str(throttled.value)
+    kube.api.set_faults(error_rate=1.0, error_codes=(503,))
+    with pytest.raises(TransientStoreError, match="HTTP 503"):
+        store.read_pool("p", "10.0.0.0/24")
+    kube.api.set_faults(drop_rate=1.0)
+    with pytest.raises(TransientStoreError):
+        store.read_pool("p", "10.0.0.0/24")
+    kube.api.clear_faults()
+    assert store.read_pool("p", "10.0.0.0/24").version is None  # and the client recovers
+    store.close()
+
+
+def test_refused_connection_is_transient(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    doc = {
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kc").write_text(json.dumps(doc))
+    store = KubernetesStore.connect(str(tmp_path / "kc"), str(tmp_path / "locks"))
+    assert store.namespace == "kube-system"  # no context namespace: Whereabouts' default
+    with pytest.raises(TransientStoreError, match="ConnectionRefused"):
+        store.read_pool("p", "10.0.0.0/24")
+
+
+# -- kubeconfig forms we refuse ----------------------------------------------------------------------
+
+
+def kubeconfig_doc(user: dict[str, Any], cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "clusters": [{"name": "c", "cluster": cluster or {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (kubeconfig_doc({"exec": {"command": "aws"}}), "exec credential plugin"),
+        (kubeconfig_doc({"auth-provider": {"name": "gcp"}}), "auth-provider credential plugin"),
+        (kubeconfig_doc({"client-certificate-data": "QUJD"}), "needs both client-certificate and client-key"),
+        (kubeconfig_doc({"token": "t"}, {"server": ""}), "has no server"),
+        (
+            kubeconfig_doc({"token": "t"}, {"server": "https://h", "certificate-authority-data": "!!"}),
+            "not valid base64",
+        ),
+        (kubeconfig_doc({"tokenFile": "missing-token"}), "tokenFile"),
+        ({**kubeconfig_doc({"token": "t"}), "current-context": "nope"}, "no context named 'nope'"),
+        ([1, 2], "not a kubeconfig"),
+    ],
+)
+def test_unusable_kubeconfig_is_code_7_naming_the_problem(doc: Any, message: str, tmp_path: Path) -> None:
+    (tmp_path / "kc").write_text(json.dumps(doc))
+    with pytest.raises(CNIError) as refused:
+        KubernetesStore.connect(str(tmp_path / "kc"), str(tmp_path / "locks"))
+    assert refused.value.code == errors.INVALID_CONFIG
+    assert "ipam.kubernetes.kubeconfig" in refused.value.msg and message in str(refused.value.details)
+
+
+def test_in_cluster_needs_the_service_environment(tmp_path: Path) -> None:
+    with pytest.raises(KubeconfigError, match="KUBERNETES_SERVICE_HOST"):
+        in_cluster(str(tmp_path), {})
+    with pytest.raises(KubeconfigError, match="token"):
+        in_cluster(str(tmp_path), {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"})
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "ca.crt").write_text("x")
+    creds = in_cluster(
+        str(tmp_path), {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
+    )
+    assert creds.server == "https://[fd00::1]:443" and creds.token == "t"
+    assert creds.token_file == os.path.join(str(tmp_path), "token")
