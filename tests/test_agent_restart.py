@@ -19,6 +19,7 @@ import pytest
 from ipam import shim
 from ipam.agent import heartbeat
 from tests.cni_exec import cni_env, finish, start
+from tests.kubeapi.real import RealKube
 
 AGENT = str(Path(sys.executable).parent / "ipam-agent")
 REPLY = {"code": 0, "stdout": "answer\n"}
@@ -170,32 +171,40 @@ def start_agent(sock: str) -> subprocess.Popen[bytes]:
     raise AssertionError("agent did not start")
 
 
-def file_conf(tmp: Path) -> dict[str, Any]:
+def kube_conf(real_kube: RealKube, tmp: Path, cidr: str) -> dict[str, Any]:
     return {
         "cniVersion": "1.0.0",
         "name": "n",
         "type": "ipvlan",
         "ipam": {
             "type": "whereabouts-py",
-            "range": "10.76.0.0/24",
-            "datastore": "file",
-            "data_dir": str(tmp / "data"),
+            "range": cidr,
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": real_kube.kubeconfig_path},
+            "data_dir": str(tmp / "node"),
         },
     }
 
 
+def leases(real_kube: RealKube) -> dict[str, str]:
+    """container id -> address of every lease in the test's one pool (empty before it exists)."""
+    pools = real_kube.api.objects("ippools", real_kube.namespace)
+    if not pools:
+        return {}
+    [pool] = pools
+    return {v["id"]: f"10.76.0.{k}/24" for k, v in (pool["spec"].get("allocations") or {}).items()}
+
+
 @pytest.mark.slow
-def test_agent_restart_during_50_concurrent_adds(tmp_path: Path) -> None:
+def test_agent_restart_during_50_concurrent_adds(real_kube: RealKube, tmp_path: Path) -> None:
     sock = str(tmp_path / "run" / "agent.sock")
-    conf = file_conf(tmp_path)
+    conf = kube_conf(real_kube, tmp_path, "10.76.0.0/24")
     agent = start_agent(sock)
     env = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "60"}
-    pools = tmp_path / "data" / "pools"
     try:
         procs = [start(conf, cni_env("ADD", f"c{i}", **env)) for i in range(50)]
         for _ in range(6000):  # until the agent has written some of them (bounded poll)
-            files = list(pools.glob("*.json")) if pools.exists() else []
-            if files and len(json.loads(files[0].read_text())["spec"]["allocations"]) >= 5:
+            if len(leases(real_kube)) >= 5:
                 break
             time.sleep(0.01)
         else:
@@ -210,9 +219,9 @@ def test_agent_restart_during_50_concurrent_adds(tmp_path: Path) -> None:
     assert [c.code for c in calls] == [0] * 50, [c.stdout for c in calls if c.code]
     got = {f"c{i}": c.result["ips"][0]["address"] for i, c in enumerate(calls)}
     assert len(set(got.values())) == 50
-    [pool] = [json.loads(f.read_text()) for f in pools.glob("*.json")]
-    held = {v["id"]: f"10.76.0.{k}/24" for k, v in pool["spec"]["allocations"].items()}
-    assert held == got  # every answer is the lease written for it, nothing extra
+    assert leases(real_kube) == got  # every answer is the lease written for it, nothing extra
+    reservations = real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
+    assert sorted(r["spec"]["containerid"] for r in reservations) == sorted(got)
     fell_back = sum("agent.unavailable" in c.stderr for c in calls)
     waited = sum("agent.back" in c.stderr for c in calls)
     print(

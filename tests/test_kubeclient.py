@@ -18,6 +18,7 @@ from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.store import kubeclient
 from ipam.store.kubeclient import KubeClient, KubeconfigError, in_cluster
 from ipam.store.kubernetes import GROUP, KubernetesStore
+from tests.cni_exec import cni_env, finish, run, start
 from tests.kubeapi.fixtures import KubeHandle
 from tests.kubeapi.real import RealKube
 
@@ -299,3 +300,51 @@ def test_in_cluster_needs_the_service_environment(tmp_path: Path) -> None:
     )
     assert creds.server == "https://[fd00::1]:443" and creds.token == "t"
     assert creds.token_file == os.path.join(str(tmp_path), "token")
+
+
+# -- the CNI executable in direct mode against the real server ---------------------------------------
+
+
+def direct_conf(kubeconfig: str, tmp_path: Path, cidr: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": cidr,
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": kubeconfig},
+            "data_dir": str(tmp_path / "node"),
+        },
+    }
+
+
+def test_direct_mode_with_a_service_account_token_never_imports_the_kubernetes_package(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    grant(real_kube, "ipam")
+    conf = direct_conf(real_kube.token_kubeconfig("ipam", real_kube.namespace), tmp_path, "10.77.0.0/24")
+    env = cni_env("ADD", "c1", WHEREABOUTS_PY_AGENT_SOCKET="/nonexistent.sock", PYTHONPROFILEIMPORTTIME="1")
+    done = run(conf, env)
+    assert done.code == 0, done.stdout + done.stderr[-2000:]
+    assert done.result["ips"][0]["address"] == "10.77.0.1/24"
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "ipam.store.kubeclient" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("kubernetes", "urllib3", "requests")}
+
+
+@pytest.mark.slow
+def test_concurrent_direct_mode_adds_on_one_node_all_succeed(real_kube: RealKube, tmp_path: Path) -> None:
+    """Processes queue on the node lock (sleeping in flock) and each holds it only for its requests."""
+    conf = direct_conf(real_kube.kubeconfig_path, tmp_path, "10.78.0.0/24")
+    env = {"WHEREABOUTS_PY_AGENT_SOCKET": "/nonexistent.sock", "NODENAME": "node-a"}
+    procs = [start(conf, cni_env("ADD", f"c{i}", **env)) for i in range(40)]
+    calls = [finish(p) for p in procs]
+    assert [c.code for c in calls] == [0] * 40, [c.stdout for c in calls if c.code]
+    got = {f"c{i}": c.result["ips"][0]["address"] for i, c in enumerate(calls)}
+    [pool] = real_kube.api.objects("ippools", real_kube.namespace)
+    assert {v["id"]: f"10.78.0.{k}/24" for k, v in pool["spec"]["allocations"].items()} == got
+    assert len(set(got.values())) == 40
