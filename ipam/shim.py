@@ -1,10 +1,10 @@
 """The CNI executable's fast path: forward the call to the node agent over its unix socket.
 
 Every pod pays this module's imports, so until the agent has answered it imports nothing but the C
-modules `_socket` and `_json` (plus `os`/`sys`, loaded by every interpreter): `socket` would pull in
-`enum`/`selectors`/`collections` and `json` pulls in `re`, ~10 ms per exec together on a 2-core host.
-tests/test_shim_imports.py holds it to that. Logging, the CNI layer, pydantic etc. are imported only
-once the agent declined.
+modules `_socket` and `_json` (and `posix`, built in): `socket` would pull in `enum`/`selectors`/
+`collections` and `json` pulls in `re`, ~10 ms per exec together on a 2-core host, and under -S even
+`os` is not loaded at start-up (1.4 ms of CPU). tests/test_shim_imports.py holds it to that. Logging,
+the CNI layer, pydantic etc. are imported only once the agent declined.
 
 `try_agent` returns None whenever the agent cannot answer (no socket, refused, died mid-call, timed
 out); the caller then runs the call in-process (direct mode). That fallback cannot double-allocate:
@@ -19,7 +19,7 @@ A node that never ran an agent has no heartbeat file and falls back at once; a n
 removed stops waiting once its last heartbeat is older than the budget.
 """
 
-import os
+import posix
 import sys
 
 try:  # the C halves of socket and json: the pure-Python wrappers cost more than the whole call
@@ -179,7 +179,7 @@ def exchange(path: str, request: bytes, timeout: float) -> "tuple[int, str]":
 def _seen_within(path: str, seconds: float) -> bool:
     """True when the agent's heartbeat file was touched less than `seconds` ago."""
     try:
-        mtime = os.stat(heartbeat_path(path)).st_mtime
+        mtime = posix.stat(heartbeat_path(path)).st_mtime
     except OSError:
         return False
     import time
@@ -219,7 +219,7 @@ def forward(
         except AgentUnavailable as exc:
             error = str(exc)
             if not exc.retry or wait <= 0 or not _seen_within(path, wait):
-                if started is not None or os.path.exists(path) or os.path.exists(heartbeat_path(path)):
+                if started is not None or _exists(path) or _exists(heartbeat_path(path)):
                     _log_unavailable(path, error, 0.0 if started is None else _now() - started)
                 return None  # no agent here at all: direct mode without a word
         if started is None:
@@ -228,6 +228,23 @@ def forward(
             _log_unavailable(path, error, _now() - started)
             return None
         _sleep(RETRY_INTERVAL)
+
+
+def _exists(path: str) -> bool:
+    try:
+        posix.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def environ() -> "dict[str, str]":
+    """os.environ's contents without importing os (decoded as os.environ decodes them)."""
+    encoding = sys.getfilesystemencoding()
+    return {
+        k.decode(encoding, "surrogateescape"): v.decode(encoding, "surrogateescape")
+        for k, v in posix.environ.items()
+    }
 
 
 def _now() -> float:
@@ -278,7 +295,7 @@ def main() -> int:
             f'"details": {_dumps_str(str(exc))}}}\n'
         )
         return 1
-    answered = try_agent(os.environ, stdin)
+    answered = try_agent(environ(), stdin)
     if answered is not None:
         sys.stdout.write(answered[1])
         return answered[0]
@@ -286,6 +303,8 @@ def main() -> int:
         import site
 
         site.main()
+    import os
+
     from .cni import run
 
     return run(os.environ, stdin, sys.stdout)
