@@ -151,17 +151,19 @@ class Exec:
     """One exec: wall time, CPU time (user + system, the process and its children), exit code, output."""
 
     def __init__(self, argv: list[str], stdin: bytes, env: dict[str, str] | None = None) -> None:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-        )
-        out, err = proc.communicate(stdin)  # reads to EOF; the process is reaped by wait4 below
-        _, status, usage = os.wait4(proc.pid, 0)
-        self.wall = time.perf_counter() - started
-        self.cpu = usage.ru_utime + usage.ru_stime
-        self.code = os.waitstatus_to_exitcode(status)
-        proc.returncode = self.code
-        self.stdout, self.stderr = out.decode(), err.decode()
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            started = time.perf_counter()
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env)
+            assert proc.stdin is not None
+            with proc.stdin:
+                proc.stdin.write(stdin)
+            _, status, usage = os.wait4(proc.pid, 0)  # reaped here, with its resource usage
+            self.wall = time.perf_counter() - started
+            proc.returncode = self.code = os.waitstatus_to_exitcode(status)
+            self.cpu = usage.ru_utime + usage.ru_stime
+            out.seek(0)
+            err.seek(0)
+            self.stdout, self.stderr = out.read().decode(), err.read().decode()
 
 
 def exec_cni(argv: list[str], doc: dict[str, Any], env: dict[str, str]) -> Exec:
