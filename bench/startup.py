@@ -127,6 +127,7 @@ def agent_running(sock: str) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def conf(kubeconfig: str, cidr: str, network: str, data_dir: Path) -> dict[str, Any]:
+    """The NAD as a user writes it: default retry deadline (90 s) and everything else default."""
     return {
         "cniVersion": "1.0.0",
         "name": network,
@@ -138,7 +139,6 @@ def conf(kubeconfig: str, cidr: str, network: str, data_dir: Path) -> dict[str, 
             "network_name": network,
             "kubernetes": {"kubeconfig": kubeconfig},
             "data_dir": str(data_dir),
-            "retry_deadline_seconds": 180,
         },
     }
 
