@@ -224,6 +224,9 @@ def forward(
                 return None  # no agent here at all: direct mode without a word
         if started is None:
             started = _now()
+            from .log import log
+
+            log.info("agent.waiting", socket=path, error=error, wait_s=wait)
         elif _now() - started >= wait:
             _log_unavailable(path, error, _now() - started)
             return None

@@ -348,3 +348,19 @@ def test_concurrent_direct_mode_adds_on_one_node_all_succeed(real_kube: RealKube
     [pool] = real_kube.api.objects("ippools", real_kube.namespace)
     assert {v["id"]: f"10.78.0.{k}/24" for k, v in pool["spec"]["allocations"].items()} == got
     assert len(set(got.values())) == 40
+
+
+def test_tls_server_name_is_the_name_verified(real_kube: RealKube, tmp_path: Path) -> None:
+    """The serving certificate names 127.0.0.1 and localhost: tls-server-name picks which is checked."""
+
+    def named(server_name: str) -> Any:
+        return lambda d: d["clusters"][0]["cluster"].update({"tls-server-name": server_name})
+
+    good = rewrite(real_kube.kubeconfig_path, tmp_path / "good", named("localhost"))
+    store = KubernetesStore.connect(good, str(tmp_path / "locks"))
+    assert store.read_pool("p", "10.0.0.0/24").version is None
+    store.close()
+    bad = rewrite(real_kube.kubeconfig_path, tmp_path / "bad", named("not-the-apiserver.example"))
+    store = KubernetesStore.connect(bad, str(tmp_path / "locks"))
+    with pytest.raises(TransientStoreError, match=r"not-the-apiserver\.example"):
+        store.read_pool("p", "10.0.0.0/24")

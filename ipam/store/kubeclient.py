@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -66,6 +66,26 @@ class KubeCredentials:
     token_file: str | None = None
     namespace: str | None = None
     insecure_skip_tls_verify: bool = False
+    tls_server_name: str | None = None
+
+
+class Credentials(Protocol):
+    """What KubeClient reads: KubeCredentials here, or ipam.kubeconfig's (the node kubeconfig's)."""
+
+    @property
+    def server(self) -> str: ...
+    @property
+    def ca_data(self) -> bytes | None: ...
+    @property
+    def client_cert_data(self) -> bytes | None: ...
+    @property
+    def client_key_data(self) -> bytes | None: ...
+    @property
+    def token(self) -> str | None: ...
+    @property
+    def insecure_skip_tls_verify(self) -> bool: ...
+    @property
+    def tls_server_name(self) -> str | None: ...
 
 
 # -- loading credentials ------------------------------------------------------------------------------
@@ -163,6 +183,7 @@ def load_kubeconfig(path: str) -> KubeCredentials:
         token_file=token_file,
         namespace=str(context["namespace"]) if context.get("namespace") else None,
         insecure_skip_tls_verify=bool(cluster.get("insecure-skip-tls-verify")),
+        tls_server_name=str(cluster["tls-server-name"]) if cluster.get("tls-server-name") else None,
     )
 
 
@@ -183,7 +204,7 @@ def in_cluster(sa_dir: str = SA_DIR, env: Mapping[str, str] | None = None) -> Ku
 # -- the client ---------------------------------------------------------------------------------------
 
 
-def _ssl_context(creds: KubeCredentials) -> ssl.SSLContext:
+def _ssl_context(creds: Credentials) -> ssl.SSLContext:
     if creds.ca_data:
         context = ssl.create_default_context(cadata=creds.ca_data.decode("ascii", errors="replace"))
     else:
@@ -208,11 +229,26 @@ def _load_client_cert(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
         os.close(fd)
 
 
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an address whose certificate names another host (kubeconfig `tls-server-name`)."""
+
+    def __init__(
+        self, host: str, port: int, timeout: float, context: ssl.SSLContext, server_name: str
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.server_name = server_name
+        self.tls_context = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP only
+        self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.server_name)
+
+
 class KubeClient:
     """JSON requests to one API server over a small pool of keep-alive connections (thread-safe)."""
 
     def __init__(
-        self, creds: KubeCredentials, timeout: tuple[float, float] = DEFAULT_TIMEOUT, pool_size: int = 32
+        self, creds: Credentials, timeout: tuple[float, float] = DEFAULT_TIMEOUT, pool_size: int = 32
     ) -> None:
         url = urlsplit(creds.server)
         if url.scheme not in ("https", "http") or not url.hostname:
@@ -228,11 +264,16 @@ class KubeClient:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._token = creds.token
+        self._token_file: str | None = getattr(creds, "token_file", None)  # re-read: it rotates
         self._token_read = time.monotonic()
 
     def _new_connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
-        if self.https:
+        if self.https and self.context is not None and self.creds.tls_server_name:
+            conn = _NamedHTTPSConnection(
+                self.host, self.port, self.timeout[0], self.context, self.creds.tls_server_name
+            )
+        elif self.https:
             conn = http.client.HTTPSConnection(
                 self.host, self.port, timeout=self.timeout[0], context=self.context
             )
@@ -250,7 +291,7 @@ class KubeClient:
             self._idle.append(conn)
 
     def _authorization(self) -> str | None:
-        token_file = self.creds.token_file
+        token_file = self._token_file
         if token_file and time.monotonic() - self._token_read > TOKEN_REREAD_SECONDS:
             try:
                 with open(token_file, encoding="utf-8") as fh:
