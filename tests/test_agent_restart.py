@@ -20,7 +20,7 @@ import pytest
 from ipam import shim
 from ipam.agent import heartbeat
 from tests.cni_exec import cni_env, finish, start
-from tests.kubeapi.real import RealKube
+from tests.kubeapi.real import ApiError, RealKube
 
 AGENT = str(Path(sys.executable).parent / "ipam-agent")
 REPLY = {"code": 0, "stdout": "answer\n"}
@@ -187,9 +187,22 @@ def kube_conf(real_kube: RealKube, tmp: Path, cidr: str) -> dict[str, Any]:
     }
 
 
+def objects(real_kube: RealKube, plural: str) -> list[dict[str, Any]]:
+    """The test namespace's objects; a server still (re)initializing its storage (429, e.g. after another
+    test restarted it) is asked again."""
+    for _ in range(300):
+        try:
+            return real_kube.api.objects(plural, real_kube.namespace)
+        except ApiError as exc:
+            if exc.status != 429:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("the API server stayed unavailable")
+
+
 def leases(real_kube: RealKube) -> dict[str, str]:
     """container id -> address of every lease in the test's one pool (empty before it exists)."""
-    pools = real_kube.api.objects("ippools", real_kube.namespace)
+    pools = objects(real_kube, "ippools")
     if not pools:
         return {}
     [pool] = pools
@@ -243,7 +256,7 @@ def test_agent_restart_during_50_concurrent_adds(real_kube: RealKube, tmp_path: 
     got = {f"c{i}": c.result["ips"][0]["address"] for i, c in enumerate(calls)}
     assert len(set(got.values())) == 50
     assert leases(real_kube) == got  # every answer is the lease written for it, nothing extra
-    reservations = real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
+    reservations = objects(real_kube, "overlappingrangeipreservations")
     assert sorted(r["spec"]["containerid"] for r in reservations) == sorted(got)
     stderr = ["".join(early_lines.get(i, [])) + c.stderr for i, c in enumerate(calls)]
     fell_back = sum("agent.unavailable" in e for e in stderr)
