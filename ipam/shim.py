@@ -34,7 +34,15 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 DEFAULT_SOCKET = "/run/whereabouts-py/agent.sock"
-DEFAULT_TIMEOUT = 150.0  # above the engine's default 90 s deadline, below kubelet's 4 minutes
+# The shim's wait must outlast everything the agent may still do for the call, or its direct-mode
+# fallback runs while the agent works on (and may roll back) the same ADD. So: the largest
+# retry_deadline_seconds the config accepts, plus the rollback's own budget, plus one API request in
+# flight at the deadline; still below kubelet's 4 minutes. The agent is also told this wait and
+# shortens its deadline to fit inside it (ipam.agent), so a lower WHEREABOUTS_PY_AGENT_TIMEOUT holds too.
+MAX_DEADLINE = 200.0  # config.IPAMConfig.retry_deadline_seconds (le=200)
+ROLLBACK_SECONDS = 10.0  # engine.RetryPolicy.rollback_seconds
+WORK_MARGIN = 20.0  # one API request in flight at the deadline (connect 5 s + read 15 s)
+DEFAULT_TIMEOUT = MAX_DEADLINE + ROLLBACK_SECONDS + WORK_MARGIN
 DEFAULT_WAIT = 15.0  # how long a restarting agent may be away before calls run in direct mode
 MAX_WAIT = 120.0  # a misconfigured wait must not eat kubelet's 4-minute budget
 HEARTBEAT_SUFFIX = ".alive"
@@ -104,15 +112,16 @@ def _loads(data: bytes) -> object:
     return value
 
 
-def _dumps_request(env: "Mapping[str, str]", stdin: str) -> bytes:
-    """json.dumps({"env": env, "stdin": stdin}) (ASCII, \\u escapes) for a map of strings."""
+def _dumps_request(env: "Mapping[str, str]", stdin: str, timeout: float) -> bytes:
+    """json.dumps({"env": env, "stdin": stdin, "timeout": timeout}) (ASCII, \\u escapes); `timeout`
+    tells the agent how long this shim waits, so it fits its work for the call inside it."""
     if _json is None:
         import json
 
-        return json.dumps({"env": dict(env), "stdin": stdin}).encode()
+        return json.dumps({"env": dict(env), "stdin": stdin, "timeout": timeout}).encode()
     quote = _json.encode_basestring_ascii
     pairs = ", ".join(f"{quote(k)}: {quote(v)}" for k, v in env.items())
-    return f'{{"env": {{{pairs}}}, "stdin": {quote(stdin)}}}'.encode("ascii")
+    return f'{{"env": {{{pairs}}}, "stdin": {quote(stdin)}, "timeout": {float(timeout)!r}}}'.encode("ascii")
 
 
 # -- one round trip ---------------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def forward(
     if not path:
         return None
     forwarded = {k: v for k, v in env.items() if k.startswith(FORWARDED)}
-    request = _dumps_request(forwarded, stdin.decode("utf-8", errors="surrogateescape"))
+    request = _dumps_request(forwarded, stdin.decode("utf-8", errors="surrogateescape"), timeout)
     started = None
     while True:
         try:

@@ -364,3 +364,20 @@ def test_tls_server_name_is_the_name_verified(real_kube: RealKube, tmp_path: Pat
     store = KubernetesStore.connect(bad, str(tmp_path / "locks"))
     with pytest.raises(TransientStoreError, match=r"not-the-apiserver\.example"):
         store.read_pool("p", "10.0.0.0/24")
+
+
+def test_a_lost_answer_is_asked_again_only_for_a_get(kube: KubeHandle, tmp_path: Path) -> None:
+    """A GET whose keep-alive connection dies is repeated once; a write is not (it may have been
+    carried out: a repeat would answer 409 for our own write), so the engine re-reads and decides."""
+    store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    empty = store.read_pool("p", "10.0.0.0/24")  # the connection is open and idle now
+    store.write_pool(empty, {1: Lease(id="c1", podref="ns/a", ifname="net1")})
+    kube.api.set_faults(drop_after_rate=1.0, methods={"GET"}, resources={"ippools"}, max_hits=1)
+    snapshot = store.read_pool("p", "10.0.0.0/24")  # answered on the second try
+    assert kube.api.fault_hits == 2 and snapshot.allocations[1].id == "c1"  # asked twice
+    kube.api.set_faults(drop_after_rate=1.0, methods={"PUT"}, resources={"ippools"}, max_hits=1)
+    with pytest.raises(TransientStoreError):
+        store.write_pool(snapshot, {})
+    kube.api.clear_faults()
+    assert store.read_pool("p", "10.0.0.0/24").allocations == {}  # it was carried out
+    store.close()

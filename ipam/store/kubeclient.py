@@ -324,7 +324,9 @@ class KubeClient:
                 data = response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
-                if reused and attempt == 0:  # the server closed an idle keep-alive connection: once more
+                # the server may have closed an idle keep-alive connection: a GET is asked again; a write
+                # is not (it may have been carried out, its answer lost: the engine re-reads and decides)
+                if reused and attempt == 0 and method == "GET":
                     continue
                 raise
             except BaseException:
