@@ -5,7 +5,7 @@
 Every figure is measured with the interpreter a host runs: /usr/bin/python3, never a version-manager
 shim. The plugin runs as deploy/install.py installs it: its sh wrapper exec'ing a bundle's python with
 -S -I -B. The bundle here is a venv of /usr/bin/python3 holding the package's CNI-path dependencies
-(netaddr, filelock, pydantic, PyYAML; not the kubernetes package) and a compiled copy of ipam/.
+(netaddr, pydantic, PyYAML; not filelock, not the kubernetes package) and a compiled copy of ipam/.
 The node agent runs from the project's .venv. Reported, each with its ratio to the same run's bare
 interpreter start:
 
@@ -42,7 +42,7 @@ from tests.cni_exec import cni_env  # noqa: E402
 
 HOST_PYTHON = "/usr/bin/python3"
 BUNDLE = ROOT / ".venv-host"  # the stand-in for /opt/cni/whereabouts-py/current
-BUNDLE_DEPS = ("netaddr>=1.2", "filelock>=3.12", "pydantic>=2.5,<3", "PyYAML>=6")
+BUNDLE_DEPS = ("netaddr>=1.2", "pydantic>=2.5,<3", "PyYAML>=6")
 AGENT = str(Path(sys.executable).parent / "ipam-agent")
 RESULTS = ROOT / "bench" / "RESULTS.md"
 NO_AGENT = "/nonexistent/whereabouts-py-agent.sock"
@@ -65,7 +65,7 @@ def build_bundle() -> Path:
     if not (BUNDLE / "bin" / "python3").exists():
         subprocess.run([HOST_PYTHON, "-m", "venv", str(BUNDLE)], check=True)
     python = str(BUNDLE / "bin" / "python3")
-    have = subprocess.run([python, "-c", "import netaddr, filelock, pydantic, yaml"], capture_output=True)
+    have = subprocess.run([python, "-c", "import netaddr, pydantic, yaml"], capture_output=True)
     if have.returncode != 0:
         subprocess.run([python, "-m", "pip", "install", "--quiet", *BUNDLE_DEPS], check=True)
     version = subprocess.run(
