@@ -281,9 +281,10 @@ def kubeconfig_doc(user: dict[str, Any], cluster: dict[str, Any] | None = None) 
     ],
 )
 def test_unusable_kubeconfig_is_code_7_naming_the_problem(doc: Any, message: str, tmp_path: Path) -> None:
+    """On the CNI path (no credential plugins), as direct mode and the agent connect."""
     (tmp_path / "kc").write_text(json.dumps(doc))
     with pytest.raises(CNIError) as refused:
-        KubernetesStore.connect(str(tmp_path / "kc"), str(tmp_path / "locks"))
+        KubernetesStore.connect(str(tmp_path / "kc"), str(tmp_path / "locks"), credential_plugins=False)
     assert refused.value.code == errors.INVALID_CONFIG
     assert "ipam.kubernetes.kubeconfig" in refused.value.msg and message in str(refused.value.details)
 
@@ -381,3 +382,39 @@ def test_a_lost_answer_is_asked_again_only_for_a_get(kube: KubeHandle, tmp_path:
     kube.api.clear_faults()
     assert store.read_pool("p", "10.0.0.0/24").allocations == {}  # it was carried out
     store.close()
+
+
+def test_exec_plugin_kubeconfig_serves_tools_and_is_refused_on_the_cni_path(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """An administrator's kubeconfig with an exec credential plugin (e.g. a cloud login) works for
+    ipam-reconcile --kubeconfig; the CNI path, run as root for every pod, never runs a plugin."""
+    grant(real_kube, "ipam")
+    token = json.loads(Path(real_kube.token_kubeconfig("ipam", real_kube.namespace)).read_text())
+    credential = {
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "kind": "ExecCredential",
+        "status": {"token": token["users"][0]["user"]["token"]},
+    }
+    plugin = tmp_path / "login.sh"
+    plugin.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(credential)}\nEOF\n")
+    plugin.chmod(0o755)
+
+    def use_plugin(d: dict[str, Any]) -> None:
+        exec_spec = {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": str(plugin),
+            "interactiveMode": "Never",
+        }
+        d["users"][0]["user"] = {"exec": exec_spec}
+
+    path = rewrite(real_kube.kubeconfig_path, tmp_path / "kc", use_plugin)
+    store = KubernetesStore.connect(path, str(tmp_path / "locks"))  # as ipam-reconcile connects
+    assert store.namespace == real_kube.namespace
+    roundtrip(store)
+    store.close()
+    with pytest.raises(CNIError) as refused:
+        KubernetesStore.connect(path, str(tmp_path / "locks"), credential_plugins=False)
+    assert refused.value.code == errors.INVALID_CONFIG and "exec credential plugin" in str(
+        refused.value.details
+    )

@@ -30,6 +30,10 @@ class KubeconfigError(ValueError):
     """The kubeconfig (or in-cluster environment) cannot give usable credentials."""
 
 
+class CredentialPluginError(KubeconfigError):
+    """The kubeconfig's user runs an exec or auth-provider plugin (`load_with_plugins` can, for tools)."""
+
+
 class ApiError(Exception):
     """An HTTP error answer; `status` 0 for a connection failure."""
 
@@ -158,7 +162,7 @@ def load_kubeconfig(path: str) -> KubeCredentials:
     base_dir = os.path.dirname(os.path.abspath(path))
     for plugin in ("exec", "auth-provider"):
         if user.get(plugin):
-            raise KubeconfigError(
+            raise CredentialPluginError(
                 f"{path}: user {context.get('user')!r} uses an {plugin} credential plugin, which the CNI "
                 "plugin does not run; use a client certificate or a token"
             )
@@ -184,6 +188,38 @@ def load_kubeconfig(path: str) -> KubeCredentials:
         namespace=str(context["namespace"]) if context.get("namespace") else None,
         insecure_skip_tls_verify=bool(cluster.get("insecure-skip-tls-verify")),
         tls_server_name=str(cluster["tls-server-name"]) if cluster.get("tls-server-name") else None,
+    )
+
+
+def load_with_plugins(path: str) -> KubeCredentials:
+    """Credentials from a kubeconfig whose user runs an exec or auth-provider plugin, obtained through
+    the `kubernetes` package (imported only here). For tools an administrator runs with their own
+    kubeconfig (ipam-reconcile --kubeconfig), never for the CNI path."""
+    from kubernetes import client
+    from kubernetes import config as untyped_config
+
+    config: Any = untyped_config  # an untyped module
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+        _, active = config.list_kube_config_contexts(config_file=path)
+    except Exception as exc:  # the package's ConfigException and whatever a plugin raised
+        raise KubeconfigError(f"{path}: {exc}") from None
+
+    def read(file: str | None) -> bytes | None:
+        return _file(file, "", "credential file", path) if file else None
+
+    auth = str(configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken") or "")
+    token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth or None
+    namespace = (active or {}).get("context", {}).get("namespace")
+    return KubeCredentials(
+        server=str(configuration.host),
+        ca_data=read(configuration.ssl_ca_cert),
+        client_cert_data=read(configuration.cert_file),
+        client_key_data=read(configuration.key_file),
+        token=token,
+        namespace=str(namespace) if namespace else None,
+        insecure_skip_tls_verify=not configuration.verify_ssl,
     )
 
 

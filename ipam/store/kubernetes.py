@@ -19,7 +19,16 @@ from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, TransientStoreError
 from .base import PoolSnapshot
-from .kubeclient import ApiError, KubeClient, KubeconfigError, in_cluster, load_kubeconfig, path_quote
+from .kubeclient import (
+    ApiError,
+    CredentialPluginError,
+    KubeClient,
+    KubeconfigError,
+    in_cluster,
+    load_kubeconfig,
+    load_with_plugins,
+    path_quote,
+)
 from .locks import pool_lock
 
 if TYPE_CHECKING:
@@ -58,7 +67,8 @@ class KubernetesStore:
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
-        store = cls.connect(cfg.ipam.kubernetes.kubeconfig, os.path.join(cfg.ipam.data_dir, "locks"))
+        lock_dir = os.path.join(cfg.ipam.data_dir, "locks")
+        store = cls.connect(cfg.ipam.kubernetes.kubeconfig, lock_dir, credential_plugins=False)
         # TCP + TLS now, so a node lock taken later is held for the requests alone; a server that is not
         # there is reported by the first request (and retried by the engine)
         with contextlib.suppress(OSError, http.client.HTTPException):
@@ -66,12 +76,27 @@ class KubernetesStore:
         return store
 
     @classmethod
-    def connect(cls, kubeconfig: str | None, lock_dir: str, namespace: str | None = None) -> KubernetesStore:
+    def connect(
+        cls,
+        kubeconfig: str | None,
+        lock_dir: str,
+        namespace: str | None = None,
+        *,
+        credential_plugins: bool = True,
+    ) -> KubernetesStore:
         """Client from `kubeconfig` (in-cluster service account when None); pools in `namespace`,
-        else the current context's namespace, else kube-system (Whereabouts' rule)."""
+        else the current context's namespace, else kube-system (Whereabouts' rule).
+
+        `credential_plugins`: a kubeconfig whose user runs an exec/auth-provider plugin is read through
+        the `kubernetes` package (tools an administrator runs); the CNI path refuses it (code 7)."""
         try:
             if kubeconfig:
-                creds = load_kubeconfig(kubeconfig)
+                try:
+                    creds = load_kubeconfig(kubeconfig)
+                except CredentialPluginError:
+                    if not credential_plugins:
+                        raise
+                    creds = load_with_plugins(kubeconfig)
                 context_ns = creds.namespace
             else:
                 creds = in_cluster()
