@@ -254,9 +254,11 @@ def heartbeat(path: str, stop: threading.Event, interval: float = HEARTBEAT_SECO
     def beat() -> None:
         while True:
             try:
-                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-                os.close(fd)
-                os.utime(marker)
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    os.utime(fd)  # through the descriptor: never a symlink's target
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 log.warning("agent.heartbeat-failed", path=marker, error=str(exc))
             if stop.wait(interval):
