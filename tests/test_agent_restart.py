@@ -266,3 +266,24 @@ def test_agent_restart_during_50_concurrent_adds(real_kube: RealKube, tmp_path: 
     )
     assert all("agent.back" in e for e in stderr[25:])  # the late ones were served by the new agent
     assert fell_back == 0  # a 60 s wait bridges a restart of a few seconds
+
+
+def test_a_slow_agent_is_not_asked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout means the agent is there and still working: repeating the call would only stack a
+    second one behind it, so the shim falls back (races' timeout rules apply), heartbeat or not."""
+    sock = str(tmp_path / "agent.sock")
+    touch(shim.heartbeat_path(sock))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock)
+    server.listen(4)
+    held: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True)
+    thread.start()  # accepts and never answers
+    sleeps = Sleeps()
+    monkeypatch.setattr(shim, "_sleep", sleeps)
+    assert shim.forward(cni_env("ADD", "c"), b"{}", sock, timeout=0.2, wait=60) is None
+    assert sleeps.count == 0
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
