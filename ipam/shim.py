@@ -59,18 +59,72 @@ class AgentUnavailable(Exception):
         self.retry = retry
 
 
-def socket_path(env: "Mapping[str, str]", stdin: bytes) -> str:
-    """$WHEREABOUTS_PY_AGENT_SOCKET, else the config's `ipam.agent_socket`, else the default."""
+def socket_path(env: "Mapping[str, str]", stdin: bytes = b"") -> str:
+    """$WHEREABOUTS_PY_AGENT_SOCKET, else the node flat file's `agent_socket`, else the default.
+
+    Never the network config's `ipam.agent_socket`: a tenant's socket would answer for the root shim
+    (and its forged reply become the CNI result). `stdin` is unused, kept for callers."""
     if env.get("WHEREABOUTS_PY_AGENT_SOCKET"):
         return env["WHEREABOUTS_PY_AGENT_SOCKET"]
+    return flat_file_agent_socket(env) or DEFAULT_SOCKET
+
+
+# -- the node flat file's agent_socket: ipam.flatfile's rules with posix and _json only ---------------
+# (ipam.flatfile imports json, os, stat and typing: several ms on every exec of a node whose runtime
+# does not set WHEREABOUTS_PY_AGENT_SOCKET; tests/test_shim_imports.py checks both agree)
+
+FLAT_FILE_ENV = "WHEREABOUTS_PY_FLAT_FILE"
+DEFAULT_FLAT_FILES = (
+    "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.conf",
+    "/etc/cni/net.d/whereabouts.d/whereabouts.conf",
+)
+MAX_NODE_FILE = 1 << 20
+_S_IFMT, _S_IFREG = 0o170000, 0o100000
+
+
+def _read_node_file(path: str) -> "bytes | None":
+    """flatfile.read_node_file: a regular file owned by our euid, writable by nobody else (else None)."""
     try:
-        conf = _loads(stdin)
-        ipam = conf.get("ipam") if isinstance(conf, dict) else None
-        if isinstance(ipam, dict) and isinstance(ipam.get("agent_socket"), str):
-            return str(ipam["agent_socket"])
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return DEFAULT_SOCKET
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK | posix.O_NOCTTY)
+    except (OSError, ValueError):
+        return None
+    try:
+        st = posix.fstat(fd)
+        if (st.st_mode & _S_IFMT) != _S_IFREG or st.st_uid != posix.geteuid() or st.st_mode & 0o022:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = posix.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_NODE_FILE:
+                return None
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        posix.close(fd)
+
+
+def flat_file_agent_socket(env: "Mapping[str, str]") -> "str | None":
+    """flatfile.agent_socket: the first flat file that is a regular file, its `agent_socket` if usable."""
+    override = env.get(FLAT_FILE_ENV, "")
+    for path in (override,) if override else DEFAULT_FLAT_FILES:
+        try:
+            if "\0" in path or (posix.stat(path).st_mode & _S_IFMT) != _S_IFREG:
+                continue
+        except (OSError, ValueError):
+            continue
+        data = _read_node_file(path)
+        try:
+            doc = _loads(data) if data is not None else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        value = doc.get("agent_socket") if isinstance(doc, dict) else None
+        return value if isinstance(value, str) and value and "\0" not in value else None
+    return None
 
 
 def heartbeat_path(path: str) -> str:

@@ -265,28 +265,40 @@ def kubeconfig_doc(user: dict[str, Any], cluster: dict[str, Any] | None = None) 
 
 
 @pytest.mark.parametrize(
-    ("doc", "message"),
+    ("doc", "message", "inline_only"),
     [
-        (kubeconfig_doc({"exec": {"command": "aws"}}), "exec credential plugin"),
-        (kubeconfig_doc({"auth-provider": {"name": "gcp"}}), "auth-provider credential plugin"),
-        (kubeconfig_doc({"client-certificate-data": "QUJD"}), "needs both client-certificate and client-key"),
-        (kubeconfig_doc({"token": "t"}, {"server": ""}), "has no server"),
+        # the CNI path (ipam.kubeconfig's policy): no credential plugins, no credential files
+        (kubeconfig_doc({"exec": {"command": "aws"}}), "users[].user.exec", True),
+        (kubeconfig_doc({"auth-provider": {"name": "gcp"}}), "users[].user.auth-provider", True),
+        (kubeconfig_doc({"tokenFile": "/etc/shadow"}), "users[].user.tokenFile", True),
+        # tools (ipam-reconcile --kubeconfig): what this client's reader refuses
+        (
+            kubeconfig_doc({"client-certificate-data": "QUJD"}),
+            "needs both client-certificate and client-key",
+            False,
+        ),
+        (kubeconfig_doc({"token": "t"}, {"server": ""}), "has no server", False),
         (
             kubeconfig_doc({"token": "t"}, {"server": "https://h", "certificate-authority-data": "!!"}),
             "not valid base64",
+            False,
         ),
-        (kubeconfig_doc({"tokenFile": "missing-token"}), "tokenFile"),
-        ({**kubeconfig_doc({"token": "t"}), "current-context": "nope"}, "no context named 'nope'"),
-        ([1, 2], "not a kubeconfig"),
+        (kubeconfig_doc({"tokenFile": "missing-token"}), "tokenFile", False),
+        ({**kubeconfig_doc({"token": "t"}), "current-context": "nope"}, "no context named 'nope'", False),
+        ([1, 2], "not a kubeconfig", False),
     ],
 )
-def test_unusable_kubeconfig_is_code_7_naming_the_problem(doc: Any, message: str, tmp_path: Path) -> None:
-    """On the CNI path (no credential plugins), as direct mode and the agent connect."""
-    (tmp_path / "kc").write_text(json.dumps(doc))
+def test_unusable_kubeconfig_is_code_7_naming_the_problem(
+    doc: Any, message: str, inline_only: bool, tmp_path: Path
+) -> None:
+    path = tmp_path / "kc"
+    path.write_text(json.dumps(doc))
+    path.chmod(0o600)
     with pytest.raises(CNIError) as refused:
-        KubernetesStore.connect(str(tmp_path / "kc"), str(tmp_path / "locks"), credential_plugins=False)
+        KubernetesStore.connect(str(path), str(tmp_path / "locks"), inline_only=inline_only)
     assert refused.value.code == errors.INVALID_CONFIG
-    assert "ipam.kubernetes.kubeconfig" in refused.value.msg and message in str(refused.value.details)
+    assert "ipam.kubernetes.kubeconfig" in refused.value.msg
+    assert message in refused.value.msg + str(refused.value.details)
 
 
 def test_in_cluster_needs_the_service_environment(tmp_path: Path) -> None:
@@ -414,7 +426,5 @@ def test_exec_plugin_kubeconfig_serves_tools_and_is_refused_on_the_cni_path(
     roundtrip(store)
     store.close()
     with pytest.raises(CNIError) as refused:
-        KubernetesStore.connect(path, str(tmp_path / "locks"), credential_plugins=False)
-    assert refused.value.code == errors.INVALID_CONFIG and "exec credential plugin" in str(
-        refused.value.details
-    )
+        KubernetesStore.connect(path, str(tmp_path / "locks"), inline_only=True)
+    assert refused.value.code == errors.INVALID_CONFIG and "users[].user.exec" in refused.value.msg

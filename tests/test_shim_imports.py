@@ -178,3 +178,80 @@ def test_installed_wrapper_keeps_the_fast_path(fake_agent: FakeAgent, tmp_path: 
     assert not extra, f"imported before the agent answered: {sorted(extra)}"  # not even os
     # the shim ran from the bundle's compiled bytecode (-B: the plugin never writes any itself)
     assert f"code object from '{site_packages}/ipam/__pycache__/shim." in done.stderr
+
+
+def test_socket_from_the_flat_file_imports_no_more(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    """A node whose runtime does not set WHEREABOUTS_PY_AGENT_SOCKET: the shim reads the flat file's
+    agent_socket with posix and _json (ipam.flatfile would import json, os, stat and typing)."""
+    flat = tmp_path / "whereabouts.conf"
+    flat.write_text(json.dumps({"agent_socket": fake_agent.path}))
+    flat.chmod(0o644)
+    env = cni_env("ADD", "c1", WHEREABOUTS_PY_FLAT_FILE=str(flat))
+    done = subprocess.run(
+        [HOST_PYTHON, "-S", "-X", "importtime", str(SHIM)],
+        input=json.dumps(CONF),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
+    assert (done.returncode, done.stdout) == (0, REPLY["stdout"]), done.stderr
+    extra = set(imported(done.stderr)) - baseline() - ALLOWED
+    assert not extra, f"imported before the agent answered: {sorted(extra)}"
+
+
+def flat_file_cases(tmp_path: Path) -> list[tuple[str, Any]]:
+    """(name, how to make the flat file at tmp_path/conf) for the shim/flatfile agreement test."""
+
+    def write(doc: Any, mode: int = 0o644, uid: int | None = None) -> Any:
+        def make(path: Path) -> None:
+            path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+            path.chmod(mode)
+            if uid is not None:
+                os.chown(path, uid, -1)
+
+        return make
+
+    def symlink(path: Path) -> None:
+        target = tmp_path / "target.conf"
+        target.write_text(json.dumps({"agent_socket": "/run/via-link.sock"}))
+        target.chmod(0o644)
+        path.symlink_to(target)
+
+    return [
+        ("valid", write({"agent_socket": "/run/a.sock"})),
+        ("group-writable", write({"agent_socket": "/run/a.sock"}, 0o664)),
+        ("other-writable", write({"agent_socket": "/run/a.sock"}, 0o646)),
+        ("other owner", write({"agent_socket": "/run/a.sock"}, 0o644, uid=65534)),
+        ("not JSON", write("agent_socket: /run/a.sock")),
+        ("not an object", write(["/run/a.sock"])),
+        ("not a string", write({"agent_socket": 7})),
+        ("empty", write({"agent_socket": ""})),
+        ("NUL", write({"agent_socket": "/run/a\u0000.sock"})),
+        ("no key", write({"datastore": "file"})),
+        ("too large", write({"agent_socket": "/run/a.sock", "pad": "x" * (1 << 20)})),
+        ("a directory", lambda path: path.mkdir()),
+        ("missing", lambda path: None),
+        ("symlink", symlink),
+    ]
+
+
+def test_shim_reads_the_flat_file_as_flatfile_does(tmp_path: Path) -> None:
+    from ipam import flatfile, shim
+
+    seen = {}
+    for i, (name, make) in enumerate(flat_file_cases(tmp_path)):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        path = case / "conf"
+        make(path)
+        env = {shim.FLAT_FILE_ENV: str(path)}
+        seen[name] = shim.flat_file_agent_socket(env)
+        assert seen[name] == flatfile.agent_socket(env), name
+    assert seen["valid"] == "/run/a.sock" and seen["symlink"] == "/run/via-link.sock"
+    assert sum(value is None for value in seen.values()) == len(seen) - 2
+    assert shim.FLAT_FILE_ENV == flatfile.FLAT_FILE_ENV
+    assert shim.DEFAULT_FLAT_FILES == flatfile.DEFAULT_FLAT_FILES
+    assert shim.MAX_NODE_FILE == flatfile.MAX_NODE_FILE
+    assert shim.flat_file_agent_socket({}) == flatfile.agent_socket({})  # the fixed locations

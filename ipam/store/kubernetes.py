@@ -22,6 +22,7 @@ from .base import PoolSnapshot
 from .kubeclient import (
     ApiError,
     CredentialPluginError,
+    Credentials,
     KubeClient,
     KubeconfigError,
     in_cluster,
@@ -67,8 +68,9 @@ class KubernetesStore:
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
+        """The CNI path (direct mode and the node agent): the node kubeconfig, inline credentials only."""
         lock_dir = os.path.join(cfg.ipam.data_dir, "locks")
-        store = cls.connect(cfg.ipam.kubernetes.kubeconfig, lock_dir, credential_plugins=False)
+        store = cls.connect(cfg.ipam.kubernetes.kubeconfig, lock_dir, inline_only=True)
         # TCP + TLS now, so a node lock taken later is held for the requests alone; a server that is not
         # there is reported by the first request (and retried by the engine)
         with contextlib.suppress(OSError, http.client.HTTPException):
@@ -82,22 +84,28 @@ class KubernetesStore:
         lock_dir: str,
         namespace: str | None = None,
         *,
-        credential_plugins: bool = True,
+        inline_only: bool = False,
     ) -> KubernetesStore:
         """Client from `kubeconfig` (in-cluster service account when None); pools in `namespace`,
         else the current context's namespace, else kube-system (Whereabouts' rule).
 
-        `credential_plugins`: a kubeconfig whose user runs an exec/auth-provider plugin is read through
-        the `kubernetes` package (tools an administrator runs); the CNI path refuses it (code 7)."""
+        With `inline_only` (the CNI path) the kubeconfig goes through `ipam.kubeconfig`'s policy: a
+        root-owned file with inline credentials, never exec, auth-provider or credential file paths.
+        Tools run by an administrator (the reconciler) load any kubeconfig: credential files, tokenFile,
+        and exec/auth-provider plugins (those through the `kubernetes` package, imported only then)."""
+        creds: Credentials
         try:
-            if kubeconfig:
+            if kubeconfig and inline_only:
+                from ..kubeconfig import load_node_kubeconfig
+
+                node = load_node_kubeconfig(kubeconfig)  # its own code 7 errors, naming the key
+                creds, context_ns = node, node.namespace
+            elif kubeconfig:
                 try:
-                    creds = load_kubeconfig(kubeconfig)
+                    loaded = load_kubeconfig(kubeconfig)
                 except CredentialPluginError:
-                    if not credential_plugins:
-                        raise
-                    creds = load_with_plugins(kubeconfig)
-                context_ns = creds.namespace
+                    loaded = load_with_plugins(kubeconfig)
+                creds, context_ns = loaded, loaded.namespace
             else:
                 creds = in_cluster()
                 context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")

@@ -4,6 +4,10 @@ A waiter sleeps in the kernel until the holder releases: with 200 CNI processes 
 polling (filelock's non-blocking retries every few ms) burned the CPU the holder needed to finish, and
 158 of them timed out. The wait is bounded by a SIGALRM timer in a process's main thread (every CNI
 exec); other threads (the node agent's pool workers) poll with a growing interval instead.
+
+The lock directory is opened without following symlinks (safepath) and the lock file is opened through
+that descriptor with O_NOFOLLOW, so neither a directory swapped for a symlink nor a symlinked lock file
+can send root's lock file elsewhere (nothing is ever truncated or written: flock only).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from types import FrameType
 
 from .. import errors
 from ..errors import CNIError
+from ..safepath import UnsafePathError, open_dir
 
 POLL_FIRST, POLL_MAX = 0.001, 0.05  # seconds between attempts where no timer can be used
 
@@ -86,13 +91,22 @@ def _acquire(fd: int, timeout: float) -> bool:
 def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[None]:
     path = os.path.join(lock_dir, f"{name}.lock")
     try:
-        os.makedirs(lock_dir, exist_ok=True)
+        dir_fd = open_dir(os.path.abspath(lock_dir), create=True)
+    except UnsafePathError as exc:
+        raise CNIError(
+            errors.IO_FAILURE,
+            f"lock directory {lock_dir}: {exc.filename} {exc.strerror}; symlinks are not followed",
+        ) from None
     except OSError as exc:
         raise CNIError(errors.IO_FAILURE, f"cannot create lock directory {lock_dir}", str(exc)) from None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(
+            f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
+        )
     except OSError as exc:
         raise CNIError(errors.IO_FAILURE, f"cannot open lock file {path}", str(exc)) from None
+    finally:
+        os.close(dir_fd)
     try:
         try:
             locked = _acquire(fd, max(timeout, 0.0))
