@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import deploy.install as install  # noqa: E402
-from tests.cni_exec import cni_env  # noqa: E402
+from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 
 HOST_PYTHON = "/usr/bin/python3"
 BUNDLE = ROOT / ".venv-host"  # the stand-in for /opt/cni/whereabouts-py/current
@@ -304,6 +304,9 @@ def main() -> int:
     if not os.access(HOST_PYTHON, os.X_OK) or not os.access(AGENT, os.X_OK):
         print(f"needs {HOST_PYTHON} and ipam-agent next to {sys.executable} (make venv)", file=sys.stderr)
         return 1
+    # The NADs here name kubeconfig and data_dir per simulated node: a single-tenant node that opted in
+    # (its flat file, via WHEREABOUTS_PY_FLAT_FILE, reaches the agent and every exec).
+    use_opt_in_flat_file()
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-startup."))
     rows: list[tuple[str, str, float | None, str]] = []
     notes: list[str] = []
