@@ -110,6 +110,7 @@ def test_yaml_kubeconfig(real_kube: RealKube, tmp_path: Path) -> None:
 def test_service_account_token(real_kube: RealKube, tmp_path: Path) -> None:
     path = real_kube.token_kubeconfig("ipam", real_kube.namespace)
     store = KubernetesStore.connect(path, str(tmp_path / "locks"))
+    store.auth_settle_seconds = 0  # a refusal is final at once (not a just-started server's RBAC)
     with pytest.raises(CNIError) as refused:  # no RBAC yet: 403
         store.read_pool("p", "10.0.0.0/24")
     assert refused.value.code == errors.DATASTORE_ERROR
@@ -162,6 +163,7 @@ def test_rotated_token_file_is_read_again(
 
     path = rewrite(real_kube.token_kubeconfig("ipam", real_kube.namespace), tmp_path / "kc", use_file)
     store = KubernetesStore.connect(path, str(tmp_path / "locks"))
+    store.auth_settle_seconds = 0  # a refusal is final at once
     with pytest.raises(CNIError) as refused:
         store.read_pool("p", "10.0.0.0/24")
     assert "HTTP 401" in refused.value.msg

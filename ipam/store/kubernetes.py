@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import time
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -41,7 +42,20 @@ POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
 DEFAULT_NAMESPACE = "kube-system"
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
+# A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
+# has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
+# this long after the first one, then reported as final (bad credentials or RBAC).
+AUTH_SETTLE_SECONDS = 10.0
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+
+
+# etcd refuses a write larger than its request limit (--max-request-bytes, 1.5 MiB by default): the
+# API server answers 500 with etcd's words, or 413 above its own 3 MiB body limit. Never transient.
+_TOO_LARGE = ("request is too large", "trying to send message larger than max")
+
+
+def _too_large(status: int, exc: ApiError) -> bool:
+    return status == 413 or (status == 500 and any(t in str(exc.body or "") for t in _TOO_LARGE))
 
 
 def _raise_api(exc: ApiError, what: str) -> NoReturn:
@@ -49,6 +63,15 @@ def _raise_api(exc: ApiError, what: str) -> NoReturn:
     status = int(exc.status or 0)
     if status == 409:
         raise ConflictError(f"{what}: {exc.reason}")
+    if _too_large(status, exc):
+        raise CNIError(
+            errors.DATASTORE_ERROR,
+            f"{what}: the object is too large for the API server's storage (etcd's request-size limit, "
+            "~1.5 MiB: about 7,000 leases as whereabouts-py writes them, 10,000 in Whereabouts' layout), so "
+            "this pool cannot grow; split the range into smaller ranges or use node slices "
+            "(node_slice_size) so that no one IPPool holds every lease",
+            str(exc.body or exc.reason),
+        )
     if status in _TRANSIENT_STATUS or status == 0:
         raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", exc.retry_after())
     if status in (401, 403):
@@ -65,6 +88,8 @@ class KubernetesStore:
         self.client = client
         self.namespace = namespace
         self.lock_dir = lock_dir
+        self.auth_settle_seconds = AUTH_SETTLE_SECONDS
+        self._refusals: tuple[float, float] | None = None  # (first, last) 401/403 of the current run
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
@@ -139,9 +164,24 @@ class KubernetesStore:
         except ApiError as exc:
             if exc.status == 404 and missing_ok:
                 return None
-            _raise_api(exc, what)
+            self._raise(exc, what)
         except (http.client.HTTPException, OSError, ValueError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    def _raise(self, exc: ApiError, what: str) -> NoReturn:
+        """`_raise_api`, except that 401/403 are retried for `auth_settle_seconds` after the first of a
+        run of refusals (a run ends when none came for that long): a just-started API server's RBAC."""
+        if exc.status in (401, 403):
+            now = time.monotonic()
+            first = now
+            if self._refusals is not None and now - self._refusals[1] < self.auth_settle_seconds:
+                first = self._refusals[0]
+            self._refusals = (first, now)
+            if now - first < self.auth_settle_seconds:
+                raise TransientStoreError(
+                    f"{what}: HTTP {exc.status} (retried: the API server may be starting)"
+                )
+        _raise_api(exc, what)
 
     def _snapshot(self, obj: dict[str, Any], name: str, cidr: str) -> PoolSnapshot:
         spec = obj.get("spec") or {}
