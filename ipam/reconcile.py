@@ -24,6 +24,7 @@ from .allocator import Allocations, Lease
 from .engine import Engine, RetryPolicy
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
+from .nodeslices import return_slices, slice_network_prefixes
 from .ranges import pool_name, reservation_name
 from .store.base import PoolSnapshot
 from .store.kubernetes import KubernetesStore
@@ -119,6 +120,7 @@ class Reconciler:
         self.grace = grace
         self.dry_run = dry_run
         self.out = out
+        self.slice_prefixes: dict[str, str] = {}  # slice pool -> network name of its reservations
 
     def say(self, summary: Summary, line: str) -> None:
         summary.lines.append(line)
@@ -130,6 +132,7 @@ class Reconciler:
         now = datetime.now(UTC)
         try:
             pools = self.store.list_pools()
+            self.slice_prefixes = slice_network_prefixes(self.store, pools)
             pods = pod_index(self.store.list_pods())
         except (CNIError, TransientStoreError) as exc:
             summary.errors += 1
@@ -159,6 +162,9 @@ class Reconciler:
             elif judged:
                 summary.released += len(judged)
         self._orphaned_reservations(summary, now)
+        for line in return_slices(self.store, self.grace, self.dry_run, now):  # node slices (nodeslices.py)
+            summary.errors += line.startswith("error")
+            self.say(summary, line)
         self._finish(summary)
         return summary
 
@@ -184,7 +190,7 @@ class Reconciler:
         kept_by_race = len(judged) - len(gone)
         summary.kept += kept_by_race
         network = IPNetwork(snapshot.cidr)
-        prefix = network_prefix(snapshot)
+        prefix = self.slice_prefixes.get(snapshot.name, network_prefix(snapshot))
         for offset in gone:
             lease = judged[offset]
             rname = reservation_name(IPAddress(int(network.first) + offset, network.version), prefix)
@@ -199,6 +205,7 @@ class Reconciler:
         try:
             pools = self.store.list_pools()
             reservations = self.store.list_reservations()
+            self.slice_prefixes = slice_network_prefixes(self.store, pools)
         except (CNIError, TransientStoreError) as exc:
             summary.errors += 1
             self.say(summary, f"error listing reservations: {exc}")
@@ -206,7 +213,7 @@ class Reconciler:
         backed: set[str] = set()
         for snapshot in pools:
             network = IPNetwork(snapshot.cidr)
-            prefix = network_prefix(snapshot)
+            prefix = self.slice_prefixes.get(snapshot.name, network_prefix(snapshot))
             for offset in snapshot.allocations:
                 backed.add(reservation_name(IPAddress(int(network.first) + offset, network.version), prefix))
         for obj in reservations:

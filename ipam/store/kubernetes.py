@@ -13,12 +13,16 @@ import contextlib
 import http.client
 import os
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
-from ..errors import CNIError, ConflictError, TransientStoreError
+from ..errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
+from ..slices import from_object as node_slices_from_object
+from ..slices import to_status as slice_status
 from .base import PoolSnapshot
 from .kubeclient import (
     ApiError,
@@ -32,6 +36,7 @@ from .kubeclient import (
     path_quote,
 )
 from .locks import pool_lock
+from .slicestore import SlicePoolView
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -40,6 +45,7 @@ GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
 POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
+NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 # A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
@@ -200,6 +206,8 @@ class KubernetesStore:
         obj = self._call(f"get IPPool {name}", "GET", self._path(POOLS, name), missing_ok=True)
         if obj is None:
             return PoolSnapshot(name, cidr, {}, None)
+        if RETIRED_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {}):
+            raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
         return self._snapshot(obj, name, cidr)
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
@@ -323,6 +331,88 @@ class KubernetesStore:
 
     def list_pods(self) -> list[dict[str, Any]]:
         return self._list_all("list pods", "/api/v1/pods")
+
+    # -- node slices: NodeSlicePool objects, and the fence reclaim puts on a slice pool ----------
+
+    def _put(self, what: str, plural: str, name: str, body: dict[str, Any], status: bool = False) -> Any:
+        path = self._path(plural, name) + ("/status" if status else "")
+        done = self._call(what, "PUT", path, body, missing_ok=True)
+        if done is None:  # deleted since it was read: start over
+            raise ConflictError(f"{what}: gone")
+        return done
+
+    def read_node_slices(self, name: str) -> NodeSlices | None:
+        obj = self._call(f"get NodeSlicePool {name}", "GET", self._path(NODE_SLICES, name), missing_ok=True)
+        return None if obj is None else node_slices_from_object(obj, name)
+
+    def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+        status = slice_status(entries)
+        what = f"write NodeSlicePool {pool.name}"
+        if pool.version is None:
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "NodeSlicePool",
+                "metadata": {"name": pool.name, "namespace": self.namespace},
+                "spec": {"range": pool.range, "sliceSize": pool.slice_size},
+                "status": status,
+            }
+            done = self._call(what, "POST", self._path(NODE_SLICES), body)
+        else:
+            old: dict[str, Any] = dict(pool.token or {})
+            meta = {k: v for k, v in (old.get("metadata") or {}).items() if k != "managedFields"}
+            body = {**old, "metadata": {**meta, "resourceVersion": pool.version}, "status": status}
+            done = self._put(what, NODE_SLICES, pool.name, body)
+        if done.get("status") != status:
+            # the CRD declares a status subresource (the main resource ignored status): write it there,
+            # still conditional on the version the first write left
+            self._put(what + "/status", NODE_SLICES, pool.name, {**done, "status": status}, status=True)
+
+    def list_node_slices(self) -> list[NodeSlices]:
+        probe = self._call(
+            "list NodeSlicePools", "GET", self._path(NODE_SLICES), params={"limit": 1}, missing_ok=True
+        )
+        if not probe or not probe.get("items"):  # none, or the CRD is not installed
+            return []
+        items = self._list_all("list NodeSlicePools", self._path(NODE_SLICES))
+        return [node_slices_from_object(obj, (obj.get("metadata") or {}).get("name", "")) for obj in items]
+
+    def list_nodes(self) -> set[str]:
+        return {
+            (n.get("metadata") or {}).get("name", "") for n in self._list_all("list nodes", "/api/v1/nodes")
+        }
+
+    def inspect_pool(self, name: str, cidr: str) -> SlicePoolView:
+        obj = self._call(f"get IPPool {name}", "GET", self._path(POOLS, name), missing_ok=True)
+        if obj is None:
+            return SlicePoolView(PoolSnapshot(name, cidr, {}, None), False, None)
+        meta = obj.get("metadata") or {}
+        stamps = [parse_time(f.get("time")) for f in meta.get("managedFields") or [] if isinstance(f, dict)]
+        stamps.append(parse_time(meta.get("creationTimestamp")))
+        known = [t for t in stamps if t is not None]
+        retired = RETIRED_ANNOTATION in (meta.get("annotations") or {})
+        return SlicePoolView(self._snapshot(obj, name, cidr), retired, max(known) if known else None)
+
+    def retire_pool(self, view: SlicePoolView) -> None:
+        snap = view.snapshot
+        mark = {RETIRED_ANNOTATION: "true"}
+        if snap.version is None:
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "IPPool",
+                "metadata": {"name": snap.name, "namespace": self.namespace, "annotations": mark},
+                "spec": {"range": snap.cidr, "allocations": {}},
+            }
+            self._call(f"retire IPPool {snap.name}", "POST", self._path(POOLS), body)
+            return
+        old: dict[str, Any] = dict(snap.token or {})
+        meta = {k: v for k, v in (old.get("metadata") or {}).items() if k != "managedFields"}
+        annotations = {**(meta.get("annotations") or {}), **mark}
+        body = {**old, "metadata": {**meta, "annotations": annotations, "resourceVersion": snap.version}}
+        self._put(f"retire IPPool {snap.name}", POOLS, snap.name, body)
+
+    def delete_pool(self, name: str, version: str) -> None:
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"resourceVersion": version}}
+        self._call(f"delete IPPool {name}", "DELETE", self._path(POOLS, name), body, missing_ok=True)
 
     # -- node lock, health ----------------------------------------------------------------------
 
