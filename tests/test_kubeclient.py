@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,21 @@ def grant(real_kube: RealKube, serviceaccount: str) -> None:
             },
         ]
     )
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": f"system:serviceaccount:{ns}:{serviceaccount}",
+            "resourceAttributes": {"group": GROUP, "resource": "ippools", "verb": "get", "namespace": ns},
+        },
+    }
+    for _ in range(300):  # until the authorizer's RBAC cache has the new binding (bounded)
+        if real_kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)[
+            "status"
+        ].get("allowed"):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the RoleBinding never took effect")
 
 
 def test_client_certificate_inline(real_kube: RealKube, tmp_path: Path) -> None:
