@@ -29,6 +29,7 @@ from ipam.config import IPAMConfig, load_config
 from ipam.ranges import RangeSpec, pool_name
 from tests.e2e import conftest as e2e
 from tests.e2e import runtime as rt
+from tests.kubeapi.real import ApiError, RealKube
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -217,6 +218,90 @@ def test_example_cephcluster_address_ranges_cover_the_selected_nads() -> None:
         cidrs = [ipaddress.ip_network(c) for c in ranges.get(net, [])]
         nad_net = ipaddress.ip_network(spec.cidr)
         assert any(nad_net.network_address in c and nad_net.broadcast_address in c for c in cidrs), f"addressRanges.{net} {cidrs} does not hold {nad_net}"
+
+
+# ---- server-side dry runs on the real kube-apiserver -------------------------------------------------
+
+
+def install_third_party_crds(real_kube: RealKube) -> None:
+    """Create Multus' NAD CRD and Rook's CephCluster CRD for real (once per server) and wait for them."""
+    for path in CRD_FILES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            try:
+                real_kube.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+            except ApiError as exc:
+                if exc.status != 409:  # AlreadyExists: an earlier test of this session made it
+                    raise
+            real_kube.cluster.wait_established(doc["metadata"]["name"])
+
+
+def missing_from(sent: Any, answer: Any, path: str = "") -> list[str]:
+    """Paths of `sent` that the server's answer lacks or changed (a pruned or rewritten field)."""
+    if isinstance(sent, dict):
+        if not isinstance(answer, dict):
+            return [path or "."]
+        return [p for k, v in sent.items() for p in missing_from(v, answer.get(k, _ABSENT), f"{path}.{k}")]
+    return [] if sent == answer else [path]
+
+
+_ABSENT = object()
+ALL_MANIFESTS = example_manifests() + guide_manifests()
+
+
+@pytest.mark.parametrize("manifest", ALL_MANIFESTS, ids=[f"{m.where}-{m.key[1]}" for m in ALL_MANIFESTS])
+def test_manifest_passes_server_side_dry_run(real_kube: RealKube, manifest: Manifest) -> None:
+    """Created with dryRun=All and fieldValidation=Strict (an unknown field is an error), in this test's
+    namespace; the server keeps every field as sent."""
+    install_third_party_crds(real_kube)
+    try:
+        (answer,) = real_kube.apply(manifest.doc, dry_run=True)
+    except ApiError as exc:
+        raise AssertionError(f"{manifest.where}: {manifest.kind} {manifest.key} refused: {exc.status} {exc.body}") from None
+    assert not missing_from(manifest.doc["spec"], answer["spec"], "spec"), (manifest.where, answer["spec"])
+    # a dry run stores nothing
+    plural = {NAD_KIND: "network-attachment-definitions", "CephCluster": "cephclusters"}[manifest.kind]
+    group = manifest.doc["apiVersion"]
+    listed = real_kube.request("GET", f"/apis/{group}/namespaces/{real_kube.namespace}/{plural}")
+    assert listed["items"] == []
+
+
+def _refused(real_kube: RealKube, obj: dict[str, Any]) -> str:
+    try:
+        real_kube.apply(obj, dry_run=True)
+    except ApiError as exc:
+        assert exc.status in (400, 422), (exc.status, exc.body)  # strict decoding: 400; schema: 422
+        return json.dumps(exc.body)
+    raise AssertionError(f"the server accepted {json.dumps(obj)}")
+
+
+def test_dry_run_refuses_what_rooks_crd_refuses(real_kube: RealKube) -> None:
+    """The dry runs above check something: broken variants of the examples are refused, with Rook's
+    and Multus' own rules."""
+    install_third_party_crds(real_kube)
+    manifests = example_manifests()
+    (cluster,) = [copy.deepcopy(m.doc) for m in manifests if m.kind == "CephCluster"]
+    nad = copy.deepcopy(next(m.doc for m in manifests if m.kind == NAD_KIND))
+
+    no_selectors = copy.deepcopy(cluster)
+    del no_selectors["spec"]["network"]["selectors"]
+    del no_selectors["spec"]["network"]["addressRanges"]
+    assert "at least one network selector" in _refused(real_kube, no_selectors)
+
+    bad_provider = copy.deepcopy(cluster)
+    bad_provider["spec"]["network"]["provider"] = "Multus"
+    assert "provider" in _refused(real_kube, bad_provider)
+
+    no_prefix = copy.deepcopy(cluster)
+    no_prefix["spec"]["network"]["addressRanges"]["public"] = ["192.168.20.0"]
+    assert "addressRanges.public" in _refused(real_kube, no_prefix)
+
+    typo = copy.deepcopy(cluster)
+    typo["spec"]["netwrok"] = typo["spec"].pop("network")
+    assert "netwrok" in _refused(real_kube, typo)
+
+    config_as_object = copy.deepcopy(nad)
+    config_as_object["spec"]["config"] = json.loads(nad["spec"]["config"])
+    assert "spec.config" in _refused(real_kube, config_as_object)
 
 
 # ---- README's and the guide's snippets ------------------------------------------------------------
