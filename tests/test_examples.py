@@ -6,6 +6,8 @@
 - the NAD configs of the examples run through the real CNI plugins in network namespaces and get the
   addresses the guide says they get (the ipvlan cases carry the `ipvlan` marker; macvlan stands in on
   kernels without CONFIG_IPVLAN, with the NAD's ipam block unchanged);
+  the example ranges (192.168.20.0/24, 192.168.30.0/24) then exist only inside the test's network
+  namespaces, whose parent links are veth pairs with both ends in the node netns: nothing leaves them;
 - every JSON snippet of README.md and docs/rook-ceph.md, and every NAD config, loads through
   ipam.config.load_config, and no NAD carries a node-only key.
 """
