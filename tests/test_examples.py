@@ -209,6 +209,14 @@ def test_example_address_plan_matches_the_guide() -> None:
         assert (str(ipaddress.ip_address(first)), str(ipaddress.ip_address(last))) == (f"{prefix}32", f"{prefix}253")
 
 
+def test_guide_names_the_example_pools() -> None:
+    """The IPPool names the guide tells users to look for are the ones the plugin writes."""
+    text = GUIDE.read_text()
+    for conf in example_storage_nads().values():
+        name = pool_name(conf["ipam"]["range"], conf["ipam"]["network_name"])
+        assert f"`{name}`" in text, name
+
+
 def test_example_cephcluster_address_ranges_cover_the_selected_nads() -> None:
     """Ceph binds to addresses inside public_network / cluster_network: each addressRanges entry list
     must contain the range of the NAD selected for that network."""
@@ -422,7 +430,7 @@ def test_example_networks_attach_rook_pods(
             assert ip in network and not any(ip in e for e in excluded), (net, address)
 
     # one IPPool per network, named after network_name and the range, as Whereabouts names it
-    pools = {Path(p).stem for p in store().pools}
+    pools = {Path(p).name.removesuffix(".json") for p in store().pools}
     assert pools == {pool_name(c["ipam"]["range"], c["ipam"]["network_name"]) for c in nads.values()}, pools
 
     osd0, osd2 = pods[0][0], pods[2][0]
