@@ -338,10 +338,12 @@ def test_json_snippet_is_a_valid_config(where: str, text: str, tmp_path: Path) -
         assert not node_only_keys_in(doc), f"{where}: node-only keys in a NAD: {node_only_keys_in(doc)}"
         load(doc)
         return
-    unknown = set(doc) - set(IPAMConfig.model_fields)
+    flat_keys = {f.alias or name for name, f in IPAMConfig.model_fields.items()} | {"allow_nad_overrides"}
+    unknown = set(doc) - flat_keys
     assert not unknown, f"{where}: neither a network config nor a flat file (unknown keys {sorted(unknown)})"
     flat = tmp_path / "whereabouts.conf"
     flat.write_text(text)
+    flat.chmod(0o600)  # a node file: the plugin reads it only when nobody else may write it
     stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": rt.OUR_TYPE, "range": "10.0.0.0/24"}})
     cfg = load_config(stdin.encode(), flat_search=[str(flat)])
     assert cfg.flat_file == str(flat)
