@@ -48,10 +48,10 @@ NODE_ONLY_KEYS = {"kubernetes", "log_file", "data_dir", "datastore", "configurat
 # lists the public network first and adds the cluster network for OSD pods only.
 IFNAMES = {"public": "net1", "cluster": "net2"}
 
-# The e2e suite's fixtures, reused: the datastore keys an ipam block needs in a test come from there.
+# The e2e suite's fixtures, reused (`backend` is this module's own: the file datastore, or IPPools on
+# the real kube-apiserver).
 cni_bin = e2e.cni_bin
 runtime = e2e.runtime
-backend = e2e.backend
 ipam = e2e.ipam
 store = e2e.store
 ipam_log = e2e.ipam_log
@@ -364,10 +364,6 @@ def test_guide_manifests_load_and_select_existing_nads() -> None:
 
 # ---- the example NADs through the real plugins -----------------------------------------------------
 
-KINDS = [
-    pytest.param("ipvlan", marks=pytest.mark.ipvlan, id="ipvlan"),
-    pytest.param("macvlan", id="macvlan-standing-in-for-ipvlan"),
-]
 SHIM_MODE = {"macvlan": "bridge", "ipvlan": "l2"}
 
 
@@ -376,6 +372,33 @@ def netns_tools() -> None:
     missing = rt.tools_missing()
     if missing:
         pytest.fail("the network-namespace tests need: " + "; ".join(missing), pytrace=False)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, runtime: rt.Runtime, tmp_path: Path) -> e2e.Backend:
+    """The file datastore by default; parametrise indirectly with "real-kubernetes" for IPPools on the
+    real kube-apiserver (this test's namespace), reached from the node netns through a forwarder."""
+    name = getattr(request, "param", "file")
+    data_dir = tmp_path / "ipam-data"
+    if name == "file":
+        return e2e.Backend(name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir))
+    assert name == "real-kubernetes", name
+    real_kube: RealKube = request.getfixturevalue("real_kube")
+    forwarder = rt.LoopbackForwarder(runtime.node, int(real_kube.url.rsplit(":", 1)[1]))
+    runtime.after_dels.append(forwarder.close)  # the teardown DELs still need the API server
+
+    def read() -> rt.StoreView:
+        def named(plural: str) -> dict[str, dict[str, Any]]:
+            return {o["metadata"]["name"]: o for o in real_kube.api.objects(plural, real_kube.namespace)}
+
+        return rt.StoreView(named("ippools"), named("overlappingrangeipreservations"))
+
+    keys = {
+        "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": real_kube.kubeconfig_path},  # context namespace: the test's
+        "data_dir": str(data_dir),  # the node-local lock directory
+    }
+    return e2e.Backend(name, keys, read)
 
 
 def runnable(conf: dict[str, Any], kind: str, ipam: e2e.IpamFactory) -> dict[str, Any]:
@@ -391,7 +414,16 @@ def runnable(conf: dict[str, Any], kind: str, ipam: e2e.IpamFactory) -> dict[str
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("kind", "backend"),
+    [
+        pytest.param("ipvlan", "file", marks=pytest.mark.ipvlan, id="ipvlan-file"),
+        pytest.param("macvlan", "file", id="macvlan-for-ipvlan-file"),
+        # IPPools in the real API server, named as the guide says (macvlan: the datastore is the point)
+        pytest.param("macvlan", "real-kubernetes", marks=pytest.mark.apiserver, id="macvlan-for-ipvlan-real-kubernetes"),
+    ],
+    indirect=["backend"],
+)
 def test_example_networks_attach_rook_pods(
     netns_tools: None,
     runtime: rt.Runtime,
