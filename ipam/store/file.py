@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from contextlib import AbstractContextManager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,27 @@ class FileStore:
         if holder is not None and holder.held_by_container(container_id, ifname):
             with suppress(FileNotFoundError):
                 path.unlink()
+
+    def reservation_objects(self) -> list[dict[str, Any]]:
+        """Every reservation file, read-only, in the API's layout (for ipamctl and the orphan sweep):
+        `metadata.creationTimestamp` is the file's modification time, `metadata.resourceVersion` its
+        mtime in nanoseconds."""
+        if not self.reservations.is_dir():
+            return []
+        out = []
+        for path in sorted(self.reservations.glob("*.json")):
+            try:
+                mtime = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            doc = self._load(path)
+            if doc is None:
+                continue
+            made = datetime.fromtimestamp(mtime / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            meta = {**(doc.get("metadata") or {}), "name": path.stem}
+            meta.update(creationTimestamp=made, resourceVersion=str(mtime))
+            out.append({**doc, "metadata": meta})
+        return out
 
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return pool_lock(self.locks, name, timeout)

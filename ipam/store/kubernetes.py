@@ -31,6 +31,7 @@ GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
 POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
+SLICE_POOLS = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
 k8s_config: Any = _k8s_config  # untyped module
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
@@ -303,6 +304,43 @@ class KubernetesStore:
     def list_pods(self) -> list[dict[str, Any]]:
         core = k8s.CoreV1Api(self.api_client)
         return self._list_all("list pods", core.list_pod_for_all_namespaces)
+
+    # -- node slices, as ipamctl and the reconciler read and return them ------------------------
+
+    def list_slice_pools(self) -> list[dict[str, Any]]:
+        """Every NodeSlicePool in the namespace; none when the CRD is not installed."""
+        try:
+            return self._list_all(
+                "list NodeSlicePools",
+                self.api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                SLICE_POOLS,
+            )
+        except CNIError as exc:
+            if "HTTP 404" in exc.msg:
+                return []
+            raise
+
+    def list_nodes(self) -> list[str]:
+        core = k8s.CoreV1Api(self.api_client)
+        items = self._list_all("list nodes", core.list_node)
+        return [str((item.get("metadata") or {}).get("name", "")) for item in items]
+
+    def replace_slice_pool(self, obj: dict[str, Any]) -> None:
+        """PUT a NodeSlicePool read earlier (its resourceVersion kept: 409 ConflictError when it changed),
+        through the status subresource when the CRD declares one."""
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        body = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "managedFields"}}
+        args = (GROUP, VERSION, self.namespace, SLICE_POOLS, name, body)
+        what = f"update NodeSlicePool {name}"
+        done = self._call(what, self.api.replace_namespaced_custom_object_status, *args, missing_ok=True)
+        if done is not None and (done.get("status") or {}) == (obj.get("status") or {}):
+            return
+        # no status subresource (404, or the main resource ignored nothing): write the whole object
+        if self._call(what, self.api.replace_namespaced_custom_object, *args, missing_ok=True) is None:
+            raise ConflictError(f"NodeSlicePool {name} was deleted")
 
     # -- node lock, health ----------------------------------------------------------------------
 
