@@ -281,12 +281,13 @@ class Reconciler:
             if self.dry_run:
                 summary.released += len(judged)
                 continue
-            summary.released += self.release_holdings([p.holding for p in judged if p.holding], summary)
+            summary.released += len(self.release_holdings([p.holding for p in judged if p.holding], summary))
 
-    def release_holdings(self, held: Sequence[audit.Holding], summary: Summary | None = None) -> int:
-        """Release exactly these leases of one pool (each only if unchanged), then their reservations."""
+    def release_holdings(self, held: Sequence[audit.Holding], summary: Summary | None = None) -> list[int]:
+        """Release exactly these leases of one pool (each only if unchanged), then their reservations;
+        returns the offsets released. Errors go to `summary` when given, else they are raised."""
         if not held:
-            return 0
+            return []
         view = held[0].pool
         judged: Allocations = {h.offset: h.lease for h in held}
 
@@ -301,7 +302,7 @@ class Reconciler:
                 raise
             summary.errors += 1
             self.say(summary, f"error releasing in pool {view.name}: {exc}")
-            return 0
+            return []
         for h in held:
             if h.offset not in gone or not h.address:
                 continue
@@ -314,7 +315,7 @@ class Reconciler:
                     raise
                 summary.errors += 1
                 self.say(summary, f"error deleting reservation {h.reservation}: {exc}")
-        return len(gone)
+        return gone
 
     # -- reservations -----------------------------------------------------------------------------
 
