@@ -3,6 +3,7 @@
 #   make test       venv with test extras, lint, then the whole suite (e2e included)
 #   make test-fast  unit + property tests only (no network namespaces, no multi-process)
 #   make test-ipvlan the ipvlan e2e cases (need a kernel with CONFIG_IPVLAN)
+#   make test-apiserver only the real kube-apiserver tier (needs KUBEBUILDER_ASSETS)
 #   make bench      benchmarks, appended to bench/RESULTS.md
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-ipvlan test-fast bench clean
+.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +38,12 @@ test: lint bytecode
 
 test-ipvlan: bytecode
 	$(BIN)/pytest -q -m ipvlan
+
+# The real-API tier alone; KUBEBUILDER_ASSETS names a directory with kube-apiserver and etcd
+# (../shared/k8s/unpack DIR makes one). make test runs these too whenever the variable is set.
+test-apiserver: bytecode
+	@test -n "$$KUBEBUILDER_ASSETS" || { echo "make test-apiserver: KUBEBUILDER_ASSETS is unset (../shared/k8s/unpack DIR, then export KUBEBUILDER_ASSETS=DIR)" >&2; exit 1; }
+	$(BIN)/pytest -q -m "apiserver and not ipvlan"
 
 test-fast: bytecode
 	$(BIN)/pytest -q -m "not e2e and not slow"

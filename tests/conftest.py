@@ -1,1 +1,32 @@
-from tests.kubeapi.fixtures import kube, kube_server  # noqa: F401
+import pytest
+
+from tests.kubeapi.fixtures import apiserver, kube, kube_server, real_kube  # noqa: F401
+from tests.kubeapi.real import ASSETS_ENV, assets_dir
+
+REAL_FIXTURES = {"apiserver", "real_kube"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses the real API server; without KUBEBUILDER_ASSETS deselect them."""
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.apiserver)
+    if assets_dir() is not None:
+        return
+    real = [item for item in items if item.get_closest_marker("apiserver")]
+    if real:
+        config.hook.pytest_deselected(items=real)
+        items[:] = [item for item in items if not item.get_closest_marker("apiserver")]
+    config.stash[_NOT_RUN] = len(real)
+
+
+_NOT_RUN = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    skipped = config.stash.get(_NOT_RUN, 0)
+    if skipped:
+        terminalreporter.write_line(
+            f"real-API tier did not run: {ASSETS_ENV} is unset ({skipped} tests deselected; "
+            "see README, 'Testing against a real kube-apiserver')"
+        )

@@ -11,12 +11,14 @@ def test_something(kube):
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from .real import ASSETS_ENV, RealCluster, RealKube, assets_dir
 from .server import APIServer, KubeAPI, write_kubeconfig
 
 
@@ -54,3 +56,27 @@ def kube(kube_server: KubeHandle) -> Iterator[KubeHandle]:
     kube_server.reset()
     yield kube_server
     kube_server.api.clear_faults()
+
+
+# -- the real kube-apiserver (tests/kubeapi/real.py) ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    """etcd + kube-apiserver from $KUBEBUILDER_ASSETS, once per session; tests using it are marked
+    `apiserver` and deselected (with one line saying so) when the variable is unset."""
+    assets = assets_dir()
+    if assets is None:
+        pytest.fail(f"{ASSETS_ENV} is not set: the real-API tier cannot run (make test-apiserver needs it)")
+    cluster = RealCluster(assets, tmp_path_factory.mktemp("apiserver"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def real_kube(apiserver: RealCluster, tmp_path: Path) -> RealKube:
+    """A fresh namespace on the real server and an admin kubeconfig whose context names it."""
+    return RealKube(apiserver, f"t-{uuid.uuid4().hex[:10]}", tmp_path)
