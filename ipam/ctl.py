@@ -415,9 +415,10 @@ def open_source(args: argparse.Namespace) -> Source:
     path = kubeconfig_path(args.kubeconfig)
     try:
         store = KubernetesStore.connect(path, tempfile.gettempdir() + "/whereabouts-py-ctl", args.namespace)
-    except CNIError as exc:
+    except Exception as exc:  # CNIError, or whatever the client's loader raised on a broken file
         what = f"kubeconfig {path}" if path else "the in-cluster service account (no kubeconfig found)"
-        raise Failure(f"cannot load {what}: {exc.details or exc.msg}") from None
+        reason = (exc.details or exc.msg) if isinstance(exc, CNIError) else f"{type(exc).__name__}: {exc}"
+        raise Failure(f"cannot load {what}: {' '.join(reason.split())}") from None
     return KubeSource(store)
 
 
