@@ -205,6 +205,7 @@ class Inventory:
     slice_pools: Sequence[SlicePool] = ()
     pods: Mapping[str, PodInfo] | None = None
     nodes: frozenset[str] | None = None
+    notes: tuple[str, ...] = ()  # what could not be read, so was not judged
 
 
 @dataclass(frozen=True)

@@ -185,9 +185,7 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
 def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:
     inventory = gather(source)
     problems = audit.audit(inventory, datetime.now(UTC), args.grace)
-    notes = []
-    if inventory.pods is None:
-        notes.append("leaked leases not judged: the file datastore has no pod list")
+    notes = list(inventory.notes)
     counts = audit.summary(problems)
     if o.json:
         doc: dict[str, Any] = {"problems": [p.to_json() for p in problems], "summary": counts}
@@ -297,6 +295,7 @@ def cmd_repair(args: argparse.Namespace, source: Source, o: Output) -> int:
                 "dry_run": args.dry_run,
                 "changes": summary.changes,
                 "errors": [line for line in summary.lines if line.startswith("error ")],
+                "notes": [line.removeprefix("note ") for line in summary.lines if line.startswith("note ")],
                 "summary": counts,
             }
         )

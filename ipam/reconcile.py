@@ -152,9 +152,20 @@ def gather(source: Source) -> Inventory:
     reservations = source.reservations()
     pools = source.pools()
     pods = source.pods()
-    slice_pools = source.slice_pools()
-    nodes = source.nodes() if any(sl.node for sp in slice_pools for sl in sp.slices) else None
-    return Inventory(pools, reservations, slice_pools, pods, nodes)
+    notes: list[str] = []
+    if pods is None:
+        notes.append("leaked leases not judged: the file datastore has no pod list")
+    # node slices are judged only when they can be read: an identity without the RBAC for them
+    # (NodeSlicePools, nodes) still gets every other check and repair
+    slice_pools: list[SlicePool] = []
+    nodes: frozenset[str] | None = None
+    try:
+        slice_pools = source.slice_pools()
+        if any(sl.node for sp in slice_pools for sl in sp.slices):
+            nodes = source.nodes()
+    except CNIError as exc:
+        notes.append(f"node slices not judged: {exc.msg}")
+    return Inventory(pools, reservations, slice_pools, pods, nodes, tuple(notes))
 
 
 @dataclass
@@ -222,6 +233,8 @@ class Reconciler:
             self.say(summary, f"error listing pools or pods: {exc}")
             self._finish(summary)
             return summary
+        for note in inventory.notes:
+            self.say(summary, f"note {note}")
         problems = audit.audit(inventory, now, self.grace)
         summary.problems = problems
         summary.pools = len(inventory.pools)

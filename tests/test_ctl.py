@@ -415,3 +415,51 @@ def test_unreachable_or_unloadable_cluster_is_exit_2_with_the_reason(tmp_path: P
     err = io.StringIO()
     assert ctl_main(["--kubeconfig", str(bad), "show"], out=io.StringIO(), err=err) == 2
     assert err.getvalue().startswith(f"ipamctl: cannot load kubeconfig {bad}: ")
+
+
+def test_an_identity_without_node_slice_rbac_still_repairs_the_rest(real_kube: RealKube) -> None:
+    """The reconciler's ServiceAccount before node slices: no NodeSlicePools, no nodes. Slices are not
+    judged (a note says so); every other check and fix still runs, and nothing counts as an error."""
+    kube, ns = real_kube, real_kube.namespace
+    account = f"rec-{uuid.uuid4().hex[:6]}"
+    rules = [
+        {
+            "apiGroups": ["whereabouts.cni.cncf.io"],
+            "resources": ["ippools"],
+            "verbs": ["get", "list", "update"],
+        },
+        {
+            "apiGroups": ["whereabouts.cni.cncf.io"],
+            "resources": ["overlappingrangeipreservations"],
+            "verbs": ["get", "list", "create", "delete"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    ]
+    kube.apply(
+        [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": account},
+                "rules": rules,
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": account},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": account},
+                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
+            },
+            ippool("10.77.0.0-24", "10.77.0.0/24", {1: entry("c-gone", f"{ns}/gone")}),
+            reservation("10.77.0.1", "c-gone", f"{ns}/gone"),
+        ]
+    )
+    kubeconfig = kube.token_kubeconfig(account, ns)
+    out, err = io.StringIO(), io.StringIO()
+    assert ctl_main(["--kubeconfig", kubeconfig, "repair"], out=out, err=err) == 0, (
+        out.getvalue() + err.getvalue()
+    )
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("note node slices not judged: list NodeSlicePools: the API server refused")
+    assert lines[-1] == "summary pools=1 leases=1 kept=0 released=1 reservations_deleted=0 errors=0"
+    assert reservations(kube) == set()

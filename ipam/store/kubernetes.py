@@ -323,10 +323,9 @@ class KubernetesStore:
                 return []
             raise
 
-    def list_nodes(self) -> list[str]:
+    def list_nodes(self) -> set[str]:
         core = k8s.CoreV1Api(self.api_client)
-        items = self._list_all("list nodes", core.list_node)
-        return [str((item.get("metadata") or {}).get("name", "")) for item in items]
+        return {str((n.get("metadata") or {}).get("name", "")) for n in self._list_all("list nodes", core.list_node)}
 
     def replace_slice_pool(self, obj: dict[str, Any]) -> None:
         """PUT a NodeSlicePool read earlier (its resourceVersion kept: 409 ConflictError when it changed),
