@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from . import audit, errors
 from .allocator import Allocations
@@ -199,12 +199,10 @@ class Summary:
 
 
 class Reconciler:
-    """One repair pass over a datastore (`source`: a `KubernetesStore`, or a `Source`)."""
+    """One repair pass over a datastore; `out` gets one line per change (see README)."""
 
-    def __init__(self, source: Any, grace: float, dry_run: bool, out: TextIO) -> None:
-        if not hasattr(source, "slice_pools"):  # a bare KubernetesStore, as before
-            source = KubeSource(source)
-        self.source: Source = source
+    def __init__(self, source: Source, grace: float, dry_run: bool, out: TextIO) -> None:
+        self.source = source
         self.store = source.store
         self.engine = Engine(self.store, RetryPolicy(deadline_seconds=60.0))
         self.grace = grace
