@@ -332,7 +332,7 @@ class Problem:
         }
 
 
-def _reservation_address(name: str, networks: set[str]) -> tuple[str, str]:
+def reservation_address(name: str, networks: set[str]) -> tuple[str, str]:
     """(network, address) a reservation name stands for; ("", "") when it names no address."""
 
     def parse(text: str) -> str:
@@ -372,7 +372,7 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
     problems: list[Problem] = []
     reservations = {r.name: r for r in inventory.reservations}
     networks_with_reservations = {
-        _reservation_address(r.name, {v.network for v in views})[0] for r in inventory.reservations
+        reservation_address(r.name, {v.network for v in views})[0] for r in inventory.reservations
     }
 
     released: set[tuple[str, int]] = set()
@@ -468,7 +468,7 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
     for r in sorted(inventory.reservations, key=lambda r: r.name):
         if r.name in backed:
             continue
-        _, address = _reservation_address(r.name, known_networks)
+        _, address = reservation_address(r.name, known_networks)
         old = _older_than(r.created, now, grace)
         problems.append(
             Problem(
@@ -535,3 +535,23 @@ def find_address(views: Sequence[PoolView], address: str, network: str | None = 
 
 def find_pod(views: Sequence[PoolView], podref: str) -> list[Holding]:
     return [h for h in holdings(views) if h.lease.podref == podref]
+
+
+def find_reservations(
+    inventory: Inventory,
+    views: Sequence[PoolView],
+    address: str | None = None,
+    podref: str | None = None,
+    network: str | None = None,
+) -> list[Reservation]:
+    """Reservations naming `address` (in `network` only, when given), or held by `podref`."""
+    networks = {v.network for v in views}
+    out = []
+    for r in inventory.reservations:
+        net, addr = reservation_address(r.name, networks)
+        if address is not None and (addr != address or (network is not None and net != network)):
+            continue
+        if podref is not None and r.holder.podref != podref:
+            continue
+        out.append(r)
+    return sorted(out, key=lambda r: r.name)

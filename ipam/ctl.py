@@ -141,13 +141,17 @@ def cmd_show(args: argparse.Namespace, source: Source, o: Output) -> int:
 
 
 def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[PoolView], o: Output) -> int:
+    """Leases holding an address (or of a pod) with their reservations; a reservation no lease backs
+    is listed too, since it blocks the address as well."""
     reservations = {r.name: r for r in inventory.reservations}
     if args.address is not None:
         address = parse_address(args.address)
         held = audit.find_address(views, address, args.network)
+        found = audit.find_reservations(inventory, views, address=address, network=args.network)
         what = {"address": address}
     else:
         held = audit.find_pod(views, args.pod)
+        found = audit.find_reservations(inventory, views, podref=args.pod)
         what = {"pod": args.pod}
     entries = []
     for h in held:
@@ -161,8 +165,20 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
                 "reservation_podref": r.holder.podref if r else "",
             }
         )
+    shown = {e["reservation"] for e in entries}
+    alone = [
+        {
+            "name": r.name,
+            "address": audit.reservation_address(r.name, {v.network for v in views})[1],
+            "podref": r.holder.podref,
+            "id": r.holder.id,
+            "ifname": r.holder.ifname,
+        }
+        for r in found
+        if r.name not in shown
+    ]
     if o.json:
-        o.dump({**what, "leases": entries})
+        o.dump({**what, "leases": entries, "reservations_without_lease": alone})
     else:
         rows = [
             [
@@ -176,10 +192,13 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
             ]
             for e in entries
         ]
+        rows += [
+            [r["address"], "-", r["podref"], r["id"], r["ifname"], "", r["name"]] for r in alone
+        ]
         o.table(["ADDRESS", "POOL", "PODREF", "CONTAINER", "IFNAME", "NODE", "RESERVATION"], rows)
-        if not entries:
-            o.write(f"no lease holds {next(iter(what.values()))}")
-    return OK if entries else PROBLEMS
+        if not rows:
+            o.write(f"nothing holds {next(iter(what.values()))}")
+    return OK if entries or alone else PROBLEMS
 
 
 def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:

@@ -227,7 +227,7 @@ def test_a_gone_nodes_slice_with_a_lease_that_stays_is_only_reported() -> None:
 def test_reservation_names_map_back_to_addresses(
     name: str, networks: set[str], expected: tuple[str, str]
 ) -> None:
-    assert audit._reservation_address(name, networks) == expected
+    assert audit.reservation_address(name, networks) == expected
 
 
 def test_usage_counts_only_usable_addresses() -> None:

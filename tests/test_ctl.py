@@ -263,7 +263,7 @@ def test_show_lists_pools_and_who_holds_an_address(real_kube: RealKube) -> None:
     code, doc = ctl_json(kube, "show", "--pod", f"{ns}/b")
     assert (code, [e["address"] for e in doc["leases"]]) == (0, ["10.73.0.2"])
     code, out, _ = ctl(kube, "show", "--address", "10.73.0.5")
-    assert code == 1 and "no lease holds 10.73.0.5" in out
+    assert code == 1 and "nothing holds 10.73.0.5" in out
 
 
 def test_release_refuses_a_live_holder_and_works_with_force(real_kube: RealKube) -> None:

@@ -94,7 +94,17 @@ def test_show_json_and_holders(data_dir: str) -> None:
         [("192.168.20.3", "storage-192.168.20.3")],
     )
     code, doc = ctl_json(data_dir, "show", "--address", "192.168.20.1", "--network", "other")
-    assert (code, doc["leases"]) == (1, [])
+    assert (code, doc["leases"], doc["reservations_without_lease"]) == (1, [], [])
+    code, out, _ = ctl(data_dir, "show", "--address", "192.168.20.9")  # only a reservation blocks it
+    assert code == 0
+    assert out.splitlines()[1].split() == [
+        "192.168.20.9",
+        "-",
+        "rook-ceph/osd-9",
+        "dead",
+        "net1",
+        "storage-192.168.20.9",
+    ]
 
 
 def test_check_says_leaked_leases_cannot_be_judged(data_dir: str) -> None:
