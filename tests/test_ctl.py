@@ -410,6 +410,10 @@ def test_unreachable_or_unloadable_cluster_is_exit_2_with_the_reason(tmp_path: P
     assert out.getvalue() == ""
     assert err.getvalue().startswith("ipamctl: check failed: list reservations: ")
     assert "Traceback" not in err.getvalue()
+    for command in (["show"], ["release", "10.1.1.1"], ["repair"]):
+        err = io.StringIO()
+        assert ctl_main(["--kubeconfig", str(kubeconfig), *command], out=io.StringIO(), err=err) == 2
+        assert "list reservations: " in err.getvalue() and "Traceback" not in err.getvalue()
     bad = tmp_path / "not-yaml"
     bad.write_text("{{{")
     err = io.StringIO()
@@ -463,3 +467,37 @@ def test_an_identity_without_node_slice_rbac_still_repairs_the_rest(real_kube: R
     assert lines[0].startswith("note node slices not judged: list NodeSlicePools: the API server refused")
     assert lines[-1] == "summary pools=1 leases=1 kept=0 released=1 reservations_deleted=0 errors=0"
     assert reservations(kube) == set()
+
+
+def test_ipam_reconcile_is_the_same_pass_as_ipamctl_repair(real_kube: RealKube) -> None:
+    from ipam.reconcile import main as reconcile_main
+
+    kube, ns = real_kube, real_kube.namespace
+    kube.api.put_pod(ns, "web")
+    kube.apply(
+        [
+            ippool(
+                "10.78.0.0-24",
+                "10.78.0.0/24",
+                {1: entry("c-gone", f"{ns}/gone"), 2: entry("c-web", f"{ns}/web")},
+            ),
+            reservation("10.78.0.1", "c-gone", f"{ns}/gone"),
+            reservation("10.78.0.5", "c-crashed", f"{ns}/crashed"),
+        ]
+    )
+    out = io.StringIO()
+    assert reconcile_main(["--kubeconfig", kube.kubeconfig_path, "--dry-run"], out=out) == 0
+    code, ctl_out, _ = ctl(kube, "repair", "--dry-run")
+    assert code == 0
+    assert out.getvalue() == ctl_out
+    assert ctl_out.splitlines() == [
+        f"would-release pool={ns}/10.78.0.0-24 address=10.78.0.1 podref={ns}/gone container=c-gone reason=pod-gone",
+        f"would-delete reservation=10.78.0.5 podref={ns}/crashed reason=orphaned",
+        f"would-create reservation=10.78.0.2 pool={ns}/10.78.0.0-24 address=10.78.0.2 podref={ns}/web reason=missing",
+        "summary pools=1 leases=2 kept=1 would_release=1 reservations_deleted=1 errors=0",
+    ]
+    code, doc = ctl_json(kube, "repair")
+    assert code == 0
+    assert [c["action"] for c in doc["changes"]] == ["release", "delete-reservation", "create-reservation"]
+    assert doc["summary"]["released"] == 1 and doc["summary"]["reservations_created"] == 1
+    assert reservations(kube) == {"10.78.0.2"}
