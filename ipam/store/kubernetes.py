@@ -334,10 +334,9 @@ class KubernetesStore:
         body = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "managedFields"}}
         args = (GROUP, VERSION, self.namespace, SLICE_POOLS, name, body)
         what = f"update NodeSlicePool {name}"
-        done = self._call(what, self.api.replace_namespaced_custom_object_status, *args, missing_ok=True)
-        if done is not None and (done.get("status") or {}) == (obj.get("status") or {}):
+        if self._call(what, self.api.replace_namespaced_custom_object_status, *args, missing_ok=True) is not None:
             return
-        # no status subresource (404, or the main resource ignored nothing): write the whole object
+        # 404: the CRD declares no status subresource (ours, and Whereabouts'), or the object is gone
         if self._call(what, self.api.replace_namespaced_custom_object, *args, missing_ok=True) is None:
             raise ConflictError(f"NodeSlicePool {name} was deleted")
 
