@@ -336,7 +336,7 @@ class KubernetesStore:
         what = f"update NodeSlicePool {name}"
         if self._call(what, self.api.replace_namespaced_custom_object_status, *args, missing_ok=True) is not None:
             return
-        # 404: the CRD declares no status subresource (ours, and Whereabouts'), or the object is gone
+        # 404: the CRD declares no status subresource (ours does not), or the object is gone
         if self._call(what, self.api.replace_namespaced_custom_object, *args, missing_ok=True) is None:
             raise ConflictError(f"NodeSlicePool {name} was deleted")
 
