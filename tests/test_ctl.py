@@ -501,3 +501,43 @@ def test_ipam_reconcile_is_the_same_pass_as_ipamctl_repair(real_kube: RealKube) 
     assert [c["action"] for c in doc["changes"]] == ["release", "delete-reservation", "create-reservation"]
     assert doc["summary"]["released"] == 1 and doc["summary"]["reservations_created"] == 1
     assert reservations(kube) == {"10.78.0.2"}
+
+
+def test_finished_pods_and_network_status_mismatches_are_leaked_too(real_kube: RealKube) -> None:
+    kube, ns = real_kube, real_kube.namespace
+
+    def status(ip: str) -> dict[str, str]:
+        return {
+            "k8s.v1.cni.cncf.io/network-status": json.dumps(
+                [{"name": "public", "interface": "net1", "ips": [ip]}]
+            )
+        }
+
+    kube.api.put_pod(ns, "done", phase="Succeeded")
+    kube.api.put_pod(ns, "crashed", phase="Failed")
+    kube.api.put_pod(ns, "moved", annotations=status("10.99.0.1"))
+    kube.api.put_pod(ns, "live", annotations=status("10.79.0.4"))
+    pods = ("done", "crashed", "moved", "live")
+    kube.apply(
+        [
+            ippool(
+                "10.79.0.0-24",
+                "10.79.0.0/24",
+                {i + 1: entry(f"c-{p}", f"{ns}/{p}") for i, p in enumerate(pods)},
+            ),
+            *[reservation(f"10.79.0.{i + 1}", f"c-{p}", f"{ns}/{p}") for i, p in enumerate(pods)],
+        ]
+    )
+    code, doc = ctl_json(kube, "check", "--grace", "0")
+    assert code == 1
+    assert [(p["kind"], p["podref"], p["detail"]) for p in doc["problems"]] == [
+        ("leaked", f"{ns}/done", "pod-succeeded"),
+        ("leaked", f"{ns}/crashed", "pod-failed"),
+        ("leaked", f"{ns}/moved", "not-in-network-status"),
+    ]
+    code, doc = ctl_json(kube, "check")  # the pods are seconds old: a network-status mismatch waits
+    assert [p["podref"] for p in doc["problems"]] == [f"{ns}/done", f"{ns}/crashed"]
+    code, _, _ = ctl(kube, "repair", "--grace", "0")
+    assert code == 0
+    assert leases(kube, "10.79.0.0-24") == {"4": f"{ns}/live"}
+    assert reservations(kube) == {"10.79.0.4"}
