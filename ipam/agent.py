@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -30,7 +30,7 @@ from . import cni
 from .config import Config
 from .engine import AddOp, Engine, Op, ReleaseOp
 from .log import log
-from .shim import DEFAULT_SOCKET
+from .shim import DEFAULT_SOCKET, WORK_MARGIN
 from .store.base import Store
 from .store.open import open_store
 
@@ -152,9 +152,13 @@ class Agent:
             return store
 
     @contextmanager
-    def engines(self, cfg: Config) -> Iterator[Engine]:
+    def engines(self, cfg: Config, shim_timeout: float | None = None) -> Iterator[Engine]:
         engine = cni.make_engine(cfg, self.store_for(cfg))
         engine.runner = self.coalescer.run
+        if shim_timeout is not None:  # done (rollback included) before the shim falls back to direct mode
+            policy = engine.policy
+            fits = max(1.0, shim_timeout - policy.rollback_seconds - WORK_MARGIN)
+            engine.policy = replace(policy, deadline_seconds=min(policy.deadline_seconds, fits))
         yield engine
 
     def serve_call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -163,7 +167,9 @@ class Agent:
         command = env.get("CNI_COMMAND", "")
         out = io.StringIO()
         started = time.monotonic()
-        code = cni.run(env, stdin, out, engines=self.engines)
+        raw_timeout = request.get("timeout")
+        shim_timeout = float(raw_timeout) if isinstance(raw_timeout, (int, float)) else None
+        code = cni.run(env, stdin, out, engines=lambda cfg: self.engines(cfg, shim_timeout))
         self.metrics.latency.labels(command).observe(time.monotonic() - started)
         self.metrics.requests.labels(command, "ok" if code == 0 else "error").inc()
         return {"code": code, "stdout": out.getvalue()}

@@ -13,15 +13,20 @@ from typing import Any
 
 from .ranges import RangeSpec
 
-_KNOWN_FIELDS = ("id", "podref", "ifname", "node", "poduid", "created")
+_KNOWN_FIELDS = ("id", "podref", "ifname", "node", "poduid", "created", "network", "token")
+_EXTRAS = ("node", "poduid", "created", "network", "token")
 
 
 @dataclass(frozen=True)
 class Lease:
     """Who holds an address: container id, pod reference (`ns/name`) and interface name.
 
-    `node`, `poduid` and `created` are our optional extras; a lease written by Whereabouts (or one
-    whose extras a foreign CRD schema pruned) has them empty, and nothing may depend on them being set.
+    `node`, `poduid`, `created`, `network` and `token` are our optional extras; a lease written by
+    Whereabouts (or one whose extras a foreign CRD schema pruned) has them empty, and nothing may depend
+    on them being set. `network` is the CNI config `name` that made the lease (CNI GC touches only its
+    own network's leases); `token` is the id of the ADD call that created it, replaced by
+    `CONFIRMED` + the other call's id when another call confirms it, so a rollback removes only what
+    its own call created and nobody has confirmed since.
     `extra` keeps fields we do not know, so a rewrite never drops another writer's data.
     """
 
@@ -31,6 +36,8 @@ class Lease:
     node: str = ""
     poduid: str = ""
     created: str = ""
+    network: str = ""
+    token: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def owned_by(self, podref: str, ifname: str, container_id: str) -> bool:
@@ -65,7 +72,7 @@ class Lease:
         out["podref"] = self.podref
         if self.ifname:
             out["ifname"] = self.ifname
-        for name in ("node", "poduid", "created"):
+        for name in _EXTRAS:
             value = getattr(self, name)
             if value:
                 out[name] = value
@@ -81,6 +88,7 @@ class Lease:
 
 
 Allocations = dict[int, Lease]
+CONFIRMED = "~"  # prefixes the token of a lease another call confirmed (no creator's rollback matches it)
 
 
 def parse_allocations(raw: Mapping[str, Any]) -> Allocations:
@@ -109,19 +117,35 @@ class Request:
     poduid: str = ""
     node: str = ""
     created: str = ""
+    network: str = ""  # the CNI config `name`
+    token: str = ""  # this ADD call's id; a lease carrying it was created by this call
 
     def lease(self) -> Lease:
-        return Lease(self.container_id, self.podref, self.ifname, self.node, self.poduid, self.created)
+        return Lease(
+            self.container_id,
+            self.podref,
+            self.ifname,
+            self.node,
+            self.poduid,
+            self.created,
+            self.network,
+            self.token,
+        )
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What `allocate` chose: the offset, the pool's new leases, and whether they differ from the old."""
+    """What `allocate` chose: the offset, the pool's new leases, and whether they differ from the old.
+
+    `moved` is the lease this attachment held at an address the config no longer allows (dropped for
+    the new one), so its reservation can be given back.
+    """
 
     offset: int
     allocations: Allocations
     changed: bool
     reused: bool
+    moved: tuple[int, Lease] | None = None
 
 
 def find_owner(allocations: Allocations, request: Request) -> int | None:
@@ -164,19 +188,33 @@ def allocate(
 
     `skip` holds offsets known to be taken elsewhere (an overlapping range's reservation).
     Returns None when the range is exhausted.
+
+    A lease that carries the request's `token` was created by this very call (an earlier attempt whose
+    answer was lost): it is kept as it is and not counted as reused. Any other existing lease is
+    confirmed: a creator's token on it becomes `CONFIRMED` + the request's token (that creator's
+    rollback must no longer remove it; this call's own retry still sees a reuse), and its pod UID
+    becomes the request's, empty when the request has none (a UID this call did not vouch for must not
+    decide a release).
     """
     base = int(spec.network.first)
     skip = set(skip)
     current = find_owner(allocations, request)
     if current is not None and spec.contains(base + current) and current not in skip:
         lease = allocations[current]
+        if request.token and lease.token == request.token and lease.id == request.container_id:
+            return Decision(current, allocations, changed=False, reused=False)
+        token = lease.token
+        if token and not token.startswith(CONFIRMED):
+            token = CONFIRMED + request.token
         wanted = Lease(
             request.container_id,
             request.podref or lease.podref,
             request.ifname or lease.ifname,
             request.node or lease.node,
-            request.poduid or lease.poduid,
+            request.poduid,
             lease.created or request.created,
+            request.network or lease.network,
+            token,
             lease.extra,
         )
         if wanted == lease:
@@ -185,33 +223,52 @@ def allocate(
         updated[current] = wanted
         return Decision(current, updated, changed=True, reused=True)
     remaining = dict(allocations)
+    moved = None
     if current is not None:  # its old address is no longer allocatable under this config
-        del remaining[current]
+        moved = (current, remaining.pop(current))
     offset = lowest_free(spec, set(remaining) | skip)
     if offset is None:
         return None
     remaining[offset] = request.lease()
-    return Decision(offset, remaining, changed=True, reused=False)
+    return Decision(offset, remaining, changed=True, reused=False, moved=moved)
 
 
-def release(allocations: Allocations, container_id: str, ifname: str) -> tuple[Allocations, list[int]]:
-    """Drop this container's leases on `ifname`; releasing something unknown is not an error."""
-    gone = find_container(allocations, container_id, ifname)
+def release(
+    allocations: Allocations, container_id: str, ifname: str, token: str = "", untokened: bool = False
+) -> tuple[Allocations, list[int]]:
+    """Drop this container's leases on `ifname`; releasing something unknown is not an error.
+
+    With `token` (a rollback), only leases still carrying that ADD call's token are dropped, and with
+    `untokened` also ones carrying none (a foreign CRD schema pruned it; the caller knows it created
+    the lease).
+    """
+    gone = [
+        o
+        for o in find_container(allocations, container_id, ifname)
+        if not token or allocations[o].token == token or (untokened and not allocations[o].token)
+    ]
     if not gone:
         return allocations, []
     return {k: v for k, v in allocations.items() if k not in gone}, gone
 
 
 def release_stale(
-    allocations: Allocations, valid: set[tuple[str, str]], node: str
+    allocations: Allocations, valid: set[tuple[str, str]], node: str, network: str
 ) -> tuple[Allocations, list[int]]:
-    """GC: drop leases made on `node` whose (container id, ifname) is not in `valid`.
+    """GC: drop leases made on `node` by `network` (the CNI config name) whose (container id, ifname)
+    is not in `valid`.
 
-    A lease without a node (written by Whereabouts, or pruned) is never released here.
+    `valid` lists only that network's attachments, so a lease of another network sharing the pool is
+    never judged by it. A lease without a node or a network (written by Whereabouts, by an older
+    version, or pruned) is never released here.
     """
     gone = sorted(
         offset
         for offset, lease in allocations.items()
-        if lease.node and lease.node == node and (lease.id, lease.ifname) not in valid
+        if lease.node
+        and lease.node == node
+        and lease.network
+        and lease.network == network
+        and (lease.id, lease.ifname) not in valid
     )
     return {k: v for k, v in allocations.items() if k not in gone}, gone

@@ -101,7 +101,13 @@ def make_engine(cfg: Config, store: Store) -> Engine:
         backoff_initial=ipam.retry_backoff_initial_ms / 1000,
         backoff_max=ipam.retry_backoff_max_ms / 1000,
     )
-    return Engine(store, policy, network_name=ipam.network_name, overlapping=ipam.enable_overlapping_ranges)
+    return Engine(
+        store,
+        policy,
+        network_name=ipam.network_name,
+        overlapping=ipam.enable_overlapping_ranges,
+        network=cfg.network,  # recorded on leases; GC releases only this network's
+    )
 
 
 @contextmanager

@@ -7,12 +7,13 @@ jittered exponential backoff, all bounded by a deadline. Several ranges are all-
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from netaddr import IPAddress
+from netaddr import AddrFormatError, IPAddress
 
 from . import allocator, errors
 from .allocator import Allocations, Lease, Request
@@ -50,17 +51,28 @@ class AddOp:
     request: Request
     offset: int | None = None
     reused: bool = False
+    created: bool = False  # the last decision added a new lease (rather than confirming one)
     error: CNIError | None = None
     skip: set[int] = field(default_factory=set)  # offsets found reserved by another pool
+    # leases this attachment held at addresses the config no longer allows, dropped by the write
+    moved: list[tuple[int, Lease]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class ReleaseOp:
-    """A DEL's share of one pool; `released` holds the offsets given back."""
+    """A DEL's share of one pool; `released` holds the offsets given back.
+
+    `released` accumulates over the attempts of the retry loop: an attempt whose write went through
+    but whose answer was lost leaves nothing for the next attempt to find, yet its offsets were (maybe)
+    released and their reservations must still be given back (unreserve checks the holder).
+    With `token` (a rollback) only leases still carrying that ADD call's token are released.
+    """
 
     container_id: str
     ifname: str
     released: list[int] = field(default_factory=list)
+    token: str = ""
+    untokened: bool = False  # with token: also leases without any (the pool's schema prunes tokens)
 
 
 Op = AddOp | ReleaseOp
@@ -98,6 +110,7 @@ class Engine:
     rng: random.Random = field(default_factory=random.Random)
     stats: Stats = field(default_factory=Stats)
     runner: BatchRunner | None = None
+    network: str = ""  # the CNI config `name`, recorded on leases: GC touches only its own network's
 
     # -- the retry loop -------------------------------------------------------------------------
 
@@ -147,30 +160,42 @@ class Engine:
     # -- ADD ------------------------------------------------------------------------------------
 
     def add(self, ranges: Sequence[RangeSpec], request: Request) -> list[Assigned]:
-        """One address per range, all or nothing."""
+        """One address per range, all or nothing.
+
+        Every lease this call creates carries its own token; the rollback of a failed ADD removes only
+        leases still carrying it (in every range it reached, the failing one included). A lease that
+        another call has confirmed meanwhile (a direct-mode fallback of the same ADD, a repeat ADD) has
+        lost the token and stays; so does a lease this call only confirmed.
+        """
         deadline = self._deadline()
-        done: list[tuple[Assigned, bool]] = []
+        request = replace(
+            request, token=request.token or secrets.token_hex(8), network=request.network or self.network
+        )
+        done: list[Assigned] = []
+        reached: list[AddOp] = []
         try:
             for spec in ranges:
-                done.append(self._add_one(spec, request, deadline))
+                op = AddOp(spec, request)
+                reached.append(op)
+                done.append(self._add_one(op, deadline))
         except BaseException:
             undo_deadline = max(deadline, self.clock() + self.policy.rollback_seconds)
-            for assigned, reused in reversed(done):
-                if not reused:
-                    self._release_quietly(assigned.spec, request, undo_deadline)
+            for op in reversed(reached):
+                # a pool whose schema prunes our token (a Whereabouts CRD): what this call created as far
+                # as it knows, i.e. the behaviour before tokens
+                self._release_quietly(op.spec, request, undo_deadline, untokened=op.created)
             raise
-        return [a for a, _ in done]
+        return done
 
     def _submit(self, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
         (self.runner or Engine.apply_batch)(self, name, cidr, ops, deadline)
 
-    def _add_one(self, spec: RangeSpec, request: Request, deadline: float) -> tuple[Assigned, bool]:
-        op = AddOp(spec, request)
-        self._submit(self._pool(spec), spec.cidr, [op], deadline)
+    def _add_one(self, op: AddOp, deadline: float) -> Assigned:
+        self._submit(self._pool(op.spec), op.spec.cidr, [op], deadline)
         if op.error is not None:
             raise op.error
         assert op.offset is not None
-        return Assigned(spec, spec.address_at(op.offset)), op.reused
+        return Assigned(op.spec, op.spec.address_at(op.offset))
 
     def apply_batch(
         self,
@@ -183,8 +208,10 @@ class Engine:
         """Serve every op on one pool with a single read-modify-write (retried as a whole on conflict).
 
         Ops are applied in order to the leases as read, so a batch of N ADDs costs one GET and one PUT.
-        Each op gets its own result (`offset`/`error`, `released`); a failure of the read or write
-        itself is raised for the whole batch. No op is answered before the write holding its lease,
+        Each op gets its own result (`offset`/`error`, `released`); only a failure of the first read
+        or write (which carries every op) is raised for the whole batch. Anything failing after that
+        write (an op's reservation, re-placing ops whose address another pool holds) is the error of
+        the ops concerned alone. No op is answered before the write holding its lease,
         and then its overlapping-range reservation, succeeded. `absorb`, called before every attempt,
         adds ops that queued up meanwhile: under contention a retry then carries more work instead of
         leaving it for yet another contended write.
@@ -195,16 +222,22 @@ class Engine:
         """
         pending = ops
         with self._locked(name, deadline):
+            self._write_batch(name, cidr, pending, deadline, absorb)
             while True:
-                self._write_batch(name, cidr, pending, deadline, absorb)
-                absorb = None
                 collided = self._reserve_batch(name, pending, deadline)
                 if not collided:
                     break
                 # another pool holds those addresses: give the leases back and place those ops again
-                drop = _drop_leases({(op.request.container_id, op.offset) for op in collided})
-                self._retry(name, deadline, self._mutation_step(name, cidr, drop, []))
+                try:
+                    drop = _drop_leases({(c.request.container_id, c.offset) for c in collided})
+                    self._retry(name, deadline, self._mutation_step(name, cidr, drop, []))
+                    self._write_batch(name, cidr, list(collided), deadline, None)
+                except CNIError as exc:  # theirs alone: the other ops' leases and reservations stand
+                    for failed in collided:
+                        failed.offset, failed.error = None, exc
+                    break
                 pending = list(collided)
+            self._unreserve_moved(name, ops, deadline)
         for op in ops:
             if isinstance(op, AddOp) and op.error is None and op.offset is not None:
                 log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
@@ -218,17 +251,28 @@ class Engine:
             snapshot = self.store.read_pool(name, cidr)
             leases = snapshot.allocations
             changed = False
+            released_before = [(op, op.released) for op in ops if isinstance(op, ReleaseOp)]
             for op in ops:
                 if isinstance(op, ReleaseOp):
-                    leases, op.released = allocator.release(leases, op.container_id, op.ifname)
-                    changed = changed or bool(op.released)
+                    leases, gone = allocator.release(
+                        leases, op.container_id, op.ifname, op.token, op.untokened
+                    )
+                    op.released = sorted(set(op.released) | set(gone))
+                    changed = changed or bool(gone)
                     continue
                 decision = self._choose(name, op, leases)
                 if decision is not None:
                     leases = decision.allocations
                     changed = changed or decision.changed
+                    if decision.moved is not None and decision.moved not in op.moved:
+                        op.moved.append(decision.moved)
             if changed:
-                self.store.write_pool(snapshot, leases)
+                try:
+                    self.store.write_pool(snapshot, leases)
+                except ConflictError:  # refused, so certainly not written: nothing was released
+                    for release_op, released in released_before:
+                        release_op.released = released
+                    raise
             return True
 
         self._retry(name, deadline, step)
@@ -242,12 +286,31 @@ class Engine:
             if not isinstance(op, AddOp) or op.error is not None or op.offset is None:
                 continue
             rname = reservation_name(op.spec.address_at(op.offset), self.network_name)
-            holder = self._reserve(rname, op.request.lease(), deadline)
+            try:
+                holder = self._reserve(rname, op.request.lease(), deadline)
+            except CNIError as exc:  # this op's failure alone; its lease goes with its rollback
+                op.offset, op.error = None, exc
+                continue
             if holder is not None:
                 log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
                 op.skip.add(op.offset)
                 collided.append(op)
         return collided
+
+    def _unreserve_moved(self, name: str, ops: list[Op], deadline: float) -> None:
+        """Give back the reservations of leases a re-ADD moved to another address (quietly: the
+        orphan sweep is the backstop), unless the attachment got that same address back."""
+        if not self.overlapping:
+            return
+        for op in ops:
+            if not isinstance(op, AddOp) or op.error is not None:
+                continue
+            for offset, old in op.moved:
+                if offset == op.offset:
+                    continue
+                rname = reservation_name(op.spec.address_at(offset), self.network_name)
+                log.info("lease.moved", pool=name, reservation=rname, to=op.offset)
+                self.unreserve_name(rname, old.id, old.ifname, deadline, quiet=True)
 
     def _reserve(self, rname: str, lease: Lease, deadline: float) -> Lease | None:
         """store.reserve inside the retry loop; the other holder, or None when it is ours now."""
@@ -262,7 +325,7 @@ class Engine:
 
     def _choose(self, name: str, op: AddOp, leases: Allocations) -> allocator.Decision | None:
         """Pick op's address among `leases`, avoiding addresses found reserved by another pool."""
-        op.offset, op.error = None, None
+        op.offset, op.error, op.created = None, None, False
         decision = allocator.allocate(op.spec, leases, op.request, op.skip)
         if decision is None:
             op.error = CNIError(
@@ -272,12 +335,21 @@ class Engine:
             )
             return None
         op.offset, op.reused = decision.offset, decision.reused
+        op.created = decision.changed and not decision.reused
         return decision
 
     # -- DEL / GC -------------------------------------------------------------------------------
 
-    def _release_op(self, spec: RangeSpec, container_id: str, ifname: str, deadline: float) -> list[int]:
-        op = ReleaseOp(container_id, ifname)
+    def _release_op(
+        self,
+        spec: RangeSpec,
+        container_id: str,
+        ifname: str,
+        deadline: float,
+        token: str = "",
+        untokened: bool = False,
+    ) -> list[int]:
+        op = ReleaseOp(container_id, ifname, token=token, untokened=untokened)
         self._submit(self._pool(spec), spec.cidr, [op], deadline)
         return op.released
 
@@ -349,20 +421,53 @@ class Engine:
             rname = reservation_name(spec.address_at(offset), self.network_name)
             self.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
 
+    def _held_reservations(self, spec: RangeSpec, container_id: str, ifname: str) -> list[str]:
+        """Reservations of `spec`'s addresses still held by this attachment, when the store can list
+        them by holder cheaply (the file store); the Kubernetes store's orphans wait for the sweep."""
+        held_by = getattr(self.store, "reservations_held_by", None)
+        if not self.overlapping or held_by is None:
+            return []
+        names: list[str] = held_by(container_id, ifname)
+        prefix = f"{self.network_name}-" if self.network_name else ""
+        out = []
+        for rname in names:
+            if not rname.startswith(prefix):
+                continue
+            text = rname[len(prefix) :]
+            try:
+                address = IPAddress(text if spec.version == 4 else text.replace("-", ":"), spec.version)
+            except (ValueError, TypeError, AddrFormatError):
+                continue
+            if address in spec.network and reservation_name(address, self.network_name) == rname:
+                out.append(rname)
+        return out
+
     def release(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
+        """DEL: release this attachment's leases, then its reservations by holder identity: those of
+        the addresses released (in any attempt, even one whose answer was lost), and, when nothing was
+        left to release (a retried DEL after a crash), any the store still lists for this holder."""
         deadline = self._deadline()
         out: list[Assigned] = []
         for spec in ranges:
             gone = self._release_op(spec, container_id, ifname, deadline)
             self._unreserve(spec, gone, container_id, ifname, deadline)
+            if not gone:
+                for rname in self._held_reservations(spec, container_id, ifname):
+                    log.info("reservation.orphan-release", reservation=rname, container=container_id)
+                    self.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
             out += [Assigned(spec, spec.address_at(o)) for o in gone]
             for o in gone:
                 log.info("lease.release", pool=self._pool(spec), address=str(spec.address_at(o)))
         return out
 
-    def _release_quietly(self, spec: RangeSpec, request: Request, deadline: float) -> None:
+    def _release_quietly(
+        self, spec: RangeSpec, request: Request, deadline: float, untokened: bool = False
+    ) -> None:
+        """Roll back this ADD call's lease in `spec`: only one still carrying the call's token."""
         try:
-            gone = self._release_op(spec, request.container_id, request.ifname, deadline)
+            gone = self._release_op(
+                spec, request.container_id, request.ifname, deadline, request.token, untokened
+            )
             self._unreserve(spec, gone, request.container_id, request.ifname, deadline)
         except Exception as exc:  # the runtime's DEL after a failed ADD cleans up what is left
             log.error("rollback.failed", pool=self._pool(spec), error=str(exc))
@@ -374,7 +479,7 @@ class Engine:
             holders: dict[int, tuple[str, str]] = {}
 
             def change(allocs: Allocations) -> tuple[Allocations, list[int]]:
-                remaining, gone = allocator.release_stale(allocs, valid, node)
+                remaining, gone = allocator.release_stale(allocs, valid, node, self.network)
                 holders.update({o: (allocs[o].id, allocs[o].ifname) for o in gone})  # noqa: B023
                 return remaining, gone
 

@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from .log import log
 
 DEFAULT_SOCKET = "/run/whereabouts-py/agent.sock"
-DEFAULT_TIMEOUT = 150.0  # above the engine's default 90 s deadline, below kubelet's 4 minutes
+# The shim's wait must outlast everything the agent may still do for the call, or its direct-mode
+# fallback runs while the agent works on (and may roll back) the same ADD. So: the largest
+# retry_deadline_seconds the config accepts, plus the rollback's own budget, plus one API request in
+# flight at the deadline; still below kubelet's 4 minutes. The agent is also told this wait and
+# shortens its deadline to fit inside it (ipam.agent), so a lower WHEREABOUTS_PY_AGENT_TIMEOUT holds too.
+MAX_DEADLINE = 200.0  # config.IPAMConfig.retry_deadline_seconds (le=200)
+ROLLBACK_SECONDS = 10.0  # engine.RetryPolicy.rollback_seconds
+WORK_MARGIN = 20.0  # one API request in flight at the deadline (connect 5 s + read 15 s)
+DEFAULT_TIMEOUT = MAX_DEADLINE + ROLLBACK_SECONDS + WORK_MARGIN
 MAX_REPLY = 16 << 20
 FORWARDED = ("CNI_", "K8S_", "NODENAME")
 
@@ -42,6 +50,7 @@ def forward(env: Mapping[str, str], stdin: bytes, path: str, timeout: float) -> 
     request = {
         "env": {k: v for k, v in env.items() if k.startswith(FORWARDED)},
         "stdin": stdin.decode("utf-8", errors="surrogateescape"),
+        "timeout": timeout,  # the agent fits its work for this call inside the shim's wait
     }
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

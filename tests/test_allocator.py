@@ -290,20 +290,88 @@ def test_release_lease_without_ifname_matches_any_interface() -> None:
 
 def test_release_stale_only_for_the_given_node_and_never_without_node() -> None:
     leases: Allocations = {
-        1: Lease("keep", "ns/a", "net1", node="n1"),
-        2: Lease("stale", "ns/b", "net1", node="n1"),
-        3: Lease("stale-other-node", "ns/c", "net1", node="n2"),
-        4: Lease("no-node", "ns/d", "net1"),
-        5: Lease("keep", "ns/a", "net2", node="n1"),  # same container, other ifname: not listed
+        1: Lease("keep", "ns/a", "net1", node="n1", network="a"),
+        2: Lease("stale", "ns/b", "net1", node="n1", network="a"),
+        3: Lease("stale-other-node", "ns/c", "net1", node="n2", network="a"),
+        4: Lease("no-node", "ns/d", "net1", network="a"),
+        5: Lease("keep", "ns/a", "net2", node="n1", network="a"),  # same container, other ifname
     }
-    remaining, gone = release_stale(leases, {("keep", "net1")}, "n1")
+    remaining, gone = release_stale(leases, {("keep", "net1")}, "n1", "a")
     assert gone == [2, 5]
     assert set(remaining) == {1, 3, 4}
-    remaining, gone = release_stale(leases, set(), "n2")
+    remaining, gone = release_stale(leases, set(), "n2", "a")
     assert gone == [3]
     # an empty node name never matches the leases that have none
-    remaining, gone = release_stale(leases, set(), "")
+    remaining, gone = release_stale(leases, set(), "", "a")
     assert gone == [] and remaining == leases
+
+
+def test_release_stale_touches_only_its_own_networks_leases() -> None:
+    """Two network configs sharing a pool: one's valid attachments never judge the other's leases;
+    a lease without a recorded network (older version, pruned) is never GC'd."""
+    leases: Allocations = {
+        1: Lease("a1", "ns/a", "net1", node="n1", network="net-a"),
+        2: Lease("b1", "ns/b", "net2", node="n1", network="net-b"),
+        3: Lease("old", "ns/c", "net1", node="n1"),
+    }
+    remaining, gone = release_stale(leases, set(), "n1", "net-a")
+    assert gone == [1] and set(remaining) == {2, 3}
+    remaining, gone = release_stale(leases, {("a1", "net1")}, "n1", "net-b")
+    assert gone == [2] and set(remaining) == {1, 3}
+    assert release_stale(leases, set(), "n1", "")[1] == []
+
+
+# -- per-call tokens, pod UIDs, networks, moved leases ------------------------------------------------
+
+
+def test_a_lease_carrying_the_calls_token_is_its_own_creation_not_a_reuse() -> None:
+    """A retried write whose first answer was lost finds the lease it made: not reused, unchanged."""
+    spec = spec_of("10.0.0.0/24")
+    mine = Request("c1", "net1", "ns/p1", token="t1")
+    d1 = allocate(spec, {}, mine)
+    assert d1 is not None and d1.allocations[1].token == "t1" and not d1.reused
+    d2 = allocate(spec, d1.allocations, mine)
+    assert d2 is not None and d2.offset == 1 and not d2.reused and not d2.changed
+
+
+def test_confirming_another_calls_lease_clears_its_token() -> None:
+    """A second call (the direct-mode fallback of the same ADD) confirms the lease: the creator's
+    rollback, which removes only leases with its token, can no longer take it."""
+    spec = spec_of("10.0.0.0/24")
+    leases = {1: Lease("c1", "ns/p1", "net1", token="agent-call")}
+    d = allocate(spec, leases, Request("c1", "net1", "ns/p1", token="direct-call"))
+    assert d is not None and d.reused and d.changed and d.allocations[1].token == "~direct-call"
+    assert release(d.allocations, "c1", "net1", token="agent-call") == (d.allocations, [])
+    assert release(d.allocations, "c1", "net1", "agent-call", untokened=True) == (d.allocations, [])
+    assert release(leases, "c1", "net1", token="agent-call") == ({}, [1])
+    # the confirming call's own retry (its answer lost) still sees a reuse, and writes nothing more
+    again = allocate(spec, d.allocations, Request("c1", "net1", "ns/p1", token="direct-call"))
+    assert again is not None and again.reused and not again.changed
+
+
+def test_re_add_without_pod_uid_clears_the_recorded_uid() -> None:
+    """The pod may have been recreated under the same name: a UID this ADD did not vouch for must
+    not stay on the lease (the reconciler would release the live pod's lease as pod-replaced)."""
+    spec = spec_of("10.0.0.0/24")
+    leases = {1: Lease("c1", "ns/p1", "net1", poduid="old-uid")}
+    d = allocate(spec, leases, Request("c2", "net1", "ns/p1"))
+    assert d is not None and d.offset == 1 and d.allocations[1].poduid == ""
+    d = allocate(spec, leases, Request("c2", "net1", "ns/p1", poduid="new-uid"))
+    assert d is not None and d.allocations[1].poduid == "new-uid"
+
+
+def test_lease_records_the_network_that_made_it() -> None:
+    spec = spec_of("10.0.0.0/24")
+    d = allocate(spec, {}, Request("c1", "net1", "ns/p1", network="net-a"))
+    assert d is not None and d.allocations[1].network == "net-a"
+    assert dump_allocations(d.allocations)["1"]["network"] == "net-a"
+
+
+def test_a_moved_lease_is_reported_so_its_reservation_can_go() -> None:
+    spec = spec_of("10.0.0.0/24", exclude=["10.0.0.1"])
+    old = Lease("c0", "ns/p1", "net1")
+    d = allocate(spec, {1: old}, req(1))
+    assert d is not None and d.moved == (1, old)
 
 
 # -- wire format -----------------------------------------------------------------------------------

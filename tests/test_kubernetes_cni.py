@@ -138,7 +138,7 @@ def test_whereabouts_crd_prunes_our_fields_and_nothing_breaks(kube: KubeHandle, 
     item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
         "allocations"
     ]
-    for extra in ("node", "poduid", "created"):
+    for extra in ("node", "poduid", "created", "network", "token"):
         del item["additionalProperties"]["properties"][extra]
     foreign = tmp_path / "whereabouts-ippools.yaml"
     foreign.write_text(yaml.safe_dump(crd))

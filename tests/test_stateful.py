@@ -5,6 +5,9 @@ their edges, and an IPv6 one. After every step: no address held twice, every lea
 the config, one lease per live attachment per range, no orphan reservation; a failed ADD changed nothing.
 ADDs of new attachments can be made to meet injected write conflicts and transient errors (fake clock,
 so the deadline passes instantly): they must then succeed whole, or fail leaving nothing after DEL.
+Attachments come from two network configs sharing the pools (`net`, `net-b`): GC of one network
+must never release the other's leases. An agent's ADD can stall midway while its direct-mode
+fallback runs the same ADD to the end; the agent's later rollback must not take what was answered.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from netaddr import IPAddress
 from ipam import errors
 from ipam.allocator import Allocations, Lease, Request
 from ipam.config import load_config
-from ipam.engine import Engine, RetryPolicy
+from ipam.engine import Engine, Op, RetryPolicy
 from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.ranges import RangeSpec, pool_name, reservation_name
 from ipam.store.base import PoolSnapshot
@@ -88,11 +91,17 @@ class FakeClock:
 
 
 class Attachment:
-    def __init__(self, container_id: str, ifname: str, podref: str, addresses: tuple[str, ...]) -> None:
+    def __init__(
+        self, container_id: str, ifname: str, podref: str, addresses: tuple[str, ...], network: str = "net"
+    ) -> None:
         self.container_id = container_id
         self.ifname = ifname
         self.podref = podref
         self.addresses = addresses
+        self.network = network
+
+
+NETWORKS = ("net", "net-b")  # two network configs (CNI `name`) with the same ranges: they share pools
 
 
 class IPAMMachine(RuleBasedStateMachine):
@@ -104,14 +113,8 @@ class IPAMMachine(RuleBasedStateMachine):
         self.ranges: tuple[RangeSpec, ...] = self.cfg.ranges
         self.store = ChaosStore(self.cfg.ipam.data_dir)
         self.time = FakeClock()
-        self.engine = Engine(
-            self.store,
-            RetryPolicy(deadline_seconds=1.0, backoff_initial=0.01, backoff_max=0.1, rollback_seconds=3.0),
-            network_name=self.cfg.ipam.network_name,
-            clock=self.time.clock,
-            sleep=self.time.sleep,
-            rng=random.Random(1),
-        )
+        self.engines = {network: self.new_engine(network) for network in NETWORKS}
+        self.engine = self.engines[self.cfg.network]
         self.live: dict[str, Attachment] = {}  # podref/ifname -> attachment
         self.counter = 0
         self.exhausted = 0
@@ -121,6 +124,17 @@ class IPAMMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def new_engine(self, network: str) -> Engine:
+        return Engine(
+            self.store,
+            RetryPolicy(deadline_seconds=1.0, backoff_initial=0.01, backoff_max=0.1, rollback_seconds=3.0),
+            network_name=self.cfg.ipam.network_name,
+            network=network,
+            clock=self.time.clock,
+            sleep=self.time.sleep,
+            rng=random.Random(1),
+        )
 
     def leases(self) -> dict[str, list[tuple[str, str, str]]]:
         """pool name -> [(address, container id, ifname)] as stored."""
@@ -136,9 +150,9 @@ class IPAMMachine(RuleBasedStateMachine):
             return set()
         return {p.stem for p in self.store.reservations.glob("*.json")}
 
-    def add(self, request: Request) -> tuple[str, ...] | CNIError:
+    def add(self, request: Request, engine: Engine | None = None) -> tuple[str, ...] | CNIError:
         try:
-            return tuple(str(a.address) for a in self.engine.add(self.ranges, request))
+            return tuple(str(a.address) for a in (engine or self.engine).add(self.ranges, request))
         except CNIError as exc:
             return exc
 
@@ -167,13 +181,13 @@ class IPAMMachine(RuleBasedStateMachine):
 
     # -- rules ----------------------------------------------------------------------------------
 
-    @rule(ifname=st.sampled_from(["net1", "net2"]))
-    def add_new(self, ifname: str) -> None:
+    @rule(ifname=st.sampled_from(["net1", "net2"]), network=st.sampled_from(NETWORKS))
+    def add_new(self, ifname: str, network: str = "net") -> None:
         self.counter += 1
         podref = f"ns/pod{self.counter}"
         cid = f"c{self.counter}"
         before_leases, before_res = self.leases(), self.reservations()
-        got = self.add(Request(cid, ifname, podref, node=NODE))
+        got = self.add(Request(cid, ifname, podref, node=NODE), self.engines[network])
         if isinstance(got, CNIError) and self.store.rate >= 1.0:
             # every write conflicts: not even the rollback can write. The runtime answers a failed
             # ADD with DEL; after that nothing of this ADD may be left.
@@ -200,7 +214,41 @@ class IPAMMachine(RuleBasedStateMachine):
             self.exhausted += 1
             return
         assert len(got) == len(self.ranges)
-        self.live[f"{podref}/{ifname}"] = Attachment(cid, ifname, podref, got)
+        self.live[f"{podref}/{ifname}"] = Attachment(cid, ifname, podref, got, network)
+
+    @rule(ifname=st.sampled_from(["net1", "net2"]), stall_at=st.integers(1, 2))
+    def agent_stalls_and_direct_mode_answers(self, ifname: str, stall_at: int) -> None:
+        """The agent's ADD wrote ranges before `stall_at` and stalls; the shim gives up and direct mode
+        runs the same ADD to the end and answers; then the agent gives up too and rolls back. The
+        answered ADD's leases must all survive (else the next pod gets one of its addresses)."""
+        self.counter += 1
+        request = Request(f"c{self.counter}", ifname, f"ns/pod{self.counter}", node=NODE)
+        before_leases, before_res = self.leases(), self.reservations()
+        stall_pool = pool_name(self.ranges[stall_at].cidr, self.cfg.ipam.network_name)
+        answered: list[tuple[str, ...] | CNIError] = []
+
+        def runner(engine: Engine, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
+            if name == stall_pool and not answered:
+                answered.append(self.add(request))  # direct mode, while the agent waits
+                raise CNIError(errors.TRY_AGAIN_LATER, "agent: gave up at its deadline")
+            Engine.apply_batch(engine, name, cidr, ops, deadline)
+
+        agent = self.new_engine(self.cfg.network)
+        agent.runner = runner
+        with self.calm():
+            failed = self.add(request, agent)
+            assert isinstance(failed, CNIError), failed
+            got = answered[0] if answered else failed  # the agent may run out of room before it stalls
+            if isinstance(got, CNIError):  # exhausted: both failed, and the runtime DELs the attachment
+                assert got.code == errors.POOL_EXHAUSTED, got
+                self.engine.release(self.ranges, request.container_id, ifname)
+                assert self.leases() == before_leases
+                assert self.reservations() == before_res
+                return
+        assert len(got) == len(self.ranges)
+        self.live[f"{request.podref}/{ifname}"] = Attachment(
+            request.container_id, ifname, request.podref, got
+        )
 
     @rule(rate=st.sampled_from([0.0, 0.3, 0.7, 1.0]), seed=st.integers(0, 2**16))
     def chaos(self, rate: float, seed: int) -> None:
@@ -214,7 +262,7 @@ class IPAMMachine(RuleBasedStateMachine):
         before = self.exhausted
         with self.calm():
             for _ in range(40):
-                self.add_new(ifname)
+                self.add_new(ifname, "net")
                 if self.exhausted > before:
                     return
         raise AssertionError(f"never exhausted with {len(self.live)} live attachments")
@@ -226,7 +274,7 @@ class IPAMMachine(RuleBasedStateMachine):
         att = self.live[key]
         cid = f"{att.container_id}-r" if restart else att.container_id
         with self.calm():
-            got = self.add(Request(cid, att.ifname, att.podref, node=NODE))
+            got = self.add(Request(cid, att.ifname, att.podref, node=NODE), self.engines[att.network])
         assert got == att.addresses
         att.container_id = cid
 
@@ -246,15 +294,18 @@ class IPAMMachine(RuleBasedStateMachine):
         assert self.leases() == before
 
     @precondition(lambda self: bool(self.live))
-    @rule(data=st.data())
-    def gc(self, data: st.DataObject) -> None:
-        keep = data.draw(st.sets(st.sampled_from(sorted(self.live))))
+    @rule(data=st.data(), network=st.sampled_from(NETWORKS))
+    def gc(self, data: st.DataObject, network: str) -> None:
+        """GC by one network's runtime: its valid attachments are only its own network's."""
+        own = sorted(k for k, att in self.live.items() if att.network == network)
+        keep = data.draw(st.sets(st.sampled_from(own))) if own else set()
         valid = {(self.live[k].container_id, self.live[k].ifname) for k in keep}
         with self.calm():
-            gone = self.engine.gc(self.ranges, valid, NODE)
-        expected = sorted(a for k, att in self.live.items() if k not in keep for a in att.addresses)
+            gone = self.engines[network].gc(self.ranges, valid, NODE)
+        stale = [k for k in own if k not in keep]
+        expected = sorted(a for k in stale for a in self.live[k].addresses)
         assert sorted(str(a.address) for a in gone) == expected
-        self.live = {k: v for k, v in self.live.items() if k in keep}
+        self.live = {k: v for k, v in self.live.items() if k not in stale}
 
     # -- invariants -------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 
 def engine_for(backend: Backend, network_name: str = "") -> Engine:
-    return Engine(backend.store, RetryPolicy(deadline_seconds=10), network_name=network_name)
+    return Engine(backend.store, RetryPolicy(deadline_seconds=10), network_name=network_name, network="net")
 
 
 def req(n: int, ifname: str = "net1", node: str = "node-a") -> Request:

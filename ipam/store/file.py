@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from contextlib import AbstractContextManager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,8 @@ from .base import PoolSnapshot
 from .locks import pool_lock
 
 API_VERSION = "whereabouts.cni.cncf.io/v1alpha1"
+# every change of a reservation's holder happens under its node lock; holders keep it for microseconds
+RESERVATION_LOCK_SECONDS = 10.0
 
 
 def _atomic_write(path: Path, payload: bytes, exclusive: bool = False) -> None:
@@ -140,44 +143,121 @@ class FileStore:
     def _reservation_path(self, name: str) -> Path:
         return self.reservations / f"{name}.json"
 
+    def _reservation_lock(self, name: str) -> AbstractContextManager[None]:
+        """Every change of reservation `name` (create, takeover, delete) happens under this lock, so a
+        holder read is still true when the change it decided is made (compare-and-swap by lock)."""
+        return pool_lock(os.path.join(self.locks, "reservations"), name, RESERVATION_LOCK_SECONDS)
+
+    def _read_reservation_doc(self, path: Path) -> dict[str, Any] | None:
+        return self._load(path)
+
     def _read_reservation(self, path: Path) -> Lease | None:
-        doc = self._load(path)
+        doc = self._read_reservation_doc(path)
         if doc is None:
             return None
         return Lease.from_reservation(doc["spec"])
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
-        self._ensure_dirs()
-        path = self._reservation_path(name)
+    @staticmethod
+    def _reservation_doc(name: str, lease: Lease, version: int) -> bytes:
         doc = {
             "apiVersion": API_VERSION,
             "kind": "OverlappingRangeIPReservation",
-            "metadata": {"name": name},
+            "metadata": {
+                "name": name,
+                "resourceVersion": str(version),
+                "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
             "spec": lease.reservation_spec(),
         }
-        payload = json.dumps(doc, sort_keys=True).encode()
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @staticmethod
+    def _version_of(doc: dict[str, Any]) -> int:
         try:
-            _atomic_write(path, payload, exclusive=True)
-            return None
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise CNIError(errors.IO_FAILURE, f"cannot write reservation {path}", str(exc)) from None
-        holder = self._read_reservation(path)
-        if holder is None:  # deleted in between: try once more, else report it as taken by nobody
-            return self.reserve(name, lease)
-        if holder.owned_by(lease.podref, lease.ifname, lease.id):
-            if holder.id != lease.id:
-                _atomic_write(path, payload)
-            return None
-        return holder
+            return int((doc.get("metadata") or {}).get("resourceVersion", "0"))
+        except (TypeError, ValueError):
+            return 0
+
+    def reserve(self, name: str, lease: Lease) -> Lease | None:
+        self._ensure_dirs()
+        path = self._reservation_path(name)
+        with self._reservation_lock(name):
+            doc = self._read_reservation_doc(path)
+            try:
+                if doc is None:
+                    _atomic_write(path, self._reservation_doc(name, lease, 1), exclusive=True)
+                    return None
+                holder = Lease.from_reservation(doc["spec"])
+                if not holder.owned_by(lease.podref, lease.ifname, lease.id):
+                    return holder
+                if holder.id != lease.id:  # the same pod, recreated: it follows the new container
+                    _atomic_write(path, self._reservation_doc(name, lease, self._version_of(doc) + 1))
+                return None
+            except FileExistsError:  # written by a writer that does not take the lock (an older version)
+                raise ConflictError(f"reservation {name} appeared while being claimed") from None
+            except OSError as exc:
+                raise CNIError(errors.IO_FAILURE, f"cannot write reservation {path}", str(exc)) from None
 
     def unreserve(self, name: str, container_id: str, ifname: str) -> None:
         path = self._reservation_path(name)
-        holder = self._read_reservation(path)
-        if holder is not None and holder.held_by_container(container_id, ifname):
+        if not path.exists():
+            return
+        with self._reservation_lock(name):
+            holder = self._read_reservation(path)
+            if holder is not None and holder.held_by_container(container_id, ifname):
+                self._unlink(path)
+
+    def _unlink(self, path: Path) -> None:
+        try:
             with suppress(FileNotFoundError):
                 path.unlink()
+        except OSError as exc:
+            raise CNIError(errors.IO_FAILURE, f"cannot delete reservation {path}", str(exc)) from None
+
+    # -- what the orphan sweep reads (the same shapes as the Kubernetes store's) ----------------
+
+    def list_reservations(self) -> list[dict[str, Any]]:
+        """Every reservation as an OverlappingRangeIPReservation-shaped dict (metadata.name,
+        metadata.resourceVersion, metadata.creationTimestamp, spec)."""
+        if not self.reservations.is_dir():
+            return []
+        out = []
+        for path in sorted(self.reservations.glob("*.json")):
+            doc = self._read_reservation_doc(path)
+            if doc is not None:
+                doc.setdefault("metadata", {})["name"] = path.stem
+                doc["metadata"].setdefault("resourceVersion", "0")
+                out.append(doc)
+        return out
+
+    def delete_reservation(self, name: str, resource_version: str) -> None:
+        """Delete a reservation if it is still at `resource_version` (ConflictError otherwise); gone
+        already is fine."""
+        path = self._reservation_path(name)
+        with self._reservation_lock(name):
+            doc = self._read_reservation_doc(path)
+            if doc is None:
+                return
+            if str(self._version_of(doc)) != str(int(resource_version or 0)):
+                raise ConflictError(
+                    f"reservation {name} is at version {self._version_of(doc)}, listed at {resource_version}"
+                )
+            self._unlink(path)
+
+    def reservations_held_by(self, container_id: str, ifname: str) -> list[str]:
+        """Names of the reservations this container holds on `ifname` (DEL gives them back even when
+        its pool write already happened in an earlier, interrupted call)."""
+        if not self.reservations.is_dir():
+            return []
+        out = []
+        for path in sorted(self.reservations.glob("*.json")):
+            try:
+                holder = self._read_reservation(path)
+            except CNIError:
+                continue  # a corrupt reservation is reported where it is used, not here
+            if holder is not None and holder.held_by_container(container_id, ifname):
+                out.append(path.stem)
+        return out
 
     def reservation_objects(self) -> list[dict[str, Any]]:
         """Every reservation file, read-only, in the API's layout (for ipamctl and the orphan sweep):

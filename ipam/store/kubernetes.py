@@ -239,7 +239,7 @@ class KubernetesStore:
             return holder
         if holder.id != lease.id:  # the same pod, recreated: the reservation follows its new container
             version = str(existing.get("metadata", {}).get("resourceVersion", ""))
-            self._call(
+            replaced = self._call(
                 f"update reservation {name}",
                 self.api.replace_namespaced_custom_object,
                 GROUP,
@@ -248,7 +248,10 @@ class KubernetesStore:
                 RESERVATIONS,
                 name,
                 self._reservation_body(name, lease, version),
+                missing_ok=True,
             )
+            if replaced is None:  # the old holder's DEL removed it meanwhile: re-read and create
+                raise ConflictError(f"reservation {name} was deleted while being taken over")
         return None
 
     def unreserve(self, name: str, container_id: str, ifname: str) -> None:

@@ -221,6 +221,9 @@ class Faults:
     resources: frozenset[str] | None = None  # None: every resource; else plurals, e.g. {"ippools"}
     always_conflict: frozenset[str] = frozenset()  # plurals whose PUT/PATCH always answer 409 Conflict
     drop_after_rate: float = 0.0  # share of requests carried out and then dropped before the answer
+    # at most this many matching requests are hit (None: no limit), e.g. methods={"PUT"}, max_hits=1,
+    # drop_after_rate=1.0 loses the answer of exactly the next PUT
+    max_hits: int | None = None
 
 
 @dataclass
@@ -440,6 +443,7 @@ class KubeAPI:
         self.seed = seed
         self.rng = random.Random(seed)
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.fault_hits = 0
         self.reset()
 
     # test-facing helpers
@@ -448,6 +452,7 @@ class KubeAPI:
         with self.lock:
             self.state = State()
             self.faults = Faults()
+            self.fault_hits = 0
             self.rng = random.Random(self.seed)
             self.counts.clear()
             for ns in ("default", "kube-system"):
@@ -465,6 +470,7 @@ class KubeAPI:
                 if key in values and values[key] is not None:
                     values[key] = frozenset(values[key])
             self.faults = Faults(**values)
+            self.fault_hits = 0
 
     def clear_faults(self) -> None:
         self.set_faults()
@@ -976,6 +982,9 @@ class Handler(BaseHTTPRequestHandler):
             applies = (faults.methods is None or self.command in faults.methods) and (
                 faults.resources is None or kind.plural in faults.resources
             )
+            if applies and faults.max_hits is not None:
+                applies = api.fault_hits < faults.max_hits
+                api.fault_hits += 1
             roll = api.rng.random() if applies else 1.0
             roll_code = api.rng.choice(faults.error_codes) if faults.error_codes else 500
         if not applies:
