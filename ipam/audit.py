@@ -470,13 +470,14 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
             continue
         _, address = reservation_address(r.name, known_networks)
         old = _older_than(r.created, now, grace)
+        age = "" if old else " (age unknown)" if r.created is None else f" (younger than {grace:g}s)"
         problems.append(
             Problem(
                 ORPHAN,
                 "",
                 address,
                 r.holder.podref,
-                f"reservation {r.name} has no lease" + ("" if old else f" (younger than {grace:g}s)"),
+                f"reservation {r.name} has no lease{age}",
                 DELETE_RESERVATION if old else None,
                 reservation=r,
             )

@@ -125,7 +125,7 @@ class FileSource:
         self.where = ""
 
     def reservations(self) -> list[Reservation]:
-        return [Reservation.from_object(obj) for obj in self.files.reservation_objects()]
+        return [Reservation.from_object(obj) for obj in self.files.list_reservations()]
 
     def pools(self) -> list[PoolSnapshot]:
         return self.files.list_pools()
@@ -140,8 +140,7 @@ class FileSource:
         return None
 
     def delete_reservation(self, reservation: Reservation) -> None:
-        holder = reservation.holder
-        self.files.unreserve(reservation.name, holder.id, holder.ifname)  # only if still that holder
+        self.files.delete_reservation(reservation.name, reservation.version)
 
     def return_slice(self, slice_pool: SlicePool, sl: Slice) -> None:
         raise CNIError(errors.DATASTORE_ERROR, "the file datastore has no node slices")

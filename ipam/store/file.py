@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 from contextlib import AbstractContextManager, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -257,27 +256,6 @@ class FileStore:
                 continue  # a corrupt reservation is reported where it is used, not here
             if holder is not None and holder.held_by_container(container_id, ifname):
                 out.append(path.stem)
-        return out
-
-    def reservation_objects(self) -> list[dict[str, Any]]:
-        """Every reservation file, read-only, in the API's layout (for ipamctl and the orphan sweep):
-        `metadata.creationTimestamp` is the file's modification time, `metadata.resourceVersion` its
-        mtime in nanoseconds."""
-        if not self.reservations.is_dir():
-            return []
-        out = []
-        for path in sorted(self.reservations.glob("*.json")):
-            try:
-                mtime = path.stat().st_mtime_ns
-            except FileNotFoundError:
-                continue
-            doc = self._load(path)
-            if doc is None:
-                continue
-            made = datetime.fromtimestamp(mtime / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            meta = {**(doc.get("metadata") or {}), "name": path.stem}
-            meta.update(creationTimestamp=made, resourceVersion=str(mtime))
-            out.append({**doc, "metadata": meta})
         return out
 
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
