@@ -274,6 +274,19 @@ def pool_views(inventory: Inventory) -> list[PoolView]:
                 with_net, without = sp.pool_names(sl.node, sl.range)
                 slice_owner[with_net] = (sp.name, sl.node)
                 slice_owner.setdefault(without, ("", sl.node))
+    guessed: dict[str, tuple[str, str]] = {}  # a slice's pool whose node no longer holds it: by its name
+    names = [p.name for p in inventory.pools]
+    for sp in inventory.slice_pools:
+        for bare in {pool_name(_normalized(sl.range)) for sl in sp.slices}:
+            for name in names:
+                if name in slice_owner or not name.endswith("-" + bare):
+                    continue
+                head = name[: -len(bare) - 1]
+                if head.startswith(sp.name + "-"):
+                    guessed[name] = (sp.name, head[len(sp.name) + 1 :])
+                else:
+                    guessed.setdefault(name, ("", head))
+    slice_owner = {**guessed, **slice_owner}
     out = []
     for snapshot in inventory.pools:
         network, node = slice_owner.get(snapshot.name, (network_prefix(snapshot), ""))

@@ -233,3 +233,20 @@ def test_reservation_names_map_back_to_addresses(
 def test_usage_counts_only_usable_addresses() -> None:
     view = audit.pool_views(Inventory([pool("p", "10.0.0.0/29", {1: lease("a"), 2: lease("b", node="")})]))[0]
     assert (view.size, view.used(), view.free(), view.nodes()) == (6, 2, 4, {"": 1, "n1": 1})
+
+
+def test_a_slice_pool_left_behind_by_its_node_still_belongs_to_its_network() -> None:
+    """The slice was returned (or taken by another node); the old node's pool is read by its name, so its
+    reservations are looked up under the network name, not under `network-node`."""
+    sp = slice_pool(("", "10.9.0.0/28"), ("node-b", "10.9.0.16/28"))
+    a = lease("a", node="node-a")
+    inv = Inventory(
+        [pool("storage-node-a-10.9.0.0-28", "10.9.0.0/28", {1: a})],
+        [res("storage-10.9.0.1", a)],
+        [sp],
+        pods={"ns/a": live()},
+        nodes=frozenset({"node-b"}),
+    )
+    [view] = audit.pool_views(inv)
+    assert (view.network, view.node) == ("storage", "node-a")
+    assert audit.audit(inv, NOW, GRACE) == []
