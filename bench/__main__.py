@@ -28,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.cni_exec import cni_env as exec_env  # noqa: E402  (the runtime's env, shared with the suite)
+from tests.cni_exec import use_opt_in_flat_file  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 PLUGIN = str(VENV_BIN / "whereabouts-py")  # the installed console script: direct mode when no agent answers
@@ -340,6 +341,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    use_opt_in_flat_file()  # the bench's NADs carry data_dir/kubeconfig: a single-tenant node flat file
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench."))
     cluster = Cluster(args.kubeconfig, args.latency_ms, work)
     try:

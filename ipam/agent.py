@@ -18,6 +18,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,10 @@ from .store.base import Store
 from .store.open import open_store
 
 MAX_REQUEST = 4 << 20
+READ_TIMEOUT = 10.0  # the shim sends its request right after connecting
+MAX_CONNECTIONS = 512  # calls served at once; more are closed (those shims run in direct mode)
+MAX_STORES = 8  # datastore clients kept warm (one per datastore/kubeconfig/data_dir in use)
+WORKER_IDLE_SECONDS = 60.0  # a pool's worker thread ends after this long without work
 
 
 class Metrics:
@@ -75,30 +80,48 @@ class Ticket:
 class Coalescer:
     """One worker thread per pool; each takes everything queued for its pool as one batch."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, idle_seconds: float = WORKER_IDLE_SECONDS) -> None:
         self.metrics = metrics
+        self.idle_seconds = idle_seconds
         self.lock = threading.Lock()
         self.queues: dict[tuple[int, str, bool, str], queue.SimpleQueue[Ticket]] = {}
 
     def run(self, engine: Engine, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
         """The engine's BatchRunner: queue the ops and wait for the batch that carries them."""
         key = (id(engine.store), engine.network_name, engine.overlapping, name)
-        with self.lock:
+        ticket = Ticket(engine, cidr, ops, deadline)
+        with self.lock:  # queued under the lock: an idle worker retires only from an empty queue
             q = self.queues.get(key)
             if q is None:
                 q = self.queues[key] = queue.SimpleQueue()
                 threading.Thread(
                     target=self._worker, args=(name, q), name=f"pool-{name}", daemon=True
                 ).start()
-        ticket = Ticket(engine, cidr, ops, deadline)
-        q.put(ticket)
+            q.put(ticket)
         ticket.done.wait()
         if ticket.error is not None:
             raise ticket.error
 
+    def _next(self, q: queue.SimpleQueue[Ticket]) -> Ticket | None:
+        """The next ticket for this worker, or None once its queue was idle for WORKER_IDLE_SECONDS
+        (the queue is then dropped and the thread ends; the next call starts a new one)."""
+        while True:
+            try:
+                return q.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self.lock:
+                    if q.empty():
+                        for key, other in list(self.queues.items()):
+                            if other is q:
+                                del self.queues[key]
+                        return None
+
     def _worker(self, name: str, q: queue.SimpleQueue[Ticket]) -> None:
         while True:
-            batch = [q.get()]
+            first = self._next(q)
+            if first is None:
+                return
+            batch = [first]
             while True:
                 try:
                     batch.append(q.get_nowait())
@@ -136,30 +159,75 @@ class Coalescer:
                     t.done.set()
 
 
-class Agent:
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.coalescer = Coalescer(self.metrics)
-        self.stores: dict[tuple[str, str, str], Store] = {}
-        self.lock = threading.Lock()
+class StoreCache:
+    """At most `limit` warm datastore clients, least recently used evicted. An evicted store is
+    closed once no call is using it any more."""
 
-    def store_for(self, cfg: Config) -> Store:
+    def __init__(self, limit: int = MAX_STORES) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.stores: OrderedDict[tuple[str, str, str], Store] = OrderedDict()
+        self.users: dict[int, int] = {}  # id(store) -> calls using it
+        self.evicted: dict[int, Store] = {}
+
+    @contextmanager
+    def use(self, cfg: Config) -> Iterator[Store]:
         key = (cfg.ipam.datastore, cfg.ipam.kubernetes.kubeconfig or "", cfg.ipam.data_dir)
+        idle: list[Store] = []
         with self.lock:
             store = self.stores.get(key)
             if store is None:
                 store = self.stores[key] = open_store(cfg)
-            return store
+                while len(self.stores) > self.limit:
+                    _, old = self.stores.popitem(last=False)
+                    if self.users.get(id(old)):
+                        self.evicted[id(old)] = old  # closed by its last user
+                    else:
+                        idle.append(old)
+            self.stores.move_to_end(key)
+            self.users[id(store)] = self.users.get(id(store), 0) + 1
+        for old in idle:
+            old.close()
+        try:
+            yield store
+        finally:
+            self._release(store)
+
+    def _release(self, store: Store) -> None:
+        with self.lock:
+            left = self.users[id(store)] = self.users[id(store)] - 1
+            if left:
+                return
+            del self.users[id(store)]
+            evicted = self.evicted.pop(id(store), None)
+        if evicted is not None:
+            evicted.close()
+
+    def close(self) -> None:
+        with self.lock:
+            stores = [*self.stores.values(), *self.evicted.values()]
+            self.stores.clear()
+            self.evicted.clear()
+        for store in stores:
+            store.close()
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.coalescer = Coalescer(self.metrics)
+        self.cache = StoreCache()
 
     @contextmanager
     def engines(self, cfg: Config, shim_timeout: float | None = None) -> Iterator[Engine]:
-        engine = cni.make_engine(cfg, self.store_for(cfg))
-        engine.runner = self.coalescer.run
-        if shim_timeout is not None:  # done (rollback included) before the shim falls back to direct mode
-            policy = engine.policy
-            fits = max(1.0, shim_timeout - policy.rollback_seconds - WORK_MARGIN)
-            engine.policy = replace(policy, deadline_seconds=min(policy.deadline_seconds, fits))
-        yield engine
+        with self.cache.use(cfg) as store:
+            engine = cni.make_engine(cfg, store)
+            engine.runner = self.coalescer.run
+            if shim_timeout is not None:  # done (rollback included) before the shim falls back to direct mode
+                policy = engine.policy
+                fits = max(1.0, shim_timeout - policy.rollback_seconds - WORK_MARGIN)
+                engine.policy = replace(policy, deadline_seconds=min(policy.deadline_seconds, fits))
+            yield engine
 
     def serve_call(self, request: dict[str, Any]) -> dict[str, Any]:
         env = {str(k): str(v) for k, v in (request.get("env") or {}).items()}
@@ -175,15 +243,19 @@ class Agent:
         return {"code": code, "stdout": out.getvalue()}
 
     def close(self) -> None:
-        for store in self.stores.values():
-            store.close()
+        self.cache.close()
 
 
 class _CallHandler(socketserver.StreamRequestHandler):
     server: _SocketServer
+    timeout = READ_TIMEOUT  # socketserver applies it to the connection in setup()
 
     def handle(self) -> None:
-        raw = self.rfile.readline(MAX_REQUEST)
+        try:
+            raw = self.rfile.readline(MAX_REQUEST)
+        except OSError as exc:  # a client that connects and never sends (or too slowly)
+            log.warning("agent.read-failed", error=f"{type(exc).__name__}: {exc}")
+            return
         try:
             request = json.loads(raw)
             if not isinstance(request, dict):
@@ -201,9 +273,27 @@ class _SocketServer(socketserver.ThreadingUnixStreamServer):
         512  # a burst of pods connects at once; a full backlog would push shims to direct mode
     )
 
-    def __init__(self, path: str, agent: Agent) -> None:
+    def __init__(self, path: str, agent: Agent, max_connections: int = MAX_CONNECTIONS) -> None:
         self.agent = agent
+        self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(path, _CallHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            log.warning("agent.connection-refused", reason="too many connections")
+            self.shutdown_request(request)  # the shim sees a closed socket: direct mode
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def _health_server(agent: Agent, port: int) -> ThreadingHTTPServer:

@@ -280,7 +280,7 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
 
         netconf = parse_netconf(stdin)
         cfg = load_config(stdin, netconf=netconf)
-        log.configure(
+        log.begin_call(
             level=cfg.ipam.log_level,
             path=cfg.ipam.log_file,
             command=command,
@@ -296,6 +296,9 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
         if command == "ADD":
             result = cmd_add(cfg, env, engines)
             out.write(json.dumps(result) + "\n")
+            # in the node agent the engine logs from a pool's worker thread, outside this call's
+            # settings: this line is the call's own record in its log file
+            log.info("cni.done", ips=[ip["address"] for ip in result["ips"]])
         elif command == "DEL":
             cmd_del(cfg, env, engines)
         elif command == "CHECK":
@@ -312,10 +315,16 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
     except Exception as exc:
         import traceback
 
+        # the detail stays in our log: an exception's text can carry file content or credentials, and
+        # the runtime copies our answer into pod events that tenants read
         log.error("cni.internal-error", command=command, error=repr(exc), trace=traceback.format_exc())
-        wrapped = CNIError(errors.DATASTORE_ERROR, f"internal error during {command}", repr(exc))
+        wrapped = CNIError(
+            errors.DATASTORE_ERROR, f"internal error during {command}", "see the plugin's log on the node"
+        )
         out.write(json.dumps(error_json(wrapped, _reply_version(stdin))) + "\n")
         return 1
+    finally:
+        log.end_call()  # the node agent serves the next call on another thread, or this one
 
 
 def main() -> int:

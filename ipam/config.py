@@ -8,24 +8,42 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from . import errors
 from .errors import CNIError
+from .flatfile import DEFAULT_FLAT_FILES, NodeFileError, flat_file_candidates, read_node_file
+from .flatfile import find_flat_file as _find_existing
 from .ranges import RangeConfigError, RangeSpec, build_range, parse_cidr, parse_ip
 from .versions import SUPPORTED_VERSIONS
 
-DEFAULT_FLAT_FILES = (
-    "/etc/kubernetes/cni/net.d/whereabouts.d/whereabouts.conf",
-    "/etc/cni/net.d/whereabouts.d/whereabouts.conf",
-)
+__all__ = ["DEFAULT_FLAT_FILES", "NODE_ONLY_KEYS", "Config", "IPAMConfig", "load_config"]
+
 DEFAULT_DATA_DIR = "/var/lib/cni/whereabouts-py"
+DEFAULT_AGENT_SOCKET = "/run/whereabouts-py/agent.sock"
 _OBJECT_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")  # RFC 1123 subdomain characters
+# network_name prefixes pool and reservation names: with the longest IPv6 suffix (44 characters) they
+# stay inside Kubernetes' 253 and the file datastore's 255 (with its temp-file affixes).
+MAX_NETWORK_NAME = 128
+# Host paths and identities: only the node's flat file, the runtime's environment or the defaults set
+# them. The network config (written by tenants) may repeat the node's value, nothing else, unless the
+# flat file says `"allow_nad_overrides": true` (single-tenant clusters, tests).
+NODE_ONLY_KEYS = (
+    "kubernetes",
+    "log_file",
+    "data_dir",
+    "datastore",
+    "configuration_path",
+    "agent_socket",
+    "node_name",
+    "allow_nad_overrides",
+)
+_PATH_KEYS = ("log_file", "data_dir", "configuration_path", "agent_socket", "kubeconfig")
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
 
 
@@ -52,8 +70,26 @@ class DNS(_Model):
     options: list[str] = Field(default_factory=list)
 
 
+def _host_path(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    if not os.path.isabs(value):
+        raise ValueError("must be an absolute path")
+    if len(value) > 4096:
+        raise ValueError("is longer than 4096 characters")
+    return value
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+HostPath = Annotated[str, AfterValidator(_host_path)]
+OptionalHostPath = Annotated[HostPath | None, BeforeValidator(_empty_is_none)]  # "" means unset
+
+
 class KubernetesSettings(_Model):
-    kubeconfig: str | None = None
+    kubeconfig: OptionalHostPath = None
 
 
 class IPAMConfig(_Model):
@@ -73,11 +109,13 @@ class IPAMConfig(_Model):
     node_slice_size: str | None = None
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     configuration_path: str | None = None
-    log_file: str | None = None
+    log_file: OptionalHostPath = None
     log_level: Literal["debug", "verbose", "info", "warning", "error", "panic"] = "info"
     datastore: Literal["kubernetes", "file"] = "kubernetes"
-    data_dir: str = DEFAULT_DATA_DIR
-    node_name: str = ""
+    data_dir: HostPath = DEFAULT_DATA_DIR
+    node_name: str = Field(default="", max_length=253)
+    agent_socket: OptionalHostPath = None
+    allow_nad_overrides: bool = False
     retry_deadline_seconds: float = Field(default=90.0, gt=0, le=200)
     retry_backoff_initial_ms: float = Field(default=5.0, gt=0)
     retry_backoff_max_ms: float = Field(default=250.0, gt=0)
@@ -144,24 +182,83 @@ def parse_netconf(stdin: bytes) -> NetConf:
         raise _pydantic_error("", exc, data) from None
 
 
-def find_flat_file(configuration_path: str | None, search: Sequence[str]) -> str | None:
-    candidates = ([configuration_path] if configuration_path else []) + list(search)
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    return None
+def find_flat_file(search: Sequence[str]) -> str | None:
+    """The first existing flat file among the node's locations (never one the network config names)."""
+    return _find_existing(search)
 
 
 def read_flat_file(path: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise CNIError(errors.IO_FAILURE, f"cannot read flat configuration file {path}", str(exc)) from None
+        data = json.loads(read_node_file(path))
+    except NodeFileError as exc:
+        raise CNIError(
+            errors.INVALID_CONFIG, f"invalid config: flat configuration file {exc.path} {exc.reason}"
+        ) from None
     except ValueError as exc:
         raise invalid("configuration_path", path, f"is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise invalid("configuration_path", path, "does not hold a JSON object")
+    if not isinstance(data.get("allow_nad_overrides", False), bool):
+        raise invalid(
+            "allow_nad_overrides", data["allow_nad_overrides"], f"in {path} must be true or false"
+        )
     return data
+
+
+def _node_defaults(flat: Mapping[str, Any], flat_path: str | None, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The node's value of every node-only key: flat file, else trusted environment, else default."""
+    return {
+        "log_file": flat.get("log_file"),
+        "data_dir": flat.get("data_dir", DEFAULT_DATA_DIR),
+        "datastore": flat.get("datastore", "kubernetes"),
+        "configuration_path": flat_path,
+        "agent_socket": environ.get("WHEREABOUTS_PY_AGENT_SOCKET")
+        or flat.get("agent_socket")
+        or DEFAULT_AGENT_SOCKET,
+        "node_name": flat.get("node_name") or environ.get("NODENAME") or socket.gethostname(),
+        "allow_nad_overrides": flat.get("allow_nad_overrides", False),
+    }
+
+
+def _same(key: str, nad_value: Any, node_value: Any) -> bool:
+    if nad_value is None or nad_value == "":
+        return True  # "not set" in the network config: the node's value applies
+    if key in _PATH_KEYS and isinstance(nad_value, str) and isinstance(node_value, str):
+        return "\0" not in nad_value and os.path.normpath(nad_value) == os.path.normpath(node_value)
+    return bool(type(nad_value) is type(node_value) and nad_value == node_value)
+
+
+def _node_only_error(key: str, value: Any) -> CNIError:
+    # the node's own value is not echoed: the caller is a tenant, the node's paths are not theirs
+    return invalid(
+        key,
+        value,
+        "is a node setting: set it in the node's flat file (whereabouts.conf), not in the network "
+        "config; the network config may only repeat the node's value",
+    )
+
+
+def check_node_only(
+    nad: Mapping[str, Any], flat: Mapping[str, Any], flat_path: str | None, environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Refuse a network config that sets a node-only key to anything but the node's value; return the
+    network config without those keys (the node's values are then the ones used)."""
+    node = _node_defaults(flat, flat_path, environ)
+    for key in NODE_ONLY_KEYS:
+        if key not in nad:
+            continue
+        value = nad[key]
+        if key == "kubernetes":
+            if not isinstance(value, Mapping):
+                raise invalid("ipam.kubernetes", value, "must be an object")
+            node_kube = flat.get("kubernetes")
+            node_kube = node_kube if isinstance(node_kube, Mapping) else {}
+            for sub, sub_value in value.items():
+                if not _same(str(sub), sub_value, node_kube.get(sub)):
+                    raise _node_only_error(f"ipam.kubernetes.{sub}", sub_value)
+        elif not _same(key, value, node[key]):
+            raise _node_only_error(f"ipam.{key}", value)
+    return {k: v for k, v in nad.items() if k not in NODE_ONLY_KEYS}
 
 
 def merge_flat(nad: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,8 +305,16 @@ def build_ranges(ipam: IPAMConfig) -> tuple[RangeSpec, ...]:
 
 
 def load_config(
-    stdin: bytes, flat_search: Sequence[str] = DEFAULT_FLAT_FILES, netconf: NetConf | None = None
+    stdin: bytes,
+    flat_search: Sequence[str] | None = None,
+    netconf: NetConf | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Config:
+    """Parse and validate one call's config. `environ` is the trusted environment (the runtime's, or the
+    agent's own): it may name the flat file (`WHEREABOUTS_PY_FLAT_FILE`) and node identity; the network
+    config on stdin never chooses the flat file or a node-only key."""
+    env = os.environ if environ is None else environ
+    search = flat_file_candidates(env) if flat_search is None else flat_search
     conf = netconf or parse_netconf(stdin)
     if not version_supported(conf.cni_version):
         raise CNIError(
@@ -219,14 +324,30 @@ def load_config(
         )
     if conf.ipam is None:
         raise invalid("ipam", None, "is missing from the network config")
-    raw = dict(conf.ipam)
-    flat_path = find_flat_file(raw.get("configuration_path") or None, flat_search)
-    if flat_path:
-        raw = merge_flat(raw, read_flat_file(flat_path))
+    nad = dict(conf.ipam)
+    if not isinstance(nad.get("configuration_path", ""), str | None):
+        raise invalid("ipam.configuration_path", nad["configuration_path"], "must be a string")
+    flat_path = find_flat_file(search)
+    flat = read_flat_file(flat_path) if flat_path else {}
+    if flat.get("allow_nad_overrides") is True:
+        # single-tenant opt-in: network-config values win again, except that the flat file is never
+        # located through the network config (the opt-in lives in that file)
+        nad.pop("configuration_path", None)
+        nad.pop("allow_nad_overrides", None)
+    else:
+        nad = check_node_only(nad, flat, flat_path, env)
+    raw = merge_flat(nad, flat)
+    raw["configuration_path"] = flat_path
     try:
         ipam = IPAMConfig.model_validate(raw)
     except ValidationError as exc:
         raise _pydantic_error("ipam", exc, raw) from None
+    if len(ipam.network_name) > MAX_NETWORK_NAME:
+        raise invalid(
+            "ipam.network_name",
+            ipam.network_name,
+            f"is longer than {MAX_NETWORK_NAME} characters (it prefixes pool and reservation names)",
+        )
     if ipam.network_name and not _OBJECT_NAME.match(ipam.network_name):
         # it prefixes pool and reservation names: Kubernetes object names and the file store's file names
         raise invalid(

@@ -191,11 +191,18 @@ def allocatable_intervals(
     return tuple((int(r.first), int(r.last)) for r in allowed.iter_ipranges())
 
 
+def _valid_start(name: str) -> str:
+    # An IPv6 text starting with '::' gives a name starting with '-', which Kubernetes refuses (names
+    # start with a letter or digit). Whereabouts has that bug; we write the '::' as '0::' there, as
+    # Whereabouts already does for a trailing '::'. Names Whereabouts can create are unchanged.
+    return "0" + name if name.startswith("-") else name
+
+
 def pool_name(cidr: str, network_name: str = "") -> str:
     """Whereabouts' IPPool name: the CIDR with ':' and '/' turned into '-', prefixed by the network name."""
     text = cidr + "0" if cidr.endswith(":") else cidr
     normalized = text.replace(":", "-").replace("/", "-")
-    return f"{network_name}-{normalized}" if network_name else normalized
+    return f"{network_name}-{normalized}" if network_name else _valid_start(normalized)
 
 
 def reservation_name(ip: IPAddress, network_name: str = "") -> str:
@@ -203,4 +210,4 @@ def reservation_name(ip: IPAddress, network_name: str = "") -> str:
     text = str(ip).replace(":", "-")
     if text.endswith("-"):
         text += "0"
-    return f"{network_name}-{text}" if network_name else text
+    return f"{network_name}-{text}" if network_name else _valid_start(text)

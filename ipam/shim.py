@@ -29,18 +29,16 @@ MAX_REPLY = 16 << 20
 FORWARDED = ("CNI_", "K8S_", "NODENAME")
 
 
-def socket_path(env: Mapping[str, str], stdin: bytes) -> str:
-    """$WHEREABOUTS_PY_AGENT_SOCKET, else the config's `ipam.agent_socket`, else the default."""
+def socket_path(env: Mapping[str, str], stdin: bytes = b"") -> str:
+    """$WHEREABOUTS_PY_AGENT_SOCKET, else the node flat file's `agent_socket`, else the default.
+
+    Never the network config's `ipam.agent_socket`: a tenant's socket would answer for the root shim
+    (and its forged reply become the CNI result). `stdin` is unused, kept for callers."""
     if env.get("WHEREABOUTS_PY_AGENT_SOCKET"):
         return env["WHEREABOUTS_PY_AGENT_SOCKET"]
-    try:
-        conf = json.loads(stdin)
-        ipam = conf.get("ipam") if isinstance(conf, dict) else None
-        if isinstance(ipam, dict) and isinstance(ipam.get("agent_socket"), str):
-            return str(ipam["agent_socket"])
-    except ValueError:
-        pass
-    return DEFAULT_SOCKET
+    from .flatfile import agent_socket
+
+    return agent_socket(env) or DEFAULT_SOCKET
 
 
 def forward(env: Mapping[str, str], stdin: bytes, path: str, timeout: float) -> tuple[int, str] | None:

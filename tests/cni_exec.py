@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PLUGIN = str(Path(sys.executable).parent / "whereabouts-py")
+FLAT_FILE_ENV = "WHEREABOUTS_PY_FLAT_FILE"
+
+
+@functools.cache
+def opt_in_flat_file() -> str:
+    """A node flat file holding only `"allow_nad_overrides": true` (single-tenant mode).
+
+    The suites put data_dir, datastore, kubeconfig and log_file in each test's network config; a real
+    node keeps them in its flat file and refuses them from a NAD. The runtime's environment variable
+    WHEREABOUTS_PY_FLAT_FILE (trusted: tenants cannot set it) points the plugin and the agent here.
+    """
+    directory = tempfile.mkdtemp(prefix="wpy-flat-")
+    atexit.register(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "whereabouts.conf")
+    with open(path, "w") as fh:
+        json.dump({"allow_nad_overrides": True}, fh)
+    os.chmod(path, 0o644)
+    return path
+
+
+def use_opt_in_flat_file() -> str:
+    """Make this process and every child it starts (plugin, agent) use the opt-in flat file."""
+    path = opt_in_flat_file()
+    os.environ[FLAT_FILE_ENV] = path
+    return path
 
 
 @dataclass
@@ -42,6 +71,8 @@ def cni_env(
         "CNI_PATH": "/opt/cni/bin",
         "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod or container}",
     }
+    if os.environ.get(FLAT_FILE_ENV):
+        env[FLAT_FILE_ENV] = os.environ[FLAT_FILE_ENV]
     env.update(extra)
     return env
 

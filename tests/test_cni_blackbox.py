@@ -82,6 +82,8 @@ class Plugin:
             "NODENAME": node,
             # never reach a node agent that might run on this host: this tests direct mode
             "WHEREABOUTS_PY_AGENT_SOCKET": str(self.tmp / "no-agent.sock"),
+            # the suite's single-tenant flat file (tests/cni_exec.py)
+            "WHEREABOUTS_PY_FLAT_FILE": os.environ["WHEREABOUTS_PY_FLAT_FILE"],
         }
         if command is not None:
             env["CNI_COMMAND"] = command

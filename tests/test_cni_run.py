@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ipam import errors
 from ipam.cni import run
 from ipam.log import log
+from tests.cni_exec import FLAT_FILE_ENV
 
 V4 = ["10.0.0.0", "10.0.0.1", "10.0.0.7", "10.0.0.255", "10.0.1.5", "0.0.0.0"]
 V6 = ["fd00::", "fd00::1", "fd00::7", "fd00::ffff", "::"]
@@ -63,10 +64,22 @@ OPTIONAL: dict[str, st.SearchStrategy[Any]] = {
     "gateway": address,
     "routes": st.lists(st.fixed_dictionaries({"dst": cidr}, optional={"gw": address}), max_size=2),
     "dns": st.fixed_dictionaries({"nameservers": st.lists(address, max_size=2)}),
-    "network_name": st.sampled_from(["", "blue", "a.b"]),
     "enable_overlapping_ranges": st.booleans(),
     "log_level": st.sampled_from(["debug", "error"]),
     "retry_deadline_seconds": st.floats(min_value=0.5, max_value=5),
+    # host paths and identities (node-only keys; these runs use the single-tenant opt-in or not)
+    "network_name": st.sampled_from(["", "blue", "a.b", "x" * 129, "y" * 300, "-bad", "UPPER"]),
+    "log_file": st.sampled_from(["", "x.log", "/nonexistent/dir/x.log", "/tmp/a\0b", "\0", "LOG"]),
+    "data_dir": st.sampled_from(["", "relative", "/tmp/a\0b", "DATA", "/proc/self/fd/0/x"]),
+    "configuration_path": st.one_of(st.sampled_from(["", "/etc/passwd", "/nonexistent", "\0"]), junk),
+    "kubernetes": st.one_of(
+        st.fixed_dictionaries({"kubeconfig": st.sampled_from(["BAD_YAML", "/nonexistent", "\0", ""])}),
+        junk,
+    ),
+    "datastore": st.sampled_from(["file", "kubernetes", "zookeeper", ""]),
+    "agent_socket": st.sampled_from(["", "/tmp/tenant.sock", "\0"]),
+    "node_name": st.sampled_from(["", "node-b", "n" * 300]),
+    "allow_nad_overrides": st.sampled_from([True, False, "yes"]),
 }
 TOP_OPTIONAL: dict[str, st.SearchStrategy[Any]] = {
     "prevResult": st.fixed_dictionaries(
@@ -103,6 +116,14 @@ def netconf(draw: st.DrawFn, data_dir: str) -> dict[str, Any]:
     if draw(st.integers(0, 3)) == 0:
         key = draw(st.sampled_from(["range", "ipRanges", *OPTIONAL]))
         ipam[key] = draw(junk)
+    for key, value in list(ipam.items()):  # placeholders for paths only known at run time
+        if value == "LOG":
+            ipam[key] = os.path.join(data_dir, "plugin.log")
+        elif value == "DATA":
+            ipam[key] = data_dir
+    kube = ipam.get("kubernetes")
+    if isinstance(kube, dict) and kube.get("kubeconfig") == "BAD_YAML":
+        kube["kubeconfig"] = os.path.join(data_dir, "bad.kubeconfig")
     if draw(st.integers(0, 7)) == 0:
         doc[draw(st.sampled_from([*TOP_OPTIONAL, "cni.dev/attachments", "args"]))] = draw(junk)
     doc["ipam"] = ipam
@@ -111,6 +132,7 @@ def netconf(draw: st.DrawFn, data_dir: str) -> dict[str, Any]:
 
 # named at import, created by the fixture: collecting the module must not leave a directory behind
 DATA_DIR = os.path.join(tempfile.gettempdir(), f"wpy-cni-run-{os.getpid()}")
+STRICT_FLAT_FILE = os.path.join(DATA_DIR, "whereabouts.conf")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,6 +140,10 @@ def quiet_and_clean() -> Iterator[None]:
     saved = (log.stderr, log.path, log.threshold)
     log.stderr = io.StringIO()  # thousands of records are not worth printing
     os.makedirs(DATA_DIR, exist_ok=True)
+    with open(os.path.join(DATA_DIR, "bad.kubeconfig"), "w") as fh:
+        fh.write("{{{ : not yaml [\n")  # a node kubeconfig that does not parse: code 7, not 103
+    with open(STRICT_FLAT_FILE, "w") as fh:  # a multi-tenant node: NAD paths must match these
+        json.dump({"datastore": "file", "data_dir": DATA_DIR, "log_file": os.path.join(DATA_DIR, "plugin.log")}, fh)
     yield
     log.stderr, log.path, log.threshold = saved  # the call context is reset by every run() anyway
     shutil.rmtree(DATA_DIR, ignore_errors=True)
@@ -128,8 +154,10 @@ def quiet_and_clean() -> Iterator[None]:
     doc=netconf(DATA_DIR),
     command=st.sampled_from(["ADD", "DEL", "CHECK", "GC", "STATUS"]),
     container=st.sampled_from(["c1", "c2"]),
+    strict=st.booleans(),
 )
-def test_any_netconf_gets_a_cni_answer(doc: dict[str, Any], command: str, container: str) -> None:
+def test_any_netconf_gets_a_cni_answer(doc: dict[str, Any], command: str, container: str, strict: bool) -> None:
+    """Never code 103 (an internal error) for config-shaped input, in either node mode."""
     env = {
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": container,
@@ -139,7 +167,12 @@ def test_any_netconf_gets_a_cni_answer(doc: dict[str, Any], command: str, contai
         "WHEREABOUTS_PY_AGENT_SOCKET": "/nonexistent/agent.sock",
     }
     out = io.StringIO()
-    code = run(env, json.dumps(doc).encode(), out)
+    saved = os.environ[FLAT_FILE_ENV]
+    os.environ[FLAT_FILE_ENV] = STRICT_FLAT_FILE if strict else saved
+    try:
+        code = run(env, json.dumps(doc).encode(), out)
+    finally:
+        os.environ[FLAT_FILE_ENV] = saved
     text = out.getvalue()
     if code == 0:
         if command == "ADD":

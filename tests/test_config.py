@@ -313,26 +313,41 @@ def test_flat_file_supplies_missing_keys(tmp_path: Path) -> None:
     assert cfg.ipam.kubernetes.kubeconfig == "/flat/kc"
 
 
-def test_configuration_path_wins_over_search_paths(tmp_path: Path) -> None:
+def test_configuration_path_never_chooses_the_flat_file(tmp_path: Path) -> None:
     first = write_json(tmp_path / "a" / "whereabouts.conf", {"data_dir": "/from-search-1"})
     second = write_json(tmp_path / "b" / "whereabouts.conf", {"data_dir": "/from-search-2"})
     chosen = write_json(tmp_path / "c" / "custom.conf", {"data_dir": "/from-configuration-path"})
-    stdin = netconf({"range": "10.0.0.0/24", "configuration_path": chosen})
-    cfg = load_config(stdin, flat_search=[first, second])
-    assert (cfg.flat_file, cfg.ipam.data_dir) == (chosen, "/from-configuration-path")
-    # without configuration_path the first existing search path is used
+    # the first existing search path is the node's flat file
     cfg = load_config(netconf({"range": "10.0.0.0/24"}), flat_search=[str(tmp_path / "nope"), second, first])
     assert (cfg.flat_file, cfg.ipam.data_dir) == (second, "/from-search-2")
-    # a configuration_path that does not exist falls back to the search paths
-    stdin = netconf({"range": "10.0.0.0/24", "configuration_path": str(tmp_path / "missing.conf")})
-    cfg = load_config(stdin, flat_search=[first])
+    # a network config naming another file is refused, naming the key, and that file is not read
+    err = fail(netconf({"range": "10.0.0.0/24", "configuration_path": chosen}), flat_search=[first, second])
+    assert err.code == errors.INVALID_CONFIG
+    assert "ipam.configuration_path" in err.msg and "flat file" in err.msg
+    assert "/from-configuration-path" not in err.msg + (err.details or "")
+    # repeating the node's own path is accepted (Whereabouts NADs often carry it)
+    cfg = load_config(netconf({"range": "10.0.0.0/24", "configuration_path": first}), flat_search=[first])
     assert (cfg.flat_file, cfg.ipam.data_dir) == (first, "/from-search-1")
+    # even with the opt-in, the network config does not pick the flat file
+    opt_in = write_json(tmp_path / "d" / "whereabouts.conf", {"allow_nad_overrides": True, "data_dir": "/d"})
+    cfg = load_config(netconf({"range": "10.0.0.0/24", "configuration_path": chosen}), flat_search=[opt_in])
+    assert (cfg.flat_file, cfg.ipam.data_dir) == (opt_in, "/d")
 
 
-def test_nad_keys_win_and_nested_kubernetes_merges_key_wise(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", [["/etc/passwd"], {"a": 1}, 7, True])
+def test_configuration_path_not_a_string_is_code_7(tmp_path: Path, value: Any) -> None:
+    opt_in = write_json(tmp_path / "whereabouts.conf", {"allow_nad_overrides": True})
+    for search in ([], [opt_in]):
+        err = fail(netconf({"range": "10.0.0.0/24", "configuration_path": value}), flat_search=search)
+        assert err.code == errors.INVALID_CONFIG
+        assert "ipam.configuration_path" in err.msg
+
+
+def test_with_the_opt_in_nad_keys_win_and_nested_kubernetes_merges_key_wise(tmp_path: Path) -> None:
     flat = write_json(
         tmp_path / "whereabouts.conf",
         {
+            "allow_nad_overrides": True,
             "datastore": "file",
             "data_dir": "/flat",
             "log_level": "debug",

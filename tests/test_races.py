@@ -34,6 +34,7 @@ from ipam.shim import DEFAULT_TIMEOUT, WORK_MARGIN, forward
 from ipam.store.base import PoolSnapshot
 from ipam.store.file import FileStore
 from ipam.store.kubernetes import REQUEST_TIMEOUT, KubernetesStore
+from tests.cni_exec import opt_in_flat_file
 from tests.kubeapi.fixtures import KubeHandle
 from tests.kubeapi.real import RealKube
 from tests.test_engine import FakeClock, FlakyStore, addresses, engine_for, leases, req
@@ -121,7 +122,7 @@ def _agent_and_fallback(ipam: dict[str, Any], store: Any, key: tuple[str, str, s
            "CNI_ARGS": "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p1", "NODENAME": "n1"}  # fmt: skip
     agent = Agent()
     store.stall(pool_name(V6_65))
-    agent.stores[key] = store
+    agent.cache.stores[key] = store
     replies: list[dict[str, Any]] = []
     agent_call = threading.Thread(
         target=lambda: replies.append(agent.serve_call({"env": env, "stdin": stdin}))
@@ -169,7 +170,8 @@ def test_agent_fits_its_deadline_inside_the_wait_the_shim_announces(tmp_path: Pa
         "data_dir": str(tmp_path),
         "retry_deadline_seconds": 200,
     }
-    cfg = load_config(json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": ipam}).encode(), flat_search=[])
+    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": ipam}).encode()
+    cfg = load_config(stdin, flat_search=[opt_in_flat_file()])
     agent = Agent()
     with agent.engines(cfg, 60.0) as engine:
         assert engine.policy.deadline_seconds + engine.policy.rollback_seconds + WORK_MARGIN <= 60.0

@@ -176,6 +176,10 @@ def test_offsets_and_describe() -> None:
         ("fd00:1::/120", "", "fd00-1---120"),
         ("fd00::/64", "red", "red-fd00---64"),
         ("fd00::1:0/112", "", "fd00--1-0-112"),
+        # from '::': Whereabouts' '---64' is refused by the API server; '::' is written '0::' there
+        ("::/64", "", "0---64"),
+        ("::1:0/112", "", "0--1-0-112"),
+        ("::/64", "red", "red----64"),  # valid already, and Whereabouts' name: unchanged
     ],
 )
 def test_pool_name(cidr: str, network_name: str, name: str) -> None:
@@ -190,6 +194,10 @@ def test_pool_name(cidr: str, network_name: str, name: str) -> None:
         ("fd00::5", "", "fd00--5"),
         ("fd00::", "", "fd00--0"),  # a trailing '-' would not be a valid object name
         ("fd00::1:0", "red", "red-fd00--1-0"),
+        ("::5", "", "0--5"),
+        ("::", "", "0--0"),
+        ("::ffff:10.0.0.1", "", "0--ffff-10.0.0.1"),
+        ("::5", "red", "red---5"),
     ],
 )
 def test_reservation_name(address: str, network_name: str, name: str) -> None:
@@ -263,3 +271,19 @@ def test_intervals_match_brute_force(
     assert spec.size() == len(expected)
     for v in range(int(network.first), int(network.last) + 1):
         assert spec.contains(v) == (v in expected)
+
+
+@given(
+    value=st.integers(0, 2**128 - 1),
+    prefix=st.integers(0, 128),
+    network_name=st.sampled_from(["", "a", "net.1", "x" * 128]),
+)
+def test_every_ipv6_pool_and_reservation_name_is_a_kubernetes_object_name(
+    value: int, prefix: int, network_name: str
+) -> None:
+    import re
+
+    rfc1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    network = IPNetwork((value, prefix), version=6).cidr
+    for name in (pool_name(str(network), network_name), reservation_name(IPAddress(value, 6), network_name)):
+        assert rfc1123.match(name) and len(name) <= 253, name

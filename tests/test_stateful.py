@@ -34,6 +34,7 @@ from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.ranges import RangeSpec, pool_name, reservation_name
 from ipam.store.base import PoolSnapshot
 from ipam.store.file import FileStore
+from tests.cni_exec import opt_in_flat_file
 
 SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 NODE = "node-a"
@@ -109,7 +110,7 @@ class IPAMMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="wpy-stateful-", dir=SCRATCH)
         stdin = json.dumps({"cniVersion": "1.1.0", "name": "net", "ipam": ipam_block(self.dir)}).encode()
-        self.cfg = load_config(stdin, flat_search=[])
+        self.cfg = load_config(stdin, flat_search=[opt_in_flat_file()])
         self.ranges: tuple[RangeSpec, ...] = self.cfg.ranges
         self.store = ChaosStore(self.cfg.ipam.data_dir)
         self.time = FakeClock()

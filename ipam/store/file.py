@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import time
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError
+from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
 from .base import PoolSnapshot
 from .locks import pool_lock
 
@@ -28,32 +29,42 @@ RESERVATION_LOCK_SECONDS = 10.0
 
 
 def _atomic_write(path: Path, payload: bytes, exclusive: bool = False) -> None:
-    """Write `payload` to `path` via a fsync'd temp file; with `exclusive`, fail if `path` exists."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if exclusive:
-            os.link(tmp, path)  # atomic create-if-absent with the full content
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
+    """Write `payload` to `path` via a fsync'd temp file; with `exclusive`, fail if `path` exists.
+
+    Every step is relative to the directory's descriptor (no symlink followed, see safepath)."""
+    with opened_dir(str(path.parent), create=True) as dir_fd:
+        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if exclusive:
+                os.link(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                os.unlink(tmp, dir_fd=dir_fd)  # atomic create-if-absent with the full content
+            else:
+                os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
         os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def _unlink(path: Path) -> None:
+    """Remove `path` (not what a symlink there points to); absent is fine."""
+    try:
+        with opened_dir(str(path.parent)) as dir_fd:
+            os.unlink(path.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 class FileStore:
     def __init__(self, data_dir: str) -> None:
-        self.root = Path(data_dir)
+        # absolute and free of NUL (config validates it): resolved against / one component at a time
+        self.root = Path(os.path.abspath(data_dir))
         self.pools = self.root / "pools"
         self.reservations = self.root / "reservations"
         self.locks = str(self.root / "locks")
@@ -61,7 +72,11 @@ class FileStore:
     def _ensure_dirs(self) -> None:
         try:
             for directory in (self.pools, self.reservations):
-                directory.mkdir(parents=True, exist_ok=True)
+                os.close(open_dir(str(directory), create=True))
+        except UnsafePathError as exc:
+            raise CNIError(
+                errors.IO_FAILURE, f"data_dir {self.root}: {exc.filename} {exc.strerror}; symlinks are not followed"
+            ) from None
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot create data_dir {self.root}", str(exc)) from None
 
@@ -70,7 +85,8 @@ class FileStore:
 
     def _load(self, path: Path) -> dict[str, Any] | None:
         try:
-            raw = path.read_bytes()
+            with opened_dir(str(path.parent)) as dir_fd:
+                raw = read_file_at(dir_fd, path.name)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -129,11 +145,20 @@ class FileStore:
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot write pool file {path}", str(exc)) from None
 
-    def list_pools(self) -> list[PoolSnapshot]:
-        if not self.pools.is_dir():
+    def _json_files(self, directory: Path) -> list[Path]:
+        """The `*.json` files of `directory`, listed through a descriptor opened without symlinks."""
+        try:
+            with opened_dir(str(directory)) as dir_fd:
+                names = sorted(n for n in os.listdir(dir_fd) if n.endswith(".json") and not n.startswith("."))
+        except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise CNIError(errors.IO_FAILURE, f"cannot list {directory}", str(exc)) from None
+        return [directory / n for n in names]
+
+    def list_pools(self) -> list[PoolSnapshot]:
         out = []
-        for path in sorted(self.pools.glob("*.json")):
+        for path in self._json_files(self.pools):
             doc = self._load(path)
             if doc is not None:
                 out.append(self._snapshot(path, path.stem, "", doc))
@@ -208,8 +233,7 @@ class FileStore:
 
     def _unlink(self, path: Path) -> None:
         try:
-            with suppress(FileNotFoundError):
-                path.unlink()
+            _unlink(path)  # through the directory's descriptor, never a symlinked directory
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot delete reservation {path}", str(exc)) from None
 
@@ -218,10 +242,8 @@ class FileStore:
     def list_reservations(self) -> list[dict[str, Any]]:
         """Every reservation as an OverlappingRangeIPReservation-shaped dict (metadata.name,
         metadata.resourceVersion, metadata.creationTimestamp, spec)."""
-        if not self.reservations.is_dir():
-            return []
         out = []
-        for path in sorted(self.reservations.glob("*.json")):
+        for path in self._json_files(self.reservations):
             doc = self._read_reservation_doc(path)
             if doc is not None:
                 doc.setdefault("metadata", {})["name"] = path.stem
@@ -246,10 +268,8 @@ class FileStore:
     def reservations_held_by(self, container_id: str, ifname: str) -> list[str]:
         """Names of the reservations this container holds on `ifname` (DEL gives them back even when
         its pool write already happened in an earlier, interrupted call)."""
-        if not self.reservations.is_dir():
-            return []
         out = []
-        for path in sorted(self.reservations.glob("*.json")):
+        for path in self._json_files(self.reservations):
             try:
                 holder = self._read_reservation(path)
             except CNIError:
@@ -263,7 +283,9 @@ class FileStore:
 
     def check_reachable(self) -> None:
         self._ensure_dirs()
-        if not os.access(self.pools, os.W_OK):
+        with opened_dir(str(self.pools)) as dir_fd:
+            writable = os.access(".", os.W_OK, dir_fd=dir_fd)
+        if not writable:
             raise CNIError(errors.PLUGIN_NOT_AVAILABLE, f"data_dir {self.root} is not writable")
 
     def close(self) -> None:

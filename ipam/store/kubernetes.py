@@ -8,8 +8,10 @@ This module is imported only when the kubernetes datastore is chosen (the client
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import weakref
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -26,6 +28,7 @@ from .locks import pool_lock
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..kubeconfig import KubeCredentials
 
 GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
@@ -63,6 +66,40 @@ def _raise_api(exc: ApiException, what: str) -> NoReturn:
     raise CNIError(errors.DATASTORE_ERROR, f"{what}: HTTP {status} {exc.reason}", str(exc.body or ""))
 
 
+def _memfile(name: str, data: bytes) -> int:
+    """An anonymous in-memory file holding `data` (TLS material the client loads by path); its path
+    is /proc/self/fd/N. Nothing is written to disk."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _configure_inline(configuration: Any, creds: KubeCredentials) -> list[int]:
+    """Fill a client Configuration from inline credentials; returns the memfds to close later."""
+    keep: list[int] = []
+    configuration.host = creds.server
+    if creds.ca_data is not None:
+        keep.append(_memfile("ca", creds.ca_data))
+        configuration.ssl_ca_cert = f"/proc/self/fd/{keep[-1]}"
+    if creds.client_cert_data is not None and creds.client_key_data is not None:
+        keep.append(_memfile("cert", creds.client_cert_data))
+        configuration.cert_file = f"/proc/self/fd/{keep[-1]}"
+        keep.append(_memfile("key", creds.client_key_data))
+        configuration.key_file = f"/proc/self/fd/{keep[-1]}"
+    if creds.token:
+        configuration.api_key = {"authorization": f"Bearer {creds.token}"}
+    configuration.verify_ssl = not creds.insecure_skip_tls_verify
+    if creds.tls_server_name:
+        configuration.tls_server_name = creds.tls_server_name
+    return keep
+
+
 class KubernetesStore:
     def __init__(self, api_client: Any, namespace: str, lock_dir: str) -> None:
         self.api_client = api_client
@@ -72,29 +109,48 @@ class KubernetesStore:
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
-        return cls.connect(cfg.ipam.kubernetes.kubeconfig, os.path.join(cfg.ipam.data_dir, "locks"))
+        """The CNI path (direct mode and the node agent): the node kubeconfig, inline credentials only."""
+        lock_dir = os.path.join(cfg.ipam.data_dir, "locks")
+        return cls.connect(cfg.ipam.kubernetes.kubeconfig, lock_dir, inline_only=True)
 
     @classmethod
-    def connect(cls, kubeconfig: str | None, lock_dir: str, namespace: str | None = None) -> KubernetesStore:
+    def connect(
+        cls, kubeconfig: str | None, lock_dir: str, namespace: str | None = None, *, inline_only: bool = False
+    ) -> KubernetesStore:
         """Client from `kubeconfig` (in-cluster service account when None); pools in `namespace`,
-        else the current context's namespace, else kube-system (Whereabouts' rule)."""
+        else the current context's namespace, else kube-system (Whereabouts' rule).
+
+        With `inline_only` (the CNI path) the kubeconfig goes through `ipam.kubeconfig`'s policy: a
+        root-owned file with inline credentials, never exec, auth-provider or credential file paths.
+        Tools run by an administrator (the reconciler) load any kubeconfig the client understands."""
         configuration = k8s.Configuration()
-        try:
-            if kubeconfig:
-                k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-                _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
-                context_ns = (active or {}).get("context", {}).get("namespace")
-            else:
-                k8s_config.load_incluster_config(client_configuration=configuration)
-                context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")
-        except (k8s_config.ConfigException, OSError, ValueError, TypeError) as exc:
-            key = "ipam.kubernetes.kubeconfig"
-            raise CNIError(
-                errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
-            ) from None
+        if kubeconfig and inline_only:
+            from ..kubeconfig import load_node_kubeconfig
+
+            creds = load_node_kubeconfig(kubeconfig)
+            keep = _configure_inline(configuration, creds)
+            context_ns = creds.namespace
+        else:
+            keep = []
+            try:
+                if kubeconfig:
+                    k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+                    _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
+                    context_ns = (active or {}).get("context", {}).get("namespace")
+                else:
+                    k8s_config.load_incluster_config(client_configuration=configuration)
+                    context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")
+            except (k8s_config.ConfigException, OSError, ValueError, TypeError) as exc:
+                key = "ipam.kubernetes.kubeconfig"
+                raise CNIError(
+                    errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
+                ) from None
         configuration.retries = False  # the engine retries, with a deadline and backoff
         configuration.connection_pool_maxsize = 32  # the node agent shares one client across threads
-        return cls(k8s.ApiClient(configuration), namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
+        store = cls(k8s.ApiClient(configuration), namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
+        if keep:
+            weakref.finalize(store, _close_all, keep)
+        return store
 
     # -- pools ----------------------------------------------------------------------------------
 
