@@ -1,7 +1,7 @@
 import pytest
 
 from tests.cni_exec import use_opt_in_flat_file
-from tests.kubeapi.fixtures import apiserver, kube, kube_server, real_kube  # noqa: F401
+from tests.kubeapi.fixtures import apiserver, k8s, kube, kube_server, real_kube  # noqa: F401
 from tests.kubeapi.real import ASSETS_ENV, assets_dir
 
 # The suites configure data_dir, datastore, kubeconfig and log_file per test in the network config:

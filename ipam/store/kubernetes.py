@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import weakref
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -38,6 +39,10 @@ SLICE_POOLS = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
 k8s_config: Any = _k8s_config  # untyped module
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
+# A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
+# has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
+# this long after the first one, then reported as final (bad credentials or RBAC).
+AUTH_SETTLE_SECONDS = 10.0
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -50,11 +55,29 @@ def _retry_after(exc: ApiException) -> float | None:
         return None
 
 
+# etcd refuses a write larger than its request limit (--max-request-bytes, 1.5 MiB by default): the
+# API server answers 500 with etcd's words, or 413 above its own 3 MiB body limit. Never transient.
+_TOO_LARGE = ("request is too large", "trying to send message larger than max")
+
+
+def _too_large(status: int, exc: ApiException) -> bool:
+    return status == 413 or (status == 500 and any(t in str(exc.body or "") for t in _TOO_LARGE))
+
+
 def _raise_api(exc: ApiException, what: str) -> NoReturn:
     """Map an API error to the engine's vocabulary: conflict, transient, or a final CNI error."""
     status = int(exc.status or 0)
     if status == 409:
         raise ConflictError(f"{what}: {exc.reason}")
+    if _too_large(status, exc):
+        raise CNIError(
+            errors.DATASTORE_ERROR,
+            f"{what}: the object is too large for the API server's storage (etcd's request-size limit, "
+            "~1.5 MiB: about 7,000 leases as whereabouts-py writes them, 10,000 in Whereabouts' layout), so "
+            "this pool cannot grow; split the range into smaller ranges or use node slices "
+            "(node_slice_size) so that no one IPPool holds every lease",
+            str(exc.body or exc.reason),
+        )
     if status in _TRANSIENT_STATUS or status == 0:
         raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", _retry_after(exc))
     if status in (401, 403):
@@ -106,6 +129,8 @@ class KubernetesStore:
         self.api = k8s.CustomObjectsApi(api_client)
         self.namespace = namespace
         self.lock_dir = lock_dir
+        self.auth_settle_seconds = AUTH_SETTLE_SECONDS
+        self._refusals: tuple[float, float] | None = None  # (first, last) 401/403 of the current run
 
     @classmethod
     def from_config(cls, cfg: Config) -> KubernetesStore:
@@ -164,9 +189,22 @@ class KubernetesStore:
         except ApiException as exc:
             if exc.status == 404 and missing_ok:
                 return None
-            _raise_api(exc, what)
+            self._raise(exc, what)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    def _raise(self, exc: Any, what: str) -> NoReturn:
+        """`_raise_api`, except that 401/403 are retried for `auth_settle_seconds` after the first of a
+        run of refusals (a run ends when none came for that long): a just-started API server's RBAC."""
+        if exc.status in (401, 403):
+            now = time.monotonic()
+            first = now
+            if self._refusals is not None and now - self._refusals[1] < self.auth_settle_seconds:
+                first = self._refusals[0]
+            self._refusals = (first, now)
+            if now - first < self.auth_settle_seconds:
+                raise TransientStoreError(f"{what}: HTTP {exc.status} (retried: the API server may be starting)")
+        _raise_api(exc, what)
 
     def _snapshot(self, obj: dict[str, Any], name: str, cidr: str) -> PoolSnapshot:
         spec = obj.get("spec") or {}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import runtime as rt
-from tests.kubeapi.fixtures import KubeHandle
+from tests.kubeapi.fixtures import K8s
 
 CNI_VERSIONS = ["0.3.1", "0.4.0", "1.0.0"]
 
@@ -88,7 +88,6 @@ def require_kernel_link(kind: str) -> None:
 
 
 IpamFactory = Callable[..., dict[str, Any]]
-KUBE_NAMESPACE = "kube-system"  # the context namespace of the API test server's kubeconfig
 
 
 @dataclass
@@ -103,26 +102,28 @@ class Backend:
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, runtime: rt.Runtime, tmp_path: Path) -> Backend:
     """The file datastore by default; parametrise indirectly with "kubernetes" for IPPool objects in
-    the Kubernetes API test server, reached from the node netns through a loopback forwarder."""
+    the Kubernetes API test server, or "apiserver" for the real kube-apiserver (the plugin then uses
+    its own ServiceAccount from deploy/rbac.yaml), reached from the node netns through a loopback
+    forwarder."""
     name = getattr(request, "param", "file")
     data_dir = tmp_path / "ipam-data"
     if name == "file":
         return Backend(name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir))
-    if name != "kubernetes":
+    if name not in ("kubernetes", "apiserver"):
         raise ValueError(f"unknown backend {name!r}")
-    kube: KubeHandle = request.getfixturevalue("kube")
+    kube: K8s = request.getfixturevalue("kube" if name == "kubernetes" else "real_kube")
     forwarder = rt.LoopbackForwarder(runtime.node, int(kube.url.rsplit(":", 1)[1]))
     runtime.after_dels.append(forwarder.close)  # the teardown DELs still need the API server
 
     def read() -> rt.StoreView:
         def named(plural: str) -> dict[str, dict[str, Any]]:
-            return {o["metadata"]["name"]: o for o in kube.api.objects(plural, KUBE_NAMESPACE)}
+            return {o["metadata"]["name"]: o for o in kube.api.objects(plural, kube.namespace)}
 
         return rt.StoreView(named("ippools"), named("overlappingrangeipreservations"))
 
     keys = {
         "datastore": "kubernetes",
-        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        "kubernetes": {"kubeconfig": kube.plugin_kubeconfig()},
         "data_dir": str(data_dir),  # the node-local lock directory
     }
     return Backend(name, keys, read)

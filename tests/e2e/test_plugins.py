@@ -73,7 +73,10 @@ def lease_must_be_gone(store: Store, container_id: str, log: Callable[[], str]) 
 @pytest.mark.parametrize(
     ("cni_version", "backend"),
     [pytest.param(v, "file", id=f"{v}-file") for v in ("0.3.1", "0.4.0", "1.0.0")]
-    + [pytest.param("1.0.0", "kubernetes", id="1.0.0-kubernetes")],
+    + [
+        pytest.param("1.0.0", "kubernetes", id="1.0.0-kubernetes"),
+        pytest.param("1.0.0", "apiserver", id="1.0.0-apiserver", marks=pytest.mark.apiserver),
+    ],
     indirect=["backend"],
 )
 def test_bridge_add_check_del(
@@ -200,8 +203,8 @@ CLUSTER_START, CLUSTER_END = "10.213.11.100", "10.213.11.150"
 
 
 # Every cniVersion and both main plugins on the file datastore. The Kubernetes datastore (IPPools in
-# the API test server) once, at 1.0.0 on macvlan: neither the version nor the main plugin changes how
-# the datastore is used, and each kubernetes call costs ~0.5 s of CPU for its imports.
+# the real kube-apiserver) once, at 1.0.0 on macvlan: neither the version nor the main plugin changes
+# how the datastore is used, and each kubernetes call costs ~0.5 s of CPU for its imports.
 # ipvlan cases carry the `ipvlan` marker: `make test` deselects them because the kernel of this
 # project's CI machines has no CONFIG_IPVLAN; `make test-ipvlan` runs them on a kernel that has it
 # (and fails, never skips, on one that does not).
@@ -210,7 +213,7 @@ STORAGE_CASES = [
                  marks=[pytest.mark.ipvlan] if kind == "ipvlan" else [])
     for kind in ("ipvlan", "macvlan")
     for version in ("0.3.1", "0.4.0", "1.0.0")
-] + [pytest.param("macvlan", "1.0.0", "kubernetes", id="macvlan-1.0.0-kubernetes")]
+] + [pytest.param("macvlan", "1.0.0", "apiserver", id="macvlan-1.0.0-apiserver", marks=pytest.mark.apiserver)]
 
 
 @pytest.mark.parametrize(("kind", "cni_version", "backend"), STORAGE_CASES, indirect=["backend"])
@@ -311,7 +314,7 @@ def _error_fields(call: rt.CniCall) -> tuple[Any, Any, Any]:
     [pytest.param("bridge", version, "file", id=f"bridge-{version}-file") for version in ("0.3.1", "0.4.0", "1.0.0")]
     + [
         pytest.param("macvlan", "1.0.0", "file", id="macvlan-1.0.0-file"),
-        pytest.param("bridge", "1.0.0", "kubernetes", id="bridge-1.0.0-kubernetes"),
+        pytest.param("bridge", "1.0.0", "apiserver", id="bridge-1.0.0-apiserver", marks=pytest.mark.apiserver),
     ],
     indirect=["backend"],
 )
@@ -496,7 +499,9 @@ def test_overlapping_ranges_in_two_nads_never_share_an_address(
     assert len(store().reservations) == 1, sorted(store().reservations)
 
 
-@pytest.mark.parametrize("backend", ["file", "kubernetes"], indirect=True)
+@pytest.mark.parametrize(
+    "backend", ["file", "kubernetes", pytest.param("apiserver", marks=pytest.mark.apiserver)], indirect=True
+)
 def test_del_before_any_add_succeeds_and_creates_nothing(
     runtime: rt.Runtime, ipam: IpamFactory, store: Store
 ) -> None:

@@ -29,6 +29,15 @@ class KubeHandle:
     api: KubeAPI  # the store: faults, counters, pods, objects, CRDs
     server: APIServer  # the HTTP server (api is also server.api)
     tmp_dir: Path
+    kind: str = "testserver"  # the `k8s` fixture's parameter: which server this is
+    namespace: str = "kube-system"  # where pools live (the kubeconfig's context namespace)
+
+    def plugin_kubeconfig(self) -> str:
+        """The test server does no authorisation: one kubeconfig serves every component."""
+        return self.kubeconfig_path
+
+    def reconciler_kubeconfig(self) -> str:
+        return self.kubeconfig_path
 
     def reset(self) -> None:
         """Clear objects, faults and counters and serve our own CRDs from crds/ again."""
@@ -80,3 +89,20 @@ def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]
 def real_kube(apiserver: RealCluster, tmp_path: Path) -> RealKube:
     """A fresh namespace on the real server and an admin kubeconfig whose context names it."""
     return RealKube(apiserver, f"t-{uuid.uuid4().hex[:10]}", tmp_path)
+
+
+# -- both servers ----------------------------------------------------------------------------------
+
+K8s = KubeHandle | RealKube
+"""What a test parametrised over both servers gets: `kind`, `namespace` (pools and, by convention,
+the test's pods), `url`, `kubeconfig_path` (admin), `kubeconfig(...)`, `plugin_kubeconfig()` and
+`reconciler_kubeconfig()` (on the real server: the components' own ServiceAccounts from
+deploy/rbac.yaml), and `api.objects/put_pod/delete_pod`. Fault injection and request counts exist
+only on the test server: those tests take `kube`."""
+
+
+@pytest.fixture(params=["testserver", pytest.param("apiserver", marks=pytest.mark.apiserver)])
+def k8s(request: pytest.FixtureRequest) -> K8s:
+    """The same test on the Python API test server and on the real kube-apiserver + etcd."""
+    handle: K8s = request.getfixturevalue("kube" if request.param == "testserver" else "real_kube")
+    return handle

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -29,6 +30,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
+
+def rbac_manifest() -> Path:
+    """deploy/rbac.yaml, or deploy/base/rbac.yaml once the manifests are a kustomize base."""
+    for path in (ROOT / "deploy" / "base" / "rbac.yaml", ROOT / "deploy" / "rbac.yaml"):
+        if path.exists():
+            return path
+    raise FileNotFoundError("no deploy/rbac.yaml or deploy/base/rbac.yaml")
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 
 
@@ -129,6 +137,7 @@ class RealCluster:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_etcd(self) -> None:
+        """Start etcd (again: same data directory, same ports) and wait for its /health."""
         peer = f"http://127.0.0.1:{self.peer_port}"
         client = f"http://127.0.0.1:{self.etcd_port}"
         argv = [
@@ -180,9 +189,24 @@ class RealCluster:
         self._terminate(self.apiserver)
 
     def restart_apiserver(self) -> None:
-        """Stop kube-apiserver (etcd keeps every object) and start it again on the same port."""
+        """Stop kube-apiserver (etcd keeps every object) and start it again on the same port; return
+        once custom resources are served again (after /readyz they answer 429 "storage is
+        (re)initializing" for a while)."""
         self.stop_apiserver()
         self.start_apiserver()
+        self.wait_crs_served()
+
+    def wait_crs_served(self, polls: int = 1200) -> None:
+        """Until IPPools can be listed: a CRD is Established before its storage is ready (429)."""
+        for _ in range(polls):
+            try:
+                self.request("GET", "/apis/whereabouts.cni.cncf.io/v1alpha1/ippools", params={"limit": "1"})
+                return
+            except ApiError as exc:
+                if exc.status not in (429, 503):
+                    raise
+            time.sleep(0.05)
+        raise RuntimeError("custom resources not served after the API server restart")
 
     def stop_etcd(self) -> None:
         self._terminate(self.etcd)
@@ -316,6 +340,7 @@ class RealCluster:
                     names.append(doc["metadata"]["name"])
         for name in names:
             self.wait_established(name)
+        self.wait_crs_served()
 
     def wait_established(self, crd: str) -> None:
         for _ in range(300):
@@ -326,6 +351,39 @@ class RealCluster:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"CRD {crd} never became Established")
+
+
+def load_yaml(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def rebase_rbac(
+    docs: list[dict[str, Any]], namespace: str, suffix: str, cluster: RealCluster
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """RBAC manifests moved into one test namespace, whatever their shape (ClusterRole+Binding or
+    Role+RoleBinding): namespaced objects and ServiceAccount subjects go to `namespace`; cluster-scoped
+    objects (and roleRefs to ClusterRoles) get `-suffix` so tests never share or clobber them.
+    Also returns {app.kubernetes.io/component label (else name): ServiceAccount name}."""
+    out, accounts = [], {}
+    for doc in docs:
+        doc = copy.deepcopy(doc)
+        meta = doc.setdefault("metadata", {})
+        _, namespaced = cluster.resource(doc["apiVersion"], doc["kind"])
+        if namespaced:
+            meta["namespace"] = namespace
+        else:
+            meta["name"] = f"{meta['name']}-{suffix}"
+        ref = doc.get("roleRef")
+        if ref and ref.get("kind") == "ClusterRole":
+            ref["name"] = f"{ref['name']}-{suffix}"
+        for subject in doc.get("subjects") or []:
+            if subject.get("kind") == "ServiceAccount":
+                subject["namespace"] = namespace
+        if doc["kind"] == "ServiceAccount":
+            component = (meta.get("labels") or {}).get("app.kubernetes.io/component", meta["name"])
+            accounts[component] = meta["name"]
+        out.append(doc)
+    return out, accounts
 
 
 @dataclass
@@ -353,7 +411,8 @@ class RealAPI:
         node: str | None = None,
     ) -> dict[str, Any]:
         """Create a pod (the server assigns uid and creationTimestamp), set its phase through the status
-        subresource, and with `deleting` delete it gracefully so it stays Terminating (no kubelet)."""
+        subresource, and with `deleting` delete it gracefully so it stays Terminating (no kubelet).
+        An existing pod of that name is updated (annotations, labels, phase) and keeps its uid."""
         self.cluster.ensure_namespace(namespace)
         meta: dict[str, Any] = {"name": name, "annotations": annotations or {}}
         if labels:
@@ -362,7 +421,15 @@ class RealAPI:
         if node or deleting:
             spec["nodeName"] = node or "node-a"
         base = f"/api/v1/namespaces/{namespace}/pods"
-        pod = self.cluster.request("POST", base, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
+        try:
+            pod = self.cluster.request(
+                "POST", base, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+            )
+        except ApiError as exc:  # it exists: an update of the same pod (same uid), as the test server does
+            if exc.status != 409:
+                raise
+            update = {k: v for k, v in (("annotations", annotations), ("labels", labels)) if v}
+            pod = self.cluster.request("PATCH", f"{base}/{name}", {"metadata": update})
         if phase != "Pending":
             pod["status"] = {**(pod.get("status") or {}), "phase": phase}
             pod = self.cluster.request("PUT", f"{base}/{name}/status", pod)
@@ -387,6 +454,8 @@ class RealKube:
     tmp_dir: Path
     kubeconfig_path: str = ""
     api: RealAPI = field(init=False)
+    kind: str = "apiserver"  # the `k8s` fixture's parameter: which server this is
+    _accounts: dict[str, str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.cluster.ensure_namespace(self.namespace)
@@ -420,6 +489,30 @@ class RealKube:
         self, objs: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None, dry_run: bool = False
     ) -> list[Any]:
         return self.cluster.apply(objs, namespace or self.namespace, dry_run)
+
+    # -- the components' own identities (deploy/rbac.yaml) ------------------------------------------
+
+    def apply_rbac(self) -> dict[str, str]:
+        """deploy's RBAC manifest, rebased into this namespace (once): {component label: ServiceAccount}."""
+        if self._accounts is None:
+            docs, accounts = rebase_rbac(load_yaml(rbac_manifest()), self.namespace, self.namespace, self.cluster)
+            self.cluster.apply(docs)
+            self._accounts = accounts
+        return self._accounts
+
+    def identity_kubeconfig(self, component: str) -> str:
+        """A TokenRequest kubeconfig of the component's own ServiceAccount (`cni-plugin`, `reconciler`),
+        context namespace = this test's namespace (where the pools live)."""
+        accounts = self.apply_rbac()
+        if component not in accounts:
+            raise KeyError(f"deploy/rbac.yaml has no ServiceAccount labelled component={component}: {accounts}")
+        return self.token_kubeconfig(accounts[component], self.namespace)
+
+    def plugin_kubeconfig(self) -> str:
+        return self.identity_kubeconfig("cni-plugin")
+
+    def reconciler_kubeconfig(self) -> str:
+        return self.identity_kubeconfig("reconciler")
 
     def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         return self.cluster.request(method, path, body, params)

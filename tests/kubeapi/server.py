@@ -517,8 +517,13 @@ class KubeAPI:
         node: str | None = None,
     ) -> dict[str, Any]:
         """Create or replace a pod with the given status directly (what kubelet would have written);
-        its namespace is created when missing. deleting: a deletionTimestamp is set (terminating)."""
+        its namespace is created when missing. deleting: a deletionTimestamp is set (terminating).
+        Replacing an existing pod without `uid` keeps its uid and creationTimestamp (an update)."""
         with self.lock:
+            existing = self.state.objects.get(("pods", namespace, name))
+            if existing is not None and uid is None:  # an update of the same pod, as on a real server
+                uid = existing["metadata"]["uid"]
+                created = created or existing["metadata"].get("creationTimestamp")
             if ("namespaces", "", namespace) not in self.state.objects:
                 self._store(
                     "namespaces",
