@@ -162,8 +162,8 @@ def gather(source: Source) -> Inventory:
         slice_pools = source.slice_pools()
         if any(sl.node for sp in slice_pools for sl in sp.slices):
             nodes = source.nodes()
-    except CNIError as exc:
-        notes.append(f"node slices not judged: {exc.msg}")
+    except STORE_ERRORS as exc:  # refused (RBAC), or failing now: the rest of the pass goes on
+        notes.append(f"node slices not judged: {exc.msg if isinstance(exc, CNIError) else exc}")
     return Inventory(pools, reservations, slice_pools, pods, nodes, tuple(notes))
 
 

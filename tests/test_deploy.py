@@ -175,7 +175,7 @@ PLUGIN_RULES = {
 }
 RECONCILER_RULES = {
     (GROUP, "ippools"): {"get", "list", "update"},
-    (GROUP, "overlappingrangeipreservations"): {"get", "list", "delete"},
+    (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
     ("", "pods"): {"list"},
 }
 
