@@ -43,7 +43,7 @@ WARNINGS = frozenset({MISSING})  # a network may run with enable_overlapping_ran
 RELEASE = "release"
 DELETE_RESERVATION = "delete-reservation"
 CREATE_RESERVATION = "create-reservation"
-RETURN_SLICE = "return-slice"
+# slices of gone nodes are returned by node slices' own reclaim (`nodeslices.return_slices`, same pass)
 
 
 def parse_time(value: object) -> datetime | None:
@@ -206,6 +206,7 @@ class Inventory:
     pods: Mapping[str, PodInfo] | None = None
     nodes: frozenset[str] | None = None
     notes: tuple[str, ...] = ()  # what could not be read, so was not judged
+    slices_read: bool = True  # False: the NodeSlicePools could not be read (notes say why)
 
 
 @dataclass(frozen=True)
@@ -376,9 +377,10 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
 
     Safe now: a leaked lease older than `grace` (a lease of unknown age counts as old: Whereabouts
     records none), an orphan reservation older than `grace`, a missing reservation of a lease older
-    than `grace` that is not leaked (only in networks that use reservations at all), and a slice of a
-    node that no longer exists whose pool holds no lease that stays (the repair re-reads it before
-    the write). Duplicates, mismatched reservations and out-of-range leases need a person.
+    than `grace` that is not leaked (only in networks that use reservations at all). A slice of a
+    node that no longer exists is reported here and returned by node slices' reclaim in the same
+    pass (`nodeslices.return_slices`: once its pool holds no lease and has been idle for `grace`).
+    Duplicates, mismatched reservations and out-of-range leases need a person.
     """
     views = pool_views(inventory)
     held = holdings(views)
@@ -518,7 +520,7 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
                         sl.range,
                         "",
                         detail,
-                        None if staying else RETURN_SLICE,
+                        None,
                         slice_pool=sp,
                         slice=sl,
                     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, TextIO
 
-from . import audit, errors
+from . import audit
 from .allocator import Allocations
 from .audit import (
     Inventory,
@@ -40,6 +40,8 @@ from .audit import (
 from .engine import Engine, RetryPolicy
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
+from .nodeslices import return_slices
+from .slices import NodeSlices
 from .store.base import PoolSnapshot, Store
 
 if TYPE_CHECKING:
@@ -74,7 +76,9 @@ class Source(Protocol):
     def slice_pools(self) -> list[SlicePool]: ...
     def nodes(self) -> frozenset[str] | None: ...
     def delete_reservation(self, reservation: Reservation) -> None: ...
-    def return_slice(self, slice_pool: SlicePool, sl: Slice) -> None: ...
+    def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
+        """Node slices' reclaim (`nodeslices.return_slices`): one line per slice returned, or error."""
+        ...
 
 
 class KubeSource:
@@ -93,7 +97,7 @@ class KubeSource:
         return pod_index(self.kube.list_pods())
 
     def slice_pools(self) -> list[SlicePool]:
-        return [SlicePool.from_object(obj) for obj in self.kube.list_slice_pools()]
+        return [_slice_pool(pool) for pool in self.kube.list_node_slices()]
 
     def nodes(self) -> frozenset[str]:
         return frozenset(self.kube.list_nodes())
@@ -101,19 +105,14 @@ class KubeSource:
     def delete_reservation(self, reservation: Reservation) -> None:
         self.kube.delete_reservation(reservation.name, reservation.version)
 
-    def return_slice(self, slice_pool: SlicePool, sl: Slice) -> None:
-        found = [o for o in self.kube.list_slice_pools() if o["metadata"]["name"] == slice_pool.name]
-        if not found:
-            raise ConflictError(f"NodeSlicePool {slice_pool.name} is gone")
-        obj = found[0]
-        status = obj.get("status") or {}
-        allocations = [dict(a) for a in status.get("allocations") or []]
-        hits = [a for a in allocations if a.get("nodeName") == sl.node and a.get("sliceRange") == sl.range]
-        if not hits:
-            raise ConflictError(f"slice {sl.range} of NodeSlicePool {slice_pool.name} changed hands")
-        for a in hits:
-            a["nodeName"] = ""
-        self.kube.replace_slice_pool({**obj, "status": {**status, "allocations": allocations}})
+    def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
+        return return_slices(self.kube, grace, dry_run, now)
+
+
+def _slice_pool(pool: NodeSlices) -> SlicePool:
+    """The node-slice module's NodeSlicePool as the audit reads it."""
+    slices = tuple(Slice(e.node, e.slice_range) for e in pool.entries)
+    return SlicePool(pool.name, pool.range, pool.slice_size, slices, pool.version or "")
 
 
 class FileSource:
@@ -134,7 +133,7 @@ class FileSource:
         return None
 
     def slice_pools(self) -> list[SlicePool]:
-        return []
+        return [_slice_pool(pool) for pool in self.files.list_node_slices()]
 
     def nodes(self) -> None:
         return None
@@ -142,8 +141,8 @@ class FileSource:
     def delete_reservation(self, reservation: Reservation) -> None:
         self.files.delete_reservation(reservation.name, reservation.version)
 
-    def return_slice(self, slice_pool: SlicePool, sl: Slice) -> None:
-        raise CNIError(errors.DATASTORE_ERROR, "the file datastore has no node slices")
+    def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
+        return return_slices(self.files, grace, dry_run, now)
 
 
 def gather(source: Source) -> Inventory:
@@ -164,6 +163,7 @@ def gather(source: Source) -> Inventory:
             nodes = source.nodes()
     except STORE_ERRORS as exc:  # refused (RBAC), or failing now: the rest of the pass goes on
         notes.append(f"node slices not judged: {exc.msg if isinstance(exc, CNIError) else exc}")
+        return Inventory(pools, reservations, [], pods, None, tuple(notes), slices_read=False)
     return Inventory(pools, reservations, slice_pools, pods, nodes, tuple(notes))
 
 
@@ -246,8 +246,8 @@ class Reconciler:
             self._delete_orphan(summary, problem)
         for problem in fixes[audit.CREATE_RESERVATION]:
             self._create_reservation(summary, problem)
-        for problem in fixes[audit.RETURN_SLICE]:
-            self._return_slice(summary, problem)
+        if inventory.slices_read:
+            self._return_slices(summary, datetime.now(UTC))  # after this pass's releases emptied pools
         for problem in problems:
             if problem.kind in (audit.DUPLICATE, audit.MISMATCH, audit.OUT_OF_RANGE):
                 self.say(
@@ -393,33 +393,21 @@ class Reconciler:
 
     # -- node slices ------------------------------------------------------------------------------
 
-    def _return_slice(self, summary: Summary, problem: Problem) -> None:
-        sp, sl = problem.slice_pool, problem.slice
-        assert sp is not None and sl is not None
-        tail = f"slice={self._pool(sp.name)} range={sl.range} node={sl.node} reason=node-gone"
-        fields = {"pool": sp.name, "range": sl.range, "node": sl.node, "reason": "node-gone"}
-        if self.dry_run:
-            summary.slices_returned += 1
-            self.change(summary, "return-slice", "would-return " + tail, **fields)
-            return
-        try:
-            for name in sp.pool_names(sl.node, sl.range):
-                if self.store.read_pool(name, sl.range).allocations:
-                    self.say(
-                        summary,
-                        f"skip slice={self._pool(sp.name)} range={sl.range}: pool {name} holds leases",
-                    )
-                    return
-            self.source.return_slice(sp, sl)
-        except STORE_ERRORS as exc:
-            summary.errors += 1
-            self.say(summary, f"error returning slice {sl.range} of {sp.name}: {exc}")
-            return
-        except ConflictError as exc:
-            self.say(summary, f"skip slice={self._pool(sp.name)} range={sl.range}: {exc}")
-            return
-        summary.slices_returned += 1
-        self.change(summary, "return-slice", "return " + tail, **fields)
+    def _return_slices(self, summary: Summary, now: datetime) -> None:
+        """Slices of gone nodes, and live nodes' spare empty ones, go back through node slices' reclaim:
+        it fences the slice's pool before freeing the slice, so an ADD racing it retries elsewhere."""
+        for line in self.source.return_slices(self.grace, self.dry_run, now):
+            if line.startswith("error"):
+                summary.errors += 1
+                self.say(summary, line)
+                continue
+            verb, _, rest = line.partition(" ")
+            if verb in ("return", "would-return"):
+                summary.slices_returned += 1
+                fields = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+                self.change(summary, "return-slice", line, **fields)
+            else:
+                self.say(summary, line)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,6 +106,7 @@ def test_check_finds_each_planted_problem_and_repair_fixes_them(real_kube: RealK
                         {"nodeName": gone_node, "sliceRange": "10.71.0.0/28"},
                         {"nodeName": live_node, "sliceRange": "10.71.0.16/28"},
                         {"nodeName": "", "sliceRange": "10.71.0.32/28"},
+                        {"nodeName": gone_node, "sliceRange": "10.71.0.48/28"},  # it never made its pool
                     ]
                 },
             },
@@ -134,22 +135,26 @@ def test_check_finds_each_planted_problem_and_repair_fixes_them(real_kube: RealK
             ("orphan-reservation", "", "10.70.0.77", f"{ns}/crashed", "reservation 10.70.0.77 has no lease"),
             ("missing-reservation", "10.70.0.0-24", "10.70.0.4", f"{ns}/web2", "no reservation 10.70.0.4"),
             ("slice-of-gone-node", "storage", "10.71.0.0/28", "", f"node {gone_node} no longer exists"),
+            ("slice-of-gone-node", "storage", "10.71.0.48/28", "", f"node {gone_node} no longer exists"),
         ]
     )
     assert doc["summary"] == {
         "leaked": 3,
         "orphan-reservation": 1,
         "missing-reservation": 1,
-        "slice-of-gone-node": 1,
+        "slice-of-gone-node": 2,
     }
 
     before = kube.api.objects("ippools", ns)
     code, out, _ = ctl(kube, "repair", "--dry-run")
     assert code == 0, out
     assert kube.api.objects("ippools", ns) == before
-    assert f"would-return slice={ns}/storage range=10.71.0.0/28 node={gone_node} reason=node-gone" in out
+    # the slice whose pool still holds the leaked lease is not returned while that lease is there
+    assert [line for line in out.splitlines() if "would-return" in line] == [
+        f"would-return nodeslicepool=storage slice=10.71.0.48/28 node={gone_node} reason=node-gone"
+    ]
 
-    code, out, err = ctl(kube, "repair")
+    code, out, err = ctl(kube, "repair", "--grace", "0")  # the leases are old; a pool emptied now is idle
     assert code == 0, out + err
     lines = out.splitlines()
     assert (
@@ -161,13 +166,14 @@ def test_check_finds_each_planted_problem_and_repair_fixes_them(real_kube: RealK
         f"create reservation=10.70.0.4 pool={ns}/10.70.0.0-24 address=10.70.0.4 podref={ns}/web2 reason=missing"
         in lines
     )
-    assert f"return slice={ns}/storage range=10.71.0.0/28 node={gone_node} reason=node-gone" in lines
+    assert f"return nodeslicepool=storage slice=10.71.0.0/28 node={gone_node} reason=node-gone" in lines
+    assert f"return nodeslicepool=storage slice=10.71.0.48/28 node={gone_node} reason=node-gone" in lines
     assert lines[-1] == "summary pools=3 leases=6 kept=3 released=3 reservations_deleted=1 errors=0"
 
     assert leases(kube, "10.70.0.0-24") == {"1": f"{ns}/web", "4": f"{ns}/web2"}
     assert reservations(kube) == {"10.70.0.1", "10.70.0.4", "storage-10.71.0.17"}
     [nsp] = kube.api.objects("nodeslicepools", ns)
-    assert [a["nodeName"] for a in nsp["status"]["allocations"]] == ["", live_node, ""]
+    assert [a["nodeName"] for a in nsp["status"]["allocations"]] == ["", live_node, "", ""]
     code, doc = ctl_json(kube, "check")
     assert (code, doc) == (0, {"problems": [], "summary": {}})
 
