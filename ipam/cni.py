@@ -22,7 +22,7 @@ from .versions import LATEST
 
 if TYPE_CHECKING:
     from .config import Config
-    from .engine import Assigned, Engine
+    from .engine import Assigned, Engine, Slicer
     from .store.base import Store
 
 EngineSource = Callable[["Config"], AbstractContextManager["Engine"]]
@@ -101,13 +101,37 @@ def make_engine(cfg: Config, store: Store) -> Engine:
         backoff_initial=ipam.retry_backoff_initial_ms / 1000,
         backoff_max=ipam.retry_backoff_max_ms / 1000,
     )
-    return Engine(
+    engine = Engine(
         store,
         policy,
         network_name=ipam.network_name,
         overlapping=ipam.enable_overlapping_ranges,
         network=cfg.network,  # recorded on leases; GC releases only this network's
     )
+    if ipam.node_slice_size:
+        engine.slicer = make_slicer(cfg, store)
+    return engine
+
+
+def make_slicer(cfg: Config, store: Store) -> Slicer:
+    """Node slices of the first range (as in Whereabouts, the only one `node_slice_size` cuts)."""
+    from .nodeslices import Slicer
+    from .slices import node_slice_pool_name, slice_prefix
+    from .store.slicestore import SliceStore
+
+    ipam = cfg.ipam
+    size = str(ipam.node_slice_size)
+    name = node_slice_pool_name(ipam.network_name, cfg.network)
+    if not name:
+        raise CNIError(
+            errors.INVALID_CONFIG,
+            f"invalid config: ipam.node_slice_size: {size!r} needs ipam.network_name or the network's name "
+            "(the NodeSlicePool is named after it)",
+        )
+    if not isinstance(store, SliceStore):
+        raise CNIError(errors.INVALID_CONFIG, f"invalid config: ipam.node_slice_size: {size!r} is not supported by this datastore")
+    spec = cfg.ranges[0]
+    return Slicer(spec, size, slice_prefix(size, spec.network), name, node_name(cfg), ipam.network_name, store)
 
 
 @contextmanager
@@ -288,11 +312,6 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
             ifname=env.get("CNI_IFNAME", ""),
             network=cfg.network,
         )
-        if cfg.ipam.node_slice_size:
-            log.warning(
-                "config.node_slice_size-ignored",
-                detail="node slices are not implemented; using the whole range",
-            )
         if command == "ADD":
             result = cmd_add(cfg, env, engines)
             out.write(json.dumps(result) + "\n")

@@ -357,6 +357,10 @@ def load_config(
         )
     try:
         ranges = build_ranges(ipam)
+        if ipam.node_slice_size:
+            from .slices import slice_prefix
+
+            slice_prefix(ipam.node_slice_size, ranges[0].network)
     except RangeConfigError as exc:
         raise invalid(exc.key, exc.value, exc.reason) from None
     return Config(

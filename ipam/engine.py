@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from netaddr import AddrFormatError, IPAddress
 
@@ -92,6 +93,34 @@ def _drop_leases(
     return change
 
 
+class Slicer(Protocol):
+    """Node slices (ipam/nodeslices.py): a sliced range's leases live in the node's slice pools.
+    Offsets in and out are the range's, so the rest of the engine does not know slices exist."""
+
+    def covers(self, spec: RangeSpec) -> bool: ...
+
+    def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned: ...
+
+    def release(
+        self,
+        engine: Engine,
+        spec: RangeSpec,
+        container_id: str,
+        ifname: str,
+        deadline: float,
+        token: str = "",
+        untokened: bool = False,
+    ) -> list[int]: ...
+
+    def mutate(
+        self, engine: Engine, deadline: float, change: Callable[[Allocations], tuple[Allocations, list[int]]]
+    ) -> list[int]: ...
+
+    def leases(self, engine: Engine, deadline: float) -> Allocations: ...
+
+    def free(self, engine: Engine, deadline: float) -> int: ...
+
+
 @dataclass
 class Stats:
     attempts: int = 0
@@ -111,6 +140,10 @@ class Engine:
     stats: Stats = field(default_factory=Stats)
     runner: BatchRunner | None = None
     network: str = ""  # the CNI config `name`, recorded on leases: GC touches only its own network's
+    slicer: Slicer | None = None
+
+    def _sliced(self, spec: RangeSpec) -> Slicer | None:
+        return self.slicer if self.slicer is not None and self.slicer.covers(spec) else None
 
     # -- the retry loop -------------------------------------------------------------------------
 
@@ -191,6 +224,8 @@ class Engine:
         (self.runner or Engine.apply_batch)(self, name, cidr, ops, deadline)
 
     def _add_one(self, op: AddOp, deadline: float) -> Assigned:
+        if (slicer := self._sliced(op.spec)) is not None:
+            return slicer.add(self, op, deadline)
         self._submit(self._pool(op.spec), op.spec.cidr, [op], deadline)
         if op.error is not None:
             raise op.error
@@ -349,6 +384,8 @@ class Engine:
         token: str = "",
         untokened: bool = False,
     ) -> list[int]:
+        if (slicer := self._sliced(spec)) is not None:
+            return slicer.release(self, spec, container_id, ifname, deadline, token, untokened)
         op = ReleaseOp(container_id, ifname, token=token, untokened=untokened)
         self._submit(self._pool(spec), spec.cidr, [op], deadline)
         return op.released
@@ -356,6 +393,8 @@ class Engine:
     def _mutate(
         self, spec: RangeSpec, deadline: float, change: Callable[[Allocations], tuple[Allocations, list[int]]]
     ) -> list[int]:
+        if (slicer := self._sliced(spec)) is not None:
+            return slicer.mutate(self, deadline, change)
         return self.mutate_pool(self._pool(spec), spec.cidr, change, deadline)
 
     def mutate_pool(
@@ -498,18 +537,23 @@ class Engine:
     def leases_of(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
         out = []
         for spec in ranges:
-            snapshot = self.store.read_pool(self._pool(spec), spec.cidr)
-            out += [
-                Assigned(spec, spec.address_at(o))
-                for o in allocator.find_container(snapshot.allocations, container_id, ifname)
-            ]
+            leases = self._leases(spec)
+            out += [Assigned(spec, spec.address_at(o)) for o in allocator.find_container(leases, container_id, ifname)]
         return out
 
     def free_counts(self, ranges: Sequence[RangeSpec]) -> list[tuple[RangeSpec, int]]:
         out = []
         for spec in ranges:
-            snapshot = self.store.read_pool(self._pool(spec), spec.cidr)
+            if (slicer := self._sliced(spec)) is not None:
+                out.append((spec, slicer.free(self, self._deadline())))
+                continue
             base = int(spec.network.first)
-            used = sum(1 for o in snapshot.allocations if spec.contains(base + o))
+            used = sum(1 for o in self._leases(spec) if spec.contains(base + o))
             out.append((spec, spec.size() - used))
         return out
+
+    def _leases(self, spec: RangeSpec) -> Allocations:
+        """A range's leases, keyed by offset from its network address (across its slices when sliced)."""
+        if (slicer := self._sliced(spec)) is not None:
+            return slicer.leases(self, self._deadline())
+        return self.store.read_pool(self._pool(spec), spec.cidr).allocations

@@ -45,3 +45,14 @@ class TransientStoreError(Exception):
     def __init__(self, msg: str, retry_after: float | None = None) -> None:
         super().__init__(msg)
         self.retry_after = retry_after
+
+
+class PoolRetiredError(CNIError):
+    """A slice pool that must not take a lease: reclaim is returning its slice (`absent` False), or
+    it does not exist and only a node holding its slice may create it (`absent` True)."""
+
+    def __init__(self, name: str, absent: bool = False) -> None:
+        why = "does not exist yet" if absent else "is being returned by reclaim"
+        super().__init__(TRY_AGAIN_LATER, f"slice pool {name} {why}")
+        self.name = name
+        self.absent = absent

@@ -172,11 +172,15 @@ def test_both_workloads_run_the_same_image() -> None:
 PLUGIN_RULES = {
     (GROUP, "ippools"): {"get", "list", "create", "update"},
     (GROUP, "overlappingrangeipreservations"): {"get", "create", "update", "delete"},
+    (GROUP, "nodeslicepools"): {"get", "create", "update"},  # node_slice_size: claim a slice
 }
 RECONCILER_RULES = {
-    (GROUP, "ippools"): {"get", "list", "update"},
-    (GROUP, "overlappingrangeipreservations"): {"get", "list", "delete"},
+    # create + delete: fence a slice pool before returning its slice, remove it after
+    (GROUP, "ippools"): {"get", "list", "update", "create", "delete"},
+    (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
+    (GROUP, "nodeslicepools"): {"get", "list", "update"},
     ("", "pods"): {"list"},
+    ("", "nodes"): {"list"},
 }
 
 

@@ -12,16 +12,22 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
-from ..errors import CNIError, ConflictError
+from ..errors import CNIError, ConflictError, PoolRetiredError
 from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
+from ..slices import from_object as node_slices_from_object
+from ..slices import to_status as slice_status
 from .base import PoolSnapshot
 from .locks import pool_lock
+from .slicestore import SlicePoolView
 
 API_VERSION = "whereabouts.cni.cncf.io/v1alpha1"
 # every change of a reservation's holder happens under its node lock; holders keep it for microseconds
@@ -120,6 +126,8 @@ class FileStore:
         doc = self._load(path)
         if doc is None:
             return PoolSnapshot(name, cidr, {}, None)
+        if RETIRED_ANNOTATION in (doc.get("metadata") or {}).get("annotations", {}):
+            raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
         return self._snapshot(path, name, cidr, doc)
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
@@ -277,6 +285,82 @@ class FileStore:
             if holder is not None and holder.held_by_container(container_id, ifname):
                 out.append(path.stem)
         return out
+
+    # -- node slices: NodeSlicePool documents, and the fence reclaim puts on a slice pool ---------
+
+    def _slices_path(self, name: str) -> Path:
+        return self.root / "nodeslicepools" / f"{name}.json"
+
+    def read_node_slices(self, name: str) -> NodeSlices | None:
+        doc = self._load(self._slices_path(name))
+        return None if doc is None else node_slices_from_object(doc, name)
+
+    def _versioned_write(self, path: Path, version: str | None, doc: dict[str, Any]) -> None:
+        """Write `doc` if the file is still at `version` (absent when None), under a node lock."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with pool_lock(self.locks, f"{path.parent.name}-{path.stem}", 10.0):
+            current = self._load(path)
+            found = None if current is None else str((current.get("metadata") or {}).get("resourceVersion", "0"))
+            if found != version:
+                raise ConflictError(f"{path} is at version {found}, read {version}")
+            doc["metadata"] = {**(doc.get("metadata") or {}), "resourceVersion": str(int(version or 0) + 1)}
+            _atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+        doc = {
+            "apiVersion": API_VERSION,
+            "kind": "NodeSlicePool",
+            "metadata": {"name": pool.name},
+            "spec": {"range": pool.range, "sliceSize": pool.slice_size},
+            "status": slice_status(entries),
+        }
+        self._versioned_write(self._slices_path(pool.name), pool.version, doc)
+
+    def list_node_slices(self) -> list[NodeSlices]:
+        folder = self.root / "nodeslicepools"
+        found = (self.read_node_slices(p.stem) for p in sorted(folder.glob("*.json")))
+        return [pool for pool in found if pool is not None]
+
+    def inspect_pool(self, name: str, cidr: str) -> SlicePoolView:
+        path = self._pool_path(name)
+        doc = self._load(path)
+        if doc is None:
+            return SlicePoolView(PoolSnapshot(name, cidr, {}, None), False, None)
+        retired = RETIRED_ANNOTATION in ((doc.get("metadata") or {}).get("annotations") or {})
+        try:
+            changed = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        except OSError:
+            changed = None
+        snap = self._snapshot(path, name, cidr, doc)
+        return SlicePoolView(PoolSnapshot(name, snap.cidr, snap.allocations, snap.version, token=doc), retired, changed)
+
+    def retire_pool(self, view: SlicePoolView) -> None:
+        snap = view.snapshot
+        self._ensure_dirs()
+        doc: dict[str, Any] = dict(snap.token or {"apiVersion": API_VERSION, "kind": "IPPool"})
+        doc["spec"] = {"range": snap.cidr, "allocations": dump_allocations(snap.allocations)}
+        meta = dict(doc.get("metadata") or {"name": snap.name})
+        meta["annotations"] = {**(meta.get("annotations") or {}), RETIRED_ANNOTATION: "true"}
+        doc["metadata"] = meta
+        with pool_lock(self.locks, snap.name, 10.0):  # the engine's writers of this pool hold it too
+            current = self._load(self._pool_path(snap.name))
+            found = None if current is None else str(int((current.get("metadata") or {}).get("resourceVersion", "0")))
+            if found != snap.version:
+                raise ConflictError(f"pool {snap.name} is at version {found}, read {snap.version}")
+            meta["resourceVersion"] = str(int(snap.version or 0) + 1)
+            _atomic_write(self._pool_path(snap.name), json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def delete_pool(self, name: str, version: str) -> None:
+        path = self._pool_path(name)
+        with pool_lock(self.locks, name, 10.0):
+            current = self._load(path)
+            if current is None:
+                return
+            found = str(int((current.get("metadata") or {}).get("resourceVersion", "0")))
+            if found != version:
+                raise ConflictError(f"pool {name} is at version {found}, read {version}")
+            with suppress(FileNotFoundError):
+                path.unlink()
 
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return pool_lock(self.locks, name, timeout)

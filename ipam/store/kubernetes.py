@@ -13,6 +13,7 @@ import json
 import os
 import time
 import weakref
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -23,9 +24,13 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
-from ..errors import CNIError, ConflictError, TransientStoreError
+from ..errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
+from ..slices import from_object as node_slices_from_object
+from ..slices import to_status as slice_status
 from .base import PoolSnapshot
 from .locks import pool_lock
+from .slicestore import SlicePoolView
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -35,6 +40,7 @@ GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
 POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
+NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
 k8s_config: Any = _k8s_config  # untyped module
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
@@ -231,6 +237,8 @@ class KubernetesStore:
         )
         if obj is None:
             return PoolSnapshot(name, cidr, {}, None)
+        if RETIRED_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {}):
+            raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
         return self._snapshot(obj, name, cidr)
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
@@ -400,6 +408,134 @@ class KubernetesStore:
     def list_pods(self) -> list[dict[str, Any]]:
         core = k8s.CoreV1Api(self.api_client)
         return self._list_all("list pods", core.list_pod_for_all_namespaces)
+
+    # -- node slices: NodeSlicePool objects, and the fence reclaim puts on a slice pool ----------
+
+    def _put(self, what: str, plural: str, name: str, body: dict[str, Any], status: bool = False) -> Any:
+        fn = self.api.replace_namespaced_custom_object_status if status else self.api.replace_namespaced_custom_object
+        done = self._call(what, fn, GROUP, VERSION, self.namespace, plural, name, body, missing_ok=True)
+        if done is None:  # deleted since it was read: start over
+            raise ConflictError(f"{what}: gone")
+        return done
+
+    def read_node_slices(self, name: str) -> NodeSlices | None:
+        obj = self._call(
+            f"get NodeSlicePool {name}",
+            self.api.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            NODE_SLICES,
+            name,
+            missing_ok=True,
+        )
+        return None if obj is None else node_slices_from_object(obj, name)
+
+    def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+        status = slice_status(entries)
+        what = f"write NodeSlicePool {pool.name}"
+        if pool.version is None:
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "NodeSlicePool",
+                "metadata": {"name": pool.name, "namespace": self.namespace},
+                "spec": {"range": pool.range, "sliceSize": pool.slice_size},
+                "status": status,
+            }
+            done = self._call(
+                what, self.api.create_namespaced_custom_object, GROUP, VERSION, self.namespace, NODE_SLICES, body
+            )
+        else:
+            old: dict[str, Any] = dict(pool.token or {})
+            meta = {k: v for k, v in (old.get("metadata") or {}).items() if k != "managedFields"}
+            body = {**old, "metadata": {**meta, "resourceVersion": pool.version}, "status": status}
+            done = self._put(what, NODE_SLICES, pool.name, body)
+        if done.get("status") != status:
+            # the CRD declares a status subresource (the main resource ignored status): write it there,
+            # still conditional on the version the first write left
+            self._put(what + "/status", NODE_SLICES, pool.name, {**done, "status": status}, status=True)
+
+    def list_node_slices(self) -> list[NodeSlices]:
+        probe = self._call(
+            "list NodeSlicePools",
+            self.api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            NODE_SLICES,
+            limit=1,
+            missing_ok=True,
+        )
+        if not probe or not probe.get("items"):  # none, or the CRD is not installed
+            return []
+        items = self._list_all(
+            "list NodeSlicePools", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, NODE_SLICES
+        )
+        return [node_slices_from_object(obj, (obj.get("metadata") or {}).get("name", "")) for obj in items]
+
+    def list_nodes(self) -> set[str]:
+        core = k8s.CoreV1Api(self.api_client)
+        return {(n.get("metadata") or {}).get("name", "") for n in self._list_all("list nodes", core.list_node)}
+
+    def inspect_pool(self, name: str, cidr: str) -> SlicePoolView:
+        obj = self._call(
+            f"get IPPool {name}",
+            self.api.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            POOLS,
+            name,
+            missing_ok=True,
+        )
+        if obj is None:
+            return SlicePoolView(PoolSnapshot(name, cidr, {}, None), False, None)
+        meta = obj.get("metadata") or {}
+        stamps = [parse_time(f.get("time")) for f in meta.get("managedFields") or [] if isinstance(f, dict)]
+        stamps.append(parse_time(meta.get("creationTimestamp")))
+        known = [t for t in stamps if t is not None]
+        retired = RETIRED_ANNOTATION in (meta.get("annotations") or {})
+        return SlicePoolView(self._snapshot(obj, name, cidr), retired, max(known) if known else None)
+
+    def retire_pool(self, view: SlicePoolView) -> None:
+        snap = view.snapshot
+        mark = {RETIRED_ANNOTATION: "true"}
+        if snap.version is None:
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "IPPool",
+                "metadata": {"name": snap.name, "namespace": self.namespace, "annotations": mark},
+                "spec": {"range": snap.cidr, "allocations": {}},
+            }
+            self._call(
+                f"retire IPPool {snap.name}",
+                self.api.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                POOLS,
+                body,
+            )
+            return
+        old: dict[str, Any] = dict(snap.token or {})
+        meta = {k: v for k, v in (old.get("metadata") or {}).items() if k != "managedFields"}
+        annotations = {**(meta.get("annotations") or {}), **mark}
+        body = {**old, "metadata": {**meta, "annotations": annotations, "resourceVersion": snap.version}}
+        self._put(f"retire IPPool {snap.name}", POOLS, snap.name, body)
+
+    def delete_pool(self, name: str, version: str) -> None:
+        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=version))
+        self._call(
+            f"delete IPPool {name}",
+            self.api.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            POOLS,
+            name,
+            body=body,
+            missing_ok=True,
+        )
 
     # -- node lock, health ----------------------------------------------------------------------
 

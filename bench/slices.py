@@ -1,0 +1,295 @@
+"""Node-slice burst: N ADDs from M nodes (one ipam-agent each, the shim exec'd under `python3 -S` as a
+host does) into one range with `node_slice_size`, against a real kube-apiserver; and, in the same run,
+the floor (as many bare `python3 -S -c pass` spawns from the same thread pool) and the same burst
+without slices. Each burst is reported as a ratio to the floor, with API requests and 409s per ADD
+taken from the API server's own `apiserver_request_total`.
+
+    python -m bench.slices [--kubeconfig K] [--pods 1000] [--nodes 10] [--per-node 10]
+
+Without --kubeconfig it starts etcd + kube-apiserver from $KUBEBUILDER_ASSETS (tests/kubeapi/real.py).
+`node_slice_burst()` is the scenario for bench/__main__.py to call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+SHIM = [PYTHON, "-S", str(ROOT / "bin" / "whereabouts-py")]
+AGENT = str(VENV_BIN / "ipam-agent")
+_METRIC = re.compile(r'^apiserver_request_total\{([^}]*)\} (\S+)$')
+
+
+@contextmanager
+def agent(sock: str, node: str) -> Iterator[None]:
+    env = {**os.environ, "NODENAME": node}
+    proc = subprocess.Popen(
+        [AGENT, "--socket", sock, "--metrics-port", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(400):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.025)
+        else:
+            raise RuntimeError("ipam-agent did not start")
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def requests_by_resource(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """(requests, 409s) per whereabouts resource from the API server's /metrics."""
+    out: dict[str, list[float]] = {}
+    for line in metrics_text.splitlines():
+        m = _METRIC.match(line)
+        if not m:
+            continue
+        labels = dict(kv.split("=", 1) for kv in re.findall(r'(\w+="[^"]*")', m.group(1)))
+        if labels.get("group") != '"whereabouts.cni.cncf.io"':
+            continue
+        res = labels.get("resource", "").strip('"')
+        slot = out.setdefault(res, [0.0, 0.0])
+        slot[0] += float(m.group(2))
+        if labels.get("code") == '"409"':
+            slot[1] += float(m.group(2))
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def timed_pool(jobs: int, threads: int, one: Callable[[int], Any]) -> tuple[float, list[Any]]:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(one, range(jobs)))
+    return time.perf_counter() - started, results
+
+
+def floor(jobs: int, threads: int) -> float:
+    """Wall time of spawning `jobs` bare interpreters the way the burst spawns the shim."""
+    return timed_pool(jobs, threads, lambda _i: subprocess.run([PYTHON, "-S", "-c", "pass"], check=True))[0]
+
+
+def node_slice_burst(
+    kubeconfig: str,
+    metrics: Callable[[], str],
+    work: Path,
+    pods: int,
+    nodes: int,
+    per_node: int,
+    slice_size: str | None,
+    cidr: str,
+    network: str,
+) -> dict[str, Any]:
+    """One burst; `slice_size` None runs the same burst into one pool (today's default mode)."""
+    socks = [str(work / f"{network}-n{n}.sock") for n in range(nodes)]
+    before = requests_by_resource(metrics())
+    with ExitStack() as stack:
+        for n, sock in enumerate(socks):
+            stack.enter_context(agent(sock, f"{network}-node-{n}"))
+
+        def one(i: int) -> tuple[int, str]:
+            n = i % nodes
+            ipam: dict[str, Any] = {
+                "type": "whereabouts-py",
+                "range": cidr,
+                "network_name": network,
+                "kubernetes": {"kubeconfig": kubeconfig},
+                "data_dir": str(work / f"{network}-n{n}"),
+                "retry_deadline_seconds": 180,
+            }
+            if slice_size:
+                ipam["node_slice_size"] = slice_size
+            conf = {"cniVersion": "1.0.0", "name": network, "type": "ipvlan", "ipam": ipam}
+            env = cni_env("ADD", f"{network}-{i}", namespace="bench", NODENAME=f"{network}-node-{n}",
+                          WHEREABOUTS_PY_AGENT_SOCKET=socks[n])
+            proc = subprocess.run(SHIM, input=json.dumps(conf).encode(), env=env, capture_output=True, check=False)
+            return proc.returncode, proc.stdout.decode()
+
+        wall, results = timed_pool(pods, nodes * per_node, one)
+    after = requests_by_resource(metrics())
+    addresses = [json.loads(out)["ips"][0]["address"] for code, out in results if code == 0]
+    failures = [out for code, out in results if code != 0]
+    reqs = sum(after[k][0] - before.get(k, (0.0, 0.0))[0] for k in after)
+    conflicts = sum(after[k][1] - before.get(k, (0.0, 0.0))[1] for k in after)
+    return {
+        "case": f"node_slice_size {slice_size}" if slice_size else "one pool (no slices)",
+        "pods": pods,
+        "nodes": nodes,
+        "wall_s": round(wall, 2),
+        "failures": len(failures),
+        "duplicates": len(addresses) - len(set(addresses)),
+        "api_requests_per_add": round(reqs / max(1, pods), 2),
+        "409_per_add": round(conflicts / max(1, pods), 2),
+        "first_failure": failures[0][:200] if failures else "",
+    }
+
+
+def filled_range_latency(
+    kubeconfig: str, seed: Callable[[dict[str, Any]], None], work: Path, runs: int, nodes: int, per_node: int
+) -> list[dict[str, Any]]:
+    """ADD p50 on one node (agent + shim, DEL between, so its slice stays as it was) in an empty
+    range, and in a range whose other `nodes` nodes' slices hold `per_node` leases each."""
+    import statistics
+
+    rows = []
+    for label, cidr, network, fill in (
+        ("empty range", "10.212.0.0/16", "empty", 0),
+        (f"{nodes * per_node} leases in {nodes} other nodes' slices", "10.213.0.0/16", "filled", per_node),
+    ):
+        if fill:
+            prefix = "10.213"
+            seed({
+                "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
+                "metadata": {"name": network},
+                "spec": {"range": cidr, "sliceSize": "/24"},
+                "status": {"allocations": [
+                    {"nodeName": f"{network}-other-{i}" if i < nodes else "", "sliceRange": f"{prefix}.{i}.0/24"}
+                    for i in range(256)
+                ]},
+            })
+            for i in range(nodes):
+                seed({
+                    "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
+                    "metadata": {"name": f"{network}-{network}-other-{i}-{prefix}.{i}.0-24"},
+                    "spec": {"range": f"{prefix}.{i}.0/24", "allocations": {
+                        str(k + 1): {"id": f"s{i}-{k}", "podref": f"bench/s{i}-{k}", "ifname": "net1"} for k in range(fill)
+                    }},
+                })
+        sock = str(work / f"{network}.sock")
+        node = f"{network}-me"
+        times = []
+        with agent(sock, node):
+            ipam = {"type": "whereabouts-py", "range": cidr, "network_name": network, "node_slice_size": "/24",
+                    "kubernetes": {"kubeconfig": kubeconfig}, "data_dir": str(work / network)}
+            conf = json.dumps({"cniVersion": "1.0.0", "name": network, "type": "ipvlan", "ipam": ipam}).encode()
+            for i in range(runs + 1):
+                for command in ("ADD", "DEL"):
+                    env = cni_env(command, f"{network}-{i}", namespace="bench", NODENAME=node, WHEREABOUTS_PY_AGENT_SOCKET=sock)
+                    started = time.perf_counter()
+                    proc = subprocess.run(SHIM, input=conf, env=env, capture_output=True, check=False)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"{label}: {command} failed: {proc.stdout.decode()}")
+                    if command == "ADD" and i:  # the first claims the slice: not the steady state
+                        times.append(time.perf_counter() - started)
+        rows.append({"case": label, "runs": runs, "add_p50_ms": round(statistics.median(times) * 1000, 1)})
+    rows[1]["x_empty"] = round(rows[1]["add_p50_ms"] / rows[0]["add_p50_ms"], 2)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.slices", description=__doc__)
+    parser.add_argument("--kubeconfig", help="a real cluster (default: start one from $KUBEBUILDER_ASSETS)")
+    parser.add_argument("--pods", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--per-node", type=int, default=10)
+    parser.add_argument("--slice-size", default="/26")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the burst without slices")
+    parser.add_argument("--fill-nodes", type=int, default=80, help="other nodes in the filled-range case (0: skip)")
+    parser.add_argument("--fill-per-node", type=int, default=250, help="leases in each of their slices")
+    parser.add_argument("--runs", type=int, default=30, help="sequential ADDs per filled-range case")
+    parser.add_argument("--no-burst", action="store_true", help="only the filled-range case")
+    parser.add_argument("--no-slices", action="store_true", help="only the floor and the burst without slices")
+    parser.add_argument(
+        "--granular-crd", action="store_true",
+        help="serve IPPools without `x-kubernetes-map-type: atomic` (per-lease managedFields), to compare",
+    )
+    args = parser.parse_args()
+    use_opt_in_flat_file()  # the bench's NADs carry data_dir/kubeconfig: a single-tenant node flat file
+    work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench-slices."))
+    cluster: Any = None
+    try:
+        if args.kubeconfig:
+            kubeconfig = args.kubeconfig
+
+            def metrics() -> str:
+                return ""
+        else:
+            from tests.kubeapi.real import RealCluster, assets_dir
+
+            assets = assets_dir()
+            if assets is None:
+                print("KUBEBUILDER_ASSETS is unset: no API server to benchmark", file=sys.stderr)
+                return 1
+            cluster = RealCluster(assets, work / "cluster").start()
+            cluster.ensure_namespace("bench")
+            if args.granular_crd:
+                _granular_ippools(cluster)
+            kubeconfig = str(cluster.kubeconfig(work / "kubeconfig", "bench"))
+
+            def metrics() -> str:
+                return _raw(cluster, "/metrics")
+
+        if not args.no_burst:
+            threads = args.nodes * args.per_node
+            rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
+                     "wall_s": round(floor(args.pods, threads), 2)}]
+            if not args.no_slices:
+                rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
+                                             args.slice_size, "10.210.0.0/16", "slices"))
+            if not args.no_baseline:
+                rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
+                                             None, "10.211.0.0/22", "onepool"))
+            base = float(rows[0]["wall_s"])
+            for row in rows:
+                row["x_floor"] = round(float(row["wall_s"]) / base, 2)
+            keys = ["case", "pods", "nodes", "wall_s", "x_floor", "failures", "duplicates", "api_requests_per_add", "409_per_add"]
+            print(_table(rows, keys))
+            for row in rows:
+                if row.get("first_failure"):
+                    print(f"first failure ({row['case']}): {row['first_failure']}")
+        if args.fill_nodes and cluster is not None:
+            fill = filled_range_latency(kubeconfig, lambda obj: cluster.apply(obj, namespace="bench"), work,
+                                        args.runs, args.fill_nodes, args.fill_per_node)
+            print()
+            print(_table(fill, ["case", "runs", "add_p50_ms", "x_empty"]))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _granular_ippools(cluster: Any) -> None:
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/ippools.whereabouts.cni.cncf.io"
+    crd = cluster.request("GET", path)
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    props["allocations"].pop("x-kubernetes-map-type", None)
+    cluster.request("PUT", path, crd)
+    cluster.wait_established("ippools.whereabouts.cni.cncf.io")
+    time.sleep(2)  # the new schema reaches the IPPool handler
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows])
+
+
+def _raw(cluster: Any, path: str) -> str:
+    import urllib.request
+
+    req = urllib.request.Request(cluster.url + path)
+    with urllib.request.urlopen(req, timeout=60, context=cluster._ssl) as r:
+        return str(r.read().decode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

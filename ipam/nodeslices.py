@@ -1,0 +1,554 @@
+"""Node slices, the I/O side: where a range's leases live for this node, claiming a slice, reclaim.
+
+With `node_slice_size` the engine hands a sliced range to a `Slicer` (its `slicer` hook). The slicer
+reads the NodeSlicePool (cached per process, so the agent keeps it warm), tries the node's slices in
+order through the engine's own batch path (so the agent still coalesces, per slice pool), and when
+they are all full claims the first free slice itself: a conditional write of the NodeSlicePool in the
+engine's retry loop (created when absent; a 409 re-reads and takes the next free one).
+
+Safety of returning a slice rests on two rules:
+- reclaim first *retires* the slice pool (a conditional write of a mark, or a marked create when the
+  pool is absent), and only then frees the slice; a retired pool refuses every read_pool, so an ADD
+  racing with reclaim either wrote its lease first (the mark's write then conflicts and the slice is
+  kept) or sees the mark and moves on;
+- an ADD never creates a slice pool blindly: it re-reads the NodeSlicePool, creates the pool only when
+  the node holds the slice, and re-reads once more after creating it (reclaim may have returned the
+  slice in between).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, cast
+
+from . import errors
+from .allocator import Allocations, Lease
+from .errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
+from .log import log
+from .ranges import RangeSpec
+from .slices import (
+    NodeSlices,
+    SlicePoolState,
+    claim,
+    exhausted_message,
+    fresh,
+    matches,
+    network_prefixes,
+    reclaimable,
+    release,
+    slice_pool_name,
+    slice_spec,
+)
+from .store.base import PoolSnapshot, Store
+from .store.slicestore import SlicePoolView, SliceStore
+
+if TYPE_CHECKING:
+    from .engine import AddOp, Assigned, Engine
+
+
+class FencedStore:
+    """The store as slice pools see it: an absent slice pool is not created by a write of the engine
+    (PoolRetiredError(absent=True)); `Slicer` creates it after checking the node holds the slice."""
+
+    def __init__(self, inner: Store) -> None:
+        # weakly: the per-store state below holds this, and must not keep its store alive
+        self.inner: Store = cast(Store, weakref.proxy(inner))
+
+    def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
+        snap = self.inner.read_pool(name, cidr)
+        if snap.version is None:
+            raise PoolRetiredError(name, absent=True)
+        return snap
+
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
+        self.inner.write_pool(snapshot, allocations)
+
+    def list_pools(self) -> list[PoolSnapshot]:
+        return self.inner.list_pools()
+
+    def reserve(self, name: str, lease: Lease) -> Lease | None:
+        return self.inner.reserve(name, lease)
+
+    def unreserve(self, name: str, container_id: str, ifname: str) -> None:
+        self.inner.unreserve(name, container_id, ifname)
+
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
+        return self.inner.pool_lock(name, timeout)
+
+    def check_reachable(self) -> None:
+        self.inner.check_reachable()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# Per process and per store (the agent keeps its stores warm; an evicted one takes this with it):
+# NodeSlicePools as last read, one claim at a time per NodeSlicePool, the slice pools this process
+# made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
+# so the agent's coalescer keys stay stable).
+CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
+
+
+@dataclass
+class _StoreState:
+    fenced: FencedStore
+    pools: dict[str, NodeSlices] = field(default_factory=dict)
+    claims: dict[str, threading.Lock] = field(default_factory=dict)
+    created: dict[str, float] = field(default_factory=dict)
+
+
+_LOCK = threading.RLock()  # _state() is called with it held
+_STATE: weakref.WeakKeyDictionary[object, _StoreState] = weakref.WeakKeyDictionary()
+
+
+def _state(store: object) -> _StoreState:
+    with _LOCK:
+        found = _STATE.get(store)
+        if found is None:
+            found = _STATE[store] = _StoreState(FencedStore(cast(Store, store)))
+        return found
+
+
+def fenced(store: Store) -> FencedStore:
+    return _state(store).fenced
+
+
+def forget_cache() -> None:
+    """Drop what this process remembers about every store (tests)."""
+    with _LOCK:
+        for state in _STATE.values():
+            state.pools.clear()
+            state.claims.clear()
+            state.created.clear()
+
+
+@dataclass
+class Slicer:
+    """Node slices of one range for one node (the engine's `slicer` hook)."""
+
+    spec: RangeSpec
+    size_text: str
+    prefix: int
+    pool_name: str  # the NodeSlicePool
+    node: str
+    network_name: str
+    store: SliceStore
+    reads: list[str] = field(default_factory=list)  # NodeSlicePool reads, for tests and the bench
+
+    def covers(self, spec: RangeSpec) -> bool:
+        return spec == self.spec
+
+    @property
+    def _st(self) -> _StoreState:
+        return _state(self.store)
+
+    def _names(self, slice_range: str) -> tuple[str, RangeSpec]:
+        return slice_pool_name(self.node, slice_range, self.network_name), slice_spec(self.spec, slice_range)
+
+    def _shift(self, sub: RangeSpec) -> int:
+        """Add to a slice pool's offset to get the range's."""
+        return int(sub.network.first) - int(self.spec.network.first)
+
+    def _sub_engine(self, engine: Engine) -> Engine:
+        return replace(engine, store=fenced(engine.store), slicer=None)
+
+    # -- the NodeSlicePool ----------------------------------------------------------------------
+
+    def _checked(self, pool: NodeSlices | None) -> NodeSlices:
+        if pool is None:
+            return fresh(self.pool_name, self.spec, self.size_text, self.prefix)
+        if not matches(pool, self.spec, self.prefix):
+            raise CNIError(
+                errors.DATASTORE_ERROR,
+                f"NodeSlicePool {self.pool_name} cuts range {pool.range} into {pool.slice_size} slices, "
+                f"but the config has range {self.spec.cidr} with node_slice_size {self.size_text}",
+                "change the config back, or delete the NodeSlicePool once no pod uses the old slices",
+            )
+        if not pool.entries:  # created with a status subresource, status not written yet
+            return replace(pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries)
+        return pool
+
+    def _read(self, engine: Engine, deadline: float, refresh: bool) -> NodeSlices:
+        if not refresh:
+            with _LOCK:
+                cached = self._st.pools.get(self.pool_name)
+            if cached is not None:
+                return cached
+        found: list[NodeSlices | None] = [None]
+
+        def step() -> bool:
+            found[0] = self.store.read_node_slices(self.pool_name)
+            return True
+
+        engine._retry(self.pool_name, deadline, step)
+        self.reads.append(self.pool_name)
+        pool = self._checked(found[0])
+        with _LOCK:
+            self._st.pools[self.pool_name] = pool
+        return pool
+
+    @contextmanager
+    def _claiming(self, engine: Engine, deadline: float) -> Iterator[None]:
+        with _LOCK:
+            lock = self._st.claims.setdefault(self.pool_name, threading.Lock())
+        # this node's processes claim one at a time (a lock per node: on the file store all share a dir)
+        name = f"nodeslicepool-{self.pool_name}-{self.node}"
+        with lock, engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
+            yield
+
+    def _claim(self, engine: Engine, deadline: float, tried: set[str]) -> NodeSlices:
+        """Give this node the first free slice (or find one another caller just claimed for it)."""
+        out: list[NodeSlices | None] = [None]
+
+        def step() -> bool:
+            pool = self._checked(self.store.read_node_slices(self.pool_name))
+            if any(s not in tried for s in pool.held_by(self.node)):
+                out[0] = pool
+                return True
+            entries = claim(pool, self.node, skip=tried)
+            if entries is None:
+                raise CNIError(errors.POOL_EXHAUSTED, exhausted_message(self.spec, self.size_text, pool, self.node))
+            self.store.write_node_slices(pool, entries)
+            out[0] = replace(pool, entries=entries)
+            new = [e.slice_range for e in entries if e.node == self.node and e.slice_range not in tried]
+            log.info("slice.claim", nodeslicepool=self.pool_name, node=self.node, slices=new)
+            return True
+
+        with self._claiming(engine, deadline):
+            before = set(self._cached_held())
+            engine._retry(self.pool_name, deadline, step)
+            pool = out[0]
+            assert pool is not None
+            with _LOCK:
+                self._st.pools[self.pool_name] = pool
+            # make the new slice's pool now, while this node's other calls wait for the claim: they
+            # then find it instead of all taking the absent-pool path together
+            for s in pool.held_by(self.node):
+                if s not in before and s not in tried:
+                    self._create_pool(engine, s, deadline, held=True)
+        return pool
+
+    def _cached_held(self) -> list[str]:
+        with _LOCK:
+            cached = self._st.pools.get(self.pool_name)
+        return cached.held_by(self.node) if cached is not None else []
+
+    def _create_pool(self, engine: Engine, slice_range: str, deadline: float, held: bool = False) -> bool:
+        """Create the node's pool of a slice it holds; False when the slice is not (or no longer) its.
+        `held`: the caller has just written the claim, so the first check is skipped."""
+        name, sub = self._names(slice_range)
+        with _LOCK:
+            made = self._st.created.get(name)
+        if made is not None and engine.clock() - made < CREATED_FRESH_SECONDS:
+            return True  # another call of this process just made (and checked) it
+        if not held and slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
+            return False
+
+        def step() -> bool:
+            # ConflictError: it exists (another caller made it, or reclaim's fence: read_pool will say)
+            with suppress(ConflictError):
+                engine.store.write_pool(PoolSnapshot(name, sub.cidr, {}, None), {})
+            return True
+
+        with engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
+            engine._retry(name, deadline, step)
+        # reclaim may have returned the slice between the read above and the create
+        if slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):
+            return False
+        with _LOCK:
+            self._st.created[name] = engine.clock()
+        return True
+
+    # -- ADD ------------------------------------------------------------------------------------
+
+    def _add_in(self, engine: Engine, op: AddOp, slice_range: str, deadline: float) -> Assigned | str:
+        """A lease in one slice (`op` filled in with range offsets), or why not: "full", "retired"
+        (reclaim is returning it), "not-held"."""
+        from .engine import AddOp, Assigned
+
+        name, sub = self._names(slice_range)
+        if sub.size() == 0:
+            return "full"
+        sub_engine = self._sub_engine(engine)
+        for _ in range(3):
+            sub_op = AddOp(sub, op.request)
+            try:
+                sub_engine._submit(name, sub.cidr, [sub_op], deadline)
+            except PoolRetiredError as exc:
+                if not exc.absent:
+                    return "retired"
+                if self._create_pool(engine, slice_range, deadline):
+                    continue
+                return "not-held"
+            op.created = op.created or sub_op.created
+            if sub_op.error is None:
+                assert sub_op.offset is not None
+                op.offset, op.reused = sub_op.offset + self._shift(sub), sub_op.reused
+                return Assigned(op.spec, sub.address_at(sub_op.offset))
+            if sub_op.error.code == errors.POOL_EXHAUSTED:
+                return "full"
+            raise sub_op.error
+        return "not-held"
+
+    def _owner_first(self, engine: Engine, op: AddOp, held: Sequence[str], deadline: float) -> list[str]:
+        """`held` with the slice whose pool already holds this attachment's lease moved to the front.
+
+        With one slice there is nothing to search. With several, each later slice pool is read once
+        (a GET each): the cost of never giving a repeated ADD a second address in an earlier slice
+        that has room again."""
+        from .allocator import find_owner
+
+        order = list(held)
+        if len(order) < 2:
+            return order
+        snap: list[PoolSnapshot | None] = [None]
+        for s in order[1:]:
+            name, sub = self._names(s)
+
+            def step(name: str = name, cidr: str = sub.cidr) -> bool:
+                try:
+                    snap[0] = engine.store.read_pool(name, cidr)
+                except PoolRetiredError:  # being returned: it holds no lease
+                    snap[0] = None
+                return True
+
+            engine._retry(name, deadline, step)
+            found = snap[0]
+            if found is not None and find_owner(found.allocations, op.request) is not None:
+                order.remove(s)
+                return [s, *order]
+        return order
+
+    def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
+        with _LOCK:
+            cold = self.pool_name not in self._st.pools
+        pool = self._read(engine, deadline, refresh=False)
+        tried: set[str] = set()  # not again in this ADD
+        unusable: set[str] = set()  # full or being returned: not worth claiming again
+        refreshed = cold  # a cold cache was just read: no need to read again before claiming
+        while True:
+            # the slice already holding this attachment's lease first, then the NodeSlicePool's order:
+            # a repeated ADD gets its address back and never a second one in an earlier slice
+            held = self._owner_first(engine, op, pool.held_by(self.node), deadline)
+            for s in [s for s in held if s not in tried]:
+                done = self._add_in(engine, op, s, deadline)
+                if not isinstance(done, str):
+                    return done
+                tried.add(s)
+                if done != "not-held":
+                    unusable.add(s)
+            if not refreshed:  # another process of this node may have claimed one meanwhile
+                refreshed = True
+                pool = self._read(engine, deadline, refresh=True)
+                if any(s not in tried for s in pool.held_by(self.node)):
+                    continue
+            if engine.clock() >= deadline:
+                raise CNIError(
+                    errors.TRY_AGAIN_LATER,
+                    f"no usable slice of range {self.spec.cidr} for node {self.node} within the deadline; try again later",
+                )
+            pool = self._claim(engine, deadline, unusable)
+            tried -= set(pool.held_by(self.node)) - unusable
+
+    # -- DEL / GC / CHECK / STATUS --------------------------------------------------------------
+
+    def _each_held(self, engine: Engine, deadline: float, refresh: bool) -> Iterator[tuple[str, str, RangeSpec]]:
+        for s in self._read(engine, deadline, refresh).held_by(self.node):
+            name, sub = self._names(s)
+            yield s, name, sub
+
+    def release(
+        self,
+        engine: Engine,
+        spec: RangeSpec,
+        container_id: str,
+        ifname: str,
+        deadline: float,
+        token: str = "",
+        untokened: bool = False,
+    ) -> list[int]:
+        """Give back this container's lease in whichever of the node's slices holds it (range offsets);
+        with `token` (a rollback) only leases still carrying it, as `ReleaseOp` does."""
+        from .engine import ReleaseOp
+
+        sub_engine = self._sub_engine(engine)
+        tried: set[str] = set()
+        out: list[int] = []
+        for refresh in (False, True):
+            for s, name, sub in self._each_held(engine, deadline, refresh):
+                if s in tried:
+                    continue
+                tried.add(s)
+                op = ReleaseOp(container_id, ifname, token=token, untokened=untokened)
+                try:
+                    sub_engine._submit(name, sub.cidr, [op], deadline)
+                except PoolRetiredError:
+                    continue
+                out += [o + self._shift(sub) for o in op.released]
+            if out:
+                break
+        return out
+
+    def mutate(
+        self, engine: Engine, deadline: float, change: Callable[[Allocations], tuple[Allocations, list[int]]]
+    ) -> list[int]:
+        """`change` (over range offsets) applied to each of the node's slice pools."""
+        sub_engine = self._sub_engine(engine)
+        out: list[int] = []
+        for _s, name, sub in self._each_held(engine, deadline, refresh=True):
+            shift = self._shift(sub)
+
+            def shifted(
+                allocs: Allocations, shift: int = shift
+            ) -> tuple[Allocations, list[int]]:
+                remaining, gone = change({o + shift: lease for o, lease in allocs.items()})
+                return {o - shift: lease for o, lease in remaining.items()}, gone
+
+            try:
+                out += sub_engine.mutate_pool(name, sub.cidr, shifted, deadline)
+            except PoolRetiredError:
+                continue
+        return out
+
+    def leases(self, engine: Engine, deadline: float) -> Allocations:
+        """Every lease in the node's slices, keyed by range offset."""
+        out: Allocations = {}
+        for _s, name, sub in self._each_held(engine, deadline, refresh=True):
+            try:
+                snap = engine.store.read_pool(name, sub.cidr)
+            except PoolRetiredError:
+                continue
+            out.update({o + self._shift(sub): lease for o, lease in snap.allocations.items()})
+        return out
+
+    def free(self, engine: Engine, deadline: float) -> int:
+        """Addresses this node can still hand out: free ones in its slices, and every free slice."""
+        pool = self._read(engine, deadline, refresh=True)
+        total = 0
+        for e in pool.entries:
+            name, sub = self._names(e.slice_range)
+            if not e.node:
+                total += sub.size()
+            elif e.node == self.node:
+                try:
+                    used = len(engine.store.read_pool(name, sub.cidr).allocations)
+                except PoolRetiredError:
+                    continue
+                total += max(0, sub.size() - used)
+        return total
+
+
+# -- reclaim -------------------------------------------------------------------------------------
+
+
+def _with_retries(step: Callable[[], None], attempts: int = 8) -> None:
+    for i in range(attempts):
+        try:
+            step()
+            return
+        except (ConflictError, TransientStoreError):
+            if i == attempts - 1:
+                raise
+            time.sleep(0.01 * (2**i))
+
+
+def reclaim_slices(
+    store: SliceStore,
+    live_nodes: set[str],
+    grace: float,
+    dry_run: bool,
+    now: datetime | None = None,
+    before_free: Callable[[str, str], None] | None = None,
+) -> list[str]:
+    """Return slices of nodes that no longer exist, and live nodes' spare empty slices, after `grace`
+    seconds without a change to their pool. One report line per slice (`would-return` in a dry run).
+
+    A slice pool may be named with the NodeSlicePool's name as network name or without one (the pool
+    is named after `network_name`, else after the network's `name`, which leaves no prefix): both
+    candidates are judged and fenced. `before_free` is a test hook run between fencing and freeing.
+    """
+    now = now or datetime.now(UTC)
+    lines: list[str] = []
+    verb = "would-return" if dry_run else "return"
+    for nsp in store.list_node_slices():
+        views: dict[tuple[str, str], list[SlicePoolView]] = {}
+        states: dict[str, SlicePoolState] = {}
+        for e in nsp.entries:
+            if not e.node:
+                continue
+            names = dict.fromkeys([slice_pool_name(e.node, e.slice_range, nsp.name), slice_pool_name(e.node, e.slice_range)])
+            found = [store.inspect_pool(n, e.slice_range) for n in names]
+            views[(e.node, e.slice_range)] = found
+            stamps = [v.changed for v in found if v.changed is not None]
+            states[slice_pool_name(e.node, e.slice_range, nsp.name)] = SlicePoolState(
+                sum(len(v.snapshot.allocations) for v in found),
+                max(stamps) if stamps else None,
+                any(v.snapshot.version is not None for v in found),
+            )
+        for r in reclaimable(nsp, live_nodes, states, now, grace, nsp.name):
+            where = f"nodeslicepool={nsp.name} slice={r.slice_range} node={r.node} reason={r.reason}"
+            if dry_run:
+                lines.append(f"{verb} {where}")
+                continue
+            try:
+                fences = [v for v in views[(r.node, r.slice_range)] if not v.retired]
+                for v in fences:
+                    store.retire_pool(v)
+            except ConflictError:
+                lines.append(f"kept {where} (its pool changed: a lease may have landed)")
+                continue
+            if before_free is not None:
+                before_free(r.node, r.slice_range)
+
+            def free(node: str = r.node, slice_range: str = r.slice_range, name: str = nsp.name) -> None:
+                current = store.read_node_slices(name)
+                if current is None:
+                    return
+                entries = release(current, node, slice_range)
+                if entries is not None:
+                    store.write_node_slices(current, entries)
+
+            try:
+                _with_retries(free)
+                for v in views[(r.node, r.slice_range)]:
+                    after = store.inspect_pool(v.snapshot.name, r.slice_range)
+                    if after.retired and not after.snapshot.allocations and after.snapshot.version:
+                        def drop(name: str = after.snapshot.name, version: str = str(after.snapshot.version)) -> None:
+                            store.delete_pool(name, version)
+
+                        _with_retries(drop)
+            except (ConflictError, TransientStoreError, CNIError) as exc:
+                lines.append(f"error {where}: {exc}")
+                continue
+            log.info("slice.return", nodeslicepool=nsp.name, slice=r.slice_range, node=r.node, reason=r.reason)
+            lines.append(f"{verb} {where}")
+    return lines
+
+
+def return_slices(store: object, grace: float, dry_run: bool, now: datetime | None = None) -> list[str]:
+    """`reclaim_slices` for ipam-reconcile (and ipamctl): live nodes from the API; errors as lines."""
+    list_nodes = getattr(store, "list_nodes", None)
+    if not isinstance(store, SliceStore) or list_nodes is None:
+        return []
+    try:
+        if not store.list_node_slices():
+            return []
+        live: set[str] = list_nodes()
+        return reclaim_slices(store, live, grace, dry_run, now)
+    except (CNIError, ConflictError, TransientStoreError) as exc:
+        return [f"error returning node slices: {exc}"]
+
+
+def slice_network_prefixes(store: object, pools: Sequence[PoolSnapshot]) -> dict[str, str]:
+    """Which network name the reservations of each slice pool carry (see `slices.network_prefixes`);
+    empty when the store has no NodeSlicePools. The reconciler must use it: deriving the prefix from a
+    slice pool's name would take the node for part of the network name."""
+    if not isinstance(store, SliceStore):
+        return {}
+    return network_prefixes(store.list_node_slices(), [p.name for p in pools])

@@ -1,0 +1,112 @@
+"""Node slices on the API test server, where requests can be counted and CRDs swapped: the warm
+steady-state ADD costs one pool GET, one pool write and one reservation; a NodeSlicePool CRD with a
+status subresource still gets its claims (written through /status)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam import nodeslices
+from ipam.agent import Agent
+from ipam.cni import run
+from tests.kubeapi.fixtures import KubeHandle
+from tests.kubeapi.schema import crd_documents
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache() -> None:
+    nodeslices.forget_cache()
+
+
+def add(kube: KubeHandle, tmp: Path, cid: str, node: str = "node-a", agent: Agent | None = None) -> dict[str, Any]:
+    ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": node,
+            "data_dir": str(tmp), "kubernetes": {"kubeconfig": kube.kubeconfig_path}}
+    conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+           "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}"}
+    if agent is not None:
+        reply = agent.serve_call({"env": env, "stdin": json.dumps(conf)})
+        assert reply["code"] == 0, reply
+        got: dict[str, Any] = json.loads(reply["stdout"])
+        return got
+    out = io.StringIO()
+    assert run(env, json.dumps(conf).encode(), out) == 0, out.getvalue()
+    doc: dict[str, Any] = json.loads(out.getvalue())
+    return doc
+
+
+def test_warm_add_costs_a_pool_get_a_pool_write_and_a_reservation(kube: KubeHandle, tmp_path: Path) -> None:
+    agent = Agent()  # keeps the node's slice list warm
+    add(kube, tmp_path, "c0", agent=agent)  # claims the slice, creates its pool: the cold path
+    kube.api.reset_counts()
+    for i in range(1, 5):
+        add(kube, tmp_path, f"c{i}", agent=agent)
+    agent.close()
+    counts = {k: v for k, v in kube.api.counts_snapshot().items() if v}
+    assert counts == {
+        ("get", "ippools"): 4,
+        ("update", "ippools"): 4,
+        ("create", "overlappingrangeipreservations"): 4,
+    }
+
+
+def test_claims_go_through_status_when_the_crd_has_a_status_subresource(kube: KubeHandle, tmp_path: Path) -> None:
+    docs = crd_documents()
+    for doc in docs:
+        if doc["spec"]["names"]["plural"] == "nodeslicepools":
+            doc["spec"]["versions"][0]["subresources"] = {"status": {}}
+    kube.api.use_crds(docs)
+    assert add(kube, tmp_path, "a0", "node-a")["ips"][0]["address"] == "10.0.0.1/24"
+    nodeslices.forget_cache()
+    assert add(kube, tmp_path, "b0", "node-b")["ips"][0]["address"] == "10.0.0.17/24"
+    [pool] = kube.api.objects("nodeslicepools", "kube-system")
+    held = {e["sliceRange"]: e["nodeName"] for e in pool["status"]["allocations"]}
+    assert held["10.0.0.0/28"] == "node-a" and held["10.0.0.16/28"] == "node-b" and len(held) == 16
+
+
+def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(kube: KubeHandle, tmp_path: Path) -> None:
+    from collections.abc import Sequence
+
+    from ipam.allocator import Request
+    from ipam.cni import make_engine
+    from ipam.config import load_config
+    from ipam.slices import NodeSlices, SliceEntry
+    from ipam.store.kubernetes import KubernetesStore
+
+    class Racing(KubernetesStore):
+        hook: Any = None
+
+        def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+            hook, Racing.hook = Racing.hook, None
+            if hook is not None:
+                hook()  # node-b creates the NodeSlicePool between our read (absent) and our create
+            super().write_node_slices(pool, entries)
+
+    Racing.hook = lambda: add(kube, tmp_path / "b", "b0", "node-b")
+    store = Racing.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": "node-a",
+            "data_dir": str(tmp_path), "kubernetes": {"kubeconfig": kube.kubeconfig_path}}
+    cfg = load_config(json.dumps({"cniVersion": "1.0.0", "name": "net1", "ipam": ipam}).encode())
+    engine = make_engine(cfg, store)
+    got = engine.add(cfg.ranges, Request(container_id="a0", ifname="eth0", podref="ns/a0", node="node-a"))
+    assert str(got[0].address) == "10.0.0.17"
+    assert engine.stats.conflicts == 1 and kube.api.count("create", "nodeslicepools") == 2  # AlreadyExists
+    [pool] = kube.api.objects("nodeslicepools", "kube-system")
+    held = [(e["nodeName"], e["sliceRange"]) for e in pool["status"]["allocations"] if e["nodeName"]]
+    assert held == [("node-b", "10.0.0.0/28"), ("node-a", "10.0.0.16/28")]
+    store.close()
+
+
+def test_reconciler_without_the_node_slice_pool_crd_returns_nothing_and_fails_nothing(kube: KubeHandle) -> None:
+    from ipam import reconcile
+
+    kube.api.use_crds([d for d in crd_documents() if d["spec"]["names"]["plural"] != "nodeslicepools"])
+    out = io.StringIO()
+    assert reconcile.main(["--kubeconfig", kube.kubeconfig_path], out) == 0, out.getvalue()
+    assert out.getvalue().splitlines()[-1].endswith("errors=0")
+    assert kube.api.count("list", "nodes") == 0  # no NodeSlicePools: nodes are not even listed
