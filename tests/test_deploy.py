@@ -177,7 +177,7 @@ PLUGIN_RULES = {
 RECONCILER_RULES = {
     # create + delete: fence a slice pool before returning its slice, remove it after
     (GROUP, "ippools"): {"get", "list", "update", "create", "delete"},
-    (GROUP, "overlappingrangeipreservations"): {"get", "list", "delete"},
+    (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
     (GROUP, "nodeslicepools"): {"get", "list", "update"},
     ("", "pods"): {"list"},
     ("", "nodes"): {"list"},
