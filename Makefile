@@ -5,13 +5,14 @@
 #   make test-ipvlan the ipvlan e2e cases (need a kernel with CONFIG_IPVLAN)
 #   make test-apiserver only the real kube-apiserver tier (needs KUBEBUILDER_ASSETS)
 #   make bench      benchmarks, appended to bench/RESULTS.md
+#   make bench-startup  one CNI exec's cost split (bare start, agent, direct, bursts) on the real API server
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench clean
+.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup clean
 
 venv: $(STAMP)
 
@@ -50,6 +51,9 @@ test-fast: bytecode
 
 bench: bytecode
 	$(BIN)/python -m bench
+
+bench-startup: bytecode
+	$(BIN)/python -m bench.startup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -95,13 +95,20 @@ TEMP_PREFIX = ".tmp-"
 DIR_MODE = 0o755
 REQUEST_TIMEOUT = 30.0
 
+# The plugin's fast path (ipam.shim.main): it imports nothing heavy until the node agent declined.
+# Without site, the bundle's site-packages (beside bin/python3) is put on sys.path by hand.
+SHIM_CODE = (
+    "import sys; sys.path.append(sys.executable.rsplit('/', 2)[0] + '/lib/python%d.%d/site-packages'"
+    " % sys.version_info[:2]); from ipam.shim import main; sys.exit(main())"
+)
 WRAPPER = f"""#!/bin/sh
 # whereabouts-py CNI plugin. Written by whereabouts-py's deploy/install.py; it is replaced on every
-# install, so do not edit. Runs the plugin with the Python bundle installed next to it (-I: ignore
-# PYTHON* variables, user site and the working directory; -B: never write bytecode into the bundle).
+# install, so do not edit. Runs the plugin with the Python bundle installed next to it (-S: no site,
+# which the shim loads only for direct mode; -I: ignore PYTHON* variables, user site and the working
+# directory; -B: never write bytecode into the bundle, whose bytecode the image compiled).
 LD_LIBRARY_PATH={BUNDLE_LINK}/lib
 export LD_LIBRARY_PATH
-exec {BUNDLE_LINK}/bin/python3 -I -B -m ipam.cni "$@"
+exec {BUNDLE_LINK}/bin/python3 -S -I -B -c "{SHIM_CODE}" "$@"
 """
 
 #: The clock every token decision reads (tests replace it to reach a renewal without waiting).

@@ -31,11 +31,12 @@ from . import cni
 from .config import Config
 from .engine import AddOp, Engine, Op, ReleaseOp
 from .log import log
-from .shim import DEFAULT_SOCKET, WORK_MARGIN
+from .shim import DEFAULT_SOCKET, WORK_MARGIN, heartbeat_path
 from .store.base import Store
 from .store.open import open_store
 
 MAX_REQUEST = 4 << 20
+HEARTBEAT_SECONDS = 2.0  # well below the shim's wait budget (ipam.shim.DEFAULT_WAIT)
 READ_TIMEOUT = 10.0  # the shim sends its request right after connecting
 MAX_CONNECTIONS = 512  # calls served at once; more are closed (those shims run in direct mode)
 MAX_STORES = 8  # datastore clients kept warm (one per datastore/kubeconfig/data_dir in use)
@@ -334,6 +335,30 @@ def bind(path: str, agent: Agent) -> _SocketServer:
     return server
 
 
+def heartbeat(path: str, stop: threading.Event, interval: float = HEARTBEAT_SECONDS) -> threading.Thread:
+    """Touch `<socket>.alive` every `interval` while serving. It is left behind when the agent stops:
+    a shim that finds the socket missing or refusing waits for a restarted agent only while this
+    file is younger than its wait budget (ipam.shim), so a restart is bridged, a removed agent is not."""
+    marker = heartbeat_path(path)
+
+    def beat() -> None:
+        while True:
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    os.utime(fd)  # through the descriptor: never a symlink's target
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("agent.heartbeat-failed", path=marker, error=str(exc))
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipam-agent", description="whereabouts-py node agent")
     parser.add_argument(
@@ -347,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(level=args.log_level)
     agent = Agent()
     server = bind(args.socket, agent)
+    stopping = threading.Event()
+    heartbeat(args.socket, stopping)
     health = _health_server(agent, args.metrics_port) if args.metrics_port else None
 
     def stop(signum: int, frame: object) -> None:
@@ -358,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever()
     finally:
+        stopping.set()
         server.server_close()
         if os.path.exists(args.socket):
             os.unlink(args.socket)

@@ -296,6 +296,35 @@ class Slicer:
             raise sub_op.error
         return "not-held"
 
+    def _owner_first(self, engine: Engine, op: AddOp, held: Sequence[str], deadline: float) -> list[str]:
+        """`held` with the slice whose pool already holds this attachment's lease moved to the front.
+
+        With one slice there is nothing to search. With several, each later slice pool is read once
+        (a GET each): the cost of never giving a repeated ADD a second address in an earlier slice
+        that has room again."""
+        from .allocator import find_owner
+
+        order = list(held)
+        if len(order) < 2:
+            return order
+        snap: list[PoolSnapshot | None] = [None]
+        for s in order[1:]:
+            name, sub = self._names(s)
+
+            def step(name: str = name, cidr: str = sub.cidr) -> bool:
+                try:
+                    snap[0] = engine.store.read_pool(name, cidr)
+                except PoolRetiredError:  # being returned: it holds no lease
+                    snap[0] = None
+                return True
+
+            engine._retry(name, deadline, step)
+            found = snap[0]
+            if found is not None and find_owner(found.allocations, op.request) is not None:
+                order.remove(s)
+                return [s, *order]
+        return order
+
     def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
         with _LOCK:
             cold = self.pool_name not in self._st.pools
@@ -304,10 +333,10 @@ class Slicer:
         unusable: set[str] = set()  # full or being returned: not worth claiming again
         refreshed = cold  # a cold cache was just read: no need to read again before claiming
         while True:
-            # in the NodeSlicePool's order: a full slice's read still finds this attachment's lease
-            # there (reuse is checked before room), so a repeated ADD gets its address back unless
-            # its lease sits in a later slice while an earlier one has room again
-            for s in [s for s in pool.held_by(self.node) if s not in tried]:
+            # the slice already holding this attachment's lease first, then the NodeSlicePool's order:
+            # a repeated ADD gets its address back and never a second one in an earlier slice
+            held = self._owner_first(engine, op, pool.held_by(self.node), deadline)
+            for s in [s for s in held if s not in tried]:
                 done = self._add_in(engine, op, s, deadline)
                 if not isinstance(done, str):
                     return done

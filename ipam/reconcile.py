@@ -1,105 +1,170 @@
-"""ipam-reconcile: release leases whose pod is gone, and reservations no lease backs.
+"""The repair pass: `ipam-reconcile` (the CronJob) and `ipamctl repair` are this same pass.
 
-One pass reads every IPPool, then lists pods cluster-wide (in that order: a lease seen in a pool was
-made for a pod that existed before the pod list was taken), judges each lease, and releases through
-the engine's conditional write, removing a lease only if it is still exactly the one judged, so an
-ADD or DEL racing the reconciler always wins.
+One pass reads the datastore once (`gather`: reservations, pools, pods, node slice pools, nodes, in
+that order, see `ipam.audit`), lets `ipam.audit` judge it, and carries out each fix the audit marked
+safe, every one through a conditional write that re-checks what was judged:
+- a leaked lease is released through the engine's conditional pool write, only if it is still exactly
+  the lease judged (an ADD or DEL racing the pass wins), then its reservation as a DEL does;
+- an orphan reservation is deleted only at the version (Kubernetes) or with the holder (file) read;
+- a missing reservation is created for its lease, and removed again if the lease is gone by then;
+- a slice of a gone node is returned (its `nodeName` emptied) only if its pools still hold no lease,
+  with a write conditional on the NodeSlicePool's resourceVersion.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
-from netaddr import IPAddress, IPNetwork
-
-from .allocator import Allocations, Lease
+from . import audit
+from .allocator import Allocations
+from .audit import (
+    Inventory,
+    PodInfo,
+    Problem,
+    Reservation,
+    Slice,
+    SlicePool,
+    network_prefix,
+    parse_time,
+    pod_index,
+    verdict,
+)
 from .engine import Engine, RetryPolicy
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
-from .nodeslices import return_slices, slice_network_prefixes
-from .ranges import pool_name, reservation_name
-from .store.base import PoolSnapshot
-from .store.kubernetes import KubernetesStore
+from .nodeslices import return_slices
+from .slices import NodeSlices
+from .store.base import PoolSnapshot, Store
 
-NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
-TERMINAL_PHASES = ("Succeeded", "Failed")
+if TYPE_CHECKING:
+    from .store.file import FileStore
+    from .store.kubernetes import KubernetesStore
+
+# the pure judgement moved to ipam.audit; these names stay importable from here
+__all__ = [
+    "PodInfo",
+    "Reconciler",
+    "Summary",
+    "gather",
+    "main",
+    "network_prefix",
+    "parse_time",
+    "pod_index",
+    "verdict",
+]
+
+STORE_ERRORS = (CNIError, TransientStoreError)
 
 
-def parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
+class Source(Protocol):
+    """What the pass reads and writes besides the pool writes of the engine's `Store`."""
+
+    store: Store
+    where: str  # put before pool names in output: the namespace ("" for the file datastore)
+
+    def reservations(self) -> list[Reservation]: ...
+    def pools(self) -> list[PoolSnapshot]: ...
+    def pods(self) -> dict[str, PodInfo] | None: ...
+    def slice_pools(self) -> list[SlicePool]: ...
+    def nodes(self) -> frozenset[str] | None: ...
+    def delete_reservation(self, reservation: Reservation) -> None: ...
+    def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
+        """Node slices' reclaim (`nodeslices.return_slices`): one line per slice returned, or error."""
+        ...
+
+
+class KubeSource:
+    def __init__(self, store: KubernetesStore) -> None:
+        self.store: Store = store
+        self.kube = store
+        self.where = store.namespace
+
+    def reservations(self) -> list[Reservation]:
+        return [Reservation.from_object(obj) for obj in self.kube.list_reservations()]
+
+    def pools(self) -> list[PoolSnapshot]:
+        return self.kube.list_pools()
+
+    def pods(self) -> dict[str, PodInfo]:
+        return pod_index(self.kube.list_pods())
+
+    def slice_pools(self) -> list[SlicePool]:
+        return [_slice_pool(pool) for pool in self.kube.list_node_slices()]
+
+    def nodes(self) -> frozenset[str]:
+        return frozenset(self.kube.list_nodes())
+
+    def delete_reservation(self, reservation: Reservation) -> None:
+        self.kube.delete_reservation(reservation.name, reservation.version)
+
+    def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
+        return return_slices(self.kube, grace, dry_run, now)
+
+
+def _slice_pool(pool: NodeSlices) -> SlicePool:
+    """The node-slice module's NodeSlicePool as the audit reads it."""
+    slices = tuple(Slice(e.node, e.slice_range) for e in pool.entries)
+    return SlicePool(pool.name, pool.range, pool.slice_size, slices, pool.version or "")
+
+
+class FileSource:
+    """The file datastore: no pods (leaked leases cannot be judged), no nodes, no node slices."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store: Store = store
+        self.files = store
+        self.where = ""
+
+    def reservations(self) -> list[Reservation]:
+        return [Reservation.from_object(obj) for obj in self.files.list_reservations()]
+
+    def pools(self) -> list[PoolSnapshot]:
+        return self.files.list_pools()
+
+    def pods(self) -> None:
         return None
+
+    def slice_pools(self) -> list[SlicePool]:
+        return [_slice_pool(pool) for pool in self.files.list_node_slices()]
+
+    def nodes(self) -> None:
+        return None
+
+    def delete_reservation(self, reservation: Reservation) -> None:
+        self.files.delete_reservation(reservation.name, reservation.version)
+
+    def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
+        return return_slices(self.files, grace, dry_run, now)
+
+
+def gather(source: Source) -> Inventory:
+    """Read everything once, in the order `ipam.audit` relies on."""
+    reservations = source.reservations()
+    pools = source.pools()
+    pods = source.pods()
+    notes: list[str] = []
+    if pods is None:
+        notes.append("leaked leases not judged: the file datastore has no pod list")
+    # node slices are judged only when they can be read: an identity without the RBAC for them
+    # (NodeSlicePools, nodes) still gets every other check and repair
+    slice_pools: list[SlicePool] = []
+    nodes: frozenset[str] | None = None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class PodInfo:
-    uid: str
-    phase: str
-    deleting: bool
-    created: datetime | None
-    ips: frozenset[str] | None  # addresses in Multus' network-status; None when there is no annotation
-
-
-def pod_index(pods: Sequence[dict[str, Any]]) -> dict[str, PodInfo]:
-    out: dict[str, PodInfo] = {}
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        ips: frozenset[str] | None = None
-        raw = (meta.get("annotations") or {}).get(NETWORK_STATUS)
-        if raw:
-            try:
-                entries = json.loads(raw)
-                ips = frozenset(str(ip) for e in entries if isinstance(e, dict) for ip in e.get("ips") or [])
-            except (ValueError, TypeError):
-                ips = None  # unreadable: judge nothing by it
-        out[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = PodInfo(
-            uid=str(meta.get("uid", "")),
-            phase=str((pod.get("status") or {}).get("phase", "")),
-            deleting=bool(meta.get("deletionTimestamp")),
-            created=parse_time(meta.get("creationTimestamp")),
-            ips=ips,
-        )
-    return out
-
-
-def verdict(lease: Lease, address: str, pod: PodInfo | None, now: datetime, grace: float) -> str | None:
-    """Why this lease should be released, or None to keep it."""
-    if not lease.podref:
-        return None  # nothing to judge it by
-    if pod is None:
-        return "pod-gone"
-    if lease.poduid and pod.uid and lease.poduid != pod.uid:
-        return "pod-replaced"
-    if pod.phase in TERMINAL_PHASES:
-        return f"pod-{pod.phase.lower()}"
-    if pod.phase != "Running" or pod.deleting or pod.ips is None or address in pod.ips:
-        return None
-    lease_made = parse_time(lease.created)
-    if lease_made is None or pod.created is None:
-        return None  # age unknown: an ADD may be in flight
-    if min((now - lease_made).total_seconds(), (now - pod.created).total_seconds()) <= grace:
-        return None
-    return "not-in-network-status"
-
-
-def network_prefix(snapshot: PoolSnapshot) -> str:
-    """The `network_name` a pool was made with, recovered from its name."""
-    bare = pool_name(str(IPNetwork(snapshot.cidr).cidr))
-    if snapshot.name.endswith("-" + bare):
-        return snapshot.name[: -len(bare) - 1]
-    return ""
+        slice_pools = source.slice_pools()
+        if any(sl.node for sp in slice_pools for sl in sp.slices):
+            nodes = source.nodes()
+    except STORE_ERRORS as exc:  # refused (RBAC), or failing now: the rest of the pass goes on
+        notes.append(f"node slices not judged: {exc.msg if isinstance(exc, CNIError) else exc}")
+        return Inventory(pools, reservations, [], pods, None, tuple(notes), slices_read=False)
+    return Inventory(pools, reservations, slice_pools, pods, nodes, tuple(notes))
 
 
 @dataclass
@@ -109,62 +174,87 @@ class Summary:
     kept: int = 0
     released: int = 0
     reservations_deleted: int = 0
+    reservations_created: int = 0
+    slices_returned: int = 0
     errors: int = 0
     lines: list[str] = field(default_factory=list)
+    changes: list[dict[str, str]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            k: getattr(self, k)
+            for k in (
+                "pools",
+                "leases",
+                "kept",
+                "released",
+                "reservations_deleted",
+                "reservations_created",
+                "slices_returned",
+                "errors",
+            )
+        }
 
 
 class Reconciler:
-    def __init__(self, store: KubernetesStore, grace: float, dry_run: bool, out: TextIO) -> None:
-        self.store = store
-        self.engine = Engine(store, RetryPolicy(deadline_seconds=60.0))
+    """One repair pass over a datastore; `out` gets one line per change (see README)."""
+
+    def __init__(self, source: Source, grace: float, dry_run: bool, out: TextIO) -> None:
+        self.source = source
+        self.store = source.store
+        self.engine = Engine(self.store, RetryPolicy(deadline_seconds=60.0))
         self.grace = grace
         self.dry_run = dry_run
         self.out = out
-        self.slice_prefixes: dict[str, str] = {}  # slice pool -> network name of its reservations
 
     def say(self, summary: Summary, line: str) -> None:
         summary.lines.append(line)
         self.out.write(line + "\n")
         self.out.flush()
 
-    def run_once(self) -> Summary:
+    def change(self, summary: Summary, action: str, line: str, **fields: str) -> None:
+        summary.changes.append({"action": action, **fields})
+        self.say(summary, line)
+
+    def _pool(self, name: str) -> str:
+        return f"{self.source.where}/{name}" if self.source.where else name
+
+    def run_once(self, now: datetime | None = None) -> Summary:
         summary = Summary()
-        now = datetime.now(UTC)
+        now = now or datetime.now(UTC)
         try:
-            pools = self.store.list_pools()
-            self.slice_prefixes = slice_network_prefixes(self.store, pools)
-            pods = pod_index(self.store.list_pods())
-        except (CNIError, TransientStoreError) as exc:
+            inventory = gather(self.source)
+        except STORE_ERRORS as exc:
             summary.errors += 1
             self.say(summary, f"error listing pools or pods: {exc}")
             self._finish(summary)
             return summary
-        verb = "would-release" if self.dry_run else "release"
-        for snapshot in pools:
-            summary.pools += 1
-            network = IPNetwork(snapshot.cidr)
-            judged: Allocations = {}
-            for offset, lease in sorted(snapshot.allocations.items()):
-                summary.leases += 1
-                address = str(IPAddress(int(network.first) + offset, network.version))
-                reason = verdict(lease, address, pods.get(lease.podref), now, self.grace)
-                if reason is None:
-                    summary.kept += 1
-                    continue
-                judged[offset] = lease
+        for note in inventory.notes:
+            self.say(summary, f"note {note}")
+        problems = audit.audit(inventory, now, self.grace)
+        summary.problems = problems
+        summary.pools = len(inventory.pools)
+        summary.leases = sum(len(p.allocations) for p in inventory.pools)
+        fixes: dict[str, list[Problem]] = defaultdict(list)
+        for problem in problems:
+            if problem.fix:
+                fixes[problem.fix].append(problem)
+        self._release(summary, fixes[audit.RELEASE])
+        summary.kept = summary.leases - summary.released
+        for problem in fixes[audit.DELETE_RESERVATION]:
+            self._delete_orphan(summary, problem)
+        for problem in fixes[audit.CREATE_RESERVATION]:
+            self._create_reservation(summary, problem)
+        if inventory.slices_read:
+            self._return_slices(summary, datetime.now(UTC))  # after this pass's releases emptied pools
+        for problem in problems:
+            if problem.kind in (audit.DUPLICATE, audit.MISMATCH, audit.OUT_OF_RANGE):
                 self.say(
                     summary,
-                    f"{verb} pool={self.store.namespace}/{snapshot.name} address={address} "
-                    f"podref={lease.podref} container={lease.id} reason={reason}",
+                    f"report kind={problem.kind} pool={self._pool(problem.pool)} address={problem.address} "
+                    f"podref={problem.podref} detail={problem.detail!r}",
                 )
-            if judged and not self.dry_run:
-                summary.released += self._release(snapshot, judged, summary)
-            elif judged:
-                summary.released += len(judged)
-        self._orphaned_reservations(summary, now)
-        for line in return_slices(self.store, self.grace, self.dry_run, now):  # node slices (nodeslices.py)
-            summary.errors += line.startswith("error")
-            self.say(summary, line)
         self._finish(summary)
         return summary
 
@@ -176,77 +266,156 @@ class Reconciler:
             f"reservations_deleted={summary.reservations_deleted} errors={summary.errors}",
         )
 
-    def _release(self, snapshot: PoolSnapshot, judged: Allocations, summary: Summary) -> int:
+    # -- leaked leases ----------------------------------------------------------------------------
+
+    def _release(self, summary: Summary, problems: list[Problem]) -> None:
+        verb = "would-release" if self.dry_run else "release"
+        by_pool: dict[str, list[Problem]] = defaultdict(list)
+        for problem in problems:
+            assert problem.holding is not None
+            by_pool[problem.holding.pool.name].append(problem)
+        for name, judged in by_pool.items():
+            for p in judged:
+                h = p.holding
+                assert h is not None
+                self.change(
+                    summary,
+                    "release",
+                    f"{verb} pool={self._pool(name)} address={h.address} podref={h.lease.podref} "
+                    f"container={h.lease.id} reason={p.detail}",
+                    pool=name,
+                    address=h.address,
+                    podref=h.lease.podref,
+                    reason=p.detail,
+                )
+            if self.dry_run:
+                summary.released += len(judged)
+                continue
+            summary.released += len(self.release_holdings([p.holding for p in judged if p.holding], summary))
+
+    def release_holdings(self, held: Sequence[audit.Holding], summary: Summary | None = None) -> list[int]:
+        """Release exactly these leases of one pool (each only if unchanged), then their reservations;
+        returns the offsets released. Errors go to `summary` when given, else they are raised."""
+        if not held:
+            return []
+        view = held[0].pool
+        judged: Allocations = {h.offset: h.lease for h in held}
+
         def change(allocations: Allocations) -> tuple[Allocations, list[int]]:
             gone = [o for o, lease in judged.items() if allocations.get(o) == lease]
             return {k: v for k, v in allocations.items() if k not in gone}, gone
 
         try:
-            gone = self.engine.mutate_pool(snapshot.name, snapshot.cidr, change)
-        except (CNIError, TransientStoreError) as exc:
+            gone = self.engine.mutate_pool(view.name, view.snapshot.cidr, change)
+        except STORE_ERRORS as exc:
+            if summary is None:
+                raise
             summary.errors += 1
-            self.say(summary, f"error releasing in pool {snapshot.name}: {exc}")
-            return 0
-        kept_by_race = len(judged) - len(gone)
-        summary.kept += kept_by_race
-        network = IPNetwork(snapshot.cidr)
-        prefix = self.slice_prefixes.get(snapshot.name, network_prefix(snapshot))
-        for offset in gone:
-            lease = judged[offset]
-            rname = reservation_name(IPAddress(int(network.first) + offset, network.version), prefix)
+            self.say(summary, f"error releasing in pool {view.name}: {exc}")
+            return []
+        for h in held:
+            if h.offset not in gone or not h.address:
+                continue
             try:
-                self.engine.unreserve_name(rname, lease.id, lease.ifname, time.monotonic() + 30, quiet=False)
+                self.engine.unreserve_name(
+                    h.reservation, h.lease.id, h.lease.ifname, time.monotonic() + 30, quiet=False
+                )
             except CNIError as exc:
+                if summary is None:
+                    raise
                 summary.errors += 1
-                self.say(summary, f"error deleting reservation {rname}: {exc}")
-        return len(gone)
+                self.say(summary, f"error deleting reservation {h.reservation}: {exc}")
+        return gone
 
-    def _orphaned_reservations(self, summary: Summary, now: datetime) -> None:
-        try:
-            pools = self.store.list_pools()
-            reservations = self.store.list_reservations()
-            self.slice_prefixes = slice_network_prefixes(self.store, pools)
-        except (CNIError, TransientStoreError) as exc:
-            summary.errors += 1
-            self.say(summary, f"error listing reservations: {exc}")
-            return
-        backed: set[str] = set()
-        for snapshot in pools:
-            network = IPNetwork(snapshot.cidr)
-            prefix = self.slice_prefixes.get(snapshot.name, network_prefix(snapshot))
-            for offset in snapshot.allocations:
-                backed.add(reservation_name(IPAddress(int(network.first) + offset, network.version), prefix))
-        for obj in reservations:
-            meta = obj.get("metadata") or {}
-            name = str(meta.get("name", ""))
-            if name in backed:
-                continue
-            made = parse_time((obj.get("spec") or {}).get("created")) or parse_time(
-                meta.get("creationTimestamp")
-            )
-            if made is None or (now - made).total_seconds() <= self.grace:
-                continue  # an ADD may hold it between reserving and writing its pool
-            podref = (obj.get("spec") or {}).get("podref", "")
-            if self.dry_run:
-                self.say(summary, f"would-delete reservation={name} podref={podref} reason=orphaned")
-                summary.reservations_deleted += 1
-                continue
-            try:
-                self.store.delete_reservation(name, str(meta.get("resourceVersion", "")))
-            except (CNIError, TransientStoreError) as exc:
-                summary.errors += 1
-                self.say(summary, f"error deleting reservation {name}: {exc}")
-                continue
-            except ConflictError as exc:  # it changed hands since it was listed; the next pass decides
-                self.say(summary, f"skip reservation={name}: {exc}")
-                continue
+    # -- reservations -----------------------------------------------------------------------------
+
+    def _delete_orphan(self, summary: Summary, problem: Problem) -> None:
+        r = problem.reservation
+        assert r is not None
+        podref = r.holder.podref
+        if self.dry_run:
             summary.reservations_deleted += 1
-            self.say(summary, f"delete reservation={name} podref={podref} reason=orphaned")
+            self.change(
+                summary,
+                "delete-reservation",
+                f"would-delete reservation={r.name} podref={podref} reason=orphaned",
+                reservation=r.name,
+                podref=podref,
+                reason="orphaned",
+            )
+            return
+        try:
+            self.source.delete_reservation(r)
+        except STORE_ERRORS as exc:
+            summary.errors += 1
+            self.say(summary, f"error deleting reservation {r.name}: {exc}")
+            return
+        except ConflictError as exc:  # it changed hands since it was listed; the next pass decides
+            self.say(summary, f"skip reservation={r.name}: {exc}")
+            return
+        summary.reservations_deleted += 1
+        self.change(
+            summary,
+            "delete-reservation",
+            f"delete reservation={r.name} podref={podref} reason=orphaned",
+            reservation=r.name,
+            podref=podref,
+            reason="orphaned",
+        )
+
+    def _create_reservation(self, summary: Summary, problem: Problem) -> None:
+        h = problem.holding
+        assert h is not None
+        name = h.reservation
+        fields = {"reservation": name, "pool": h.pool.name, "address": h.address, "podref": h.lease.podref}
+        tail = f"reservation={name} pool={self._pool(h.pool.name)} address={h.address} podref={h.lease.podref} reason=missing"
+        if self.dry_run:
+            summary.reservations_created += 1
+            self.change(summary, "create-reservation", "would-create " + tail, reason="missing", **fields)
+            return
+        try:
+            holder = self.store.reserve(name, h.lease)
+            if holder is not None:
+                self.say(summary, f"skip reservation={name}: now held by {holder.podref or holder.id}")
+                return
+            # a DEL may have released the lease meanwhile (and found no reservation to delete): re-check
+            current = self.store.read_pool(h.pool.name, h.pool.snapshot.cidr).allocations.get(h.offset)
+            if current is None or not current.owned_by(h.lease.podref, h.lease.ifname, h.lease.id):
+                self.store.unreserve(name, h.lease.id, h.lease.ifname)
+                self.say(summary, f"skip reservation={name}: its lease was released meanwhile")
+                return
+        except (*STORE_ERRORS, ConflictError) as exc:
+            summary.errors += 1
+            self.say(summary, f"error creating reservation {name}: {exc}")
+            return
+        summary.reservations_created += 1
+        self.change(summary, "create-reservation", "create " + tail, reason="missing", **fields)
+
+    # -- node slices ------------------------------------------------------------------------------
+
+    def _return_slices(self, summary: Summary, now: datetime) -> None:
+        """Slices of gone nodes, and live nodes' spare empty ones, go back through node slices' reclaim:
+        it fences the slice's pool before freeing the slice, so an ADD racing it retries elsewhere."""
+        for line in self.source.return_slices(self.grace, self.dry_run, now):
+            if line.startswith("error"):
+                summary.errors += 1
+                self.say(summary, line)
+                continue
+            verb, _, rest = line.partition(" ")
+            if verb in ("return", "would-return"):
+                summary.slices_returned += 1
+                fields = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+                self.change(summary, "return-slice", line, **fields)
+            else:
+                self.say(summary, line)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ipam-reconcile", description="Release whereabouts-py leases whose pods no longer exist."
+        prog="ipam-reconcile",
+        description="Repair whereabouts-py's pools (the same pass as `ipamctl repair`): release leases "
+        "whose pods no longer exist, delete orphan reservations, recreate missing ones, return slices of "
+        "gone nodes.",
     )
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
     parser.add_argument(
@@ -258,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace",
         type=float,
         default=300.0,
-        help="minimum age in seconds before a network-status mismatch counts",
+        help="minimum age in seconds of what is changed (and before a network-status mismatch counts)",
     )
     return parser
 
@@ -268,6 +437,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     if args.grace < 0 or (args.interval is not None and args.interval <= 0):
         out.write("error: --grace must be >= 0 and --interval > 0\n")
         return 2
+    from .store.kubernetes import KubernetesStore
+
     try:
         store = KubernetesStore.connect(
             args.kubeconfig, tempfile.gettempdir() + "/whereabouts-py-reconcile", args.namespace
@@ -275,7 +446,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     except CNIError as exc:
         out.write(f"error: {exc}\n")
         return 2
-    reconciler = Reconciler(store, args.grace, args.dry_run, out)
+    reconciler = Reconciler(KubeSource(store), args.grace, args.dry_run, out)
     try:
         while True:
             summary = reconciler.run_once()

@@ -149,7 +149,8 @@ def test_shim_uses_the_agent_and_falls_back_without_it(
     proc.terminate()
     proc.wait(timeout=10)
     assert not os.path.exists(sock)  # the agent removed its socket
-    direct = run(conf, cni_env("ADD", "b", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    # WHEREABOUTS_PY_AGENT_WAIT=0: no waiting for a restarted agent (tests/test_agent_restart.py)
+    direct = run(conf, cni_env("ADD", "b", WHEREABOUTS_PY_AGENT_SOCKET=sock, WHEREABOUTS_PY_AGENT_WAIT="0"))
     assert direct.code == 0
     assert [via_agent.result["ips"][0]["address"], direct.result["ips"][0]["address"]] == [
         "10.70.0.1/24",
@@ -162,7 +163,7 @@ def test_shim_uses_the_agent_and_falls_back_without_it(
     stale = socketlib.socket(socketlib.AF_UNIX)
     stale.bind(sock)
     stale.close()
-    third = run(conf, cni_env("ADD", "c", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    third = run(conf, cni_env("ADD", "c", WHEREABOUTS_PY_AGENT_SOCKET=sock, WHEREABOUTS_PY_AGENT_WAIT="0"))
     assert third.code == 0 and "agent.unavailable" in third.stderr
     assert third.result["ips"][0]["address"] == "10.70.0.3/24"
 
@@ -176,7 +177,8 @@ def test_agent_killed_mid_batch_loses_no_acknowledged_lease(
     assert all(c.code == 0 for c in acked)
     kube.api.set_faults(latency=0.5)  # the next batch is slow: kill the agent while it is in flight
     updates = kube.api.count("update", "ippools")
-    inflight = [start(conf, cni_env("ADD", f"late{i}", WHEREABOUTS_PY_AGENT_SOCKET=sock)) for i in range(4)]
+    no_wait = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "0"}  # straight to direct mode
+    inflight = [start(conf, cni_env("ADD", f"late{i}", **no_wait)) for i in range(4)]
     for _ in range(3000):  # until the agent's next pool request is in flight (bounded poll)
         if kube.api.count("get", "ippools") + kube.api.count("update", "ippools") > 3 + updates:
             break

@@ -243,7 +243,7 @@ PLUGIN_RULES = {
 RECONCILER_RULES = {
     # create + delete: node slices, fence a slice pool before returning its slice, remove it after
     (GROUP, "ippools"): {"get", "list", "update", "create", "delete"},
-    (GROUP, "overlappingrangeipreservations"): {"get", "list", "delete"},
+    (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
     (GROUP, "nodeslicepools"): {"get", "list", "update"},
 }
 RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}, ("", "nodes"): {"list"}}
@@ -439,7 +439,7 @@ def test_install_writes_an_executable_wrapper_naming_host_paths(
     assert stat.S_IMODE(wrapper.stat().st_mode) == 0o755
     text = wrapper.read_text()
     assert text.startswith("#!/bin/sh\n")
-    assert 'exec /opt/cni/whereabouts-py/current/bin/python3 -I -B -m ipam.cni "$@"' in text
+    assert f'exec /opt/cni/whereabouts-py/current/bin/python3 -S -I -B -c "{inst.SHIM_CODE}" "$@"' in text
     assert "LD_LIBRARY_PATH=/opt/cni/whereabouts-py/current/lib\n" in text
     assert str(node.host) not in text and str(node.tmp) not in text  # host paths, not the container's
 
@@ -448,7 +448,7 @@ def test_install_writes_an_executable_wrapper_naming_host_paths(
     runnable.write_text(text.replace("/opt/cni/whereabouts-py", str(node.at("/opt/cni/whereabouts-py"))))
     runnable.chmod(0o755)
     out = subprocess.run([str(runnable), "a b", "c"], capture_output=True, text=True, check=True).stdout
-    assert "args: -I -B -m ipam.cni a b c\n" in out
+    assert f"args: -S -I -B -c {inst.SHIM_CODE} a b c\n" in out
     assert f"ld: {node.at('/opt/cni/whereabouts-py/current/lib')}\n" in out
     assert node.ready.read_text() == "ready\n"
 

@@ -433,3 +433,15 @@ def test_a_failing_second_range_rolls_back_the_slice_lease(tmp_path: Path) -> No
     assert sorted(p.name for p in (tmp_path / "reservations").iterdir()) == [
         "10.0.0.1.json", "10.0.0.2.json", "10.9.0.1.json", "10.9.0.2.json"
     ]
+
+
+def test_repeated_add_with_its_lease_in_a_later_slice_never_takes_a_second_address(tmp_path: Path) -> None:
+    """The node's first slice has room again while the attachment's lease sits in its second slice:
+    the repeated ADD must return that lease, not take a second address in the first slice."""
+    for i in range(3):  # .1 .2 fill the first /30 slice, a2 lands in the second (.5)
+        call(tmp_path, "ADD", f"a{i}", "node-a")
+    assert call(tmp_path, "DEL", "a0", "node-a")[0] == 0  # room again in the first slice
+    code, doc = call(tmp_path, "ADD", "a2", "node-a")
+    assert code == 0 and address(doc) == "10.0.0.5/28"
+    assert set(pool_leases(tmp_path, "node-a-10.0.0.0-30")) == {"2"}  # a1 only; .1 stays free
+    assert set(pool_leases(tmp_path, "node-a-10.0.0.4-30")) == {"1"}

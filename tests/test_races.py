@@ -28,7 +28,7 @@ from ipam.config import IPAMConfig, load_config
 from ipam.engine import Engine, RetryPolicy
 from ipam.errors import CNIError, TransientStoreError
 from ipam.ranges import RangeSpec, build_range, pool_name
-from ipam.reconcile import PodInfo, Reconciler, Summary, verdict
+from ipam.reconcile import FileSource, PodInfo, Reconciler, verdict
 from ipam.reconcile import main as reconcile_main
 from ipam.shim import DEFAULT_TIMEOUT, WORK_MARGIN, forward
 from ipam.store.base import PoolSnapshot
@@ -437,9 +437,7 @@ def test_the_orphan_sweep_runs_on_the_file_datastore(tmp_path: Path, clock: Fake
     spec = build_range("ipam", "10.9.0.0/24")
     engine_for(store, clock).add([spec], req(1))
     store.reserve("10.9.0.5", Lease("gone", "ns/gone", "net1", created=OLD))  # backed by no lease
-    reconciler = Reconciler(store, grace=60.0, dry_run=False, out=io.StringIO())  # type: ignore[arg-type]
-    summary = Summary()
-    reconciler._orphaned_reservations(summary, datetime.now(UTC))
+    summary = Reconciler(FileSource(store), grace=60.0, dry_run=False, out=io.StringIO()).run_once()
     assert summary.reservations_deleted == 1 and summary.errors == 0
     assert [r["metadata"]["name"] for r in store.list_reservations()] == ["10.9.0.1"]
 

@@ -3,24 +3,19 @@
 Pools and reservations use Whereabouts' group, version, names and field layout, so a cluster can
 move between Whereabouts and whereabouts-py without renumbering pods. Every pool write is a PUT at
 the resourceVersion that was read; the API server's 409 Conflict sends the engine back to re-read.
-This module is imported only when the kubernetes datastore is chosen (the client costs ~0.4 s).
+Requests go through `kubeclient` (standard library HTTP): the `kubernetes` package costs ~0.4 s to
+import, which every direct-mode CNI call would pay.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import http.client
 import os
 import time
-import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
-
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as _k8s_config
-from kubernetes.client.exceptions import ApiException
 
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
@@ -29,12 +24,22 @@ from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import PoolSnapshot
+from .kubeclient import (
+    ApiError,
+    CredentialPluginError,
+    Credentials,
+    KubeClient,
+    KubeconfigError,
+    in_cluster,
+    load_kubeconfig,
+    load_with_plugins,
+    path_quote,
+)
 from .locks import pool_lock
 from .slicestore import SlicePoolView
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..kubeconfig import KubeCredentials
 
 GROUP = "whereabouts.cni.cncf.io"
 VERSION = "v1alpha1"
@@ -42,7 +47,6 @@ POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
 NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
-k8s_config: Any = _k8s_config  # untyped module
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 # A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
 # has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
@@ -51,25 +55,16 @@ AUTH_SETTLE_SECONDS = 10.0
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 
-def _retry_after(exc: ApiException) -> float | None:
-    headers = exc.headers or {}
-    value = headers.get("Retry-After") if hasattr(headers, "get") else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 # etcd refuses a write larger than its request limit (--max-request-bytes, 1.5 MiB by default): the
 # API server answers 500 with etcd's words, or 413 above its own 3 MiB body limit. Never transient.
 _TOO_LARGE = ("request is too large", "trying to send message larger than max")
 
 
-def _too_large(status: int, exc: ApiException) -> bool:
+def _too_large(status: int, exc: ApiError) -> bool:
     return status == 413 or (status == 500 and any(t in str(exc.body or "") for t in _TOO_LARGE))
 
 
-def _raise_api(exc: ApiException, what: str) -> NoReturn:
+def _raise_api(exc: ApiError, what: str) -> NoReturn:
     """Map an API error to the engine's vocabulary: conflict, transient, or a final CNI error."""
     status = int(exc.status or 0)
     if status == 409:
@@ -84,7 +79,7 @@ def _raise_api(exc: ApiException, what: str) -> NoReturn:
             str(exc.body or exc.reason),
         )
     if status in _TRANSIENT_STATUS or status == 0:
-        raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", _retry_after(exc))
+        raise TransientStoreError(f"{what}: HTTP {status} {exc.reason}", exc.retry_after())
     if status in (401, 403):
         raise CNIError(
             errors.DATASTORE_ERROR,
@@ -94,44 +89,9 @@ def _raise_api(exc: ApiException, what: str) -> NoReturn:
     raise CNIError(errors.DATASTORE_ERROR, f"{what}: HTTP {status} {exc.reason}", str(exc.body or ""))
 
 
-def _memfile(name: str, data: bytes) -> int:
-    """An anonymous in-memory file holding `data` (TLS material the client loads by path); its path
-    is /proc/self/fd/N. Nothing is written to disk."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.write(fd, data)
-    return fd
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _configure_inline(configuration: Any, creds: KubeCredentials) -> list[int]:
-    """Fill a client Configuration from inline credentials; returns the memfds to close later."""
-    keep: list[int] = []
-    configuration.host = creds.server
-    if creds.ca_data is not None:
-        keep.append(_memfile("ca", creds.ca_data))
-        configuration.ssl_ca_cert = f"/proc/self/fd/{keep[-1]}"
-    if creds.client_cert_data is not None and creds.client_key_data is not None:
-        keep.append(_memfile("cert", creds.client_cert_data))
-        configuration.cert_file = f"/proc/self/fd/{keep[-1]}"
-        keep.append(_memfile("key", creds.client_key_data))
-        configuration.key_file = f"/proc/self/fd/{keep[-1]}"
-    if creds.token:
-        configuration.api_key = {"authorization": f"Bearer {creds.token}"}
-    configuration.verify_ssl = not creds.insecure_skip_tls_verify
-    if creds.tls_server_name:
-        configuration.tls_server_name = creds.tls_server_name
-    return keep
-
-
 class KubernetesStore:
-    def __init__(self, api_client: Any, namespace: str, lock_dir: str) -> None:
-        self.api_client = api_client
-        self.api = k8s.CustomObjectsApi(api_client)
+    def __init__(self, client: KubeClient, namespace: str, lock_dir: str) -> None:
+        self.client = client
         self.namespace = namespace
         self.lock_dir = lock_dir
         self.auth_settle_seconds = AUTH_SETTLE_SECONDS
@@ -141,72 +101,85 @@ class KubernetesStore:
     def from_config(cls, cfg: Config) -> KubernetesStore:
         """The CNI path (direct mode and the node agent): the node kubeconfig, inline credentials only."""
         lock_dir = os.path.join(cfg.ipam.data_dir, "locks")
-        return cls.connect(cfg.ipam.kubernetes.kubeconfig, lock_dir, inline_only=True)
+        store = cls.connect(cfg.ipam.kubernetes.kubeconfig, lock_dir, inline_only=True)
+        # TCP + TLS now, so a node lock taken later is held for the requests alone; a server that is not
+        # there is reported by the first request (and retried by the engine)
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            store.client.warm()
+        return store
 
     @classmethod
     def connect(
-        cls, kubeconfig: str | None, lock_dir: str, namespace: str | None = None, *, inline_only: bool = False
+        cls,
+        kubeconfig: str | None,
+        lock_dir: str,
+        namespace: str | None = None,
+        *,
+        inline_only: bool = False,
     ) -> KubernetesStore:
         """Client from `kubeconfig` (in-cluster service account when None); pools in `namespace`,
         else the current context's namespace, else kube-system (Whereabouts' rule).
 
         With `inline_only` (the CNI path) the kubeconfig goes through `ipam.kubeconfig`'s policy: a
         root-owned file with inline credentials, never exec, auth-provider or credential file paths.
-        Tools run by an administrator (the reconciler) load any kubeconfig the client understands."""
-        configuration = k8s.Configuration()
-        if kubeconfig and inline_only:
-            from ..kubeconfig import load_node_kubeconfig
+        Tools run by an administrator (the reconciler) load any kubeconfig: credential files, tokenFile,
+        and exec/auth-provider plugins (those through the `kubernetes` package, imported only then)."""
+        creds: Credentials
+        try:
+            if kubeconfig and inline_only:
+                from ..kubeconfig import load_node_kubeconfig
 
-            creds = load_node_kubeconfig(kubeconfig)
-            keep = _configure_inline(configuration, creds)
-            context_ns = creds.namespace
-            from .renewal import follow_token_renewal  # the installer renews the node's token
+                node = load_node_kubeconfig(kubeconfig)  # its own code 7 errors, naming the key
+                creds, context_ns = node, node.namespace
+            elif kubeconfig:
+                try:
+                    loaded = load_kubeconfig(kubeconfig)
+                except CredentialPluginError:
+                    loaded = load_with_plugins(kubeconfig)
+                creds, context_ns = loaded, loaded.namespace
+            else:
+                creds = in_cluster()
+                context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")
+            client = KubeClient(creds, timeout=REQUEST_TIMEOUT)
+            if kubeconfig:  # the installer renews the node's token by replacing the kubeconfig
+                from .renewal import KubeconfigToken
 
-            follow_token_renewal(
-                configuration, kubeconfig, read=lambda path: load_node_kubeconfig(path).token
-            )
-        else:
-            keep = []
-            try:
-                if kubeconfig:
-                    k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-                    from .renewal import follow_token_renewal
+                read = (lambda path: load_node_kubeconfig(path).token) if inline_only else None
+                client.kubeconfig_token = KubeconfigToken(kubeconfig, read)
+        except (KubeconfigError, OSError, ValueError, TypeError) as exc:
+            key = "ipam.kubernetes.kubeconfig"
+            raise CNIError(
+                errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
+            ) from None
+        return cls(client, namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
 
-                    follow_token_renewal(configuration, kubeconfig)
-                    _, active = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
-                    context_ns = (active or {}).get("context", {}).get("namespace")
-                else:
-                    k8s_config.load_incluster_config(client_configuration=configuration)
-                    context_ns = os.environ.get("WHEREABOUTS_NAMESPACE")
-            except (k8s_config.ConfigException, OSError, ValueError, TypeError) as exc:
-                key = "ipam.kubernetes.kubeconfig"
-                raise CNIError(
-                    errors.INVALID_CONFIG, f"invalid config: {key}: {kubeconfig!r} cannot be loaded", str(exc)
-                ) from None
-        configuration.retries = False  # the engine retries, with a deadline and backoff
-        configuration.connection_pool_maxsize = 32  # the node agent shares one client across threads
-        store = cls(k8s.ApiClient(configuration), namespace or context_ns or DEFAULT_NAMESPACE, lock_dir)
-        if keep:
-            weakref.finalize(store, _close_all, keep)
-        return store
+    def _path(self, plural: str, name: str | None = None) -> str:
+        base = f"/apis/{GROUP}/{VERSION}/namespaces/{path_quote(self.namespace)}/{plural}"
+        return base if name is None else f"{base}/{path_quote(name)}"
 
     # -- pools ----------------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Any, *args: Any, missing_ok: bool = False, **kwargs: Any) -> Any:
-        """One API request, its JSON answer decoded here (the client's generic deserializer walks every
-        lease in Python, ~10x slower). 404 gives None when `missing_ok`; every other failure is mapped
-        by `_raise_api`, connection errors are transient."""
+    def _call(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """One API request, its JSON answer decoded. 404 gives None when `missing_ok`; every other
+        failure is mapped by `_raise_api`, connection errors are transient."""
         try:
-            response = fn(*args, _request_timeout=REQUEST_TIMEOUT, _preload_content=False, **kwargs)
-            return json.loads(response.data) if response.data else {}
-        except ApiException as exc:
+            return self.client.request(method, path, body, params)
+        except ApiError as exc:
             if exc.status == 404 and missing_ok:
                 return None
             self._raise(exc, what)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
 
-    def _raise(self, exc: Any, what: str) -> NoReturn:
+    def _raise(self, exc: ApiError, what: str) -> NoReturn:
         """`_raise_api`, except that 401/403 are retried for `auth_settle_seconds` after the first of a
         run of refusals (a run ends when none came for that long): a just-started API server's RBAC."""
         if exc.status in (401, 403):
@@ -216,7 +189,9 @@ class KubernetesStore:
                 first = self._refusals[0]
             self._refusals = (first, now)
             if now - first < self.auth_settle_seconds:
-                raise TransientStoreError(f"{what}: HTTP {exc.status} (retried: the API server may be starting)")
+                raise TransientStoreError(
+                    f"{what}: HTTP {exc.status} (retried: the API server may be starting)"
+                )
         _raise_api(exc, what)
 
     def _snapshot(self, obj: dict[str, Any], name: str, cidr: str) -> PoolSnapshot:
@@ -233,16 +208,7 @@ class KubernetesStore:
         return PoolSnapshot(name, str(spec.get("range") or cidr), allocations, version, token=obj)
 
     def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
-        obj = self._call(
-            f"get IPPool {name}",
-            self.api.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            POOLS,
-            name,
-            missing_ok=True,
-        )
+        obj = self._call(f"get IPPool {name}", "GET", self._path(POOLS, name), missing_ok=True)
         if obj is None:
             return PoolSnapshot(name, cidr, {}, None)
         if RETIRED_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {}):
@@ -258,15 +224,7 @@ class KubernetesStore:
                 "metadata": {"name": snapshot.name, "namespace": self.namespace},
                 "spec": spec,
             }
-            self._call(
-                f"create IPPool {snapshot.name}",
-                self.api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                POOLS,
-                body,
-            )
+            self._call(f"create IPPool {snapshot.name}", "POST", self._path(POOLS), body)
             return
         old: dict[str, Any] = snapshot.token or {}
         body = {
@@ -281,23 +239,13 @@ class KubernetesStore:
             "spec": {**old.get("spec", {}), **spec},
         }
         replaced = self._call(
-            f"update IPPool {snapshot.name}",
-            self.api.replace_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            POOLS,
-            snapshot.name,
-            body,
-            missing_ok=True,
+            f"update IPPool {snapshot.name}", "PUT", self._path(POOLS, snapshot.name), body, missing_ok=True
         )
         if replaced is None:  # deleted since we read it: start over from an absent pool
             raise ConflictError(f"IPPool {snapshot.name} was deleted")
 
     def list_pools(self) -> list[PoolSnapshot]:
-        items = self._list_all(
-            "list IPPools", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, POOLS
-        )
+        items = self._list_all("list IPPools", self._path(POOLS))
         return [self._snapshot(obj, obj.get("metadata", {}).get("name", ""), "") for obj in items]
 
     # -- overlapping-range reservations ---------------------------------------------------------
@@ -314,27 +262,15 @@ class KubernetesStore:
         }
 
     def _get_reservation(self, name: str) -> dict[str, Any] | None:
-        obj = self._call(
-            f"get reservation {name}",
-            self.api.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            RESERVATIONS,
-            name,
-            missing_ok=True,
-        )
+        obj = self._call(f"get reservation {name}", "GET", self._path(RESERVATIONS, name), missing_ok=True)
         return cast(dict[str, Any] | None, obj)
 
     def reserve(self, name: str, lease: Lease) -> Lease | None:
         try:
             self._call(
                 f"create reservation {name}",
-                self.api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                RESERVATIONS,
+                "POST",
+                self._path(RESERVATIONS),
                 self._reservation_body(name, lease),
             )
             return None
@@ -350,12 +286,8 @@ class KubernetesStore:
             version = str(existing.get("metadata", {}).get("resourceVersion", ""))
             replaced = self._call(
                 f"update reservation {name}",
-                self.api.replace_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                RESERVATIONS,
-                name,
+                "PUT",
+                self._path(RESERVATIONS, name),
                 self._reservation_body(name, lease, version),
                 missing_ok=True,
             )
@@ -374,69 +306,48 @@ class KubernetesStore:
 
     # -- what the reconciler reads ---------------------------------------------------------------
 
-    def _list_all(self, what: str, fn: Any, *args: Any) -> list[dict[str, Any]]:
-        """Every item of a paged LIST (limit/continue), decoded without the client's model classes."""
+    def _list_all(self, what: str, path: str) -> list[dict[str, Any]]:
+        """Every item of a paged LIST (limit/continue)."""
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"limit": 500}
+            params: dict[str, Any] = {"limit": 500}
             if token:
-                kwargs["_continue"] = token
-            page = self._call(what, fn, *args, **kwargs)
+                params["continue"] = token
+            page = self._call(what, "GET", path, params=params)
             items += page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
 
     def list_reservations(self) -> list[dict[str, Any]]:
-        return self._list_all(
-            "list reservations",
-            self.api.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            RESERVATIONS,
-        )
+        return self._list_all("list reservations", self._path(RESERVATIONS))
 
     def delete_reservation(self, name: str, resource_version: str) -> None:
         """Delete a reservation if it is still at `resource_version` (409 otherwise); gone already is fine."""
-        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=resource_version))
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"resourceVersion": resource_version},
+        }
         self._call(
-            f"delete reservation {name}",
-            self.api.delete_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            RESERVATIONS,
-            name,
-            body=body,
-            missing_ok=True,
+            f"delete reservation {name}", "DELETE", self._path(RESERVATIONS, name), body, missing_ok=True
         )
 
     def list_pods(self) -> list[dict[str, Any]]:
-        core = k8s.CoreV1Api(self.api_client)
-        return self._list_all("list pods", core.list_pod_for_all_namespaces)
+        return self._list_all("list pods", "/api/v1/pods")
 
     # -- node slices: NodeSlicePool objects, and the fence reclaim puts on a slice pool ----------
 
     def _put(self, what: str, plural: str, name: str, body: dict[str, Any], status: bool = False) -> Any:
-        fn = self.api.replace_namespaced_custom_object_status if status else self.api.replace_namespaced_custom_object
-        done = self._call(what, fn, GROUP, VERSION, self.namespace, plural, name, body, missing_ok=True)
+        path = self._path(plural, name) + ("/status" if status else "")
+        done = self._call(what, "PUT", path, body, missing_ok=True)
         if done is None:  # deleted since it was read: start over
             raise ConflictError(f"{what}: gone")
         return done
 
     def read_node_slices(self, name: str) -> NodeSlices | None:
-        obj = self._call(
-            f"get NodeSlicePool {name}",
-            self.api.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            NODE_SLICES,
-            name,
-            missing_ok=True,
-        )
+        obj = self._call(f"get NodeSlicePool {name}", "GET", self._path(NODE_SLICES, name), missing_ok=True)
         return None if obj is None else node_slices_from_object(obj, name)
 
     def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
@@ -450,9 +361,7 @@ class KubernetesStore:
                 "spec": {"range": pool.range, "sliceSize": pool.slice_size},
                 "status": status,
             }
-            done = self._call(
-                what, self.api.create_namespaced_custom_object, GROUP, VERSION, self.namespace, NODE_SLICES, body
-            )
+            done = self._call(what, "POST", self._path(NODE_SLICES), body)
         else:
             old: dict[str, Any] = dict(pool.token or {})
             meta = {k: v for k, v in (old.get("metadata") or {}).items() if k != "managedFields"}
@@ -465,37 +374,20 @@ class KubernetesStore:
 
     def list_node_slices(self) -> list[NodeSlices]:
         probe = self._call(
-            "list NodeSlicePools",
-            self.api.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            NODE_SLICES,
-            limit=1,
-            missing_ok=True,
+            "list NodeSlicePools", "GET", self._path(NODE_SLICES), params={"limit": 1}, missing_ok=True
         )
         if not probe or not probe.get("items"):  # none, or the CRD is not installed
             return []
-        items = self._list_all(
-            "list NodeSlicePools", self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, NODE_SLICES
-        )
+        items = self._list_all("list NodeSlicePools", self._path(NODE_SLICES))
         return [node_slices_from_object(obj, (obj.get("metadata") or {}).get("name", "")) for obj in items]
 
     def list_nodes(self) -> set[str]:
-        core = k8s.CoreV1Api(self.api_client)
-        return {(n.get("metadata") or {}).get("name", "") for n in self._list_all("list nodes", core.list_node)}
+        return {
+            (n.get("metadata") or {}).get("name", "") for n in self._list_all("list nodes", "/api/v1/nodes")
+        }
 
     def inspect_pool(self, name: str, cidr: str) -> SlicePoolView:
-        obj = self._call(
-            f"get IPPool {name}",
-            self.api.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            POOLS,
-            name,
-            missing_ok=True,
-        )
+        obj = self._call(f"get IPPool {name}", "GET", self._path(POOLS, name), missing_ok=True)
         if obj is None:
             return SlicePoolView(PoolSnapshot(name, cidr, {}, None), False, None)
         meta = obj.get("metadata") or {}
@@ -515,15 +407,7 @@ class KubernetesStore:
                 "metadata": {"name": snap.name, "namespace": self.namespace, "annotations": mark},
                 "spec": {"range": snap.cidr, "allocations": {}},
             }
-            self._call(
-                f"retire IPPool {snap.name}",
-                self.api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                POOLS,
-                body,
-            )
+            self._call(f"retire IPPool {snap.name}", "POST", self._path(POOLS), body)
             return
         old: dict[str, Any] = dict(snap.token or {})
         meta = {k: v for k, v in (old.get("metadata") or {}).items() if k != "managedFields"}
@@ -532,18 +416,8 @@ class KubernetesStore:
         self._put(f"retire IPPool {snap.name}", POOLS, snap.name, body)
 
     def delete_pool(self, name: str, version: str) -> None:
-        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=version))
-        self._call(
-            f"delete IPPool {name}",
-            self.api.delete_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            POOLS,
-            name,
-            body=body,
-            missing_ok=True,
-        )
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"resourceVersion": version}}
+        self._call(f"delete IPPool {name}", "DELETE", self._path(POOLS, name), body, missing_ok=True)
 
     # -- node lock, health ----------------------------------------------------------------------
 
@@ -552,17 +426,9 @@ class KubernetesStore:
 
     def check_reachable(self) -> None:
         try:
-            self._call(
-                "list IPPools",
-                self.api.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                POOLS,
-                limit=1,
-            )
+            self._call("list IPPools", "GET", self._path(POOLS), params={"limit": 1})
         except (TransientStoreError, CNIError, ConflictError) as exc:
             raise CNIError(errors.PLUGIN_NOT_AVAILABLE, "Kubernetes API not reachable", str(exc)) from None
 
     def close(self) -> None:
-        self.api_client.close()
+        self.client.close()

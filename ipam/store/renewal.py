@@ -4,8 +4,7 @@ deploy/install.py mints the plugin's token with a lifetime and replaces the kube
 with a third of it left. A CNI call reads the file afresh; the node agent keeps one client for its
 lifetime, so that client must pick the new token up before the old one expires.
 
-`KubeconfigToken` is the client-independent part (any HTTP client asks it before each request);
-`follow_token_renewal` wires it into the kubernetes package's Configuration.
+`KubeconfigToken` is asked by the store's HTTP client (KubeClient) before each request.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
 
 
 class KubeconfigToken:
@@ -42,26 +40,6 @@ class KubeconfigToken:
                         self._token = token
                     self._seen = identity
         return self._token
-
-
-def follow_token_renewal(
-    configuration: Any, kubeconfig: str, read: Callable[[str], str | None] | None = None
-) -> None:
-    """Make a kubernetes-package `configuration` send the token `kubeconfig` holds now: the client
-    asks `refresh_api_key_hook` before every request. `read` extracts the token from a replaced file
-    (the CNI path passes its inline-only, root-owned-file loader); by default `kubeconfig_token`."""
-    inner = configuration.refresh_api_key_hook
-    source = KubeconfigToken(kubeconfig, read)
-
-    def hook(conf: Any) -> None:
-        if inner is not None:
-            inner(conf)  # the loader's own hook: it re-sets the token it loaded, and itself as the hook
-            conf.refresh_api_key_hook = hook
-        token = source.current()
-        if token is not None:
-            conf.api_key["BearerToken"] = f"Bearer {token}"
-
-    configuration.refresh_api_key_hook = hook
 
 
 def kubeconfig_token(path: str) -> str | None:
