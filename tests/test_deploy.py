@@ -181,6 +181,10 @@ def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted(layo
         if "hostPath" in volumes[m["name"]]
     }
     assert agent_mounts[paths.conf_dir] == paths.conf_dir == os.path.dirname(paths.kubeconfig)
+    # and appends to the log file the flat file names (a read-only root would swallow its file logs)
+    assert agent_mounts[inst.LOG_FILE] == inst.LOG_FILE
+    [log_volume] = [v for v in pod["volumes"] if v.get("hostPath", {}).get("path") == inst.LOG_FILE]
+    assert log_volume["hostPath"]["type"] == "FileOrCreate"
 
     # the installer's identity: its projected token, the cluster CA and namespace, in this container only
     identity = {m["mountPath"]: m for m in container["volumeMounts"]}[inst.SA_DIR]
