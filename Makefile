@@ -6,13 +6,14 @@
 #   make test-apiserver only the real kube-apiserver tier (needs KUBEBUILDER_ASSETS)
 #   make bench      benchmarks, appended to bench/RESULTS.md
 #   make bench-startup  one CNI exec's cost split (bare start, agent, direct, bursts) on the real API server
+#   make bench-slices   node-slice bursts and a 20k-lease range vs an empty one on the real API server
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup clean
+.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices clean
 
 venv: $(STAMP)
 
@@ -54,6 +55,9 @@ bench: bytecode
 
 bench-startup: bytecode
 	$(BIN)/python -m bench.startup
+
+bench-slices: bytecode
+	$(BIN)/python -m bench.slices
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
