@@ -22,7 +22,8 @@ import pytest
 
 from ipam import errors
 from tests.cni_exec import Call, cni_env, finish, run, start
-from tests.kubeapi.real import ASSETS_ENV, RealCluster, RealKube, assets_dir
+from tests.kubeapi.fixtures import running_cluster
+from tests.kubeapi.real import RealCluster, RealKube
 
 CIDR = "10.90.0.0/24"
 POOL = "10.90.0.0-24"
@@ -34,15 +35,7 @@ pytestmark = pytest.mark.apiserver  # deselected with the rest of the real tier 
 @pytest.fixture(scope="module")
 def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     """An etcd + kube-apiserver for this module only: its tests stop and restart them."""
-    assets = assets_dir()
-    if assets is None:
-        pytest.fail(f"{ASSETS_ENV} is not set")
-    cluster = RealCluster(assets, tmp_path_factory.mktemp("fault-apiserver"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("fault-apiserver"))
 
 
 @pytest.fixture

@@ -70,19 +70,25 @@ def kube(kube_server: KubeHandle) -> Iterator[KubeHandle]:
 # -- the real kube-apiserver (tests/kubeapi/real.py) ----------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
-    """etcd + kube-apiserver from $KUBEBUILDER_ASSETS, once per session; tests using it are marked
-    `apiserver` and deselected (with one line saying so) when the variable is unset."""
+def running_cluster(work: Path) -> Iterator[RealCluster]:
+    """A started etcd + kube-apiserver from $KUBEBUILDER_ASSETS in `work`, stopped when the generator
+    closes; the test fails (never skips) when the variable is unset."""
     assets = assets_dir()
     if assets is None:
         pytest.fail(f"{ASSETS_ENV} is not set: the real-API tier cannot run (make test-apiserver needs it)")
-    cluster = RealCluster(assets, tmp_path_factory.mktemp("apiserver"))
+    cluster = RealCluster(assets, work)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    """etcd + kube-apiserver, once per session; tests using it are marked `apiserver` and deselected
+    (with one line saying so) when $KUBEBUILDER_ASSETS is unset."""
+    yield from running_cluster(tmp_path_factory.mktemp("apiserver"))
 
 
 @pytest.fixture
