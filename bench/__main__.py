@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.agents import AGENT, agent_running  # noqa: E402
 from tests.cni_exec import cni_env as exec_env  # noqa: E402  (the runtime's env, shared with the suite)
 from tests.cni_exec import use_opt_in_flat_file  # noqa: E402
 
@@ -40,7 +40,6 @@ PLUGIN = str(VENV_BIN / "whereabouts-py")  # the installed console script: direc
 # library only; direct mode hands the call to the venv's interpreter). Never a pyenv shim on PATH.
 SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 SHIM = [SYSTEM_PYTHON, "-S", str(ROOT / "bin" / "whereabouts-py")]
-AGENT = str(VENV_BIN / "ipam-agent")
 HOST_LOCAL = "/usr/lib/cni/host-local"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 NO_AGENT = "/nonexistent/whereabouts-py-agent.sock"
@@ -70,24 +69,6 @@ def pct(values: list[float], q: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
-
-
-@contextmanager
-def agent_running(sock: str) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [AGENT, "--socket", sock, "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(400):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.025)
-        else:
-            raise RuntimeError("ipam-agent did not start")
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 class Cluster:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,32 +29,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.agents import agent_running  # noqa: E402
 from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 SHIM = [PYTHON, "-S", str(ROOT / "bin" / "whereabouts-py")]
-AGENT = str(VENV_BIN / "ipam-agent")
 _METRIC = re.compile(r'^apiserver_request_total\{([^}]*)\} (\S+)$')
 
 
 @contextmanager
 def agent(sock: str, node: str) -> Iterator[None]:
-    env = {**os.environ, "NODENAME": node}
-    proc = subprocess.Popen(
-        [AGENT, "--socket", sock, "--metrics-port", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(400):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.025)
-        else:
-            raise RuntimeError("ipam-agent did not start")
+    with agent_running(sock, {**os.environ, "NODENAME": node}):
         yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def requests_by_resource(metrics_text: str) -> dict[str, tuple[float, float]]:

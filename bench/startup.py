@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,12 +37,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import deploy.install as install  # noqa: E402
+from bench import agents  # noqa: E402
 from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 
 HOST_PYTHON = "/usr/bin/python3"
 BUNDLE = ROOT / ".venv-host"  # the stand-in for /opt/cni/whereabouts-py/current
 BUNDLE_DEPS = ("netaddr>=1.2", "pydantic>=2.5,<3", "PyYAML>=6")
-AGENT = str(Path(sys.executable).parent / "ipam-agent")
 RESULTS = ROOT / "bench" / "RESULTS.md"
 NO_AGENT = "/nonexistent/whereabouts-py-agent.sock"
 TARGETS = "agent ADD <= bare + agent's own + 3 ms; direct ADD <= 400 ms; 100 direct <= 30 s; 200 on one node: all succeed"
@@ -110,20 +109,8 @@ def real_cluster(work: Path) -> Iterator[Any]:
 
 @contextmanager
 def agent_running(sock: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [AGENT, "--socket", sock, "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(1200):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.025)
-        else:
-            raise RuntimeError("ipam-agent did not start")
+    with agents.agent_running(sock, tries=1200) as proc:  # the slow first start of a loaded machine
         yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def conf(kubeconfig: str, cidr: str, network: str, data_dir: Path) -> dict[str, Any]:
@@ -301,7 +288,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    if not os.access(HOST_PYTHON, os.X_OK) or not os.access(AGENT, os.X_OK):
+    if not os.access(HOST_PYTHON, os.X_OK) or not os.access(agents.AGENT, os.X_OK):
         print(f"needs {HOST_PYTHON} and ipam-agent next to {sys.executable} (make venv)", file=sys.stderr)
         return 1
     # The NADs here name kubeconfig and data_dir per simulated node: a single-tenant node that opted in
