@@ -18,6 +18,22 @@ PLUGIN = str(Path(sys.executable).parent / "whereabouts-py")
 FLAT_FILE_ENV = "WHEREABOUTS_PY_FLAT_FILE"
 
 
+def kube_netconf(kubeconfig: str, tmp: Path, cidr: str) -> dict[str, Any]:
+    """An ipvlan network config on the kubernetes datastore (node-local locks under tmp/node)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "type": "ipvlan",
+        "ipam": {
+            "type": "whereabouts-py",
+            "range": cidr,
+            "datastore": "kubernetes",
+            "kubernetes": {"kubeconfig": kubeconfig},
+            "data_dir": str(tmp / "node"),
+        },
+    }
+
+
 @functools.cache
 def opt_in_flat_file() -> str:
     """A node flat file holding only `"allow_nad_overrides": true` (single-tenant mode).

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ipam.agent import Agent
-from tests.cni_exec import cni_env, finish, run, start
+from tests.cni_exec import cni_env, finish, kube_netconf, run, start
 from tests.kubeapi.fixtures import K8s, KubeHandle
 from tests.kubeapi.real import RealKube
 
@@ -31,18 +31,7 @@ def file_conf(tmp: Path, cidr: str = "10.70.0.0/24") -> dict[str, Any]:
 
 
 def kube_conf(kube: K8s, tmp: Path, cidr: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "type": "ipvlan",
-        "ipam": {
-            "type": "whereabouts-py",
-            "range": cidr,
-            "datastore": "kubernetes",
-            "kubernetes": {"kubeconfig": kube.plugin_kubeconfig()},
-            "data_dir": str(tmp / "node"),
-        },
-    }
+    return kube_netconf(kube.plugin_kubeconfig(), tmp, cidr)
 
 
 def call(agent: Agent, conf: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pytest
 
 from ipam import shim
 from ipam.agent import heartbeat
-from tests.cni_exec import cni_env, finish, start
+from tests.cni_exec import cni_env, finish, kube_netconf, start
 from tests.kubeapi.real import ApiError, RealKube
 
 AGENT = str(Path(sys.executable).parent / "ipam-agent")
@@ -173,18 +173,7 @@ def start_agent(sock: str) -> subprocess.Popen[bytes]:
 
 
 def kube_conf(real_kube: RealKube, tmp: Path, cidr: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "type": "ipvlan",
-        "ipam": {
-            "type": "whereabouts-py",
-            "range": cidr,
-            "datastore": "kubernetes",
-            "kubernetes": {"kubeconfig": real_kube.kubeconfig_path},
-            "data_dir": str(tmp / "node"),
-        },
-    }
+    return kube_netconf(real_kube.kubeconfig_path, tmp, cidr)
 
 
 def objects(real_kube: RealKube, plural: str) -> list[dict[str, Any]]:

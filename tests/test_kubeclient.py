@@ -19,7 +19,7 @@ from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.store import kubeclient
 from ipam.store.kubeclient import KubeClient, KubeconfigError, in_cluster
 from ipam.store.kubernetes import GROUP, KubernetesStore
-from tests.cni_exec import cni_env, finish, run, start
+from tests.cni_exec import cni_env, finish, kube_netconf, run, start
 from tests.kubeapi.fixtures import KubeHandle
 from tests.kubeapi.real import RealKube
 
@@ -337,18 +337,7 @@ def test_in_cluster_needs_the_service_environment(tmp_path: Path) -> None:
 
 
 def direct_conf(kubeconfig: str, tmp_path: Path, cidr: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "n",
-        "type": "ipvlan",
-        "ipam": {
-            "type": "whereabouts-py",
-            "range": cidr,
-            "datastore": "kubernetes",
-            "kubernetes": {"kubeconfig": kubeconfig},
-            "data_dir": str(tmp_path / "node"),
-        },
-    }
+    return kube_netconf(kubeconfig, tmp_path, cidr)
 
 
 def test_direct_mode_with_a_service_account_token_never_imports_the_kubernetes_package(
