@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def requests_by_resource(metrics_text: str) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU of every reaped child of this process so far (the shims, and agents once stopped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed_pool(jobs: int, threads: int, one: Callable[[int], Any]) -> tuple[float, list[Any]]:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -69,9 +83,11 @@ def timed_pool(jobs: int, threads: int, one: Callable[[int], Any]) -> tuple[floa
     return time.perf_counter() - started, results
 
 
-def floor(jobs: int, threads: int) -> float:
-    """Wall time of spawning `jobs` bare interpreters the way the burst spawns the shim."""
-    return timed_pool(jobs, threads, lambda _i: subprocess.run([PYTHON, "-S", "-c", "pass"], check=True))[0]
+def floor(jobs: int, threads: int) -> tuple[float, float]:
+    """Wall time and CPU per spawn (s) of `jobs` bare interpreters spawned the way the burst spawns the shim."""
+    before = children_cpu()
+    wall = timed_pool(jobs, threads, lambda _i: subprocess.run([PYTHON, "-S", "-c", "pass"], check=True))[0]
+    return wall, (children_cpu() - before) / max(1, jobs)
 
 
 def node_slice_burst(
@@ -84,13 +100,22 @@ def node_slice_burst(
     slice_size: str | None,
     cidr: str,
     network: str,
+    server_pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One burst; `slice_size` None runs the same burst into one pool (today's default mode)."""
+    """One burst; `slice_size` None runs the same burst into one pool (today's default mode).
+
+    CPU per ADD (ms) is reported for each side: the API server and etcd (`server_pids`, read from /proc
+    around the burst), the agents (their CPU during the burst, after they have started and listen),
+    and the shim execs (every reaped child's CPU over the burst, less the agents')."""
     socks = [str(work / f"{network}-n{n}.sock") for n in range(nodes)]
     before = requests_by_resource(metrics())
+    pids = dict(server_pids or {})
     with ExitStack() as stack:
-        for n, sock in enumerate(socks):
-            stack.enter_context(agent(sock, f"{network}-node-{n}"))
+        agents = [stack.enter_context(agent_running(sock, {**os.environ, "NODENAME": f"{network}-node-{n}"}))
+                  for n, sock in enumerate(socks)]
+        cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        agents_before = sum(cpu_seconds(a.pid) for a in agents)
+        children_before = children_cpu()
 
         def one(i: int) -> tuple[int, str]:
             n = i % nodes
@@ -111,6 +136,9 @@ def node_slice_burst(
             return proc.returncode, proc.stdout.decode()
 
         wall, results = timed_pool(pods, nodes * per_node, one)
+        cpu = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
+        cpu["agents"] = sum(cpu_seconds(a.pid) for a in agents) - agents_before
+        cpu["shims"] = children_cpu() - children_before
     after = requests_by_resource(metrics())
     addresses = [json.loads(out)["ips"][0]["address"] for code, out in results if code == 0]
     failures = [out for code, out in results if code != 0]
@@ -125,6 +153,7 @@ def node_slice_burst(
         "duplicates": len(addresses) - len(set(addresses)),
         "api_requests_per_add": round(reqs / max(1, pods), 2),
         "409_per_add": round(conflicts / max(1, pods), 2),
+        **{f"cpu_ms_per_add_{k}": round(v * 1000 / max(1, pods), 1) for k, v in cpu.items()},
         "first_failure": failures[0][:200] if failures else "",
     }
 
@@ -226,19 +255,25 @@ def main() -> int:
 
         if not args.no_burst:
             threads = args.nodes * args.per_node
+            floor_wall, floor_cpu = floor(args.pods, threads)
             rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
-                     "wall_s": round(floor(args.pods, threads), 2)}]
+                     "wall_s": round(floor_wall, 2), "cpu_ms_per_add_shims": round(floor_cpu * 1000, 1)}]
+            pids = {} if cluster is None else {"apiserver": cluster.apiserver.pid, "etcd": cluster.etcd.pid}
             if not args.no_slices:
                 rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                             args.slice_size, "10.210.0.0/16", "slices"))
+                                             args.slice_size, "10.210.0.0/16", "slices", pids))
             if not args.no_baseline:
                 rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                             None, "10.211.0.0/22", "onepool"))
+                                             None, "10.211.0.0/22", "onepool", pids))
             base = float(rows[0]["wall_s"])
             for row in rows:
                 row["x_floor"] = round(float(row["wall_s"]) / base, 2)
             keys = ["case", "pods", "nodes", "wall_s", "x_floor", "failures", "duplicates", "api_requests_per_add", "409_per_add"]
             print(_table(rows, keys))
+            print()
+            cpu_keys = ["case", *[f"cpu_ms_per_add_{k}" for k in ("shims", "agents", "apiserver", "etcd")]]
+            print("CPU per ADD (ms), by process:")
+            print(_table(rows, cpu_keys))
             for row in rows:
                 if row.get("first_failure"):
                     print(f"first failure ({row['case']}): {row['first_failure']}")

@@ -2,12 +2,17 @@
 
 read pool + version -> allocate / release (pure) -> conditional write -> on conflict re-read after a
 jittered exponential backoff, all bounded by a deadline. Several ranges are all-or-nothing.
+
+In the node agent a `PoolCache` remembers each pool as this process last wrote or read it, so a pool
+that only this node writes (a node slice's) is written without reading it first: the write is
+conditional on the remembered version, so a stale memory costs a refused write, never a wrong lease.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -121,6 +126,55 @@ class Slicer(Protocol):
     def free(self, engine: Engine, deadline: float) -> int: ...
 
 
+# Backoff jitter for every engine of the process: seeding a Random per engine (one per CNI call in the
+# node agent) reads the OS's entropy each time. Tests give an engine its own seeded one.
+_JITTER = random.Random()
+
+# After a write from memory was refused, that pool is read before every write for this long: another
+# writer is active (one IPPool shared by many nodes), and a refused write of a big pool costs the API
+# server far more than the read it saved.
+DISTRUST_SECONDS = 10.0
+
+
+class PoolCache:
+    """Pools as this process last wrote them (the node agent's, per datastore client; thread-safe),
+    as the store's answer to the write gave them (stores that give none are never remembered).
+
+    `trusted` gives a remembered snapshot only while no write from memory was refused recently.
+    A decision made from memory is trusted only through its conditional write; one that writes
+    nothing is made again on a fresh read (`Engine._write_batch`).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, limit: int = 4096) -> None:
+        self.clock = clock
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._pools: dict[str, PoolSnapshot] = {}
+        self._refused: dict[str, float] = {}
+
+    def trusted(self, name: str) -> PoolSnapshot | None:
+        with self._lock:
+            refused = self._refused.get(name)
+            if refused is not None and self.clock() - refused < DISTRUST_SECONDS:
+                return None
+            return self._pools.get(name)
+
+    def remember(self, name: str, snapshot: PoolSnapshot | None) -> None:
+        with self._lock:
+            if snapshot is None or snapshot.version is None:
+                self._pools.pop(name, None)
+                return
+            if name not in self._pools and len(self._pools) >= self.limit:
+                self._pools.pop(next(iter(self._pools)))  # the oldest remembered
+            self._pools[name] = snapshot
+
+    def refused(self, name: str) -> None:
+        """A write from memory met a newer version: forget the pool and read it for a while."""
+        with self._lock:
+            self._pools.pop(name, None)
+            self._refused[name] = self.clock()
+
+
 @dataclass
 class Stats:
     attempts: int = 0
@@ -136,11 +190,12 @@ class Engine:
     overlapping: bool = True
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=lambda: _JITTER)
     stats: Stats = field(default_factory=Stats)
     runner: BatchRunner | None = None
     network: str = ""  # the CNI config `name`, recorded on leases: GC touches only its own network's
     slicer: Slicer | None = None
+    pool_cache: PoolCache | None = None  # the node agent's; direct mode reads every pool before writing
 
     def _sliced(self, spec: RangeSpec) -> Slicer | None:
         return self.slicer if self.slicer is not None and self.slicer.covers(spec) else None
@@ -280,13 +335,11 @@ class Engine:
     def _write_batch(
         self, name: str, cidr: str, ops: list[Op], deadline: float, absorb: Callable[[], list[Op]] | None
     ) -> None:
-        def step() -> bool:
-            if absorb is not None:
-                ops.extend(absorb())
-            snapshot = self.store.read_pool(name, cidr)
+        cache = self.pool_cache
+
+        def decide(snapshot: PoolSnapshot) -> tuple[Allocations, bool]:
             leases = snapshot.allocations
             changed = False
-            released_before = [(op, op.released) for op in ops if isinstance(op, ReleaseOp)]
             for op in ops:
                 if isinstance(op, ReleaseOp):
                     leases, gone = allocator.release(
@@ -301,13 +354,36 @@ class Engine:
                     changed = changed or decision.changed
                     if decision.moved is not None and decision.moved not in op.moved:
                         op.moved.append(decision.moved)
+            return leases, changed
+
+        def step() -> bool:
+            if absorb is not None:
+                ops.extend(absorb())
+            released_before = [(op, op.released) for op in ops if isinstance(op, ReleaseOp)]
+            snapshot = cache.trusted(name) if cache is not None else None
+            remembered = snapshot is not None
+            if snapshot is not None:
+                leases, changed = decide(snapshot)
+                if not changed:  # nothing to write, so no write checks this answer: decide on a fresh read
+                    remembered = False
+            if not remembered:
+                snapshot = self.store.read_pool(name, cidr)
+                leases, changed = decide(snapshot)
+            assert snapshot is not None
             if changed:
                 try:
-                    self.store.write_pool(snapshot, leases)
+                    written = self.store.write_pool(snapshot, leases)
                 except ConflictError:  # refused, so certainly not written: nothing was released
                     for release_op, released in released_before:
                         release_op.released = released
+                    if cache is not None:
+                        if remembered:
+                            cache.refused(name)
+                        else:
+                            cache.remember(name, None)
                     raise
+                if cache is not None:
+                    cache.remember(name, written)
             return True
 
         self._retry(name, deadline, step)
@@ -430,7 +506,14 @@ class Engine:
                 return True
             remaining, gone = change(snapshot.allocations)
             if gone:
-                self.store.write_pool(snapshot, remaining)
+                try:
+                    written = self.store.write_pool(snapshot, remaining)
+                except ConflictError:
+                    if self.pool_cache is not None:
+                        self.pool_cache.remember(name, None)
+                    raise
+                if self.pool_cache is not None:
+                    self.pool_cache.remember(name, written)
             released[:] = gone
             return True
 

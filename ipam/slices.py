@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
@@ -65,6 +66,7 @@ def node_slice_pool_name(network_name: str, network: str) -> str:
     return network_name or network
 
 
+@lru_cache(maxsize=4096)
 def slice_spec(spec: RangeSpec, slice_range: str) -> RangeSpec:
     """The part of `spec` inside one slice, with offsets counted from the slice's network address
     (the slice pool's `spec.range`). As in Whereabouts, the slice's own first and last address are

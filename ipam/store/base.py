@@ -29,8 +29,11 @@ class Store(Protocol):
         """The pool's leases and version; an empty snapshot with version None when it does not exist."""
         ...
 
-    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
-        """Replace the pool's leases if it is still at `snapshot.version`; else raise ConflictError."""
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
+        """Replace the pool's leases if it is still at `snapshot.version`; else raise ConflictError.
+
+        Returns the pool as the write left it (its new version, the leases as stored) when the store's
+        answer carries it (the API server's does), else None."""
         ...
 
     def list_pools(self) -> list[PoolSnapshot]:

@@ -130,7 +130,7 @@ class FileStore:
             raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
         return self._snapshot(path, name, cidr, doc)
 
-    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
         self._ensure_dirs()
         path = self._pool_path(snapshot.name)
         current = self._load(path)
@@ -152,6 +152,7 @@ class FileStore:
             _atomic_write(path, payload)
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot write pool file {path}", str(exc)) from None
+        return None  # a read costs a file read here: nothing worth remembering
 
     def _json_files(self, directory: Path) -> list[Path]:
         """The `*.json` files of `directory`, listed through a descriptor opened without symlinks."""

@@ -215,7 +215,7 @@ class KubernetesStore:
             raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
         return self._snapshot(obj, name, cidr)
 
-    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> None:
+    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
         spec = {"range": snapshot.cidr, "allocations": dump_allocations(allocations)}
         if snapshot.version is None:
             body = {
@@ -224,8 +224,8 @@ class KubernetesStore:
                 "metadata": {"name": snapshot.name, "namespace": self.namespace},
                 "spec": spec,
             }
-            self._call(f"create IPPool {snapshot.name}", "POST", self._path(POOLS), body)
-            return
+            created = self._call(f"create IPPool {snapshot.name}", "POST", self._path(POOLS), body)
+            return self._written(created, snapshot)
         old: dict[str, Any] = snapshot.token or {}
         body = {
             **old,
@@ -243,6 +243,17 @@ class KubernetesStore:
         )
         if replaced is None:  # deleted since we read it: start over from an absent pool
             raise ConflictError(f"IPPool {snapshot.name} was deleted")
+        return self._written(replaced, snapshot)
+
+    def _written(self, obj: Any, snapshot: PoolSnapshot) -> PoolSnapshot | None:
+        """The pool as the server stored it (pruned by its schema, at its new version), from the
+        write's answer; None when the answer cannot be read as a pool."""
+        if not isinstance(obj, dict) or not (obj.get("metadata") or {}).get("resourceVersion"):
+            return None
+        try:
+            return self._snapshot(obj, snapshot.name, snapshot.cidr)
+        except CNIError:
+            return None
 
     def list_pools(self) -> list[PoolSnapshot]:
         items = self._list_all("list IPPools", self._path(POOLS))
