@@ -138,7 +138,7 @@ DISTRUST_SECONDS = 10.0
 
 class PoolCache:
     """Pools as this process last wrote them (the node agent's, per datastore client; thread-safe),
-    as the store's answer to the write gave them (stores that give none are never remembered).
+    as the store's answer to the write gave them, or as it last read them holding the node lock.
 
     `trusted` gives a remembered snapshot only while no write from memory was refused recently.
     A decision made from memory is trusted only through its conditional write; one that writes
@@ -150,6 +150,7 @@ class PoolCache:
         self.limit = limit
         self._lock = threading.Lock()
         self._pools: dict[str, PoolSnapshot] = {}
+        self._own: dict[str, int | None] = {}  # the node lock's generation this process took last
         self._refused: dict[str, float] = {}
         self._write_seconds: dict[str, float] = {}
         self._window: dict[str, float] = {}
@@ -161,7 +162,27 @@ class PoolCache:
                 return None
             return self._pools.get(name)
 
+    def acquired(self, name: str, generation: int | None) -> None:
+        """This process took the pool's node lock as its `generation`-th holder. A holder in between
+        (another process of the node) may have changed the pool: what is remembered is dropped."""
+        with self._lock:
+            last = self._own.get(name)
+            if generation is None or last is None or generation != last + 1:
+                self._pools.pop(name, None)
+            self._own[name] = generation
+
+    def unchanged(self, name: str, generation: int | None) -> PoolSnapshot | None:
+        """The pool as remembered, if no other process of this node has taken its node lock since
+        this one last did (`generation` is the lock's now). Only for pools no other node writes (a
+        node's slice pools; the reconciler only removes leases from them): a read-only decision
+        may then rest on it."""
+        with self._lock:
+            if generation is None or self._own.get(name) != generation:
+                return None
+            return self._pools.get(name)
+
     def remember(self, name: str, snapshot: PoolSnapshot | None) -> None:
+        """Called holding the pool's node lock."""
         with self._lock:
             if snapshot is None or snapshot.version is None:
                 self._pools.pop(name, None)
@@ -235,9 +256,12 @@ class Engine:
         return pool_name(spec.cidr, self.network_name)
 
     @contextmanager
-    def _locked(self, name: str, deadline: float) -> Iterator[None]:
-        with self.store.pool_lock(name, max(0.0, deadline - self.clock())):
-            yield
+    def _locked(self, name: str, deadline: float) -> Iterator[int | None]:
+        """The node lock of pool `name`; yields its generation (ipam.store.locks)."""
+        with self.store.pool_lock(name, max(0.0, deadline - self.clock())) as generation:
+            if self.pool_cache is not None:
+                self.pool_cache.acquired(name, generation)
+            yield generation
 
     def _retry(self, name: str, deadline: float, step: Callable[[], bool], write_seconds: float = 0.0) -> None:
         """Run `step` until it returns True; conflicts and transient errors retry until the deadline.
@@ -374,7 +398,12 @@ class Engine:
                 log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
 
     def _write_batch(
-        self, name: str, cidr: str, ops: list[Op], deadline: float, absorb: Callable[[], list[Op]] | None
+        self,
+        name: str,
+        cidr: str,
+        ops: list[Op],
+        deadline: float,
+        absorb: Callable[[], list[Op]] | None,
     ) -> None:
         cache = self.pool_cache
 
@@ -410,11 +439,17 @@ class Engine:
                     remembered = False
             if not remembered:
                 snapshot = self.store.read_pool(name, cidr)
+                if cache is not None:  # read under the node lock: as good as our own last write
+                    cache.remember(name, snapshot)
                 leases, changed = decide(snapshot)
             assert snapshot is not None
             if changed:
                 try:
                     written = self.store.write_pool(snapshot, leases)
+                except (CNIError, TransientStoreError):  # maybe written, its answer lost: forget the pool
+                    if cache is not None:
+                        cache.remember(name, None)
+                    raise
                 except ConflictError:  # refused, so certainly not written: nothing was released
                     for release_op, released in released_before:
                         release_op.released = released

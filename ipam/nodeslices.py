@@ -78,8 +78,11 @@ class FencedStore:
     def unreserve(self, name: str, container_id: str, ifname: str) -> None:
         self.inner.unreserve(name, container_id, ifname)
 
-    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
         return self.inner.pool_lock(name, timeout)
+
+    def pool_generation(self, name: str) -> int | None:
+        return self.inner.pool_generation(name)
 
     def check_reachable(self) -> None:
         self.inner.check_reachable()
@@ -313,11 +316,31 @@ class Slicer:
             raise sub_op.error
         return "not-held"
 
+    def _remembered(self, engine: Engine, name: str) -> PoolSnapshot | None:
+        """The slice pool as this process last wrote it, if no other process of this node has written
+        it since (its node lock's generation is unchanged). Other nodes never write a node's slice
+        pools and the reconciler only removes leases, so a decision that reads it stays sound: a
+        lease it shows that is gone now is found gone by that slice's own conditional write."""
+        cache = engine.pool_cache
+        if cache is None:
+            return None
+        return cache.unchanged(name, engine.store.pool_generation(name))
+
+    def _remembered_full(self, engine: Engine, op: AddOp, slice_range: str) -> bool:
+        """Whether the slice is full for this attachment as remembered (no address, and no lease of
+        its own there); a slice not remembered is not known to be full."""
+        from .allocator import allocate
+
+        name, sub = self._names(slice_range)
+        snap = self._remembered(engine, name)
+        return snap is not None and allocate(sub, snap.allocations, op.request) is None
+
     def _owner_first(self, engine: Engine, op: AddOp, held: Sequence[str], deadline: float) -> list[str]:
         """`held` with the slice whose pool already holds this attachment's lease moved to the front.
 
-        With one slice there is nothing to search. With several, each later slice pool is read once
-        (a GET each): the cost of never giving a repeated ADD a second address in an earlier slice
+        With one slice there is nothing to search. With several, each later slice pool is looked at:
+        as this process last wrote it when no other process of the node has written it since, else
+        read (a GET): the cost of never giving a repeated ADD a second address in an earlier slice
         that has room again."""
         from .allocator import find_owner
 
@@ -335,7 +358,11 @@ class Slicer:
                     snap[0] = None
                 return True
 
-            engine._retry(name, deadline, step)
+            remembered = self._remembered(engine, name)
+            if remembered is not None:
+                snap[0] = remembered
+            else:
+                engine._retry(name, deadline, step)
             found = snap[0]
             if found is not None and find_owner(found.allocations, op.request) is not None:
                 order.remove(s)
@@ -346,17 +373,31 @@ class Slicer:
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
+        assumed_full: set[str] = set()  # full as remembered, not read: read before claiming a slice
+        shortcut = True
         while True:
             # the slice already holding this attachment's lease first, then the NodeSlicePool's order:
             # a repeated ADD gets its address back and never a second one in an earlier slice
             held = self._owner_first(engine, op, pool.held_by(self.node), deadline)
             for s in [s for s in held if s not in tried]:
+                if shortcut and self._remembered_full(engine, op, s):
+                    # passing it costs nothing; a batch would re-read a full pool to be sure
+                    tried.add(s)
+                    unusable.add(s)
+                    assumed_full.add(s)
+                    continue
                 done = self._add_in(engine, op, s, deadline)
                 if not isinstance(done, str):
                     return done
                 tried.add(s)
                 if done != "not-held":
                     unusable.add(s)
+            if assumed_full:  # a lease may have gone from one (the reconciler): look before claiming
+                tried -= assumed_full
+                unusable -= assumed_full
+                assumed_full.clear()
+                shortcut = False
+                continue
             # no separate re-read here: the claim reads the NodeSlicePool afresh and takes a slice that
             # another process of this node claimed meanwhile before claiming one itself
             if engine.clock() >= deadline:

@@ -119,11 +119,28 @@ def test_a_del_of_a_lease_the_agent_never_saw_releases_it(k8s: K8s, tmp_path: Pa
     assert set(leases(k8s, namespace_of(k8s))) == {"a0"}
 
 
-def test_after_a_refused_write_from_memory_the_pool_is_read_before_writing(kube: KubeHandle, tmp_path: Path) -> None:
+def test_a_write_by_another_process_of_the_node_is_noticed_without_a_refused_write(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    """It took the pool's node lock in between (the lock's generation moved on): the agent reads."""
     conf, agent = netconf(kube, tmp_path, sliced=False), Agent()
     try:
         call(conf, "ADD", "a0", agent)
-        call(conf, "ADD", "b0", None)
+        call(conf, "ADD", "b0", None)  # direct mode, same node: same lock directory
+        kube.api.reset_counts()
+        call(conf, "ADD", "a1", agent)
+        counts = {k: v for k, v in kube.api.counts_snapshot().items() if v and k[1] == "ippools"}
+    finally:
+        agent.close()
+    assert counts == {("get", "ippools"): 1, ("update", "ippools"): 1}
+
+
+def test_after_a_refused_write_from_memory_the_pool_is_read_before_writing(kube: KubeHandle, tmp_path: Path) -> None:
+    conf, agent = netconf(kube, tmp_path, sliced=False), Agent()
+    other_node = netconf(kube, tmp_path / "other-node", sliced=False)  # its own lock directory
+    try:
+        call(conf, "ADD", "a0", agent)
+        call(other_node, "ADD", "b0", None)
         kube.api.reset_counts()
         call(conf, "ADD", "a1", agent)  # from memory: refused (409), then read and written
         refused = {k: v for k, v in kube.api.counts_snapshot().items() if v and k[1] == "ippools"}
@@ -155,3 +172,94 @@ def test_pool_cache_trusts_a_pool_again_only_after_the_distrust_window() -> None
     for name in ("a", "b", "c"):  # bounded: the oldest remembered goes first
         cache.remember(name, PoolSnapshot(name, "10.0.0.0/24", {}, "1"))
     assert cache.trusted("a") is None and cache.trusted("c") is not None
+
+
+def slices_held(k8s: K8s | KubeHandle, node: str = "node-a") -> list[str]:
+    [nsp] = k8s.api.objects("nodeslicepools", namespace_of(k8s))
+    return [e["sliceRange"] for e in nsp["status"]["allocations"] if e["nodeName"] == node]
+
+
+def test_a_repeated_add_finds_its_lease_in_a_later_slice_another_process_wrote(k8s: K8s, tmp_path: Path) -> None:
+    """The agent remembers its slice pools, but a direct-mode call of the node wrote the pod's lease
+    into the second slice: the owner search must not trust the memory of that pool (its node lock
+    was taken by another process since), or the repeat would get a second address in the first."""
+    conf, agent = netconf(k8s, tmp_path, sliced=True), Agent()
+    try:
+        for i in range(14):  # the first /28 slice: 14 addresses
+            call(conf, "ADD", f"f{i}", agent)
+        call(conf, "ADD", "g0", agent)  # claims the second slice; the agent remembers its pool
+        mine = call(conf, "ADD", "p0", None)  # direct mode: into the second slice
+        call(conf, "DEL", "f3", None)  # room in the first slice again (the agent takes no lock of either pool)
+        again = call(conf, "ADD", "p0", agent)
+    finally:
+        agent.close()
+    assert address(again) == address(mine)
+    assert list(leases(k8s, namespace_of(k8s))).count("p0") == 1
+    assert len(slices_held(k8s)) == 2
+
+
+def test_a_slice_remembered_full_is_looked_at_again_before_a_new_slice_is_claimed(
+    k8s: K8s, tmp_path: Path
+) -> None:
+    """The reconciler (not on this node, so no node lock) freed an address in the node's only slice:
+    the agent passes the slice as full from memory, but reads it before claiming another."""
+    conf, agent = netconf(k8s, tmp_path, sliced=True), Agent()
+    try:
+        for i in range(14):
+            call(conf, "ADD", f"f{i}", agent)
+        namespace = namespace_of(k8s)
+        [pool] = [p for p in k8s.api.objects("ippools", namespace) if p["spec"]["allocations"]]
+        gone = next(k for k, v in pool["spec"]["allocations"].items() if v["id"] == "f5")
+        del pool["spec"]["allocations"][gone]
+        pool["metadata"].pop("managedFields", None)
+        name = pool["metadata"]["name"]
+        path = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{namespace}/ippools/{name}"
+        _request(k8s, "PUT", path, pool)
+        base = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{namespace}/overlappingrangeipreservations"
+        _request(k8s, "DELETE", f"{base}/10.0.0.{gone}")  # the reconciler releases both
+        got = call(conf, "ADD", "late", agent)
+    finally:
+        agent.close()
+    assert slices_held(k8s) == ["10.0.0.0/28"]  # no second slice taken
+    assert leases(k8s, namespace_of(k8s))["late"] == address(got)
+
+
+def _request(k8s: K8s | KubeHandle, method: str, path: str, body: dict[str, Any] | None = None) -> None:
+    """A change by someone else than the node (the reconciler, an administrator)."""
+    request = getattr(k8s, "request", None)
+    if request is not None:  # the real server's admin client
+        request(method, path, body)
+        return
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(k8s.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as answer:
+        assert answer.status == 200
+
+
+def test_pool_cache_trusts_a_read_only_decision_only_while_no_other_process_took_the_node_lock() -> None:
+    cache = PoolCache()
+    snap = PoolSnapshot("p", "10.0.0.0/28", {}, "3")
+    cache.acquired("p", 5)
+    cache.remember("p", snap)
+    assert cache.unchanged("p", 5) is snap
+    assert cache.unchanged("p", 6) is None  # another process of the node took the lock since
+    assert cache.unchanged("p", None) is None  # a store that does not count
+    cache.acquired("p", 6)  # this process again, next in line: the memory stands
+    assert cache.unchanged("p", 6) is snap
+    cache.acquired("p", 8)  # someone held it as 7: whatever they wrote is not remembered here
+    assert cache.unchanged("p", 8) is None and cache.trusted("p") is None
+
+
+def test_the_node_lock_counts_its_holders(tmp_path: Path) -> None:
+    from ipam.store.locks import pool_generation, pool_lock
+
+    lock_dir = str(tmp_path / "locks")
+    assert pool_generation(lock_dir, "p") is None  # never taken
+    with pool_lock(lock_dir, "p", 1.0) as first:
+        assert pool_generation(lock_dir, "p") == first == 1
+    with pool_lock(lock_dir, "p", 1.0) as second:
+        assert second == 2
+    assert pool_generation(lock_dir, "p") == 2 and pool_generation(lock_dir, "q") is None

@@ -52,8 +52,13 @@ class Store(Protocol):
         """Delete reservation `name` if this container holds it; a missing one is fine."""
         ...
 
-    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
-        """Node-local lock serialising this node's writers of one pool."""
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
+        """Node-local lock serialising this node's writers of one pool; yields the lock's generation
+        (ipam.store.locks), or None when the store does not count them."""
+        ...
+
+    def pool_generation(self, name: str) -> int | None:
+        """The generation of the pool's node lock now; None when unknown (never taken, not counted)."""
         ...
 
     def check_reachable(self) -> None:

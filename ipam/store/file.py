@@ -26,7 +26,7 @@ from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import PoolSnapshot
-from .locks import pool_lock
+from .locks import pool_generation, pool_lock
 from .slicestore import SlicePoolView
 
 API_VERSION = "whereabouts.cni.cncf.io/v1alpha1"
@@ -176,7 +176,7 @@ class FileStore:
     def _reservation_path(self, name: str) -> Path:
         return self.reservations / f"{name}.json"
 
-    def _reservation_lock(self, name: str) -> AbstractContextManager[None]:
+    def _reservation_lock(self, name: str) -> AbstractContextManager[int]:
         """Every change of reservation `name` (create, takeover, delete) happens under this lock, so a
         holder read is still true when the change it decided is made (compare-and-swap by lock)."""
         return pool_lock(os.path.join(self.locks, "reservations"), name, RESERVATION_LOCK_SECONDS)
@@ -363,8 +363,11 @@ class FileStore:
             with suppress(FileNotFoundError):
                 path.unlink()
 
-    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
         return pool_lock(self.locks, name, timeout)
+
+    def pool_generation(self, name: str) -> int | None:
+        return pool_generation(self.locks, name)
 
     def check_reachable(self) -> None:
         self._ensure_dirs()

@@ -35,7 +35,7 @@ from .kubeclient import (
     load_with_plugins,
     path_quote,
 )
-from .locks import pool_lock
+from .locks import pool_generation, pool_lock
 from .slicestore import SlicePoolView
 
 if TYPE_CHECKING:
@@ -432,8 +432,11 @@ class KubernetesStore:
 
     # -- node lock, health ----------------------------------------------------------------------
 
-    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
+    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
         return pool_lock(self.lock_dir, name, timeout)
+
+    def pool_generation(self, name: str) -> int | None:
+        return pool_generation(self.lock_dir, name)
 
     def check_reachable(self) -> None:
         try:

@@ -7,7 +7,11 @@ exec); other threads (the node agent's pool workers) poll with a growing interva
 
 The lock directory is opened without following symlinks (safepath) and the lock file is opened through
 that descriptor with O_NOFOLLOW, so neither a directory swapped for a symlink nor a symlinked lock file
-can send root's lock file elsewhere (nothing is ever truncated or written: flock only).
+can send root's lock file elsewhere (nothing is truncated; the only bytes written are the counter below).
+
+Every holder adds one to a counter in the lock file's first 8 bytes (its *generation*) while it holds
+the lock: a process that remembers a pool as it wrote it under generation G knows, from a read of the
+counter, whether any other process of this node has taken the pool's lock since (`pool_generation`).
 """
 
 from __future__ import annotations
@@ -87,18 +91,50 @@ def _acquire(fd: int, timeout: float) -> bool:
     return _wait_polling(fd, timeout)
 
 
-@contextmanager
-def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[None]:
-    path = os.path.join(lock_dir, f"{name}.lock")
+def _counter(fd: int) -> int:
+    return int.from_bytes(os.pread(fd, 8, 0).ljust(8, b"\0"), "little")
+
+
+def _open_lock_dir(lock_dir: str, create: bool) -> int:
     try:
-        dir_fd = open_dir(os.path.abspath(lock_dir), create=True)
+        return open_dir(os.path.abspath(lock_dir), create=create)
     except UnsafePathError as exc:
         raise CNIError(
             errors.IO_FAILURE,
             f"lock directory {lock_dir}: {exc.filename} {exc.strerror}; symlinks are not followed",
         ) from None
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise CNIError(errors.IO_FAILURE, f"cannot create lock directory {lock_dir}", str(exc)) from None
+
+
+def pool_generation(lock_dir: str, name: str) -> int | None:
+    """The lock's generation now (None when nobody has taken it yet). Read without the lock: a
+    torn or racing read only differs from a remembered generation, which costs a re-read."""
+    try:
+        dir_fd = _open_lock_dir(lock_dir, create=False)
+    except FileNotFoundError:
+        return None
+    try:
+        fd = os.open(f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CNIError(errors.IO_FAILURE, f"cannot open lock file {os.path.join(lock_dir, name)}.lock", str(exc)) from None
+    finally:
+        os.close(dir_fd)
+    try:
+        return _counter(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[int]:
+    """Hold the node lock of `name`; yields this holder's generation (see the module's docstring)."""
+    path = os.path.join(lock_dir, f"{name}.lock")
+    dir_fd = _open_lock_dir(lock_dir, create=True)
     try:
         fd = os.open(
             f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
@@ -118,6 +154,11 @@ def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[None]:
             raise CNIError(
                 errors.TRY_AGAIN_LATER, f"timed out waiting for the node lock of pool {name}", path
             )
-        yield
+        try:
+            generation = _counter(fd) + 1
+            os.pwrite(fd, generation.to_bytes(8, "little"), 0)
+        except OSError as exc:
+            raise CNIError(errors.IO_FAILURE, f"cannot count in lock file {path}", str(exc)) from None
+        yield generation
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
