@@ -451,7 +451,9 @@ def test_an_old_format_lease_is_read_and_rewritten_packed_without_loss() -> None
     d = allocate(spec_of("10.0.0.0/24"), parse_allocations({"1": old}), req(2))
     assert d is not None and Lease.from_json(dump_allocations(d.allocations)["1"]) == FULL
     # an extra missing from attrs falls back to its separate field; attrs wins where both are set
-    mixed = Lease.from_json({"id": "c1", "podref": "ns/p1", "attrs": "node=n2;token=t2", "node": "n1", "poduid": "u"})
+    mixed = Lease.from_json(
+        {"id": "c1", "podref": "ns/p1", "attrs": "node=n2;token=t2", "node": "n1", "poduid": "u"}
+    )
     assert (mixed.node, mixed.token, mixed.poduid) == ("n2", "t2", "u")
 
 

@@ -15,6 +15,7 @@ import yaml
 from tests.cni_exec import Call, cni_env, finish, run, start
 from tests.kubeapi.fixtures import K8s, KubeHandle
 from tests.kubeapi.real import RealKube
+from tests.kubeapi.schema import OUR_EXTRA_FIELDS
 
 
 def netconf(kube: K8s, tmp: Path, ipam: dict[str, Any], version: str = "1.0.0") -> dict[str, Any]:
@@ -136,14 +137,14 @@ def test_dual_stack_is_all_or_nothing(k8s: K8s, tmp_path: Path) -> None:
 
 
 def test_whereabouts_crd_prunes_our_fields_and_nothing_breaks(kube: KubeHandle, tmp_path: Path) -> None:
-    """A Whereabouts CRD applied over ours drops node/poduid/created; leases still work, GC skips them."""
+    """A Whereabouts CRD applied over ours drops attrs (and the old extras); leases still work, GC skips them."""
     crd = yaml.safe_load(
         (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
     )
     item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
         "allocations"
     ]
-    for extra in ("node", "poduid", "created", "network", "token"):
+    for extra in OUR_EXTRA_FIELDS:
         del item["additionalProperties"]["properties"][extra]
     foreign = tmp_path / "whereabouts-ippools.yaml"
     foreign.write_text(yaml.safe_dump(crd))
