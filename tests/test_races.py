@@ -280,7 +280,7 @@ def test_cni_gc_records_and_honours_the_config_name(tmp_path: Path) -> None:
 
 
 def test_cni_gc_across_networks_on_the_real_server(real_kube: RealKube, tmp_path: Path) -> None:
-    """The CRD declares `network`, so the API server keeps it and GC can tell the networks apart."""
+    """The CRD declares `attrs` (holding `network`), so the API server keeps it and GC can tell the networks apart."""
 
     def conf(name: str, extra: dict[str, Any] | None = None) -> bytes:
         ipam = {"type": "whereabouts-py", "range": "10.64.0.0/24", "datastore": "kubernetes",
@@ -297,7 +297,8 @@ def test_cni_gc_across_networks_on_the_real_server(real_kube: RealKube, tmp_path
     call("ADD", "b1", conf("storage-b"))
     call("GC", "unused", conf("storage-a", {"cni.dev/valid-attachments": []}))
     [pool] = real_kube.api.objects("ippools", real_kube.namespace)
-    assert [(v["id"], v["network"]) for v in pool["spec"]["allocations"].values()] == [("b1", "storage-b")]
+    leases = [Lease.from_json(v) for v in pool["spec"]["allocations"].values()]
+    assert [(lease.id, lease.network) for lease in leases] == [("b1", "storage-b")]
     names = [
         r["metadata"]["name"]
         for r in real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
