@@ -73,8 +73,8 @@ class Lease:
     In the pool the extras travel packed in one string field, `attrs` (`node=n1;poduid=u;...`, values
     with `%`, `;`, `=` escaped as `%25`, `%3B`, `%3D`): the API server's cost of a pool write grows with
     the number of fields per lease. `attrs_extra` keeps the `attrs` entries we do not know, verbatim.
-    Leases of the previous version carry the extras as separate fields; they are read, and written
-    back packed.
+    Leases of the previous version carry the extras as separate fields; they are read (see
+    `from_json`), and written back packed.
     """
 
     id: str
@@ -128,12 +128,19 @@ class Lease:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Lease:
-        """Read a lease; each extra from `attrs`, else from its separate field (the previous version's)."""
+        """Read a lease: the extras from `attrs`, or from the previous version's separate fields.
+
+        A lease carrying any separate extra was last made or confirmed by a version before `attrs`
+        (this one never writes them, and drops them on a rewrite): that version kept our `attrs` as an
+        unknown field but did not read it, so the separate fields are its newer word on all five extras
+        and a stale `attrs` value (the old pod's UID, the creator's token) must not come back.
+        """
         if not isinstance(data, Mapping) or not isinstance(data.get("id", ""), str):
             raise ValueError(f"lease is not an object with a string 'id': {data!r}")
         packed, others = _parse_attrs(data.get("attrs"))
-        values = {k: str(data.get(k) or "") for k in ("id", "podref", "ifname")}
-        values.update({k: packed.get(k) or str(data.get(k) or "") for k in _EXTRAS})
+        values = {k: str(data.get(k) or "") for k in ("id", "podref", "ifname", *_EXTRAS)}
+        if not any(values[k] for k in _EXTRAS):
+            values.update({k: packed.get(k, "") for k in _EXTRAS})
         extra = {k: v for k, v in data.items() if k not in _KNOWN_FIELDS}
         return cls(extra=extra, attrs_extra=others, **values)
 

@@ -450,11 +450,19 @@ def test_an_old_format_lease_is_read_and_rewritten_packed_without_loss() -> None
     # a pool rewritten by an unrelated allocation keeps the old lease's every extra
     d = allocate(spec_of("10.0.0.0/24"), parse_allocations({"1": old}), req(2))
     assert d is not None and Lease.from_json(dump_allocations(d.allocations)["1"]) == FULL
-    # an extra missing from attrs falls back to its separate field; attrs wins where both are set
-    mixed = Lease.from_json(
-        {"id": "c1", "podref": "ns/p1", "attrs": "node=n2;token=t2", "node": "n1", "poduid": "u"}
-    )
-    assert (mixed.node, mixed.token, mixed.poduid) == ("n2", "t2", "u")
+
+
+def test_a_lease_an_older_version_confirmed_after_we_packed_it_takes_its_separate_fields() -> None:
+    """Upgrade, roll back, upgrade: the older version kept our `attrs` as an unknown field, did not
+    read it, and confirmed the lease for a recreated pod with separate fields. Those are its newer
+    word on every extra: the stale pod UID in `attrs` would make the reconciler release the live
+    pod's lease as pod-replaced, the stale token would let the first creator's rollback remove it."""
+    packed = FULL.to_json()["attrs"]  # node=n1;poduid=u1;...;token=t1
+    confirmed = {"id": "c2", "podref": "ns/p1", "attrs": packed + ";zone=eu", "node": "n1", "poduid": "u2"}
+    lease = Lease.from_json(confirmed)
+    assert (lease.node, lease.poduid, lease.token, lease.created, lease.network) == ("n1", "u2", "", "", "")
+    assert lease.to_json() == {"id": "c2", "podref": "ns/p1", "attrs": "node=n1;poduid=u2;zone=eu"}
+    assert release({1: lease}, "c2", "", token="t1") == ({1: lease}, [])
 
 
 def test_unknown_attrs_entries_survive_a_rewrite() -> None:
@@ -472,24 +480,31 @@ def test_unknown_attrs_entries_survive_a_rewrite() -> None:
 @pytest.mark.parametrize(
     ("attrs", "expected", "written"),
     [
-        (7, Lease("c", "p", node="n0"), "node=n0"),  # not a string: ignored, separate fields still read
-        ({"node": "x"}, Lease("c", "p", node="n0"), "node=n0"),
-        (None, Lease("c", "p", node="n0"), "node=n0"),
-        ("", Lease("c", "p", node="n0"), "node=n0"),
-        ("garbage", Lease("c", "p", node="n0"), "node=n0;garbage"),  # no `=`: kept verbatim
-        ("node;poduid=u", Lease("c", "p", node="n0", poduid="u"), "node=n0;poduid=u;node"),
+        (7, Lease("c", "p"), None),  # not a string: ignored (dropped on a rewrite)
+        ({"node": "x"}, Lease("c", "p"), None),
+        (None, Lease("c", "p"), None),
+        ("", Lease("c", "p"), None),
+        ("garbage", Lease("c", "p"), "garbage"),  # no `=`: kept verbatim
+        ("node;poduid=u", Lease("c", "p", poduid="u"), "poduid=u;node"),
         (";;node=n1;;", Lease("c", "p", node="n1"), "node=n1"),  # empty entries carry nothing
         ("node=;node=n1", Lease("c", "p", node="n1"), "node=n1"),  # an empty extra is no extra
         ("node=n1;node=n2", Lease("c", "p", node="n1"), "node=n1;node=n2"),  # first wins, rest kept
         ("node=a%zz%3", Lease("c", "p", node="a%zz%3"), "node=a%25zz%253"),  # a stray `%` is literal
-        ("=x;Node=y", Lease("c", "p", node="n0"), "node=n0;=x;Node=y"),
+        ("=x;Node=y", Lease("c", "p"), "=x;Node=y"),
     ],
 )
-def test_malformed_attrs_never_raise(attrs: object, expected: Lease, written: str) -> None:
-    lease = Lease.from_json({"id": "c", "podref": "p", "node": "n0", "attrs": attrs})
+def test_malformed_attrs_never_raise(attrs: object, expected: Lease, written: str | None) -> None:
+    lease = Lease.from_json({"id": "c", "podref": "p", "attrs": attrs})
     assert lease == expected
-    assert lease.to_json()["attrs"] == written
+    assert lease.to_json().get("attrs") == written
     assert Lease.from_json(lease.to_json()) == lease  # stable from here on
+    assert Lease.from_json(lease.to_json()).to_json() == lease.to_json()
+
+
+def test_a_malformed_attrs_beside_old_fields_keeps_the_old_fields() -> None:
+    for attrs in (7, None, "garbage", "node"):
+        lease = Lease.from_json({"id": "c", "podref": "p", "node": "n0", "network": "a", "attrs": attrs})
+        assert (lease.node, lease.network) == ("n0", "a")
 
 
 def test_extra_fields_survive_an_allocation() -> None:
