@@ -13,8 +13,49 @@ from typing import Any
 
 from .ranges import RangeSpec
 
-_KNOWN_FIELDS = ("id", "podref", "ifname", "node", "poduid", "created", "network", "token")
 _EXTRAS = ("node", "poduid", "created", "network", "token")
+_KNOWN_FIELDS = ("id", "podref", "ifname", "attrs", *_EXTRAS)
+_ESCAPES = (("%", "%25"), (";", "%3B"), ("=", "%3D"))  # `%` first: it escapes the others
+
+
+def _escape(value: str) -> str:
+    for char, code in _ESCAPES:
+        value = value.replace(char, code)
+    return value
+
+
+def _unescape(text: str) -> str:
+    """Undo `_escape`; any other `%` is kept as it is (written by hand or by someone else)."""
+    codes = {code: char for char, code in _ESCAPES}
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        char = codes.get(text[i : i + 3].upper()) if text[i] == "%" else None
+        out.append(char or text[i])
+        i += 3 if char else 1
+    return "".join(out)
+
+
+def _parse_attrs(raw: Any) -> tuple[dict[str, str], tuple[str, ...]]:
+    """`attrs` text -> (our extras found in it, the other entries exactly as written).
+
+    Never raises: a value that is not a string is ignored (our CRD declares a string, so only a file
+    pool or a foreign writer can hold one), an empty entry is dropped, and an entry we do not own
+    (another key, a repeated key of ours, text without `=`) is kept verbatim to be written back.
+    """
+    ours: dict[str, str] = {}
+    others: list[str] = []
+    if not isinstance(raw, str):
+        return ours, ()
+    for entry in raw.split(";"):
+        key, eq, value = entry.partition("=")
+        if not entry or (eq and key in _EXTRAS and not value):
+            continue  # carries nothing (we never write an empty extra)
+        if eq and key in _EXTRAS and key not in ours:
+            ours[key] = _unescape(value)
+        else:
+            others.append(entry)
+    return ours, tuple(others)
 
 
 @dataclass(frozen=True)
@@ -28,6 +69,12 @@ class Lease:
     `CONFIRMED` + the other call's id when another call confirms it, so a rollback removes only what
     its own call created and nobody has confirmed since.
     `extra` keeps fields we do not know, so a rewrite never drops another writer's data.
+
+    In the pool the extras travel packed in one string field, `attrs` (`node=n1;poduid=u;...`, values
+    with `%`, `;`, `=` escaped as `%25`, `%3B`, `%3D`): the API server's cost of a pool write grows with
+    the number of fields per lease. `attrs_extra` keeps the `attrs` entries we do not know, verbatim.
+    Leases of the previous version carry the extras as separate fields; they are read (see
+    `from_json`), and written back packed.
     """
 
     id: str
@@ -39,6 +86,7 @@ class Lease:
     network: str = ""
     token: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    attrs_extra: tuple[str, ...] = field(default=(), compare=False)
 
     def owned_by(self, podref: str, ifname: str, container_id: str) -> bool:
         """Same attachment: by pod reference + interface, or by container id + interface without a pod."""
@@ -72,19 +120,29 @@ class Lease:
         out["podref"] = self.podref
         if self.ifname:
             out["ifname"] = self.ifname
-        for name in _EXTRAS:
-            value = getattr(self, name)
-            if value:
-                out[name] = value
+        entries = [f"{name}={_escape(getattr(self, name))}" for name in _EXTRAS if getattr(self, name)]
+        entries += self.attrs_extra
+        if entries:
+            out["attrs"] = ";".join(entries)
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Lease:
+        """Read a lease: the extras from `attrs`, or from the previous version's separate fields.
+
+        A lease carrying any separate extra was last made or confirmed by a version before `attrs`
+        (this one never writes them, and drops them on a rewrite): that version kept our `attrs` as an
+        unknown field but did not read it, so the separate fields are its newer word on all five extras
+        and a stale `attrs` value (the old pod's UID, the creator's token) must not come back.
+        """
         if not isinstance(data, Mapping) or not isinstance(data.get("id", ""), str):
             raise ValueError(f"lease is not an object with a string 'id': {data!r}")
-        values = {k: str(data.get(k) or "") for k in _KNOWN_FIELDS}
+        packed, others = _parse_attrs(data.get("attrs"))
+        values = {k: str(data.get(k) or "") for k in ("id", "podref", "ifname", *_EXTRAS)}
+        if not any(values[k] for k in _EXTRAS):
+            values.update({k: packed.get(k, "") for k in _EXTRAS})
         extra = {k: v for k, v in data.items() if k not in _KNOWN_FIELDS}
-        return cls(extra=extra, **values)
+        return cls(extra=extra, attrs_extra=others, **values)
 
 
 Allocations = dict[int, Lease]
@@ -216,6 +274,7 @@ def allocate(
             request.network or lease.network,
             token,
             lease.extra,
+            lease.attrs_extra,
         )
         if wanted == lease:
             return Decision(current, allocations, changed=False, reused=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from netaddr import IPAddress
 
 from ipam.allocator import (
@@ -364,7 +366,8 @@ def test_lease_records_the_network_that_made_it() -> None:
     spec = spec_of("10.0.0.0/24")
     d = allocate(spec, {}, Request("c1", "net1", "ns/p1", network="net-a"))
     assert d is not None and d.allocations[1].network == "net-a"
-    assert dump_allocations(d.allocations)["1"]["network"] == "net-a"
+    assert dump_allocations(d.allocations)["1"]["attrs"] == "network=net-a"
+    assert Lease.from_json(dump_allocations(d.allocations)["1"]).network == "net-a"
 
 
 def test_a_moved_lease_is_reported_so_its_reservation_can_go() -> None:
@@ -381,10 +384,11 @@ def test_lease_json_round_trip_keeps_unknown_fields() -> None:
     raw = {
         "1": {"id": "c1", "podref": "ns/p1", "ifname": "net1", "node": "n1", "foo": {"bar": [1]}},
         "10": {"id": "c2", "podref": "ns/p2"},  # Whereabouts' shape: no ifname
-        "2": {"id": "c3", "podref": "", "ifname": "eth0", "poduid": "u", "created": "t", "x": 1},
+        "2": {"id": "c3", "podref": "", "ifname": "eth0", "attrs": "poduid=u;created=t", "x": 1},
     }
     leases = parse_allocations(raw)
     assert leases[1] == Lease("c1", "ns/p1", "net1", node="n1")
+    assert (leases[2].poduid, leases[2].created) == ("u", "t")
     assert leases[10].ifname == ""
     dumped = dump_allocations(leases)
     assert list(dumped) == ["1", "2", "10"]  # ordered by offset
@@ -393,6 +397,114 @@ def test_lease_json_round_trip_keeps_unknown_fields() -> None:
     assert dumped["10"] == {"id": "c2", "podref": "ns/p2"}
     assert parse_allocations(json.loads(json.dumps(dumped))) == leases
     assert json.loads(json.dumps(dumped)) == {k: dumped[k] for k in dumped}
+
+
+FULL = Lease(
+    "c1", "ns/p1", "net1", node="n1", poduid="u1", created="2026-11-29T15:00:00Z", network="net-a", token="t1"
+)
+
+
+def test_lease_extras_are_packed_into_one_attrs_field() -> None:
+    """The API server's cost of a pool write grows with the fields per lease: the five extras travel
+    as one string, in a fixed order, and none of them as a separate field."""
+    assert FULL.to_json() == {
+        "id": "c1",
+        "podref": "ns/p1",
+        "ifname": "net1",
+        "attrs": "node=n1;poduid=u1;created=2026-11-29T15:00:00Z;network=net-a;token=t1",
+    }
+    assert Lease.from_json(FULL.to_json()) == FULL
+    assert Lease("c1", "ns/p1", "net1", network="b", node="a").to_json()["attrs"] == "node=a;network=b"
+    assert Lease("c1", "ns/p1", "net1").to_json() == {"id": "c1", "podref": "ns/p1", "ifname": "net1"}
+
+
+def test_attrs_values_with_separators_and_percent_round_trip() -> None:
+    odd = Lease("c", "ns/p", "net1", node="a;b=c", poduid="100%", created="%3B", network="=;%", token="%%25")
+    raw = odd.to_json()
+    assert raw["attrs"] == "node=a%3Bb%3Dc;poduid=100%25;created=%253B;network=%3D%3B%25;token=%25%2525"
+    assert Lease.from_json(json.loads(json.dumps(raw))) == odd
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from("a;=%3BDd2 5\u00e9"), max_size=8), min_size=5, max_size=5))
+def test_any_extra_values_round_trip_through_attrs(values: list[str]) -> None:
+    lease = Lease("c", "ns/p", "net1", *values)
+    assert Lease.from_json(json.loads(json.dumps(lease.to_json()))) == lease
+
+
+def test_an_old_format_lease_is_read_and_rewritten_packed_without_loss() -> None:
+    """Leases of the previous version (extras as separate fields) exist in clusters."""
+    old = {
+        "id": "c1",
+        "podref": "ns/p1",
+        "ifname": "net1",
+        "node": "n1",
+        "poduid": "u1",
+        "created": "2026-11-29T15:00:00Z",
+        "network": "net-a",
+        "token": "t1",
+        "future": {"x": 1},
+    }
+    lease = Lease.from_json(old)
+    assert lease == FULL and lease.extra == {"future": {"x": 1}}
+    assert lease.to_json() == {**FULL.to_json(), "future": {"x": 1}}  # packed; separate fields gone
+    # a pool rewritten by an unrelated allocation keeps the old lease's every extra
+    d = allocate(spec_of("10.0.0.0/24"), parse_allocations({"1": old}), req(2))
+    assert d is not None and Lease.from_json(dump_allocations(d.allocations)["1"]) == FULL
+
+
+def test_a_lease_an_older_version_confirmed_after_we_packed_it_takes_its_separate_fields() -> None:
+    """Upgrade, roll back, upgrade: the older version kept our `attrs` as an unknown field, did not
+    read it, and confirmed the lease for a recreated pod with separate fields. Those are its newer
+    word on every extra: the stale pod UID in `attrs` would make the reconciler release the live
+    pod's lease as pod-replaced, the stale token would let the first creator's rollback remove it."""
+    packed = FULL.to_json()["attrs"]  # node=n1;poduid=u1;...;token=t1
+    confirmed = {"id": "c2", "podref": "ns/p1", "attrs": packed + ";zone=eu", "node": "n1", "poduid": "u2"}
+    lease = Lease.from_json(confirmed)
+    assert (lease.node, lease.poduid, lease.token, lease.created, lease.network) == ("n1", "u2", "", "", "")
+    assert lease.to_json() == {"id": "c2", "podref": "ns/p1", "attrs": "node=n1;poduid=u2;zone=eu"}
+    assert release({1: lease}, "c2", "", token="t1") == ({1: lease}, [])
+
+
+def test_unknown_attrs_entries_survive_a_rewrite() -> None:
+    """A newer version's packed data is kept verbatim, after ours, through allocate and re-ADD."""
+    raw = {"id": "c1", "podref": "ns/p1", "ifname": "net1", "attrs": "zone=eu%3Bw;node=n1;flag;token=t1"}
+    lease = Lease.from_json(raw)
+    assert (lease.node, lease.token, lease.attrs_extra) == ("n1", "t1", ("zone=eu%3Bw", "flag"))
+    assert lease.to_json()["attrs"] == "node=n1;token=t1;zone=eu%3Bw;flag"
+    spec = spec_of("10.0.0.0/24")
+    d = allocate(spec, {1: lease}, Request("c2", "net1", "ns/p1", poduid="u2", token="t2"))  # re-ADD
+    assert d is not None and d.reused and d.changed
+    assert d.allocations[1].to_json()["attrs"] == "node=n1;poduid=u2;token=~t2;zone=eu%3Bw;flag"
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected", "written"),
+    [
+        (7, Lease("c", "p"), None),  # not a string: ignored (dropped on a rewrite)
+        ({"node": "x"}, Lease("c", "p"), None),
+        (None, Lease("c", "p"), None),
+        ("", Lease("c", "p"), None),
+        ("garbage", Lease("c", "p"), "garbage"),  # no `=`: kept verbatim
+        ("node;poduid=u", Lease("c", "p", poduid="u"), "poduid=u;node"),
+        (";;node=n1;;", Lease("c", "p", node="n1"), "node=n1"),  # empty entries carry nothing
+        ("node=;node=n1", Lease("c", "p", node="n1"), "node=n1"),  # an empty extra is no extra
+        ("node=n1;node=n2", Lease("c", "p", node="n1"), "node=n1;node=n2"),  # first wins, rest kept
+        ("node=a%zz%3", Lease("c", "p", node="a%zz%3"), "node=a%25zz%253"),  # a stray `%` is literal
+        ("=x;Node=y", Lease("c", "p"), "=x;Node=y"),
+    ],
+)
+def test_malformed_attrs_never_raise(attrs: object, expected: Lease, written: str | None) -> None:
+    lease = Lease.from_json({"id": "c", "podref": "p", "attrs": attrs})
+    assert lease == expected
+    assert lease.to_json().get("attrs") == written
+    assert Lease.from_json(lease.to_json()) == lease  # stable from here on
+    assert Lease.from_json(lease.to_json()).to_json() == lease.to_json()
+
+
+def test_a_malformed_attrs_beside_old_fields_keeps_the_old_fields() -> None:
+    for attrs in (7, None, "garbage", "node"):
+        lease = Lease.from_json({"id": "c", "podref": "p", "node": "n0", "network": "a", "attrs": attrs})
+        assert (lease.node, lease.network) == ("n0", "a")
 
 
 def test_extra_fields_survive_an_allocation() -> None:

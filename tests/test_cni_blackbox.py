@@ -10,11 +10,13 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ipam.allocator import Lease
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = Path(sys.executable).parent / "whereabouts-py"
@@ -186,9 +188,11 @@ def test_add_result_per_version(plugin: Plugin, version: str) -> None:
     assert doc["ips"] == expected_ips
     assert doc["routes"] == [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.0.0.254"}]
     assert doc["dns"] == {"nameservers": ["10.0.0.53"], "search": ["svc.local"]}
-    lease = plugin.leases()["2"]
-    assert (lease["id"], lease["podref"], lease["ifname"], lease["node"]) == ("c1", "ns/p1", "net1", "node-a")
-    assert lease["poduid"] == "uid-p1"
+    raw = plugin.leases()["2"]
+    assert "node" not in raw and "poduid" not in raw  # packed into `attrs`
+    lease = Lease.from_json(raw)
+    assert (lease.id, lease.podref, lease.ifname, lease.node) == ("c1", "ns/p1", "net1", "node-a")
+    assert lease.poduid == "uid-p1"
     check = plugin.call("CHECK", conf)
     if version < "0.4.0":
         assert "CHECK" in check.error(1)["msg"]
@@ -291,7 +295,9 @@ def test_gc_keeps_leases_without_node(plugin: Plugin) -> None:
     plugin.add(conf)
     pool_file = plugin.data_dir / "pools" / f"{POOL}.json"
     doc = plugin.pool()
-    del doc["spec"]["allocations"]["1"]["node"]  # as a Whereabouts CRD would prune it
+    lease = Lease.from_json(doc["spec"]["allocations"]["1"])
+    assert lease.node and lease.network  # GC would release it with its node
+    doc["spec"]["allocations"]["1"] = replace(lease, node="").to_json()  # as an older writer left it
     pool_file.write_text(json.dumps(doc))
     res = plugin.call("GC", {**conf, "cni.dev/valid-attachments": []})
     assert res.code == 0

@@ -36,11 +36,9 @@ def ctl_json(kube: RealKube, *args: str) -> tuple[int, Any]:
     return code, json.loads(out)
 
 
-def entry(ctr: str, podref: str, uid: str = "", node: str = "node-a", created: str = OLD) -> dict[str, str]:
-    out = {"id": ctr, "podref": podref, "ifname": "net1", "node": node, "created": created}
-    if uid:
-        out["poduid"] = uid
-    return out
+def entry(ctr: str, podref: str, uid: str = "", node: str = "node-a", created: str = OLD) -> dict[str, Any]:
+    """A lease as the plugin writes it (extras packed in `attrs`)."""
+    return Lease(ctr, podref, "net1", node=node, poduid=uid, created=created).to_json()
 
 
 def ippool(name: str, cidr: str, leases: dict[int, dict[str, str]]) -> dict[str, Any]:

@@ -98,7 +98,10 @@ def test_crds_declare_whereabouts_fields_and_ours() -> None:
     assert set(spec["required"]) == {"range", "allocations"}
     entry = spec["properties"]["allocations"]["additionalProperties"]
     assert set(entry["required"]) == {"id", "podref"}
-    assert {"id", "podref", "ifname", "ipamclaimref", "node", "poduid", "created"} <= set(entry["properties"])
+    assert {"id", "podref", "ifname", "ipamclaimref", "attrs"} <= set(entry["properties"])
+    assert entry["properties"]["attrs"]["type"] == "string" and entry["properties"]["attrs"]["description"]
+    # the previous version's separate fields stay declared: its leases must not be pruned
+    assert {"node", "poduid", "created", "network", "token"} <= set(entry["properties"])
     reservation = schemas["OverlappingRangeIPReservation"]["properties"]["spec"]
     assert reservation["required"] == ["podref"]
     assert {"containerid", "podref", "ifname", "ipamclaimref", "node", "created"} <= set(
@@ -444,7 +447,11 @@ def test_names_must_be_rfc1123_subdomains(crs: client.CustomObjectsApi) -> None:
 
 def test_undeclared_fields_are_pruned_declared_ones_kept(crs: client.CustomObjectsApi) -> None:
     body = pool(
-        "p", allocations={"7": lease("c7", node="node-a", poduid="u7", created="2026-01-01T00:00:00Z")}
+        "p",
+        allocations={
+            "7": lease("c7", node="node-a", poduid="u7", created="2026-01-01T00:00:00Z"),
+            "8": lease("c8", attrs="node=node-a;token=t8"),
+        },
     )
     body["spec"]["allocations"]["7"]["bogus"] = "x"
     body["spec"]["extra"] = {"a": 1}
@@ -462,7 +469,8 @@ def test_undeclared_fields_are_pruned_declared_ones_kept(crs: client.CustomObjec
                 "node": "node-a",
                 "poduid": "u7",
                 "created": "2026-01-01T00:00:00Z",
-            }
+            },
+            "8": {"id": "c8", "podref": "apps/web-0", "ifname": "net1", "attrs": "node=node-a;token=t8"},
         },
     }
     assert crs.get_namespaced_custom_object(GROUP, VERSION, NS, POOLS, "p") == made
@@ -502,8 +510,13 @@ def test_whereabouts_crd_applied_over_ours_prunes_our_fields(
     kube: KubeHandle, crs: client.CustomObjectsApi
 ) -> None:
     kube.api.use_crds(without_fields())
-    made = create_pool(crs, "p", allocations={"1": lease("c1", node="node-a", poduid="u1")})
+    made = create_pool(
+        crs,
+        "p",
+        allocations={"1": lease("c1", node="node-a", poduid="u1"), "2": lease("c2", attrs="node=node-a")},
+    )
     assert made["spec"]["allocations"]["1"] == {"id": "c1", "podref": "apps/web-0", "ifname": "net1"}
+    assert made["spec"]["allocations"]["2"] == {"id": "c2", "podref": "apps/web-0", "ifname": "net1"}
     reservation = crs.create_namespaced_custom_object(
         GROUP,
         VERSION,

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
+from ipam.allocator import Lease
 from tests.cni_exec import Call, cni_env, finish, run, start
 from tests.kubeapi.fixtures import K8s, KubeHandle
 from tests.kubeapi.real import RealKube
+from tests.kubeapi.schema import OUR_EXTRA_FIELDS
 
 
 def netconf(kube: K8s, tmp: Path, ipam: dict[str, Any], version: str = "1.0.0") -> dict[str, Any]:
@@ -62,7 +64,7 @@ def check_40_distinct(kube: K8s, calls: list[Call]) -> None:
     assert len(leases) == 40  # none lost, none extra
     held = {str(ipaddress.ip_address("10.50.0.0") + int(k)) for k in leases}
     assert held == set(got)
-    assert {lease["node"] for lease in leases.values()} == {f"node-{n}" for n in range(4)}
+    assert {Lease.from_json(lease).node for lease in leases.values()} == {f"node-{n}" for n in range(4)}
     assert reservations(kube) == set(got)
 
 
@@ -136,14 +138,14 @@ def test_dual_stack_is_all_or_nothing(k8s: K8s, tmp_path: Path) -> None:
 
 
 def test_whereabouts_crd_prunes_our_fields_and_nothing_breaks(kube: KubeHandle, tmp_path: Path) -> None:
-    """A Whereabouts CRD applied over ours drops node/poduid/created; leases still work, GC skips them."""
+    """A Whereabouts CRD applied over ours drops attrs (and the old extras); leases still work, GC skips them."""
     crd = yaml.safe_load(
         (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
     )
     item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
         "allocations"
     ]
-    for extra in ("node", "poduid", "created", "network", "token"):
+    for extra in OUR_EXTRA_FIELDS:
         del item["additionalProperties"]["properties"][extra]
     foreign = tmp_path / "whereabouts-ippools.yaml"
     foreign.write_text(yaml.safe_dump(crd))
@@ -221,3 +223,66 @@ def test_refusals_are_retried_for_a_moment_then_reported(kube: KubeHandle, tmp_p
     kube.api.clear_faults()
     assert [v["id"] for v in pool(kube, "10.59.0.0-24")["spec"]["allocations"].values()] == ["a"]
     store.close()
+
+
+# -- the lease format on the real server: extras packed in `attrs`, old separate fields still read -------
+
+OLD_EXTRAS = {"created": "2026-01-01T00:00:00Z", "poduid": "uid-x", "token": "~t0"}
+
+
+def old_lease(ctr: str, node: str = "", network: str = "") -> dict[str, str]:
+    """A lease as the previous version wrote it: the extras as separate fields."""
+    out = {"id": ctr, "podref": f"default/{ctr}", "ifname": "net1", **OLD_EXTRAS}
+    return {**out, **({"node": node} if node else {}), **({"network": network} if network else {})}
+
+
+def test_the_real_server_stores_a_plugin_lease_as_attrs_only(real_kube: RealKube, tmp_path: Path) -> None:
+    """Our CRD declares `attrs`: the API server's pruning keeps it, and no extra travels separately."""
+    conf = netconf(real_kube, tmp_path, {"range": "10.73.0.0/24"})
+    args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=p1;K8S_POD_UID=uid-p1"
+    assert run(conf, cni_env("ADD", "p1", NODENAME="node-a", CNI_ARGS=args)).code == 0
+    raw = pool(real_kube, "10.73.0.0-24")["spec"]["allocations"]["1"]
+    assert set(raw) == {"id", "podref", "ifname", "attrs"}
+    lease = Lease.from_json(raw)
+    assert (lease.id, lease.podref, lease.ifname) == ("p1", "default/p1", "net1")
+    assert (lease.node, lease.poduid, lease.network) == ("node-a", "uid-p1", "storage")
+    assert lease.created and lease.token  # the ADD's own time and call id
+    assert raw["attrs"] == lease.to_json()["attrs"]
+    assert run(conf, cni_env("ADD", "p2", NODENAME="node-b")).code == 0  # the pool is written again
+    again = pool(real_kube, "10.73.0.0-24")["spec"]["allocations"]
+    assert again["1"] == raw and Lease.from_json(again["2"]).node == "node-b"
+
+
+def test_an_old_format_pool_is_rewritten_packed_and_gc_still_tells_nodes_and_networks_apart(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """Leases of the previous version exist in clusters: a later ADD rewrites them packed with every extra
+    intact, and CNI GC still releases only its own node's and network's stale leases."""
+    planted = {
+        "1": old_lease("stale", "node-a", "storage"),
+        "2": old_lease("valid", "node-a", "storage"),
+        "3": old_lease("other-node", "node-b", "storage"),
+        "4": old_lease("other-net", "node-a", "public"),
+        "5": old_lease("no-node", network="storage"),
+        "6": {"id": "wb", "podref": "default/wb", "ifname": "net1"},  # Whereabouts' own
+    }
+    body = {"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool", "metadata": {"name": "10.74.0.0-24"}}
+    real_kube.apply({**body, "spec": {"range": "10.74.0.0/24", "allocations": planted}})
+    assert pool(real_kube, "10.74.0.0-24")["spec"]["allocations"] == planted  # the server kept the old fields
+    conf = netconf(real_kube, tmp_path, {"range": "10.74.0.0/24"})
+    added = run(conf, cni_env("ADD", "new", NODENAME="node-a"))
+    assert added.code == 0 and added.result["ips"][0]["address"] == "10.74.0.7/24"
+    stored = pool(real_kube, "10.74.0.0-24")["spec"]["allocations"]
+    for offset, raw in planted.items():
+        assert set(stored[offset]) <= {"id", "podref", "ifname", "attrs"}, stored[offset]  # packed now
+        assert Lease.from_json(stored[offset]) == Lease.from_json(raw)  # every extra intact
+    assert Lease.from_json(stored["1"]).to_json()["attrs"] == (
+        "node=node-a;poduid=uid-x;created=2026-01-01T00:00:00Z;network=storage;token=~t0"
+    )
+    gc_conf = {
+        **netconf(real_kube, tmp_path, {"range": "10.74.0.0/24"}, version="1.1.0"),
+        "cni.dev/valid-attachments": [{"containerID": c, "ifname": "net1"} for c in ("valid", "new")],
+    }
+    assert run(gc_conf, cni_env("GC", "unused", NODENAME="node-a")).code == 0
+    left = pool(real_kube, "10.74.0.0-24")["spec"]["allocations"]
+    assert sorted(v["id"] for v in left.values()) == ["new", "no-node", "other-net", "other-node", "valid", "wb"]

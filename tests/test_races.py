@@ -37,6 +37,7 @@ from ipam.store.kubernetes import REQUEST_TIMEOUT, KubernetesStore
 from tests.cni_exec import opt_in_flat_file
 from tests.kubeapi.fixtures import KubeHandle
 from tests.kubeapi.real import RealKube
+from tests.kubeapi.schema import OUR_EXTRA_FIELDS
 from tests.test_engine import FakeClock, FlakyStore, addresses, engine_for, leases, req
 
 CRDS = Path(__file__).parents[1] / "crds"
@@ -279,7 +280,7 @@ def test_cni_gc_records_and_honours_the_config_name(tmp_path: Path) -> None:
 
 
 def test_cni_gc_across_networks_on_the_real_server(real_kube: RealKube, tmp_path: Path) -> None:
-    """The CRD declares `network`, so the API server keeps it and GC can tell the networks apart."""
+    """The CRD declares `attrs` (holding `network`), so the API server keeps it and GC can tell the networks apart."""
 
     def conf(name: str, extra: dict[str, Any] | None = None) -> bytes:
         ipam = {"type": "whereabouts-py", "range": "10.64.0.0/24", "datastore": "kubernetes",
@@ -296,7 +297,8 @@ def test_cni_gc_across_networks_on_the_real_server(real_kube: RealKube, tmp_path
     call("ADD", "b1", conf("storage-b"))
     call("GC", "unused", conf("storage-a", {"cni.dev/valid-attachments": []}))
     [pool] = real_kube.api.objects("ippools", real_kube.namespace)
-    assert [(v["id"], v["network"]) for v in pool["spec"]["allocations"].values()] == [("b1", "storage-b")]
+    leases = [Lease.from_json(v) for v in pool["spec"]["allocations"].values()]
+    assert [(lease.id, lease.network) for lease in leases] == [("b1", "storage-b")]
     names = [
         r["metadata"]["name"]
         for r in real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
@@ -603,7 +605,7 @@ def test_rollback_stays_all_or_nothing_when_a_foreign_crd_prunes_the_token(
     """Whereabouts' CRD applied over ours drops `token`: a failed ADD still removes what it created."""
     crd = yaml.safe_load((CRDS / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
     props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    for extra in ("node", "poduid", "created", "network", "token"):
+    for extra in OUR_EXTRA_FIELDS:
         del props["allocations"]["additionalProperties"]["properties"][extra]
     kube.api.use_crds([crd, *(p for p in CRDS.glob("*.yaml") if "ippools" not in p.name)])
     store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))

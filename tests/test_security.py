@@ -25,6 +25,7 @@ import pytest
 
 from ipam import cni, errors
 from ipam.agent import Agent, Coalescer, Metrics, StoreCache, bind
+from ipam.allocator import Lease
 from ipam.config import load_config
 from ipam.kubeconfig import KubeCredentials, load_node_kubeconfig
 from ipam.log import Logger, append_record
@@ -270,7 +271,7 @@ def test_opt_in_restores_nad_overrides(opt_in_node: Node) -> None:
     added = node.call("ADD", data_dir=str(data), node_name="node-z")
     assert added.code == 0, added
     pool = json.loads((data / "pools" / "10.216.0.0-24.json").read_text())
-    assert [a["node"] for a in pool["spec"]["allocations"].values()] == ["node-z"]
+    assert [Lease.from_json(a).node for a in pool["spec"]["allocations"].values()] == ["node-z"]
 
 
 def test_the_shim_never_connects_to_a_nad_agent_socket(node: Node) -> None:

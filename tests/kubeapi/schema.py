@@ -186,7 +186,9 @@ def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[st
     return causes
 
 
-OUR_EXTRA_FIELDS = ("node", "poduid", "created")
+# our lease fields (packed `attrs`, and the separate ones of the previous version) and reservation
+# fields, which Whereabouts' CRDs do not declare
+OUR_EXTRA_FIELDS = ("attrs", "node", "poduid", "created", "network", "token")
 
 
 def without_fields(
