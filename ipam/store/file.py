@@ -26,7 +26,7 @@ from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import PoolSnapshot
-from .locks import pool_lock
+from .locks import bump_stamp, pool_lock, stamp
 from .slicestore import SlicePoolView
 
 API_VERSION = "whereabouts.cni.cncf.io/v1alpha1"
@@ -365,6 +365,13 @@ class FileStore:
 
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return pool_lock(self.locks, name, timeout)
+
+    def node_stamp(self, name: str) -> int:
+        """Changes recorded under the node lock `name` by any process of this node (locks.stamp)."""
+        return stamp(self.locks, name)
+
+    def bump_node_stamp(self, name: str) -> None:
+        bump_stamp(self.locks, name)
 
     def check_reachable(self) -> None:
         self._ensure_dirs()

@@ -35,7 +35,7 @@ from .kubeclient import (
     load_with_plugins,
     path_quote,
 )
-from .locks import pool_lock
+from .locks import bump_stamp, pool_lock, stamp
 from .slicestore import SlicePoolView
 
 if TYPE_CHECKING:
@@ -434,6 +434,13 @@ class KubernetesStore:
 
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[None]:
         return pool_lock(self.lock_dir, name, timeout)
+
+    def node_stamp(self, name: str) -> int:
+        """Changes recorded under the node lock `name` by any process of this node (locks.stamp)."""
+        return stamp(self.lock_dir, name)
+
+    def bump_node_stamp(self, name: str) -> None:
+        bump_stamp(self.lock_dir, name)
 
     def check_reachable(self) -> None:
         try:

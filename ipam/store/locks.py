@@ -121,3 +121,49 @@ def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
+
+def _lock_dir_fd(lock_dir: str) -> int:
+    try:
+        return open_dir(os.path.abspath(lock_dir), create=True)
+    except UnsafePathError as exc:
+        raise CNIError(
+            errors.IO_FAILURE,
+            f"lock directory {lock_dir}: {exc.filename} {exc.strerror}; symlinks are not followed",
+        ) from None
+    except OSError as exc:
+        raise CNIError(errors.IO_FAILURE, f"cannot create lock directory {lock_dir}", str(exc)) from None
+
+
+def bump_stamp(lock_dir: str, name: str) -> None:
+    """Record a change made under the node lock `name` (one byte appended to `name`.stamp), so the
+    node's other processes see it (`stamp`) without asking the datastore. Call it holding the lock."""
+    dir_fd = _lock_dir_fd(lock_dir)
+    try:
+        fd = os.open(
+            f"{name}.stamp",
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+            dir_fd=dir_fd,
+        )
+        try:
+            os.write(fd, b".")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CNIError(errors.IO_FAILURE, f"cannot write {lock_dir}/{name}.stamp", str(exc)) from None
+    finally:
+        os.close(dir_fd)
+
+
+def stamp(lock_dir: str, name: str) -> int:
+    """How many changes were recorded under the node lock `name` (0 before the first)."""
+    dir_fd = _lock_dir_fd(lock_dir)
+    try:
+        return os.stat(f"{name}.stamp", dir_fd=dir_fd, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise CNIError(errors.IO_FAILURE, f"cannot read {lock_dir}/{name}.stamp", str(exc)) from None
+    finally:
+        os.close(dir_fd)

