@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 from ipam import nodeslices
 from ipam.agent import Agent
 from ipam.cni import run
+from ipam.store.base import PoolSnapshot
+from ipam.store.file import FileStore
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.fixtures import K8s, KubeHandle
 
@@ -85,3 +88,69 @@ def test_a_repeated_add_finds_its_lease_in_a_slice_another_process_of_the_node_c
         agent.close()
     assert addr(first) == addr(again) == "10.0.0.5/28"
     assert [h for h in held(k8s) if h[0] == "c"] == [("c", "node-a-10.0.0.4-30+1")]
+
+
+class Gate:
+    """Pauses the next pool write (the pool's batch in flight) until `release` is set."""
+
+    def __init__(self) -> None:
+        self.armed, self.entered, self.release = False, threading.Event(), threading.Event()
+
+    def wrap(self, original: Any) -> Any:
+        def write_pool(store: Any, snapshot: PoolSnapshot, allocations: Any) -> Any:
+            if self.armed:
+                self.armed = False
+                self.entered.set()
+                assert self.release.wait(10)
+            return original(store, snapshot, allocations)
+
+        return write_pool
+
+
+@pytest.mark.parametrize("datastore", ["kubernetes", "file"])
+def test_a_del_and_an_add_of_the_same_container_in_one_batch_leave_the_add_its_reservation(
+    kube: KubeHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, datastore: str
+) -> None:
+    """DEL c then ADD c queue behind a batch in flight and are served by one write: the ADD gets
+    c's address back and reserves it (already c's); the DEL's caller then gave back the reservation
+    of the address it released, held by c: the ADD's address was left unreserved (an overlapping
+    range could hand it out again)."""
+    conf, agent, gate = netconf(kube, tmp_path, datastore=datastore), Agent(), Gate()
+    cls = KubernetesStore if datastore == "kubernetes" else FileStore
+    monkeypatch.setattr(cls, "write_pool", gate.wrap(cls.write_pool))
+    results: dict[str, dict[str, Any]] = {}
+
+    def queued() -> int:
+        return sum(q.qsize() for q in agent.coalescer.queues.values())
+
+    def start(key: str, command: str, cid: str) -> threading.Thread:
+        before = queued()
+        thread = threading.Thread(target=lambda: results.setdefault(key, call(conf, command, cid, agent)))
+        thread.start()
+        for _ in range(2000):  # until its op is queued behind the batch in flight (bounded poll)
+            if key == "z" or queued() > before:
+                return thread
+            threading.Event().wait(0.005)
+        raise AssertionError(f"{key} never queued")
+
+    try:
+        assert addr(call(conf, "ADD", "c", agent)) == "10.0.0.1/28"
+        gate.armed = True
+        threads = [start("z", "ADD", "z")]
+        assert gate.entered.wait(10)
+        threads += [start("del", "DEL", "c"), start("add", "ADD", "c")]
+        gate.release.set()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        agent.close()
+    assert addr(results["add"]) == "10.0.0.1/28"
+    if datastore == "kubernetes":
+        leases = dict(held(kube))
+        reservations = [r["metadata"]["name"] for r in kube.api.objects("overlappingrangeipreservations", "kube-system")]
+    else:
+        doc = json.loads((tmp_path / "pools" / "10.0.0.0-28.json").read_text())
+        leases = {v["id"]: k for k, v in doc["spec"]["allocations"].items()}
+        reservations = [p.stem for p in (tmp_path / "reservations").glob("*.json")]
+    assert set(leases) == {"c", "z"}
+    assert sorted(reservations) == ["10.0.0.1", "10.0.0.2"]
