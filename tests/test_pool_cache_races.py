@@ -12,18 +12,23 @@ from __future__ import annotations
 import io
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ipam import nodeslices
-from ipam.agent import Agent
+from ipam.agent import Agent, StoreCache
+from ipam.allocator import Lease
 from ipam.cni import run
 from ipam.store.base import PoolSnapshot
 from ipam.store.file import FileStore
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.fixtures import K8s, KubeHandle
+
+CRDS = Path(__file__).parents[1] / "crds"
 
 
 @pytest.fixture(autouse=True)
@@ -154,3 +159,98 @@ def test_a_del_and_an_add_of_the_same_container_in_one_batch_leave_the_add_its_r
         reservations = [p.stem for p in (tmp_path / "reservations").glob("*.json")]
     assert set(leases) == {"c", "z"}
     assert sorted(reservations) == ["10.0.0.1", "10.0.0.2"]
+
+
+# -- what held -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sliced", [True, False], ids=["slices", "one-pool"])
+def test_a_pool_deleted_and_recreated_meanwhile_is_not_written_from_memory(
+    k8s: K8s, tmp_path: Path, sliced: bool
+) -> None:
+    extra = {"node_slice_size": "/30"} if sliced else {}
+    conf, agent, store = netconf(k8s, tmp_path, **extra), Agent(), admin(k8s, tmp_path)
+    name, cidr = ("node-a-10.0.0.0-30", "10.0.0.0/30") if sliced else ("10.0.0.0-28", "10.0.0.0/28")
+    try:
+        assert addr(call(conf, "ADD", "a0", agent)) == "10.0.0.1/28"
+        store.delete_pool(name, str(store.read_pool(name, cidr).version))
+        store.write_pool(PoolSnapshot(name, cidr, {}, None), {1: Lease("zz", "ns/zz", "eth0")})  # same name, new object
+        again = call(conf, "ADD", "a1", agent)
+    finally:
+        agent.close()
+        store.close()
+    assert addr(again) == "10.0.0.2/28"
+    assert held(k8s) == [("a1", f"{name}+2"), ("zz", f"{name}+1")]
+
+
+def test_a_lost_answer_to_a_write_from_memory_costs_a_refused_write(kube: KubeHandle, tmp_path: Path) -> None:
+    conf, agent = netconf(kube, tmp_path), Agent()
+    try:
+        call(conf, "ADD", "a0", agent)
+        kube.api.set_faults(drop_after_rate=1.0, methods={"PUT"}, resources={"ippools"}, max_hits=1)
+        got = [addr(call(conf, "ADD", "a1", agent))]  # written, answer lost: memory one version behind
+        assert kube.api.fault_hits >= 1
+        got.append(addr(call(conf, "ADD", "b0", None)))
+        got.append(addr(call(conf, "ADD", "a2", agent)))
+        call(conf, "DEL", "a1", agent)
+        got.append(addr(call(conf, "ADD", "a3", agent)))
+    finally:
+        agent.close()
+    assert got == ["10.0.0.2/28", "10.0.0.3/28", "10.0.0.4/28", "10.0.0.2/28"]
+    assert [h[0] for h in held(kube)] == ["a0", "a2", "a3", "b0"]
+
+
+def test_a_pruning_crd_and_a_multi_range_rollback_through_the_agent(kube: KubeHandle, tmp_path: Path) -> None:
+    crd = yaml.safe_load((CRDS / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for extra in ("node", "poduid", "created", "network", "token"):
+        del props["allocations"]["additionalProperties"]["properties"][extra]
+    kube.api.use_crds([crd, *(p for p in CRDS.glob("*.yaml") if "ippools" not in p.name)])
+    conf, agent = netconf(kube, tmp_path, ipRanges=[{"range": "10.9.0.0/30"}]), Agent()
+    try:
+        call(conf, "ADD", "a0", agent)
+        call(conf, "ADD", "a1", agent)
+        call(conf, "ADD", "a2", agent, ok=False)  # the second range is full: the first is rolled back
+        call(conf, "ADD", "a0", agent)  # a repeat: the same two addresses
+        call(conf, "DEL", "a1", agent)
+        a3 = call(conf, "ADD", "a3", agent)
+    finally:
+        agent.close()
+    assert [ip["address"] for ip in a3["ips"]] == ["10.0.0.2/28", "10.9.0.2/30"]
+    assert [h[0] for h in held(kube)] == ["a0", "a0", "a3", "a3"]
+
+
+def test_a_slice_reclaimed_meanwhile_is_not_written_from_memory(kube: KubeHandle, tmp_path: Path) -> None:
+    conf, agent, store = netconf(kube, tmp_path, node_slice_size="/30"), Agent(), admin(kube, tmp_path)
+    try:
+        for cid in ("a0", "a1", "a2"):  # a2 in s2, remembered by the agent
+            call(conf, "ADD", cid, agent)
+        call(conf, "DEL", "a2", agent)  # s2 empty and spare
+        later = datetime.now(UTC) + timedelta(seconds=120)
+        assert nodeslices.reclaim_slices(store, {"node-a", "node-b"}, 60, False, now=later) == [
+            "return nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare"
+        ]
+        b0 = call(conf.replace('"node-a"', '"node-b"'), "ADD", "b0", None)  # node-b claims s2
+        call(conf, "DEL", "a0", agent)
+        got = [addr(call(conf, "ADD", cid, agent)) for cid in ("a3", "a4")]
+    finally:
+        agent.close()
+        store.close()
+    assert addr(b0) == "10.0.0.5/28" and got == ["10.0.0.1/28", "10.0.0.9/28"]
+
+
+def test_clients_of_one_kubeconfig_evicted_and_opened_again_share_a_pool_safely(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    agent = Agent()
+    agent.cache = StoreCache(limit=1)  # every other call evicts the client the previous one used
+    one = netconf(kube, tmp_path)
+    two = one.replace(kube.kubeconfig_path, kube.kubeconfig(namespace="kube-system", name="second"))
+    try:
+        got = [addr(call(conf, "ADD", f"x{i}", agent)) for i, conf in enumerate([one, two, one, two])]
+        call(two, "DEL", "x1", agent)
+        got += [addr(call(conf, "ADD", f"y{i}", agent)) for i, conf in enumerate([one, two])]
+    finally:
+        agent.close()
+    assert got == [f"10.0.0.{i}/28" for i in (1, 2, 3, 4, 2, 5)]
+    assert len(held(kube)) == 5
