@@ -171,6 +171,8 @@ class PoolCache:
         self._lock = threading.Lock()
         self._pools: dict[str, PoolSnapshot] = {}
         self._refused: dict[str, float] = {}
+        self._write_seconds: dict[str, float] = {}
+        self._window: dict[str, float] = {}
 
     def trusted(self, name: str) -> PoolSnapshot | None:
         with self._lock:
@@ -187,6 +189,33 @@ class PoolCache:
             if name not in self._pools and len(self._pools) >= self.limit:
                 self._pools.pop(next(iter(self._pools)))  # the oldest remembered
             self._pools[name] = snapshot
+
+    def wrote(self, name: str, seconds: float) -> None:
+        """A successful read-decide-write of `name` took `seconds` (a moving average is kept)."""
+        with self._lock:
+            before = self._write_seconds.get(name)
+            self._write_seconds[name] = seconds if before is None else 0.7 * before + 0.3 * seconds
+
+    def write_seconds(self, name: str) -> float:
+        with self._lock:
+            return self._write_seconds.get(name, 0.0)
+
+    def contended(self, name: str, conflict: bool) -> None:
+        """Widen the pool's pacing window after a refused write (to at most 16 writes' time); narrow
+        it after a write that went through."""
+        with self._lock:
+            write = self._write_seconds.get(name, 0.0)
+            window = self._window.get(name, 0.0)
+            if conflict:
+                window = min(16 * write, max(write, 2 * window))
+            else:  # a slow decay: conflicts settle at a small share of the attempts
+                window = 0.9 * window if window > write / 4 else 0.0
+            self._window[name] = window
+
+    def pacing(self, name: str) -> float:
+        """How long a batch should wait before its first attempt on this pool (0 when uncontended)."""
+        with self._lock:
+            return self._window.get(name, 0.0)
 
     def refused(self, name: str) -> None:
         """A write from memory met a newer version: forget the pool and read it for a while."""
@@ -230,26 +259,38 @@ class Engine:
         with self.store.pool_lock(name, max(0.0, deadline - self.clock())):
             yield
 
-    def _retry(self, name: str, deadline: float, step: Callable[[], bool]) -> None:
-        """Run `step` until it returns True; conflicts and transient errors retry until the deadline."""
+    def _retry(self, name: str, deadline: float, step: Callable[[], bool], write_seconds: float = 0.0) -> None:
+        """Run `step` until it returns True; conflicts and transient errors retry until the deadline.
+
+        `write_seconds`: how long a write of this object takes (the agent measures its pools'). After
+        a conflict another writer has just written, and the next attempt is spaced by about that much:
+        retrying sooner only meets the same writers again, each refused write of a big pool costing the
+        API server nearly a whole write, while the wait lets the agent's batch take in more calls."""
         attempt = 0
         last: Exception | None = None
         while True:
             self.stats.attempts += 1
             wait_hint: float | None = None
+            conflict = False
             try:
                 if step():
                     return
             except ConflictError as exc:
                 self.stats.conflicts += 1
                 last = exc
+                conflict = True
             except TransientStoreError as exc:
                 self.stats.transient += 1
                 last = exc
                 wait_hint = exc.retry_after
-            cap = min(self.policy.backoff_max, self.policy.backoff_initial * (2**attempt))
-            # full jitter: contenders spread over the whole window instead of colliding again at its end
-            delay = self.rng.uniform(0, cap)
+            if conflict and write_seconds > self.policy.backoff_initial:
+                # equal jitter on a window growing from one write's time: never straight back
+                cap = min(max(self.policy.backoff_max, 16 * write_seconds), write_seconds * (2**attempt))
+                delay = self.rng.uniform(cap / 2, cap)
+            else:
+                cap = min(self.policy.backoff_max, self.policy.backoff_initial * (2**attempt))
+                # full jitter: contenders spread over the whole window instead of colliding again at its end
+                delay = self.rng.uniform(0, cap)
             if wait_hint is not None:
                 delay = max(delay, wait_hint)
             attempt += 1
@@ -378,6 +419,7 @@ class Engine:
             return leases, changed
 
         def step() -> bool:
+            started = self.clock()
             if absorb is not None:
                 ops.extend(absorb())
             released_before = [(op, op.released) for op in ops if isinstance(op, ReleaseOp)]
@@ -398,6 +440,7 @@ class Engine:
                     for release_op, released in released_before:
                         release_op.released = released
                     if cache is not None:
+                        cache.contended(name, conflict=True)
                         if remembered:
                             cache.refused(name)
                         else:
@@ -405,9 +448,15 @@ class Engine:
                     raise
                 if cache is not None:
                     cache.remember(name, written)
+                    cache.wrote(name, self.clock() - started)
+                    cache.contended(name, conflict=False)
             return True
 
-        self._retry(name, deadline, step)
+        if cache is not None and (window := cache.pacing(name)) > 0:
+            # other nodes write this pool too: pace this node's writes so that they take turns
+            # (the batch takes in the calls that arrive meanwhile)
+            self.sleep(self.rng.uniform(window / 2, window))
+        self._retry(name, deadline, step, cache.write_seconds(name) if cache is not None else 0.0)
 
     def _reserve_batch(self, name: str, ops: list[Op], deadline: float) -> list[AddOp]:
         """Claim the reservation of every address just written; returns the ops that collided."""

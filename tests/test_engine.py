@@ -13,7 +13,7 @@ import pytest
 
 from ipam import errors
 from ipam.allocator import Allocations, Request
-from ipam.engine import Assigned, Engine, RetryPolicy
+from ipam.engine import Assigned, Engine, PoolCache, RetryPolicy
 from ipam.errors import CNIError, ConflictError, TransientStoreError
 from ipam.ranges import RangeSpec, build_range, pool_name
 from ipam.store.base import PoolSnapshot
@@ -370,3 +370,43 @@ def test_pool_lock_timeout_is_code_11(store: FlakyStore, clock: FakeClock) -> No
     assert info.value.code == errors.TRY_AGAIN_LATER
     assert "lock" in info.value.msg
     assert leases(store, V4) == {}
+
+
+# -- a pool other nodes write too: spacing after conflicts, pacing of the next batches -------------
+
+
+def test_after_a_conflict_the_next_attempt_waits_about_one_write_of_that_pool(
+    store: FlakyStore, clock: FakeClock
+) -> None:
+    cache = PoolCache(clock=clock.clock)
+    cache.wrote(pool_name(V4.cidr), 0.2)  # the agent measured: a write of this pool takes 0.2 s
+    store.fail_writes = [ConflictError("c1"), ConflictError("c2")]
+    engine = engine_for(store, clock, pool_cache=cache)
+    engine.add([V4], req(1))
+    # never straight back (the writer that won is still being served): one write's time, doubling
+    assert 0.1 <= clock.sleeps[0] <= 0.2 and 0.2 <= clock.sleeps[1] <= 0.4
+    assert len(clock.sleeps) == 2
+    # the pool is contended now: the next batch waits before its first attempt, taking in more calls
+    engine.add([V4], req(2))
+    assert len(clock.sleeps) == 3 and clock.sleeps[2] > 0
+    assert len(leases(store, V4)) == 2
+
+
+def test_without_a_measured_write_time_conflicts_keep_the_short_backoff(store: FlakyStore, clock: FakeClock) -> None:
+    store.fail_writes = [ConflictError("c1")]
+    engine_for(store, clock, pool_cache=PoolCache(clock=clock.clock)).add([V4], req(1))
+    assert len(clock.sleeps) == 1 and clock.sleeps[0] <= 0.01
+
+
+def test_the_pacing_window_widens_on_conflicts_up_to_a_cap_and_decays_to_nothing() -> None:
+    cache = PoolCache()
+    assert cache.pacing("p") == 0.0
+    cache.wrote("p", 0.1)
+    widths = []
+    for _ in range(8):
+        cache.contended("p", conflict=True)
+        widths.append(cache.pacing("p"))
+    assert widths[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6]) and max(widths) == pytest.approx(1.6)
+    for _ in range(60):
+        cache.contended("p", conflict=False)
+    assert cache.pacing("p") == 0.0  # uncontended again: no wait before a batch
