@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,24 @@ def netconf(k8s: K8s | KubeHandle, tmp: Path, **extra: Any) -> str:
     return json.dumps({"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam})
 
 
-def call(conf: str, command: str, cid: str, agent: Agent | None, ok: bool = True) -> dict[str, Any]:
-    """One CNI call through the agent, or in this process (direct mode: another process of the node)."""
+def call(
+    conf: str, command: str, cid: str, agent: Agent | None, ok: bool | None = True, timeout: float | None = None
+) -> dict[str, Any]:
+    """One CNI call through the agent (`timeout`: the shim's wait), or in this process (direct mode:
+    another process of the node). `ok` None: either outcome."""
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
            "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}"}  # fmt: skip
     if agent is not None:
-        reply = agent.serve_call({"env": env, "stdin": conf})
+        request: dict[str, Any] = {"env": env, "stdin": conf}
+        if timeout is not None:
+            request["timeout"] = timeout
+        reply = agent.serve_call(request)
         code, text = reply["code"], str(reply["stdout"])
     else:
         out = io.StringIO()
         code, text = run(env, conf.encode(), out), out.getvalue()
-    assert (code == 0) == ok, text
+    if ok is not None:
+        assert (code == 0) == ok, text
     return json.loads(text) if text.strip() else {}
 
 
@@ -159,6 +167,68 @@ def test_a_del_and_an_add_of_the_same_container_in_one_batch_leave_the_add_its_r
         reservations = [p.stem for p in (tmp_path / "reservations").glob("*.json")]
     assert set(leases) == {"c", "z"}
     assert sorted(reservations) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_a_call_whose_deadline_passed_in_the_queue_is_not_served(
+    kube: KubeHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's DEL of c waits in the pool's queue behind a slow batch until past its deadline:
+    the shim has given up and run the DEL in direct mode, and the runtime has ADDed c again (a
+    runtime that reuses container ids, e.g. podman's restart). Served late, the stale DEL would take
+    the new lease of a successful ADD (invariant 3): a ticket whose deadline passed is answered
+    with an error instead."""
+    from ipam import cni
+    from ipam.engine import Engine
+
+    skew = [0.0]
+    make_engine = cni.make_engine
+
+    def skewed(cfg: Any, store: Any) -> Engine:
+        engine = make_engine(cfg, store)
+        engine.clock = lambda: time.monotonic() + skew[0]
+        return engine
+
+    monkeypatch.setattr(cni, "make_engine", skewed)
+    gate, batch = Gate(), Engine.apply_batch
+
+    def gated(engine: Engine, *args: Any, **kwargs: Any) -> None:
+        if gate.armed:
+            gate.armed = False
+            gate.entered.set()
+            assert gate.release.wait(10)
+        batch(engine, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "apply_batch", gated)
+    conf, agent = netconf(kube, tmp_path), Agent()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        assert addr(call(conf, "ADD", "c", agent)) == "10.0.0.1/28"
+        gate.armed = True
+        slow = threading.Thread(target=lambda: results.setdefault("z", call(conf, "ADD", "z", agent)))
+        slow.start()
+        assert gate.entered.wait(10)  # the pool's worker is busy with z's batch
+        stale = threading.Thread(
+            target=lambda: results.setdefault("del", call(conf, "DEL", "c", agent, ok=None, timeout=31.0))
+        )
+        stale.start()
+        for _ in range(2000):  # until the DEL is queued (bounded poll)
+            if sum(q.qsize() for q in agent.coalescer.queues.values()):
+                break
+            threading.Event().wait(0.005)
+        skew[0] += 60.0  # past the DEL's deadline (1 s) and the shim's wait (31 s)
+        call(conf, "DEL", "c", None)  # the shim's fallback
+        assert addr(call(conf, "ADD", "c", None)) == "10.0.0.1/28"  # c again, answered: its lease must stay
+        gate.release.set()
+        slow.join(10)
+        stale.join(10)
+    finally:
+        agent.close()
+    assert dict(held(kube)) == {"c": "10.0.0.0-28+1", "z": "10.0.0.0-28+2"}
+    assert sorted(r["metadata"]["name"] for r in kube.api.objects("overlappingrangeipreservations", "kube-system")) == [
+        "10.0.0.1",
+        "10.0.0.2",
+    ]
+    assert results["del"].get("code") == 11  # try again later: the runtime's retry finds c's lease state anew
 
 
 # -- what held -------------------------------------------------------------------------------------
