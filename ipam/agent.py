@@ -28,9 +28,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from . import cni
+from . import cni, errors
 from .config import Config
 from .engine import AddOp, Engine, Op, PoolCache, ReleaseOp
+from .errors import CNIError
 from .log import log
 from .shim import DEFAULT_SOCKET, WORK_MARGIN, heartbeat_path
 from .store.base import Store
@@ -118,6 +119,20 @@ class Coalescer:
                                 del self.queues[key]
                         return None
 
+    @staticmethod
+    def _live(name: str, ticket: Ticket) -> bool:
+        """False (and the ticket answered with an error) when its deadline passed while it was queued:
+        its shim has given up and run the call in direct mode, and the runtime may have moved on (a
+        DEL served now could take the lease of a later ADD of the same container)."""
+        if ticket.engine.clock() < ticket.deadline:
+            return True
+        ticket.error = CNIError(
+            errors.TRY_AGAIN_LATER,
+            f"pool {name}: the call's deadline passed while it waited for the pool; try again later",
+        )
+        ticket.done.set()
+        return False
+
     def _worker(self, name: str, q: queue.SimpleQueue[Ticket]) -> None:
         while True:
             first = self._next(q)
@@ -129,6 +144,9 @@ class Coalescer:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
+            batch = [t for t in batch if self._live(name, t)]
+            if not batch:
+                continue
             engine = batch[0].engine
             ops = [op for t in batch for op in t.ops]
             conflicts_before = engine.stats.conflicts
@@ -140,6 +158,8 @@ class Coalescer:
                         ticket = q.get_nowait()
                     except queue.Empty:
                         return more
+                    if not self._live(name, ticket):
+                        continue
                     batch.append(ticket)  # noqa: B023 - this batch, while it is being served
                     more.extend(ticket.ops)
 

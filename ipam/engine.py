@@ -98,6 +98,26 @@ def _drop_leases(
     return change
 
 
+def _keep_readded_reservations(ops: Sequence[Op]) -> None:
+    """A DEL (or rollback) followed in the same batch by an ADD of the same container that got an
+    address it released: the ADD holds that address and its reservation now, and the release's
+    caller unreserves by holder identity after the batch, which would remove the ADD's reservation.
+    Those offsets are the ADD's: they leave the release's `released`."""
+    for i, op in enumerate(ops):
+        if not isinstance(op, ReleaseOp) or not op.released:
+            continue
+        readded = {
+            later.offset
+            for later in ops[i + 1 :]
+            if isinstance(later, AddOp)
+            and later.error is None
+            and later.offset is not None
+            and later.request.lease().held_by_container(op.container_id, op.ifname)
+        }
+        if readded & set(op.released):
+            op.released = [o for o in op.released if o not in readded]
+
+
 class Slicer(Protocol):
     """Node slices (ipam/nodeslices.py): a sliced range's leases live in the node's slice pools.
     Offsets in and out are the range's, so the rest of the engine does not know slices exist."""
@@ -393,6 +413,7 @@ class Engine:
                     break
                 pending = list(collided)
             self._unreserve_moved(name, ops, deadline)
+        _keep_readded_reservations(ops)
         for op in ops:
             if isinstance(op, AddOp) and op.error is None and op.offset is not None:
                 log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
@@ -657,8 +678,12 @@ class Engine:
         for spec in ranges:
             gone = self._release_op(spec, container_id, ifname, deadline)
             self._unreserve(spec, gone, container_id, ifname, deadline)
-            if not gone:
-                for rname in self._held_reservations(spec, container_id, ifname):
+            if not gone and (orphans := self._held_reservations(spec, container_id, ifname)):
+                # not those of addresses this container holds again (an ADD of it after this DEL)
+                leased = {reservation_name(a.address, self.network_name) for a in self.leases_of([spec], container_id, ifname)}
+                for rname in orphans:
+                    if rname in leased:
+                        continue
                     log.info("reservation.orphan-release", reservation=rname, container=container_id)
                     self.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
             out += [Assigned(spec, spec.address_at(o)) for o in gone]

@@ -105,6 +105,8 @@ class _StoreState:
     claims: dict[str, threading.Lock] = field(default_factory=dict)
     reading: dict[str, threading.Lock] = field(default_factory=dict)
     created: dict[str, float] = field(default_factory=dict)
+    # the node's claim stamp (see Slicer._stamp) each cached NodeSlicePool was read or written at
+    stamps: dict[str, int | None] = field(default_factory=dict)
 
 
 _LOCK = threading.RLock()  # _state() is called with it held
@@ -131,6 +133,7 @@ def forget_cache() -> None:
             state.claims.clear()
             state.reading.clear()
             state.created.clear()
+            state.stamps.clear()
 
 
 @dataclass
@@ -179,9 +182,34 @@ class Slicer:
             return replace(pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries)
         return pool
 
-    def _cached(self) -> NodeSlices | None:
+    @property
+    def _claim_lock_name(self) -> str:
+        return f"nodeslicepool-{self.pool_name}-{self.node}"
+
+    def _stamp(self) -> int | None:
+        """The generation of this node's claim lock (every claim by any process of the node takes
+        it; None: never taken, or the store does not count).
+
+        A slice another process of the node claimed (a direct-mode call, an evicted datastore client
+        of the agent) is missing from this process's cached NodeSlicePool, and a repeated ADD whose
+        lease sits in it would take a second address in a slice the cache knows: a cache read at
+        another generation is read again (a local file read, no API request)."""
+        generation = getattr(self.store, "pool_generation", None)
+        return None if generation is None else cast("int | None", generation(self._claim_lock_name))
+
+    def _remember(self, pool: NodeSlices, stamp: int | None) -> None:
         with _LOCK:
-            return self._st.pools.get(self.pool_name)
+            self._st.pools[self.pool_name] = pool
+            self._st.stamps[self.pool_name] = stamp
+
+    def _cached(self) -> NodeSlices | None:
+        """The cached NodeSlicePool, unless the node claimed a slice since it was read."""
+        stamp = self._stamp()
+        with _LOCK:
+            pool = self._st.pools.get(self.pool_name)
+            if pool is not None and self._st.stamps.get(self.pool_name) != stamp:
+                return None
+            return pool
 
     def _read(self, engine: Engine, deadline: float, refresh: bool) -> NodeSlices:
         if not refresh:
@@ -198,6 +226,7 @@ class Slicer:
                     return cached
                 return self._read(engine, deadline, refresh=True)
         found: list[NodeSlices | None] = [None]
+        stamp = self._stamp()  # before the read: a claim recorded after it makes the next call read again
 
         def step() -> bool:
             found[0] = self.store.read_node_slices(self.pool_name)
@@ -206,18 +235,17 @@ class Slicer:
         engine._retry(self.pool_name, deadline, step)
         self.reads.append(self.pool_name)
         pool = self._checked(found[0])
-        with _LOCK:
-            self._st.pools[self.pool_name] = pool
+        self._remember(pool, stamp)
         return pool
 
     @contextmanager
-    def _claiming(self, engine: Engine, deadline: float) -> Iterator[None]:
+    def _claiming(self, engine: Engine, deadline: float) -> Iterator[int | None]:
         with _LOCK:
             lock = self._st.claims.setdefault(self.pool_name, threading.Lock())
         # this node's processes claim one at a time (a lock per node: on the file store all share a dir)
-        name = f"nodeslicepool-{self.pool_name}-{self.node}"
-        with lock, engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
-            yield
+        name = self._claim_lock_name
+        with lock, engine.store.pool_lock(name, max(0.0, deadline - engine.clock())) as generation:
+            yield generation
 
     def _claim(self, engine: Engine, deadline: float, tried: set[str]) -> NodeSlices:
         """Give this node the first free slice (or find one another caller just claimed for it)."""
@@ -237,16 +265,21 @@ class Slicer:
             log.info("slice.claim", nodeslicepool=self.pool_name, node=self.node, slices=new)
             return True
 
-        with self._claiming(engine, deadline):
-            cached = self._cached()
+        with self._claiming(engine, deadline) as generation:
+            with _LOCK:
+                cached = self._st.pools.get(self.pool_name)
+                if cached is not None and generation is not None and self._st.stamps.get(self.pool_name) == generation - 1:
+                    self._st.stamps[self.pool_name] = generation  # no other process claimed in between
+                elif generation is not None:
+                    cached = None
             if cached is not None and any(s not in tried for s in cached.held_by(self.node)):
                 return cached  # another call of this process claimed one while this one waited
             before = set(self._cached_held())
             engine._retry(self.pool_name, deadline, step)
             pool = out[0]
             assert pool is not None
-            with _LOCK:
-                self._st.pools[self.pool_name] = pool
+            # the claim lock is held: every claim made so far is in what step read or wrote
+            self._remember(pool, generation)
             # make the new slice's pool now, while this node's other calls wait for the claim: they
             # then find it instead of all taking the absent-pool path together
             for s in pool.held_by(self.node):

@@ -162,3 +162,4 @@ def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[int]:
         yield generation
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
