@@ -178,8 +178,10 @@ class PoolCache:
     def trusted(self, name: str) -> PoolSnapshot | None:
         with self._lock:
             refused = self._refused.get(name)
-            if refused is not None and self.clock() - refused < DISTRUST_SECONDS:
-                return None
+            if refused is not None:
+                if self.clock() - refused < DISTRUST_SECONDS:
+                    return None
+                del self._refused[name]
             return self._pools.get(name)
 
     def acquired(self, name: str, generation: int | None) -> None:
@@ -396,6 +398,10 @@ class Engine:
         hold for their still-unwritten batches, one API round trip each.
         """
         pending = ops
+        if self.pool_cache is not None and (window := self.pool_cache.pacing(name)) > 0:
+            # other nodes write this pool too: pace this node's writes so that they take turns (the
+            # batch takes in the calls that arrive meanwhile); before the node lock, within the deadline
+            self.sleep(min(self.rng.uniform(window / 2, window), max(0.0, deadline - self.clock()) / 2))
         with self._locked(name, deadline):
             self._write_batch(name, cidr, pending, deadline, absorb)
             while True:
@@ -487,10 +493,6 @@ class Engine:
                     cache.contended(name, conflict=False)
             return True
 
-        if cache is not None and (window := cache.pacing(name)) > 0:
-            # other nodes write this pool too: pace this node's writes so that they take turns
-            # (the batch takes in the calls that arrive meanwhile)
-            self.sleep(self.rng.uniform(window / 2, window))
         self._retry(name, deadline, step, cache.write_seconds(name) if cache is not None else 0.0)
 
     def _reserve_batch(self, name: str, ops: list[Op], deadline: float) -> list[AddOp]:

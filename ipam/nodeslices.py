@@ -136,6 +136,17 @@ def forget_cache() -> None:
             state.stamps.clear()
 
 
+@contextmanager
+def _waiting(lock: threading.Lock, engine: Engine, deadline: float) -> Iterator[None]:
+    """Hold an in-process lock, waiting for it no longer than the call's deadline."""
+    if not lock.acquire(timeout=max(0.0, deadline - engine.clock())):
+        raise CNIError(errors.TRY_AGAIN_LATER, "timed out waiting for another call of this node's agent")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @dataclass
 class Slicer:
     """Node slices of one range for one node (the engine's `slicer` hook)."""
@@ -220,7 +231,7 @@ class Slicer:
             # /26 slices is 1,024 entries, ~12 ms of the API server's CPU per read)
             with _LOCK:
                 lock = self._st.reading.setdefault(self.pool_name, threading.Lock())
-            with lock:
+            with _waiting(lock, engine, deadline):
                 cached = self._cached()
                 if cached is not None:
                     return cached
@@ -244,7 +255,9 @@ class Slicer:
             lock = self._st.claims.setdefault(self.pool_name, threading.Lock())
         # this node's processes claim one at a time (a lock per node: on the file store all share a dir)
         name = self._claim_lock_name
-        with lock, engine.store.pool_lock(name, max(0.0, deadline - engine.clock())) as generation:
+        with _waiting(lock, engine, deadline), engine.store.pool_lock(
+            name, max(0.0, deadline - engine.clock())
+        ) as generation:
             yield generation
 
     def _claim(self, engine: Engine, deadline: float, tried: set[str]) -> NodeSlices:
