@@ -26,17 +26,16 @@ from tests.cni_exec import cni_env
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "bin" / "whereabouts-py"
 HOST_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
-# Beyond a bare `python3 -S -c pass`: os (with what it imports itself), our package and the C halves of
-# socket and json. `socket` and `json` themselves are not allowed: they pull in enum, selectors,
-# collections and re (~10 ms per exec on a 2-core host).
+# Beyond a bare `python3 -S -c pass`: our package and the C halves of socket and json; not even os
+# (~1.3 ms of an exec under -S, where nothing else has imported it). `socket` and `json` themselves are
+# not allowed: they pull in enum, selectors, collections and re (~10 ms per exec on a 2-core host).
 SHIM_ONLY = {
     "ipam",
     "ipam.shim",
     "_socket",
     "_json",
-}  # what the installed wrapper may import (-c: no os either)
-OS = {"os", "stat", "_stat", "posixpath", "genericpath", "_collections_abc"}  # bin/whereabouts-py finds ROOT
-ALLOWED = OS | SHIM_ONLY
+}  # what bin/whereabouts-py and the installed wrapper may import
+ALLOWED = SHIM_ONLY
 REPLY = {"code": 0, "stdout": '{"cniVersion": "1.0.0", "ips": [{"address": "10.9.0.7/24"}]}\n'}
 CONF = {
     "cniVersion": "1.0.0",
