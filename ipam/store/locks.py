@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -95,7 +96,35 @@ def _counter(fd: int) -> int:
     return int.from_bytes(os.pread(fd, 8, 0).ljust(8, b"\0"), "little")
 
 
+# Lock directories this process has opened (the node agent takes a lock per batch and reads counters
+# on every ADD): walking the path from / without symlinks is a dozen system calls, so a descriptor is
+# kept and used while the path still names that same directory (one stat); else the walk is redone.
+_DIRS: dict[str, int] = {}
+_DIRS_LOCK = threading.Lock()
+
+
 def _open_lock_dir(lock_dir: str, create: bool) -> int:
+    """A new descriptor of the lock directory (the caller closes it)."""
+    path = os.path.abspath(lock_dir)
+    with _DIRS_LOCK:
+        kept = _DIRS.get(path)
+        if kept is not None:
+            try:
+                now, held = os.stat(path, follow_symlinks=False), os.fstat(kept)
+                if stat.S_ISDIR(now.st_mode) and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    return os.dup(kept)
+            except OSError:
+                pass
+            del _DIRS[path]
+            os.close(kept)
+    fd = _walk_lock_dir(lock_dir, create)
+    with _DIRS_LOCK:
+        if path not in _DIRS:
+            _DIRS[path] = os.dup(fd)
+    return fd
+
+
+def _walk_lock_dir(lock_dir: str, create: bool) -> int:
     try:
         return open_dir(os.path.abspath(lock_dir), create=create)
     except UnsafePathError as exc:
