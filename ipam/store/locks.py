@@ -12,6 +12,7 @@ can send root's lock file elsewhere (nothing is truncated; the only bytes writte
 Every holder adds one to a counter in the lock file's first 8 bytes (its *generation*) while it holds
 the lock: a process that remembers a pool as it wrote it under generation G knows, from a read of the
 counter, whether any other process of this node has taken the pool's lock since (`pool_generation`).
+A counter that starts again (a new lock file) starts at a random number, never at one it had.
 """
 
 from __future__ import annotations
@@ -92,8 +93,19 @@ def _acquire(fd: int, timeout: float) -> bool:
     return _wait_polling(fd, timeout)
 
 
-def _counter(fd: int) -> int:
-    return int.from_bytes(os.pread(fd, 8, 0).ljust(8, b"\0"), "little")
+def _counter(fd: int) -> int | None:
+    """The counter, or None when the file holds no counter (new, or emptied by an older version)."""
+    raw = os.pread(fd, 8, 0)
+    return int.from_bytes(raw, "little") if len(raw) == 8 else None
+
+
+def _next(counter: int | None) -> int:
+    """The next holder's generation. A counter that starts again (a lock file or directory made anew,
+    a file an older version truncated) starts at a random number: from 0 it would count up to the very
+    generation some process remembers, which would then take another process's writes for none."""
+    if counter is None:
+        return int.from_bytes(os.urandom(8), "little") >> 2
+    return (counter + 1) % 2**64
 
 
 # Lock directories this process has opened (the node agent takes a lock per batch and reads counters
@@ -139,8 +151,9 @@ def _walk_lock_dir(lock_dir: str, create: bool) -> int:
 
 
 def pool_generation(lock_dir: str, name: str) -> int | None:
-    """The lock's generation now (None when nobody has taken it yet). Read without the lock: a
-    torn or racing read only differs from a remembered generation, which costs a re-read."""
+    """The lock's generation now (None when nobody has taken it yet, or no counter is in the file).
+    Read without the lock: a torn or racing read only differs from a remembered generation, which
+    costs a re-read."""
     try:
         dir_fd = _open_lock_dir(lock_dir, create=False)
     except FileNotFoundError:
@@ -184,7 +197,7 @@ def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[int]:
                 errors.TRY_AGAIN_LATER, f"timed out waiting for the node lock of pool {name}", path
             )
         try:
-            generation = _counter(fd) + 1
+            generation = _next(_counter(fd))
             os.pwrite(fd, generation.to_bytes(8, "little"), 0)
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot count in lock file {path}", str(exc)) from None

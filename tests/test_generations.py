@@ -1,0 +1,96 @@
+"""Attacks on the node lock's generation counter (ipam.store.locks) and what rests on it: the agent's
+memory of slice pools (PoolCache.unchanged) and of the NodeSlicePool (Slicer._stamp).
+
+A remembered pool is trusted while the lock's counter still shows this process's last generation.
+Each test here makes the counter show that number again after another process wrote the pool."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ipam import nodeslices
+from ipam.agent import Agent
+from ipam.store.locks import pool_generation, pool_lock
+from tests.kubeapi.fixtures import K8s
+from tests.test_pool_cache_races import addr, call, held, netconf
+
+SLICE2 = "node-a-10.0.0.4-30"  # the node's second /30 slice of 10.0.0.0/28 (net1)
+
+
+@pytest.fixture(autouse=True)
+def _cold_slice_cache() -> None:
+    nodeslices.forget_cache()
+
+
+def _bump_to(lock_dir: str, name: str, target: int) -> None:
+    """Other holders of the lock that write nothing (a DEL of an unknown container, a crashed call)
+    until its counter shows `target`, if a few hundred holders can get it there."""
+    for _ in range(500):
+        now = pool_generation(lock_dir, name)
+        if now is not None and now >= target:
+            return
+        with pool_lock(lock_dir, name, 1.0):
+            pass
+
+
+def _repeat_after_the_counter_restarted(k8s: K8s, tmp_path: Path, restart: str) -> None:
+    """The agent wrote slice 2 and remembers it at generation G. The lock file (or directory) goes
+    away and a new one is made; direct mode writes p's lease into slice 2 and the new counter
+    reaches G again. The agent's repeat of p's ADD must find p's lease in slice 2."""
+    conf, agent = netconf(k8s, tmp_path, node_slice_size="/30"), Agent()
+    locks = str(tmp_path / "locks")
+    try:
+        call(conf, "ADD", "a0", agent)
+        call(conf, "ADD", "a1", agent)  # slice 1 (.1 .2) full
+        call(conf, "ADD", "b0", agent)  # slice 2 claimed; the agent remembers its pool
+        mine_gen = pool_generation(locks, SLICE2)
+        assert mine_gen is not None
+        lock_file = tmp_path / "locks" / f"{SLICE2}.lock"
+        if restart == "file":
+            lock_file.unlink()
+        elif restart == "truncated":  # an older version's lock (filelock opens it with O_TRUNC)
+            lock_file.write_bytes(b"")
+        else:
+            shutil.rmtree(locks)
+        first = call(conf, "ADD", "p", None)  # direct mode: p into slice 2 (.6), a new counter
+        call(conf, "DEL", "a0", None)  # room in slice 1 again
+        _bump_to(locks, SLICE2, mine_gen)  # on a counter that starts again at 1: it shows G again
+        again = call(conf, "ADD", "p", agent)
+    finally:
+        agent.close()
+    assert addr(first) == addr(again) == "10.0.0.6/28"
+    assert [h for h in held(k8s) if h[0] == "p"] == [("p", f"{SLICE2}+2")]
+
+
+def test_a_lock_file_made_anew_does_not_pass_for_the_one_the_agent_remembers(k8s: K8s, tmp_path: Path) -> None:
+    _repeat_after_the_counter_restarted(k8s, tmp_path, "file")
+
+
+def test_a_lock_directory_made_anew_does_not_pass_for_the_one_the_agent_remembers(
+    k8s: K8s, tmp_path: Path
+) -> None:
+    _repeat_after_the_counter_restarted(k8s, tmp_path, "dir")
+
+
+def test_a_lock_file_an_older_version_truncated_does_not_pass_for_the_one_the_agent_remembers(
+    k8s: K8s, tmp_path: Path
+) -> None:
+    _repeat_after_the_counter_restarted(k8s, tmp_path, "truncated")
+
+
+@pytest.mark.parametrize("content", [b"\xff" * 8, b"\xff" * 3, b"12345\n", b"x" * 100])
+def test_a_lock_file_with_any_content_still_locks_and_counts(tmp_path: Path, content: bytes) -> None:
+    """A lock file of an older version (empty, a pid) or damaged: the lock works and a holder's
+    generation is never one a reader saw before it took the lock."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "p.lock").write_bytes(content)
+    before = pool_generation(str(locks), "p")
+    with pool_lock(str(locks), "p", 1.0) as first:
+        assert first is not None and first != before
+        assert pool_generation(str(locks), "p") == first
+    with pool_lock(str(locks), "p", 1.0) as second:
+        assert second != first
