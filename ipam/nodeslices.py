@@ -81,8 +81,8 @@ class FencedStore:
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
         return self.inner.pool_lock(name, timeout)
 
-    def pool_generation(self, name: str) -> int | None:
-        return self.inner.pool_generation(name)
+    def pool_generation(self, name: str, settled: bool = False) -> int | None:
+        return self.inner.pool_generation(name, settled)
 
     def check_reachable(self) -> None:
         self.inner.check_reachable()
@@ -107,6 +107,8 @@ class _StoreState:
     created: dict[str, float] = field(default_factory=dict)
     # the node's claim stamp (see Slicer._stamp) each cached NodeSlicePool was read or written at
     stamps: dict[str, int | None] = field(default_factory=dict)
+    # the claim lock's generation a thread of this process holds now: (thread id, generation)
+    holding: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
 _LOCK = threading.RLock()  # _state() is called with it held
@@ -197,16 +199,27 @@ class Slicer:
     def _claim_lock_name(self) -> str:
         return f"nodeslicepool-{self.pool_name}-{self.node}"
 
-    def _stamp(self) -> int | None:
+    def _stamp(self, settled: bool = False) -> int | None:
         """The generation of this node's claim lock (every claim by any process of the node takes
         it; None: never taken, or the store does not count).
 
         A slice another process of the node claimed (a direct-mode call, an evicted datastore client
         of the agent) is missing from this process's cached NodeSlicePool, and a repeated ADD whose
         lease sits in it would take a second address in a slice the cache knows: a cache read at
-        another generation is read again (a local file read, no API request)."""
+        another generation is read again (a local file read, no API request).
+
+        `settled`: the generation a read made now may be noted at. A claim in progress (its holder
+        already counted, its write not made yet) gives None, unless this thread is that holder."""
         generation = getattr(self.store, "pool_generation", None)
-        return None if generation is None else cast("int | None", generation(self._claim_lock_name))
+        if generation is None:
+            return None
+        if not settled:
+            return cast("int | None", generation(self._claim_lock_name))
+        with _LOCK:
+            holder = self._st.holding.get(self.pool_name)
+        if holder is not None and holder[0] == threading.get_ident():
+            return holder[1]
+        return cast("int | None", generation(self._claim_lock_name, settled=True))
 
     def _remember(self, pool: NodeSlices, stamp: int | None) -> None:
         with _LOCK:
@@ -237,7 +250,8 @@ class Slicer:
                     return cached
                 return self._read(engine, deadline, refresh=True)
         found: list[NodeSlices | None] = [None]
-        stamp = self._stamp()  # before the read: a claim recorded after it makes the next call read again
+        # before the read, and with no claim in progress: a claim after it makes the next call read again
+        stamp = self._stamp(settled=True)
 
         def step() -> bool:
             found[0] = self.store.read_node_slices(self.pool_name)
@@ -258,7 +272,13 @@ class Slicer:
         with _waiting(lock, engine, deadline), engine.store.pool_lock(
             name, max(0.0, deadline - engine.clock())
         ) as generation:
-            yield generation
+            with _LOCK:
+                self._st.holding[self.pool_name] = (threading.get_ident(), generation)
+            try:
+                yield generation
+            finally:
+                with _LOCK:
+                    self._st.holding.pop(self.pool_name, None)
 
     def _claim(self, engine: Engine, deadline: float, tried: set[str]) -> NodeSlices:
         """Give this node the first free slice (or find one another caller just claimed for it)."""

@@ -7,12 +7,16 @@ Each test here makes the counter show that number again after another process wr
 from __future__ import annotations
 
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ipam import nodeslices
 from ipam.agent import Agent
+from ipam.store.kubernetes import KubernetesStore
 from ipam.store.locks import pool_generation, pool_lock
 from tests.kubeapi.fixtures import K8s
 from tests.test_pool_cache_races import addr, call, held, netconf
@@ -94,3 +98,33 @@ def test_a_lock_file_with_any_content_still_locks_and_counts(tmp_path: Path, con
         assert pool_generation(str(locks), "p") == first
     with pool_lock(str(locks), "p", 1.0) as second:
         assert second != first
+
+
+def test_a_nodeslicepool_read_while_another_process_claims_is_not_taken_for_after_its_claim(
+    k8s: K8s, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct-mode call holds the node's claim lock (the counter already shows its generation) and
+    is about to write its claim of slice 2; meanwhile the agent reads the NodeSlicePool (without
+    slice 2) and notes that generation. After the claim is written and p leased in slice 2, the
+    agent's repeat of p's ADD must not use that list: it would find room in slice 1."""
+    conf, agent = netconf(k8s, tmp_path, node_slice_size="/30"), Agent()
+    original = KubernetesStore.write_node_slices
+    hook: list[Callable[[], object]] = []
+
+    def write_node_slices(store: KubernetesStore, pool: Any, entries: Any) -> None:
+        if hook and threading.current_thread() is threading.main_thread():  # direct mode's claim
+            hook.pop()()
+        original(store, pool, entries)
+
+    monkeypatch.setattr(KubernetesStore, "write_node_slices", write_node_slices)
+    try:
+        call(conf, "ADD", "a0", agent)
+        call(conf, "ADD", "a1", agent)  # slice 1 (.1 .2) full
+        hook.append(lambda: call(conf, "DEL", "a0", agent))  # the agent reads the NodeSlicePool now
+        first = call(conf, "ADD", "p", None)  # direct mode claims slice 2: p gets .5
+        again = call(conf, "ADD", "p", agent)
+    finally:
+        agent.close()
+    assert not hook
+    assert addr(first) == addr(again) == "10.0.0.5/28"
+    assert [h for h in held(k8s) if h[0] == "p"] == [("p", f"{SLICE2}+1")]

@@ -57,8 +57,9 @@ class Store(Protocol):
         (ipam.store.locks), or None when the store does not count them."""
         ...
 
-    def pool_generation(self, name: str) -> int | None:
-        """The generation of the pool's node lock now; None when unknown (never taken, not counted)."""
+    def pool_generation(self, name: str, settled: bool = False) -> int | None:
+        """The generation of the pool's node lock now; None when unknown (never taken, not counted;
+        `settled`: also while anyone holds it, see ipam.store.locks.pool_generation)."""
         ...
 
     def check_reachable(self) -> None:

@@ -366,8 +366,8 @@ class FileStore:
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
         return pool_lock(self.locks, name, timeout)
 
-    def pool_generation(self, name: str) -> int | None:
-        return pool_generation(self.locks, name)
+    def pool_generation(self, name: str, settled: bool = False) -> int | None:
+        return pool_generation(self.locks, name, settled)
 
     def check_reachable(self) -> None:
         self._ensure_dirs()

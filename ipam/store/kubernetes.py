@@ -435,8 +435,8 @@ class KubernetesStore:
     def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
         return pool_lock(self.lock_dir, name, timeout)
 
-    def pool_generation(self, name: str) -> int | None:
-        return pool_generation(self.lock_dir, name)
+    def pool_generation(self, name: str, settled: bool = False) -> int | None:
+        return pool_generation(self.lock_dir, name, settled)
 
     def check_reachable(self) -> None:
         try:

@@ -53,6 +53,17 @@ def _try_lock(fd: int) -> bool:
         raise
 
 
+def _try_shared(fd: int) -> bool:
+    """A shared lock, at once or not at all (released when `fd` is closed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+
+
 def _wait_blocking(fd: int, timeout: float) -> bool:
     """flock(LOCK_EX) in the kernel's queue, interrupted by SIGALRM after `timeout` (main thread only)."""
     previous = signal.signal(signal.SIGALRM, _alarm)
@@ -150,10 +161,14 @@ def _walk_lock_dir(lock_dir: str, create: bool) -> int:
         raise CNIError(errors.IO_FAILURE, f"cannot create lock directory {lock_dir}", str(exc)) from None
 
 
-def pool_generation(lock_dir: str, name: str) -> int | None:
+def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | None:
     """The lock's generation now (None when nobody has taken it yet, or no counter is in the file).
     Read without the lock: a torn or racing read only differs from a remembered generation, which
-    costs a re-read."""
+    costs a re-read.
+
+    `settled`: None also while the lock is held (by anyone, this process included). A holder bumps
+    the counter when it takes the lock and writes afterwards: a read of the datastore made now, noted
+    at this generation, may miss that holder's write yet pass for made after it."""
     try:
         dir_fd = _open_lock_dir(lock_dir, create=False)
     except FileNotFoundError:
@@ -167,7 +182,11 @@ def pool_generation(lock_dir: str, name: str) -> int | None:
     finally:
         os.close(dir_fd)
     try:
+        if settled and not _try_shared(fd):
+            return None
         return _counter(fd)
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
