@@ -254,3 +254,33 @@ def test_shim_reads_the_flat_file_as_flatfile_does(tmp_path: Path) -> None:
     assert shim.DEFAULT_FLAT_FILES == flatfile.DEFAULT_FLAT_FILES
     assert shim.MAX_NODE_FILE == flatfile.MAX_NODE_FILE
     assert shim.flat_file_agent_socket({}) == flatfile.agent_socket({})  # the fixed locations
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["link", "relative link chain", "linked bin directory", "link to a linked bin directory", "bin//", "bin/./"],
+)
+def test_the_script_finds_its_checkout_however_it_is_reached(
+    fake_agent: FakeAgent, tmp_path: Path, layout: str
+) -> None:
+    """The CNI bin dir holds a link to bin/whereabouts-py, or is itself a link to the checkout's bin
+    (os.path.realpath's cases, without os): the script must import the checkout's ipam (under -S no
+    installed package is on the path)."""
+    cni_bin = tmp_path / "opt" / "cni" / "bin"
+    cni_bin.mkdir(parents=True)
+    exe = cni_bin / "whereabouts-py"
+    if layout == "link":
+        exe.symlink_to(SHIM)
+    elif layout == "relative link chain":
+        (tmp_path / "opt" / "hop").symlink_to(os.path.relpath(SHIM, tmp_path / "opt"))
+        exe.symlink_to("../../hop")
+    elif layout == "linked bin directory":
+        exe = tmp_path / "linked-bin" / "whereabouts-py"
+        (tmp_path / "linked-bin").symlink_to(SHIM.parent)
+    elif layout == "link to a linked bin directory":
+        (tmp_path / "linked-bin").symlink_to(SHIM.parent)
+        exe.symlink_to(tmp_path / "linked-bin" / "whereabouts-py")
+    else:  # a link whose target was written with a doubled slash or a dot
+        exe.symlink_to(f"{SHIM.parent}/{layout[4:]}{SHIM.name}")
+    done = run_shim([HOST_PYTHON, "-S", str(exe)], fake_agent.path, json.dumps(CONF))
+    assert (done.returncode, done.stdout) == (0, REPLY["stdout"]), done.stderr
