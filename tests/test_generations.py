@@ -128,3 +128,22 @@ def test_a_nodeslicepool_read_while_another_process_claims_is_not_taken_for_afte
     assert not hook
     assert addr(first) == addr(again) == "10.0.0.5/28"
     assert [h for h in held(k8s) if h[0] == "p"] == [("p", f"{SLICE2}+1")]
+
+
+def test_a_fifo_in_place_of_a_lock_file_does_not_hang_a_reader_of_its_generation(tmp_path: Path) -> None:
+    """pool_generation is read on every ADD on a node with slices, without the lock: a FIFO named like
+    the lock file (a lock file replaced by another kind of file) must not block the agent's thread."""
+    import os
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    os.mkfifo(locks / "p.lock")
+    got: list[int | None] = []
+    reader = threading.Thread(target=lambda: got.append(pool_generation(str(locks), "p")), daemon=True)
+    reader.start()
+    reader.join(5)
+    stuck = reader.is_alive()
+    if stuck:  # let it go: a writer end opens the FIFO
+        os.close(os.open(locks / "p.lock", os.O_WRONLY))
+        reader.join(5)
+    assert not stuck and got == [None]

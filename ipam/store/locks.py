@@ -174,7 +174,8 @@ def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | No
     except FileNotFoundError:
         return None
     try:
-        fd = os.open(f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO in the lock file's place would block an O_RDONLY open until a writer came
+        fd = os.open(f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
