@@ -284,3 +284,22 @@ def test_the_script_finds_its_checkout_however_it_is_reached(
         exe.symlink_to(f"{SHIM.parent}/{layout[4:]}{SHIM.name}")
     done = run_shim([HOST_PYTHON, "-S", str(exe)], fake_agent.path, json.dumps(CONF))
     assert (done.returncode, done.stdout) == (0, REPLY["stdout"]), done.stderr
+
+
+def test_a_copy_of_the_script_finds_the_installed_package(fake_agent: FakeAgent, tmp_path: Path) -> None:
+    """The script's docstring says copy (or link) it into the CNI bin dir: a copy has no checkout
+    above it, and under -S the interpreter's site-packages (where the package is installed) are not
+    on the path. The call must still reach the agent, not end in a traceback."""
+    env_dir = tmp_path / "env"
+    subprocess.run([HOST_PYTHON, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    python = env_dir / "bin" / "python3"
+    site_packages = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    shutil.copytree(ROOT / "ipam", Path(site_packages) / "ipam", ignore=shutil.ignore_patterns("__pycache__"))
+    cni_bin = tmp_path / "opt" / "cni" / "bin"
+    cni_bin.mkdir(parents=True)
+    shutil.copy(SHIM, cni_bin / "whereabouts-py")
+    done = run_shim([str(python), "-S", str(cni_bin / "whereabouts-py")], fake_agent.path, json.dumps(CONF))
+    assert (done.returncode, done.stdout) == (0, REPLY["stdout"]), done.stderr
