@@ -57,6 +57,8 @@ def _repeat_after_the_counter_restarted(k8s: K8s, tmp_path: Path, restart: str) 
             lock_file.unlink()
         elif restart == "truncated":  # an older version's lock (filelock opens it with O_TRUNC)
             lock_file.write_bytes(b"")
+        elif restart == "renamed":  # the agent's kept descriptor still names the old directory
+            (tmp_path / "locks").rename(tmp_path / "locks.old")
         else:
             shutil.rmtree(locks)
         first = call(conf, "ADD", "p", None)  # direct mode: p into slice 2 (.6), a new counter
@@ -77,6 +79,12 @@ def test_a_lock_directory_made_anew_does_not_pass_for_the_one_the_agent_remember
     k8s: K8s, tmp_path: Path
 ) -> None:
     _repeat_after_the_counter_restarted(k8s, tmp_path, "dir")
+
+
+def test_a_lock_directory_renamed_away_and_made_anew_is_the_one_both_processes_count_in(
+    k8s: K8s, tmp_path: Path
+) -> None:
+    _repeat_after_the_counter_restarted(k8s, tmp_path, "renamed")
 
 
 def test_a_lock_file_an_older_version_truncated_does_not_pass_for_the_one_the_agent_remembers(
