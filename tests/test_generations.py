@@ -158,3 +158,28 @@ def test_a_fifo_in_place_of_a_lock_file_does_not_hang_a_reader_of_its_generation
         os.close(os.open(locks / "p.lock", os.O_WRONLY))
         reader.join(5)
     assert not stuck and got == [None]
+
+
+def test_a_parent_of_the_kept_lock_directory_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """The kept descriptor of a lock directory (3a5e8f9) is checked with one stat that follows every
+    component but the last: a parent swapped for a symlink to another tree names another directory,
+    so the path is walked again and refused, and nothing is created in that tree."""
+    import os
+
+    from ipam import errors
+    from ipam.errors import CNIError
+
+    data = tmp_path / "data"
+    (data / "locks").mkdir(parents=True)
+    with pool_lock(str(data / "locks"), "p", 1.0):
+        pass
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "locks").mkdir(parents=True)
+    os.rename(data, tmp_path / "old-data")
+    data.symlink_to(elsewhere)
+    with pytest.raises(CNIError) as info, pool_lock(str(data / "locks"), "p", 1.0):
+        pass
+    assert info.value.code == errors.IO_FAILURE and "symlink" in info.value.msg
+    with pytest.raises(CNIError):  # nor is a generation read there
+        pool_generation(str(data / "locks"), "p")
+    assert list((elsewhere / "locks").iterdir()) == []
