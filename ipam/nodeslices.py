@@ -95,8 +95,8 @@ class FencedStore:
 # NodeSlicePools as last read, one claim at a time per NodeSlicePool, the slice pools this process
 # made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
 # so the agent's coalescer keys stay stable).
-CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
-CLAIM_TRIES_PER_READ = 3  # claims refused on one view of the NodeSlicePool before it is read again
+CREATED_FRESH_SECONDS = 2.0
+CLAIM_TRIES_PER_READ = 3  # claims refused on one view of the NodeSlicePool before it is read again  # other calls that found the same pool absent retry at once
 
 
 @dataclass
@@ -287,10 +287,9 @@ class Slicer:
         Where the store can (`claim_node_slice`: a JSON patch that tests the one entry), the first
         attempt claims from the NodeSlicePool as this process remembers it, with no read: other
         nodes' claims since then only matter if they took that very slice, and then the patch is
-        refused and the next attempt tries the next free slice of the same view (it is read again
-        after CLAIM_TRIES_PER_READ refusals, or when an answer was lost). Otherwise, and once a claim
-        refused on a fresh read finds its slice still free on the next read (a NodeSlicePool laid out
-        so that the test cannot hold), the whole object is written at the version read."""
+        refused and the next attempt reads. Otherwise, and once a claim from a fresh read was refused
+        (a NodeSlicePool laid out so that the test cannot hold), the whole object is written at the
+        version read."""
         out: list[NodeSlices | None] = [None]
         view: list[NodeSlices | None] = [None]  # what the next attempt claims from (None: read it)
         refused: dict[str, bool] = {}  # slices whose claim was refused since the view was read: on a fresh view?
@@ -504,9 +503,8 @@ class Slicer:
                 assumed_full.clear()
                 shortcut = False
                 continue
-            # no separate re-read here: the claim takes a slice another call of this node claimed
-            # meanwhile before claiming one itself (it reads the NodeSlicePool when another process
-            # of the node has claimed since this one last saw it: the claim lock's generation)
+            # no separate re-read here: the claim reads the NodeSlicePool afresh and takes a slice that
+            # another process of this node claimed meanwhile before claiming one itself
             if engine.clock() >= deadline:
                 raise CNIError(
                     errors.TRY_AGAIN_LATER,
