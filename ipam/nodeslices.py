@@ -322,13 +322,10 @@ class Slicer:
                     # attempt tries the next free one from the same view, and reads after a few
                     refused[entries[index].slice_range] = fresh
                     raise
-                except TransientStoreError:
-                    view[0] = None  # maybe claimed, its answer lost: read, and find it ours
-                    raise
             else:
                 try:
                     self.store.write_node_slices(pool, entries)
-                except (ConflictError, TransientStoreError):
+                except ConflictError:
                     view[0] = None
                     raise
                 out[0] = replace(pool, entries=entries)
