@@ -95,8 +95,7 @@ class FencedStore:
 # NodeSlicePools as last read, one claim at a time per NodeSlicePool, the slice pools this process
 # made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
 # so the agent's coalescer keys stay stable).
-CREATED_FRESH_SECONDS = 2.0
-CLAIM_TRIES_PER_READ = 3  # claims refused on one view of the NodeSlicePool before it is read again  # other calls that found the same pool absent retry at once
+CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
 
 
 @dataclass
@@ -282,53 +281,19 @@ class Slicer:
                     self._st.holding.pop(self.pool_name, None)
 
     def _claim(self, engine: Engine, deadline: float, tried: set[str]) -> NodeSlices:
-        """Give this node the first free slice (or find one another caller just claimed for it).
-
-        Where the store can (`claim_node_slice`: a JSON patch that tests the one entry), the first
-        attempt claims from the NodeSlicePool as this process remembers it, with no read: other
-        nodes' claims since then only matter if they took that very slice, and then the patch is
-        refused and the next attempt reads. Otherwise, and once a claim from a fresh read was refused
-        (a NodeSlicePool laid out so that the test cannot hold), the whole object is written at the
-        version read."""
+        """Give this node the first free slice (or find one another caller just claimed for it)."""
         out: list[NodeSlices | None] = [None]
-        view: list[NodeSlices | None] = [None]  # what the next attempt claims from (None: read it)
-        refused: dict[str, bool] = {}  # slices whose claim was refused since the view was read: on a fresh view?
-        patcher = getattr(self.store, "claim_node_slice", None)
 
         def step() -> bool:
-            nonlocal patcher
-            pool, fresh = view[0], False
-            if pool is None or len(refused) >= CLAIM_TRIES_PER_READ:
-                pool, fresh = self._checked(self.store.read_node_slices(self.pool_name)), True
-                if any(was_fresh and pool.holder(s) == "" for s, was_fresh in refused.items()):
-                    patcher = None  # refused on what was read, yet still free: the test cannot hold here
-                refused.clear()
-                view[0] = pool
+            pool = self._checked(self.store.read_node_slices(self.pool_name))
             if any(s not in tried for s in pool.held_by(self.node)):
                 out[0] = pool
                 return True
-            entries = claim(pool, self.node, skip=tried | set(refused))
+            entries = claim(pool, self.node, skip=tried)
             if entries is None:
-                if not fresh:  # never "no free slice" from memory
-                    view[0] = None
-                    raise ConflictError(f"NodeSlicePool {self.pool_name}: no free slice as remembered")
                 raise CNIError(errors.POOL_EXHAUSTED, exhausted_message(self.spec, self.size_text, pool, self.node))
-            if patcher is not None and pool.version is not None:
-                index = next(i for i, (was, now) in enumerate(zip(pool.entries, entries, strict=True)) if was != now)
-                try:
-                    out[0] = patcher(pool, index, self.node)
-                except ConflictError:
-                    # taken meanwhile (nodes starting together all want the first free slice): the next
-                    # attempt tries the next free one from the same view, and reads after a few
-                    refused[entries[index].slice_range] = fresh
-                    raise
-            else:
-                try:
-                    self.store.write_node_slices(pool, entries)
-                except ConflictError:
-                    view[0] = None
-                    raise
-                out[0] = replace(pool, entries=entries)
+            self.store.write_node_slices(pool, entries)
+            out[0] = replace(pool, entries=entries)
             new = [e.slice_range for e in entries if e.node == self.node and e.slice_range not in tried]
             log.info("slice.claim", nodeslicepool=self.pool_name, node=self.node, slices=new)
             return True
@@ -342,7 +307,6 @@ class Slicer:
                     cached = None
             if cached is not None and any(s not in tried for s in cached.held_by(self.node)):
                 return cached  # another call of this process claimed one while this one waited
-            view[0] = cached
             before = set(self._cached_held())
             engine._retry(self.pool_name, deadline, step)
             pool = out[0]

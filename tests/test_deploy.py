@@ -242,7 +242,7 @@ def test_both_workloads_run_the_same_image() -> None:
 PLUGIN_RULES = {
     (GROUP, "ippools"): {"get", "list", "create", "update"},
     (GROUP, "overlappingrangeipreservations"): {"get", "create", "update", "delete"},
-    (GROUP, "nodeslicepools"): {"get", "create", "update", "patch"},
+    (GROUP, "nodeslicepools"): {"get", "create", "update"},
 }
 RECONCILER_RULES = {
     # create + delete: node slices, fence a slice pool before returning its slice, remove it after

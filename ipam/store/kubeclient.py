@@ -341,16 +341,8 @@ class KubeClient:
             self._token = self.kubeconfig_token.current() or self._token
         return f"Bearer {self._token}" if self._token else None
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        params: dict[str, Any] | None = None,
-        content_type: str = "application/json",
-    ) -> Any:
-        """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire.
-        `content_type` of the body (e.g. application/json-patch+json for a PATCH)."""
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire."""
         target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
         headers = {"Accept": "application/json", "User-Agent": "whereabouts-py"}
         auth = self._authorization()
@@ -359,7 +351,7 @@ class KubeClient:
         payload = None
         if body is not None:
             payload = json.dumps(body, separators=(",", ":")).encode()
-            headers["Content-Type"] = content_type
+            headers["Content-Type"] = "application/json"
         for attempt in (0, 1):
             with self._lock:
                 conn = self._idle.pop() if self._idle else None

@@ -47,7 +47,6 @@ POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
 NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
-JSON_PATCH = "application/json-patch+json"
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 # A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
 # has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
@@ -168,17 +167,14 @@ class KubernetesStore:
         body: Any = None,
         params: dict[str, Any] | None = None,
         missing_ok: bool = False,
-        content_type: str = "application/json",
     ) -> Any:
         """One API request, its JSON answer decoded. 404 gives None when `missing_ok`; every other
         failure is mapped by `_raise_api`, connection errors are transient."""
         try:
-            return self.client.request(method, path, body, params, content_type)
+            return self.client.request(method, path, body, params)
         except ApiError as exc:
             if exc.status == 404 and missing_ok:
                 return None
-            if exc.status == 422 and content_type == JSON_PATCH:
-                raise ConflictError(f"{what}: the object is no longer as the patch's tests expect") from None
             self._raise(exc, what)
         except (http.client.HTTPException, OSError, ValueError) as exc:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -386,33 +382,6 @@ class KubernetesStore:
             # the CRD declares a status subresource (the main resource ignored status): write it there,
             # still conditional on the version the first write left
             self._put(what + "/status", NODE_SLICES, pool.name, {**done, "status": status}, status=True)
-
-    def claim_node_slice(self, pool: NodeSlices, index: int, node: str) -> NodeSlices:
-        """Give the slice at `index` of the NodeSlicePool's entries to `node`, if it is still that slice
-        and still free: a JSON patch whose `test`s check the entry, so claims of different slices by
-        different nodes never conflict and no read is needed first. ConflictError when the entry is
-        not as `pool` shows it (taken meanwhile, moved) or the object is gone. The NodeSlicePool after
-        the claim, as the server answered it."""
-        entry = pool.entries[index]
-        at = f"/status/allocations/{index}"
-        ops = [
-            {"op": "test", "path": f"{at}/sliceRange", "value": entry.slice_range},
-            {"op": "test", "path": f"{at}/nodeName", "value": ""},
-            {"op": "replace", "path": f"{at}/nodeName", "value": node},
-        ]
-        what = f"claim slice {entry.slice_range} of NodeSlicePool {pool.name}"
-        path = self._path(NODE_SLICES, pool.name)
-        done = self._call(what, "PATCH", path, ops, missing_ok=True, content_type=JSON_PATCH)
-        if done is None:
-            raise ConflictError(f"{what}: gone")
-        claimed = node_slices_from_object(done, pool.name)
-        if claimed.holder(entry.slice_range) != node:
-            # the CRD declares a status subresource (the main resource ignored the status change)
-            done = self._call(what + "/status", "PATCH", path + "/status", ops, missing_ok=True, content_type=JSON_PATCH)
-            if done is None:
-                raise ConflictError(f"{what}: gone")
-            claimed = node_slices_from_object(done, pool.name)
-        return claimed
 
     def list_node_slices(self) -> list[NodeSlices]:
         probe = self._call(
