@@ -111,3 +111,18 @@ def test_reconciler_without_the_node_slice_pool_crd_returns_nothing_and_fails_no
     assert reconcile.main(["--kubeconfig", kube.kubeconfig_path], out) == 0, out.getvalue()
     assert out.getvalue().splitlines()[-1].endswith("errors=0")
     assert kube.api.count("list", "nodes") == 0  # no NodeSlicePools: nodes are not even listed
+
+
+def test_a_claim_whose_answer_was_lost_is_found_and_no_second_slice_taken(kube: KubeHandle, tmp_path: Path) -> None:
+    agent = Agent()
+    for i in range(14):  # the first /28 slice: 14 addresses
+        add(kube, tmp_path, f"c{i}", agent=agent)
+    # the claim's write is carried out, its answer lost: the next attempt reads and finds the slice ours
+    kube.api.set_faults(methods=frozenset({"PUT"}), resources=frozenset({"nodeslicepools"}),
+                        drop_after_rate=1.0, max_hits=1)  # fmt: skip
+    assert add(kube, tmp_path, "c14", agent=agent)["ips"][0]["address"] == "10.0.0.17/24"
+    agent.close()
+    [pool] = kube.api.objects("nodeslicepools", "kube-system")
+    assert [e["sliceRange"] for e in pool["status"]["allocations"] if e["nodeName"] == "node-a"] == [
+        "10.0.0.0/28", "10.0.0.16/28",
+    ]  # fmt: skip
