@@ -240,6 +240,16 @@ class Slicer:
             cached = self._cached()
             if cached is not None:
                 return cached
+            with _LOCK:
+                holder = self._st.holding.get(self.pool_name)
+                claims = self._st.claims.get(self.pool_name)
+            if holder is not None and holder[0] != threading.get_ident() and claims is not None:
+                # another call of this process is claiming: the list it leaves is the one to use
+                with _waiting(claims, engine, deadline):
+                    pass
+                cached = self._cached()
+                if cached is not None:
+                    return cached
             # a cold cache: one read for every call arriving at once (a NodeSlicePool of a /16 cut in
             # /26 slices is 1,024 entries, ~12 ms of the API server's CPU per read)
             with _LOCK:
@@ -260,6 +270,11 @@ class Slicer:
         engine._retry(self.pool_name, deadline, step)
         self.reads.append(self.pool_name)
         pool = self._checked(found[0])
+        if stamp is None and self._stamp() is not None:
+            # a claim was in progress when the read began (the lock held, its write maybe not made):
+            # this read is good for this call only; what the claimer remembers is not overwritten (in
+            # a burst every call reading now would otherwise leave a list that the next call re-reads)
+            return pool
         self._remember(pool, stamp)
         return pool
 

@@ -126,3 +126,52 @@ def test_a_claim_whose_answer_was_lost_is_found_and_no_second_slice_taken(kube: 
     assert [e["sliceRange"] for e in pool["status"]["allocations"] if e["nodeName"] == "node-a"] == [
         "10.0.0.0/28", "10.0.0.16/28",
     ]  # fmt: skip
+
+
+def test_a_call_arriving_while_another_call_claims_uses_the_claimers_list(
+    kube: KubeHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call of the same agent arriving while another claims does not read the whole NodeSlicePool
+    itself: it uses the list the claim leaves (a guard on behaviour; which path it takes depends on
+    whether the claimer could vouch for its remembered list, see Slicer._read and _claim)."""
+    import threading
+    from collections.abc import Sequence
+    from contextlib import AbstractContextManager
+
+    from ipam.slices import NodeSlices, SliceEntry
+    from ipam.store.kubernetes import KubernetesStore
+
+    agent = Agent()
+    for i in range(14):  # the first /28 slice: 14 addresses; the next ADD claims
+        add(kube, tmp_path, f"c{i}", agent=agent)
+    waiting = threading.Event()
+    original_waiting = nodeslices._waiting
+
+    def spy_waiting(lock: threading.Lock, engine: Any, deadline: float) -> AbstractContextManager[None]:
+        claims = [c for state in nodeslices._STATE.values() for c in state.claims.values()]
+        if threading.current_thread().name == "late" and any(lock is c for c in claims):
+            waiting.set()
+        return original_waiting(lock, engine, deadline)
+
+    monkeypatch.setattr(nodeslices, "_waiting", spy_waiting)
+    original_write = KubernetesStore.write_node_slices
+    late: list[dict[str, Any]] = []
+
+    def write_node_slices(store: KubernetesStore, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+        if not late and threading.current_thread().name != "late":
+            thread = threading.Thread(target=lambda: late.append(add(kube, tmp_path, "c15", agent=agent)), name="late")
+            thread.start()
+            assert waiting.wait(10)  # the late call is waiting for this claim, not reading
+            late.append({})
+        original_write(store, pool, entries)
+
+    monkeypatch.setattr(KubernetesStore, "write_node_slices", write_node_slices)
+    kube.api.reset_counts()
+    claimed = add(kube, tmp_path, "c14", agent=agent)
+    for t in threading.enumerate():
+        if t.name == "late":
+            t.join(10)
+    agent.close()
+    assert {claimed["ips"][0]["address"], late[1]["ips"][0]["address"]} == {"10.0.0.17/24", "10.0.0.18/24"}
+    # the claim's own read and the read after creating the slice pool: none by the late call
+    assert kube.api.count("get", "nodeslicepools") == 2
