@@ -43,20 +43,10 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise _TimedOut
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, shared: bool = False) -> bool:
+    """The lock (exclusive, or shared), at once or not at all (released when `fd` is closed)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return False
-        raise
-
-
-def _try_shared(fd: int) -> bool:
-    """A shared lock, at once or not at all (released when `fd` is closed)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -183,7 +173,7 @@ def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | No
     finally:
         os.close(dir_fd)
     try:
-        if settled and not _try_shared(fd):
+        if settled and not _try_lock(fd, shared=True):
             return None
         return _counter(fd)
     except OSError:
