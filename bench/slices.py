@@ -106,7 +106,8 @@ def node_slice_burst(
 
     CPU per ADD (ms) is reported for each side: the API server and etcd (`server_pids`, read from /proc
     around the burst), the agents (their CPU during the burst, after they have started and listen),
-    and the shim execs (every reaped child's CPU over the burst, less the agents')."""
+    and the shim execs (the CPU of the children reaped during the burst: the agents, still running,
+    are not among them)."""
     socks = [str(work / f"{network}-n{n}.sock") for n in range(nodes)]
     before = requests_by_resource(metrics())
     pids = dict(server_pids or {})
