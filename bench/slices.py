@@ -40,9 +40,10 @@ _METRIC = re.compile(r'^apiserver_request_total\{([^}]*)\} (\S+)$')
 
 
 @contextmanager
-def agent(sock: str, node: str) -> Iterator[None]:
-    with agent_running(sock, {**os.environ, "NODENAME": node}):
-        yield
+def agent(sock: str, node: str) -> Iterator[subprocess.Popen[bytes]]:
+    """ipam-agent for simulated node `node` on `sock` (its process, for CPU accounting)."""
+    with agent_running(sock, {**os.environ, "NODENAME": node}) as proc:
+        yield proc
 
 
 def requests_by_resource(metrics_text: str) -> dict[str, tuple[float, float]]:
@@ -112,8 +113,7 @@ def node_slice_burst(
     before = requests_by_resource(metrics())
     pids = dict(server_pids or {})
     with ExitStack() as stack:
-        agents = [stack.enter_context(agent_running(sock, {**os.environ, "NODENAME": f"{network}-node-{n}"}))
-                  for n, sock in enumerate(socks)]
+        agents = [stack.enter_context(agent(sock, f"{network}-node-{n}")) for n, sock in enumerate(socks)]
         cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
         agents_before = sum(cpu_seconds(a.pid) for a in agents)
         children_before = children_cpu()
