@@ -16,11 +16,12 @@ AGENT = str(Path(sys.executable).parent / "ipam-agent")
 
 @contextmanager
 def agent_running(
-    sock: str, env: Mapping[str, str] | None = None, tries: int = 400
+    sock: str, env: Mapping[str, str] | None = None, tries: int = 400, command: list[str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ipam-agent on `sock`, wait (`tries` x 25 ms) until it listens, SIGTERM it at the end."""
+    """Start ipam-agent on `sock` (or `command`, given `--socket sock`), wait (`tries` x 25 ms) until
+    it listens, SIGTERM it at the end."""
     proc = subprocess.Popen(
-        [AGENT, "--socket", sock, "--metrics-port", "0"],
+        [*(command or [AGENT, "--metrics-port", "0"]), "--socket", sock],
         env=dict(env) if env is not None else None,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

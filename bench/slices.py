@@ -1,8 +1,10 @@
 """Node-slice burst: N ADDs from M nodes (one ipam-agent each, the shim exec'd under `python3 -S` as a
 host does) into one range with `node_slice_size`, against a real kube-apiserver; and, in the same run,
-the floor (as many bare `python3 -S -c pass` spawns from the same thread pool) and the same burst
-without slices. Each burst is reported as a ratio to the floor, with API requests and 409s per ADD
-taken from the API server's own `apiserver_request_total`.
+the floor (as many bare `python3 -S -c pass` spawns from the same thread pool), the same burst
+through two reference agents (bench.refagent: one answering at once, one making only the
+reservation POST that every ADD makes by design) and the same burst without slices. Each burst is
+reported as a ratio to the floor, with API requests and 409s per ADD taken from the API server's own
+`apiserver_request_total`.
 
     python -m bench.slices [--kubeconfig K] [--pods 1000] [--nodes 10] [--per-node 10]
 
@@ -36,13 +38,19 @@ from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 SHIM = [PYTHON, "-S", str(ROOT / "bin" / "whereabouts-py")]
+REFERENCE_CASES = {
+    "noop": "reference: shim + agent answering at once",
+    "reserve": "reference: shim + agent making only the reservation POST",
+}
 _METRIC = re.compile(r'^apiserver_request_total\{([^}]*)\} (\S+)$')
 
 
 @contextmanager
-def agent(sock: str, node: str) -> Iterator[subprocess.Popen[bytes]]:
-    """ipam-agent for simulated node `node` on `sock` (its process, for CPU accounting)."""
-    with agent_running(sock, {**os.environ, "NODENAME": node}) as proc:
+def agent(sock: str, node: str, reference: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """ipam-agent for simulated node `node` on `sock` (its process, for CPU accounting); with
+    `reference` ("noop" or "reserve") bench.refagent in that mode instead."""
+    command = None if reference is None else [sys.executable, "-m", "bench.refagent", "--mode", reference]
+    with agent_running(sock, {**os.environ, "NODENAME": node, "PYTHONPATH": str(ROOT)}, command=command) as proc:
         yield proc
 
 
@@ -102,8 +110,10 @@ def node_slice_burst(
     cidr: str,
     network: str,
     server_pids: dict[str, int] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """One burst; `slice_size` None runs the same burst into one pool (today's default mode).
+    """One burst; `slice_size` None runs the same burst into one pool (today's default mode);
+    `reference` runs it through bench.refagent in that mode instead of the agents.
 
     CPU per ADD (ms) is reported for each side: the API server and etcd (`server_pids`, read from /proc
     around the burst), the agents (their CPU during the burst, after they have started and listen),
@@ -113,7 +123,7 @@ def node_slice_burst(
     before = requests_by_resource(metrics())
     pids = dict(server_pids or {})
     with ExitStack() as stack:
-        agents = [stack.enter_context(agent(sock, f"{network}-node-{n}")) for n, sock in enumerate(socks)]
+        agents = [stack.enter_context(agent(sock, f"{network}-node-{n}", reference)) for n, sock in enumerate(socks)]
         cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
         agents_before = sum(cpu_seconds(a.pid) for a in agents)
         children_before = children_cpu()
@@ -146,12 +156,13 @@ def node_slice_burst(
     reqs = sum(after[k][0] - before.get(k, (0.0, 0.0))[0] for k in after)
     conflicts = sum(after[k][1] - before.get(k, (0.0, 0.0))[1] for k in after)
     return {
-        "case": f"node_slice_size {slice_size}" if slice_size else "one pool (no slices)",
+        "case": REFERENCE_CASES[reference] if reference else (
+            f"node_slice_size {slice_size}" if slice_size else "one pool (no slices)"),
         "pods": pods,
         "nodes": nodes,
         "wall_s": round(wall, 2),
         "failures": len(failures),
-        "duplicates": len(addresses) - len(set(addresses)),
+        "duplicates": "" if reference else len(addresses) - len(set(addresses)),  # references hand out no leases
         "api_requests_per_add": round(reqs / max(1, pods), 2),
         "409_per_add": round(conflicts / max(1, pods), 2),
         **{f"cpu_ms_per_add_{k}": round(v * 1000 / max(1, pods), 1) for k, v in cpu.items()},
@@ -224,6 +235,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="sequential ADDs per filled-range case")
     parser.add_argument("--no-burst", action="store_true", help="only the filled-range case")
     parser.add_argument("--no-slices", action="store_true", help="only the floor and the burst without slices")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference agents' bursts")
     parser.add_argument(
         "--granular-crd", action="store_true",
         help="serve IPPools without `x-kubernetes-map-type: atomic` (per-lease managedFields), to compare",
@@ -260,6 +272,10 @@ def main() -> int:
             rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
                      "wall_s": round(floor_wall, 2), "cpu_ms_per_add_shims": round(floor_cpu * 1000, 1)}]
             pids = {} if cluster is None else {"apiserver": cluster.apiserver.pid, "etcd": cluster.etcd.pid}
+            if not args.no_reference and cluster is not None:
+                for mode in REFERENCE_CASES:
+                    rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
+                                                 None, "10.250.0.0/16", f"ref{mode}", pids, reference=mode))
             if not args.no_slices:
                 rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
                                              args.slice_size, "10.210.0.0/16", "slices", pids))
