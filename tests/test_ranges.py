@@ -287,3 +287,17 @@ def test_every_ipv6_pool_and_reservation_name_is_a_kubernetes_object_name(
     network = IPNetwork((value, prefix), version=6).cidr
     for name in (pool_name(str(network), network_name), reservation_name(IPAddress(value, 6), network_name)):
         assert rfc1123.match(name) and len(name) <= 253, name
+
+
+def test_cached_intervals_follow_every_input() -> None:
+    """The allocatable runs are cached per (family, bounds, excludes, gateway): each input still counts."""
+    plain = build_range("ipam", "10.0.0.0/29")
+    assert plain.intervals == ((int(IPAddress("10.0.0.1")), int(IPAddress("10.0.0.6"))),)
+    with_gateway = build_range("ipam", "10.0.0.0/29", gateway=IPAddress("10.0.0.1"))
+    assert with_gateway.intervals == ((int(IPAddress("10.0.0.2")), int(IPAddress("10.0.0.6"))),)
+    excluded = build_range("ipam", "10.0.0.0/29", exclude=["10.0.0.4/31"])
+    assert excluded.intervals == (
+        (int(IPAddress("10.0.0.1")), int(IPAddress("10.0.0.3"))),
+        (int(IPAddress("10.0.0.6")), int(IPAddress("10.0.0.6"))),
+    )
+    assert build_range("ipam", "10.0.0.0/29").intervals == plain.intervals
