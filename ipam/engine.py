@@ -285,13 +285,20 @@ class Engine:
                 self.pool_cache.acquired(name, generation)
             yield generation
 
-    def _retry(self, name: str, deadline: float, step: Callable[[], bool], write_seconds: float = 0.0) -> None:
+    def _retry(
+        self,
+        name: str,
+        deadline: float,
+        step: Callable[[], bool],
+        write_seconds: float | Callable[[], float] = 0.0,
+    ) -> None:
         """Run `step` until it returns True; conflicts and transient errors retry until the deadline.
 
         `write_seconds`: how long a write of this object takes (the agent measures its pools'). After
         a conflict another writer has just written, and the next attempt is spaced by about that much:
         retrying sooner only meets the same writers again, each refused write of a big pool costing the
-        API server nearly a whole write, while the wait lets the agent's batch take in more calls."""
+        API server nearly a whole write, while the wait lets the agent's batch take in more calls.
+        A callable gives it anew after each attempt (a time measured on the attempts themselves)."""
         attempt = 0
         last: Exception | None = None
         while True:
@@ -309,9 +316,10 @@ class Engine:
                 self.stats.transient += 1
                 last = exc
                 wait_hint = exc.retry_after
-            if conflict and write_seconds > self.policy.backoff_initial:
+            write = write_seconds() if callable(write_seconds) else write_seconds
+            if conflict and write > self.policy.backoff_initial:
                 # equal jitter on a window growing from one write's time: never straight back
-                cap = min(max(self.policy.backoff_max, 16 * write_seconds), write_seconds * (2**attempt))
+                cap = min(max(self.policy.backoff_max, 16 * write), write * (2**attempt))
                 delay = self.rng.uniform(cap / 2, cap)
             else:
                 cap = min(self.policy.backoff_max, self.policy.backoff_initial * (2**attempt))

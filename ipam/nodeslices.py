@@ -109,6 +109,10 @@ class _StoreState:
     stamps: dict[str, int | None] = field(default_factory=dict)
     # the claim lock's generation a thread of this process holds now: (thread id, generation)
     holding: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    # how long a claim attempt (read + conditional write) took last, per NodeSlicePool: spaces the
+    # retries of nodes racing for the same first free slice (each loser's read and refused write of a
+    # 1,024-entry object costs the API server ~35 ms; straight back, the same nodes meet again)
+    attempt_seconds: dict[str, float] = field(default_factory=dict)
 
 
 _LOCK = threading.RLock()  # _state() is called with it held
@@ -307,7 +311,12 @@ class Slicer:
             entries = claim(pool, self.node, skip=tried)
             if entries is None:
                 raise CNIError(errors.POOL_EXHAUSTED, exhausted_message(self.spec, self.size_text, pool, self.node))
-            self.store.write_node_slices(pool, entries)
+            started = engine.clock()
+            try:
+                self.store.write_node_slices(pool, entries)
+            finally:
+                with _LOCK:
+                    self._st.attempt_seconds[self.pool_name] = engine.clock() - started
             out[0] = replace(pool, entries=entries)
             new = [e.slice_range for e in entries if e.node == self.node and e.slice_range not in tried]
             log.info("slice.claim", nodeslicepool=self.pool_name, node=self.node, slices=new)
@@ -323,7 +332,7 @@ class Slicer:
             if cached is not None and any(s not in tried for s in cached.held_by(self.node)):
                 return cached  # another call of this process claimed one while this one waited
             before = set(self._cached_held())
-            engine._retry(self.pool_name, deadline, step)
+            engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
             pool = out[0]
             assert pool is not None
             # the claim lock is held: every claim made so far is in what step read or wrote
@@ -334,6 +343,10 @@ class Slicer:
                 if s not in before and s not in tried:
                     self._create_pool(engine, s, deadline, held=True)
         return pool
+
+    def _attempt_seconds(self) -> float:
+        with _LOCK:
+            return self._st.attempt_seconds.get(self.pool_name, 0.0)
 
     def _cached_held(self) -> list[str]:
         with _LOCK:
@@ -354,10 +367,12 @@ class Slicer:
         def step() -> bool:
             # ConflictError: it exists (another caller made it, or reclaim's fence: read_pool will say)
             with suppress(ConflictError):
-                engine.store.write_pool(PoolSnapshot(name, sub.cidr, {}, None), {})
+                written = engine.store.write_pool(PoolSnapshot(name, sub.cidr, {}, None), {})
+                if engine.pool_cache is not None:  # empty as made: its first batch and the owner search need no read
+                    engine.pool_cache.remember(name, written)
             return True
 
-        with engine.store.pool_lock(name, max(0.0, deadline - engine.clock())):
+        with engine._locked(name, deadline):  # the node lock, counted as this process's (PoolCache.acquired)
             engine._retry(name, deadline, step)
         # reclaim may have returned the slice between the read above and the create
         if slice_range not in self._read(engine, deadline, refresh=True).held_by(self.node):

@@ -317,6 +317,26 @@ def test_two_nodes_racing_for_a_slice_get_different_ones(tmp_path: Path) -> None
     ]
 
 
+def test_a_node_that_lost_a_claim_race_waits_about_one_claim_before_trying_again(tmp_path: Path) -> None:
+    """Nodes racing for the first free slice: the loser's next read and write come after about as long
+    as its refused attempt took (the winners' writes of the whole NodeSlicePool are then done), not
+    straight back into the same race."""
+    now = [0.0]
+    slept: list[float] = []
+
+    def other_node_claims() -> None:
+        assert call(tmp_path, "ADD", "b0", "node-b")[0] == 0
+        now[0] += 0.2  # the refused attempt took 200 ms
+
+    store = RacingStore(str(tmp_path), other_node_claims)
+    engine, cfg = engine_for(tmp_path, "node-a", store)
+    engine.clock = lambda: now[0]
+    engine.sleep = lambda seconds: (slept.append(seconds), now.__setitem__(0, now[0] + seconds))
+    got = engine.add(cfg.ranges, request("a0", "node-a"))
+    assert str(got[0].address) == "10.0.0.5" and store.writes == 2
+    assert len(slept) == 1 and 0.1 <= slept[0] <= 0.2
+
+
 def test_threads_of_one_node_claim_one_slice(tmp_path: Path) -> None:
     store = FileStore(str(tmp_path))
     engine, cfg = engine_for(tmp_path, "node-a", store)

@@ -175,3 +175,25 @@ def test_a_call_arriving_while_another_call_claims_uses_the_claimers_list(
     assert {claimed["ips"][0]["address"], late[1]["ips"][0]["address"]} == {"10.0.0.17/24", "10.0.0.18/24"}
     # the claim's own read and the read after creating the slice pool: none by the late call
     assert kube.api.count("get", "nodeslicepools") == 2
+
+
+def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(kube: KubeHandle, tmp_path: Path) -> None:
+    """The agent remembers the slice pool it has just created (empty, at the version the create
+    answered): the ADD that claimed the slice writes its lease there without a GET, and so does the
+    owner search of the ADDs after it."""
+    agent = Agent()
+    for i in range(14):  # the first /28 slice: 14 addresses
+        add(kube, tmp_path, f"c{i}", agent=agent)
+    kube.api.reset_counts()
+    assert add(kube, tmp_path, "c14", agent=agent)["ips"][0]["address"] == "10.0.0.17/24"
+    assert add(kube, tmp_path, "c15", agent=agent)["ips"][0]["address"] == "10.0.0.18/24"
+    agent.close()
+    counts = {k: v for k, v in kube.api.counts_snapshot().items() if v}
+    assert counts == {
+        ("get", "ippools"): 1,  # the first slice, remembered full: looked at once before claiming
+        ("get", "nodeslicepools"): 2,  # the claim's read, and the check after creating the slice pool
+        ("update", "nodeslicepools"): 1,
+        ("create", "ippools"): 1,
+        ("update", "ippools"): 2,
+        ("create", "overlappingrangeipreservations"): 2,
+    }
