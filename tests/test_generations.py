@@ -6,6 +6,7 @@ Each test here makes the counter show that number again after another process wr
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -180,3 +181,21 @@ def test_a_parent_of_the_kept_lock_directory_swapped_for_a_symlink_is_not_follow
     with pytest.raises(CNIError):  # nor is a generation read there
         pool_generation(str(data / "locks"), "p")
     assert list((elsewhere / "locks").iterdir()) == []
+
+
+def test_a_torn_read_of_the_counter_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of the counter that mixes the bytes of two values (a holder bumping it across a carry)
+    is not taken: the counter is read until two reads in a row agree."""
+    from ipam.store import locks
+
+    with locks.pool_lock(str(tmp_path), "p", 1.0) as generation:
+        pass
+    torn = (generation ^ 0xFF00).to_bytes(8, "little")  # neither this value nor another holder's
+    reads = [torn]
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        return reads.pop() if reads else real_pread(fd, n, offset)
+
+    monkeypatch.setattr(locks.os, "pread", pread)
+    assert locks.pool_generation(str(tmp_path), "p") == generation

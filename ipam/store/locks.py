@@ -100,6 +100,16 @@ def _counter(fd: int) -> int | None:
     return int.from_bytes(raw, "little") if len(raw) == 8 else None
 
 
+def _agreed_counter(fd: int) -> int | None:
+    """_counter read without the lock: repeated until two reads in a row agree (pool_generation)."""
+    last = _counter(fd)
+    while True:
+        now = _counter(fd)
+        if now == last:
+            return now
+        last = now
+
+
 def _next(counter: int | None) -> int:
     """The next holder's generation. A counter that starts again (a lock file or directory made anew,
     a file an older version truncated) starts at a random number: from 0 it would count up to the very
@@ -153,8 +163,11 @@ def _walk_lock_dir(lock_dir: str, create: bool) -> int:
 
 def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | None:
     """The lock's generation now (None when nobody has taken it yet, or no counter is in the file).
-    Read without the lock: a torn or racing read only differs from a remembered generation, which
-    costs a re-read.
+    Read without the lock: a racing read gives the value just before or just after a holder's bump.
+    Read twice until two reads agree: a torn read (bytes of the old and the new value, not seen on
+    Linux for 8 aligned bytes, but not promised either) across a carry could show a value some
+    holders back, which might be one a process remembers; two equal torn reads in a row would need
+    two bumps torn alike.
 
     `settled`: None also while the lock is held (by anyone, this process included). A holder bumps
     the counter when it takes the lock and writes afterwards: a read of the datastore made now, noted
@@ -175,7 +188,7 @@ def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | No
     try:
         if settled and not _try_lock(fd, shared=True):
             return None
-        return _counter(fd)
+        return _counter(fd) if settled else _agreed_counter(fd)  # a shared lock keeps writers out
     except OSError:
         return None
     finally:
