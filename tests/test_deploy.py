@@ -243,12 +243,14 @@ PLUGIN_RULES = {
     (GROUP, "ippools"): {"get", "list", "create", "update"},
     (GROUP, "overlappingrangeipreservations"): {"get", "create", "update", "delete"},
     (GROUP, "nodeslicepools"): {"get", "create", "update"},
+    (GROUP, "nodeslicepools/status"): {"update"},  # a NodeSlicePool CRD with a status subresource
 }
 RECONCILER_RULES = {
     # create + delete: node slices, fence a slice pool before returning its slice, remove it after
     (GROUP, "ippools"): {"get", "list", "update", "create", "delete"},
     (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
     (GROUP, "nodeslicepools"): {"get", "list", "update"},
+    (GROUP, "nodeslicepools/status"): {"update"},
 }
 RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}, ("", "nodes"): {"list"}}
 

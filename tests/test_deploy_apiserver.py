@@ -307,6 +307,32 @@ def test_the_plugins_identity_is_confined_to_the_pools_namespace(real_kube: Real
     assert call(cluster, plugin, "GET", slices) == 403  # get/create/update only
 
 
+def test_plugin_and_reconciler_may_write_node_slices_through_a_status_subresource(real_kube: RealKube) -> None:
+    """A NodeSlicePool CRD that declares a status subresource ignores `status` on the main resource;
+    claims and returns are then written to /status (KubernetesStore.write_node_slices), which RBAC
+    grants separately. The API server itself answers whether each identity may."""
+    ns = real_kube.namespace
+    real_kube.apply(rbac_into(ns))
+
+    def allowed(account: str, verb: str, subresource: str = "") -> bool:
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": f"system:serviceaccount:{ns}:{account}",
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
+                "resourceAttributes": {"namespace": ns, "verb": verb, "group": "whereabouts.cni.cncf.io",
+                                       "resource": "nodeslicepools", "subresource": subresource},
+            },
+        }  # fmt: skip
+        answer = real_kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+        return bool(answer["status"].get("allowed"))
+
+    for account in (PLUGIN_SA, RECONCILER_SA):
+        assert allowed(account, "update", "status")
+        assert not allowed(account, "patch", "status") and not allowed(account, "delete")
+
+
 def test_the_reconcilers_identity_lists_pods_cluster_wide_and_pools_only_in_their_namespace(
     real_kube: RealKube, tmp_path: Path
 ) -> None:
