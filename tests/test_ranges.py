@@ -301,3 +301,58 @@ def test_cached_intervals_follow_every_input() -> None:
         (int(IPAddress("10.0.0.6")), int(IPAddress("10.0.0.6"))),
     )
     assert build_range("ipam", "10.0.0.0/29").intervals == plain.intervals
+
+
+# IPv4, IPv4-compatible IPv6 (the same integers as the IPv4 addresses) and IPv4-mapped IPv6 forms of one
+# /28: equal-looking keys of the interval cache that must never stand for one another
+_FORMS = {"v4": (4, 0x0A000000), "v6-compat": (6, 0x0A000000), "v6-mapped": (6, 0xFFFF0A000000)}
+
+
+@st.composite
+def _interval_queries(draw: st.DrawFn) -> tuple[int, int, int, tuple[IPNetwork, ...], IPAddress | None]:
+    version, base = _FORMS[draw(st.sampled_from(sorted(_FORMS)))]
+    lo, hi = sorted(draw(st.lists(st.integers(0, 15), min_size=2, max_size=2)))
+    excludes = []
+    for _ in range(draw(st.integers(0, 2))):
+        ex_version, ex_base = _FORMS[draw(st.sampled_from(sorted(_FORMS)))]
+        ex_bits = 32 if ex_version == 4 else 128
+        host, plen = draw(st.integers(0, 15)), draw(st.integers(ex_bits - 4, ex_bits))
+        excludes.append(IPNetwork((ex_base + host, plen), ex_version))  # host bits left set: non-canonical
+    gateway = None
+    if draw(st.booleans()):
+        gw_version, gw_base = _FORMS[draw(st.sampled_from(sorted(_FORMS)))]
+        gateway = IPAddress(gw_base + draw(st.integers(0, 15)), gw_version)
+    return version, base + lo, base + hi, tuple(excludes), gateway
+
+
+@given(st.lists(_interval_queries(), min_size=1, max_size=12))
+def test_cached_intervals_equal_the_uncached_arithmetic_for_look_alike_inputs(
+    queries: list[tuple[int, int, int, tuple[IPNetwork, ...], IPAddress | None]],
+) -> None:
+    """The interval cache is keyed by netaddr objects: an IPv4 address and its IPv4-compatible or
+    IPv4-mapped IPv6 forms, and an exclude written with host bits, must each get their own answer
+    (the one the set arithmetic gives), whatever was asked before."""
+    from ipam.ranges import _allocatable_intervals, allocatable_intervals
+
+    uncached = _allocatable_intervals.__wrapped__
+    for version, start, end, exclude, gateway in queries:
+        assert allocatable_intervals(version, start, end, list(exclude), gateway) == uncached(
+            version, start, end, exclude, gateway
+        )
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("10.0.0.0/24", "::ffff:10.0.0.0/120"), ("10.0.0.0/24", "::10.0.0.0/120"), ("fd00::/120", "fd00:0:0::1/120")],
+)
+def test_cached_free_slices_are_those_of_the_range_asked(one: str, other: str) -> None:
+    """The free slices of a range are cut once per (range, size): look-alike ranges of the other family
+    (or a non-canonical spelling of the same one) get the slices of the range asked for."""
+    from ipam.slices import SliceEntry, cut, fresh
+
+    for text in (one, other, one):
+        spec = build_range("ipam", text)
+        prefix = spec.prefixlen + 2
+        assert fresh("p", spec, f"/{prefix}", prefix).entries == tuple(
+            SliceEntry("", s) for s in cut(IPNetwork(text), prefix)
+        )
