@@ -337,6 +337,39 @@ def test_a_node_that_lost_a_claim_race_waits_about_one_claim_before_trying_again
     assert len(slept) == 1 and 0.1 <= slept[0] <= 0.2
 
 
+def test_a_claim_write_that_hung_then_failed_does_not_space_the_next_refused_claim(tmp_path: Path) -> None:
+    """The time a claim attempt's write took spaces the retry after a refused claim. A write that hung
+    until its timeout and failed (15 s) is measured too, but the retry after it is a transient one, and
+    the next refused write is spaced by its own time (200 ms), never by the hung one's: a slow moment of
+    the API server does not hold the node's claim lock (every ADD of the node waits on it) for seconds."""
+    from ipam.errors import TransientStoreError
+
+    now = [0.0]
+    slept: list[float] = []
+
+    class HungThenRaced(FileStore):
+        writes = 0
+
+        def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+            self.writes += 1
+            if self.writes == 1:
+                now[0] += 15.0
+                raise TransientStoreError("write NodeSlicePool net1: TimeoutError: timed out")
+            if self.writes == 2:
+                assert call(tmp_path, "ADD", "b0", "node-b")[0] == 0  # node-b claims the first slice
+                now[0] += 0.2
+            super().write_node_slices(pool, entries)
+
+    store = HungThenRaced(str(tmp_path))
+    engine, cfg = engine_for(tmp_path, "node-a", store)
+    engine.clock = lambda: now[0]
+    engine.sleep = lambda seconds: (slept.append(seconds), now.__setitem__(0, now[0] + seconds))
+    got = engine.add(cfg.ranges, request("a0", "node-a"))
+    assert str(got[0].address) == "10.0.0.5" and store.writes == 3
+    # the second retry's window: the refused write's 200 ms, doubled once for the attempt before it
+    assert len(slept) == 2 and slept[0] <= engine.policy.backoff_initial and 0.2 <= slept[1] <= 0.4
+
+
 def test_threads_of_one_node_claim_one_slice(tmp_path: Path) -> None:
     store = FileStore(str(tmp_path))
     engine, cfg = engine_for(tmp_path, "node-a", store)

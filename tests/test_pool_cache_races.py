@@ -324,3 +324,39 @@ def test_clients_of_one_kubeconfig_evicted_and_opened_again_share_a_pool_safely(
         agent.close()
     assert got == [f"10.0.0.{i}/28" for i in (1, 2, 3, 4, 2, 5)]
     assert len(held(kube)) == 5
+
+
+def test_a_lost_answer_to_the_create_of_a_reclaimed_slices_pool_costs_a_refused_write(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    """The agent remembers slice 2's pool (empty, after a DEL); reclaim returns the slice and deletes
+    the pool (no node lock: another machine). The agent claims slice 2 again and creates its pool, but
+    the create's answer is lost: the retry's 409 leaves the memory of the deleted pool in place (the
+    create's node lock was this process's next one, so nothing was dropped). The memory is only ever
+    trusted through a conditional write: one refused write, then a read; one lease per container."""
+    conf, agent, store = netconf(kube, tmp_path, node_slice_size="/30"), Agent(), admin(kube, tmp_path)
+    try:
+        for cid in ("a0", "a1", "a2"):  # slice 1 full, a2 in slice 2
+            call(conf, "ADD", cid, agent)
+        call(conf, "DEL", "a2", agent)  # slice 2's pool remembered empty
+        later = datetime.now(UTC) + timedelta(seconds=120)
+        assert nodeslices.reclaim_slices(store, {"node-a"}, 60, False, now=later) == [
+            "return nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare"
+        ]
+        assert [p["metadata"]["name"] for p in kube.api.objects("ippools")] == ["node-a-10.0.0.0-30"]
+        # what the agent knows of the NodeSlicePool, and its mark that it made slice 2's pool just now,
+        # are gone (as after CREATED_FRESH_SECONDS and a claim by another process); its pools' memory stays
+        nodeslices.forget_cache()
+        kube.api.reset_counts()
+        kube.api.set_faults(drop_after_rate=1.0, methods={"POST"}, resources={"ippools"}, max_hits=1)
+        got = [addr(call(conf, "ADD", "a3", agent))]  # claims slice 2 again, its pool's create answer lost
+        assert kube.api.count("create", "ippools") == 2  # carried out (answer lost), then AlreadyExists
+        assert kube.api.count("conflict", "ippools") == 1  # the write from the old memory, refused
+        got.append(addr(call(conf, "ADD", "a3", agent)))  # a repeat
+        call(conf, "DEL", "a0", agent)  # room in slice 1: the repeat must still find a3 in slice 2
+        got.append(addr(call(conf, "ADD", "a3", agent)))
+    finally:
+        agent.close()
+        store.close()
+    assert got == ["10.0.0.5/28"] * 3
+    assert held(kube) == [("a1", "node-a-10.0.0.0-30+2"), ("a3", "node-a-10.0.0.4-30+1")]
