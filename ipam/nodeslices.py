@@ -399,6 +399,8 @@ class Slicer:
             except PoolRetiredError as exc:
                 if not exc.absent:
                     return "retired"
+                with _LOCK:  # absent after all: whoever made it, it is gone (reclaim deletes returned ones)
+                    self._st.created.pop(name, None)
                 if self._create_pool(engine, slice_range, deadline):
                     continue
                 return "not-held"

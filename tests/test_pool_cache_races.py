@@ -360,3 +360,30 @@ def test_a_lost_answer_to_the_create_of_a_reclaimed_slices_pool_costs_a_refused_
         store.close()
     assert got == ["10.0.0.5/28"] * 3
     assert held(kube) == [("a1", "node-a-10.0.0.0-30+2"), ("a3", "node-a-10.0.0.4-30+1")]
+
+
+def test_a_slice_returned_right_after_this_process_made_its_pool_is_claimed_again_without_a_read_loop(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    """The agent makes slice 2's pool; reclaim (`--grace 0`, or a reconciler clock ahead) returns the
+    slice and deletes the pool within CREATED_FRESH_SECONDS. The mark "this process made that pool
+    just now" must not stand for a pool found absent: an ADD then re-reads the NodeSlicePool, sees
+    the slice is no longer its own and claims again, instead of re-trying the absent pool until the
+    mark expires (a read loop of ~1,500 GETs in two seconds)."""
+    conf, agent, store = netconf(kube, tmp_path, node_slice_size="/30"), Agent(), admin(kube, tmp_path)
+    try:
+        for cid in ("a0", "a1", "a2"):  # slice 1 full, a2 in slice 2 (its pool made just now)
+            call(conf, "ADD", cid, agent)
+        call(conf, "DEL", "a2", agent)
+        later = datetime.now(UTC) + timedelta(seconds=120)
+        assert nodeslices.reclaim_slices(store, {"node-a"}, 60, False, now=later) == [
+            "return nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare"
+        ]
+        kube.api.reset_counts()
+        got = addr(call(conf, "ADD", "a3", agent))
+    finally:
+        agent.close()
+        store.close()
+    assert got == "10.0.0.5/28"  # slice 2 claimed again, its pool made again
+    assert kube.api.count("get", "ippools") < 10  # a few reads of the two slice pools, not a loop
+    assert held(kube) == [("a0", "node-a-10.0.0.0-30+1"), ("a1", "node-a-10.0.0.0-30+2"), ("a3", "node-a-10.0.0.4-30+1")]
