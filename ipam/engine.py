@@ -317,12 +317,13 @@ class Engine:
                 last = exc
                 wait_hint = exc.retry_after
             write = write_seconds() if callable(write_seconds) else write_seconds
+            growth = 2.0 ** min(attempt, 32)  # past the caps long before; 2**1024 would not fit a float
             if conflict and write > self.policy.backoff_initial:
                 # equal jitter on a window growing from one write's time: never straight back
-                cap = min(max(self.policy.backoff_max, 16 * write), write * (2**attempt))
+                cap = min(max(self.policy.backoff_max, 16 * write), write * growth)
                 delay = self.rng.uniform(cap / 2, cap)
             else:
-                cap = min(self.policy.backoff_max, self.policy.backoff_initial * (2**attempt))
+                cap = min(self.policy.backoff_max, self.policy.backoff_initial * growth)
                 # full jitter: contenders spread over the whole window instead of colliding again at its end
                 delay = self.rng.uniform(0, cap)
             if wait_hint is not None:

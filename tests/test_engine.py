@@ -129,6 +129,26 @@ def test_backoff_grows_and_is_capped(store: FlakyStore, clock: FakeClock) -> Non
     assert all(s > 0 for s in clock.sleeps)
 
 
+def test_thousands_of_fast_failures_within_the_deadline_end_in_code_11_not_a_traceback(
+    store: FlakyStore, clock: FakeClock
+) -> None:
+    """A datastore failing at once on every attempt, with backoffs short against the deadline: past
+    attempt 1,024 the backoff's 2**attempt no longer fits a float; the call still ends in its
+    deadline's error."""
+    store.always = TransientStoreError("connection refused")
+    engine = Engine(
+        store,
+        RetryPolicy(deadline_seconds=0.2, backoff_initial=0.0001, backoff_max=0.0002),
+        clock=clock.clock,
+        sleep=clock.sleep,
+        rng=random.Random(7),
+    )
+    with pytest.raises(CNIError) as info:
+        engine.add([V4], req(1))
+    assert info.value.code == errors.TRY_AGAIN_LATER
+    assert len(clock.sleeps) > 1100
+
+
 def test_a_few_conflicts_then_success(store: FlakyStore, clock: FakeClock) -> None:
     store.fail_writes = [ConflictError("c1"), ConflictError("c2")]
     engine = engine_for(store, clock)
