@@ -283,9 +283,14 @@ def main() -> int:
                 rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
                                              None, "10.211.0.0/22", "onepool", pids))
             base = float(rows[0]["wall_s"])
+            reserve = [r for r in rows if r["case"] == REFERENCE_CASES["reserve"]]
             for row in rows:
                 row["x_floor"] = round(float(row["wall_s"]) / base, 2)
-            keys = ["case", "pods", "nodes", "wall_s", "x_floor", "failures", "duplicates", "api_requests_per_add", "409_per_add"]
+                if reserve and not row["case"].startswith(("floor", "reference")):
+                    # against the least any ADD can cost here (exec + socket + its one reservation POST)
+                    row["x_reserve_ref"] = round(float(row["wall_s"]) / float(reserve[0]["wall_s"]), 2)
+            keys = ["case", "pods", "nodes", "wall_s", "x_floor", "x_reserve_ref", "failures", "duplicates",
+                    "api_requests_per_add", "409_per_add"]
             print(_table(rows, keys))
             print()
             cpu_keys = ["case", *[f"cpu_ms_per_add_{k}" for k in ("shims", "agents", "apiserver", "etcd")]]
