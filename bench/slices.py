@@ -9,7 +9,7 @@ reported as a ratio to the floor, with API requests and 409s per ADD taken from 
     python -m bench.slices [--kubeconfig K] [--pods 1000] [--nodes 10] [--per-node 10]
 
 Without --kubeconfig it starts etcd + kube-apiserver from $KUBEBUILDER_ASSETS (tests/kubeapi/real.py).
-`node_slice_burst()` is the scenario for bench/__main__.py to call.
+`make bench-slices` runs it; `make bench` (bench/__main__.py) measures the rest.
 """
 
 from __future__ import annotations
