@@ -121,13 +121,7 @@ def make_slicer(cfg: Config, store: Store) -> Slicer:
 
     ipam = cfg.ipam
     size = str(ipam.node_slice_size)
-    name = node_slice_pool_name(ipam.network_name, cfg.network)
-    if not name:
-        raise CNIError(
-            errors.INVALID_CONFIG,
-            f"invalid config: ipam.node_slice_size: {size!r} needs ipam.network_name or the network's name "
-            "(the NodeSlicePool is named after it)",
-        )
+    name = node_slice_pool_name(ipam.network_name, cfg.network)  # never empty: config.load_config checks
     if not isinstance(store, SliceStore):
         raise CNIError(errors.INVALID_CONFIG, f"invalid config: ipam.node_slice_size: {size!r} is not supported by this datastore")
     spec = cfg.ranges[0]

@@ -361,6 +361,12 @@ def load_config(
             from .slices import slice_prefix
 
             slice_prefix(ipam.node_slice_size, ranges[0].network)
+            if not (ipam.network_name or conf.name):
+                raise RangeConfigError(
+                    "ipam.node_slice_size",
+                    ipam.node_slice_size,
+                    "needs ipam.network_name or the network's name (the NodeSlicePool is named after it)",
+                )
     except RangeConfigError as exc:
         raise invalid(exc.key, exc.value, exc.reason) from None
     return Config(

@@ -256,6 +256,15 @@ def test_bad_slice_size_is_code_7_naming_the_key(tmp_path: Path, size: str, rng:
     assert not (tmp_path / "pools").exists()
 
 
+def test_slices_of_a_network_without_any_name_is_code_7_naming_the_key(tmp_path: Path) -> None:
+    """The NodeSlicePool is named after network_name, else the network's name: with neither, the
+    config is refused before any datastore is opened."""
+    code, doc = call(tmp_path, "ADD", "a0", "node-a", name="")
+    assert code == 1 and doc["code"] == errors.INVALID_CONFIG
+    assert "ipam.node_slice_size" in doc["msg"] and "network_name" in doc["msg"]
+    assert not (tmp_path / "nodeslicepools").exists()
+
+
 def test_without_node_slice_size_nothing_changes(tmp_path: Path) -> None:
     assert address(call(tmp_path, "ADD", "a0", "node-a", size=None)[1]) == "10.0.0.1/28"
     assert address(call(tmp_path, "ADD", "a1", "node-a", size="")[1]) == "10.0.0.2/28"
