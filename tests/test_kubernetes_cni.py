@@ -286,3 +286,36 @@ def test_an_old_format_pool_is_rewritten_packed_and_gc_still_tells_nodes_and_net
     assert run(gc_conf, cni_env("GC", "unused", NODENAME="node-a")).code == 0
     left = pool(real_kube, "10.74.0.0-24")["spec"]["allocations"]
     assert sorted(v["id"] for v in left.values()) == ["new", "no-node", "other-net", "other-node", "valid", "wb"]
+
+
+def test_a_write_answers_the_pool_as_stored_decoded_again_only_when_the_schema_changed_it(
+    kube: KubeHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KubernetesStore.write_pool returns the pool as the server stored it. With our CRD that is what
+    was sent, and the answer is not decoded again; under a Whereabouts CRD that prunes `attrs`, the
+    returned leases are the pruned ones (what the agent then remembers)."""
+    from ipam.store import kubernetes as kstore
+    from ipam.store.kubernetes import KubernetesStore
+
+    decoded: list[int] = []
+    real_parse = kstore.parse_allocations
+    monkeypatch.setattr(kstore, "parse_allocations", lambda raw: (decoded.append(len(raw)), real_parse(raw))[1])
+    lease = Lease("c1", "ns/p1", "net1", node="node-a", token="t1")
+    store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
+    try:
+        made = store.write_pool(store.read_pool("p", "10.57.0.0/24"), {1: lease})
+        assert made is not None and made.allocations == {1: lease} and made.allocations[1].token == "t1"
+        assert decoded == []
+        crd = yaml.safe_load((Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
+        item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        for extra in OUR_EXTRA_FIELDS:
+            del item["allocations"]["additionalProperties"]["properties"][extra]
+        others = sorted(p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name)
+        kube.api.use_crds([crd, *others])
+        second = Lease("c2", "ns/p2", "net1", node="node-a", token="t2")
+        written = store.write_pool(made, {1: lease, 2: second})
+    finally:
+        store.close()
+    assert written is not None and decoded == [2]
+    assert written.allocations == {1: Lease("c1", "ns/p1", "net1"), 2: Lease("c2", "ns/p2", "net1")}
+    assert written.allocations[2].token == "" and written.allocations[2].node == ""

@@ -216,7 +216,8 @@ class KubernetesStore:
         return self._snapshot(obj, name, cidr)
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
-        spec = {"range": snapshot.cidr, "allocations": dump_allocations(allocations)}
+        sent = dump_allocations(allocations)
+        spec: dict[str, Any] = {"range": snapshot.cidr, "allocations": sent}
         if snapshot.version is None:
             body = {
                 "apiVersion": f"{GROUP}/{VERSION}",
@@ -225,7 +226,7 @@ class KubernetesStore:
                 "spec": spec,
             }
             created = self._call(f"create IPPool {snapshot.name}", "POST", self._path(POOLS), body)
-            return self._written(created, snapshot)
+            return self._written(created, snapshot, sent, allocations)
         old: dict[str, Any] = snapshot.token or {}
         body = {
             **old,
@@ -243,13 +244,22 @@ class KubernetesStore:
         )
         if replaced is None:  # deleted since we read it: start over from an absent pool
             raise ConflictError(f"IPPool {snapshot.name} was deleted")
-        return self._written(replaced, snapshot)
+        return self._written(replaced, snapshot, sent, allocations)
 
-    def _written(self, obj: Any, snapshot: PoolSnapshot) -> PoolSnapshot | None:
+    def _written(
+        self, obj: Any, snapshot: PoolSnapshot, sent: dict[str, Any], allocations: Allocations
+    ) -> PoolSnapshot | None:
         """The pool as the server stored it (pruned by its schema, at its new version), from the
-        write's answer; None when the answer cannot be read as a pool."""
+        write's answer; None when the answer cannot be read as a pool. When the stored leases are the
+        ones sent (no schema pruned anything), they are not decoded again: `allocations` is what they
+        decode to (every agent batch's write answers a whole pool)."""
         if not isinstance(obj, dict) or not (obj.get("metadata") or {}).get("resourceVersion"):
             return None
+        spec = obj.get("spec")
+        if isinstance(spec, dict) and spec.get("allocations", {}) == sent:
+            version = str(obj["metadata"]["resourceVersion"])
+            cidr = str(spec.get("range") or snapshot.cidr)
+            return PoolSnapshot(snapshot.name, cidr, dict(allocations), version, token=obj)
         try:
             return self._snapshot(obj, snapshot.name, snapshot.cidr)
         except CNIError:
