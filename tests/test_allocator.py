@@ -431,6 +431,21 @@ def test_any_extra_values_round_trip_through_attrs(values: list[str]) -> None:
     assert Lease.from_json(json.loads(json.dumps(lease.to_json()))) == lease
 
 
+@given(
+    st.lists(st.text(alphabet=st.sampled_from("a;=%3BDd2 5\u00e9"), max_size=6), min_size=5, max_size=5),
+    st.dictionaries(st.sampled_from(["zone", "future", "x-y"]), st.text(max_size=4) | st.integers(), max_size=2),
+    st.lists(st.sampled_from(["zone=eu", "flag", "rack=r%3B1"]), max_size=2, unique=True),
+)
+def test_a_pool_written_and_read_back_is_the_same_leases_in_every_field(
+    values: list[str], unknown: dict[str, object], packed_unknown: list[str]
+) -> None:
+    """What KubernetesStore.write_pool relies on when the server stores what was sent: decoding the
+    leases sent gives back exactly the leases written, unknown fields and attrs entries included."""
+    lease = Lease("c", "ns/p", "net1", *values, extra=unknown, attrs_extra=tuple(packed_unknown))
+    back = parse_allocations(json.loads(json.dumps(dump_allocations({7: lease}))))[7]
+    assert back == lease and back.extra == lease.extra and back.attrs_extra == lease.attrs_extra
+
+
 def test_an_old_format_lease_is_read_and_rewritten_packed_without_loss() -> None:
     """Leases of the previous version (extras as separate fields) exist in clusters."""
     old = {
