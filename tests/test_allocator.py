@@ -434,16 +434,42 @@ def test_any_extra_values_round_trip_through_attrs(values: list[str]) -> None:
 @given(
     st.lists(st.text(alphabet=st.sampled_from("a;=%3BDd2 5\u00e9"), max_size=6), min_size=5, max_size=5),
     st.dictionaries(st.sampled_from(["zone", "future", "x-y"]), st.text(max_size=4) | st.integers(), max_size=2),
-    st.lists(st.sampled_from(["zone=eu", "flag", "rack=r%3B1"]), max_size=2, unique=True),
+    st.lists(st.sampled_from(["zone=eu", "flag", "rack=r%3B1", "poduid=u9", "token=t9"]), max_size=3, unique=True),
 )
 def test_a_pool_written_and_read_back_is_the_same_leases_in_every_field(
     values: list[str], unknown: dict[str, object], packed_unknown: list[str]
 ) -> None:
     """What KubernetesStore.write_pool relies on when the server stores what was sent: decoding the
-    leases sent gives back exactly the leases written, unknown fields and attrs entries included."""
+    leases sent gives back exactly the leases written, unknown fields and attrs entries included.
+    A repeat of one of our extras in `attrs_extra` is kept only behind that extra's own value: with the
+    extra empty it would be read back as the extra (see the test below)."""
     lease = Lease("c", "ns/p", "net1", *values, extra=unknown, attrs_extra=tuple(packed_unknown))
     back = parse_allocations(json.loads(json.dumps(dump_allocations({7: lease}))))[7]
-    assert back == lease and back.extra == lease.extra and back.attrs_extra == lease.attrs_extra
+    kept = tuple(e for e in packed_unknown if getattr(lease, e.partition("=")[0], "x"))
+    assert back == lease and back.extra == lease.extra and back.attrs_extra == kept
+    assert Lease.from_json(back.to_json()).attrs_extra == kept
+
+
+def test_a_repeated_extra_in_attrs_does_not_come_back_once_the_extra_is_emptied() -> None:
+    """`attrs` holding one of our extras twice (not written by us: by hand or a foreign writer) keeps
+    the repeat behind the first. When the extra itself becomes empty, the repeat must not be written
+    where the first stood: read back first, it would revive a value that was dropped on purpose, and
+    the leases written would not be the leases the agent remembers (KubernetesStore.write_pool's
+    answer). Two ways an extra is emptied: a call without a pod UID confirms the lease (a stale UID
+    would let the reconciler release the live pod's lease as pod-replaced), and an older version's
+    separate fields take precedence over a stale `attrs` (its token would let that creator's rollback
+    remove the lease)."""
+    raw = {"id": "c1", "podref": "ns/p1", "ifname": "net1", "attrs": "node=n1;poduid=u1;token=t1;poduid=u0"}
+    d = allocate(spec_of("10.0.0.0/24"), parse_allocations({"1": raw}), Request("c2", "net1", "ns/p1", token="t2"))
+    assert d is not None and d.allocations[1].poduid == "" and d.allocations[1].token == "~t2"
+    written = parse_allocations(json.loads(json.dumps(dump_allocations(d.allocations))))
+    assert written[1] == d.allocations[1] and written[1].poduid == ""
+    assert written[1].attrs_extra == d.allocations[1].attrs_extra == ()
+
+    old = {"id": "c1", "podref": "ns/p1", "node": "n1", "attrs": "node=n1;token=t1;token=t0;zone=eu"}
+    lease = Lease.from_json(old)
+    assert (lease.node, lease.token, lease.attrs_extra) == ("n1", "", ("zone=eu",))
+    assert Lease.from_json(lease.to_json()) == lease and lease.to_json()["attrs"] == "node=n1;zone=eu"
 
 
 def test_an_old_format_lease_is_read_and_rewritten_packed_without_loss() -> None:

@@ -319,3 +319,31 @@ def test_a_write_answers_the_pool_as_stored_decoded_again_only_when_the_schema_c
     assert written is not None and decoded == [2]
     assert written.allocations == {1: Lease("c1", "ns/p1", "net1"), 2: Lease("c2", "ns/p2", "net1")}
     assert written.allocations[2].token == "" and written.allocations[2].node == ""
+
+
+def test_the_pool_a_write_answers_is_the_pool_read_back_after_it(k8s: K8s, tmp_path: Path) -> None:
+    """The node agent remembers write_pool's answer and decides from it; when the server stored what was
+    sent, that answer is the leases passed in, not decoded. They must be what a read decodes, in every
+    field a decision looks at, also for a lease whose `attrs` repeats an extra (kept behind the first,
+    POST) and that a call without a pod UID then confirms (PUT): the repeat must not come back as the
+    lease's pod UID on the server while the agent remembers none."""
+    from ipam.allocator import Request, allocate, parse_allocations
+    from ipam.ranges import build_range
+    from ipam.store.kubernetes import KubernetesStore
+
+    raw = {"id": "c1", "podref": "ns/p1", "ifname": "net1", "attrs": "node=n1;poduid=u1;token=t1;poduid=u0"}
+    store = KubernetesStore.connect(k8s.kubeconfig_path, str(tmp_path / "locks"))
+    try:
+        made = store.write_pool(store.read_pool("p", "10.58.0.0/24"), parse_allocations({"1": raw}))
+        read = store.read_pool("p", "10.58.0.0/24")
+        assert made is not None and made.allocations == read.allocations and read.allocations[1].poduid == "u1"
+        confirm = Request("c2", "net1", "ns/p1", node="n1", token="t2")  # no K8S_POD_UID in CNI_ARGS
+        decision = allocate(build_range("ipam", "10.58.0.0/24"), read.allocations, confirm)
+        assert decision is not None and decision.changed
+        written = store.write_pool(read, decision.allocations)
+        again = store.read_pool("p", "10.58.0.0/24")
+    finally:
+        store.close()
+    assert written is not None and written.version == again.version
+    assert written.allocations == again.allocations == decision.allocations
+    assert again.allocations[1].poduid == "" and again.allocations[1].token == "~t2"
