@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .ranges import RangeSpec
@@ -46,7 +46,8 @@ def _parse_attrs(raw: Any) -> tuple[dict[str, str], tuple[str, ...]]:
 
     Never raises: a value that is not a string is ignored (our CRD declares a string, so only a file
     pool or a foreign writer can hold one), an empty entry is dropped, and an entry we do not own
-    (another key, a repeated key of ours, text without `=`) is kept verbatim to be written back.
+    (another key, a repeated key of ours, text without `=`) is kept verbatim to be written back; a
+    repeated key of ours only while that extra has a value (`_shadowed`).
     """
     ours: dict[str, str] = {}
     others: list[str] = []
@@ -61,6 +62,19 @@ def _parse_attrs(raw: Any) -> tuple[dict[str, str], tuple[str, ...]]:
         else:
             others.append(entry)
     return ours, tuple(others)
+
+
+def _shadowed(entries: tuple[str, ...], values: Mapping[str, str]) -> tuple[str, ...]:
+    """`attrs_extra` without the repeats of an extra that `values` leaves empty. A repeat is harmless
+    behind the extra's own entry (first wins), but with the extra empty it would be read back as the
+    extra: a pod UID or token dropped on purpose would come back, and the leases written would not be
+    the leases decided on."""
+    kept = []
+    for entry in entries:
+        key, eq, _ = entry.partition("=")
+        if not (eq and key in _EXTRAS and not values[key]):
+            kept.append(entry)
+    return tuple(kept)
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,8 @@ class Lease:
         if self.ifname:
             out["ifname"] = self.ifname
         entries = [f"{name}={_escape(getattr(self, name))}" for name in _EXTRAS if getattr(self, name)]
-        entries += self.attrs_extra
+        if self.attrs_extra:
+            entries += _shadowed(self.attrs_extra, _extras(self))
         if entries:
             out["attrs"] = ";".join(entries)
         return out
@@ -147,7 +162,13 @@ class Lease:
         if not any(values[k] for k in _EXTRAS):
             values.update({k: packed.get(k, "") for k in _EXTRAS})
         extra = {k: v for k, v in data.items() if k not in _KNOWN_FIELDS}
+        if others:
+            others = _shadowed(others, values)
         return cls(extra=extra, attrs_extra=others, **values)
+
+
+def _extras(lease: Lease) -> dict[str, str]:
+    return {name: getattr(lease, name) for name in _EXTRAS}
 
 
 Allocations = dict[int, Lease]
@@ -281,6 +302,8 @@ def allocate(
             lease.extra,
             lease.attrs_extra,
         )
+        if wanted.attrs_extra and not wanted.poduid:  # the only extra a confirm can empty
+            wanted = replace(wanted, attrs_extra=_shadowed(wanted.attrs_extra, _extras(wanted)))
         if wanted == lease:
             return Decision(current, allocations, changed=False, reused=True)
         updated = dict(allocations)
