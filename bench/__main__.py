@@ -349,16 +349,20 @@ def part_d(cluster: Cluster, work: Path, pods: int, nodes: int) -> dict[str, Any
     }
 
 
-def our_lease(i: int) -> dict[str, str]:
-    """A lease as whereabouts-py writes it (Whereabouts' fields plus node, poduid, created)."""
-    return {
-        "id": f"{i:064x}",
-        "podref": f"bench/pod-{i:06d}",
-        "ifname": "net1",
-        "node": f"node-{i % 10}",
-        "poduid": f"{i:08x}-0000-4000-8000-000000000000",
-        "created": "2026-11-29T00:00:00Z",
-    }
+def our_lease(i: int) -> dict[str, Any]:
+    """A lease as whereabouts-py writes it: Whereabouts' fields, our extras packed in `attrs`."""
+    from ipam.allocator import Lease
+
+    return Lease(
+        f"{i:064x}",
+        f"bench/pod-{i:06d}",
+        "net1",
+        node=f"node-{i % 10}",
+        poduid=f"{i:08x}-0000-4000-8000-000000000000",
+        created="2026-11-29T00:00:00Z",
+        network="bench",
+        token=f"{i:016x}",
+    ).to_json()
 
 
 SCHEMALESS = "atomic, leases schemaless"
