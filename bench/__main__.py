@@ -626,9 +626,10 @@ def main() -> int:
     )
     print(report)
     if not args.no_write:
-        header = (
-            "" if RESULTS.exists() else "# Benchmark results\n\nAppended by `make bench`; newest last.\n\n"
-        )
+        if not RESULTS.exists():
+            header = "# Benchmark results\n\nAppended by `make bench`; newest last.\n\n"
+        else:  # a blank line before the new section's heading, whatever the file ends with
+            header = "" if RESULTS.read_text().endswith("\n\n") else "\n"
         with RESULTS.open("a") as fh:
             fh.write(header + report + "\n")
     return 0
