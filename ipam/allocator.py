@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .ranges import RangeSpec
@@ -107,6 +107,11 @@ class Lease:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     attrs_extra: tuple[str, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        if self.attrs_extra:  # however the lease was made (read, confirmed, replaced): see _shadowed
+            values = {name: getattr(self, name) for name in _EXTRAS}
+            object.__setattr__(self, "attrs_extra", _shadowed(self.attrs_extra, values))
+
     def owned_by(self, podref: str, ifname: str, container_id: str) -> bool:
         """Same attachment: by pod reference + interface, or by container id + interface without a pod."""
         if self.ifname and ifname and self.ifname != ifname:
@@ -140,8 +145,7 @@ class Lease:
         if self.ifname:
             out["ifname"] = self.ifname
         entries = [f"{name}={_escape(getattr(self, name))}" for name in _EXTRAS if getattr(self, name)]
-        if self.attrs_extra:
-            entries += _shadowed(self.attrs_extra, _extras(self))
+        entries += self.attrs_extra
         if entries:
             out["attrs"] = ";".join(entries)
         return out
@@ -162,13 +166,7 @@ class Lease:
         if not any(values[k] for k in _EXTRAS):
             values.update({k: packed.get(k, "") for k in _EXTRAS})
         extra = {k: v for k, v in data.items() if k not in _KNOWN_FIELDS}
-        if others:
-            others = _shadowed(others, values)
         return cls(extra=extra, attrs_extra=others, **values)
-
-
-def _extras(lease: Lease) -> dict[str, str]:
-    return {name: getattr(lease, name) for name in _EXTRAS}
 
 
 Allocations = dict[int, Lease]
@@ -302,8 +300,6 @@ def allocate(
             lease.extra,
             lease.attrs_extra,
         )
-        if wanted.attrs_extra and not wanted.poduid:  # the only extra a confirm can empty
-            wanted = replace(wanted, attrs_extra=_shadowed(wanted.attrs_extra, _extras(wanted)))
         if wanted == lease:
             return Decision(current, allocations, changed=False, reused=True)
         updated = dict(allocations)
