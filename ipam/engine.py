@@ -26,7 +26,8 @@ from .allocator import Allocations, Lease, Request
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .ranges import RangeSpec, pool_name, reservation_name
-from .store.base import PoolSnapshot, Store
+from .store.base import PoolSnapshot, Store, TurnStore
+from .turns import TurnWaiter
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ class PoolCache:
         self._refused: dict[str, float] = {}
         self._write_seconds: dict[str, float] = {}
         self._window: dict[str, float] = {}
+        self._contended: dict[str, float] = {}  # when a write was last refused, or a turn found taken
+        self.no_turns = False  # the store refused writer turns (ipam.turns): pace instead
 
     def trusted(self, name: str) -> PoolSnapshot | None:
         with self._lock:
@@ -230,10 +233,28 @@ class PoolCache:
             write = self._write_seconds.get(name, 0.0)
             window = self._window.get(name, 0.0)
             if conflict:
+                self._contended[name] = self.clock()
                 window = min(16 * write, max(write, 2 * window))
             else:  # a slow decay: conflicts settle at a small share of the attempts
                 window = 0.9 * window if window > write / 4 else 0.0
             self._window[name] = window
+
+    def turn_busy(self, name: str) -> None:
+        """Another writer held the pool's writer turn: it is still contended."""
+        with self._lock:
+            self._contended[name] = self.clock()
+
+    def recently_contended(self, name: str) -> bool:
+        """Whether other writers were seen at this pool within DISTRUST_SECONDS: its writes then
+        take turns (ipam.turns)."""
+        with self._lock:
+            last = self._contended.get(name)
+            if last is None:
+                return False
+            if self.clock() - last < DISTRUST_SECONDS:
+                return True
+            del self._contended[name]
+            return False
 
     def pacing(self, name: str) -> float:
         """How long a batch should wait before its first attempt on this pool (0 when uncontended)."""
@@ -407,12 +428,23 @@ class Engine:
         hold for their still-unwritten batches, one API round trip each.
         """
         pending = ops
-        if self.pool_cache is not None and (window := self.pool_cache.pacing(name)) > 0:
-            # other nodes write this pool too: pace this node's writes so that they take turns (the
-            # batch takes in the calls that arrive meanwhile); before the node lock, within the deadline
+        turns = self._turn_waiter(name)
+        if turns is None and self.pool_cache is not None and (window := self.pool_cache.pacing(name)) > 0:
+            # other nodes write this pool too and it keeps no writer turns: pace this node's writes so
+            # that they take turns (the batch takes in the calls that arrive meanwhile); before the
+            # node lock, within the deadline
             self.sleep(min(self.rng.uniform(window / 2, window), max(0.0, deadline - self.clock()) / 2))
         with self._locked(name, deadline):
-            self._write_batch(name, cidr, pending, deadline, absorb)
+            if turns is None:
+                self._write_batch(name, cidr, pending, deadline, absorb)
+            else:  # inside the node lock: the node's other writers wait there, not for the turn too
+                assert self.pool_cache is not None
+                with turns.held(name, deadline, self.pool_cache.write_seconds(name)) as waited:
+                    if waited:
+                        self.pool_cache.turn_busy(name)
+                    # read under the turn: other writers have likely written since this one last did
+                    self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
+                self.pool_cache.no_turns = self.pool_cache.no_turns or turns.unavailable
             while True:
                 collided = self._reserve_batch(name, pending, deadline)
                 if not collided:
@@ -433,6 +465,15 @@ class Engine:
             if isinstance(op, AddOp) and op.error is None and op.offset is not None:
                 log.info("lease.add", pool=name, address=str(op.spec.address_at(op.offset)), reused=op.reused)
 
+    def _turn_waiter(self, name: str) -> TurnWaiter | None:
+        """Writer turns for pool `name` when other writers were seen at it lately (the node agent only)."""
+        cache = self.pool_cache
+        if cache is None or cache.no_turns or not isinstance(self.store, TurnStore):
+            return None
+        if not cache.recently_contended(name):
+            return None
+        return TurnWaiter(self.store, self.clock, self.sleep, self.rng)
+
     def _write_batch(
         self,
         name: str,
@@ -440,7 +481,10 @@ class Engine:
         ops: list[Op],
         deadline: float,
         absorb: Callable[[], list[Op]] | None,
+        fresh: bool = False,
     ) -> None:
+        """`fresh`: the pool has likely changed since this process last saw it (it is taking turns
+        with other writers): read it rather than deciding from memory."""
         cache = self.pool_cache
 
         def decide(snapshot: PoolSnapshot) -> tuple[Allocations, bool]:
@@ -467,7 +511,7 @@ class Engine:
             if absorb is not None:
                 ops.extend(absorb())
             released_before = [(op, op.released) for op in ops if isinstance(op, ReleaseOp)]
-            snapshot = cache.trusted(name) if cache is not None else None
+            snapshot = cache.trusted(name) if cache is not None and not fresh else None
             remembered = snapshot is not None
             if snapshot is not None:
                 leases, changed = decide(snapshot)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..allocator import Allocations, Lease
 
@@ -22,6 +22,42 @@ class PoolSnapshot:
     allocations: Allocations
     version: str | None
     token: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A writer turn held on a shared pool (ipam.turns): the Lease object as created."""
+
+    name: str
+    uid: str
+    version: str
+
+
+class TurnsUnavailable(Exception):
+    """The datastore cannot keep writer turns (the Lease API is not granted or not served)."""
+
+
+def turn_name(pool: str) -> str:
+    """The writer-turn Lease of pool `pool`: `whereabouts-py.<pool>`, shortened with a digest of the
+    pool's name when that would pass the 253 characters of an object name."""
+    name = f"whereabouts-py.{pool}"
+    if len(name) <= 253:
+        return name
+    import hashlib
+
+    return f"{name[:200]}-{hashlib.sha256(pool.encode()).hexdigest()[:16]}"
+
+
+@runtime_checkable
+class TurnStore(Protocol):
+    """A store several nodes write the same pool through (Kubernetes): it can keep a writer turn per
+    pool, so that contending writers take turns instead of refusing each other's writes."""
+
+    def take_turn(self, pool: str, holder: str, seconds: int) -> Turn | None: ...
+
+    def current_turn(self, pool: str) -> Turn | None: ...
+
+    def end_turn(self, turn: Turn) -> None: ...
 
 
 class Store(Protocol):
