@@ -448,13 +448,15 @@ class KubernetesStore:
         return base if name is None else f"{base}/{path_quote(name)}"
 
     def _turn_call(self, what: str, method: str, path: str, body: Any = None) -> Any:
-        """A writer-turn request: 403 and 404 (the Lease API not granted or not served) are
-        TurnsUnavailable, so the caller writes without turns; anything else as `_raise_api` maps it,
-        without touching the credential-refusal bookkeeping of the pool requests."""
+        """A writer-turn request: 401/403, and 404 to a create (the Lease API not granted or not
+        served), are TurnsUnavailable, so the caller writes without turns; a 404 to a read or delete
+        is None (that Lease is gone: the turn was just handed on, the common case under contention);
+        anything else as `_raise_api` maps it, without touching the credential-refusal bookkeeping of
+        the pool requests."""
         try:
             return self.client.request(method, path, body)
         except ApiError as exc:
-            if exc.status in (401, 403, 404) and not (exc.status == 404 and method == "DELETE"):
+            if exc.status in (401, 403) or (exc.status == 404 and method == "POST"):
                 raise TurnsUnavailable(f"{what}: HTTP {exc.status} {exc.reason}") from None
             if exc.status == 404:
                 return None
