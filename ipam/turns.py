@@ -85,6 +85,7 @@ class TurnWaiter:
         seen: Turn | None = None  # the other writer's turn, and since when it stands unchanged
         seen_since = started
         waited = False
+        retry_now = True  # one immediate retry after finding the turn handed on, then sleep
         while True:
             turn = self.store.take_turn(pool, holder, int(self.turn_seconds))
             if turn is not None:
@@ -94,8 +95,11 @@ class TurnWaiter:
             if now - seen_since >= self.turn_seconds or seen is None:
                 current = self.store.current_turn(pool)
                 if current is None:
-                    continue  # handed on between the two requests: take it now
-                if current == seen and now - seen_since >= self.turn_seconds:
+                    seen = None
+                    if retry_now:
+                        retry_now = False
+                        continue  # handed on between the two requests: take it now
+                elif current == seen and now - seen_since >= self.turn_seconds:
                     log.warning("turn.abandoned", pool=pool, turn=current.name, seconds=round(now - seen_since, 1))
                     self.store.end_turn(current)
                     seen = None
@@ -106,3 +110,4 @@ class TurnWaiter:
                 log.debug("turn.gave-up", pool=pool, waited=round(now - started, 3))
                 return None, waited
             self.sleep(self.rng.uniform(poll / 2, poll))
+            retry_now = True
