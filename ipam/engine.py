@@ -26,7 +26,7 @@ from .allocator import Allocations, Lease, Request
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .ranges import RangeSpec, pool_name, reservation_name
-from .store.base import PoolSnapshot, Store, TurnStore
+from .store.base import PoolSnapshot, Store, Turn, TurnStore
 from .turns import TurnWaiter
 
 
@@ -177,6 +177,7 @@ class PoolCache:
         self._window: dict[str, float] = {}
         self._contended: dict[str, float] = {}  # when a write was last refused, or a turn found taken
         self.no_turns = False  # the store refused writer turns (ipam.turns): pace instead
+        self.turns_seen: dict[str, tuple[Turn, float]] = {}  # TurnWaiter.sightings, across batches
 
     def trusted(self, name: str) -> PoolSnapshot | None:
         with self._lock:
@@ -254,6 +255,7 @@ class PoolCache:
             if self.clock() - last < DISTRUST_SECONDS:
                 return True
             del self._contended[name]
+            self.turns_seen.pop(name, None)
             return False
 
     def pacing(self, name: str) -> float:
@@ -472,7 +474,7 @@ class Engine:
             return None
         if not cache.recently_contended(name):
             return None
-        return TurnWaiter(self.store, self.clock, self.sleep, self.rng)
+        return TurnWaiter(self.store, self.clock, self.sleep, self.rng, sightings=cache.turns_seen)
 
     def _write_batch(
         self,

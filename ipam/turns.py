@@ -24,7 +24,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import Random
 
 from .errors import CNIError, TransientStoreError
@@ -52,6 +52,10 @@ class TurnWaiter:
     rng: Random
     turn_seconds: float = TURN_SECONDS
     unavailable: bool = False  # the store refused turns (TurnsUnavailable): stop asking it
+    # pool -> another writer's turn and since when this process sees it unchanged, kept across batches
+    # (PoolCache.turns_seen): a waiter gives up after half its deadline, which may come before its own
+    # sighting is turn_seconds old, so a dead holder's turn is found abandoned over several batches
+    sightings: dict[str, tuple[Turn, float]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def held(self, pool: str, deadline: float, write_seconds: float) -> Iterator[bool]:
@@ -84,11 +88,14 @@ class TurnWaiter:
         holder = holder_identity()
         seen: Turn | None = None  # the other writer's turn, and since when it stands unchanged
         seen_since = started
+        if (sighting := self.sightings.get(pool)) is not None:
+            seen, seen_since = sighting
         waited = False
         retry_now = True  # one immediate retry after finding the turn handed on, then sleep
         while True:
             turn = self.store.take_turn(pool, holder, int(self.turn_seconds))
             if turn is not None:
+                self.sightings.pop(pool, None)
                 return turn, waited
             waited = True
             now = self.clock()
@@ -96,6 +103,7 @@ class TurnWaiter:
                 current = self.store.current_turn(pool)
                 if current is None:
                     seen = None
+                    self.sightings.pop(pool, None)
                     if retry_now:
                         retry_now = False
                         continue  # handed on between the two requests: take it now
@@ -103,9 +111,11 @@ class TurnWaiter:
                     log.warning("turn.abandoned", pool=pool, turn=current.name, seconds=round(now - seen_since, 1))
                     self.store.end_turn(current)
                     seen = None
+                    self.sightings.pop(pool, None)
                     continue
                 if current != seen:
                     seen, seen_since = current, now
+                    self.sightings[pool] = (current, now)
             if now + poll >= give_up:
                 log.debug("turn.gave-up", pool=pool, waited=round(now - started, 3))
                 return None, waited
