@@ -155,6 +155,8 @@ _JITTER = random.Random()
 # writer is active (one IPPool shared by many nodes), and a refused write of a big pool costs the API
 # server far more than the read it saved.
 DISTRUST_SECONDS = 10.0
+# After the Lease API refused a writer turn, the agent writes without turns for this long (ipam.turns).
+NO_TURNS_SECONDS = 300.0
 
 
 class PoolCache:
@@ -176,7 +178,7 @@ class PoolCache:
         self._write_seconds: dict[str, float] = {}
         self._window: dict[str, float] = {}
         self._contended: dict[str, float] = {}  # when a write was last refused, or a turn found taken
-        self.no_turns = False  # the store refused writer turns (ipam.turns): pace instead
+        self._no_turns_until = float("-inf")  # the store refused writer turns (ipam.turns): pace instead
         self.turns_seen: dict[str, tuple[Turn, float]] = {}  # TurnWaiter.sightings, across batches
 
     def trusted(self, name: str) -> PoolSnapshot | None:
@@ -239,6 +241,19 @@ class PoolCache:
             else:  # a slow decay: conflicts settle at a small share of the attempts
                 window = 0.9 * window if window > write / 4 else 0.0
             self._window[name] = window
+
+    @property
+    def no_turns(self) -> bool:
+        """The store refused writer turns lately (`turns_refused`): write without them, pacing."""
+        with self._lock:
+            return self.clock() < self._no_turns_until
+
+    def turns_refused(self) -> None:
+        """The Lease API refused a turn (401/403/404): no turns for NO_TURNS_SECONDS, then ask again.
+        Not for good: a just-restarted API server refuses every ServiceAccount for about a second,
+        and an operator may grant the Role its leases later."""
+        with self._lock:
+            self._no_turns_until = self.clock() + NO_TURNS_SECONDS
 
     def turn_busy(self, name: str) -> None:
         """Another writer held the pool's writer turn: it is still contended."""
@@ -446,7 +461,8 @@ class Engine:
                         self.pool_cache.turn_busy(name)
                     # read under the turn: other writers have likely written since this one last did
                     self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
-                self.pool_cache.no_turns = self.pool_cache.no_turns or turns.unavailable
+                if turns.unavailable:
+                    self.pool_cache.turns_refused()
             while True:
                 collided = self._reserve_batch(name, pending, deadline)
                 if not collided:

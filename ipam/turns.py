@@ -51,7 +51,7 @@ class TurnWaiter:
     sleep: Callable[[float], None]
     rng: Random
     turn_seconds: float = TURN_SECONDS
-    unavailable: bool = False  # the store refused turns (TurnsUnavailable): stop asking it
+    unavailable: bool = False  # the store refused turns (TurnsUnavailable): stop asking it for a while (PoolCache.turns_refused)
     # pool -> another writer's turn and since when this process sees it unchanged, kept across batches
     # (PoolCache.turns_seen): a waiter gives up after half its deadline, which may come before its own
     # sighting is turn_seconds old, so a dead holder's turn is found abandoned over several batches
@@ -61,7 +61,7 @@ class TurnWaiter:
     def held(self, pool: str, deadline: float, write_seconds: float) -> Iterator[bool]:
         """Hold `pool`'s writer turn for the body; yields whether another writer held it first. Without a turn (see the module's
         failure rules) the body runs all the same; `unavailable` tells the caller to stop asking
-        this store."""
+        this store for a while."""
         turn: Turn | None = None
         waited = False
         try:
@@ -113,7 +113,7 @@ class TurnWaiter:
                     seen = None
                     self.sightings.pop(pool, None)
                     continue
-                if current != seen:
+                if current is not None and current != seen:
                     seen, seen_since = current, now
                     self.sightings[pool] = (current, now)
             if now + poll >= give_up:
