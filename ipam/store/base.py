@@ -45,7 +45,8 @@ def turn_name(pool: str) -> str:
         return name
     import hashlib
 
-    return f"{name[:200]}-{hashlib.sha256(pool.encode()).hexdigest()[:16]}"
+    # cut before a '.' the name would go on with a label starting '-': not a valid object name
+    return f"{name[:200].rstrip('.-')}-{hashlib.sha256(pool.encode()).hexdigest()[:16]}"
 
 
 @runtime_checkable
