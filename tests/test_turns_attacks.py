@@ -1,5 +1,6 @@
-"""Attacks on writer turns (ipam.turns; tests/test_turns.py has the waiting rules): the turn is a courtesy, so no failure of it may lose or double a
-lease, make a call outlive its deadline, spin without sleeping, or remove another writer's valid turn.
+"""Attacks on writer turns (ipam.turns; tests/test_turns.py has the waiting rules): the turn is a
+courtesy, so no failure of it may lose or double a lease, make a call outlive its deadline, spin without
+sleeping, or remove another writer's valid turn.
 
 Breaks found (each test failed before its fix): a waiter whose take_turn found the turn held and whose
 current_turn then found it handed on (a 404 on that Lease, the common race under contention) took the
