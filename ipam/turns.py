@@ -34,9 +34,11 @@ from .store.base import Turn, TurnStore, TurnsUnavailable
 # How long a turn may stand unchanged before a waiter takes it for abandoned: one read-modify-write of
 # a 1,000-lease pool takes ~0.1 s quiet and ~0.5 s on a saturated 2-core node.
 TURN_SECONDS = 5
-# A waiter polls about once per the pool's write time (PoolCache.write_seconds), within these bounds.
+# A waiter polls about once per the pool's write time (PoolCache.write_seconds), within these bounds,
+# and every POLL_UNKNOWN while this process has not yet written the pool.
 POLL_MIN = 0.01
 POLL_MAX = 0.5
+POLL_UNKNOWN = 0.1
 
 
 def holder_identity() -> str:
@@ -51,7 +53,8 @@ class TurnWaiter:
     sleep: Callable[[float], None]
     rng: Random
     turn_seconds: float = TURN_SECONDS
-    unavailable: bool = False  # the store refused turns (TurnsUnavailable): stop asking it for a while (PoolCache.turns_refused)
+    # the store refused turns (TurnsUnavailable): stop asking it for a while (PoolCache.turns_refused)
+    unavailable: bool = False
     # pool -> another writer's turn and since when this process sees it unchanged, kept across batches
     # (PoolCache.turns_seen): a waiter gives up after half its deadline, which may come before its own
     # sighting is turn_seconds old, so a dead holder's turn is found abandoned over several batches
@@ -59,9 +62,9 @@ class TurnWaiter:
 
     @contextlib.contextmanager
     def held(self, pool: str, deadline: float, write_seconds: float) -> Iterator[bool]:
-        """Hold `pool`'s writer turn for the body; yields whether another writer held it first. Without a turn (see the module's
-        failure rules) the body runs all the same; `unavailable` tells the caller to stop asking
-        this store for a while."""
+        """Hold `pool`'s writer turn for the body; yields whether another writer held it first.
+        Without a turn (see the module's failure rules) the body runs all the same; `unavailable`
+        tells the caller to stop asking this store for a while."""
         turn: Turn | None = None
         waited = False
         try:
@@ -84,7 +87,7 @@ class TurnWaiter:
     def _take(self, pool: str, deadline: float, write_seconds: float) -> tuple[Turn | None, bool]:
         started = self.clock()
         give_up = started + max(0.0, deadline - started) / 2
-        poll = min(POLL_MAX, max(POLL_MIN, write_seconds))
+        poll = min(POLL_MAX, max(POLL_MIN, write_seconds)) if write_seconds > 0 else POLL_UNKNOWN
         holder = holder_identity()
         seen: Turn | None = None  # the other writer's turn, and since when it stands unchanged
         seen_since = started

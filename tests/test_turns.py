@@ -16,7 +16,7 @@ import pytest
 from ipam.agent import Agent
 from ipam.cni import run
 from ipam.store.base import Turn, TurnStore, TurnsUnavailable, turn_name
-from ipam.turns import TurnWaiter
+from ipam.turns import POLL_UNKNOWN, TurnWaiter
 from tests.kubeapi.fixtures import K8s, KubeHandle
 
 # -- the waiting rules ------------------------------------------------------------------------------
@@ -90,6 +90,15 @@ def test_a_waiter_polls_until_the_holder_hands_on_and_says_it_waited() -> None:
         assert store.now[0] >= 1.0
     assert other not in store.ended  # the other writer's turn is theirs to end
     assert store.requests < 60  # polled about once per write time, not in a hot loop
+
+
+def test_a_waiter_that_has_not_written_the_pool_yet_polls_at_a_modest_pace() -> None:
+    """No write time measured yet (0): polling at the 10 ms floor made ~100 requests per second of
+    wait (found by review); it polls about every POLL_UNKNOWN instead."""
+    store = ScriptedTurns([0.0], other=Turn(turn_name("p"), "theirs", "7"), hand_on_at=1.0)
+    with waiter(store).held("p", deadline=90.0, write_seconds=0.0) as waited:
+        assert waited and len(store.taken) == 1
+    assert store.requests <= 1 + 2 * (1.0 / (POLL_UNKNOWN / 2)) + 2
 
 
 def test_a_turn_left_unchanged_past_its_duration_is_deleted_by_a_waiter_and_taken() -> None:
