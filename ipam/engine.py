@@ -486,9 +486,15 @@ class Engine:
     def _turn_waiter(self, name: str) -> TurnWaiter | None:
         """Writer turns for pool `name` when other writers were seen at it lately (the node agent only)."""
         cache = self.pool_cache
-        if cache is None or cache.no_turns or not isinstance(self.store, TurnStore):
+        if cache is None or not cache.recently_contended(name):
             return None
-        if not cache.recently_contended(name):
+        return self.turn_waiter()
+
+    def turn_waiter(self) -> TurnWaiter | None:
+        """Writer turns on this engine's store (ipam.turns), if it keeps them and has not refused them
+        lately; the node agent only (direct mode has no PoolCache, and takes no turns)."""
+        cache = self.pool_cache
+        if cache is None or cache.no_turns or not isinstance(self.store, TurnStore):
             return None
         return TurnWaiter(self.store, self.clock, self.sleep, self.rng, sightings=cache.turns_seen)
 

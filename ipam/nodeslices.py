@@ -332,7 +332,19 @@ class Slicer:
             if cached is not None and any(s not in tried for s in cached.held_by(self.node)):
                 return cached  # another call of this process claimed one while this one waited
             before = set(self._cached_held())
-            engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
+            # nodes claim one at a time through the NodeSlicePool's writer turn (ipam.turns): a burst
+            # on a new network otherwise has every node refuse every other's claim, each refused
+            # write of the whole NodeSlicePool (1,024 entries for a /16 in /26s) costing the API server
+            # half a write, and the reads after them; only a courtesy, as for pools
+            turns = engine.turn_waiter()
+            if turns is None:
+                engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
+            else:
+                key = f"nodeslicepool.{self.pool_name}"
+                with turns.held(key, deadline, self._attempt_seconds()):
+                    engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
+                if turns.unavailable and engine.pool_cache is not None:
+                    engine.pool_cache.turns_refused()
             pool = out[0]
             assert pool is not None
             # the claim lock is held: every claim made so far is in what step read or wrote

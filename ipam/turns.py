@@ -7,7 +7,9 @@ are refused, and a node can lose for seconds on end while the others win. Once t
 seen a write of a pool refused (`PoolCache.recently_contended`), it takes the pool's writer turn
 before its next read-modify-write: a small coordination.k8s.io Lease, created to take it and deleted
 to hand it on. A node that finds the turn taken polls for it, its calls queuing into the batch
-meanwhile, so that the writes go through one at a time, each carrying more leases.
+meanwhile, so that the writes go through one at a time, each carrying more leases. Node slices
+claim under the NodeSlicePool's turn every time (ipam.nodeslices): claims are rare, and the nodes of
+a burst on a new network all claim at once.
 
 A turn is only a courtesy between writers: every write still carries its resourceVersion, so a writer
 without the turn (the reconciler, a direct-mode call, a node whose API server does not serve Leases,

@@ -254,3 +254,49 @@ def test_nodes_adding_to_one_pool_at_once_take_turns_and_lose_no_lease(k8s: K8s,
     assert turn_leases(k8s) == []
     if isinstance(k8s, KubeHandle):  # the second round found the pool contended
         assert k8s.api.count("create", "leases") > 0
+
+
+def sliced_netconf(kubeconfig: str, tmp: Path, node: str) -> str:
+    ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_name": node, "data_dir": str(tmp),
+            "node_slice_size": "/28", "network_name": "net1", "kubernetes": {"kubeconfig": kubeconfig}}  # fmt: skip
+    return json.dumps({"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam})
+
+
+@pytest.mark.parametrize("leases_served", [True, False], ids=["turns", "no-lease-api"])
+def test_nodes_claiming_slices_at_once_take_the_nodeslicepools_turn_and_never_refuse_each_other(
+    kube: KubeHandle, tmp_path: Path, leases_served: bool
+) -> None:
+    """Six new nodes' first ADDs at once: each claims a slice under the NodeSlicePool's writer turn, so
+    no claim is refused (without the Lease API they claim as before, refusals and all)."""
+    if not leases_served:
+        del kube.api.kinds["leases"]
+    nodes = [(Agent(), sliced_netconf(kube.kubeconfig_path, tmp_path / f"n{n}", f"node-{n}")) for n in range(6)]
+    start = threading.Barrier(6)
+    got: dict[str, str] = {}
+    failures: list[BaseException] = []
+
+    def node(n: int) -> None:
+        agent, conf = nodes[n]
+        try:
+            start.wait()
+            got[f"n{n}"] = call(conf, "ADD", f"n{n}", agent)
+        except BaseException as exc:
+            failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=node, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for agent, _ in nodes:
+            agent.close()
+    assert not failures and len(set(got.values())) == 6
+    (nsp,) = kube.api.objects("nodeslicepools", kube.namespace)
+    owners = [a["nodeName"] for a in nsp["status"]["allocations"] if a["nodeName"]]
+    assert sorted(owners) == [f"node-{n}" for n in range(6)]  # one slice each, none held twice
+    if leases_served:
+        assert kube.api.count("conflict", "nodeslicepools") == 0
+        assert kube.api.count("create", "leases") >= 6  # a turn per claim
+        assert kube.api.objects("leases", kube.namespace) == []
