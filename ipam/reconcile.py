@@ -42,7 +42,7 @@ from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .nodeslices import return_slices
 from .slices import NodeSlices
-from .store.base import PoolSnapshot, Store
+from .store.base import PoolSnapshot, StandingTurn, Store, Turn
 
 if TYPE_CHECKING:
     from .store.file import FileStore
@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 STORE_ERRORS = (CNIError, TransientStoreError)
+# A writer turn (ipam.turns) is held for one read-modify-write, well under a second; one standing
+# this long was left by an agent that died holding it.
+ABANDONED_TURN_SECONDS = 60.0
 
 
 class Source(Protocol):
@@ -79,6 +82,9 @@ class Source(Protocol):
     def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
         """Node slices' reclaim (`nodeslices.return_slices`): one line per slice returned, or error."""
         ...
+
+    def turns(self) -> list[StandingTurn]: ...
+    def remove_turn(self, turn: Turn) -> None: ...
 
 
 class KubeSource:
@@ -107,6 +113,12 @@ class KubeSource:
 
     def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
         return return_slices(self.kube, grace, dry_run, now)
+
+    def turns(self) -> list[StandingTurn]:
+        return self.kube.list_turns()
+
+    def remove_turn(self, turn: Turn) -> None:
+        self.kube.end_turn(turn)
 
 
 def _slice_pool(pool: NodeSlices) -> SlicePool:
@@ -144,6 +156,12 @@ class FileSource:
     def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
         return return_slices(self.files, grace, dry_run, now)
 
+    def turns(self) -> list[StandingTurn]:
+        return []  # one node: its lock directory serializes writers, no turns are taken
+
+    def remove_turn(self, turn: Turn) -> None:
+        raise NotImplementedError
+
 
 def gather(source: Source) -> Inventory:
     """Read everything once, in the order `ipam.audit` relies on."""
@@ -176,6 +194,7 @@ class Summary:
     reservations_deleted: int = 0
     reservations_created: int = 0
     slices_returned: int = 0
+    turns_removed: int = 0
     errors: int = 0
     lines: list[str] = field(default_factory=list)
     changes: list[dict[str, str]] = field(default_factory=list)
@@ -192,6 +211,7 @@ class Summary:
                 "reservations_deleted",
                 "reservations_created",
                 "slices_returned",
+                "turns_removed",
                 "errors",
             )
         }
@@ -248,6 +268,7 @@ class Reconciler:
             self._create_reservation(summary, problem)
         if inventory.slices_read:
             self._return_slices(summary, datetime.now(UTC))  # after this pass's releases emptied pools
+        self._remove_abandoned_turns(summary, now)
         for problem in problems:
             if problem.kind in (audit.DUPLICATE, audit.MISMATCH, audit.OUT_OF_RANGE):
                 self.say(
@@ -408,6 +429,32 @@ class Reconciler:
                 self.change(summary, "return-slice", line, **fields)
             else:
                 self.say(summary, line)
+
+
+    def _remove_abandoned_turns(self, summary: Summary, now: datetime) -> None:
+        """Writer turns (ipam.turns) standing for ABANDONED_TURN_SECONDS: a turn is held for one write,
+        so its holder died holding it. A waiting agent would remove it too, after waiting out its
+        duration; this spares that wait. Removed only if still that very object."""
+        try:
+            standing = self.source.turns()
+        except STORE_ERRORS as exc:
+            self.say(summary, f"note writer turns not read: {exc}")
+            return
+        for t in standing:
+            age = (now - t.created).total_seconds() if t.created is not None else None
+            if age is None or age < ABANDONED_TURN_SECONDS:
+                continue
+            fields = {"turn": t.turn.name, "holder": t.holder or "-", "age": f"{int(age)}s"}
+            text = " ".join(f"{k}={v}" for k, v in fields.items())
+            if not self.dry_run:
+                try:
+                    self.source.remove_turn(t.turn)
+                except STORE_ERRORS as exc:
+                    summary.errors += 1
+                    self.say(summary, f"error removing writer turn {t.turn.name}: {exc}")
+                    continue
+            summary.turns_removed += 1
+            self.change(summary, "remove-turn", f"{'would-remove' if self.dry_run else 'remove'} {text} reason=abandoned", **fields)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -252,6 +252,7 @@ RECONCILER_RULES = {
     (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
     (GROUP, "nodeslicepools"): {"get", "list", "update"},
     (GROUP, "nodeslicepools/status"): {"update"},
+    (GROUP, "writerturns"): {"list", "delete"},  # abandoned writer turns
 }
 RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}, ("", "nodes"): {"list"}}
 

@@ -358,6 +358,7 @@ def test_the_plugin_may_keep_writer_turns_and_no_coordination_leases(real_kube: 
     assert not any(allowed(PLUGIN_SA, verb, *turns) for verb in ("update", "patch", "list", "watch"))
     assert not allowed(PLUGIN_SA, "create", *turns, namespace="default")  # the pools' namespace only
     assert not allowed(RECONCILER_SA, "create", *turns)
+    assert allowed(RECONCILER_SA, "list", *turns) and allowed(RECONCILER_SA, "delete", *turns)
     for verb in ("get", "create", "update", "delete"):
         assert not allowed(PLUGIN_SA, verb, "coordination.k8s.io", "leases")
 

@@ -179,3 +179,44 @@ def test_unreachable_api_is_a_failed_pass(tmp_path: Path) -> None:
     out = io.StringIO()
     assert reconcile_main(["--kubeconfig", str(kubeconfig)], out=out) == 1
     assert out.getvalue().splitlines()[-1].endswith("errors=1")
+
+
+def test_writer_turns_standing_a_minute_are_removed_and_fresh_ones_kept(k8s: K8s, tmp_path: Path) -> None:
+    """A writer turn (ipam.turns) is held for one write; one standing for ABANDONED_TURN_SECONDS was
+    left by an agent that died. The pass removes it (dry-run only says so), and only that very
+    object: a turn taken again since the listing is another writer's."""
+    from ipam.reconcile import ABANDONED_TURN_SECONDS, KubeSource, Reconciler
+
+    plugin = KubernetesStore.connect(k8s.plugin_kubeconfig(), str(tmp_path / "locks"))
+    reconciler = KubernetesStore.connect(k8s.reconciler_kubeconfig(), str(tmp_path / "r"))
+    try:
+        dead = plugin.take_turn("dead-pool", "node-a/123", 5)
+        replaced = plugin.take_turn("busy-pool", "node-b/7", 5)
+        assert dead is not None and replaced is not None
+
+        def run(seconds_later: float, dry_run: bool = False, source: Any = None) -> str:
+            out = io.StringIO()
+            now = datetime.now(UTC) + timedelta(seconds=seconds_later)
+            Reconciler(source or KubeSource(reconciler), 0.0, dry_run, out).run_once(now=now)
+            return out.getvalue()
+
+        assert "turn=" not in run(0)  # fresh: kept
+        dry = run(ABANDONED_TURN_SECONDS + 60, dry_run=True)
+        assert f"would-remove turn={dead.name} holder=node-a/123" in dry
+        assert len(reconciler.list_turns()) == 2
+
+        class Racing(KubeSource):  # busy-pool's turn is handed on and taken again after the listing
+            def turns(self) -> list[Any]:
+                listed = super().turns()
+                assert replaced is not None
+                plugin.end_turn(replaced)
+                assert plugin.take_turn("busy-pool", "node-c/9", 5) is not None
+                return listed
+
+        out = run(ABANDONED_TURN_SECONDS + 60, source=Racing(reconciler))
+        assert f"remove turn={dead.name} holder=node-a/123" in out and "reason=abandoned" in out
+        left = reconciler.list_turns()
+        assert [(t.turn.name, t.holder) for t in left] == [(replaced.name, "node-c/9")]
+    finally:
+        plugin.close()
+        reconciler.close()

@@ -33,6 +33,15 @@ class Turn:
     version: str
 
 
+@dataclass(frozen=True)
+class StandingTurn:
+    """A writer turn as listed (the reconciler removes abandoned ones)."""
+
+    turn: Turn
+    holder: str
+    created: Any  # datetime | None: the object's creationTimestamp
+
+
 class TurnsUnavailable(Exception):
     """The datastore cannot keep writer turns (no WriterTurn CRD, or no RBAC for it)."""
 

@@ -23,7 +23,7 @@ from ..errors import CNIError, ConflictError, PoolRetiredError, TransientStoreEr
 from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
-from .base import PoolSnapshot, Turn, TurnsUnavailable, turn_name
+from .base import PoolSnapshot, StandingTurn, Turn, TurnsUnavailable, turn_name
 from .kubeclient import (
     ApiError,
     CredentialPluginError,
@@ -482,6 +482,24 @@ class KubernetesStore:
         if got is None:
             return None
         return Turn(name, str(got["metadata"]["uid"]), str(got["metadata"]["resourceVersion"]))
+
+    def list_turns(self) -> list[StandingTurn]:
+        """Every writer turn standing in the namespace (the reconciler's; a cluster without the
+        WriterTurn CRD has none)."""
+        try:
+            items = self._list_all("list writer turns", self._path(TURNS))
+        except CNIError as exc:
+            if "HTTP 404" in exc.msg:
+                return []
+            raise
+        return [
+            StandingTurn(
+                Turn(str(obj["metadata"]["name"]), str(obj["metadata"]["uid"]), str(obj["metadata"]["resourceVersion"])),
+                str((obj.get("spec") or {}).get("holderIdentity", "")),
+                parse_time(obj["metadata"].get("creationTimestamp")),
+            )
+            for obj in items
+        ]
 
     def end_turn(self, turn: Turn) -> None:
         """Delete `turn` if it is still that very object (uid and resourceVersion): a turn another
