@@ -5,18 +5,18 @@ server two writes for one lease change: the second is refused (409) after the se
 validated the whole pool, and its node reads the pool again. Under a burst on one big pool most writes
 are refused, and a node can lose for seconds on end while the others win. Once the node agent has
 seen a write of a pool refused (`PoolCache.recently_contended`), it takes the pool's writer turn
-before its next read-modify-write: a small coordination.k8s.io Lease, created to take it and deleted
+before its next read-modify-write: a small WriterTurn object (crds/), created to take it and deleted
 to hand it on. A node that finds the turn taken polls for it, its calls queuing into the batch
 meanwhile, so that the writes go through one at a time, each carrying more leases. Node slices
 claim under the NodeSlicePool's turn every time (ipam.nodeslices): claims are rare, and the nodes of
 a burst on a new network all claim at once.
 
 A turn is only a courtesy between writers: every write still carries its resourceVersion, so a writer
-without the turn (the reconciler, a direct-mode call, a node whose API server does not serve Leases,
+without the turn (the reconciler, a direct-mode call, a node whose cluster lacks the WriterTurn CRD,
 an older plugin) is refused or refuses as before and nothing is ever lost or doubled. Hence the
-failure rules: a turn that cannot be taken or read (no RBAC for Leases, a transient error) means
-writing without one; a turn kept past its Lease duration without changing hands (its holder died) is
-deleted by a waiter, with a precondition on that very Lease; a waiter gives up waiting and writes
+failure rules: a turn that cannot be taken or read (no CRD or RBAC for it, a transient error) means
+writing without one; a turn kept past its duration without changing hands (its holder died) is
+deleted by a waiter, with a precondition on that very object; a waiter gives up waiting and writes
 without the turn when half its remaining time has passed.
 """
 
@@ -44,7 +44,7 @@ POLL_UNKNOWN = 0.1
 
 
 def holder_identity() -> str:
-    """Who holds a turn, for an operator reading the Lease: this host and process."""
+    """Who holds a turn, for an operator reading the WriterTurn: this host and process."""
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
@@ -83,7 +83,7 @@ class TurnWaiter:
                 try:
                     self.store.end_turn(turn)
                 except (TransientStoreError, CNIError, TurnsUnavailable) as exc:
-                    # its Lease stands until a waiter finds it unchanged for turn_seconds
+                    # it stands until a waiter finds it unchanged for turn_seconds
                     log.warning("turn.not-ended", pool=pool, turn=turn.name, reason=str(exc))
 
     def _take(self, pool: str, deadline: float, write_seconds: float) -> tuple[Turn | None, bool]:

@@ -3,9 +3,9 @@ ipam.turns): the turn is a courtesy, so no failure of it may give two nodes one 
 or keep an ADD past its deadline; the agent's own claim lock, the turn and the slice pools' node locks
 must not wait on each other in a cycle.
 
-Break found (the test failed before its fix): a claim that failed under a refused Lease API (the
+Break found (the test failed before its fix): a claim that failed under a refused turn API (the
 NodeSlicePool exhausted, the deadline passed) left writer turns on, so every later call asked the
-Lease API again instead of pacing for NO_TURNS_SECONDS; the same held for a pool batch that failed.
+turn API again instead of pacing for NO_TURNS_SECONDS; the same held for a pool batch that failed.
 The other cases guard what held.
 """
 
@@ -79,8 +79,7 @@ def held(real_kube: RealKube) -> dict[str, str]:
 
 
 def turns_of(real_kube: RealKube) -> list[str]:
-    got = real_kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{real_kube.namespace}/leases")
-    return [str(item["metadata"]["name"]) for item in got["items"]]
+    return [str(item["metadata"]["name"]) for item in real_kube.api.objects("writerturns", real_kube.namespace)]
 
 
 def leases(real_kube: RealKube) -> list[tuple[str, str]]:
@@ -125,8 +124,8 @@ def in_thread(target: Any) -> tuple[threading.Thread, list[Any]]:
 # -- breaks ----------------------------------------------------------------------------------------
 
 
-def test_a_claim_failing_under_a_refused_lease_api_still_turns_turns_off(real_kube: RealKube, tmp_path: Path) -> None:
-    """The Lease API refuses (403) the claim's turn and the claim then fails (no free slice): the
+def test_a_claim_failing_under_a_refused_turn_api_still_turns_turns_off(real_kube: RealKube, tmp_path: Path) -> None:
+    """The turn API refuses (403) the claim's turn and the claim then fails (no free slice): the
     refusal must still switch turns off for NO_TURNS_SECONDS, not be asked again on every later call."""
 
     class Refusing(KubernetesStore):
@@ -218,7 +217,7 @@ def test_a_lost_answer_to_the_claim_turns_create_costs_the_others_one_turn_durat
     real_kube: RealKube, tmp_path: Path
 ) -> None:
     """The claim turn's create was carried out, its answer lost: node a claims without the turn (its
-    ADD stands); its Lease stays until node b, claiming next, finds it unchanged for TURN_SECONDS."""
+    ADD stands); its WriterTurn stays until node b, claiming next, finds it unchanged for TURN_SECONDS."""
 
     class LostAnswer(KubernetesStore):
         def take_turn(self, pool: str, holder: str, seconds: int) -> Turn | None:

@@ -244,7 +244,7 @@ PLUGIN_RULES = {
     (GROUP, "overlappingrangeipreservations"): {"get", "create", "update", "delete"},
     (GROUP, "nodeslicepools"): {"get", "create", "update"},
     (GROUP, "nodeslicepools/status"): {"update"},  # a NodeSlicePool CRD with a status subresource
-    ("coordination.k8s.io", "leases"): {"get", "create", "delete"},  # writer turns (ipam.turns)
+    (GROUP, "writerturns"): {"get", "create", "delete"},  # writer turns (ipam.turns)
 }
 RECONCILER_RULES = {
     # create + delete: node slices, fence a slice pool before returning its slice, remove it after

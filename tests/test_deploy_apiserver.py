@@ -333,30 +333,33 @@ def test_plugin_and_reconciler_may_write_node_slices_through_a_status_subresourc
         assert not allowed(account, "patch", "status") and not allowed(account, "delete")
 
 
-def test_the_plugin_may_keep_writer_turns_and_nothing_more_of_leases(real_kube: RealKube) -> None:
-    """Writer turns (ipam.turns): a Lease per contended pool, created, read and deleted by the plugin
-    in the pools' namespace. The API server itself answers."""
+def test_the_plugin_may_keep_writer_turns_and_no_coordination_leases(real_kube: RealKube) -> None:
+    """Writer turns (ipam.turns): a WriterTurn per contended pool, created, read and deleted by the
+    plugin in the pools' namespace; never coordination.k8s.io Leases, whose create/delete there would
+    reach the control plane's leader-election Leases. The API server itself answers."""
     ns = real_kube.namespace
     real_kube.apply(rbac_into(ns))
 
-    def allowed(account: str, verb: str, namespace: str = ns) -> bool:
+    def allowed(account: str, verb: str, group: str, resource: str, namespace: str = ns) -> bool:
         review = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SubjectAccessReview",
             "spec": {
                 "user": f"system:serviceaccount:{ns}:{account}",
                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
-                "resourceAttributes": {"namespace": namespace, "verb": verb, "group": "coordination.k8s.io",
-                                       "resource": "leases"},
+                "resourceAttributes": {"namespace": namespace, "verb": verb, "group": group, "resource": resource},
             },
         }  # fmt: skip
         answer = real_kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
         return bool(answer["status"].get("allowed"))
 
-    assert all(allowed(PLUGIN_SA, verb) for verb in ("get", "create", "delete"))
-    assert not any(allowed(PLUGIN_SA, verb) for verb in ("update", "patch", "list", "watch"))
-    assert not allowed(PLUGIN_SA, "create", "default")  # the pools' namespace only
-    assert not allowed(RECONCILER_SA, "create")
+    turns = ("whereabouts.cni.cncf.io", "writerturns")
+    assert all(allowed(PLUGIN_SA, verb, *turns) for verb in ("get", "create", "delete"))
+    assert not any(allowed(PLUGIN_SA, verb, *turns) for verb in ("update", "patch", "list", "watch"))
+    assert not allowed(PLUGIN_SA, "create", *turns, namespace="default")  # the pools' namespace only
+    assert not allowed(RECONCILER_SA, "create", *turns)
+    for verb in ("get", "create", "update", "delete"):
+        assert not allowed(PLUGIN_SA, verb, "coordination.k8s.io", "leases")
 
 
 def test_the_reconcilers_identity_lists_pods_cluster_wide_and_pools_only_in_their_namespace(

@@ -93,7 +93,7 @@ def test_crds_declare_whereabouts_fields_and_ours() -> None:
         d["spec"]["names"]["kind"]: d["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         for d in crd_documents()
     }
-    assert set(schemas) == {"IPPool", "OverlappingRangeIPReservation", "NodeSlicePool"}
+    assert set(schemas) == {"IPPool", "OverlappingRangeIPReservation", "NodeSlicePool", "WriterTurn"}
     spec = schemas["IPPool"]["properties"]["spec"]
     assert set(spec["required"]) == {"range", "allocations"}
     entry = spec["properties"]["allocations"]["additionalProperties"]
@@ -111,6 +111,8 @@ def test_crds_declare_whereabouts_fields_and_ours() -> None:
     assert set(slices["spec"]["properties"]) == {"range", "sliceSize"}
     item = slices["status"]["properties"]["allocations"]["items"]
     assert set(item["properties"]) == {"nodeName", "sliceRange"}
+    turn = schemas["WriterTurn"]["properties"]["spec"]
+    assert set(turn["required"]) == set(turn["properties"]) == {"holderIdentity", "leaseDurationSeconds"}
 
 
 def test_a_non_structural_crd_is_refused(kube: KubeHandle) -> None:
@@ -132,6 +134,7 @@ def test_discovery_lists_the_group_and_its_resources(api_client: client.ApiClien
         "ippools": ("IPPool", True),
         "overlappingrangeipreservations": ("OverlappingRangeIPReservation", True),
         "nodeslicepools": ("NodeSlicePool", True),
+        "writerturns": ("WriterTurn", True),
     }
     core = client.CoreV1Api(api_client).get_api_resources().resources
     assert {"pods", "pods/status", "namespaces"} <= {r.name for r in core}

@@ -193,8 +193,8 @@ def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(kube: Kube
         ("get", "ippools"): 1,  # the first slice, remembered full: looked at once before claiming
         ("get", "nodeslicepools"): 2,  # the claim's read, and the check after creating the slice pool
         ("update", "nodeslicepools"): 1,
-        ("create", "leases"): 1,  # the claim under the NodeSlicePool's writer turn (ipam.turns)
-        ("delete", "leases"): 1,
+        ("create", "writerturns"): 1,  # the claim under the NodeSlicePool's writer turn (ipam.turns)
+        ("delete", "writerturns"): 1,
         ("create", "ippools"): 1,
         ("update", "ippools"): 2,
         ("create", "overlappingrangeipreservations"): 2,

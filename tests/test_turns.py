@@ -107,7 +107,7 @@ def test_a_turn_left_unchanged_past_its_duration_is_deleted_by_a_waiter_and_take
     w = waiter(store)
     with w.held("p", deadline=90.0, write_seconds=0.1) as waited:
         assert waited and len(store.taken) == 1
-    assert store.ended[0] == dead  # deleted as that very Lease (uid + version)
+    assert store.ended[0] == dead  # deleted as that very object (uid + version)
     assert w.turn_seconds <= store.now[0] < 2 * w.turn_seconds
 
 
@@ -176,10 +176,7 @@ def leases(k8s: K8s) -> dict[str, str]:
 
 
 def turn_leases(k8s: K8s) -> list[dict[str, Any]]:
-    path = f"/apis/coordination.k8s.io/v1/namespaces/{k8s.namespace}/leases"
-    if isinstance(k8s, KubeHandle):
-        return k8s.api.objects("leases", k8s.namespace)
-    return list(k8s.request("GET", path).get("items") or [])
+    return k8s.api.objects("writerturns", k8s.namespace)
 
 
 def test_after_another_nodes_write_refused_its_own_the_agent_takes_the_pools_turn_and_hands_it_on(
@@ -197,7 +194,7 @@ def test_after_another_nodes_write_refused_its_own_the_agent_takes_the_pools_tur
         got["a2"] = call(conf, "ADD", "a2", agent)  # the pool is contended: under its turn
         if isinstance(k8s, KubeHandle):
             counts = k8s.api.counts_snapshot()
-            assert counts[("create", "leases")] == 1 and counts[("delete", "leases")] == 1
+            assert counts[("create", "writerturns")] == 1 and counts[("delete", "writerturns")] == 1
             assert counts[("conflict", "ippools")] == 1  # a1's; a2 read under the turn
         call(conf, "DEL", "a2", agent)
     finally:
@@ -207,8 +204,8 @@ def test_after_another_nodes_write_refused_its_own_the_agent_takes_the_pools_tur
     assert turn_leases(k8s) == []  # every turn taken was handed on
 
 
-def test_a_server_that_serves_no_leases_turns_turns_off_and_the_writes_go_on(kube: KubeHandle, tmp_path: Path) -> None:
-    del kube.api.kinds["leases"]  # 404 for every Lease request (kube.reset serves them again)
+def test_a_cluster_without_the_writerturn_crd_turns_turns_off_and_the_writes_go_on(kube: KubeHandle, tmp_path: Path) -> None:
+    del kube.api.kinds["writerturns"]  # 404 for every turn request (kube.reset serves them again)
     conf, other_node = netconf(kube.kubeconfig_path, tmp_path / "a"), netconf(kube.kubeconfig_path, tmp_path / "b")
     agent = Agent()
     try:
@@ -221,7 +218,7 @@ def test_a_server_that_serves_no_leases_turns_turns_off_and_the_writes_go_on(kub
     finally:
         agent.close()
     assert leases(kube) == got
-    assert not any(plural == "leases" for _, plural in counts)  # asked once (a2), never again
+    assert not any(plural == "writerturns" for _, plural in counts)  # asked once (a2), never again
 
 
 def test_nodes_adding_to_one_pool_at_once_take_turns_and_lose_no_lease(k8s: K8s, tmp_path: Path) -> None:
@@ -253,7 +250,7 @@ def test_nodes_adding_to_one_pool_at_once_take_turns_and_lose_no_lease(k8s: K8s,
     assert leases(k8s) == got
     assert turn_leases(k8s) == []
     if isinstance(k8s, KubeHandle):  # the second round found the pool contended
-        assert k8s.api.count("create", "leases") > 0
+        assert k8s.api.count("create", "writerturns") > 0
 
 
 def sliced_netconf(kubeconfig: str, tmp: Path, node: str) -> str:
@@ -262,14 +259,14 @@ def sliced_netconf(kubeconfig: str, tmp: Path, node: str) -> str:
     return json.dumps({"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam})
 
 
-@pytest.mark.parametrize("leases_served", [True, False], ids=["turns", "no-lease-api"])
+@pytest.mark.parametrize("turns_served", [True, False], ids=["turns", "no-writerturn-crd"])
 def test_nodes_claiming_slices_at_once_take_the_nodeslicepools_turn_and_never_refuse_each_other(
-    kube: KubeHandle, tmp_path: Path, leases_served: bool
+    kube: KubeHandle, tmp_path: Path, turns_served: bool
 ) -> None:
     """Six new nodes' first ADDs at once: each claims a slice under the NodeSlicePool's writer turn, so
-    no claim is refused (without the Lease API they claim as before, refusals and all)."""
-    if not leases_served:
-        del kube.api.kinds["leases"]
+    no claim is refused (without the WriterTurn CRD they claim as before, refusals and all)."""
+    if not turns_served:
+        del kube.api.kinds["writerturns"]
     nodes = [(Agent(), sliced_netconf(kube.kubeconfig_path, tmp_path / f"n{n}", f"node-{n}")) for n in range(6)]
     start = threading.Barrier(6)
     got: dict[str, str] = {}
@@ -296,7 +293,7 @@ def test_nodes_claiming_slices_at_once_take_the_nodeslicepools_turn_and_never_re
     (nsp,) = kube.api.objects("nodeslicepools", kube.namespace)
     owners = [a["nodeName"] for a in nsp["status"]["allocations"] if a["nodeName"]]
     assert sorted(owners) == [f"node-{n}" for n in range(6)]  # one slice each, none held twice
-    if leases_served:
+    if turns_served:
         assert kube.api.count("conflict", "nodeslicepools") == 0
-        assert kube.api.count("create", "leases") >= 6  # a turn per claim
-        assert kube.api.objects("leases", kube.namespace) == []
+        assert kube.api.count("create", "writerturns") >= 6  # a turn per claim
+        assert kube.api.objects("writerturns", kube.namespace) == []

@@ -3,14 +3,14 @@ courtesy, so no failure of it may lose or double a lease, make a call outlive it
 sleeping, or remove another writer's valid turn.
 
 Breaks found (each test failed before its fix): a waiter whose take_turn found the turn held and whose
-current_turn then found it handed on (a 404 on that Lease, the common race under contention) took the
-404 for "the server serves no Leases" and switched turns off for the agent's lifetime; a waiter that found the turn taken and then gone on
+current_turn then found it handed on (a 404 on that turn, the common race under contention) took the
+404 for "the cluster has no WriterTurn CRD" and switched turns off for the agent's lifetime; a waiter that found the turn taken and then gone on
 every look retried at once forever (no sleep, no deadline); a dead holder's turn was never removed when
 the ADD deadline is at most twice the turn's duration (each waiter gave up before its own sighting of
 the turn was old enough), so every batch of every node waited half its deadline for good; one refusal of
-the Lease API (a restarting API server answers 403 for about a second) switched turns off for the
-agent's lifetime; a long slice pool name cut before a '.' made an invalid Lease name; a batch that
-failed after the Lease API refused its turn left turns on, so every later batch asked again.
+the turn API (a restarting API server answers 403 for about a second) switched turns off for the
+agent's lifetime; a long slice pool name cut before a '.' made an invalid object name; a batch that
+failed after the turn API refused its turn left turns on, so every later batch asked again.
 The other cases guard the failure rules of ipam.turns.
 """
 
@@ -37,7 +37,7 @@ from ipam.turns import TURN_SECONDS, TurnWaiter
 from tests.kubeapi.real import RealKube
 from tests.test_engine import FakeClock
 
-# Kubernetes' IsDNS1123Subdomain: a Lease's name
+# Kubernetes' IsDNS1123Subdomain: a custom resource's name
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -54,8 +54,7 @@ def held_addresses(real_kube: RealKube) -> list[tuple[str, str]]:
 
 
 def turns_of(real_kube: RealKube) -> list[dict[str, Any]]:
-    got = real_kube.request("GET", f"/apis/coordination.k8s.io/v1/namespaces/{real_kube.namespace}/leases")
-    return list(got["items"])
+    return real_kube.api.objects("writerturns", real_kube.namespace)
 
 
 def agent_engine(store: Any, clock: FakeClock, deadline: float = 30.0, seed: int = 1) -> Engine:
@@ -108,7 +107,7 @@ class ScriptedTurns:
 
 
 def test_a_waiter_whose_turn_is_taken_yet_never_there_sleeps_and_gives_up_by_half_its_deadline() -> None:
-    """take_turn keeps finding the Lease (409) and current_turn keeps missing it (404): a Lease that
+    """take_turn keeps finding the turn (409) and current_turn keeps missing it (404): a turn that
     flickers between holders on every look, or a server answering so. The waiter must sleep between
     tries and write without the turn by half its deadline, not retry at once for ever."""
     clock = FakeClock()
@@ -128,8 +127,8 @@ def test_a_turn_handed_on_between_the_waiters_two_requests_is_taken_and_keeps_tu
     real_kube: RealKube, tmp_path: Path
 ) -> None:
     """The waiter's take_turn finds the turn held (409); its holder hands it on before the waiter's
-    current_turn (404 on the Lease: the common case under contention). That 404 is "no turn now", not
-    "the server has no Leases": the waiter takes the turn, and the agent keeps taking turns."""
+    current_turn (404 on the turn: the common case under contention). That 404 is "no turn now", not
+    "the cluster has no WriterTurn CRD": the waiter takes the turn, and the agent keeps taking turns."""
     spec = build_range("ipam", "10.77.0.0/24")
     name = pool_name(spec.cidr)
 
@@ -188,7 +187,7 @@ def test_a_passing_refusal_of_the_lease_api_does_not_switch_turns_off_for_good(
     real_kube: RealKube, tmp_path: Path
 ) -> None:
     """A just-restarted API server answers 403 until its RBAC cache syncs (KubernetesStore's
-    auth_settle_seconds): one such answer on a Lease must not stop the agent taking turns until it
+    auth_settle_seconds): one such answer on a turn must not stop the agent taking turns until it
     restarts. (Meanwhile it writes without turns, as before.)"""
 
     class RefusingOnce(KubernetesStore):
@@ -221,7 +220,7 @@ def test_a_passing_refusal_of_the_lease_api_does_not_switch_turns_off_for_good(
 
 def test_a_long_slice_pool_name_makes_a_valid_turn_name(real_kube: RealKube, tmp_path: Path) -> None:
     """Slice pools are named after the node (a DNS subdomain, dots and all): a pool name over 238
-    characters is cut for its Lease, and a cut just after a '.' made a label starting with '-'."""
+    characters is cut for its WriterTurn, and a cut just after a '.' made a label starting with '-'."""
     node = "x" * 180 + "." + "y" * 45
     pool = slice_pool_name(node, "10.0.0.0/28", "net")
     assert len(pool) <= 253 and DNS_SUBDOMAIN.match(pool)
@@ -236,8 +235,8 @@ def test_a_long_slice_pool_name_makes_a_valid_turn_name(real_kube: RealKube, tmp
     assert store.current_turn(pool) is None
 
 
-def test_a_batch_failing_under_a_refused_lease_api_still_turns_turns_off(tmp_path: Path) -> None:
-    """The Lease API refuses the pool's turn (403) and the batch then fails (every write refused until
+def test_a_batch_failing_under_a_refused_turn_api_still_turns_turns_off(tmp_path: Path) -> None:
+    """The turn API refuses the pool's turn (403) and the batch then fails (every write refused until
     the deadline): the refusal must still switch turns off for NO_TURNS_SECONDS, not be asked again by
     every later batch."""
 
@@ -398,14 +397,15 @@ def test_a_turn_removed_while_its_holder_writes_costs_a_refused_write_only(
 
 
 def test_turns_refused_by_rbac_fall_back_to_writing_without_them(real_kube: RealKube, tmp_path: Path) -> None:
-    """A plugin Role without leases (an older deploy): the agent writes as before and stops asking."""
+    """A plugin Role without writerturns (an older deploy): the agent writes as before and stops asking."""
     ns = real_kube.namespace
-    rules = [{"apiGroups": ["whereabouts.cni.cncf.io"], "resources": ["*"], "verbs": ["*"]}]
+    rules = [{"apiGroups": ["whereabouts.cni.cncf.io"], "verbs": ["*"],
+              "resources": ["ippools", "overlappingrangeipreservations", "nodeslicepools"]}]
     real_kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                     "metadata": {"name": "no-leases", "namespace": ns}, "rules": rules})  # fmt: skip
+                     "metadata": {"name": "no-turns", "namespace": ns}, "rules": rules})  # fmt: skip
     real_kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                     "metadata": {"name": "no-leases", "namespace": ns},
-                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-leases"},
+                     "metadata": {"name": "no-turns", "namespace": ns},
+                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-turns"},
                      "subjects": [{"kind": "ServiceAccount", "name": "plugin", "namespace": ns}]})  # fmt: skip
     kubeconfig = real_kube.token_kubeconfig("plugin", ns)
     store = KubernetesStore.connect(kubeconfig, str(tmp_path / "locks"))

@@ -26,7 +26,7 @@ class PoolSnapshot:
 
 @dataclass(frozen=True)
 class Turn:
-    """A writer turn held on a shared pool (ipam.turns): the Lease object as created."""
+    """A writer turn held on a shared pool (ipam.turns): the WriterTurn object as created."""
 
     name: str
     uid: str
@@ -34,11 +34,11 @@ class Turn:
 
 
 class TurnsUnavailable(Exception):
-    """The datastore cannot keep writer turns (the Lease API is not granted or not served)."""
+    """The datastore cannot keep writer turns (no WriterTurn CRD, or no RBAC for it)."""
 
 
 def turn_name(pool: str) -> str:
-    """The writer-turn Lease of pool `pool`: `whereabouts-py.<pool>`, shortened with a digest of the
+    """The WriterTurn of pool `pool`: `whereabouts-py.<pool>`, shortened with a digest of the
     pool's name when that would pass the 253 characters of an object name."""
     name = f"whereabouts-py.{pool}"
     if len(name) <= 253:

@@ -47,7 +47,7 @@ POOLS = "ippools"
 RESERVATIONS = "overlappingrangeipreservations"
 NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
-TURNS = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+TURNS = "writerturns"
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 # A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
 # has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
@@ -443,14 +443,10 @@ class KubernetesStore:
 
     # -- writer turns (ipam.turns) --------------------------------------------------------------
 
-    def _turns(self, name: str | None = None) -> str:
-        base = TURNS.format(namespace=path_quote(self.namespace))
-        return base if name is None else f"{base}/{path_quote(name)}"
-
     def _turn_call(self, what: str, method: str, path: str, body: Any = None) -> Any:
-        """A writer-turn request: 401/403, and 404 to a create (the Lease API not granted or not
-        served), are TurnsUnavailable, so the caller writes without turns; a 404 to a read or delete
-        is None (that Lease is gone: the turn was just handed on, the common case under contention);
+        """A writer-turn request: 401/403, and 404 to a create (no WriterTurn CRD, or no RBAC for
+        it), are TurnsUnavailable, so the caller writes without turns; a 404 to a read or delete
+        is None (that turn is gone: the turn was just handed on, the common case under contention);
         anything else as `_raise_api` maps it, without touching the credential-refusal bookkeeping of
         the pool requests."""
         try:
@@ -465,38 +461,38 @@ class KubernetesStore:
             raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
 
     def take_turn(self, pool: str, holder: str, seconds: int) -> Turn | None:
-        """Create pool `pool`'s writer-turn Lease; None while another writer holds it."""
+        """Create pool `pool`'s WriterTurn; None while another writer holds it."""
         name = turn_name(pool)
         body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "WriterTurn",
             "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "whereabouts-py"}},
             "spec": {"holderIdentity": holder, "leaseDurationSeconds": seconds},
         }
         try:
-            made = self._turn_call(f"take writer turn {name}", "POST", self._turns(), body)
+            made = self._turn_call(f"take writer turn {name}", "POST", self._path(TURNS), body)
         except ConflictError:  # AlreadyExists: another writer's turn
             return None
         return Turn(name, str(made["metadata"]["uid"]), str(made["metadata"]["resourceVersion"]))
 
     def current_turn(self, pool: str) -> Turn | None:
-        """The writer-turn Lease of `pool` as it stands (None when there is none)."""
+        """The WriterTurn of `pool` as it stands (None when there is none)."""
         name = turn_name(pool)
-        got = self._turn_call(f"read writer turn {name}", "GET", self._turns(name))
+        got = self._turn_call(f"read writer turn {name}", "GET", self._path(TURNS, name))
         if got is None:
             return None
         return Turn(name, str(got["metadata"]["uid"]), str(got["metadata"]["resourceVersion"]))
 
     def end_turn(self, turn: Turn) -> None:
-        """Delete `turn` if it is still that very Lease (uid and resourceVersion): a turn another
+        """Delete `turn` if it is still that very object (uid and resourceVersion): a turn another
         writer has since taken is never removed; one already gone is fine."""
         body = {
             "apiVersion": "v1",
             "kind": "DeleteOptions",
             "preconditions": {"uid": turn.uid, "resourceVersion": turn.version},
         }
-        with contextlib.suppress(ConflictError):  # no longer that Lease: not ours to delete
-            self._turn_call(f"end writer turn {turn.name}", "DELETE", self._turns(turn.name), body)
+        with contextlib.suppress(ConflictError):  # no longer that object: not ours to delete
+            self._turn_call(f"end writer turn {turn.name}", "DELETE", self._path(TURNS, turn.name), body)
 
     # -- node lock, health ----------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ from .schema import CRDSource, Kind, load_crds, prune, validate
 CORE = {
     "pods": Kind("", "v1", "pods", "Pod", True, None, status_subresource=True),
     "namespaces": Kind("", "v1", "namespaces", "Namespace", False, None),
-    "leases": Kind("coordination.k8s.io", "v1", "leases", "Lease", True, None),  # writer turns (ipam.turns)
 }
 
 
