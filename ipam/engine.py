@@ -456,13 +456,15 @@ class Engine:
                 self._write_batch(name, cidr, pending, deadline, absorb)
             else:  # inside the node lock: the node's other writers wait there, not for the turn too
                 assert self.pool_cache is not None
-                with turns.held(name, deadline, self.pool_cache.write_seconds(name)) as waited:
-                    if waited:
-                        self.pool_cache.turn_busy(name)
-                    # read under the turn: other writers have likely written since this one last did
-                    self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
-                if turns.unavailable:
-                    self.pool_cache.turns_refused()
+                try:
+                    with turns.held(name, deadline, self.pool_cache.write_seconds(name)) as waited:
+                        if waited:
+                            self.pool_cache.turn_busy(name)
+                        # read under the turn: other writers have likely written since this one last did
+                        self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
+                finally:  # a batch that failed (its deadline passed) still heard the refusal
+                    if turns.unavailable:
+                        self.pool_cache.turns_refused()
             while True:
                 collided = self._reserve_batch(name, pending, deadline)
                 if not collided:

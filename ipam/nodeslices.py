@@ -341,10 +341,12 @@ class Slicer:
                 engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
             else:
                 key = f"nodeslicepool.{self.pool_name}"
-                with turns.held(key, deadline, self._attempt_seconds()):
-                    engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
-                if turns.unavailable and engine.pool_cache is not None:
-                    engine.pool_cache.turns_refused()
+                try:
+                    with turns.held(key, deadline, self._attempt_seconds()):
+                        engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
+                finally:  # a claim that failed (no free slice, the deadline) still heard the refusal
+                    if turns.unavailable and engine.pool_cache is not None:
+                        engine.pool_cache.turns_refused()
             pool = out[0]
             assert pool is not None
             # the claim lock is held: every claim made so far is in what step read or wrote

@@ -9,7 +9,8 @@ every look retried at once forever (no sleep, no deadline); a dead holder's turn
 the ADD deadline is at most twice the turn's duration (each waiter gave up before its own sighting of
 the turn was old enough), so every batch of every node waited half its deadline for good; one refusal of
 the turn API (a restarting API server answers 403 for about a second) switched turns off for the
-agent's lifetime; a long slice pool name cut before a '.' made an invalid object name.
+agent's lifetime; a long slice pool name cut before a '.' made an invalid object name; a batch that
+failed after the turn API refused its turn left turns on, so every later batch asked again.
 The other cases guard the failure rules of ipam.turns.
 """
 
@@ -23,12 +24,13 @@ from typing import Any
 
 import pytest
 
-from ipam.allocator import Request
+from ipam import errors
+from ipam.allocator import Allocations, Request
 from ipam.engine import DISTRUST_SECONDS, Engine, PoolCache, RetryPolicy
-from ipam.errors import TransientStoreError
+from ipam.errors import CNIError, TransientStoreError
 from ipam.ranges import RangeSpec, build_range, pool_name
 from ipam.slices import slice_pool_name
-from ipam.store.base import Turn, TurnStore, TurnsUnavailable, turn_name
+from ipam.store.base import PoolSnapshot, Turn, TurnStore, TurnsUnavailable, turn_name
 from ipam.store.file import FileStore
 from ipam.store.kubernetes import KubernetesStore
 from ipam.turns import TURN_SECONDS, TurnWaiter
@@ -231,6 +233,39 @@ def test_a_long_slice_pool_name_makes_a_valid_turn_name(real_kube: RealKube, tmp
     assert turn is not None
     store.end_turn(turn)
     assert store.current_turn(pool) is None
+
+
+def test_a_batch_failing_under_a_refused_turn_api_still_turns_turns_off(tmp_path: Path) -> None:
+    """The turn API refuses the pool's turn (403) and the batch then fails (every write refused until
+    the deadline): the refusal must still switch turns off for NO_TURNS_SECONDS, not be asked again by
+    every later batch."""
+
+    class Refusing(FileStore):
+        takes = 0
+
+        def take_turn(self, pool: str, holder: str, seconds: int) -> Turn | None:
+            self.takes += 1
+            raise TurnsUnavailable("take writer turn: HTTP 403 Forbidden")
+
+        def current_turn(self, pool: str) -> Turn | None:
+            return None
+
+        def end_turn(self, turn: Turn) -> None:
+            pass
+
+        def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
+            raise TransientStoreError("write IPPool: HTTP 503 Service Unavailable")
+
+    store = Refusing(str(tmp_path / "data"))
+    engine = agent_engine(store, FakeClock(), deadline=5.0)
+    spec = build_range("ipam", "10.75.0.0/24")
+    name = contend(engine, spec)
+    with pytest.raises(CNIError) as exc:
+        engine.add([spec], Request("c0", "net1", "ns/p0"))
+    assert exc.value.code == errors.TRY_AGAIN_LATER
+    assert store.takes == 1
+    assert engine.pool_cache is not None and engine.pool_cache.no_turns
+    assert engine._turn_waiter(name) is None
 
 
 # -- guards ----------------------------------------------------------------------------------------
