@@ -340,7 +340,8 @@ class Slicer:
             if turns is None:
                 engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
             else:
-                key = f"nodeslicepool.{self.pool_name}"
+                # ends in a letter: an IPPool's name ends in its prefix length, so never the same turn
+                key = f"{self.pool_name}.nodeslicepool"
                 try:
                     with turns.held(key, deadline, self._attempt_seconds()):
                         engine._retry(self.pool_name, deadline, step, self._attempt_seconds)

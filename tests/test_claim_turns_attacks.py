@@ -36,7 +36,7 @@ from tests.kubeapi.real import RealKube
 from tests.test_engine import FakeClock
 
 WB = "whereabouts.cni.cncf.io/v1alpha1"
-CLAIM_TURN = turn_name("nodeslicepool.net1")
+CLAIM_TURN = turn_name("net1.nodeslicepool")
 
 
 @pytest.fixture(autouse=True)
@@ -243,7 +243,7 @@ def test_a_dead_claimers_turn_keeps_no_add_past_its_deadline(real_kube: RealKube
     (4 s) or removes the turn once it stood unchanged for TURN_SECONDS (30 s), and gets its address
     within the deadline either way."""
     dead = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "dead"))
-    assert dead.take_turn("nodeslicepool.net1", "dead-node/1", TURN_SECONDS) is not None
+    assert dead.take_turn("net1.nodeslicepool", "dead-node/1", TURN_SECONDS) is not None
     cfg = node_config(tmp_path, "node-a", real_kube.kubeconfig_path)
     clock = FakeClock()
     a = node_engine(connect(KubernetesStore, real_kube, tmp_path, "node-a"), cfg, clock, deadline=deadline)

@@ -137,6 +137,17 @@ def test_a_store_that_refuses_turns_says_so_and_the_write_goes_on_without_one() 
     assert ran and not waited and w.unavailable
 
 
+def test_a_nodeslicepools_claim_turn_is_never_a_pools_turn() -> None:
+    """A tenant picks network_name: a NodeSlicePool named like a pool (`net1-10.0.0.0-24`) and the
+    pool of network `net1` must not share a turn. Pool names end in a prefix length."""
+    from ipam.ranges import pool_name
+
+    for network in ("nodeslicepool.foo", "foo", "x-10.0.0.0"):
+        pool = pool_name("10.0.0.0/24", network)
+        assert turn_name(pool) != turn_name(f"{pool}.nodeslicepool")
+        assert not turn_name(f"{network}.nodeslicepool")[-1].isdigit()
+
+
 def test_a_long_pool_name_gives_a_valid_lease_name_of_its_own() -> None:
     long_a, long_b = "n" * 240 + "-10.0.0.0-24", "n" * 240 + "-10.0.1.0-24"
     assert turn_name("net1-10.0.0.0-24") == "whereabouts-py.net1-10.0.0.0-24"
