@@ -155,7 +155,8 @@ _JITTER = random.Random()
 # writer is active (one IPPool shared by many nodes), and a refused write of a big pool costs the API
 # server far more than the read it saved.
 DISTRUST_SECONDS = 10.0
-# After the datastore refused a writer turn (no WriterTurn CRD or RBAC), the agent writes without turns for this long (ipam.turns).
+# After the datastore refused a writer turn (no WriterTurn CRD or RBAC), the agent writes without
+# turns for this long (ipam.turns).
 NO_TURNS_SECONDS = 300.0
 
 
@@ -249,9 +250,9 @@ class PoolCache:
             return self.clock() < self._no_turns_until
 
     def turns_refused(self) -> None:
-        """The datastore refused a turn (401/403, 404 to a create): no turns for NO_TURNS_SECONDS, then ask again.
-        Not for good: a just-restarted API server refuses every ServiceAccount for about a second,
-        and an operator may grant the Role its leases later."""
+        """The datastore refused a turn (401/403, 404 to a create): no turns for NO_TURNS_SECONDS,
+        then ask again. Not for good: a just-restarted API server refuses every ServiceAccount for
+        about a second, and an operator may install the CRD or grant the Role `writerturns` later."""
         with self._lock:
             self._no_turns_until = self.clock() + NO_TURNS_SECONDS
 

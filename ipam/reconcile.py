@@ -430,7 +430,6 @@ class Reconciler:
             else:
                 self.say(summary, line)
 
-
     def _remove_abandoned_turns(self, summary: Summary, now: datetime) -> None:
         """Writer turns (ipam.turns) standing for ABANDONED_TURN_SECONDS: a turn is held for one write,
         so its holder died holding it. A waiting agent would remove it too, after waiting out its
@@ -454,7 +453,8 @@ class Reconciler:
                     self.say(summary, f"error removing writer turn {t.turn.name}: {exc}")
                     continue
             summary.turns_removed += 1
-            self.change(summary, "remove-turn", f"{'would-remove' if self.dry_run else 'remove'} {text} reason=abandoned", **fields)
+            verb = "would-remove" if self.dry_run else "remove"
+            self.change(summary, "remove-turn", f"{verb} {text} reason=abandoned", **fields)
 
 
 def build_parser() -> argparse.ArgumentParser:

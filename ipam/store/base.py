@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from ..allocator import Allocations, Lease
@@ -39,7 +40,7 @@ class StandingTurn:
 
     turn: Turn
     holder: str
-    created: Any  # datetime | None: the object's creationTimestamp
+    created: datetime | None  # the object's creationTimestamp
 
 
 class TurnsUnavailable(Exception):
