@@ -307,60 +307,48 @@ def test_the_plugins_identity_is_confined_to_the_pools_namespace(real_kube: Real
     assert call(cluster, plugin, "GET", slices) == 403  # get/create/update only
 
 
+def may(real_kube: RealKube, account: str, verb: str, resource: str, subresource: str = "",
+        group: str = "whereabouts.cni.cncf.io", namespace: str | None = None) -> bool:
+    """The API server's own answer (SubjectAccessReview): may ServiceAccount `account` of the test's
+    namespace do `verb` on `resource` in `namespace` (the test's by default)?"""
+    ns = real_kube.namespace
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": f"system:serviceaccount:{ns}:{account}",
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
+            "resourceAttributes": {"namespace": namespace or ns, "verb": verb, "group": group,
+                                   "resource": resource, "subresource": subresource},
+        },
+    }  # fmt: skip
+    answer = real_kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    return bool(answer["status"].get("allowed"))
+
+
 def test_plugin_and_reconciler_may_write_node_slices_through_a_status_subresource(real_kube: RealKube) -> None:
     """A NodeSlicePool CRD that declares a status subresource ignores `status` on the main resource;
     claims and returns are then written to /status (KubernetesStore.write_node_slices), which RBAC
     grants separately. The API server itself answers whether each identity may."""
-    ns = real_kube.namespace
-    real_kube.apply(rbac_into(ns))
-
-    def allowed(account: str, verb: str, subresource: str = "") -> bool:
-        review = {
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SubjectAccessReview",
-            "spec": {
-                "user": f"system:serviceaccount:{ns}:{account}",
-                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
-                "resourceAttributes": {"namespace": ns, "verb": verb, "group": "whereabouts.cni.cncf.io",
-                                       "resource": "nodeslicepools", "subresource": subresource},
-            },
-        }  # fmt: skip
-        answer = real_kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
-        return bool(answer["status"].get("allowed"))
-
+    real_kube.apply(rbac_into(real_kube.namespace))
     for account in (PLUGIN_SA, RECONCILER_SA):
-        assert allowed(account, "update", "status")
-        assert not allowed(account, "patch", "status") and not allowed(account, "delete")
+        assert may(real_kube, account, "update", "nodeslicepools", "status")
+        assert not may(real_kube, account, "patch", "nodeslicepools", "status")
+        assert not may(real_kube, account, "delete", "nodeslicepools")
 
 
 def test_the_plugin_may_keep_writer_turns_and_no_coordination_leases(real_kube: RealKube) -> None:
     """Writer turns (ipam.turns): a WriterTurn per contended pool, created, read and deleted by the
     plugin in the pools' namespace; never coordination.k8s.io Leases, whose create/delete there would
     reach the control plane's leader-election Leases. The API server itself answers."""
-    ns = real_kube.namespace
-    real_kube.apply(rbac_into(ns))
-
-    def allowed(account: str, verb: str, group: str, resource: str, namespace: str = ns) -> bool:
-        review = {
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SubjectAccessReview",
-            "spec": {
-                "user": f"system:serviceaccount:{ns}:{account}",
-                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"],
-                "resourceAttributes": {"namespace": namespace, "verb": verb, "group": group, "resource": resource},
-            },
-        }  # fmt: skip
-        answer = real_kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
-        return bool(answer["status"].get("allowed"))
-
-    turns = ("whereabouts.cni.cncf.io", "writerturns")
-    assert all(allowed(PLUGIN_SA, verb, *turns) for verb in ("get", "create", "delete"))
-    assert not any(allowed(PLUGIN_SA, verb, *turns) for verb in ("update", "patch", "list", "watch"))
-    assert not allowed(PLUGIN_SA, "create", *turns, namespace="default")  # the pools' namespace only
-    assert not allowed(RECONCILER_SA, "create", *turns)
-    assert allowed(RECONCILER_SA, "list", *turns) and allowed(RECONCILER_SA, "delete", *turns)
+    real_kube.apply(rbac_into(real_kube.namespace))
+    assert all(may(real_kube, PLUGIN_SA, verb, "writerturns") for verb in ("get", "create", "delete"))
+    assert not any(may(real_kube, PLUGIN_SA, verb, "writerturns") for verb in ("update", "patch", "list", "watch"))
+    assert not may(real_kube, PLUGIN_SA, "create", "writerturns", namespace="default")  # the pools' namespace only
+    assert not may(real_kube, RECONCILER_SA, "create", "writerturns")
+    assert may(real_kube, RECONCILER_SA, "list", "writerturns") and may(real_kube, RECONCILER_SA, "delete", "writerturns")
     for verb in ("get", "create", "update", "delete"):
-        assert not allowed(PLUGIN_SA, verb, "coordination.k8s.io", "leases")
+        assert not may(real_kube, PLUGIN_SA, verb, "leases", group="coordination.k8s.io")
 
 
 def test_the_reconcilers_identity_lists_pods_cluster_wide_and_pools_only_in_their_namespace(

@@ -3,10 +3,10 @@ turn on both API servers once another node's write has refused one of its own.""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from ipam.agent import Agent
-from ipam.cni import run
 from ipam.store.base import Turn, TurnStore, TurnsUnavailable, turn_name
 from ipam.turns import POLL_UNKNOWN, TurnWaiter
 from tests.kubeapi.fixtures import K8s, KubeHandle
+from tests.test_pool_cache import call as pool_cache_call
 
 # -- the waiting rules ------------------------------------------------------------------------------
 
@@ -164,17 +164,27 @@ def netconf(kubeconfig: str, tmp: Path) -> str:
 
 
 def call(conf: str, command: str, cid: str, agent: Agent | None) -> str:
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
-           "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}"}  # fmt: skip
-    if agent is not None:
-        reply = agent.serve_call({"env": env, "stdin": conf})
-        assert reply["code"] == 0, reply
-        text = str(reply["stdout"])
-    else:
-        out = io.StringIO()
-        assert run(env, conf.encode(), out) == 0, out.getvalue()
-        text = out.getvalue()
-    return str(json.loads(text)["ips"][0]["address"]) if command == "ADD" else ""
+    """One CNI call (tests.test_pool_cache.call); an ADD's address."""
+    result = pool_cache_call(conf, command, cid, agent)
+    return str(result["ips"][0]["address"]) if command == "ADD" else ""
+
+
+def all_at_once(work: Callable[[int], None], n: int) -> list[BaseException]:
+    """`work(0..n-1)` in n threads at once; what they raised."""
+    failures: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
 
 
 def leases(k8s: K8s) -> dict[str, str]:
@@ -240,19 +250,12 @@ def test_nodes_adding_to_one_pool_at_once_take_turns_and_lose_no_lease(k8s: K8s,
 
     def node(n: int, rnd: int) -> None:
         agent, conf = nodes[n]
-        try:
-            for i in range(6):
-                got[f"r{rnd}n{n}c{i}"] = call(conf, "ADD", f"r{rnd}n{n}c{i}", agent)
-        except BaseException as exc:
-            failures.append(exc)
+        for i in range(6):
+            got[f"r{rnd}n{n}c{i}"] = call(conf, "ADD", f"r{rnd}n{n}c{i}", agent)
 
     try:
         for rnd in range(2):
-            threads = [threading.Thread(target=node, args=(n, rnd)) for n in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            failures += all_at_once(lambda n, rnd=rnd: node(n, rnd), 4)
     finally:
         for agent, _ in nodes:
             agent.close()
@@ -281,22 +284,14 @@ def test_nodes_claiming_slices_at_once_take_the_nodeslicepools_turn_and_never_re
     nodes = [(Agent(), sliced_netconf(kube.kubeconfig_path, tmp_path / f"n{n}", f"node-{n}")) for n in range(6)]
     start = threading.Barrier(6)
     got: dict[str, str] = {}
-    failures: list[BaseException] = []
 
     def node(n: int) -> None:
         agent, conf = nodes[n]
-        try:
-            start.wait()
-            got[f"n{n}"] = call(conf, "ADD", f"n{n}", agent)
-        except BaseException as exc:
-            failures.append(exc)
+        start.wait()
+        got[f"n{n}"] = call(conf, "ADD", f"n{n}", agent)
 
     try:
-        threads = [threading.Thread(target=node, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        failures = all_at_once(node, 6)
     finally:
         for agent, _ in nodes:
             agent.close()
