@@ -457,15 +457,11 @@ class Engine:
                 self._write_batch(name, cidr, pending, deadline, absorb)
             else:  # inside the node lock: the node's other writers wait there, not for the turn too
                 assert self.pool_cache is not None
-                try:
-                    with turns.held(name, deadline, self.pool_cache.write_seconds(name)) as waited:
-                        if waited:
-                            self.pool_cache.turn_busy(name)
-                        # read under the turn: other writers have likely written since this one last did
-                        self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
-                finally:  # a batch that failed (its deadline passed) still heard the refusal
-                    if turns.unavailable:
-                        self.pool_cache.turns_refused()
+                with turns.held(name, deadline, self.pool_cache.write_seconds(name)) as waited:
+                    if waited:
+                        self.pool_cache.turn_busy(name)
+                    # read under the turn: other writers have likely written since this one last did
+                    self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
             while True:
                 collided = self._reserve_batch(name, pending, deadline)
                 if not collided:
@@ -499,7 +495,9 @@ class Engine:
         cache = self.pool_cache
         if cache is None or cache.no_turns or not isinstance(self.store, TurnStore):
             return None
-        return TurnWaiter(self.store, self.clock, self.sleep, self.rng, sightings=cache.turns_seen)
+        return TurnWaiter(
+            self.store, self.clock, self.sleep, self.rng, sightings=cache.turns_seen, refused=cache.turns_refused
+        )
 
     def _write_batch(
         self,

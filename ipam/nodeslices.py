@@ -342,12 +342,8 @@ class Slicer:
             else:
                 # ends in a letter: an IPPool's name ends in its prefix length, so never the same turn
                 key = f"{self.pool_name}.nodeslicepool"
-                try:
-                    with turns.held(key, deadline, self._attempt_seconds()):
-                        engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
-                finally:  # a claim that failed (no free slice, the deadline) still heard the refusal
-                    if turns.unavailable and engine.pool_cache is not None:
-                        engine.pool_cache.turns_refused()
+                with turns.held(key, deadline, self._attempt_seconds()):
+                    engine._retry(self.pool_name, deadline, step, self._attempt_seconds)
             pool = out[0]
             assert pool is not None
             # the claim lock is held: every claim made so far is in what step read or wrote

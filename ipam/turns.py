@@ -55,8 +55,10 @@ class TurnWaiter:
     sleep: Callable[[float], None]
     rng: Random
     turn_seconds: float = TURN_SECONDS
-    # the store refused turns (TurnsUnavailable): stop asking it for a while (PoolCache.turns_refused)
+    # the store refused turns (TurnsUnavailable): stop asking it for a while; `refused` is told at once
+    # (PoolCache.turns_refused), so a body that then fails does not skip it
     unavailable: bool = False
+    refused: Callable[[], None] | None = None
     # pool -> another writer's turn and since when this process sees it unchanged, kept across batches
     # (PoolCache.turns_seen): a waiter gives up after half its deadline, which may come before its own
     # sighting is turn_seconds old, so a dead holder's turn is found abandoned over several batches
@@ -65,8 +67,8 @@ class TurnWaiter:
     @contextlib.contextmanager
     def held(self, pool: str, deadline: float, write_seconds: float) -> Iterator[bool]:
         """Hold `pool`'s writer turn for the body; yields whether another writer held it first.
-        Without a turn (see the module's failure rules) the body runs all the same; `unavailable`
-        tells the caller to stop asking this store for a while."""
+        Without a turn (see the module's failure rules) the body runs all the same; a refusal sets
+        `unavailable` and calls `refused`, before the body runs."""
         turn: Turn | None = None
         waited = False
         try:
@@ -74,6 +76,8 @@ class TurnWaiter:
         except TurnsUnavailable as exc:
             self.unavailable = True
             log.warning("turn.unavailable", pool=pool, reason=str(exc))
+            if self.refused is not None:
+                self.refused()
         except (TransientStoreError, CNIError) as exc:
             log.debug("turn.not-taken", pool=pool, reason=str(exc))
         try:

@@ -90,6 +90,12 @@ def _raise_api(exc: ApiError, what: str) -> NoReturn:
     raise CNIError(errors.DATASTORE_ERROR, f"{what}: HTTP {status} {exc.reason}", str(exc.body or ""))
 
 
+def _turn(obj: dict[str, Any]) -> Turn:
+    """A WriterTurn object as the Turn that names exactly it (a delete's preconditions)."""
+    meta = obj["metadata"]
+    return Turn(str(meta["name"]), str(meta["uid"]), str(meta["resourceVersion"]))
+
+
 class KubernetesStore:
     def __init__(self, client: KubeClient, namespace: str, lock_dir: str) -> None:
         self.client = client
@@ -328,15 +334,18 @@ class KubernetesStore:
 
     # -- what the reconciler reads ---------------------------------------------------------------
 
-    def _list_all(self, what: str, path: str) -> list[dict[str, Any]]:
-        """Every item of a paged LIST (limit/continue)."""
+    def _list_all(self, what: str, path: str, missing_ok: bool = False) -> list[dict[str, Any]]:
+        """Every item of a paged LIST (limit/continue); none when `missing_ok` and the resource is
+        not served (404: its CRD is not installed)."""
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
             params: dict[str, Any] = {"limit": 500}
             if token:
                 params["continue"] = token
-            page = self._call(what, "GET", path, params=params)
+            page = self._call(what, "GET", path, params=params, missing_ok=missing_ok)
+            if page is None:
+                return items
             items += page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -473,32 +482,24 @@ class KubernetesStore:
             made = self._turn_call(f"take writer turn {name}", "POST", self._path(TURNS), body)
         except ConflictError:  # AlreadyExists: another writer's turn
             return None
-        return Turn(name, str(made["metadata"]["uid"]), str(made["metadata"]["resourceVersion"]))
+        return _turn(made)
 
     def current_turn(self, pool: str) -> Turn | None:
         """The WriterTurn of `pool` as it stands (None when there is none)."""
         name = turn_name(pool)
         got = self._turn_call(f"read writer turn {name}", "GET", self._path(TURNS, name))
-        if got is None:
-            return None
-        return Turn(name, str(got["metadata"]["uid"]), str(got["metadata"]["resourceVersion"]))
+        return None if got is None else _turn(got)
 
     def list_turns(self) -> list[StandingTurn]:
         """Every writer turn standing in the namespace (the reconciler's; a cluster without the
         WriterTurn CRD has none)."""
-        try:
-            items = self._list_all("list writer turns", self._path(TURNS))
-        except CNIError as exc:
-            if "HTTP 404" in exc.msg:
-                return []
-            raise
         return [
             StandingTurn(
-                Turn(str(obj["metadata"]["name"]), str(obj["metadata"]["uid"]), str(obj["metadata"]["resourceVersion"])),
+                _turn(obj),
                 str((obj.get("spec") or {}).get("holderIdentity", "")),
                 parse_time(obj["metadata"].get("creationTimestamp")),
             )
-            for obj in items
+            for obj in self._list_all("list writer turns", self._path(TURNS), missing_ok=True)
         ]
 
     def end_turn(self, turn: Turn) -> None:
