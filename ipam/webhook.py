@@ -19,8 +19,10 @@ replica: admission does not need the leader). Certificates: ipam.webhook_certs.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import socket
 import ssl
 import sys
 import threading
@@ -236,6 +238,8 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(certfile, keyfile)
         self._thread: threading.Thread | None = None
+        self._open: set[Any] = set()  # connections being served: stop() closes the kept-alive ones too
+        self._lock = threading.Lock()
         super().__init__((host.strip("[]") or "", int(port)), _Handler)
 
     @property
@@ -245,6 +249,16 @@ class WebhookServer(http.server.ThreadingHTTPServer):
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A failed handshake or a dropped connection: one record, not a traceback on stderr."""
@@ -261,8 +275,15 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
+        """Stop accepting, and end the connections the API server keeps alive (it would go on
+        sending reviews over them)."""
         self.shutdown()
         self.server_close()
+        with self._lock:
+            still_open = list(self._open)
+        for conn in still_open:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
