@@ -123,7 +123,7 @@ def test_the_dashboard_shows_usage_releases_and_add_latency_from_metrics_that_ex
 def with_base(tmp_path: Path) -> list[dict[str, Any]]:
     """The base with the component, as a user's kustomization would have it."""
     (tmp_path / "kustomization.yaml").write_text(
-        "resources: [{}]\ncomponents: [{}]\n".format(os.path.relpath(BASE, tmp_path), os.path.relpath(COMPONENT, tmp_path))
+        f"resources: [{os.path.relpath(BASE, tmp_path)}]\ncomponents: [{os.path.relpath(COMPONENT, tmp_path)}]\n"
     )
     return kustomize(tmp_path)
 
