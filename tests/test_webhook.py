@@ -353,3 +353,25 @@ def test_a_renewed_certificate_is_served_to_new_connections(
     assert post(server, new_context, json.dumps(pool_request({})).encode())[0] == 200
     with pytest.raises(urllib.error.URLError):
         post(server, old_context, json.dumps(pool_request({})).encode())
+
+
+# -- the shipped rights --------------------------------------------------------------------------------
+
+
+def test_the_controller_may_keep_only_its_own_secret_and_webhook_configuration() -> None:
+    from tests.test_deploy import BASE, assert_bound, find, load_docs
+
+    docs = load_docs(BASE / "webhook.yaml")
+    role, cluster_role = find("Role", "whereabouts-py-controller-webhook", docs), find("ClusterRole", "whereabouts-py-controller-webhook", docs)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [certs.SECRET_NAME], "verbs": ["get", "update"]}]
+    assert cluster_role["rules"] == [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
+                                      "resourceNames": [certs.WEBHOOK_CONFIG_NAME], "verbs": ["get", "update"]}]  # fmt: skip
+    for kind in ("Role", "ClusterRole"):
+        assert_bound(kind, "whereabouts-py-controller-webhook", "whereabouts-py-controller")
+    assert find("Secret", certs.SECRET_NAME, docs).get("data") is None  # the controller fills it
+    assert find("ValidatingWebhookConfiguration", certs.WEBHOOK_CONFIG_NAME, docs)
+    # the webhook's own exemption names the same identities as its matchConditions
+    (config,) = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
+    conditions = " ".join(c["expression"] for h in config["webhooks"] for c in h.get("matchConditions", []))
+    assert all(user in conditions for user in Policy().trusted_users)
+    assert ALLOW_DELETE_ANNOTATION in conditions
