@@ -16,6 +16,7 @@ import base64
 import datetime
 import ipaddress
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .log import log
 
 SECRET_NAME = "whereabouts-py-webhook-cert"
 WEBHOOK_CONFIG_NAME = "whereabouts-py"
@@ -224,3 +227,53 @@ def write_files(certs: Certificates, directory: str) -> tuple[str, str]:
         os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+class Reloadable(Protocol):
+    def reload_certificate(self, certfile: str, keyfile: str) -> None: ...
+
+
+@dataclass
+class CertKeeper:
+    """What the controller runs: `refresh()` once before serving, then `run()` in a thread, which
+    renews the certificate, follows another replica's renewal and restores an emptied caBundle."""
+
+    api: Api
+    namespace: str
+    directory: str
+    service: str = "whereabouts-py-controller"
+    ips: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()  # DNS names to certify instead of the Service's (tests: localhost)
+    config: str = WEBHOOK_CONFIG_NAME
+    secret: str = SECRET_NAME
+    current: Certificates | None = None
+
+    @property
+    def certfile(self) -> str:
+        return os.path.join(self.directory, "tls.crt")
+
+    @property
+    def keyfile(self) -> str:
+        return os.path.join(self.directory, "tls.key")
+
+    def names(self) -> list[str]:
+        return list(self.hosts) or service_names(self.service, self.namespace)
+
+    def refresh(self) -> bool:
+        """True when the serving certificate changed (written to certfile/keyfile)."""
+        made = ensure_secret(self.api, self.namespace, self.names(), self.ips, self.secret)
+        changed = made != self.current
+        if changed:
+            write_files(made, self.directory)
+            self.current = made
+        ensure_ca_bundle(self.api, made.ca_cert, self.config)
+        return changed
+
+    def run(self, server: Reloadable, stop: threading.Event, interval: float = 300.0) -> None:
+        while not stop.wait(interval):
+            try:
+                if self.refresh():
+                    server.reload_certificate(self.certfile, self.keyfile)
+                    log.info("webhook.certificate_reloaded", secret=f"{self.namespace}/{self.secret}")
+            except (CertError, OSError) as exc:  # the old certificate serves on; next round retries
+                log.log("warning", "webhook.certificate_refresh_failed", error=str(exc))

@@ -375,3 +375,50 @@ def test_the_controller_may_keep_only_its_own_secret_and_webhook_configuration()
     conditions = " ".join(c["expression"] for h in config["webhooks"] for c in h.get("matchConditions", []))
     assert all(user in conditions for user in Policy().trusted_users)
     assert ALLOW_DELETE_ANNOTATION in conditions
+
+
+class Reloads:
+    def __init__(self) -> None:
+        self.files: list[tuple[str, str]] = []
+
+    def reload_certificate(self, certfile: str, keyfile: str) -> None:
+        self.files.append((certfile, keyfile))
+
+
+def test_the_keeper_follows_another_replicas_renewal_and_restores_an_emptied_ca_bundle(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    api = FakeApi()
+    api.objects["/api/v1/namespaces/kube-system/secrets/s"] = api.objects.pop("/api/v1/namespaces/ns/secrets/s")
+    keeper = certs.CertKeeper(api, "kube-system", str(tmp_path), secret="s")
+    assert keeper.refresh() is True and keeper.refresh() is False
+    assert keeper.current is not None and Path(keeper.certfile).read_bytes() == keeper.current.cert
+    first = keeper.current
+    config = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]
+    for hook in config["webhooks"]:
+        hook["clientConfig"].pop("caBundle")  # a re-apply of the manifests
+
+    server, stop = Reloads(), threading.Event()
+    runner = threading.Thread(target=keeper.run, args=(server, stop, 0.01))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while any("caBundle" not in h["clientConfig"] for h in config["webhooks"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            config = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]
+        assert server.files == []  # the caBundle came back; the certificate did not change
+        other = certs.make_certificates(NAMES)  # another replica renews
+        secret = api.objects["/api/v1/namespaces/kube-system/secrets/s"]
+        secret["data"] = {k: base64.b64encode(v).decode() for k, v in
+                          zip(("ca.crt", "ca.key", "tls.crt", "tls.key"), (other.ca_cert, other.ca_key, other.cert, other.key), strict=True)}  # fmt: skip
+        while not server.files and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert server.files and server.files[0] == (keeper.certfile, keeper.keyfile)
+    assert keeper.current == other != first
+    assert Path(keeper.certfile).read_bytes() == other.cert
+    config = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]
+    assert {base64.b64decode(h["clientConfig"]["caBundle"]) for h in config["webhooks"]} == {other.ca_cert}

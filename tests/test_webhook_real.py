@@ -123,13 +123,15 @@ def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
     controller = KubeClient(load_kubeconfig(real_kube.token_kubeconfig(CONTROLLER_SA, ns)))
 
     # what the controller does at start, with its own identity
-    made = certs.ensure_secret(controller, ns, ["localhost"], ("127.0.0.1",))
+    keeper = certs.CertKeeper(controller, ns, str(tmp_path), ips=("127.0.0.1",), hosts=("localhost",), config=config)
+    made = certs.ensure_secret(controller, ns, keeper.names(), keeper.ips)
     server = serve_webhook("127.0.0.1:0", *certs.write_files(made, str(tmp_path)), Policy(trusted_users=project_identities(ns)))
     real_kube.request("POST", "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
                       as_test_config(shipped, ns, server.port))  # fmt: skip
     reg = Registered(real_kube, config, server, controller)
     try:
-        assert certs.ensure_ca_bundle(controller, made.ca_cert, config) is True
+        assert keeper.refresh() is True  # the Secret's certificate, and the caBundle written
+        assert keeper.current == made and keeper.refresh() is False
         bad = nad_config(BAD[0])
         poll(lambda: _refuses(lambda: reg.nad("probe", bad, dry_run=True)), "the API server calling the webhook")
         yield reg
