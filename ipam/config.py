@@ -228,7 +228,7 @@ def _same(key: str, nad_value: Any, node_value: Any) -> bool:
     return bool(type(nad_value) is type(node_value) and nad_value == node_value)
 
 
-def _node_only_error(key: str, value: Any) -> CNIError:
+def node_only_error(key: str, value: Any) -> CNIError:
     # the node's own value is not echoed: the caller is a tenant, the node's paths are not theirs
     return invalid(
         key,
@@ -255,9 +255,9 @@ def check_node_only(
             node_kube = node_kube if isinstance(node_kube, Mapping) else {}
             for sub, sub_value in value.items():
                 if not _same(str(sub), sub_value, node_kube.get(sub)):
-                    raise _node_only_error(f"ipam.kubernetes.{sub}", sub_value)
+                    raise node_only_error(f"ipam.kubernetes.{sub}", sub_value)
         elif not _same(key, value, node[key]):
-            raise _node_only_error(f"ipam.{key}", value)
+            raise node_only_error(f"ipam.{key}", value)
     return {k: v for k, v in nad.items() if k not in NODE_ONLY_KEYS}
 
 
@@ -316,6 +316,17 @@ def load_config(
     env = os.environ if environ is None else environ
     search = flat_file_candidates(env) if flat_search is None else flat_search
     conf = netconf or parse_netconf(stdin)
+    flat_path = find_flat_file(search)
+    flat = read_flat_file(flat_path) if flat_path else {}
+    return build_config(conf, flat, flat_path, env)
+
+
+def build_config(
+    conf: NetConf, flat: Mapping[str, Any], flat_path: str | None, env: Mapping[str, str]
+) -> Config:
+    """The pure half of load_config: the network config checked against the node's flat file (read
+    already) and trusted environment. The admission webhook (ipam.webhook) calls it with the cluster's
+    node settings, so a NAD is refused with the very message its ADD would get."""
     if not version_supported(conf.cni_version):
         raise CNIError(
             errors.INCOMPATIBLE_VERSION,
@@ -327,8 +338,6 @@ def load_config(
     nad = dict(conf.ipam)
     if not isinstance(nad.get("configuration_path", ""), str | None):
         raise invalid("ipam.configuration_path", nad["configuration_path"], "must be a string")
-    flat_path = find_flat_file(search)
-    flat = read_flat_file(flat_path) if flat_path else {}
     if flat.get("allow_nad_overrides") is True:
         # single-tenant opt-in: network-config values win again, except that the flat file is never
         # located through the network config (the opt-in lives in that file)

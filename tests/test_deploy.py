@@ -289,13 +289,18 @@ def test_roles_grant_exactly_the_verbs_each_component_uses_in_the_pools_namespac
     assert_bound("Role", account, account)
 
 
+#: the controller's get + update of its own ValidatingWebhookConfiguration, by name (tests/test_webhook.py)
+WEBHOOK_ROLE = "whereabouts-py-controller-webhook"
+
+
 def test_only_the_reconciler_has_cluster_wide_rights_listing_pods_and_nodes() -> None:
-    cluster_roles = [o for o in all_objects() if o["kind"] == "ClusterRole"]
+    cluster_roles = [o for o in all_objects() if o["kind"] == "ClusterRole" and o["metadata"]["name"] != WEBHOOK_ROLE]
     assert [r["metadata"]["name"] for r in cluster_roles] == ["whereabouts-py-reconciler"]
     assert granted(cluster_roles[0]) == RECONCILER_CLUSTER_RULES
     assert_bound("ClusterRole", "whereabouts-py-reconciler", "whereabouts-py-reconciler")
     assert [o["metadata"]["name"] for o in all_objects() if o["kind"] == "ClusterRoleBinding"] == [
-        "whereabouts-py-reconciler"
+        "whereabouts-py-reconciler",
+        WEBHOOK_ROLE,
     ]
 
 
