@@ -16,6 +16,8 @@ import yaml
 
 from tests.kubeapi.real import RealCluster
 from tests.test_deploy import BASE, kustomize
+from tests.test_webhook_monitoring import COMPONENT as MONITORING
+from tests.test_webhook_monitoring import with_base
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "whereabouts-py"
@@ -62,6 +64,25 @@ def test_each_preset_renders_the_objects_of_its_kustomize_layout(platform: str) 
     assert sorted(chart) == sorted(layout)
     for key in layout:
         assert chart[key] == layout[key], key
+
+
+ALL_MONITORING = {
+    "monitoring": {k: {"enabled": True} for k in ("serviceMonitor", "prometheusRule", "dashboard")}
+}
+
+
+def test_monitoring_on_renders_the_base_with_the_monitoring_component(tmp_path: Path) -> None:
+    chart = keyed(render(ALL_MONITORING))
+    layout = keyed(with_base(tmp_path))
+    assert sorted(chart) == sorted(layout)
+    for key in layout:
+        assert chart[key] == layout[key], key
+
+
+def test_the_charts_monitoring_files_are_the_components() -> None:
+    copies = CHART / "files" / "monitoring"
+    for name in ("rbac.yaml", "servicemonitor.yaml", "prometheusrule.yaml", "whereabouts-py-dashboard.json"):
+        assert (copies / name).read_bytes() == (MONITORING / name).read_bytes(), name
 
 
 def test_the_charts_crds_are_the_projects_crds() -> None:
