@@ -179,9 +179,9 @@ def test_retained_leases_are_shown_as_retained_and_release_frees_one(tmp_path: P
         ("10.9.0.2", "apps/web", "retained", "until 2026-01-01T00:10:00Z"),
     ]
     code, out, _ = ctl(data, "show")
-    assert ["10.9.0.1", "10.9.0.0-29", "retained", "apps/db-0", "statefulset", "apps/db"] == (
+    assert (
         next(line for line in out.splitlines() if line.startswith("10.9.0.1")).split()
-    )
+    ) == ["10.9.0.1", "10.9.0.0-29", "retained", "apps/db-0", "statefulset", "apps/db"]
     code, out, _ = ctl(data, "show", "--pod", "apps/web")
     assert "retained" in out and "until 2026-01-01T00:10:00Z" in out
     # a retained lease has no live holder: released without --force (the file datastore has no pods)
