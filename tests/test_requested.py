@@ -221,3 +221,27 @@ def test_sticky_is_refused_with_node_slices(tmp_path: Path) -> None:
     node = Node(tmp_path, {"range": "10.5.0.0/16", "node_slice_size": "/24", "sticky": "statefulset"})
     error = node.refused("c1", "a")
     assert error["code"] == errors.INVALID_CONFIG and "ipam.sticky" in error["msg"]
+
+
+def test_requested_address_with_node_slices_only_in_a_slice_of_this_node(tmp_path: Path) -> None:
+    from ipam import nodeslices
+
+    nodeslices.forget_cache()
+    sliced = {"range": "10.0.0.0/28", "node_slice_size": "/30"}
+    n1 = Node(tmp_path, {**sliced, "node_name": "n1"})
+    n2 = Node(tmp_path, {**sliced, "node_name": "n2"})
+    assert addrs(n1.add("c1", "a")) == ["10.0.0.1/28"]  # n1 claims 10.0.0.0/30
+    assert addrs(n2.add("c2", "b")) == ["10.0.0.5/28"]  # n2 claims 10.0.0.4/30
+    # in n1's own slice: given, in that slice's pool
+    assert addrs(n1.add("c3", "c", ips=["10.0.0.3"])) == ["10.0.0.3/28"]
+    assert {k: v.podref for k, v in n1.leases("n1-10.0.0.0-30").items()} == {"1": "ns/a", "3": "ns/c"}
+    # in n2's slice, free there: refused on n1 naming the slice and its node; n2 gives it
+    error = n1.refused("c4", "d", ips=["10.0.0.6"])
+    assert error["code"] == errors.ADDRESS_TAKEN and "10.0.0.4/30" in error["msg"] and "node n2" in error["msg"]
+    assert addrs(n2.add("c4", "d", ips=["10.0.0.6"])) == ["10.0.0.6/28"]
+    # in a slice no node holds yet
+    error = n1.refused("c5", "e", ips=["10.0.0.9"])
+    assert error["code"] == errors.ADDRESS_TAKEN and "no node holds" in error["msg"]
+    # held in its slice: refused naming the holder
+    error = n2.refused("c6", "f", ips=["10.0.0.6"])
+    assert error["code"] == errors.ADDRESS_TAKEN and "ns/d" in error["msg"]
