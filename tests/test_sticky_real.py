@@ -171,3 +171,29 @@ def test_sticky_seconds_ends_when_the_clock_passes_it(real_kube: RealKube, tmp_p
     out = reconciler(now=until + timedelta(seconds=1))
     assert leases(kube) == {} and "sticky-expired" in out
     assert datetime.now(UTC) < until  # the clock was moved, not waited for
+
+
+def test_requested_and_static_leases_are_recorded_and_reserved(real_kube: RealKube, tmp_path: Path) -> None:
+    """In the IPPool a requested and a static lease are ordinary Whereabouts leases (id, podref, ifname)
+    whose extra state is in `attrs`; each is reserved cluster-wide, and a second pod is refused."""
+    kube, ns = real_kube, real_kube.namespace
+    conf = {**netconf(kube, tmp_path), "runtimeConfig": {"ips": ["10.61.0.20/24"]}}
+    env = cni_env("ADD", "c-a", pod="a", namespace=ns)
+    env["CNI_ARGS"] += ";IP=10.61.0.30/24,192.0.2.1/24;GATEWAY=10.61.0.254"
+    call = run(conf, env)
+    assert call.code == 0, call.stderr[-2000:]
+    assert call.result["ips"] == [
+        {"address": "10.61.0.20/24"},
+        {"address": "10.61.0.30/24", "gateway": "10.61.0.254"},
+        {"address": "192.0.2.1/24"},
+    ]
+    [pool] = [o for o in kube.api.objects("ippools", ns) if o["metadata"]["name"] == POOL]
+    allocations = pool["spec"]["allocations"]
+    assert set(allocations) == {"20", "30"}
+    for offset, kind in (("20", "requested"), ("30", "static")):
+        raw = allocations[offset]
+        assert {raw["id"], raw["podref"], raw["ifname"]} == {"c-a", f"{ns}/a", "net1"}
+        assert f"kind={kind}" in raw["attrs"]
+    assert {"10.61.0.20", "10.61.0.30"} <= {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)}
+    other = run(netconf(kube, tmp_path), {**cni_env("ADD", "c-b", pod="b", namespace=ns), "CNI_ARGS": f"K8S_POD_NAMESPACE={ns};K8S_POD_NAME=b;IP=10.61.0.30/24"})
+    assert other.code == 1 and other.result["code"] == 104 and f"{ns}/a" in other.result["msg"]
