@@ -368,6 +368,13 @@ def load_config(
         )
     try:
         ranges = build_ranges(ipam)
+        for i, static in enumerate(ipam.addresses):  # Whereabouts' static addresses: CIDRs
+            key = f"ipam.addresses[{i}]"
+            if "/" not in static.address:
+                raise RangeConfigError(f"{key}.address", static.address, "is not a CIDR (address/prefix)")
+            parse_cidr(f"{key}.address", static.address)
+            if static.gateway:
+                parse_ip(f"{key}.gateway", static.gateway)
         if ipam.node_slice_size and (ipam.sticky or ipam.sticky_seconds):
             raise RangeConfigError(
                 "ipam.sticky" if ipam.sticky else "ipam.sticky_seconds",

@@ -245,3 +245,30 @@ def test_requested_address_with_node_slices_only_in_a_slice_of_this_node(tmp_pat
     # held in its slice: refused naming the holder
     error = n2.refused("c6", "f", ips=["10.0.0.6"])
     assert error["code"] == errors.ADDRESS_TAKEN and "ns/d" in error["msg"]
+
+
+def test_failed_request_in_a_later_range_rolls_the_whole_add_back(tmp_path: Path) -> None:
+    node = Node(tmp_path, {"ipRanges": [{"range": "10.1.0.0/24"}, {"range": "fd00:1::/120"}]})
+    node.add("c0", "first", ips=["fd00:1::9"])
+    error = node.refused("c1", "a", ips=["10.1.0.7", "fd00:1::9"])
+    assert error["code"] == errors.ADDRESS_TAKEN and "ns/first" in error["msg"]
+    assert set(node.leases("10.1.0.0-24")) == {"1"}  # the IPv4 lease of the refused ADD is gone
+    error = node.refused("c1", "a", ips=["10.1.0.7", "10.1.0.8"])
+    assert error["code"] == errors.INVALID_CONFIG and "one address per range" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ({"address": "10.2.0.1"}, "ipam.addresses[0].address"),
+        ({"address": "10.2.0.1/33"}, "ipam.addresses[0].address"),
+        ({"address": "10.2.0.1/24", "gateway": "x"}, "ipam.addresses[0].gateway"),
+    ],
+)
+def test_bad_static_address_is_a_config_error_naming_the_key(entry: dict[str, str], key: str) -> None:
+    from ipam.config import load_config
+
+    doc = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "whereabouts-py", "range": "10.2.0.0/24", "addresses": [entry]}}
+    with pytest.raises(errors.CNIError) as info:
+        load_config(json.dumps(doc).encode())
+    assert info.value.code == errors.INVALID_CONFIG and key in info.value.msg
