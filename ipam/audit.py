@@ -162,6 +162,21 @@ def retention_verdict(
     return None
 
 
+def lease_verdict(
+    lease: Lease,
+    address: str,
+    pod: PodInfo | None,
+    statefulsets: Mapping[str, int] | None,
+    now: datetime,
+    grace: float,
+) -> str | None:
+    """Why this lease can go, or None: a retained lease by `retention_verdict` (its pod is gone by
+    design), any other by `verdict`. What `audit` and the controller both ask of one lease."""
+    if lease.retained:
+        return retention_verdict(lease, pod, statefulsets, now)
+    return verdict(lease, address, pod, now, grace)
+
+
 def retention_note(lease: Lease) -> str:
     """How a retained lease is kept, for people: `until <time>` and/or `statefulset <ns/name>`."""
     parts = []
@@ -453,11 +468,8 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
     released: set[tuple[str, int]] = set()
     for h in held:
         pod = inventory.pods.get(h.lease.podref) if inventory.pods is not None else None
-        if inventory.pods is not None or h.lease.retained:
-            if h.lease.retained:  # its pod is gone by design: the retention decides
-                reason = retention_verdict(h.lease, pod, inventory.statefulsets, now)
-            else:
-                reason = verdict(h.lease, h.address, pod, now, grace)
+        if inventory.pods is not None or h.lease.retained:  # expiry needs no pod list
+            reason = lease_verdict(h.lease, h.address, pod, inventory.statefulsets, now, grace)
             if reason is not None:
                 made = parse_time(h.lease.created)
                 young = not h.lease.retained and made is not None and not _older_than(made, now, grace)
