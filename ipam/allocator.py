@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .ranges import RangeSpec
 
-_EXTRAS = ("node", "poduid", "created", "network", "token")
+# `kind`, `retained`, `sticky`, `until`: requested / static / retained leases (README "Requested and
+# sticky addresses"); Whereabouts reads such a lease as an ordinary one.
+_EXTRAS = ("node", "poduid", "created", "network", "token", "kind", "retained", "sticky", "until")
 _KNOWN_FIELDS = ("id", "podref", "ifname", "attrs", *_EXTRAS)
 _ESCAPES = (("%", "%25"), (";", "%3B"), ("=", "%3D"))  # `%` first: it escapes the others
 
@@ -104,6 +106,10 @@ class Lease:
     created: str = ""
     network: str = ""
     token: str = ""
+    kind: str = ""  # "" (lowest free), REQUESTED (runtimeConfig.ips) or STATIC (Whereabouts' addresses / IP=)
+    retained: str = ""  # when set (the DEL's time): released, but kept for its pod name (sticky)
+    sticky: str = ""  # with `retained`: STATEFULSET when the StatefulSet decides how long
+    until: str = ""  # with `retained`: kept at least until then (sticky_seconds)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     attrs_extra: tuple[str, ...] = field(default=(), compare=False)
 
@@ -111,6 +117,10 @@ class Lease:
         if self.attrs_extra:  # however the lease was made (read, confirmed, replaced): see _shadowed
             values = {name: getattr(self, name) for name in _EXTRAS}
             object.__setattr__(self, "attrs_extra", _shadowed(self.attrs_extra, values))
+
+    def holds_for(self, podref: str, ifname: str, container_id: str) -> bool:
+        """The lease this attachment was given in its pool (a static one is an extra address, never that)."""
+        return self.kind != STATIC and self.owned_by(podref, ifname, container_id)
 
     def owned_by(self, podref: str, ifname: str, container_id: str) -> bool:
         """Same attachment: by pod reference + interface, or by container id + interface without a pod."""
@@ -170,6 +180,9 @@ class Lease:
 
 
 Allocations = dict[int, Lease]
+REQUESTED = "requested"
+STATIC = "static"
+STATEFULSET = "statefulset"
 CONFIRMED = "~"  # prefixes the token of a lease another call confirmed (no creator's rollback matches it)
 
 
@@ -201,6 +214,7 @@ class Request:
     created: str = ""
     network: str = ""  # the CNI config `name`
     token: str = ""  # this ADD call's id; a lease carrying it was created by this call
+    kind: str = ""  # the lease's kind: "", REQUESTED or STATIC
 
     def lease(self) -> Lease:
         return Lease(
@@ -212,6 +226,7 @@ class Request:
             self.created,
             self.network,
             self.token,
+            self.kind,
         )
 
 
@@ -232,7 +247,7 @@ class Decision:
 
 def find_owner(allocations: Allocations, request: Request) -> int | None:
     for offset in sorted(allocations):
-        if allocations[offset].owned_by(request.podref, request.ifname, request.container_id):
+        if allocations[offset].holds_for(request.podref, request.ifname, request.container_id):
             return offset
     return None
 
@@ -263,48 +278,75 @@ def lowest_free(spec: RangeSpec, taken_offsets: Iterable[int]) -> int | None:
     return None
 
 
+class Taken(Exception):
+    """A wanted address (requested or static) is held by another attachment: `holder`."""
+
+    def __init__(self, offset: int, holder: Lease) -> None:
+        super().__init__(f"offset {offset} is held by {holder.podref or holder.id}")
+        self.offset = offset
+        self.holder = holder
+
+
+def _confirmed(lease: Lease, request: Request) -> Lease:
+    """`lease` taken (again) by `request`'s attachment: its container id, its pod UID (empty when the
+    request has none: a UID this call did not vouch for must not decide a release), a creator's token
+    confirmed (that creator's rollback must no longer remove it), and no longer retained."""
+    token = lease.token
+    if token and not token.startswith(CONFIRMED):
+        token = CONFIRMED + request.token
+    return replace(
+        lease,
+        id=request.container_id,
+        podref=request.podref or lease.podref,
+        ifname=request.ifname or lease.ifname,
+        node=request.node or lease.node,
+        poduid=request.poduid,
+        created=lease.created or request.created,
+        network=request.network or lease.network,
+        token=token,
+        kind=request.kind,
+        retained="",
+        sticky="",
+        until="",
+    )
+
+
+def _reuse(allocations: Allocations, offset: int, request: Request) -> Decision:
+    """The attachment's existing lease at `offset`, confirmed; a lease carrying the request's token was
+    created by this very call (an earlier attempt whose answer was lost) and is kept as it is."""
+    lease = allocations[offset]
+    if request.token and lease.token == request.token and lease.id == request.container_id:
+        return Decision(offset, allocations, changed=False, reused=False)
+    wanted = _confirmed(lease, request)
+    if wanted == lease:
+        return Decision(offset, allocations, changed=False, reused=True)
+    return Decision(offset, {**allocations, offset: wanted}, changed=True, reused=True)
+
+
 def allocate(
-    spec: RangeSpec, allocations: Allocations, request: Request, skip: Iterable[int] = ()
+    spec: RangeSpec,
+    allocations: Allocations,
+    request: Request,
+    skip: Iterable[int] = (),
+    want: int | None = None,
 ) -> Decision | None:
     """Choose the address for `request`: its existing lease if it has a usable one, else the lowest free.
 
     `skip` holds offsets known to be taken elsewhere (an overlapping range's reservation).
-    Returns None when the range is exhausted.
+    Returns None when the range is exhausted. With `want` (a requested or static address, checked
+    against the range by the caller) exactly that offset, or `Taken` when another attachment holds it.
 
     A lease that carries the request's `token` was created by this very call (an earlier attempt whose
     answer was lost): it is kept as it is and not counted as reused. Any other existing lease is
-    confirmed: a creator's token on it becomes `CONFIRMED` + the request's token (that creator's
-    rollback must no longer remove it; this call's own retry still sees a reuse), and its pod UID
-    becomes the request's, empty when the request has none (a UID this call did not vouch for must not
-    decide a release).
+    confirmed (`_confirmed`): a retained lease goes back to its pod name this way.
     """
+    if want is not None:
+        return _allocate_wanted(allocations, request, want)
     base = int(spec.network.first)
     skip = set(skip)
     current = find_owner(allocations, request)
     if current is not None and spec.contains(base + current) and current not in skip:
-        lease = allocations[current]
-        if request.token and lease.token == request.token and lease.id == request.container_id:
-            return Decision(current, allocations, changed=False, reused=False)
-        token = lease.token
-        if token and not token.startswith(CONFIRMED):
-            token = CONFIRMED + request.token
-        wanted = Lease(
-            request.container_id,
-            request.podref or lease.podref,
-            request.ifname or lease.ifname,
-            request.node or lease.node,
-            request.poduid,
-            lease.created or request.created,
-            request.network or lease.network,
-            token,
-            lease.extra,
-            lease.attrs_extra,
-        )
-        if wanted == lease:
-            return Decision(current, allocations, changed=False, reused=True)
-        updated = dict(allocations)
-        updated[current] = wanted
-        return Decision(current, updated, changed=True, reused=True)
+        return _reuse(allocations, current, request)
     remaining = dict(allocations)
     moved = None
     if current is not None:  # its old address is no longer allocatable under this config
@@ -316,23 +358,84 @@ def allocate(
     return Decision(offset, remaining, changed=True, reused=False, moved=moved)
 
 
+def _allocate_wanted(allocations: Allocations, request: Request, want: int) -> Decision:
+    holder = allocations.get(want)
+    if holder is not None:
+        mine = holder.owned_by(request.podref, request.ifname, request.container_id)
+        if not mine or (holder.kind == STATIC) != (request.kind == STATIC):
+            raise Taken(want, holder)
+        return _reuse(allocations, want, request)
+    remaining = dict(allocations)
+    moved = None
+    if request.kind != STATIC and (current := find_owner(allocations, request)) is not None:
+        moved = (current, remaining.pop(current))  # it asks for another address now
+    remaining[want] = request.lease()
+    return Decision(want, remaining, changed=True, reused=False, moved=moved)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How a DEL keeps a lease for its pod name (sticky): `at` the DEL's time, `sticky` STATEFULSET
+    when the StatefulSet decides, `until` the end of `sticky_seconds` (timestamps as `created`)."""
+
+    at: str
+    sticky: str = ""
+    until: str = ""
+
+    def keeps(self, lease: Lease) -> bool:
+        """Whether this retention applies to `lease`: a requested or allocated lease with a pod name
+        (a static one is the config's, given again by it); with STATEFULSET only, a name that ends in
+        an ordinal (`db-0`)."""
+        if lease.kind == STATIC or not lease.podref:
+            return False
+        return bool(self.until) or (self.sticky == STATEFULSET and statefulset_ordinal(lease.podref) is not None)
+
+
+def statefulset_ordinal(podref: str) -> tuple[str, int] | None:
+    """`ns/db-3` -> (`ns/db`, 3): the StatefulSet a pod of that name would belong to, and its ordinal."""
+    head, dash, tail = podref.rpartition("-")
+    if not dash or "/" not in head or not tail.isascii() or not tail.isdigit():
+        return None
+    if len(tail) > 1 and tail.startswith("0"):
+        return None  # a StatefulSet never names an ordinal with a leading zero
+    return head, int(tail)
+
+
 def release(
-    allocations: Allocations, container_id: str, ifname: str, token: str = "", untokened: bool = False
+    allocations: Allocations,
+    container_id: str,
+    ifname: str,
+    token: str = "",
+    untokened: bool = False,
+    retention: Retention | None = None,
 ) -> tuple[Allocations, list[int]]:
     """Drop this container's leases on `ifname`; releasing something unknown is not an error.
 
     With `token` (a rollback), only leases still carrying that ADD call's token are dropped, and with
     `untokened` also ones carrying none (a foreign CRD schema pruned it; the caller knows it created
-    the lease).
+    the lease). With `retention` (a DEL under `sticky`), the leases it keeps are marked retained
+    instead (not in the offsets returned); a lease already retained stays as it is.
     """
-    gone = [
+    mine = [
         o
         for o in find_container(allocations, container_id, ifname)
         if not token or allocations[o].token == token or (untokened and not allocations[o].token)
     ]
-    if not gone:
+    kept = {o: allocations[o] for o in mine if allocations[o].retained}
+    if retention is not None:
+        kept.update(
+            {
+                o: replace(allocations[o], retained=retention.at, sticky=retention.sticky, until=retention.until)
+                for o in mine
+                if o not in kept and retention.keeps(allocations[o])
+            }
+        )
+    gone = [o for o in mine if o not in kept]
+    if not gone and all(allocations[o] is lease for o, lease in kept.items()):
         return allocations, []
-    return {k: v for k, v in allocations.items() if k not in gone}, gone
+    out = {k: v for k, v in allocations.items() if k not in gone}
+    out.update(kept)
+    return out, gone
 
 
 def release_stale(
@@ -343,12 +446,13 @@ def release_stale(
 
     `valid` lists only that network's attachments, so a lease of another network sharing the pool is
     never judged by it. A lease without a node or a network (written by Whereabouts, by an older
-    version, or pruned) is never released here.
+    version, or pruned) is never released here, nor a retained one (its container is gone by design).
     """
     gone = sorted(
         offset
         for offset, lease in allocations.items()
         if lease.node
+        and not lease.retained
         and lease.node == node
         and lease.network
         and lease.network == network

@@ -22,7 +22,7 @@ from typing import Any
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
-from .allocator import Lease
+from .allocator import STATEFULSET, Lease, statefulset_ordinal
 from .ranges import pool_name, reservation_name, usable_bounds
 from .store.base import PoolSnapshot
 
@@ -113,6 +113,79 @@ def verdict(lease: Lease, address: str, pod: PodInfo | None, now: datetime, grac
     if min((now - lease_made).total_seconds(), (now - pod.created).total_seconds()) <= grace:
         return None
     return "not-in-network-status"
+
+
+def statefulset_index(statefulsets: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """`ns/name` -> `spec.replicas` (1 when unset, as Kubernetes defaults it) of each StatefulSet."""
+    out: dict[str, int] = {}
+    for sts in statefulsets:
+        meta = sts.get("metadata") or {}
+        replicas = (sts.get("spec") or {}).get("replicas", 1)
+        if meta.get("deletionTimestamp"):
+            continue  # being deleted: its pods go, and so does what is kept for them
+        out[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = replicas if isinstance(replicas, int) else 1
+    return out
+
+
+def retention_verdict(
+    lease: Lease, pod: PodInfo | None, statefulsets: Mapping[str, int] | None, now: datetime
+) -> str | None:
+    """Why a retained lease (sticky: released by its DEL, kept for its pod name) is kept no longer
+    (sticky-expired, statefulset-gone, statefulset-scaled-down, not-a-statefulset-pod), or None while
+    it is kept. The one rule `ipam-reconcile` and `ipam-controller` both apply.
+
+    Kept while `until` (sticky_seconds) is ahead; with sticky `statefulset` also while the StatefulSet
+    the pod name belongs to (`db-3`: `db`) exists and its replicas cover the ordinal. A pod of that
+    name that exists again (re-created, its ADD not yet done) keeps it too: that ADD takes it back.
+    `statefulsets` None: they could not be read, so no StatefulSet retention is ended.
+    """
+    if not lease.retained:
+        return None
+    until = parse_time(lease.until)
+    if until is not None and now < until:
+        return None
+    if pod is not None and pod.phase not in TERMINAL_PHASES and not pod.deleting:
+        return None
+    if lease.sticky != STATEFULSET:
+        return "sticky-expired"
+    owner = statefulset_ordinal(lease.podref)
+    if owner is None:
+        return "not-a-statefulset-pod"
+    if statefulsets is None:
+        return None
+    name, ordinal = owner
+    replicas = statefulsets.get(name)
+    if replicas is None:
+        return "statefulset-gone"
+    if ordinal >= replicas:
+        return "statefulset-scaled-down"
+    return None
+
+
+def lease_verdict(
+    lease: Lease,
+    address: str,
+    pod: PodInfo | None,
+    statefulsets: Mapping[str, int] | None,
+    now: datetime,
+    grace: float,
+) -> str | None:
+    """Why this lease can go, or None: a retained lease by `retention_verdict` (its pod is gone by
+    design), any other by `verdict`. What `audit` and the controller both ask of one lease."""
+    if lease.retained:
+        return retention_verdict(lease, pod, statefulsets, now)
+    return verdict(lease, address, pod, now, grace)
+
+
+def retention_note(lease: Lease) -> str:
+    """How a retained lease is kept, for people: `until <time>` and/or `statefulset <ns/name>`."""
+    parts = []
+    if lease.until:
+        parts.append(f"until {lease.until}")
+    owner = statefulset_ordinal(lease.podref) if lease.sticky == STATEFULSET else None
+    if owner is not None:
+        parts.append(f"statefulset {owner[0]}")
+    return ", ".join(parts) or "retained"
 
 
 def holder_is_live(lease: Lease, pod: PodInfo | None) -> bool:
@@ -207,6 +280,8 @@ class Inventory:
     nodes: frozenset[str] | None = None
     notes: tuple[str, ...] = ()  # what could not be read, so was not judged
     slices_read: bool = True  # False: the NodeSlicePools could not be read (notes say why)
+    # `statefulset_index`: what ends StatefulSet retention (sticky); None when not read
+    statefulsets: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -393,11 +468,11 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
     released: set[tuple[str, int]] = set()
     for h in held:
         pod = inventory.pods.get(h.lease.podref) if inventory.pods is not None else None
-        if inventory.pods is not None:
-            reason = verdict(h.lease, h.address, pod, now, grace)
+        if inventory.pods is not None or h.lease.retained:  # expiry needs no pod list
+            reason = lease_verdict(h.lease, h.address, pod, inventory.statefulsets, now, grace)
             if reason is not None:
                 made = parse_time(h.lease.created)
-                young = made is not None and not _older_than(made, now, grace)
+                young = not h.lease.retained and made is not None and not _older_than(made, now, grace)
                 fix = None if young else RELEASE
                 if fix:
                     released.add((h.pool.name, h.offset))

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -21,8 +21,10 @@ from .log import log
 from .versions import LATEST
 
 if TYPE_CHECKING:
+    from .allocator import Retention
     from .config import Config
     from .engine import Assigned, Engine, Slicer
+    from .requested import Static
     from .store.base import Store
 
 EngineSource = Callable[["Config"], AbstractContextManager["Engine"]]
@@ -62,8 +64,11 @@ def container_identity(env: Mapping[str, str], need_netns: bool) -> tuple[str, s
     return container_id, ifname
 
 
-def format_ips(version: str, assigned: list[Assigned], cfg: Config) -> dict[str, Any]:
-    """The IPAM result in the caller's cniVersion (`ips[].version` below 1.0.0)."""
+def format_ips(
+    version: str, assigned: list[Assigned], cfg: Config, static: Sequence[Static] = ()
+) -> dict[str, Any]:
+    """The IPAM result in the caller's cniVersion (`ips[].version` below 1.0.0); Whereabouts' static
+    addresses after the ranges' own, as Whereabouts puts them."""
     from .versions import version_tuple
 
     old = version_tuple(version) < (1, 0, 0)
@@ -75,6 +80,7 @@ def format_ips(version: str, assigned: list[Assigned], cfg: Config) -> dict[str,
         if a.spec.gateway is not None:
             entry["gateway"] = str(a.spec.gateway)
         ips.append(entry)
+    ips += [s.result(old) for s in static]
     result: dict[str, Any] = {"cniVersion": version, "ips": ips}
     routes = [r.model_dump(exclude_none=True) for r in cfg.ipam.routes]
     if routes:
@@ -154,6 +160,7 @@ def _require_version(cfg: Config, command: str, minimum: tuple[int, ...]) -> Non
 
 def cmd_add(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> dict[str, Any]:
     from .allocator import Request
+    from .requested import requested_wants, static_wants, statics
 
     container_id, ifname = container_identity(env, need_netns=True)
     args = parse_cni_args(env.get("CNI_ARGS", ""))
@@ -166,15 +173,29 @@ def cmd_add(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> dict[
         node=node_name(cfg),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
+    static = statics([a.model_dump() for a in cfg.ipam.addresses], args)
+    wants = requested_wants(cfg.runtime_config, cfg.ranges) + static_wants(static, cfg.ranges)
     with engines(cfg) as engine:
-        assigned = engine.add(cfg.ranges, request)
-    return format_ips(cfg.cni_version, assigned, cfg)
+        assigned = engine.add(cfg.ranges, request, wants)
+    return format_ips(cfg.cni_version, assigned, cfg, static)
+
+
+def retention(cfg: Config, now: float) -> Retention | None:
+    """How a DEL keeps leases under `sticky` / `sticky_seconds`; None when sticky is off."""
+    from .allocator import STATEFULSET, Retention
+
+    ipam = cfg.ipam
+    if not (ipam.sticky or ipam.sticky_seconds):
+        return None
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    until = time.strftime(stamp, time.gmtime(now + ipam.sticky_seconds)) if ipam.sticky_seconds else ""
+    return Retention(time.strftime(stamp, time.gmtime(now)), STATEFULSET if ipam.sticky else "", until)
 
 
 def cmd_del(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> None:
     container_id, ifname = container_identity(env, need_netns=False)
     with engines(cfg) as engine:
-        engine.release(cfg.ranges, container_id, ifname)
+        engine.release(cfg.ranges, container_id, ifname, retention(cfg, time.time()))
 
 
 def cmd_check(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> None:

@@ -63,6 +63,13 @@ class Route(_Model):
     gw: str | None = None
 
 
+class StaticAddress(_Model):
+    """Whereabouts' `addresses` entry: added to the result, and recorded when inside a range."""
+
+    address: str
+    gateway: str | None = None
+
+
 class DNS(_Model):
     nameservers: list[str] = Field(default_factory=list)
     domain: str | None = None
@@ -107,6 +114,10 @@ class IPAMConfig(_Model):
     network_name: str = ""
     enable_overlapping_ranges: bool = True
     node_slice_size: str | None = None
+    addresses: list[StaticAddress] = Field(default_factory=list)
+    # sticky addresses (README "Requested and sticky addresses"): a DEL keeps the lease for its pod name
+    sticky: Literal["statefulset"] | None = None
+    sticky_seconds: int | None = Field(default=None, ge=1, le=366 * 86400)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     configuration_path: str | None = None
     log_file: OptionalHostPath = None
@@ -366,6 +377,20 @@ def build_config(
         )
     try:
         ranges = build_ranges(ipam)
+        for i, static in enumerate(ipam.addresses):  # Whereabouts' static addresses: CIDRs
+            key = f"ipam.addresses[{i}]"
+            if "/" not in static.address:
+                raise RangeConfigError(f"{key}.address", static.address, "is not a CIDR (address/prefix)")
+            parse_cidr(f"{key}.address", static.address)
+            if static.gateway:
+                parse_ip(f"{key}.gateway", static.gateway)
+        if ipam.node_slice_size and (ipam.sticky or ipam.sticky_seconds):
+            raise RangeConfigError(
+                "ipam.sticky" if ipam.sticky else "ipam.sticky_seconds",
+                ipam.sticky or ipam.sticky_seconds,
+                "cannot be used with ipam.node_slice_size (a pod re-created on another node allocates "
+                "in that node's slices)",
+            )
         if ipam.node_slice_size:
             from .slices import slice_prefix
 

@@ -82,13 +82,31 @@ def _nodes(view: PoolView) -> str:
 
 
 def lease_json(h: Holding) -> dict[str, str]:
-    return {
+    """A lease; `state` (retained, requested, static) and `retention` only when it has them."""
+    out = {
         "address": h.address,
         "podref": h.lease.podref,
         "id": h.lease.id,
         "ifname": h.lease.ifname,
         "node": h.lease.node,
     }
+    if h.lease.retained:
+        out.update(state="retained", retention=audit.retention_note(h.lease), released=h.lease.retained)
+    elif h.lease.kind:
+        out["state"] = h.lease.kind
+    return out
+
+
+def _write_retained(o: Output, held: Sequence[Holding]) -> None:
+    """The retained leases among `held` (sticky): kept for a pod name after its DEL."""
+    rows = [
+        [h.address, h.pool.name, "retained", h.lease.podref, audit.retention_note(h.lease)]
+        for h in held
+        if h.lease.retained
+    ]
+    if rows:
+        o.write()
+        o.table(["ADDRESS", "POOL", "STATE", "PODREF", "KEPT"], rows)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -137,6 +155,7 @@ def cmd_show(args: argparse.Namespace, source: Source, o: Output) -> int:
     o.table(["NAME", "RANGE", "NETWORK", "NODE", "USED", "FREE", "USAGE", "NODES"], rows, colours)
     if not views:
         o.write("(no pools)")
+    _write_retained(o, audit.holdings(views))
     return OK
 
 
@@ -198,6 +217,7 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
         o.table(["ADDRESS", "POOL", "PODREF", "CONTAINER", "IFNAME", "NODE", "RESERVATION"], rows)
         if not rows:
             o.write(f"nothing holds {next(iter(what.values()))}")
+        _write_retained(o, held)
     return OK if entries or alone else PROBLEMS
 
 
@@ -278,6 +298,8 @@ def cmd_release(args: argparse.Namespace, source: Source, o: Output) -> int:
 
 def _holder_alive(h: Holding, inventory: Inventory) -> str:
     """Why releasing this lease would take a live pod's address ("" when it would not)."""
+    if h.lease.retained:
+        return ""  # its DEL is done: it is only kept for the pod name (sticky)
     if inventory.pods is None:
         return f"cannot tell whether {h.lease.podref or 'its holder'} still runs (the file datastore has no pod list)"
     if not h.lease.podref:

@@ -22,7 +22,7 @@ from typing import Protocol
 from netaddr import AddrFormatError, IPAddress
 
 from . import allocator, errors
-from .allocator import Allocations, Lease, Request
+from .allocator import REQUESTED, STATIC, Allocations, Lease, Request, Retention, Taken
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .ranges import RangeSpec, pool_name, reservation_name
@@ -50,12 +50,36 @@ class Assigned:
         return f"{self.address}/{self.spec.prefixlen}"
 
 
+@dataclass(frozen=True)
+class Want:
+    """An exact address an ADD must get in `spec` (offset from its network address): REQUESTED
+    (runtimeConfig.ips, the attachment's address in that range) or STATIC (Whereabouts' `addresses` /
+    `IP=`, an extra address recorded so that no other pod is given it)."""
+
+    spec: RangeSpec
+    offset: int
+    kind: str
+
+
+def taken_error(address: IPAddress, kind: str, holder: Lease, where: str) -> CNIError:
+    who = f"pod {holder.podref}" if holder.podref else f"container {holder.id}"
+    if holder.retained:
+        who += " (retained for it after its DEL: sticky)"
+    return CNIError(
+        errors.ADDRESS_TAKEN,
+        f"{'static' if kind == STATIC else 'requested'} address {address} is not available: it is held by {who}",
+        f"{where}; interface {holder.ifname or '-'}",
+    )
+
+
 @dataclass(eq=False)
 class AddOp:
-    """One range's share of an ADD; filled in by `Engine.apply_batch`."""
+    """One range's share of an ADD; filled in by `Engine.apply_batch`. `want`: the exact offset
+    (a `Want`'s), else the lowest free one."""
 
     spec: RangeSpec
     request: Request
+    want: int | None = None
     offset: int | None = None
     reused: bool = False
     created: bool = False  # the last decision added a new lease (rather than confirming one)
@@ -80,6 +104,7 @@ class ReleaseOp:
     released: list[int] = field(default_factory=list)
     token: str = ""
     untokened: bool = False  # with token: also leases without any (the pool's schema prunes tokens)
+    retention: Retention | None = None  # a DEL under `sticky`: keep the leases for their pod name
 
 
 Op = AddOp | ReleaseOp
@@ -382,8 +407,9 @@ class Engine:
 
     # -- ADD ------------------------------------------------------------------------------------
 
-    def add(self, ranges: Sequence[RangeSpec], request: Request) -> list[Assigned]:
-        """One address per range, all or nothing.
+    def add(self, ranges: Sequence[RangeSpec], request: Request, wants: Sequence[Want] = ()) -> list[Assigned]:
+        """One address per range, all or nothing (`wants`: exact addresses, see `Want`; the static ones
+        are written first, so that the range's own address is never one of them, and are not returned).
 
         Every lease this call creates carries its own token; the rollback of a failed ADD removes only
         leases still carrying it (in every range it reached, the failing one included). A lease that
@@ -398,7 +424,12 @@ class Engine:
         reached: list[AddOp] = []
         try:
             for spec in ranges:
-                op = AddOp(spec, request)
+                for want in [w for w in wants if w.spec == spec and w.kind == STATIC]:
+                    op = AddOp(spec, replace(request, kind=STATIC), want.offset)
+                    reached.append(op)
+                    self._add_one(op, deadline)
+                requested = next((w.offset for w in wants if w.spec == spec and w.kind == REQUESTED), None)
+                op = AddOp(spec, request if requested is None else replace(request, kind=REQUESTED), requested)
                 reached.append(op)
                 done.append(self._add_one(op, deadline))
         except BaseException:
@@ -517,11 +548,12 @@ class Engine:
             changed = False
             for op in ops:
                 if isinstance(op, ReleaseOp):
+                    before = leases
                     leases, gone = allocator.release(
-                        leases, op.container_id, op.ifname, op.token, op.untokened
+                        leases, op.container_id, op.ifname, op.token, op.untokened, op.retention
                     )
                     op.released = sorted(set(op.released) | set(gone))
-                    changed = changed or bool(gone)
+                    changed = changed or leases is not before
                     continue
                 decision = self._choose(name, op, leases)
                 if decision is not None:
@@ -589,6 +621,10 @@ class Engine:
                 continue
             if holder is not None:
                 log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
+                if op.want is not None:  # that very address was asked for: no other will do
+                    address = op.spec.address_at(op.offset)
+                    op.offset, op.error = None, taken_error(address, op.request.kind, holder, f"reservation {rname}")
+                    continue
                 op.skip.add(op.offset)
                 collided.append(op)
         return collided
@@ -622,7 +658,11 @@ class Engine:
     def _choose(self, name: str, op: AddOp, leases: Allocations) -> allocator.Decision | None:
         """Pick op's address among `leases`, avoiding addresses found reserved by another pool."""
         op.offset, op.error, op.created = None, None, False
-        decision = allocator.allocate(op.spec, leases, op.request, op.skip)
+        try:
+            decision = allocator.allocate(op.spec, leases, op.request, op.skip, op.want)
+        except Taken as exc:
+            op.error = taken_error(op.spec.address_at(exc.offset), op.request.kind, exc.holder, f"pool {name}")
+            return None
         if decision is None:
             op.error = CNIError(
                 errors.POOL_EXHAUSTED,
@@ -644,10 +684,11 @@ class Engine:
         deadline: float,
         token: str = "",
         untokened: bool = False,
+        retention: Retention | None = None,
     ) -> list[int]:
         if (slicer := self._sliced(spec)) is not None:
             return slicer.release(self, spec, container_id, ifname, deadline, token, untokened)
-        op = ReleaseOp(container_id, ifname, token=token, untokened=untokened)
+        op = ReleaseOp(container_id, ifname, token=token, untokened=untokened, retention=retention)
         self._submit(self._pool(spec), spec.cidr, [op], deadline)
         return op.released
 
@@ -749,14 +790,21 @@ class Engine:
                 out.append(rname)
         return out
 
-    def release(self, ranges: Sequence[RangeSpec], container_id: str, ifname: str) -> list[Assigned]:
+    def release(
+        self,
+        ranges: Sequence[RangeSpec],
+        container_id: str,
+        ifname: str,
+        retention: Retention | None = None,
+    ) -> list[Assigned]:
         """DEL: release this attachment's leases, then its reservations by holder identity: those of
         the addresses released (in any attempt, even one whose answer was lost), and, when nothing was
-        left to release (a retried DEL after a crash), any the store still lists for this holder."""
+        left to release (a retried DEL after a crash), any the store still lists for this holder.
+        With `retention` (sticky) the leases it keeps stay, with their reservations, marked retained."""
         deadline = self._deadline()
         out: list[Assigned] = []
         for spec in ranges:
-            gone = self._release_op(spec, container_id, ifname, deadline)
+            gone = self._release_op(spec, container_id, ifname, deadline, retention=retention)
             self._unreserve(spec, gone, container_id, ifname, deadline)
             if not gone and (orphans := self._held_reservations(spec, container_id, ifname)):
                 # not those of addresses this container holds again (an ADD of it after this DEL)

@@ -20,6 +20,7 @@ POOL_EXHAUSTED = 100
 DATASTORE_CORRUPT = 101
 LEASE_NOT_FOUND = 102
 DATASTORE_ERROR = 103
+ADDRESS_TAKEN = 104  # a requested or static address another attachment holds
 
 
 class CNIError(Exception):

@@ -404,7 +404,7 @@ class Slicer:
             return "full"
         sub_engine = self._sub_engine(engine)
         for _ in range(3):
-            sub_op = AddOp(sub, op.request)
+            sub_op = AddOp(sub, op.request, None if op.want is None else op.want - self._shift(sub))
             try:
                 sub_engine._submit(name, sub.cidr, [sub_op], deadline)
             except PoolRetiredError as exc:
@@ -479,6 +479,8 @@ class Slicer:
         return order
 
     def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
+        if op.want is not None:
+            return self._add_wanted(engine, op, deadline)
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
@@ -516,6 +518,34 @@ class Slicer:
                 )
             pool = self._claim(engine, deadline, unusable)
             tried -= set(pool.held_by(self.node)) - unusable
+
+    def _add_wanted(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
+        """A requested or static address: only in a slice this node holds, written in that slice's pool
+        as any lease of the node. One in another node's slice, or in a slice no node holds, is refused:
+        only the slice's holder writes its pool, so the address can never be given twice."""
+        assert op.want is not None
+        address = op.spec.address_at(op.want)
+        pool = self._read(engine, deadline, refresh=True)
+        for entry in pool.entries:
+            if address not in slice_spec(self.spec, entry.slice_range).network:
+                continue
+            if entry.node == self.node:
+                done = self._add_in(engine, op, entry.slice_range, deadline)
+                if not isinstance(done, str):
+                    return done
+                why = f"its slice {entry.slice_range} of this node cannot take a lease now ({done})"
+            elif entry.node:
+                why = f"it lies in slice {entry.slice_range} of node {entry.node}"
+            else:
+                why = f"it lies in slice {entry.slice_range}, which no node holds yet"
+            break
+        else:
+            why = f"it lies in no slice of NodeSlicePool {self.pool_name}"
+        raise CNIError(
+            errors.ADDRESS_TAKEN,
+            f"requested address {address} is not available on node {self.node}: {why}",
+            "with node_slice_size a requested address is given only on a node holding its slice",
+        )
 
     # -- DEL / GC / CHECK / STATUS --------------------------------------------------------------
 

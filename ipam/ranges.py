@@ -65,6 +65,22 @@ class RangeSpec:
         return f"{self.cidr} ({first}-{last})"
 
 
+def refusal(spec: RangeSpec, address: IPAddress) -> str | None:
+    """Why `address` (inside `spec.network`) may not be handed out from `spec`, or None when it may."""
+    value = int(address)
+    if spec.contains(value):
+        return None
+    if spec.gateway is not None and value == int(spec.gateway):
+        return "it is the gateway"
+    for excluded in spec.exclude:
+        if address in excluded:
+            return f"it is excluded ({excluded})"
+    first, last = usable_bounds(spec.network)
+    if not first <= value <= last:
+        return f"it is the network or broadcast address of {spec.cidr}"
+    return f"it is outside range_start..range_end ({IPAddress(spec.start, spec.version)}-{IPAddress(spec.end, spec.version)})"
+
+
 def usable_bounds(network: IPNetwork) -> tuple[int, int]:
     """First and last address a host may hold in `network`.
 

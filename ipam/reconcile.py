@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 from . import audit
-from .allocator import Allocations
+from .allocator import STATEFULSET, Allocations
 from .audit import (
     Inventory,
     PodInfo,
@@ -35,6 +35,7 @@ from .audit import (
     network_prefix,
     parse_time,
     pod_index,
+    statefulset_index,
     verdict,
 )
 from .engine import Engine, RetryPolicy
@@ -78,6 +79,10 @@ class Source(Protocol):
     def pods(self) -> dict[str, PodInfo] | None: ...
     def slice_pools(self) -> list[SlicePool]: ...
     def nodes(self) -> frozenset[str] | None: ...
+    def statefulsets(self) -> dict[str, int] | None:
+        """`audit.statefulset_index` of the cluster's StatefulSets (sticky retention); None: none to read."""
+        ...
+
     def delete_reservation(self, reservation: Reservation) -> None: ...
     def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
         """Node slices' reclaim (`nodeslices.return_slices`): one line per slice returned, or error."""
@@ -107,6 +112,9 @@ class KubeSource:
 
     def nodes(self) -> frozenset[str]:
         return frozenset(self.kube.list_nodes())
+
+    def statefulsets(self) -> dict[str, int]:
+        return statefulset_index(self.kube.list_statefulsets())
 
     def delete_reservation(self, reservation: Reservation) -> None:
         self.kube.delete_reservation(reservation.name, reservation.version)
@@ -150,6 +158,9 @@ class FileSource:
     def nodes(self) -> None:
         return None
 
+    def statefulsets(self) -> None:
+        return None
+
     def delete_reservation(self, reservation: Reservation) -> None:
         self.files.delete_reservation(reservation.name, reservation.version)
 
@@ -171,6 +182,12 @@ def gather(source: Source) -> Inventory:
     notes: list[str] = []
     if pods is None:
         notes.append("leaked leases not judged: the file datastore has no pod list")
+    statefulsets: dict[str, int] | None = None
+    if any(lease.retained and lease.sticky == STATEFULSET for p in pools for lease in p.allocations.values()):
+        try:  # only when a lease is kept for a StatefulSet: the common pass lists nothing more
+            statefulsets = source.statefulsets()
+        except STORE_ERRORS as exc:  # refused (RBAC of an older install): keep what is retained
+            notes.append(f"StatefulSet retention not judged: {exc.msg if isinstance(exc, CNIError) else exc}")
     # node slices are judged only when they can be read: an identity without the RBAC for them
     # (NodeSlicePools, nodes) still gets every other check and repair
     slice_pools: list[SlicePool] = []
@@ -181,8 +198,8 @@ def gather(source: Source) -> Inventory:
             nodes = source.nodes()
     except STORE_ERRORS as exc:  # refused (RBAC), or failing now: the rest of the pass goes on
         notes.append(f"node slices not judged: {exc.msg if isinstance(exc, CNIError) else exc}")
-        return Inventory(pools, reservations, [], pods, None, tuple(notes), slices_read=False)
-    return Inventory(pools, reservations, slice_pools, pods, nodes, tuple(notes))
+        return Inventory(pools, reservations, [], pods, None, tuple(notes), False, statefulsets)
+    return Inventory(pools, reservations, slice_pools, pods, nodes, tuple(notes), True, statefulsets)
 
 
 @dataclass

@@ -211,3 +211,43 @@ def test_shims_and_direct_processes_together_never_duplicate(
     assert len(set(got)) == 24
     [pool] = k8s.api.objects("ippools", k8s.namespace)
     assert len(pool["spec"]["allocations"]) == 24
+
+
+def test_batched_requests_for_one_address_give_it_once(k8s: K8s, tmp_path: Path) -> None:
+    """Requested addresses (runtimeConfig.ips) through the agent's coalesced batches: of several pods
+    asking for one address at once exactly one gets it, the others are refused naming that pod, and
+    pods asking for nothing get other addresses; sticky DEL keeps it for the name."""
+    if isinstance(k8s, KubeHandle):
+        k8s.api.set_faults(latency=0.02)
+    conf = kube_conf(k8s, tmp_path, "10.73.0.0/24")
+    conf["ipam"]["sticky_seconds"] = 60
+    wanted = {**conf, "runtimeConfig": {"ips": ["10.73.0.9/24"]}}
+    agent = Agent()
+    replies: dict[str, dict[str, Any]] = {}
+
+    def one(ctr: str, doc: dict[str, Any]) -> None:
+        replies[ctr] = agent.serve_call({"env": cni_env("ADD", ctr), "stdin": json.dumps(doc)})
+
+    threads = [threading.Thread(target=one, args=(f"w{i}", wanted)) for i in range(4)]
+    threads += [threading.Thread(target=one, args=(f"p{i}", conf)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [c for c in replies if c.startswith("w") and replies[c]["code"] == 0]
+    assert len(winners) == 1, replies
+    assert json.loads(replies[winners[0]]["stdout"])["ips"][0]["address"] == "10.73.0.9/24"
+    for ctr in replies:
+        if ctr.startswith("w") and ctr not in winners:
+            error = json.loads(replies[ctr]["stdout"])
+            assert error["code"] == 104 and f"default/{winners[0]}" in error["msg"], error
+    plain = {json.loads(replies[f"p{i}"]["stdout"])["ips"][0]["address"] for i in range(4)}
+    assert len(plain) == 4 and "10.73.0.9/24" not in plain
+    assert agent.serve_call({"env": cni_env("DEL", winners[0]), "stdin": json.dumps(wanted)})["code"] == 0
+    refused = agent.serve_call({"env": cni_env("ADD", "late"), "stdin": json.dumps(wanted)})
+    assert json.loads(refused["stdout"])["code"] == 104 and "retained" in refused["stdout"]
+    again = agent.serve_call({"env": cni_env("ADD", "new-sandbox", pod=winners[0]), "stdin": json.dumps(conf)})
+    assert json.loads(again["stdout"])["ips"][0]["address"] == "10.73.0.9/24"
+    agent.close()
+    [pool] = k8s.api.objects("ippools", k8s.namespace)
+    assert len(pool["spec"]["allocations"]) == 5

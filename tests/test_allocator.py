@@ -576,3 +576,21 @@ def test_extra_fields_survive_an_allocation() -> None:
 def test_parse_allocations_rejects(raw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         parse_allocations(raw)
+
+
+def test_retained_lease_survives_gc_and_only_its_pod_name_takes_it_back() -> None:
+    from ipam.allocator import Retention, release, release_stale
+
+    spec = build_range("range", "10.0.0.0/29")
+    first = allocate(spec, {}, Request("c1", "net1", "ns/db-0", node="n1", network="net"))
+    assert first is not None
+    kept, gone = release(first.allocations, "c1", "net1", retention=Retention("2026-01-01T00:00:00Z", "statefulset"))
+    assert gone == [] and kept[first.offset].retained == "2026-01-01T00:00:00Z"
+    assert release_stale(kept, set(), "n1", "net") == (kept, [])  # GC: its container is gone by design
+    other = allocate(spec, kept, Request("c2", "net1", "ns/db-1"))
+    assert other is not None and other.offset != first.offset
+    back = allocate(spec, kept, Request("c3", "net1", "ns/db-0"))
+    assert back is not None and back.offset == first.offset and back.reused
+    assert back.allocations[first.offset].retained == "" and back.allocations[first.offset].id == "c3"
+    # without retention (sticky off) a DEL of a retained lease's container leaves it to the reconciler
+    assert release(kept, "c1", "net1") == (kept, [])

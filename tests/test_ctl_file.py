@@ -159,3 +159,32 @@ def test_a_missing_data_dir_is_exit_2(tmp_path: Path) -> None:
     code, out, err = ctl(str(tmp_path / "nope"), "show")
     assert (code, out) == (2, "")
     assert err == f"ipamctl: --data-dir {tmp_path / 'nope'}: no such directory\n"
+
+
+def test_retained_leases_are_shown_as_retained_and_release_frees_one(tmp_path: Path) -> None:
+    from ipam.allocator import Retention
+
+    store = FileStore(str(tmp_path / "data"))
+    engine = Engine(store)
+    spec = build_range("ipam", "10.9.0.0/29")
+    engine.add([spec], Request("c0", "net1", "apps/db-0", node="node-a"))
+    engine.add([spec], Request("c1", "net1", "apps/web", node="node-a"))
+    engine.release([spec], "c0", "net1", Retention("2026-01-01T00:00:00Z", "statefulset"))
+    engine.release([spec], "c1", "net1", Retention("2026-01-01T00:00:00Z", until="2026-01-01T00:10:00Z"))
+    data = str(tmp_path / "data")
+    code, doc = ctl_json(data, "show")
+    assert code == 0
+    assert [(e["address"], e["podref"], e.get("state"), e.get("retention")) for e in doc["pools"][0]["leases"]] == [
+        ("10.9.0.1", "apps/db-0", "retained", "statefulset apps/db"),
+        ("10.9.0.2", "apps/web", "retained", "until 2026-01-01T00:10:00Z"),
+    ]
+    code, out, _ = ctl(data, "show")
+    assert (
+        next(line for line in out.splitlines() if line.startswith("10.9.0.1")).split()
+    ) == ["10.9.0.1", "10.9.0.0-29", "retained", "apps/db-0", "statefulset", "apps/db"]
+    code, out, _ = ctl(data, "show", "--pod", "apps/web")
+    assert "retained" in out and "until 2026-01-01T00:10:00Z" in out
+    # a retained lease has no live holder: released without --force (the file datastore has no pods)
+    code, out, err = ctl(data, "release", "10.9.0.1")
+    assert (code, err) == (0, "") and "release" in out
+    assert [e["address"] for e in ctl_json(data, "show")[1]["pools"][0]["leases"]] == ["10.9.0.2"]

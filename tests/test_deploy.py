@@ -254,7 +254,11 @@ RECONCILER_RULES = {
     (GROUP, "nodeslicepools/status"): {"update"},
     (GROUP, "writerturns"): {"list", "delete"},  # abandoned writer turns
 }
-RECONCILER_CLUSTER_RULES = {("", "pods"): {"list"}, ("", "nodes"): {"list"}}
+RECONCILER_CLUSTER_RULES = {
+    ("", "pods"): {"list"},
+    ("", "nodes"): {"list"},
+    ("apps", "statefulsets"): {"list", "get"},  # sticky addresses: the StatefulSet ends a retention
+}
 
 
 def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:

@@ -426,3 +426,16 @@ def test_recreating_the_plugins_service_account_revokes_every_token_and_installe
         agent.read_pool("after-revocation", "10.3.0.0/24")
     finally:
         agent.close()
+
+
+def test_only_the_reconciler_may_read_statefulsets_and_never_write_them(real_kube: RealKube) -> None:
+    """Sticky addresses: the reconciler reads StatefulSets in every namespace to end retentions; the
+    plugin gains nothing (its DEL records the retention in the lease). The API server itself answers."""
+    real_kube.apply(rbac_into(real_kube.namespace))
+    for namespace in (real_kube.namespace, "default"):
+        for verb in ("list", "get"):
+            assert may(real_kube, RECONCILER_SA, verb, "statefulsets", group="apps", namespace=namespace)
+    for verb in ("create", "update", "patch", "delete", "watch"):
+        assert not may(real_kube, RECONCILER_SA, verb, "statefulsets", group="apps")
+    for verb in ("list", "get", "watch"):
+        assert not may(real_kube, PLUGIN_SA, verb, "statefulsets", group="apps")

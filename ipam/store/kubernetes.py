@@ -368,6 +368,10 @@ class KubernetesStore:
     def list_pods(self) -> list[dict[str, Any]]:
         return self._list_all("list pods", "/api/v1/pods")
 
+    def list_statefulsets(self) -> list[dict[str, Any]]:
+        """Every StatefulSet (sticky retention: `audit.statefulset_index`)."""
+        return self._list_all("list statefulsets", "/apis/apps/v1/statefulsets")
+
     # -- node slices: NodeSlicePool objects, and the fence reclaim puts on a slice pool ----------
 
     def _put(self, what: str, plural: str, name: str, body: dict[str, Any], status: bool = False) -> Any:

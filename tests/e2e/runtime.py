@@ -289,8 +289,24 @@ class Runtime:
             command, plugin, pod.container_id, ifname, dict(conf), proc.returncode, proc.stdout, proc.stderr
         )
 
-    def try_add(self, pod: Pod, conf: Mapping[str, Any], ifname: str) -> tuple[CniCall, Attachment | None]:
-        """ADD without raising; a success is remembered for CHECK and DEL like a runtime does."""
+    @staticmethod
+    def delegate_conf(conf: Mapping[str, Any], selection: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The config Multus hands the main plugin for a network selection element
+        (`k8s.v1.cni.cncf.io/networks: [{"name": ..., "ips": [...]}]`): its `ips` go in as
+        `runtimeConfig.ips` when the NAD declares `"capabilities": {"ips": true}`, as libcni
+        injects capability args; the main plugin passes that config on to IPAM."""
+        out = dict(conf)
+        ips = (selection or {}).get("ips")
+        if ips and (conf.get("capabilities") or {}).get("ips"):
+            out["runtimeConfig"] = {**(conf.get("runtimeConfig") or {}), "ips": list(ips)}
+        return out
+
+    def try_add(
+        self, pod: Pod, conf: Mapping[str, Any], ifname: str, selection: Mapping[str, Any] | None = None
+    ) -> tuple[CniCall, Attachment | None]:
+        """ADD without raising; a success is remembered for CHECK and DEL like a runtime does.
+        `selection`: the pod's network selection element for this network (Multus)."""
+        conf = self.delegate_conf(conf, selection)
         call = self.exec_plugin("ADD", conf, pod, ifname)
         if not call.ok:
             return call, None
@@ -299,8 +315,10 @@ class Runtime:
             pod.attachments.append(att)
         return call, att
 
-    def add(self, pod: Pod, conf: Mapping[str, Any], ifname: str) -> Attachment:
-        call, att = self.try_add(pod, conf, ifname)
+    def add(
+        self, pod: Pod, conf: Mapping[str, Any], ifname: str, selection: Mapping[str, Any] | None = None
+    ) -> Attachment:
+        call, att = self.try_add(pod, conf, ifname, selection)
         if att is None:
             raise CniFailed(call)
         return att

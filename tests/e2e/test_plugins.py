@@ -513,3 +513,44 @@ def test_del_before_any_add_succeeds_and_creates_nothing(
     assert call.ok, call.describe()
     view = store()
     assert not view.pools and not view.reservations, (sorted(view.pools), sorted(view.reservations))
+
+
+def test_requested_address_through_multus_ips_capability(
+    runtime: rt.Runtime, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
+) -> None:
+    """A NAD declaring `"capabilities": {"ips": true}` and a pod's network selection element with
+    `ips`: that address, in the pod's namespace. The same request from a second pod is refused,
+    naming the first; a pod without a request gets the lowest free address."""
+    conf = {
+        **bridge_conf("1.0.0", "storage-public", "wpybr14", ipam("192.168.2.224/28")),
+        "capabilities": {"ips": True},
+    }
+    first, second, third = (runtime.new_pod(f"req-{i}") for i in range(3))
+    att = runtime.add(first, conf, IFNAME, {"name": "storage-public", "ips": ["192.168.2.230/28"]})
+    assert att.addresses() == ["192.168.2.230/28"], f"{att.result}\nipam.log:\n{ipam_log()}"
+    assert rt.netns_addresses(first.netns, IFNAME) == ["192.168.2.230/28"]
+    [(_, _, lease)] = store().leases_of(first.container_id)
+    assert lease["podref"] == first.podref and "kind=requested" in lease["attrs"]
+
+    call, refused = runtime.try_add(second, conf, IFNAME, {"name": "storage-public", "ips": ["192.168.2.230/28"]})
+    assert refused is None and not call.ok
+    error = call.json()
+    assert error["code"] == 104 and "192.168.2.230" in error["msg"] and first.podref in error["msg"], error
+    assert not store().leases_of(second.container_id)
+    assert runtime.add(third, conf, IFNAME).addresses() == ["192.168.2.225/28"]
+    # a NAD without the capability: Multus passes no runtimeConfig, so the request does not reach IPAM
+    plain = bridge_conf("1.0.0", "storage-plain", "wpybr15", ipam("192.168.3.0/28"))
+    att = runtime.add(second, plain, "net2", {"name": "storage-plain", "ips": ["192.168.3.9/28"]})
+    assert att.addresses() == ["192.168.3.1/28"]
+
+
+def test_dual_stack_with_only_the_ipv4_side_requested(
+    runtime: rt.Runtime, ipam: IpamFactory, store: Store, ipam_log: Callable[[], str]
+) -> None:
+    block = ipam(ipRanges=[{"range": "10.213.16.0/24"}, {"range": "fd00:213:16::/120"}])
+    conf = {**bridge_conf("1.0.0", "dual-req", "wpybr16", block), "capabilities": {"ips": True}}
+    pod = runtime.new_pod("dual-req-0")
+    att = runtime.add(pod, conf, IFNAME, {"name": "dual-req", "ips": ["10.213.16.40/24"]})
+    assert att.addresses() == ["10.213.16.40/24", "fd00:213:16::1/120"], f"{att.result}\n{ipam_log()}"
+    assert sorted(rt.netns_addresses(pod.netns, IFNAME)) == sorted(att.addresses())
+    assert len(store().leases_of(pod.container_id)) == 2
