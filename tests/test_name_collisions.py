@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from netaddr import IPNetwork
 
 from ipam.allocator import Lease
+from ipam.ctl import main as ctl_main
 from ipam.errors import RangeTakenError
 from ipam.ranges import pool_name, pool_name_readings
 from ipam.reconcile import main as reconcile_main
@@ -180,6 +181,9 @@ def test_reconcile_never_releases_a_lease_recorded_under_the_other_range(
     assert "range-mismatch" in text and "fd00:650::2" in text, text
     [pool] = [o for o in real_kube.api.objects("ippools", ns) if o["metadata"]["name"] == POOL]
     assert list(pool["spec"]["allocations"]) == ["2"]
+    shown = io.StringIO()  # an operator looking for the pod's address finds the lease
+    assert ctl_main(["--kubeconfig", real_kube.kubeconfig_path, "show", "--address", "fd00:650::2"], out=shown) == 0
+    assert f"{ns}/b" in shown.getvalue(), shown.getvalue()
 
 
 def test_a_pool_whose_range_is_not_its_names_is_reported_and_not_judged_by_address(tmp_path: Path) -> None:
