@@ -49,6 +49,7 @@ def agent_sock(tmp_path: Path) -> Iterator[str]:
         [str(Path(sys.executable).parent / "ipam-agent"), "--socket", sock, "--metrics-port", "0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "NODENAME": "a"},  # the agent's node (a call's NODENAME is the shim's)
     )
     try:
         for _ in range(200):
@@ -153,6 +154,29 @@ def test_a_reservation_of_another_networks_address_by_the_same_name_is_refused(
         assert part in msg, msg
     # the refused ADD was rolled back: its pool holds no lease
     assert pools(datastore, tmp_path).get("fd00-650---64", {"leases": {}})["leases"] == {}
+
+
+SLICED = {"network_name": "fd00", "range": "650::/112", "node_slice_size": "/120"}  # node a: fd00-a-650---120
+UNSLICED = {"network_name": "fd00", "range": "a:650::/120"}  # pool fd00-a-650---120 too
+
+
+@pytest.mark.parametrize("first", ["sliced", "unsliced"])
+def test_a_node_slice_pool_and_a_pool_by_the_same_name_never_share_it(
+    datastore: dict[str, Any], mode: dict[str, str], tmp_path: Path, first: str
+) -> None:
+    """A slice pool is named from network_name, node and slice: node `a`'s slice 650::/120 of network
+    fd00 has the name of network fd00's unsliced range a:650::/120."""
+    nets = {"sliced": conf("net-s", datastore, SLICED), "unsliced": conf("net-u", datastore, UNSLICED)}
+    owner, other = nets[first], nets["unsliced" if first == "sliced" else "sliced"]
+    on_a = {**mode, "NODENAME": "a"}  # direct mode's node; the agent runs on node a
+    got = address(cni("ADD", owner, "x1", on_a))
+    msg = refused(cni("ADD", other, "y1", on_a))
+    for part in ("fd00-a-650---120", "650::/120", "a:650::/120", "network_name"):
+        assert part in msg, msg
+    assert address(cni("ADD", owner, "x1", on_a)) == got  # the owner's lease is where it was
+    found = pools(datastore, tmp_path)["fd00-a-650---120"]
+    assert found["leases"] == {"x1": 1}
+    assert found["range"] == ("650::/120" if first == "sliced" else "a:650::/120")
 
 
 # -- the audit: a lease is never judged through a range it was not allocated from ------------------
