@@ -179,6 +179,21 @@ def test_a_node_slice_pool_and_a_pool_by_the_same_name_never_share_it(
     assert found["range"] == ("650::/120" if first == "sliced" else "a:650::/120")
 
 
+def test_gc_of_the_refused_network_leaves_the_other_networks_pool_alone(tmp_path: Path) -> None:
+    from ipam.allocator import Request
+    from ipam.engine import Engine
+    from ipam.ranges import build_range
+
+    store = FileStore(str(tmp_path / "data"))
+    owner = Engine(store, network_name="fd00", network="net-a")
+    spec_a, spec_b = build_range("ipam", "650::/120"), build_range("ipam", "fd00:650::/120")
+    owner.add([spec_a], Request("x1", "net1", "ns/x1", node="n1", network="net-a"))
+    other = Engine(store, network="net-a")  # same CNI name and node: only the range tells them apart
+    assert other.gc([spec_b], set(), "n1") == []
+    assert pools({"datastore": "file", "data_dir": str(tmp_path / "data")}, tmp_path)[POOL]["leases"] == {"x1": 1}
+    assert [str(a.address) for a in owner.gc([spec_a], set(), "n1")] == ["650::1"]  # its own GC still works
+
+
 # -- the audit: a lease is never judged through a range it was not allocated from ------------------
 
 OLD = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
