@@ -87,11 +87,13 @@ class Coalescer:
         self.metrics = metrics
         self.idle_seconds = idle_seconds
         self.lock = threading.Lock()
-        self.queues: dict[tuple[int, str, bool, str], queue.SimpleQueue[Ticket]] = {}
+        self.queues: dict[tuple[int, str, bool, str, str], queue.SimpleQueue[Ticket]] = {}
 
     def run(self, engine: Engine, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
         """The engine's BatchRunner: queue the ops and wait for the batch that carries them."""
-        key = (id(engine.store), engine.network_name, engine.overlapping, name)
+        # the range too: a batch is decided against one range (ops of a pool by the same name but
+        # another range are refused by their own batch, never written into this range's pool)
+        key = (id(engine.store), engine.network_name, engine.overlapping, name, cidr)
         ticket = Ticket(engine, cidr, ops, deadline)
         with self.lock:  # queued under the lock: an idle worker retires only from an empty queue
             q = self.queues.get(key)
