@@ -293,7 +293,7 @@ class _CallHandler(socketserver.StreamRequestHandler):
             request = json.loads(raw)
             if not isinstance(request, dict):
                 raise ValueError("request is not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             log.error("agent.bad-request", error=str(exc))
             return  # the shim sees a closed socket and falls back to direct mode
         reply = self.server.agent.serve_call(request)

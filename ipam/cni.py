@@ -246,17 +246,20 @@ def cmd_status(cfg: Config, engines: EngineSource) -> None:
         raise CNIError(errors.PLUGIN_NOT_AVAILABLE, f"no free address in range {', '.join(full)}")
 
 
+def _document(stdin: bytes) -> Any:
+    """stdin's JSON value, or None when it does not decode (nested past the parser's depth included)."""
+    try:
+        return json.loads(stdin)
+    except (ValueError, RecursionError):
+        return None
+
+
 def cmd_version(stdin: bytes) -> dict[str, Any]:
     from .versions import SUPPORTED_VERSIONS
 
-    version = LATEST
-    try:
-        doc = json.loads(stdin) if stdin.strip() else {}
-        if isinstance(doc, dict) and isinstance(doc.get("cniVersion"), str):
-            version = doc["cniVersion"]
-    except ValueError:
-        pass
-    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    doc = _document(stdin) if stdin.strip() else None
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    return {"cniVersion": version if isinstance(version, str) else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
 def error_json(exc: CNIError, version: str) -> dict[str, Any]:
@@ -269,11 +272,8 @@ def error_json(exc: CNIError, version: str) -> dict[str, Any]:
 def _reply_version(stdin: bytes) -> str:
     from .versions import SUPPORTED_VERSIONS
 
-    try:
-        doc = json.loads(stdin)
-        version = doc.get("cniVersion") if isinstance(doc, dict) else None
-    except ValueError:
-        version = None
+    doc = _document(stdin)
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
