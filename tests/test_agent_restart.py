@@ -161,10 +161,9 @@ def test_heartbeat_is_touched_until_stopped(tmp_path: Path) -> None:
     assert not thread.is_alive() and marker.exists()  # left behind: a restart is expected
 
 
-def start_agent(sock: str, *args: str, stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [AGENT, "--socket", sock, "--metrics-port", "0", *args], stdout=subprocess.DEVNULL, stderr=stderr
-    )
+def start_agent(sock: str, *args: str, metrics_port: int = 0, stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    argv = [AGENT, "--socket", sock, "--metrics-port", str(metrics_port), *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     for _ in range(600):
         if os.path.exists(sock):
             return proc
@@ -280,7 +279,7 @@ def test_daemonset_roll_during_50_concurrent_adds(real_kube: RealKube, tmp_path:
     port = free_port()
     a_log = (tmp_path / "agent-a.log").open("w")
     env = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "60"}
-    agent_a = start_agent(sock, "--metrics-port", str(port), "--drain-seconds", "150", stderr=a_log)
+    agent_a = start_agent(sock, "--drain-seconds", "150", metrics_port=port, stderr=a_log)
     agent_b: subprocess.Popen[bytes] | None = None
     lines: dict[int, list[str]] = {}
     try:
