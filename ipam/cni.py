@@ -341,24 +341,14 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
 
 
 def main() -> int:
-    """The CNI executable: the node agent answers when it runs, else the call runs in-process."""
+    """`python -m ipam.cni`: the call in this process (direct mode), never through the node agent (the
+    executable that tries the agent first is ipam.plugin)."""
     try:
         stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     except OSError as exc:
         error = CNIError(errors.IO_FAILURE, "failed to read network config from stdin", str(exc))
         sys.stdout.write(json.dumps(error_json(error, LATEST)) + "\n")
         return 1
-    from .shim import try_agent
-
-    answered = try_agent(os.environ, stdin)
-    if answered is not None:
-        code, stdout = answered
-        sys.stdout.write(stdout)
-        return code
-    if sys.flags.no_site:  # started with -S for a cheap agent round trip; direct mode needs site-packages
-        import site
-
-        site.main()
     return run(os.environ, stdin, sys.stdout)
 
 
