@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +87,19 @@ def test_idle_metrics_connections_are_bounded_and_the_agent_recovers(
             conn.close()
     poll("the connections' threads end", lambda: threads(proc.pid) <= base)
     assert get(port, "/healthz") == (200, b"ok\n")
+
+
+def test_sigterm_stops_the_agent_while_connections_are_held(agent: tuple[subprocess.Popen[bytes], str, int]) -> None:
+    proc, sock, port = agent
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3 * BOUND)]
+    try:
+        assert get(port, "/healthz") == (200, b"ok\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not os.path.exists(sock)
+    finally:
+        for conn in idle:
+            conn.close()
 
 
 def test_silent_metrics_connections_are_closed(agent: tuple[subprocess.Popen[bytes], str, int]) -> None:
