@@ -258,12 +258,15 @@ class GatedProxy:
             conn.close()
 
 
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
-        for line in answer.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
+def metric(port: int, name: str) -> float | None:
+    """The agent's metric `name`, None while its metrics port does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
 
 
 @pytest.mark.slow
@@ -298,6 +301,8 @@ def test_daemonset_roll_during_50_concurrent_adds(real_kube: RealKube, tmp_path:
             if not os.path.exists(sock):
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail("agent A kept its socket after SIGTERM")
         late = [start(conf, cni_env("ADD", f"c{i}", **env)) for i in range(25, 50)]
         for i, proc in enumerate(late, start=25):  # each finds no agent and waits for the next one
             read_until(proc, "agent.waiting", lines.setdefault(i, []))
