@@ -424,6 +424,7 @@ class _HealthServer(_Bounded, HTTPServer):
     the kubelet's probe."""
 
     evict = True
+    request_queue_size = 128  # socketserver's 5 would drop the probe's SYN behind a few connects
 
     def __init__(self, port: int, handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         self.connections = Connections(max_connections)
