@@ -95,11 +95,11 @@ TEMP_PREFIX = ".tmp-"
 DIR_MODE = 0o755
 REQUEST_TIMEOUT = 30.0
 
-# The plugin's fast path (ipam.shim.main): it imports nothing heavy until the node agent declined.
+# The plugin's fast path (ipam.plugin.main): it imports nothing heavy until the node agent declined.
 # Without site, the bundle's site-packages (beside bin/python3) is put on sys.path by hand.
 SHIM_CODE = (
     "import sys; sys.path.append(sys.executable.rsplit('/', 2)[0] + '/lib/python%d.%d/site-packages'"
-    " % sys.version_info[:2]); from ipam.shim import main; sys.exit(main())"
+    " % sys.version_info[:2]); from ipam.plugin import main; sys.exit(main())"
 )
 WRAPPER = f"""#!/bin/sh
 # whereabouts-py CNI plugin. Written by whereabouts-py's deploy/install.py; it is replaced on every

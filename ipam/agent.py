@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -21,12 +22,12 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import cni, errors
 from .config import Config
@@ -40,7 +41,13 @@ from .store.open import open_store
 MAX_REQUEST = 4 << 20
 HEARTBEAT_SECONDS = 2.0  # well below the shim's wait budget (ipam.shim.DEFAULT_WAIT)
 READ_TIMEOUT = 10.0  # the shim sends its request right after connecting
-MAX_CONNECTIONS = 512  # calls served at once; more are closed (those shims run in direct mode)
+MAX_CONNECTIONS = 512  # calls served at once; more are closed (their shims repeat them, see ipam.shim)
+HEALTH_TIMEOUT = 5.0  # a /metrics or /healthz connection silent this long is closed
+MAX_HEALTH_CONNECTIONS = 32  # on the metrics port; one more cuts the oldest
+EVICT_WAIT = 1.0  # how long a new metrics connection waits for the one it cut to end
+# On SIGTERM the agent stops accepting and gives its calls in flight this long to finish; keep it below
+# the DaemonSet's terminationGracePeriodSeconds (deploy/base/daemonset.yaml: 20 s of 30 s).
+DRAIN_SECONDS = 20.0
 MAX_STORES = 8  # datastore clients kept warm (one per datastore/kubeconfig/data_dir in use)
 WORKER_IDLE_SECONDS = 60.0  # a pool's worker thread ends after this long without work
 
@@ -61,6 +68,7 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.in_flight = Gauge("whereabouts_py_calls_in_flight", "CNI calls being served", registry=r)
         self.latency = Histogram(
             "whereabouts_py_request_seconds",
             "CNI call latency",
@@ -87,11 +95,13 @@ class Coalescer:
         self.metrics = metrics
         self.idle_seconds = idle_seconds
         self.lock = threading.Lock()
-        self.queues: dict[tuple[int, str, bool, str], queue.SimpleQueue[Ticket]] = {}
+        self.queues: dict[tuple[int, str, bool, str, str], queue.SimpleQueue[Ticket]] = {}
 
     def run(self, engine: Engine, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
         """The engine's BatchRunner: queue the ops and wait for the batch that carries them."""
-        key = (id(engine.store), engine.network_name, engine.overlapping, name)
+        # the range too: a batch is decided against one range (ops of a pool by the same name but
+        # another range are refused by their own batch, never written into this range's pool)
+        key = (id(engine.store), engine.network_name, engine.overlapping, name, cidr)
         ticket = Ticket(engine, cidr, ops, deadline)
         with self.lock:  # queued under the lock: an idle worker retires only from an empty queue
             q = self.queues.get(key)
@@ -270,7 +280,8 @@ class Agent:
         started = time.monotonic()
         raw_timeout = request.get("timeout")
         shim_timeout = float(raw_timeout) if isinstance(raw_timeout, (int, float)) else None
-        code = cni.run(env, stdin, out, engines=lambda cfg: self.engines(cfg, shim_timeout))
+        with self.metrics.in_flight.track_inprogress():
+            code = cni.run(env, stdin, out, engines=lambda cfg: self.engines(cfg, shim_timeout))
         self.metrics.latency.labels(command).observe(time.monotonic() - started)
         self.metrics.requests.labels(command, "ok" if code == 0 else "error").inc()
         return {"code": code, "stdout": out.getvalue()}
@@ -279,9 +290,85 @@ class Agent:
         self.cache.close()
 
 
+class Connections:
+    """The connections a server serves, one thread each: at most `limit` at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.cond = threading.Condition()
+        self.open: dict[socket.socket, bool] = {}  # oldest first; True once cut
+
+    def admit(self, conn: socket.socket, evict: bool) -> bool:
+        """Count `conn` in. At the limit: False, or with `evict` the oldest connection is cut (its
+        thread ends at once) and `conn` waits up to EVICT_WAIT for its place."""
+        with self.cond:
+            if len(self.open) >= self.limit and evict:
+                oldest = next((c for c, cut in self.open.items() if not cut), None)
+                if oldest is not None:
+                    self.open[oldest] = True
+                    with suppress(OSError):
+                        oldest.shutdown(socket.SHUT_RDWR)
+                self.cond.wait_for(lambda: len(self.open) < self.limit, EVICT_WAIT)
+            if len(self.open) >= self.limit:
+                return False
+            self.open[conn] = False
+            return True
+
+    def done(self, conn: socket.socket) -> None:
+        with self.cond:
+            self.open.pop(conn, None)
+            self.cond.notify_all()
+
+    def count(self) -> int:
+        with self.cond:
+            return len(self.open)
+
+    def wait_idle(self, seconds: float) -> int:
+        """Wait up to `seconds` for every connection to end; then cut those still open (their clients
+        see the connection close unanswered) and return how many there were."""
+        with self.cond:
+            self.cond.wait_for(lambda: not self.open, seconds)
+            for conn in self.open:
+                with suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            return len(self.open)
+
+
+class _Bounded(socketserver.ThreadingMixIn):
+    """A thread per connection, at most `connections.limit` of them (`evict`: a new connection cuts
+    the oldest, else it is closed unserved). Failures are logged as one line, not a traceback."""
+
+    daemon_threads = True
+    evict = False
+    connections: Connections
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.admit(request, self.evict):
+            log.warning("agent.connection-refused", server=type(self).__name__, reason="too many connections")
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.done(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.done(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        log.warning("agent.connection-failed", server=type(self).__name__, error=f"{type(exc).__name__}: {exc}")
+
+
 class _CallHandler(socketserver.StreamRequestHandler):
     server: _SocketServer
-    timeout = READ_TIMEOUT  # socketserver applies it to the connection in setup()
+    # Applied to the connection in setup(): each read of the request and the write of the answer; not
+    # the call itself (the connection is idle while the call runs, however long it takes).
+    timeout = READ_TIMEOUT
 
     def handle(self) -> None:
         try:
@@ -293,44 +380,66 @@ class _CallHandler(socketserver.StreamRequestHandler):
             request = json.loads(raw)
             if not isinstance(request, dict):
                 raise ValueError("request is not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             log.error("agent.bad-request", error=str(exc))
             return  # the shim sees a closed socket and falls back to direct mode
         reply = self.server.agent.serve_call(request)
         self.wfile.write(json.dumps(reply).encode())
 
 
-class _SocketServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-    request_queue_size = (
-        512  # a burst of pods connects at once; a full backlog would push shims to direct mode
-    )
+class _SocketServer(_Bounded, socketserver.UnixStreamServer):
+    # a burst of pods connects at once; a full backlog would push shims to direct mode
+    request_queue_size = 512
 
     def __init__(self, path: str, agent: Agent, max_connections: int = MAX_CONNECTIONS) -> None:
         self.agent = agent
-        self.slots = threading.BoundedSemaphore(max_connections)
+        self.connections = Connections(max_connections)
         super().__init__(path, _CallHandler)
+        st = os.stat(path)
+        self.inode = (st.st_dev, st.st_ino)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            log.warning("agent.connection-refused", reason="too many connections")
-            self.shutdown_request(request)  # the shim sees a closed socket: direct mode
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+    def remove_socket(self) -> None:
+        """Unlink the socket file unless a successor has replaced it already (a DaemonSet roll that
+        starts the next agent while this one drains: its socket must stay)."""
+        path = str(self.server_address)
+        with suppress(OSError):
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == self.inode:
+                os.unlink(path)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+    def drain(self, seconds: float) -> int:
+        """Stop accepting (connections not yet accepted are closed: their shims repeat the call with
+        the next agent), then give the calls in flight up to `seconds` to finish. Returns how many were
+        still running: their connections are cut, and their shims repeat them (an ADD is idempotent;
+        a late rollback here only takes leases still carrying this call's token, see Engine.add)."""
+        self.server_close()
+        self.remove_socket()
+        log.info("agent.draining", calls=self.connections.count(), drain_s=seconds)
+        left = self.connections.wait_idle(seconds)
+        log.info("agent.drained", calls_cut=left)
+        return left
 
 
-def _health_server(agent: Agent, port: int) -> ThreadingHTTPServer:
+class _HealthServer(_Bounded, HTTPServer):
+    """The metrics port (localhost, but any local user can connect): a bounded number of threads, and
+    a new connection cuts the oldest, so idle connections held open neither grow the agent nor starve
+    the kubelet's probe."""
+
+    evict = True
+    request_queue_size = 128  # socketserver's 5 would drop the probe's SYN behind a few connects
+
+    def __init__(self, port: int, handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self.connections = Connections(max_connections)
+        super().__init__(("127.0.0.1", port), handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a client gone mid-answer (or cut): not worth a log line per connection
+
+
+def _health_server(agent: Agent, port: int, max_connections: int = MAX_HEALTH_CONNECTIONS) -> _HealthServer:
     class Handler(BaseHTTPRequestHandler):
+        timeout = HEALTH_TIMEOUT  # per read and write; HTTP/1.0: one request per connection
+
         def log_message(self, format: str, *args: Any) -> None:
             return
 
@@ -348,7 +457,7 @@ def _health_server(agent: Agent, port: int) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = _HealthServer(port, Handler, max_connections)
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server
 
@@ -420,6 +529,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-port", type=int, default=9733, help="localhost port for /metrics and /healthz (0: off)"
     )
+    parser.add_argument(
+        "--metrics-connections",
+        type=int,
+        default=MAX_HEALTH_CONNECTIONS,
+        help=f"connections served at once on the metrics port (default {MAX_HEALTH_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DRAIN_SECONDS,
+        help=f"on SIGTERM, how long calls in flight may still run (default {DRAIN_SECONDS:g}; keep it "
+        "below the pod's terminationGracePeriodSeconds)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     log.configure(level=args.log_level)
@@ -428,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     server = bind(args.socket, agent)
     stopping = threading.Event()
     heartbeat(args.socket, stopping)
-    health = _health_server(agent, args.metrics_port) if args.metrics_port else None
+    health = _health_server(agent, args.metrics_port, args.metrics_connections) if args.metrics_port else None
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -439,12 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever()
     finally:
+        server.drain(args.drain_seconds)  # the heartbeat goes on meanwhile: a successor is expected
         stopping.set()
-        server.server_close()
-        if os.path.exists(args.socket):
-            os.unlink(args.socket)
         if health is not None:
             health.shutdown()
+            health.server_close()
         agent.close()
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from .allocator import STATEFULSET, Lease, statefulset_ordinal
-from .ranges import pool_name, reservation_name, usable_bounds
+from .ranges import pool_name, pool_name_readings, reservation_name, usable_bounds
 from .store.base import PoolSnapshot
 
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
@@ -36,7 +36,10 @@ ORPHAN = "orphan-reservation"
 MISSING = "missing-reservation"
 OUT_OF_RANGE = "out-of-range"
 GONE_NODE_SLICE = "slice-of-gone-node"
-KINDS = (LEAKED, DUPLICATE, MISMATCH, ORPHAN, MISSING, OUT_OF_RANGE, GONE_NODE_SLICE)
+# a pool whose recorded range is not the one its name stands for, or a lease whose pod shows the same
+# offset in another range by the same pool name (two networks' names collided): never judged by address
+RANGE_MISMATCH = "range-mismatch"
+KINDS = (LEAKED, DUPLICATE, MISMATCH, ORPHAN, MISSING, OUT_OF_RANGE, GONE_NODE_SLICE, RANGE_MISMATCH)
 WARNINGS = frozenset({MISSING})  # a network may run with enable_overlapping_ranges: false
 
 # what the repair pass does about a problem (Problem.fix); None: leave it (to a person, or to a later pass)
@@ -292,6 +295,8 @@ class PoolView:
     network: str
     node: str
     size: int  # usable addresses of the pool's range (range_start/exclude are not recorded in the pool)
+    name_agrees: bool = True  # the name is the pool name of its recorded range (with some network name)
+    others: tuple[IPNetwork, ...] = ()  # other ranges whose pool name (with another network name) it is
 
     @property
     def name(self) -> str:
@@ -325,6 +330,7 @@ class Holding:
     address: str  # "" when the offset is not an address of the range's family at all
     lease: Lease
     in_range: bool
+    alternates: tuple[str, ...] = ()  # the offset's address in `pool.others`: what it may really be
 
     @property
     def reservation(self) -> str:
@@ -367,11 +373,14 @@ def pool_views(inventory: Inventory) -> list[PoolView]:
     for snapshot in inventory.pools:
         network, node = slice_owner.get(snapshot.name, (network_prefix(snapshot), ""))
         try:
-            first, last = usable_bounds(IPNetwork(snapshot.cidr))
+            recorded = IPNetwork(snapshot.cidr).cidr
+            first, last = usable_bounds(recorded)
             size = last - first + 1
         except (AddrFormatError, ValueError, TypeError):
-            size = 0
-        out.append(PoolView(snapshot, network, node, size))
+            recorded, size = None, 0
+        readings = {net for _, net in pool_name_readings(snapshot.name)}
+        others = tuple(sorted(readings - {recorded})) if recorded in readings else ()
+        out.append(PoolView(snapshot, network, node, size, recorded in readings, others))
     return out
 
 
@@ -390,7 +399,10 @@ def holdings(views: Sequence[PoolView]) -> list[Holding]:
                     address = str(IPAddress(int(network.first) + offset, network.version))
                 except (AddrFormatError, ValueError):
                     address = ""
-            out.append(Holding(view, offset, address, lease, lo <= offset <= hi))
+            alternates = tuple(
+                str(IPAddress(int(o.first) + offset, o.version)) for o in view.others if offset < o.size
+            )
+            out.append(Holding(view, offset, address, lease, lo <= offset <= hi, alternates))
     return out
 
 
@@ -465,11 +477,40 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
         reservation_address(r.name, {v.network for v in views})[0] for r in inventory.reservations
     }
 
+    problems += [
+        Problem(
+            RANGE_MISMATCH,
+            v.name,
+            "",
+            "",
+            f"pool records range {v.snapshot.cidr}, which is not the range its name stands for: "
+            "its leases are not judged by address",
+        )
+        for v in views
+        if not v.name_agrees
+    ]
     released: set[tuple[str, int]] = set()
+    unsure: set[tuple[str, int]] = set()  # leases whose address is not known for certain
     for h in held:
         pod = inventory.pods.get(h.lease.podref) if inventory.pods is not None else None
         if inventory.pods is not None or h.lease.retained:  # expiry needs no pod list
             reason = lease_verdict(h.lease, h.address, pod, inventory.statefulsets, now, grace)
+            shown = sorted(set(h.alternates) & (pod.ips or set())) if pod is not None else []
+            if reason == "not-in-network-status" and (shown or not h.pool.name_agrees):
+                unsure.add((h.pool.name, h.offset))
+                if shown:  # the pod holds the same offset of another range by this pool name
+                    problems.append(
+                        Problem(
+                            RANGE_MISMATCH,
+                            h.pool.name,
+                            h.address,
+                            h.lease.podref,
+                            f"the pod's network-status shows {', '.join(shown)}: the same offset in another "
+                            f"range by this pool name, not {h.pool.snapshot.cidr} (two networks share the name)",
+                            holding=h,
+                        )
+                    )
+                reason = None
             if reason is not None:
                 made = parse_time(h.lease.created)
                 young = not h.lease.retained and made is not None and not _older_than(made, now, grace)
@@ -526,6 +567,8 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
         if reservation is None:
             safe = (
                 (h.pool.name, h.offset) not in released
+                and h.pool.name_agrees
+                and (h.pool.name, h.offset) not in unsure
                 and h.pool.network in networks_with_reservations
                 and (not h.lease.created or _older_than(parse_time(h.lease.created), now, grace))
             )
@@ -618,9 +661,12 @@ def summary(problems: Sequence[Problem]) -> dict[str, int]:
 
 
 def find_address(views: Sequence[PoolView], address: str, network: str | None = None) -> list[Holding]:
-    """The leases holding `address` (in `network` only, when given)."""
+    """The leases holding `address` (in `network` only, when given); also those whose pool's name is
+    shared by a range in which their offset is `address` (range-mismatch: which one is not certain)."""
     return [
-        h for h in holdings(views) if h.address == address and (network is None or h.pool.network == network)
+        h
+        for h in holdings(views)
+        if (h.address == address or address in h.alternates) and (network is None or h.pool.network == network)
     ]
 
 

@@ -267,17 +267,20 @@ def cmd_status(cfg: Config, engines: EngineSource) -> None:
         raise CNIError(errors.PLUGIN_NOT_AVAILABLE, f"no free address in range {', '.join(full)}")
 
 
+def _document(stdin: bytes) -> Any:
+    """stdin's JSON value, or None when it does not decode (nested past the parser's depth included)."""
+    try:
+        return json.loads(stdin)
+    except (ValueError, RecursionError):
+        return None
+
+
 def cmd_version(stdin: bytes) -> dict[str, Any]:
     from .versions import SUPPORTED_VERSIONS
 
-    version = LATEST
-    try:
-        doc = json.loads(stdin) if stdin.strip() else {}
-        if isinstance(doc, dict) and isinstance(doc.get("cniVersion"), str):
-            version = doc["cniVersion"]
-    except ValueError:
-        pass
-    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    doc = _document(stdin) if stdin.strip() else None
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    return {"cniVersion": version if isinstance(version, str) else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
 def error_json(exc: CNIError, version: str) -> dict[str, Any]:
@@ -290,11 +293,8 @@ def error_json(exc: CNIError, version: str) -> dict[str, Any]:
 def _reply_version(stdin: bytes) -> str:
     from .versions import SUPPORTED_VERSIONS
 
-    try:
-        doc = json.loads(stdin)
-        version = doc.get("cniVersion") if isinstance(doc, dict) else None
-    except ValueError:
-        version = None
+    doc = _document(stdin)
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
@@ -362,24 +362,14 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
 
 
 def main() -> int:
-    """The CNI executable: the node agent answers when it runs, else the call runs in-process."""
+    """`python -m ipam.cni`: the call in this process (direct mode), never through the node agent (the
+    executable that tries the agent first is ipam.plugin)."""
     try:
         stdin = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     except OSError as exc:
         error = CNIError(errors.IO_FAILURE, "failed to read network config from stdin", str(exc))
         sys.stdout.write(json.dumps(error_json(error, LATEST)) + "\n")
         return 1
-    from .shim import try_agent
-
-    answered = try_agent(os.environ, stdin)
-    if answered is not None:
-        code, stdout = answered
-        sys.stdout.write(stdout)
-        return code
-    if sys.flags.no_site:  # started with -S for a cheap agent round trip; direct mode needs site-packages
-        import site
-
-        site.main()
     return run(os.environ, stdin, sys.stdout)
 
 

@@ -181,7 +181,7 @@ def parse_netconf(stdin: bytes) -> NetConf:
     """Decode stdin; undecodable JSON is code 6, a non-object or wrong top-level type code 7."""
     try:
         data = json.loads(stdin or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise CNIError(
             errors.DECODE_FAILURE, "failed to decode network config from stdin", str(exc)
         ) from None

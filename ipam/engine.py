@@ -23,10 +23,10 @@ from netaddr import AddrFormatError, IPAddress
 
 from . import allocator, errors
 from .allocator import REQUESTED, STATIC, Allocations, Lease, Request, Retention, Taken
-from .errors import CNIError, ConflictError, TransientStoreError
+from .errors import CNIError, ConflictError, RangeTakenError, TransientStoreError
 from .log import log
-from .ranges import RangeSpec, pool_name, reservation_name
-from .store.base import PoolSnapshot, Store, Turn, TurnStore
+from .ranges import RangeSpec, pool_name, reservation_name, same_network
+from .store.base import PoolSnapshot, Store, Turn, TurnStore, check_range
 from .turns import TurnWaiter
 
 
@@ -185,6 +185,13 @@ DISTRUST_SECONDS = 10.0
 NO_TURNS_SECONDS = 300.0
 
 
+def _of_range(snapshot: PoolSnapshot | None, cidr: str) -> PoolSnapshot | None:
+    """`snapshot` if it records range `cidr` (any, when `cidr` is "")."""
+    if snapshot is None or not cidr or same_network(snapshot.cidr, cidr):
+        return snapshot
+    return None
+
+
 class PoolCache:
     """Pools as this process last wrote them (the node agent's, per datastore client; thread-safe),
     as the store's answer to the write gave them, or as it last read them holding the node lock.
@@ -207,14 +214,16 @@ class PoolCache:
         self._no_turns_until = float("-inf")  # the store refused writer turns (ipam.turns): pace instead
         self.turns_seen: dict[str, tuple[Turn, float]] = {}  # TurnWaiter.sightings, across batches
 
-    def trusted(self, name: str) -> PoolSnapshot | None:
+    def trusted(self, name: str, cidr: str = "") -> PoolSnapshot | None:
+        """The pool as remembered, unless a write from memory was refused lately; only when it
+        records range `cidr` (another network's pool by the same name is read: the read refuses it)."""
         with self._lock:
             refused = self._refused.get(name)
             if refused is not None:
                 if self.clock() - refused < DISTRUST_SECONDS:
                     return None
                 del self._refused[name]
-            return self._pools.get(name)
+            return _of_range(self._pools.get(name), cidr)
 
     def acquired(self, name: str, generation: int | None) -> None:
         """This process took the pool's node lock as its `generation`-th holder. A holder in between
@@ -225,7 +234,7 @@ class PoolCache:
                 self._pools.pop(name, None)
             self._own[name] = generation
 
-    def unchanged(self, name: str, generation: int | None) -> PoolSnapshot | None:
+    def unchanged(self, name: str, generation: int | None, cidr: str = "") -> PoolSnapshot | None:
         """The pool as remembered, if no other process of this node has taken its node lock since
         this one last did (`generation` is the lock's now). Only for pools no other node writes (a
         node's slice pools; the reconciler only removes leases from them): a read-only decision
@@ -233,7 +242,7 @@ class PoolCache:
         with self._lock:
             if generation is None or self._own.get(name) != generation:
                 return None
-            return self._pools.get(name)
+            return _of_range(self._pools.get(name), cidr)
 
     def remember(self, name: str, snapshot: PoolSnapshot | None) -> None:
         """Called holding the pool's node lock."""
@@ -568,7 +577,7 @@ class Engine:
             if absorb is not None:
                 ops.extend(absorb())
             released_before = [(op, op.released) for op in ops if isinstance(op, ReleaseOp)]
-            snapshot = cache.trusted(name) if cache is not None and not fresh else None
+            snapshot = cache.trusted(name, cidr) if cache is not None and not fresh else None
             remembered = snapshot is not None
             if snapshot is not None:
                 leases, changed = decide(snapshot)
@@ -580,6 +589,7 @@ class Engine:
                     cache.remember(name, snapshot)
                 leases, changed = decide(snapshot)
             assert snapshot is not None
+            check_range(name, snapshot.cidr, cidr)  # never decided on, nor written, as another range
             if changed:
                 try:
                     written = self.store.write_pool(snapshot, leases)
@@ -613,9 +623,10 @@ class Engine:
         for op in ops:
             if not isinstance(op, AddOp) or op.error is not None or op.offset is None:
                 continue
-            rname = reservation_name(op.spec.address_at(op.offset), self.network_name)
+            address = op.spec.address_at(op.offset)
+            rname = reservation_name(address, self.network_name)
             try:
-                holder = self._reserve(rname, op.request.lease(), deadline)
+                holder = self._reserve(rname, op.request.lease(), str(address), deadline)
             except CNIError as exc:  # this op's failure alone; its lease goes with its rollback
                 op.offset, op.error = None, exc
                 continue
@@ -644,12 +655,12 @@ class Engine:
                 log.info("lease.moved", pool=name, reservation=rname, to=op.offset)
                 self.unreserve_name(rname, old.id, old.ifname, deadline, quiet=True)
 
-    def _reserve(self, rname: str, lease: Lease, deadline: float) -> Lease | None:
+    def _reserve(self, rname: str, lease: Lease, address: str, deadline: float) -> Lease | None:
         """store.reserve inside the retry loop; the other holder, or None when it is ours now."""
         holder: list[Lease | None] = [None]
 
         def step() -> bool:
-            holder[0] = self.store.reserve(rname, lease)
+            holder[0] = self.store.reserve(rname, lease, address)
             return True
 
         self._retry(rname, deadline, step)
@@ -730,6 +741,7 @@ class Engine:
             snapshot: PoolSnapshot = self.store.read_pool(name, cidr)
             if snapshot.version is None:
                 return True
+            check_range(name, snapshot.cidr, cidr)
             remaining, gone = change(snapshot.allocations)
             if gone:
                 try:
@@ -804,7 +816,11 @@ class Engine:
         deadline = self._deadline()
         out: list[Assigned] = []
         for spec in ranges:
-            gone = self._release_op(spec, container_id, ifname, deadline, retention=retention)
+            try:
+                gone = self._release_op(spec, container_id, ifname, deadline, retention=retention)
+            except RangeTakenError as exc:  # another network's pool: no lease of ours, never written
+                log.warning("lease.release-skipped", error=str(exc))
+                continue
             self._unreserve(spec, gone, container_id, ifname, deadline)
             if not gone and (orphans := self._held_reservations(spec, container_id, ifname)):
                 # not those of addresses this container holds again (an ADD of it after this DEL)
@@ -842,7 +858,11 @@ class Engine:
                 holders.update({o: (allocs[o].id, allocs[o].ifname) for o in gone})  # noqa: B023
                 return remaining, gone
 
-            gone = self._mutate(spec, deadline, change)
+            try:
+                gone = self._mutate(spec, deadline, change)
+            except RangeTakenError as exc:  # another network's pool: not judged through our range
+                log.warning("lease.gc-skipped", error=str(exc))
+                continue
             for offset in gone:
                 cid, ifname = holders[offset]
                 self._unreserve(spec, [offset], cid, ifname, deadline)

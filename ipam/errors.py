@@ -57,3 +57,11 @@ class PoolRetiredError(CNIError):
         super().__init__(TRY_AGAIN_LATER, f"slice pool {name} {why}")
         self.name = name
         self.absent = absent
+
+
+class RangeTakenError(CNIError):
+    """A pool or reservation by this network's name records another network's range or address
+    (two (network_name, range) pairs map to one name): never written for this network."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(DATASTORE_ERROR, msg)

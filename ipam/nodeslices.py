@@ -72,8 +72,8 @@ class FencedStore:
     def list_pools(self) -> list[PoolSnapshot]:
         return self.inner.list_pools()
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
-        return self.inner.reserve(name, lease)
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
+        return self.inner.reserve(name, lease, address)
 
     def unreserve(self, name: str, container_id: str, ifname: str) -> None:
         self.inner.unreserve(name, container_id, ifname)
@@ -425,7 +425,7 @@ class Slicer:
             raise sub_op.error
         return "not-held"
 
-    def _remembered(self, engine: Engine, name: str) -> PoolSnapshot | None:
+    def _remembered(self, engine: Engine, name: str, cidr: str) -> PoolSnapshot | None:
         """The slice pool as this process last wrote it, if no other process of this node has written
         it since (its node lock's generation is unchanged). Other nodes never write a node's slice
         pools and the reconciler only removes leases, so a decision that reads it stays sound: a
@@ -433,7 +433,7 @@ class Slicer:
         cache = engine.pool_cache
         if cache is None:
             return None
-        return cache.unchanged(name, engine.store.pool_generation(name))
+        return cache.unchanged(name, engine.store.pool_generation(name), cidr)
 
     def _remembered_full(self, engine: Engine, op: AddOp, slice_range: str) -> bool:
         """Whether the slice is full for this attachment as remembered (no address, and no lease of
@@ -441,7 +441,7 @@ class Slicer:
         from .allocator import allocate
 
         name, sub = self._names(slice_range)
-        snap = self._remembered(engine, name)
+        snap = self._remembered(engine, name, sub.cidr)
         return snap is not None and allocate(sub, snap.allocations, op.request) is None
 
     def _owner_first(self, engine: Engine, op: AddOp, held: Sequence[str], deadline: float) -> list[str]:
@@ -467,7 +467,7 @@ class Slicer:
                     snap[0] = None
                 return True
 
-            remembered = self._remembered(engine, name)
+            remembered = self._remembered(engine, name, sub.cidr)
             if remembered is not None:
                 snap[0] = remembered
             else:

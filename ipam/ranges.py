@@ -231,6 +231,38 @@ def pool_name(cidr: str, network_name: str = "") -> str:
     return f"{network_name}-{normalized}" if network_name else _valid_start(normalized)
 
 
+def same_network(recorded: str, wanted: str) -> bool:
+    """Whether a range as a pool records it names the same network as `wanted` (spelling and host bits
+    aside); a recorded text that is not a CIDR matches only itself."""
+    if recorded == wanted:
+        return True
+    try:
+        return bool(IPNetwork(recorded).cidr == IPNetwork(wanted).cidr)
+    except (AddrFormatError, ValueError, TypeError):
+        return False
+
+
+def pool_name_readings(name: str) -> list[tuple[str, IPNetwork]]:
+    """Every (network_name, range) whose `pool_name` is `name`. More than one range: the name is
+    shared by ranges of different networks (an IPv6 range whose text, ':' turned into '-', can
+    continue a network name), and only the pool's recorded range tells which one it holds."""
+    out: list[tuple[str, IPNetwork]] = []
+    starts = [0] + [i + 1 for i, ch in enumerate(name) if ch == "-"]
+    for start in starts:
+        prefix, rest = (name[: start - 1], name[start:]) if start else ("", name)
+        head, sep, plen = rest.rpartition("-")
+        if not sep or not head or not (plen.isascii() and plen.isdigit()):
+            continue
+        text = f"{head}/{plen}" if "." in head else f"{head.replace('-', ':')}/{plen}"
+        try:
+            network = IPNetwork(text).cidr
+        except (AddrFormatError, ValueError, TypeError):
+            continue
+        if pool_name(str(network), prefix) == name and (prefix, network) not in out:
+            out.append((prefix, network))
+    return out
+
+
 def reservation_name(ip: IPAddress, network_name: str = "") -> str:
     """Whereabouts' OverlappingRangeIPReservation name for an address."""
     text = str(ip).replace(":", "-")

@@ -287,7 +287,7 @@ class Reconciler:
             self._return_slices(summary, datetime.now(UTC))  # after this pass's releases emptied pools
         self._remove_abandoned_turns(summary, now)
         for problem in problems:
-            if problem.kind in (audit.DUPLICATE, audit.MISMATCH, audit.OUT_OF_RANGE):
+            if problem.kind in (audit.DUPLICATE, audit.MISMATCH, audit.OUT_OF_RANGE, audit.RANGE_MISMATCH):
                 self.say(
                     summary,
                     f"report kind={problem.kind} pool={self._pool(problem.pool)} address={problem.address} "
@@ -412,7 +412,7 @@ class Reconciler:
             self.change(summary, "create-reservation", "would-create " + tail, reason="missing", **fields)
             return
         try:
-            holder = self.store.reserve(name, h.lease)
+            holder = self.store.reserve(name, h.lease, h.address)
             if holder is not None:
                 self.say(summary, f"skip reservation={name}: now held by {holder.podref or holder.id}")
                 return

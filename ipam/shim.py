@@ -348,35 +348,8 @@ def read_stdin() -> bytes:
     return stdin.buffer.read()
 
 
-def main() -> int:
-    """The CNI executable: the agent's answer when it gives one, else the call in this process.
-
-    Direct mode needs site-packages: an interpreter started with -S (the fast path) loads them now.
-    """
-    try:
-        stdin = read_stdin()
-    except OSError as exc:
-        sys.stdout.write(
-            '{"cniVersion": "1.1.0", "code": 5, "msg": "failed to read network config from stdin", '
-            f'"details": {_dumps_str(str(exc))}}}\n'
-        )
-        return 1
-    answered = try_agent(environ(), stdin)
-    if answered is not None:
-        sys.stdout.write(answered[1])
-        return answered[0]
-    if sys.flags.no_site:
-        import site
-
-        site.main()
-    import os
-
-    from .cni import run
-
-    return run(os.environ, stdin, sys.stdout)
-
-
-def _dumps_str(text: str) -> str:
+def dumps_str(text: str) -> str:
+    """json.dumps of one string (ASCII, \\u escapes)."""
     if _json is None:
         import json
 

@@ -157,6 +157,25 @@ def test_shim_uses_the_agent_and_falls_back_without_it(
     assert third.result["ips"][0]["address"] == "10.70.0.3/24"
 
 
+def test_deeply_nested_stdin_is_answered_by_the_agent_with_code_6(
+    tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
+) -> None:
+    """Not a dropped connection (the shim would repeat the call for its whole wait, then crash in
+    direct mode): the agent answers code 6 at once and goes on serving."""
+    proc, sock = agent_proc
+    deep = "[" * 100_000 + "]" * 100_000
+    env = cni_env("ADD", "deep", WHEREABOUTS_PY_AGENT_SOCKET=sock, WHEREABOUTS_PY_AGENT_WAIT="20")
+    plugin = subprocess.run(
+        [str(Path(sys.executable).parent / "whereabouts-py")], env=env, input=deep, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert plugin.returncode == 1 and json.loads(plugin.stdout)["code"] == 6, plugin
+    assert "agent.waiting" not in plugin.stderr and "Traceback" not in plugin.stderr
+    assert proc.poll() is None
+    after = run(file_conf(tmp_path), cni_env("ADD", "a", WHEREABOUTS_PY_AGENT_SOCKET=sock))
+    assert after.code == 0 and "agent." not in after.stderr
+
+
 def test_agent_killed_mid_batch_loses_no_acknowledged_lease(
     kube: KubeHandle, tmp_path: Path, agent_proc: tuple[subprocess.Popen[bytes], str]
 ) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import pytest
 
 from ipam import shim
 from ipam.agent import heartbeat
-from tests.cni_exec import cni_env, finish, kube_netconf, start
-from tests.kubeapi.real import ApiError, RealKube
+from tests.cni_exec import cni_env, finish, kube_netconf, run, start
+from tests.kubeapi.real import ApiError, RealKube, free_port
 
 AGENT = str(Path(sys.executable).parent / "ipam-agent")
 REPLY = {"code": 0, "stdout": "answer\n"}
@@ -160,20 +161,15 @@ def test_heartbeat_is_touched_until_stopped(tmp_path: Path) -> None:
     assert not thread.is_alive() and marker.exists()  # left behind: a restart is expected
 
 
-def start_agent(sock: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [AGENT, "--socket", sock, "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def start_agent(sock: str, *args: str, metrics_port: int = 0, stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    argv = [AGENT, "--socket", sock, "--metrics-port", str(metrics_port), *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     for _ in range(600):
         if os.path.exists(sock):
             return proc
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("agent did not start")
-
-
-def kube_conf(real_kube: RealKube, tmp: Path, cidr: str) -> dict[str, Any]:
-    return kube_netconf(real_kube.kubeconfig_path, tmp, cidr)
 
 
 def objects(real_kube: RealKube, plural: str) -> list[dict[str, Any]]:
@@ -213,48 +209,133 @@ def read_until(proc: subprocess.Popen[str], marker: str, lines: list[str]) -> No
     pytest.fail(f"no {marker} from the shim: {lines[-3:]}")
 
 
-@pytest.mark.slow
-def test_agent_restart_during_50_concurrent_adds(real_kube: RealKube, tmp_path: Path) -> None:
-    """25 ADDs in flight when the agent stops, 25 more started while it is away: all are answered,
-    each with its own address; the second 25 are served by the new agent after waiting for it."""
-    sock = str(tmp_path / "run" / "agent.sock")
-    conf = kube_conf(real_kube, tmp_path, "10.76.0.0/24")
-    agent = start_agent(sock)
-    env = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "60"}
-    early_lines: dict[int, list[str]] = {}
+class GatedProxy:
+    """A TCP relay to the API server whose answers can be held back: while `gate` is clear, calls the
+    agent has taken stay in flight (TLS passes through untouched; the server's certificate names
+    127.0.0.1, whatever the port)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("https://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.gate = threading.Event()
+        self.gate.set()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            self.conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if gated:
+                    self.gate.wait()
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def kubeconfig(self, original: str, path: Path) -> str:
+        doc = json.loads(Path(original).read_text())
+        doc["clusters"][0]["cluster"]["server"] = self.url
+        path.write_text(json.dumps(doc))
+        path.chmod(0o600)
+        return str(path)
+
+    def close(self) -> None:
+        self.gate.set()
+        for conn in [self.listener, *self.conns]:
+            conn.close()
+
+
+def metric(port: int, name: str) -> float | None:
+    """The agent's metric `name`, None while its metrics port does not answer yet."""
     try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    [value] = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+@pytest.mark.slow
+def test_daemonset_roll_during_50_concurrent_adds(real_kube: RealKube, tmp_path: Path) -> None:
+    """Agent A holds 25 ADDs in flight (their API answers held back) when it gets SIGTERM; 25 more
+    start while it drains and wait for agent B, which starts on the same socket path while A still
+    drains. A answers every call it had taken before it exits; B serves the rest; each ADD gets its
+    own address, and every lease and reservation belongs to an answered ADD."""
+    sock = str(tmp_path / "run" / "agent.sock")
+    proxy = GatedProxy(real_kube.url)
+    kubeconfig = proxy.kubeconfig(real_kube.kubeconfig_path, tmp_path / "proxied.kubeconfig")
+    conf = kube_netconf(kubeconfig, tmp_path, "10.76.0.0/24")
+    port = free_port()
+    a_log = (tmp_path / "agent-a.log").open("w")
+    env = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "60"}
+    agent_a = start_agent(sock, "--drain-seconds", "150", metrics_port=port, stderr=a_log)
+    agent_b: subprocess.Popen[bytes] | None = None
+    lines: dict[int, list[str]] = {}
+    try:
+        warm = run(conf, cni_env("ADD", "warm", **env))  # A's API connection is open before the gate closes
+        assert warm.code == 0, warm
+        proxy.gate.clear()
         procs = [start(conf, cni_env("ADD", f"c{i}", **env)) for i in range(25)]
-        for _ in range(6000):  # until the agent has written some of them (bounded poll)
-            if len(leases(real_kube)) >= 5:
+        for _ in range(2400):  # until A serves all 25 (bounded poll)
+            if metric(port, "whereabouts_py_calls_in_flight") == 25:
                 break
-            time.sleep(0.01)
+            time.sleep(0.05)
         else:
-            pytest.fail("the agent never served the first ADDs")
-        agent.send_signal(signal.SIGTERM)  # the DaemonSet rolls: the old agent stops ...
-        agent.wait(timeout=30)
+            pytest.fail("agent A never had the 25 ADDs in flight")
+        agent_a.send_signal(signal.SIGTERM)  # the DaemonSet rolls: A stops accepting ...
+        for _ in range(600):
+            if not os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("agent A kept its socket after SIGTERM")
         late = [start(conf, cni_env("ADD", f"c{i}", **env)) for i in range(25, 50)]
-        for i, proc in enumerate(late, start=25):  # each of them finds no agent and waits
-            read_until(proc, "agent.waiting", early_lines.setdefault(i, []))
+        for i, proc in enumerate(late, start=25):  # each finds no agent and waits for the next one
+            read_until(proc, "agent.waiting", lines.setdefault(i, []))
         procs += late
-        agent = start_agent(sock)  # ... and its replacement starts
+        agent_b = start_agent(sock)  # ... and B starts on the same path while A still drains
+        assert agent_a.poll() is None
+        proxy.gate.set()
         calls = [finish(p) for p in procs]
+        assert agent_a.wait(timeout=150) == 0
+        after = run(conf, cni_env("ADD", "after", **env))  # B's socket outlived A
     finally:
-        agent.terminate()
-        agent.wait(timeout=30)
+        proxy.close()
+        for agent in (agent_a, agent_b):
+            if agent is not None and agent.poll() is None:
+                agent.terminate()
+                agent.wait(timeout=60)
+        a_log.close()
     assert [c.code for c in calls] == [0] * 50, [c.stdout for c in calls if c.code]
+    assert after.code == 0 and "agent." not in after.stderr, after
     got = {f"c{i}": c.result["ips"][0]["address"] for i, c in enumerate(calls)}
-    assert len(set(got.values())) == 50
+    got |= {"warm": warm.result["ips"][0]["address"], "after": after.result["ips"][0]["address"]}
+    assert len(set(got.values())) == 52
     assert leases(real_kube) == got  # every answer is the lease written for it, nothing extra
     reservations = objects(real_kube, "overlappingrangeipreservations")
     assert sorted(r["spec"]["containerid"] for r in reservations) == sorted(got)
-    stderr = ["".join(early_lines.get(i, [])) + c.stderr for i, c in enumerate(calls)]
-    fell_back = sum("agent.unavailable" in e for e in stderr)
-    waited = sum("agent.back" in e for e in stderr)
-    print(
-        f"agent restart during 50 ADDs: {waited} waited for the new agent, {fell_back} fell back to direct mode"
-    )
-    assert all("agent.back" in e for e in stderr[25:])  # the late ones were served by the new agent
-    assert fell_back == 0  # a 60 s wait bridges a restart of a few seconds
+    stderr = ["".join(lines.get(i, [])) + c.stderr for i, c in enumerate(calls)]
+    assert not [e for e in stderr[:25] if "agent.waiting" in e or "agent.unavailable" in e]  # A answered them
+    assert all("agent.back" in e and "agent.unavailable" not in e for e in stderr[25:])  # B answered them
+    drained = [json.loads(line) for line in (tmp_path / "agent-a.log").read_text().splitlines() if "agent.drain" in line]
+    assert [(r["event"], r.get("calls"), r.get("calls_cut")) for r in drained] == [
+        ("agent.draining", 25, None),
+        ("agent.drained", None, 0),
+    ]
 
 
 def test_a_slow_agent_is_not_asked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -383,6 +383,19 @@ def test_undecodable_stdin_is_code_6(plugin: Plugin, stdin: bytes) -> None:
     assert doc["cniVersion"] == "1.1.0"
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000  # nested deeper than Python's parser goes (RecursionError)
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS"])
+@pytest.mark.parametrize("stdin", [DEEP, b'{"cniVersion": "1.0.0", "ipam": {"x": ' + DEEP + b"}}"])
+def test_deeply_nested_stdin_is_code_6(plugin: Plugin, command: str, stdin: bytes) -> None:
+    """A decoding failure like any other undecodable input: code 6, no traceback (Plugin.run checks)."""
+    doc = plugin.call(command, stdin).error(6)
+    assert "decode" in doc["msg"]
+    res = plugin.run({"PATH": os.environ["PATH"], "CNI_COMMAND": "VERSION"}, stdin)
+    assert res.code == 0 and res.doc["supportedVersions"] == VERSIONS  # as for any undecodable stdin
+
+
 @pytest.mark.parametrize(
     ("ipam", "key", "value"),
     [

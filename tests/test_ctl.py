@@ -323,11 +323,11 @@ class HookedStore(KubernetesStore):
             hook()
         super().write_pool(snapshot, allocations)
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
         hook, self.before_reserve = self.before_reserve, None
         if hook:
             hook()
-        return super().reserve(name, lease)
+        return super().reserve(name, lease, address)
 
 
 def test_adds_between_repairs_read_and_write_keep_their_leases(real_kube: RealKube, tmp_path: Path) -> None:

@@ -889,6 +889,19 @@ def test_daemonset_runs_the_node_agent_on_the_hosts_socket_dir() -> None:
     assert agent["securityContext"]["privileged"] is False
 
 
+def test_agent_drains_within_the_pods_grace_period() -> None:
+    """On SIGTERM the agent finishes its calls in flight for --drain-seconds, then exits: that must end
+    before the kubelet's SIGKILL, with time left for the exit itself."""
+    from ipam.agent import DRAIN_SECONDS
+
+    pod = pod_spec("DaemonSet", "whereabouts-py")
+    [agent] = [c for c in pod["containers"] if c["name"] == "agent"]
+    command = agent["command"]
+    drain = float(command[command.index("--drain-seconds") + 1]) if "--drain-seconds" in command else DRAIN_SECONDS
+    assert drain == DRAIN_SECONDS  # the manifest says what the agent does by itself
+    assert drain + 5 <= pod["terminationGracePeriodSeconds"]
+
+
 # -- (d) the host is not trusted: symlinks, modes, other distributions' paths ---------------------------
 
 

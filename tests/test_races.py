@@ -463,10 +463,10 @@ class GatedStore(FileStore):
             assert gate.wait(10)
         return super().read_pool(name, cidr)
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
         if lease.id == self.refuse:
             raise CNIError(errors.DATASTORE_ERROR, f"injected: reservation {name} refused")
-        return super().reserve(name, lease)
+        return super().reserve(name, lease, address)
 
 
 def test_one_ops_reservation_failure_is_that_ops_alone(tmp_path: Path) -> None:

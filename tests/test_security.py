@@ -783,7 +783,7 @@ def test_agent_caps_concurrent_connections(
     from ipam.shim import forward
 
     path, node, server = agent_server
-    server.slots = threading.BoundedSemaphore(1)
+    server.connections.limit = 1
     entered, release = threading.Event(), threading.Event()
     serve_call = server.agent.serve_call
 

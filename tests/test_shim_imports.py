@@ -31,6 +31,7 @@ HOST_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else 
 # not allowed: they pull in enum, selectors, collections and re (~10 ms per exec on a 2-core host).
 SHIM_ONLY = {
     "ipam",
+    "ipam.plugin",  # the installed wrapper's entry point (bin/whereabouts-py uses ipam.shim directly)
     "ipam.shim",
     "_socket",
     "_json",
@@ -303,3 +304,23 @@ def test_a_copy_of_the_script_finds_the_installed_package(fake_agent: FakeAgent,
     shutil.copy(SHIM, cni_bin / "whereabouts-py")
     done = run_shim([str(python), "-S", str(cni_bin / "whereabouts-py")], fake_agent.path, json.dumps(CONF))
     assert (done.returncode, done.stdout) == (0, REPLY["stdout"]), done.stderr
+
+
+def test_shim_and_cni_do_not_import_each_other() -> None:
+    """The executable (ipam.plugin, bin/whereabouts-py) depends on both; the shim stays free of the CNI
+    layer (and its imports), and the CNI layer never reaches back for the agent."""
+    import ast
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((ROOT / "ipam" / f"{module}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                found |= {node.module or "", *(f"{node.module or ''}.{a.name}".strip(".") for a in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        return found
+
+    assert not {"cni", "ipam.cni"} & imports("shim")
+    assert not {"shim", "ipam.shim"} & imports("cni")
+    assert {"shim"} <= imports("plugin")

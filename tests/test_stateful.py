@@ -72,10 +72,10 @@ class ChaosStore(FileStore):
             raise ConflictError("chaos: another writer won")
         super().write_pool(snapshot, allocations)
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
         if self.rng.random() < self.rate / 2:
             raise TransientStoreError("chaos: 503", retry_after=0.05)
-        return super().reserve(name, lease)
+        return super().reserve(name, lease, address)
 
 
 class FakeClock:

@@ -8,6 +8,8 @@ from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from ..allocator import Allocations, Lease
+from ..errors import RangeTakenError
+from ..ranges import same_network
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,32 @@ class PoolSnapshot:
     allocations: Allocations
     version: str | None
     token: Any = field(default=None, compare=False)
+
+
+# An OverlappingRangeIPReservation made by whereabouts-py records the address it reserves here: two
+# networks' addresses can map to one reservation name (see `name_taken`).
+ADDRESS_ANNOTATION = "whereabouts-py.cni.cncf.io/address"
+
+_RENAME = (
+    "two (network_name, range) pairs map to this one name (IPv6 ':' become '-', so a network name can "
+    "read as the start of an address): set a different `network_name` for one of the two networks"
+)
+
+
+def check_range(name: str, recorded: str, wanted: str) -> None:
+    """Refuse a pool that records another range than the one this network allocates from: its
+    offsets would be read as another range's addresses (`wanted` "" when the caller has no range)."""
+    if wanted and recorded and not same_network(recorded, wanted):
+        raise RangeTakenError(
+            f"IPPool {name} records range {recorded}, but this network's range is {wanted}; {_RENAME}"
+        )
+
+
+def name_taken(name: str, recorded: str, wanted: str) -> RangeTakenError:
+    """Reservation `name` reserves address `recorded` of another network, not `wanted`."""
+    return RangeTakenError(
+        f"reservation {name} reserves address {recorded}, so it cannot reserve this network's {wanted}; {_RENAME}",
+    )
 
 
 @dataclass(frozen=True)
@@ -87,11 +115,12 @@ class Store(Protocol):
         """Every pool this store holds (reconciler, STATUS)."""
         ...
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
-        """Claim the overlapping-range reservation `name` for `lease`.
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
+        """Claim the overlapping-range reservation `name` of `address` for `lease`.
 
         Returns None when it is now held by the same attachment (pod reference + interface), or the
-        other holder's lease when it belongs to someone else.
+        other holder's lease when it belongs to someone else. A reservation recording another address
+        (ADDRESS_ANNOTATION: another network's address with the same name) is `name_taken`.
         """
         ...
 

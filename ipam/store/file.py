@@ -25,7 +25,7 @@ from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
 from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
-from .base import PoolSnapshot
+from .base import ADDRESS_ANNOTATION, PoolSnapshot, check_range, name_taken
 from .locks import pool_generation, pool_lock
 from .slicestore import SlicePoolView
 
@@ -128,15 +128,18 @@ class FileStore:
             return PoolSnapshot(name, cidr, {}, None)
         if RETIRED_ANNOTATION in (doc.get("metadata") or {}).get("annotations", {}):
             raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
-        return self._snapshot(path, name, cidr, doc)
+        snapshot = self._snapshot(path, name, cidr, doc)
+        check_range(name, snapshot.cidr, cidr)
+        return snapshot
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
         self._ensure_dirs()
         path = self._pool_path(snapshot.name)
         current = self._load(path)
-        current_version = (
-            None if current is None else self._snapshot(path, snapshot.name, "", current).version
-        )
+        found = None if current is None else self._snapshot(path, snapshot.name, "", current)
+        current_version = None if found is None else found.version
+        if found is not None:
+            check_range(snapshot.name, found.cidr, snapshot.cidr)
         if current_version != snapshot.version:
             raise ConflictError(
                 f"pool {snapshot.name} is at version {current_version}, read {snapshot.version}"
@@ -191,15 +194,18 @@ class FileStore:
         return Lease.from_reservation(doc["spec"])
 
     @staticmethod
-    def _reservation_doc(name: str, lease: Lease, version: int) -> bytes:
+    def _reservation_doc(name: str, lease: Lease, version: int, address: str) -> bytes:
+        metadata: dict[str, Any] = {
+            "name": name,
+            "resourceVersion": str(version),
+            "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if address:
+            metadata["annotations"] = {ADDRESS_ANNOTATION: address}
         doc = {
             "apiVersion": API_VERSION,
             "kind": "OverlappingRangeIPReservation",
-            "metadata": {
-                "name": name,
-                "resourceVersion": str(version),
-                "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
+            "metadata": metadata,
             "spec": lease.reservation_spec(),
         }
         return json.dumps(doc, sort_keys=True).encode()
@@ -211,20 +217,24 @@ class FileStore:
         except (TypeError, ValueError):
             return 0
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
         self._ensure_dirs()
         path = self._reservation_path(name)
         with self._reservation_lock(name):
             doc = self._read_reservation_doc(path)
             try:
                 if doc is None:
-                    _atomic_write(path, self._reservation_doc(name, lease, 1), exclusive=True)
+                    _atomic_write(path, self._reservation_doc(name, lease, 1, address), exclusive=True)
                     return None
+                recorded = str(((doc.get("metadata") or {}).get("annotations") or {}).get(ADDRESS_ANNOTATION) or "")
+                if address and recorded and recorded != address:
+                    raise name_taken(name, recorded, address)
                 holder = Lease.from_reservation(doc["spec"])
                 if not holder.owned_by(lease.podref, lease.ifname, lease.id):
                     return holder
                 if holder.id != lease.id:  # the same pod, recreated: it follows the new container
-                    _atomic_write(path, self._reservation_doc(name, lease, self._version_of(doc) + 1))
+                    version = self._version_of(doc) + 1
+                    _atomic_write(path, self._reservation_doc(name, lease, version, address or recorded))
                 return None
             except FileExistsError:  # written by a writer that does not take the lock (an older version)
                 raise ConflictError(f"reservation {name} appeared while being claimed") from None

@@ -23,7 +23,16 @@ from ..errors import CNIError, ConflictError, PoolRetiredError, TransientStoreEr
 from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
-from .base import PoolSnapshot, StandingTurn, Turn, TurnsUnavailable, turn_name
+from .base import (
+    ADDRESS_ANNOTATION,
+    PoolSnapshot,
+    StandingTurn,
+    Turn,
+    TurnsUnavailable,
+    check_range,
+    name_taken,
+    turn_name,
+)
 from .kubeclient import (
     ApiError,
     CredentialPluginError,
@@ -220,9 +229,12 @@ class KubernetesStore:
             return PoolSnapshot(name, cidr, {}, None)
         if RETIRED_ANNOTATION in ((obj.get("metadata") or {}).get("annotations") or {}):
             raise PoolRetiredError(name)  # node slices: reclaim is returning this pool's slice
-        return self._snapshot(obj, name, cidr)
+        snapshot = self._snapshot(obj, name, cidr)
+        check_range(name, snapshot.cidr, cidr)
+        return snapshot
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
+        check_range(snapshot.name, str(((snapshot.token or {}).get("spec") or {}).get("range") or ""), snapshot.cidr)
         sent = dump_allocations(allocations)
         spec: dict[str, Any] = {"range": snapshot.cidr, "allocations": sent}
         if snapshot.version is None:
@@ -278,8 +290,12 @@ class KubernetesStore:
 
     # -- overlapping-range reservations ---------------------------------------------------------
 
-    def _reservation_body(self, name: str, lease: Lease, version: str | None = None) -> dict[str, Any]:
+    def _reservation_body(
+        self, name: str, lease: Lease, address: str, version: str | None = None
+    ) -> dict[str, Any]:
         metadata: dict[str, Any] = {"name": name, "namespace": self.namespace}
+        if address:
+            metadata["annotations"] = {ADDRESS_ANNOTATION: address}
         if version:
             metadata["resourceVersion"] = version
         return {
@@ -293,13 +309,13 @@ class KubernetesStore:
         obj = self._call(f"get reservation {name}", "GET", self._path(RESERVATIONS, name), missing_ok=True)
         return cast(dict[str, Any] | None, obj)
 
-    def reserve(self, name: str, lease: Lease) -> Lease | None:
+    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
         try:
             self._call(
                 f"create reservation {name}",
                 "POST",
                 self._path(RESERVATIONS),
-                self._reservation_body(name, lease),
+                self._reservation_body(name, lease, address),
             )
             return None
         except ConflictError:
@@ -307,6 +323,9 @@ class KubernetesStore:
         existing = self._get_reservation(name)
         if existing is None:
             raise ConflictError(f"reservation {name} vanished while being claimed")
+        recorded = str(((existing.get("metadata") or {}).get("annotations") or {}).get(ADDRESS_ANNOTATION) or "")
+        if address and recorded and recorded != address:
+            raise name_taken(name, recorded, address)
         holder = Lease.from_reservation(existing.get("spec") or {})
         if not holder.owned_by(lease.podref, lease.ifname, lease.id):
             return holder
@@ -316,7 +335,7 @@ class KubernetesStore:
                 f"update reservation {name}",
                 "PUT",
                 self._path(RESERVATIONS, name),
-                self._reservation_body(name, lease, version),
+                self._reservation_body(name, lease, address or recorded, version),
                 missing_ok=True,
             )
             if replaced is None:  # the old holder's DEL removed it meanwhile: re-read and create
