@@ -24,6 +24,18 @@ class UnsafePathError(OSError):
     """A path with a symlink, a non-directory or a NUL where a real directory must be."""
 
 
+MAX_FILE_NAME = 240  # 255 on Linux, less the affixes (`.json`, `.lock`, a temp file's)
+
+
+def checked_name(name: str) -> str:
+    """`name` if it can only name a file inside its directory (a pool, reservation or lock name):
+    not empty, no `/` or NUL, not starting with `.`, at most MAX_FILE_NAME bytes. The config checks
+    every value that goes into one (config.check_object_name); this is the store's own guard."""
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name.encode()) > MAX_FILE_NAME:
+        raise UnsafePathError(errno.EINVAL, "not a file name of the datastore", name.replace("\0", "\\0")[:300])
+    return name
+
+
 def open_dir(path: str, create: bool = False) -> int:
     """A descriptor of directory `path` (absolute), with no symlink in any component.
 

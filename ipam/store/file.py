@@ -21,7 +21,7 @@ from typing import Any
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, PoolRetiredError
-from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
+from ..safepath import UnsafePathError, checked_name, open_dir, opened_dir, read_file_at
 from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
@@ -58,6 +58,13 @@ def _atomic_write(path: Path, payload: bytes, exclusive: bool = False) -> None:
         os.fsync(dir_fd)
 
 
+def _checked(name: str) -> str:
+    try:
+        return checked_name(name)
+    except UnsafePathError as exc:
+        raise CNIError(errors.INVALID_CONFIG, f"invalid name {exc.filename!r}", exc.strerror or "") from None
+
+
 def _unlink(path: Path) -> None:
     """Remove `path` (not what a symlink there points to); absent is fine."""
     try:
@@ -87,7 +94,7 @@ class FileStore:
             raise CNIError(errors.IO_FAILURE, f"cannot create data_dir {self.root}", str(exc)) from None
 
     def _pool_path(self, name: str) -> Path:
-        return self.pools / f"{name}.json"
+        return self.pools / f"{_checked(name)}.json"
 
     def _load(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -174,7 +181,7 @@ class FileStore:
         return out
 
     def _reservation_path(self, name: str) -> Path:
-        return self.reservations / f"{name}.json"
+        return self.reservations / f"{_checked(name)}.json"
 
     def _reservation_lock(self, name: str) -> AbstractContextManager[int]:
         """Every change of reservation `name` (create, takeover, delete) happens under this lock, so a
@@ -290,7 +297,7 @@ class FileStore:
     # -- node slices: NodeSlicePool documents, and the fence reclaim puts on a slice pool ---------
 
     def _slices_path(self, name: str) -> Path:
-        return self.root / "nodeslicepools" / f"{name}.json"
+        return self.root / "nodeslicepools" / f"{_checked(name)}.json"
 
     def read_node_slices(self, name: str) -> NodeSlices | None:
         doc = self._load(self._slices_path(name))

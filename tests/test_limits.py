@@ -1,0 +1,175 @@
+"""What a tenant's config may cost the node (issue 22, items 6 and 8): sizes past the documented limits
+are code 7 naming the key and the limit, the agent's range caches stay within a byte budget whatever
+configs pass through one process, and every config value that names an object or a file is checked."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam import errors, ranges, slices
+from ipam.bytecache import ByteLRU
+from ipam.config import LIMITS, MAX_EXCLUDES, load_config
+from ipam.errors import CNIError
+from tests.test_config import fail, load, netconf
+
+
+def _excludes(count: int, seed: int) -> list[str]:
+    """`count` distinct /32s inside 10.0.0.0/8; `seed` makes each config's list its own."""
+    return [f"10.{seed}.{i // 250}.{i % 250 + 1}/32" for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("ipam", "key", "limit"),
+    [
+        ({"range": "10.0.0.0/8", "exclude": _excludes(LIMITS["exclude"] + 1, 1)}, "ipam.exclude", 4096),
+        (
+            {"ipRanges": [{"range": "10.0.0.0/8", "exclude": _excludes(LIMITS["exclude"] + 1, 2)}]},
+            "ipam.ipRanges[0].exclude",
+            4096,
+        ),
+        (
+            {"ipRanges": [{"range": f"10.{i}.0.0/16"} for i in range(LIMITS["ipRanges"] + 1)]},
+            "ipam.ipRanges",
+            64,
+        ),
+        (
+            {"range": "10.0.0.0/8", "routes": [{"dst": "0.0.0.0/0"}] * (LIMITS["routes"] + 1)},
+            "ipam.routes",
+            1024,
+        ),
+        (
+            {
+                "range": "10.0.0.0/8",
+                "exclude": _excludes(4000, 3),
+                "ipRanges": [{"range": f"10.{i}.0.0/16", "exclude": _excludes(4000, i)} for i in (5, 6)],
+            },
+            "ipam.ipRanges[1].exclude",
+            MAX_EXCLUDES,
+        ),
+    ],
+)
+def test_a_config_past_a_limit_is_code_7_naming_the_key_and_the_limit(
+    ipam: dict[str, Any], key: str, limit: int
+) -> None:
+    err = fail(netconf(ipam))
+    assert err.code == errors.INVALID_CONFIG
+    assert f"{key}: " in err.msg and f"limit of {limit}" in err.msg
+    assert len(err.msg) < 300  # the list is not echoed
+
+
+def test_a_config_at_the_limits_is_accepted() -> None:
+    cfg = load(
+        {
+            "range": "10.0.0.0/8",
+            "exclude": _excludes(LIMITS["exclude"], 1),
+            "routes": [{"dst": f"10.{i // 256}.{i % 256}.0/24"} for i in range(LIMITS["routes"])],
+        }
+    )
+    assert cfg.ranges[0].size() == (1 << 24) - 2 - LIMITS["exclude"]
+
+
+def test_a_long_bad_value_is_cut_in_the_error() -> None:
+    err = fail(netconf({"range": "10.0.0.0/8", "gateway": "x" * 100_000}))
+    assert err.code == errors.INVALID_CONFIG and "ipam.gateway" in err.msg and len(err.msg) < 500
+
+
+def test_many_distinct_large_configs_keep_the_range_caches_within_their_byte_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One process (the agent) sees 24 NADs of 4,096 excludes each (~0.5 MB of intervals apiece) and
+    node slices: the caches' own accounting stays within the budget, and so does what they hold."""
+    budget = 2 << 20
+    for module, name in ((ranges, "_INTERVALS"), (slices, "_SLICE_SPECS"), (slices, "_FREE")):
+        monkeypatch.setattr(module, name, ByteLRU(budget))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(24):
+            cfg = load({"range": "10.0.0.0/8", "exclude": _excludes(LIMITS["exclude"], n), "node_slice_size": "/12"})
+            spec = cfg.ranges[0]
+            for s in slices.cut(spec.network, 12):
+                slices.slice_spec(spec, str(s))
+            del cfg, spec
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    caches = (ranges._INTERVALS, slices._SLICE_SPECS, slices._FREE)
+    assert all(0 < c.used <= budget for c in caches[:2])
+    assert held < 3 * budget + (1 << 20), f"{held} bytes held after 24 configs"
+
+
+def test_the_byte_cache_evicts_least_recently_used_and_refuses_a_value_past_the_budget() -> None:
+    cache: ByteLRU[str] = ByteLRU(1000)
+    cache.put("a", "A", 300)
+    cache.put("b", "B", 300)
+    assert cache.get("a") == "A"
+    cache.put("c", "C", 300)  # 3 x (300 + overhead) > 1000: b, least recently used, goes
+    assert cache.get("b") is None and cache.get("a") == "A" and cache.get("c") == "C"
+    cache.put("big", "X", 5000)
+    assert cache.get("big") is None and cache.used <= 1000
+
+
+# -- item 8: values that name an object or a file ----------------------------------------------
+
+BAD_NAMES = ["../x", "/etc/x", "a/b", "a\0b", "x" * 300, "UPPER", "-x", ".", ".."]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_the_networks_name_naming_the_nodeslicepool_must_be_an_object_name(name: str) -> None:
+    err = fail(netconf({"range": "10.0.0.0/16", "node_slice_size": "/24"}, name=name))
+    assert err.code == errors.INVALID_CONFIG and err.msg.startswith("invalid config: name: ")
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_network_name_must_be_an_object_name(name: str) -> None:
+    err = fail(netconf({"range": "10.0.0.0/16", "network_name": name}))
+    assert err.code == errors.INVALID_CONFIG and "ipam.network_name" in err.msg
+
+
+def test_the_networks_name_without_node_slices_is_only_recorded() -> None:
+    # CNI allows upper case and '_' in a network name; it names no object unless it names the NodeSlicePool
+    assert load({"range": "10.0.0.0/16"}, name="My_Net").network == "My_Net"
+    assert load({"range": "10.0.0.0/16", "network_name": "blue", "node_slice_size": "/24"}, name="My_Net")
+
+
+@pytest.mark.parametrize("node", [*BAD_NAMES[:5], "UPPER"])
+def test_node_name_naming_slice_pools_must_be_an_object_name(tmp_path: Path, node: str) -> None:
+    flat = tmp_path / "whereabouts.conf"
+    flat.write_text(json.dumps({"node_name": node, "datastore": "file", "data_dir": str(tmp_path / "d")}))
+    with pytest.raises(CNIError) as info:
+        load_config(netconf({"range": "10.0.0.0/16", "node_slice_size": "/24"}), flat_search=[str(flat)])
+    assert info.value.code == errors.INVALID_CONFIG and "ipam.node_name" in info.value.msg
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/x", "a/b", "a\0b", "x" * 300, ".hidden", ""])
+def test_the_file_store_and_its_locks_refuse_a_name_that_leaves_their_directory(tmp_path: Path, name: str) -> None:
+    """The store's own guard behind the config's checks: `/etc/x` would read `/etc/x.json` as root,
+    `../x` would create a lock file outside `data_dir`."""
+    from ipam.allocator import Lease
+    from ipam.store.file import FileStore
+    from ipam.store.locks import pool_generation, pool_lock
+
+    store = FileStore(str(tmp_path / "d"))
+    outside = tmp_path / "x.json"
+    outside.write_text(json.dumps({"spec": {"range": "10.0.0.0/24", "allocations": {}}}))
+    calls = [
+        lambda: store.read_pool(name, "10.0.0.0/24"),
+        lambda: store.read_node_slices(name),
+        lambda: store.reserve(name, Lease("c1", "ns/p", "eth0")),
+        lambda: pool_generation(str(tmp_path / "d" / "locks"), name),
+        lambda: pool_lock(str(tmp_path / "d" / "locks"), name, 1.0).__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(CNIError) as info:
+            call()
+        assert info.value.code == errors.INVALID_CONFIG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.json"]
+    assert not list((tmp_path / "d").rglob("*.lock"))
