@@ -127,7 +127,7 @@ class IPAMConfig(_Model):
 
 class NetConf(_Model):
     cni_version: str = Field(default="0.3.1", alias="cniVersion")
-    name: str = ""
+    name: str = Field(default="", max_length=1024)  # recorded on every lease (the CRD bounds `attrs`)
     type: str = ""
     ipam: dict[str, Any] | None = None
     prev_result: dict[str, Any] | None = Field(default=None, alias="prevResult")

@@ -74,6 +74,12 @@ def test_a_config_at_the_limits_is_accepted() -> None:
     assert cfg.ranges[0].size() == (1 << 24) - 2 - LIMITS["exclude"]
 
 
+def test_a_network_name_longer_than_a_lease_may_record_is_code_7() -> None:
+    err = fail(netconf({"range": "10.0.0.0/8"}, name="n" * 1025))
+    assert err.code == errors.INVALID_CONFIG and err.msg.startswith("invalid config: name: ") and "1024" in err.msg
+    assert load({"range": "10.0.0.0/8"}, name="n" * 1024).network == "n" * 1024
+
+
 def test_a_long_bad_value_is_cut_in_the_error() -> None:
     err = fail(netconf({"range": "10.0.0.0/8", "gateway": "x" * 100_000}))
     assert err.code == errors.INVALID_CONFIG and "ipam.gateway" in err.msg and len(err.msg) < 500
