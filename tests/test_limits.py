@@ -179,3 +179,19 @@ def test_the_file_store_and_its_locks_refuse_a_name_that_leaves_their_directory(
         assert info.value.code == errors.INVALID_CONFIG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.json"]
     assert not list((tmp_path / "d").rglob("*.lock"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CNI_CONTAINERID", v) for v in ("../x", "/etc/x", "a/b", "a\0b", "c" * 257, ".", "..")]
+    + [("CNI_IFNAME", v) for v in ("../x", "/etc/x", "a/b", "a\0b", "e" * 16, ".", "..")],
+)
+def test_the_runtimes_container_id_and_ifname_cannot_name_a_path(variable: str, value: str) -> None:
+    """Neither reaches a file name (pools, reservations and locks are named after ranges, addresses,
+    network_name and the node); they are checked anyway, and bounded as the CRDs bound them."""
+    from ipam.cni import container_identity
+
+    env = {"CNI_CONTAINERID": "c" * 64, "CNI_IFNAME": "net1", "CNI_NETNS": "/proc/1/ns/net", variable: value}
+    with pytest.raises(CNIError) as info:
+        container_identity(env, need_netns=True)
+    assert info.value.code == errors.INVALID_ENV and variable in info.value.msg and len(info.value.msg) < 400

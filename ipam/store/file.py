@@ -21,7 +21,8 @@ from typing import Any
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, PoolRetiredError
-from ..safepath import UnsafePathError, checked_name, open_dir, opened_dir, read_file_at
+from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
+from ..safepath import checked_name as _checked
 from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
@@ -56,13 +57,6 @@ def _atomic_write(path: Path, payload: bytes, exclusive: bool = False) -> None:
                 os.unlink(tmp, dir_fd=dir_fd)
             raise
         os.fsync(dir_fd)
-
-
-def _checked(name: str) -> str:
-    try:
-        return checked_name(name)
-    except UnsafePathError as exc:
-        raise CNIError(errors.INVALID_CONFIG, f"invalid name {exc.filename!r}", exc.strerror or "") from None
 
 
 def _unlink(path: Path) -> None:

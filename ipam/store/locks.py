@@ -30,7 +30,8 @@ from types import FrameType
 
 from .. import errors
 from ..errors import CNIError
-from ..safepath import UnsafePathError, checked_name, open_dir
+from ..safepath import UnsafePathError, open_dir
+from ..safepath import checked_name as _checked
 
 POLL_FIRST, POLL_MAX = 0.001, 0.05  # seconds between attempts where no timer can be used
 
@@ -159,13 +160,6 @@ def _walk_lock_dir(lock_dir: str, create: bool) -> int:
         raise
     except OSError as exc:
         raise CNIError(errors.IO_FAILURE, f"cannot create lock directory {lock_dir}", str(exc)) from None
-
-
-def _checked(name: str) -> None:
-    try:
-        checked_name(name)
-    except UnsafePathError as exc:
-        raise CNIError(errors.INVALID_CONFIG, f"invalid lock name {exc.filename!r}", exc.strerror or "") from None
 
 
 def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | None:
