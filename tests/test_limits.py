@@ -195,3 +195,34 @@ def test_the_runtimes_container_id_and_ifname_cannot_name_a_path(variable: str, 
     with pytest.raises(CNIError) as info:
         container_identity(env, need_netns=True)
     assert info.value.code == errors.INVALID_ENV and variable in info.value.msg and len(info.value.msg) < 400
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC"])
+def test_an_absolute_network_name_reads_nothing_outside_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The issue's reproduction, through the plugin's entry point: file datastore, node slices, and a
+    network `name` naming a JSON file elsewhere; the call is code 7 and nothing of that file shows."""
+    import io
+
+    from ipam.cni import run
+    from tests.cni_exec import FLAT_FILE_ENV
+
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"metadata": {"name": "TOPSECRET"}, "spec": {"range": "TOPSECRET", "sliceSize": "/24"}}))
+    flat = tmp_path / "whereabouts.conf"
+    flat.write_text(json.dumps({"datastore": "file", "data_dir": str(tmp_path / "d"), "node_name": "n1"}))
+    flat.chmod(0o600)
+    monkeypatch.setenv(FLAT_FILE_ENV, str(flat))
+    doc = {"cniVersion": "1.0.0", "name": str(tmp_path / "secret"), "type": "macvlan",
+           "ipam": {"type": "whereabouts-py", "range": "10.0.0.0/16", "node_slice_size": "/24"}}  # fmt: skip
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_IFNAME": "net1", "CNI_NETNS": "/var/run/netns/x",
+           "WHEREABOUTS_PY_AGENT_SOCKET": "/nonexistent/agent.sock"}  # fmt: skip
+    out = io.StringIO()
+    assert run(env, json.dumps(doc).encode(), out) == 1
+    answer = json.loads(out.getvalue())
+    assert answer["code"] == errors.INVALID_CONFIG and answer["msg"].startswith("invalid config: name: ")
+    assert "TOPSECRET" not in out.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.json", "whereabouts.conf"] + (
+        ["d"] if (tmp_path / "d").exists() else []
+    )
