@@ -20,8 +20,9 @@ from tests.test_config import fail, load, netconf
 
 
 def _excludes(count: int, seed: int) -> list[str]:
-    """`count` distinct /32s inside 10.0.0.0/8; `seed` makes each config's list its own."""
-    return [f"10.{seed}.{i // 250}.{i % 250 + 1}/32" for i in range(count)]
+    """`count` distinct /32s inside 10.0.0.0/8, none adjacent (each splits the range: as many
+    intervals as excludes); `seed` makes each config's list its own."""
+    return [f"10.{seed}.{i // 125}.{2 * (i % 125) + 1}/32" for i in range(count)]
 
 
 @pytest.mark.parametrize(
@@ -85,30 +86,54 @@ def test_a_long_bad_value_is_cut_in_the_error() -> None:
     assert err.code == errors.INVALID_CONFIG and "ipam.gateway" in err.msg and len(err.msg) < 500
 
 
+def _through_config(n: int, _: Path) -> None:
+    cfg = load({"range": "10.0.0.0/8", "exclude": _excludes(LIMITS["exclude"], n), "node_slice_size": "/12"})
+    for s in slices.cut(cfg.ranges[0].network, 12):
+        slices.slice_spec(cfg.ranges[0], str(s))
+
+
+def _through_the_plugin(n: int, tmp_path: Path) -> None:
+    """An ADD on the file datastore with node slices, in this process (as the agent runs each call)."""
+    import io
+
+    from ipam.cni import run
+
+    doc = {"cniVersion": "1.0.0", "name": f"net{n}", "type": "macvlan",
+           "ipam": {"type": "whereabouts-py", "range": "10.0.0.0/8", "exclude": _excludes(LIMITS["exclude"], n),
+                    "node_slice_size": "/12", "network_name": f"net{n}"}}  # fmt: skip
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"c{n}", "CNI_IFNAME": "net1", "CNI_NETNS": "/var/run/netns/x",
+           "WHEREABOUTS_PY_AGENT_SOCKET": "/nonexistent/agent.sock"}  # fmt: skip
+    out = io.StringIO()
+    assert run(env, json.dumps(doc).encode(), out) == 0, out.getvalue()
+
+
+@pytest.mark.parametrize("call", [_through_config, _through_the_plugin])
 def test_many_distinct_large_configs_keep_the_range_caches_within_their_byte_budget(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, call: Any
 ) -> None:
     """One process (the agent) sees 24 NADs of 4,096 excludes each (~0.5 MB of intervals apiece) and
     node slices: the caches' own accounting stays within the budget, and so does what they hold."""
+    from tests.cni_exec import FLAT_FILE_ENV
+
+    flat = tmp_path / "whereabouts.conf"
+    flat.write_text(json.dumps({"datastore": "file", "data_dir": str(tmp_path / "d"), "node_name": "n1"}))
+    flat.chmod(0o600)
+    monkeypatch.setenv(FLAT_FILE_ENV, str(flat))
     budget = 2 << 20
     for module, name in ((ranges, "_INTERVALS"), (slices, "_SLICE_SPECS"), (slices, "_FREE")):
         monkeypatch.setattr(module, name, ByteLRU(budget))
+    call(0, tmp_path)  # what every call loads once (modules, the file store's directories)
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for n in range(24):
-            cfg = load({"range": "10.0.0.0/8", "exclude": _excludes(LIMITS["exclude"], n), "node_slice_size": "/12"})
-            spec = cfg.ranges[0]
-            for s in slices.cut(spec.network, 12):
-                slices.slice_spec(spec, str(s))
-            del cfg, spec
+        for n in range(1, 25):
+            call(n, tmp_path)
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    caches = (ranges._INTERVALS, slices._SLICE_SPECS, slices._FREE)
-    assert all(0 < c.used <= budget for c in caches[:2])
+    assert all(0 < c.used <= budget for c in (ranges._INTERVALS, slices._SLICE_SPECS))
     assert held < 3 * budget + (1 << 20), f"{held} bytes held after 24 configs"
 
 
