@@ -201,7 +201,8 @@ def allocatable_intervals(
     """The [first, last] runs of `start`..`end` outside `exclude` and `gateway` (cached: the node agent
     builds every call's ranges anew, and the set arithmetic is most of that cost, ~1 ms a call)."""
     exclude = tuple(exclude)
-    digest = sha256(repr((version, start, end, gateway and (gateway.version, int(gateway)))).encode())
+    gw = None if gateway is None else (gateway.version, int(gateway))  # 0.0.0.0 is falsy in netaddr
+    digest = sha256(repr((version, start, end, gw)).encode())
     for ex in exclude:  # version and host bits too: look-alike inputs get their own answers
         digest.update(b"%d/%d/%d;" % (ex.version, ex.value, ex.prefixlen))
     key = digest.digest()

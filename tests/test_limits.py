@@ -137,6 +137,13 @@ def test_many_distinct_large_configs_keep_the_range_caches_within_their_byte_bud
     assert held < 3 * budget + (1 << 20), f"{held} bytes held after 24 configs"
 
 
+def test_a_gateway_at_address_zero_is_its_own_cache_entry() -> None:
+    from netaddr import IPAddress
+
+    assert ranges.allocatable_intervals(4, 0, 1, [], None) == ((0, 1),)
+    assert ranges.allocatable_intervals(4, 0, 1, [], IPAddress("0.0.0.0")) == ((1, 1),)
+
+
 def test_the_byte_cache_evicts_least_recently_used_and_refuses_a_value_past_the_budget() -> None:
     cache: ByteLRU[str] = ByteLRU(1000)
     cache.put("a", "A", 300)
