@@ -170,7 +170,8 @@ def check_limits(raw: Mapping[str, Any]) -> None:
         if isinstance(value, list) and len(value) > limit:
             raise _too_many(f"ipam.{alias}", len(value), limit)
         if alias != "routes" and isinstance(value, list):
-            lists += [(f"ipam.{alias}[{i}].exclude", e.get("exclude")) for i, e in enumerate(value) if isinstance(e, dict)]
+            entries = enumerate(value)
+            lists += [(f"ipam.{alias}[{i}].exclude", e.get("exclude")) for i, e in entries if isinstance(e, dict)]
     total = 0
     for key, value in lists:
         if not isinstance(value, list):
@@ -201,9 +202,8 @@ def check_object_name(key: str, value: str, limit: int, why: str) -> None:
     if len(value) > limit:
         raise invalid(key, value, f"is longer than {limit} characters ({why})")
     if not _OBJECT_NAME.match(value):
-        raise invalid(
-            key, value, f"must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit ({why})"
-        )
+        rule = "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+        raise invalid(key, value, f"{rule} ({why})")
 
 
 def version_supported(version: str) -> bool:
@@ -388,12 +388,14 @@ def load_config(
     except ValidationError as exc:
         raise _pydantic_error("ipam", exc, raw) from None
     if ipam.network_name:
-        check_object_name("ipam.network_name", ipam.network_name, MAX_NETWORK_NAME, "it prefixes pool and reservation names")
+        why = "it prefixes pool and reservation names"
+        check_object_name("ipam.network_name", ipam.network_name, MAX_NETWORK_NAME, why)
     if ipam.node_slice_size:
         # the NodeSlicePool (and its file and lock file) is named after the network's name, slice
         # pools and their lock files after the node
         if not ipam.network_name and conf.name:
-            check_object_name("name", conf.name, MAX_NETWORK_NAME, "it names the NodeSlicePool (or set ipam.network_name)")
+            why = "it names the NodeSlicePool (or set ipam.network_name)"
+            check_object_name("name", conf.name, MAX_NETWORK_NAME, why)
         node = ipam.node_name or env.get("NODENAME") or socket.gethostname()
         check_object_name("ipam.node_name", node, 253, "it names the node's slice pools")
     try:

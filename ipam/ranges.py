@@ -71,7 +71,8 @@ class RangeSpec:
     def key(self) -> bytes:
         """A digest of what decides the allocatable addresses (a short cache key; computed once)."""
         net = self.network
-        return sha256(repr((net.version, net.value, net.prefixlen, self.start, self.end, self.intervals)).encode()).digest()
+        text = repr((net.version, net.value, net.prefixlen, self.start, self.end, self.intervals))
+        return sha256(text.encode()).digest()
 
     def describe(self) -> str:
         first = IPAddress(self.start, self.version)

@@ -45,7 +45,9 @@ LONGEST = {
 
 
 @pytest.mark.apiserver
-def test_a_one_megabyte_holder_identity_is_refused_to_the_nodes_token(real_kube: RealKube, tmp_path: Path) -> None:
+def test_a_one_megabyte_holder_identity_is_refused_to_the_nodes_token(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     store = KubernetesStore.connect(real_kube.plugin_kubeconfig(), str(tmp_path / "locks"))
     with pytest.raises(CNIError):
         store.take_turn("10.46.0.0-24", "h" * (1 << 20), 5)
@@ -115,7 +117,11 @@ def test_deploys_resource_quota_caps_each_kind_in_the_pools_namespace(real_kube:
     limit = int(quota["spec"]["hard"]["count/ippools.whereabouts.cni.cncf.io"])  # the server shows "20k"
     used = dict.fromkeys(hard, "0") | {"count/ippools.whereabouts.cni.cncf.io": str(limit - 1)}
     made["status"] = {"hard": hard, "used": used}
-    real_kube.request("PUT", f"/api/v1/namespaces/{real_kube.namespace}/resourcequotas/{made['metadata']['name']}/status", made)
+    real_kube.request(
+        "PUT",
+        f"/api/v1/namespaces/{real_kube.namespace}/resourcequotas/{made['metadata']['name']}/status",
+        made,
+    )
     create(real_kube, "ippools", pool("10.46.0.0-24", {}))
     with pytest.raises(ApiError) as info:
         create(real_kube, "ippools", pool("10.47.0.0-24", {}, "10.47.0.0/24"))

@@ -77,7 +77,11 @@ def test_a_config_at_the_limits_is_accepted() -> None:
 
 def test_a_network_name_longer_than_a_lease_may_record_is_code_7() -> None:
     err = fail(netconf({"range": "10.0.0.0/8"}, name="n" * 1025))
-    assert err.code == errors.INVALID_CONFIG and err.msg.startswith("invalid config: name: ") and "1024" in err.msg
+    assert (
+        err.code == errors.INVALID_CONFIG
+        and err.msg.startswith("invalid config: name: ")
+        and "1024" in err.msg
+    )
     assert load({"range": "10.0.0.0/8"}, name="n" * 1024).network == "n" * 1024
 
 
@@ -188,7 +192,9 @@ def test_node_name_naming_slice_pools_must_be_an_object_name(tmp_path: Path, nod
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/x", "a/b", "a\0b", "x" * 300, ".hidden", ""])
-def test_the_file_store_and_its_locks_refuse_a_name_that_leaves_their_directory(tmp_path: Path, name: str) -> None:
+def test_the_file_store_and_its_locks_refuse_a_name_that_leaves_their_directory(
+    tmp_path: Path, name: str
+) -> None:
     """The store's own guard behind the config's checks: `/etc/x` would read `/etc/x.json` as root,
     `../x` would create a lock file outside `data_dir`."""
     from ipam.allocator import Lease
@@ -241,7 +247,9 @@ def test_an_absolute_network_name_reads_nothing_outside_data_dir(
     from tests.cni_exec import FLAT_FILE_ENV
 
     secret = tmp_path / "secret.json"
-    secret.write_text(json.dumps({"metadata": {"name": "TOPSECRET"}, "spec": {"range": "TOPSECRET", "sliceSize": "/24"}}))
+    secret.write_text(
+        json.dumps({"metadata": {"name": "TOPSECRET"}, "spec": {"range": "TOPSECRET", "sliceSize": "/24"}})
+    )
     flat = tmp_path / "whereabouts.conf"
     flat.write_text(json.dumps({"datastore": "file", "data_dir": str(tmp_path / "d"), "node_name": "n1"}))
     flat.chmod(0o600)
