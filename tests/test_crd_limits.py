@@ -12,6 +12,7 @@ import yaml
 
 from ipam.errors import CNIError
 from ipam.store.kubernetes import KubernetesStore
+from tests.kubeapi.fixtures import K8s
 from tests.kubeapi.real import ApiError, RealKube
 
 GROUP = "/apis/whereabouts.cni.cncf.io/v1alpha1"
@@ -44,15 +45,18 @@ LONGEST = {
 }
 
 
-@pytest.mark.apiserver
-def test_a_one_megabyte_holder_identity_is_refused_to_the_nodes_token(
-    real_kube: RealKube, tmp_path: Path
-) -> None:
-    store = KubernetesStore.connect(real_kube.plugin_kubeconfig(), str(tmp_path / "locks"))
-    with pytest.raises(CNIError):
+def test_a_one_megabyte_holder_identity_is_refused_to_the_nodes_token(k8s: K8s, tmp_path: Path) -> None:
+    """On the real API server and on the test server (which applies the same schema bounds)."""
+    store = KubernetesStore.connect(k8s.plugin_kubeconfig(), str(tmp_path / "locks"))
+    with pytest.raises(CNIError) as info:
         store.take_turn("10.46.0.0-24", "h" * (1 << 20), 5)
-    assert not real_kube.api.objects("writerturns", real_kube.namespace)
+    assert "holderIdentity" in str(info.value) and "Too long" in str(info.value)
+    assert not k8s.api.objects("writerturns", k8s.namespace)
     assert store.take_turn("10.46.0.0-24", "n" * 64 + "/4194304", 5) is not None  # a host and a pid
+
+
+@pytest.mark.apiserver
+def test_a_turn_lasting_past_an_hour_is_refused(real_kube: RealKube) -> None:
     turn = {"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "WriterTurn", "metadata": {"name": "t"},
             "spec": {"holderIdentity": "h/1", "leaseDurationSeconds": 10**9}}  # fmt: skip
     refused(real_kube, "writerturns", turn, "spec.leaseDurationSeconds")
