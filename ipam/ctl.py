@@ -25,6 +25,7 @@ from . import audit
 from .audit import Holding, Inventory, PoolView
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
+from .printable import printable
 from .reconcile import FileSource, KubeSource, Reconciler, Source, gather
 
 DEFAULT_DATA_DIR = "/var/lib/cni/whereabouts-py"
@@ -51,7 +52,8 @@ class Output:
         return f"{colour}{text}{RESET}" if self.colour and colour else text
 
     def write(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        """One line of the table output; cluster-written text in it is made printable (ipam.printable)."""
+        self.out.write(printable(text) + "\n")
 
     def dump(self, doc: Any) -> None:
         self.out.write(json.dumps(doc, indent=2) + "\n")
@@ -61,14 +63,15 @@ class Output:
     ) -> None:
         """Left-aligned columns two spaces apart; a row's colour wraps it after padding, so it never
         shifts the columns."""
+        rows = [[printable(c) for c in r] for r in rows]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
         def line(cells: Sequence[str]) -> str:
             return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
-        self.write(self.paint(line(headers), BOLD))
+        self.out.write(self.paint(line(headers), BOLD) + "\n")
         for i, row in enumerate(rows):
-            self.write(self.paint(line(row), colours[i] if i < len(colours) else ""))
+            self.out.write(self.paint(line(row), colours[i] if i < len(colours) else "") + "\n")
 
 
 def usage_bar(used: int, size: int, width: int = 10) -> str:
@@ -316,7 +319,7 @@ def _refuse(o: Output, reasons: list[str], held: list[Holding]) -> int:
         o.dump({"refused": reasons, "leases": [{"pool": h.pool.name, **lease_json(h)} for h in held]})
     else:
         for reason in reasons:
-            o.err.write(f"ipamctl: refused: {reason}\n")
+            o.err.write(printable(f"ipamctl: refused: {reason}") + "\n")
     return PROBLEMS
 
 
@@ -483,9 +486,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         source = open_source(args)
         return COMMANDS[args.command](args, source, o)
     except Failure as exc:
-        err.write(f"ipamctl: {exc}\n")
+        err.write(printable(f"ipamctl: {exc}") + "\n")
     except (CNIError, TransientStoreError, ConflictError) as exc:
-        err.write(f"ipamctl: {args.command} failed: {exc}\n")
+        err.write(printable(f"ipamctl: {args.command} failed: {exc}") + "\n")
     finally:
         if source is not None:
             source.store.close()

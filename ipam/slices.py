@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
-from .ranges import RangeConfigError, RangeSpec, pool_name, usable_bounds
+from .bytecache import ByteLRU, deep_size
+from .ranges import CACHE_BYTES, RangeConfigError, RangeSpec, pool_name, usable_bounds
 
 KEY = "ipam.node_slice_size"
 MAX_SLICES = 16384  # one status entry each; far beyond this the object nears etcd's request limit
@@ -66,15 +66,24 @@ def node_slice_pool_name(network_name: str, network: str) -> str:
     return network_name or network
 
 
-@lru_cache(maxsize=4096)
+_SLICE_SPECS: ByteLRU[tuple[IPNetwork, int, int, tuple[tuple[int, int], ...]]] = ByteLRU(CACHE_BYTES)
+
+
 def slice_spec(spec: RangeSpec, slice_range: str) -> RangeSpec:
     """The part of `spec` inside one slice, with offsets counted from the slice's network address
     (the slice pool's `spec.range`). As in Whereabouts, the slice's own first and last address are
-    not handed out; the range's start, end, excludes and gateway still hold."""
-    net = IPNetwork(slice_range).cidr
-    lo, hi = usable_bounds(net)
-    start, end = max(lo, spec.start), min(hi, spec.end)
-    intervals = tuple((max(a, start), min(b, end)) for a, b in spec.intervals if a <= end and b >= start)
+    not handed out; the range's start, end, excludes and gateway still hold. Cached by bytes, keyed by
+    the spec's digest: an entry keeps no tenant config alive."""
+    key = (spec.key, slice_range)
+    found = _SLICE_SPECS.get(key)
+    if found is None:
+        net = IPNetwork(slice_range).cidr
+        lo, hi = usable_bounds(net)
+        start, end = max(lo, spec.start), min(hi, spec.end)
+        intervals = tuple((max(a, start), min(b, end)) for a, b in spec.intervals if a <= end and b >= start)
+        found = (net, start, end, intervals)
+        _SLICE_SPECS.put(key, found, deep_size(intervals) + 300)
+    net, start, end, intervals = found
     return RangeSpec(net, start, end, spec.exclude, spec.gateway, intervals)
 
 
@@ -154,11 +163,17 @@ def fresh(name: str, spec: RangeSpec, size_text: str, prefix: int) -> NodeSlices
     return NodeSlices(name, spec.cidr, size_text, _free_entries(str(spec.network.cidr), prefix), None)
 
 
-@lru_cache(maxsize=16)
+_FREE: ByteLRU[tuple[SliceEntry, ...]] = ByteLRU(CACHE_BYTES)
+
+
 def _free_entries(cidr: str, prefix: int) -> tuple[SliceEntry, ...]:
     """Every slice of `cidr`, free (cached: a /16 in /26 slices takes ~15 ms to cut, and every call
     on a cold agent and every claim that finds no NodeSlicePool needs it)."""
-    return tuple(SliceEntry("", s) for s in cut(IPNetwork(cidr), prefix))
+    found = _FREE.get((cidr, prefix))
+    if found is None:
+        found = tuple(SliceEntry("", s) for s in cut(IPNetwork(cidr), prefix))
+        _FREE.put((cidr, prefix), found, 300 * len(found))  # an entry object, its dict and its text
+    return found
 
 
 def matches(pool: NodeSlices, spec: RangeSpec, prefix: int) -> bool:
