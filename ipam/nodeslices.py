@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from . import errors
 from .allocator import Allocations, Lease
@@ -50,6 +50,8 @@ from .store.slicestore import SlicePoolView, SliceStore
 
 if TYPE_CHECKING:
     from .engine import AddOp, Assigned, Engine
+
+_T = TypeVar("_T")
 
 
 class FencedStore:
@@ -113,6 +115,18 @@ class _StoreState:
     # retries of nodes racing for the same first free slice (each loser's read and refused write of a
     # 1,024-entry object costs the API server ~35 ms; straight back, the same nodes meet again)
     attempt_seconds: dict[str, float] = field(default_factory=dict)
+    # the NodeSlicePool reads that check a lease write (see Slicer._still_held), shared by the calls
+    # whose writes ended before the read began
+    checks: dict[tuple[str, str], _Shared] = field(default_factory=dict)
+
+
+@dataclass
+class _Shared:
+    """One read at a time, its answer shared with every caller that asked before it began."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: int = 0
+    last: tuple[int, object] | None = None
 
 
 _LOCK = threading.RLock()  # _state() is called with it held
@@ -140,6 +154,7 @@ def forget_cache() -> None:
             state.reading.clear()
             state.created.clear()
             state.stamps.clear()
+            state.checks.clear()
 
 
 @contextmanager
@@ -282,6 +297,65 @@ class Slicer:
         self._remember(pool, stamp)
         return pool
 
+    def _shared_read(self, kind: str, engine: Engine, deadline: float, read: Callable[[], _T]) -> _T:
+        """`read()` as begun after this call asked: the answer of a read another call of this process
+        began after that, else one of its own (one at a time per NodeSlicePool and kind). A burst of
+        ADDs whose lease writes have ended shares one read."""
+        with _LOCK:
+            shared = self._st.checks.setdefault((self.pool_name, kind), _Shared())
+            ticket = shared.started
+        with _waiting(shared.lock, engine, deadline):
+            with _LOCK:
+                if shared.last is not None and shared.last[0] > ticket:
+                    return cast(_T, shared.last[1])
+                shared.started += 1
+                number = shared.started
+            value = read()
+            with _LOCK:
+                shared.last = (number, value)
+            return value
+
+    def _still_held(self, engine: Engine, slice_range: str, deadline: float) -> bool:
+        """Whether the NodeSlicePool, read after a lease was written into `slice_range`'s pool, still
+        gives that slice to this node: the fence that keeps a node from answering an address of a
+        slice it lost (issue 22).
+
+        A check *before* the write cannot be enough: the lease goes into this node's own slice pool,
+        and the node that is given the slice next writes its own pool (another object), so nothing
+        would refuse a write made after the slice changed hands. Checked after the write, instead, an
+        answered lease was in the slice pool while the NodeSlicePool gave the slice to this node; from
+        then on the slice only moves by reclaim, whose fence (the retired mark, a conditional write)
+        fails on a pool holding a lease, or by someone freeing a slice that holds leases (deleting the
+        NodeSlicePool while pods use it, a foreign controller), which README forbids. A write the check
+        finds in a lost slice is rolled back (its token) before the call goes on elsewhere.
+
+        The read is cheap: the NodeSlicePool's metadata alone (uid, resourceVersion); unchanged since
+        this process read the whole object (not only memory: this read is begun after the write), its
+        entries are those remembered. Changed, the whole object is read. Concurrent calls share reads.
+        A store that cannot give the version alone (the file store: a file's version restarts when it
+        is made again) is read whole."""
+        probe = getattr(self.store, "node_slices_version", None)
+        if probe is not None:
+            seen: list[object] = [None]
+
+            def step() -> bool:
+                seen[0] = probe(self.pool_name)
+                return True
+
+            def version() -> object:
+                engine._retry(self.pool_name, deadline, step)
+                return seen[0]
+
+            now = self._shared_read("version", engine, deadline, version)
+            if now is None:  # no NodeSlicePool: no slice is held
+                return False
+            with _LOCK:
+                cached = self._st.pools.get(self.pool_name)
+            if cached is not None and cached.version and (cached.uid, cached.version) == now:
+                return slice_range in cached.held_by(self.node)
+        pool = self._shared_read("pool", engine, deadline, lambda: self._read(engine, deadline, refresh=True))
+        return slice_range in pool.held_by(self.node)
+
     @contextmanager
     def _claiming(self, engine: Engine, deadline: float) -> Iterator[int | None]:
         with _LOCK:
@@ -415,15 +489,41 @@ class Slicer:
                 if self._create_pool(engine, slice_range, deadline):
                     continue
                 return "not-held"
-            op.created = op.created or sub_op.created
             if sub_op.error is None:
                 assert sub_op.offset is not None
+                try:
+                    kept = self._still_held(engine, slice_range, deadline)
+                except BaseException:
+                    self._undo(engine, op, sub_op, slice_range)
+                    raise
+                if not kept:
+                    log.info("slice.lost", nodeslicepool=self.pool_name, node=self.node, slice=slice_range)
+                    self._undo(engine, op, sub_op, slice_range)
+                    return "not-held"
+                op.created = op.created or sub_op.created
                 op.offset, op.reused = sub_op.offset + self._shift(sub), sub_op.reused
                 return Assigned(op.spec, sub.address_at(sub_op.offset))
+            op.created = op.created or sub_op.created
             if sub_op.error.code == errors.POOL_EXHAUSTED:
                 return "full"
             raise sub_op.error
         return "not-held"
+
+    def _undo(self, engine: Engine, op: AddOp, sub_op: AddOp, slice_range: str) -> None:
+        """Take back the lease (and its reservation) this call wrote into a slice it must not use:
+        only one still carrying the call's token, as the engine's rollback does."""
+        from .engine import ReleaseOp
+
+        name, sub = self._names(slice_range)
+        request = op.request
+        undo = ReleaseOp(request.container_id, request.ifname, token=request.token, untokened=sub_op.created)
+        deadline = engine.clock() + engine.policy.rollback_seconds
+        try:
+            self._sub_engine(engine)._submit(name, sub.cidr, [undo], deadline)
+            shift = self._shift(sub)
+            engine._unreserve(self.spec, [o + shift for o in undo.released], request.container_id, request.ifname, deadline)
+        except (CNIError, PoolRetiredError) as exc:  # the runtime's DEL and the reconciler clean up after
+            log.error("rollback.failed", pool=name, error=str(exc))
 
     def _remembered(self, engine: Engine, name: str) -> PoolSnapshot | None:
         """The slice pool as this process last wrote it, if no other process of this node has written

@@ -96,7 +96,8 @@ class SliceEntry:
 
 @dataclass(frozen=True)
 class NodeSlices:
-    """A NodeSlicePool as read: `version` None when it does not exist yet; `token` is the store's."""
+    """A NodeSlicePool as read: `version` None when it does not exist yet; `token` is the store's;
+    `uid` the object's (empty when the store has none)."""
 
     name: str
     range: str
@@ -104,6 +105,7 @@ class NodeSlices:
     entries: tuple[SliceEntry, ...]
     version: str | None
     token: Any = None
+    uid: str = ""
 
     def held_by(self, node: str) -> list[str]:
         return [e.slice_range for e in self.entries if e.node == node]
@@ -136,6 +138,7 @@ def from_object(obj: Mapping[str, Any], name: str) -> NodeSlices:
         parse_entries((obj.get("status") or {}).get("allocations")),
         str(meta.get("resourceVersion", "")),
         token=obj,
+        uid=str(meta.get("uid") or ""),
     )
 
 

@@ -1,5 +1,6 @@
 """Node slices on the API test server, where requests can be counted and CRDs swapped: the warm
-steady-state ADD costs one pool write (from the agent's memory of the pool) and one reservation; a NodeSlicePool CRD with a
+steady-state ADD costs one pool write (from the agent's memory of the pool), one reservation and a
+GET of the NodeSlicePool's metadata; a NodeSlicePool CRD with a
 status subresource still gets its claims (written through /status)."""
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def add(kube: KubeHandle, tmp: Path, cid: str, node: str = "node-a", agent: Agen
 
 def test_warm_add_costs_a_pool_write_and_a_reservation(kube: KubeHandle, tmp_path: Path) -> None:
     """The agent keeps the node's slice list and its slice pools as it last wrote them: a warm ADD
-    writes the pool at the remembered version without reading it first."""
+    writes the pool at the remembered version without reading it first, then checks that the
+    NodeSlicePool still gives it the slice by its metadata alone (uid and version unchanged)."""
     agent = Agent()
     add(kube, tmp_path, "c0", agent=agent)  # claims the slice, creates its pool: the cold path
     kube.api.reset_counts()
@@ -53,6 +55,7 @@ def test_warm_add_costs_a_pool_write_and_a_reservation(kube: KubeHandle, tmp_pat
     assert counts == {
         ("update", "ippools"): 4,
         ("create", "overlappingrangeipreservations"): 4,
+        ("get-metadata", "nodeslicepools"): 4,
     }
 
 
@@ -192,6 +195,7 @@ def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(kube: Kube
     assert counts == {
         ("get", "ippools"): 1,  # the first slice, remembered full: looked at once before claiming
         ("get", "nodeslicepools"): 2,  # the claim's read, and the check after creating the slice pool
+        ("get-metadata", "nodeslicepools"): 2,  # the slice still this node's after each lease write
         ("update", "nodeslicepools"): 1,
         ("create", "writerturns"): 1,  # the claim under the NodeSlicePool's writer turn (ipam.turns)
         ("delete", "writerturns"): 1,

@@ -1,6 +1,7 @@
 """Several simulated nodes (each with its own store and warm slice cache, like one agent each) ADD and
 DEL into a sliced range on one file datastore, nodes disappear, and reclaim returns slices, sometimes
-with an ADD landing between its fence and its free. After every step: no address in two slice pools,
+with an ADD landing between its fence and its free; the NodeSlicePool is deleted, or an empty slice
+moved by a foreign controller, under the nodes' warm caches. After every step: no address in two slice pools,
 no slice held by two nodes, every lease inside a slice its node holds (so reclaim never freed a slice
 with a lease), and every live attachment still holds its address.
 """
@@ -98,6 +99,33 @@ class NodeSliceMachine(RuleBasedStateMachine):
         nodeslices.reclaim_slices(
             FileStore(str(self.dir)), set(self.live_nodes), 60, False, later, before_free=race if racer else None
         )
+
+    # -- slices taken from a node behind its back (issue 22): the NodeSlicePool deleted, as README
+    # allows once no pod uses the old slices, or an empty slice freed or given to another node by a
+    # foreign controller (Go Whereabouts'), without reclaim's fence. The nodes' caches are warm.
+
+    def _leases_in(self, node: str, slice_range: str) -> int:
+        path = self.dir / "pools" / f"{slice_pool_name(node, slice_range)}.json"
+        return len(json.loads(path.read_text())["spec"]["allocations"]) if path.exists() else 0
+
+    @rule()
+    def node_slice_pool_deleted(self) -> None:
+        if not any(self._leases_in(node, s) for node, s in self._held() if node):
+            (self.dir / "nodeslicepools" / "net.json").unlink(missing_ok=True)
+
+    @rule(data=st.data(), to=st.sampled_from(("", *NODES)))
+    def foreign_controller_moves_an_empty_slice(self, data: st.DataObject, to: str) -> None:
+        empty = [(node, s) for node, s in self._held() if node and not self._leases_in(node, s)]
+        if not empty:
+            return
+        _node, slice_range = data.draw(st.sampled_from(empty))
+        path = self.dir / "nodeslicepools" / "net.json"
+        doc = json.loads(path.read_text())
+        for e in doc["status"]["allocations"]:
+            if e["sliceRange"] == slice_range:
+                e["nodeName"] = to
+        doc["metadata"]["resourceVersion"] = str(int(doc["metadata"]["resourceVersion"]) + 1)
+        path.write_text(json.dumps(doc))
 
     # -- invariants -----------------------------------------------------------------------------
 

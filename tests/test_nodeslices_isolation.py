@@ -1,0 +1,157 @@
+"""Node slices on a real kube-apiserver, issue 22: a node never answers an address from a slice that
+the NodeSlicePool no longer gives it (the NodeSlicePool deleted, or the slice reassigned, under a warm
+agent or between a direct call's read and its write); two networks on one range never hand out one
+address; a warm agent refuses a changed cut as direct mode does."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+from ipam import nodeslices
+from ipam.agent import Agent
+from ipam.cni import run
+from tests.kubeapi.real import RealKube
+
+WB = "whereabouts.cni.cncf.io/v1alpha1"
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache() -> None:
+    nodeslices.forget_cache()
+
+
+def conf(kube: RealKube, tmp: Path, node: str, name: str = "net1", **extra: Any) -> dict[str, Any]:
+    ipam = {
+        "type": "whereabouts-py",
+        "range": "10.0.0.0/24",
+        "node_slice_size": "/26",
+        "node_name": node,
+        "data_dir": str(tmp / node),
+        "enable_overlapping_ranges": False,
+        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        **extra,
+    }
+    return {"cniVersion": "1.0.0", "name": name, "type": "macvlan", "ipam": ipam}
+
+
+def env(kube: RealKube, command: str, cid: str) -> dict[str, str]:
+    return {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": "/var/run/netns/x",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": f"K8S_POD_NAMESPACE={kube.namespace};K8S_POD_NAME={cid}",
+    }
+
+
+def direct(
+    kube: RealKube, command: str, cid: str, netconf: dict[str, Any], forget: bool = True
+) -> tuple[int, dict[str, Any]]:
+    """One CNI call in direct mode, as a fresh plugin process makes it (nothing remembered; `forget`
+    False when an agent of this test process must stay warm: the call's own store starts cold anyway)."""
+    if forget:
+        nodeslices.forget_cache()
+    out = io.StringIO()
+    code = run(env(kube, command, cid), json.dumps(netconf).encode(), out)
+    text = out.getvalue().strip()
+    return code, (json.loads(text) if text else {})
+
+
+def through(agent: Agent, kube: RealKube, command: str, cid: str, netconf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    reply = agent.serve_call({"env": env(kube, command, cid), "stdin": json.dumps(netconf)})
+    text = str(reply.get("stdout") or "").strip()
+    return int(reply["code"]), (json.loads(text) if text else {})
+
+
+def address(doc: dict[str, Any]) -> str:
+    return str(doc["ips"][0]["address"]).split("/")[0]
+
+
+def nsp_path(kube: RealKube, name: str) -> str:
+    return f"/apis/{WB}/namespaces/{kube.namespace}/nodeslicepools/{name}"
+
+
+def holder(kube: RealKube, ip: str, name: str = "net1") -> str:
+    doc = kube.request("GET", nsp_path(kube, name))
+    for e in doc["status"]["allocations"]:
+        if IPAddress(ip) in IPNetwork(e["sliceRange"]):
+            return str(e["nodeName"])
+    return ""
+
+
+# -- item 2: a lost slice ----------------------------------------------------------------------------
+
+
+def test_warm_agent_does_not_allocate_in_a_slice_given_to_another_node(real_kube: RealKube, tmp_path: Path) -> None:
+    """n1's agent ADDs and DELs, the NodeSlicePool is deleted (README's remedy for a changed cut), n2
+    claims the first slice in direct mode: n1's agent must not answer n2's address."""
+    n1, n2 = conf(real_kube, tmp_path, "n1"), conf(real_kube, tmp_path, "n2")
+    agent = Agent()
+    try:
+        code, doc = through(agent, real_kube, "ADD", "a0", n1)
+        assert code == 0, doc
+        assert through(agent, real_kube, "DEL", "a0", n1)[0] == 0
+        real_kube.request("DELETE", nsp_path(real_kube, "net1"))
+        code, theirs = direct(real_kube, "ADD", "b0", n2, forget=False)
+        assert code == 0, theirs
+        assert holder(real_kube, address(theirs)) == "n2"
+        code, mine = through(agent, real_kube, "ADD", "a1", n1)
+        assert code == 0, mine
+    finally:
+        agent.close()
+    assert address(mine) != address(theirs)
+    assert holder(real_kube, address(mine)) == "n1"
+
+
+def test_direct_call_losing_its_slice_between_read_and_write_moves_on(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window of a check-then-write: n1 has read that it holds the slice; before its lease is
+    written the NodeSlicePool is deleted and n2 claims the slice and takes the same first address. n1
+    must not answer it (its write is checked after it is made, and rolled back)."""
+    n1, n2 = conf(real_kube, tmp_path, "n1"), conf(real_kube, tmp_path, "n2")
+    assert direct(real_kube, "ADD", "a0", n1)[0] == 0
+    assert direct(real_kube, "DEL", "a0", n1)[0] == 0
+    theirs: list[dict[str, Any]] = []
+    write = nodeslices.FencedStore.write_pool
+
+    def interloper(self: nodeslices.FencedStore, snapshot: Any, allocations: Any) -> Any:
+        if snapshot.name.startswith("n1-") and not theirs:
+            real_kube.request("DELETE", nsp_path(real_kube, "net1"))
+            code, doc = direct(real_kube, "ADD", "b0", n2)
+            assert code == 0, doc
+            theirs.append(doc)
+        return write(self, snapshot, allocations)
+
+    monkeypatch.setattr(nodeslices.FencedStore, "write_pool", interloper)
+    out = io.StringIO()
+    code = run(env(real_kube, "ADD", "a1"), json.dumps(n1).encode(), out)
+    mine = json.loads(out.getvalue())
+    assert code == 0, mine
+    assert theirs and address(mine) != address(theirs[0])
+    assert holder(real_kube, address(mine)) == "n1"
+    leases = real_kube.request("GET", f"/apis/{WB}/namespaces/{real_kube.namespace}/ippools/n1-10.0.0.0-26")
+    assert leases["spec"]["allocations"] == {}  # the lease written into the lost slice was rolled back
+
+
+def test_the_check_after_a_write_reads_the_metadata_alone(real_kube: RealKube, tmp_path: Path) -> None:
+    """The real API server answers the check's GET with the NodeSlicePool's metadata, not its entries."""
+    from ipam.store.kubernetes import METADATA_ONLY, KubernetesStore
+
+    assert direct(real_kube, "ADD", "a0", conf(real_kube, tmp_path, "n1"))[0] == 0
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    try:
+        raw = store.client.request("GET", store._path("nodeslicepools", "net1"), accept=METADATA_ONLY)
+        seen = store.node_slices_version("net1")
+        full = store.read_node_slices("net1")
+        assert store.node_slices_version("absent") is None
+    finally:
+        store.close()
+    assert raw["kind"] == "PartialObjectMetadata" and "status" not in raw
+    assert full is not None and seen == (full.uid, full.version) and full.uid
