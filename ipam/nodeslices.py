@@ -246,13 +246,17 @@ class Slicer:
             self._st.stamps[self.pool_name] = stamp
 
     def _cached(self) -> NodeSlices | None:
-        """The cached NodeSlicePool, unless the node claimed a slice since it was read."""
+        """The cached NodeSlicePool, unless the node claimed a slice since it was read, or it cuts
+        another range or slice size than this config (another network with the same network_name
+        read it): a read then gives this config the answer direct mode gives (code 103)."""
         stamp = self._stamp()
         with _LOCK:
             pool = self._st.pools.get(self.pool_name)
             if pool is not None and self._st.stamps.get(self.pool_name) != stamp:
                 return None
-            return pool
+        if pool is not None and not matches(pool, self.spec, self.prefix):
+            return None
+        return pool
 
     def _read(self, engine: Engine, deadline: float, refresh: bool) -> NodeSlices:
         if not refresh:

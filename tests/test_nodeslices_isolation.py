@@ -155,3 +155,27 @@ def test_the_check_after_a_write_reads_the_metadata_alone(real_kube: RealKube, t
         store.close()
     assert raw["kind"] == "PartialObjectMetadata" and "status" not in raw
     assert full is not None and seen == (full.uid, full.version) and full.uid
+
+
+# -- item 4: a changed cut, warm or not --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changed", [{"node_slice_size": "/28"}, {"range": "10.0.0.0/25"}])
+def test_a_changed_cut_is_refused_alike_by_a_warm_agent_and_in_direct_mode(
+    real_kube: RealKube, tmp_path: Path, changed: dict[str, str]
+) -> None:
+    """A NAD with the same network_name as another but another node_slice_size or range meets the
+    NodeSlicePool cut the other way: code 103 naming both cuts, whether the agent is warm or not."""
+    first = conf(real_kube, tmp_path, "n1", network_name="blue")
+    other = conf(real_kube, tmp_path, "n1", name="net2", network_name="blue", **changed)
+    agent = Agent()
+    try:
+        assert through(agent, real_kube, "ADD", "a0", first)[0] == 0
+        warm = through(agent, real_kube, "ADD", "a1", other)[1]
+        cold = direct(real_kube, "ADD", "a2", other, forget=False)[1]
+        assert through(agent, real_kube, "ADD", "a3", first)[0] == 0  # the first network still works
+    finally:
+        agent.close()
+    assert (warm.get("code"), cold.get("code")) == (103, 103), (warm, cold)
+    assert warm["msg"] == cold["msg"]
+    assert "NodeSlicePool blue cuts range 10.0.0.0/24 into /26 slices" in warm["msg"]
