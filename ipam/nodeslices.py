@@ -36,6 +36,7 @@ from .slices import (
     NodeSlices,
     SlicePoolState,
     claim,
+    clashes,
     exhausted_message,
     fresh,
     matches,
@@ -118,6 +119,8 @@ class _StoreState:
     # the NodeSlicePool reads that check a lease write (see Slicer._still_held), shared by the calls
     # whose writes ended before the read began
     checks: dict[tuple[str, str], _Shared] = field(default_factory=dict)
+    # networks without network_name: the uid of the NodeSlicePool found alone on its range (_alone)
+    alone: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,6 +158,7 @@ def forget_cache() -> None:
             state.created.clear()
             state.stamps.clear()
             state.checks.clear()
+            state.alone.clear()
 
 
 @contextmanager
@@ -202,7 +206,7 @@ class Slicer:
 
     def _checked(self, pool: NodeSlices | None) -> NodeSlices:
         if pool is None:
-            return fresh(self.pool_name, self.spec, self.size_text, self.prefix)
+            return fresh(self.pool_name, self.spec, self.size_text, self.prefix, self.network_name)
         if not matches(pool, self.spec, self.prefix):
             raise CNIError(
                 errors.DATASTORE_ERROR,
@@ -356,9 +360,43 @@ class Slicer:
             with _LOCK:
                 cached = self._st.pools.get(self.pool_name)
             if cached is not None and cached.version and (cached.uid, cached.version) == now:
-                return slice_range in cached.held_by(self.node)
+                return self._held_alone(engine, deadline, cached, slice_range)
         pool = self._shared_read("pool", engine, deadline, lambda: self._read(engine, deadline, refresh=True))
-        return slice_range in pool.held_by(self.node)
+        return self._held_alone(engine, deadline, pool, slice_range)
+
+    def _held_alone(self, engine: Engine, deadline: float, pool: NodeSlices, slice_range: str) -> bool:
+        """`pool` (as it is now) gives the slice to this node; without network_name, also: no other
+        network without one takes the range (else CNIError 103, see `slices.clashes`). Judged once
+        per NodeSlicePool uid: another such network made later is refused by its own judgement, and
+        this one is judged again when its NodeSlicePool is made again."""
+        if slice_range not in pool.held_by(self.node):
+            return False
+        if self.network_name:
+            return True
+        with _LOCK:
+            if pool.uid and self._st.alone.get(self.pool_name) == pool.uid:
+                return True
+        found: list[list[NodeSlices]] = [[]]
+
+        def step() -> bool:
+            found[0] = self.store.list_node_slices()
+            return True
+
+        engine._retry(self.pool_name, deadline, step)
+        others = clashes(pool, found[0])
+        if others:
+            raise CNIError(
+                errors.DATASTORE_ERROR,
+                f"NodeSlicePool {self.pool_name} and NodeSlicePool(s) {', '.join(others)} cut overlapping "
+                f"ranges ({self.spec.cidr}) for networks without network_name: their slice pools and "
+                "reservations share names, so they would give one address to two pods",
+                f"set network_name in the ipam config of network {self.pool_name} (each network on this "
+                "range needs its own); the network whose NodeSlicePool is older keeps the range",
+            )
+        with _LOCK:
+            if pool.uid:
+                self._st.alone[self.pool_name] = pool.uid
+        return True
 
     @contextmanager
     def _claiming(self, engine: Engine, deadline: float) -> Iterator[int | None]:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from ipam import nodeslices
+from ipam import nodeslices, slices
 from ipam.agent import Agent
 from ipam.cni import run
 from tests.kubeapi.real import RealKube
@@ -179,3 +181,69 @@ def test_a_changed_cut_is_refused_alike_by_a_warm_agent_and_in_direct_mode(
     assert (warm.get("code"), cold.get("code")) == (103, 103), (warm, cold)
     assert warm["msg"] == cold["msg"]
     assert "NodeSlicePool blue cuts range 10.0.0.0/24 into /26 slices" in warm["msg"]
+
+
+# -- item 3: two networks without network_name on one range ------------------------------------------
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+@pytest.mark.parametrize("mode", ["direct", "agent"])
+def test_a_second_network_without_network_name_on_a_sliced_range_is_refused(
+    real_kube: RealKube, tmp_path: Path, overlapping: bool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two NADs (net1, net2) on one range with node slices and no network_name: each has its own
+    NodeSlicePool, but their slice pools and reservations share names, so n1 (net1) and n2 (net2) would
+    both be given the first slice and its first address. The second network is refused (code 103,
+    saying to set network_name); the first, whose NodeSlicePool is older, keeps working (the margin
+    for API servers' clocks set to 0 and the second network made a second later: creationTimestamp
+    counts whole seconds)."""
+    monkeypatch.setattr(slices, "CLASH_MARGIN_SECONDS", 0.0)
+    net1 = conf(real_kube, tmp_path, "n1", enable_overlapping_ranges=overlapping)
+    net2 = conf(real_kube, tmp_path, "n2", name="net2", enable_overlapping_ranges=overlapping)
+    agent = Agent()
+
+    def add(cid: str, netconf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if mode == "agent":
+            return through(agent, real_kube, "ADD", cid, netconf)
+        return direct(real_kube, "ADD", cid, netconf, forget=False)
+
+    try:
+        code, first = add("a0", net1)
+        assert code == 0, first
+        time.sleep(1.1)
+        second = add("b0", net2)[1]
+        again = add("b1", net2)[1]
+        code, later = add("a1", net1)
+        assert code == 0, later
+    finally:
+        agent.close()
+    assert second.get("code") == 103 and again.get("code") == 103, (second, again)
+    assert "network_name" in second["msg"] and "net1" in second["msg"] and "net2" in second["msg"]
+    assert address(later) != address(first)
+    # the refused network's lease was taken back: no pool of net2's node holds one
+    pools = real_kube.api.objects("ippools", real_kube.namespace)
+    assert [p["metadata"]["name"] for p in pools if p["spec"].get("allocations")] == ["n1-10.0.0.0-26"]
+
+
+def test_which_networks_without_network_name_clash() -> None:
+    """`slices.clashes`: overlapping ranges of NodeSlicePools not marked with a network_name of their
+    own, unless clearly younger (by more than the margin); unknown ages clash."""
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def nsp(name: str, rng: str, age: float | None, network_name: str | None = None) -> slices.NodeSlices:
+        made = None if age is None else t - timedelta(seconds=age)
+        return slices.NodeSlices(name, rng, "/26", (), "1", created=made, network_name=network_name)
+
+    mine = nsp("net1", "10.0.0.0/24", 100)
+    others = [
+        nsp("older", "10.0.0.0/16", 200),
+        nsp("close", "10.0.0.128/25", 90),
+        nsp("unknown", "10.0.0.0/24", None),
+        nsp("younger", "10.0.0.0/24", 10),
+        nsp("named", "10.0.0.0/24", 200, network_name="blue"),
+        nsp("unnamed-mark", "10.0.0.0/24", 200, network_name=""),
+        nsp("elsewhere", "10.0.1.0/24", 200),
+        nsp("net1", "10.0.0.0/24", 100),
+    ]
+    assert slices.clashes(mine, others, margin=30) == ["close", "older", "unknown", "unnamed-mark"]
+    assert slices.clashes(mine, others, margin=0) == ["older", "unknown", "unnamed-mark"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
-from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time, slice_marks
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import PoolSnapshot, StandingTurn, Turn, TurnsUnavailable, turn_name
@@ -404,7 +404,7 @@ class KubernetesStore:
             body = {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "NodeSlicePool",
-                "metadata": {"name": pool.name, "namespace": self.namespace},
+                "metadata": {"name": pool.name, "namespace": self.namespace, **slice_marks(pool)},
                 "spec": {"range": pool.range, "sliceSize": pool.slice_size},
                 "status": status,
             }
