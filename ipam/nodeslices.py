@@ -119,7 +119,7 @@ class _StoreState:
     # the NodeSlicePool reads that check a lease write (see Slicer._still_held), shared by the calls
     # whose writes ended before the read began
     checks: dict[tuple[str, str], _Shared] = field(default_factory=dict)
-    # networks without network_name: the uid of the NodeSlicePool found alone on its range (_alone)
+    # networks without network_name: the uid of the NodeSlicePool found alone on its range (Slicer._held_alone)
     alone: dict[str, str] = field(default_factory=dict)
 
 
