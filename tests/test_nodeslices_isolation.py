@@ -111,6 +111,34 @@ def test_warm_agent_does_not_allocate_in_a_slice_given_to_another_node(real_kube
     assert holder(real_kube, address(mine)) == "n1"
 
 
+def test_with_reservations_a_lost_slice_is_left_once_the_last_check_is_older_than_the_bound(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overlapping-range reservations on, a check that the node holds its slice vouches for the
+    writes of the next VERIFIED_FRESH_SECONDS: inside it the reservation alone keeps n2's address
+    from n1; past it n1 finds the slice lost and moves to a slice of its own."""
+    n1 = conf(real_kube, tmp_path, "n1", enable_overlapping_ranges=True)
+    n2 = conf(real_kube, tmp_path, "n2", enable_overlapping_ranges=True)
+    monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 3600.0)
+    agent = Agent()
+    try:
+        assert through(agent, real_kube, "ADD", "a0", n1)[0] == 0
+        assert through(agent, real_kube, "DEL", "a0", n1)[0] == 0
+        real_kube.request("DELETE", nsp_path(real_kube, "net1"))
+        code, theirs = direct(real_kube, "ADD", "b0", n2, forget=False)
+        assert code == 0, theirs
+        code, inside = through(agent, real_kube, "ADD", "a1", n1)
+        assert code == 0, inside
+        monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 0.0)
+        code, past = through(agent, real_kube, "ADD", "a2", n1)
+        assert code == 0, past
+    finally:
+        agent.close()
+    assert address(inside) != address(theirs)  # the reservation
+    assert holder(real_kube, address(past)) == "n1"
+    assert len({address(theirs), address(inside), address(past)}) == 3
+
+
 def test_direct_call_losing_its_slice_between_read_and_write_moves_on(
     real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
