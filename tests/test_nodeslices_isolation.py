@@ -275,3 +275,26 @@ def test_which_networks_without_network_name_clash() -> None:
     ]
     assert slices.clashes(mine, others, margin=30) == ["close", "older", "unknown", "unnamed-mark"]
     assert slices.clashes(mine, others, margin=0) == ["older", "unknown", "unnamed-mark"]
+
+
+def test_two_networks_without_network_name_starting_together_never_share_an_address(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """net2 claims its slice while net1's first lease is being written (after net1's NodeSlicePool
+    was made): each judges the range after its own NodeSlicePool exists, so each sees the other;
+    made within the clocks' margin, both are refused and no address is given twice."""
+    net1 = conf(real_kube, tmp_path, "n1")
+    net2 = conf(real_kube, tmp_path, "n2", name="net2")
+    theirs: list[dict[str, Any]] = []
+    write = nodeslices.FencedStore.write_pool
+
+    def interloper(self: nodeslices.FencedStore, snapshot: Any, allocations: Any) -> Any:
+        if snapshot.name.startswith("n1-") and not theirs:
+            theirs.append(direct(real_kube, "ADD", "b0", net2, forget=False)[1])
+        return write(self, snapshot, allocations)
+
+    monkeypatch.setattr(nodeslices.FencedStore, "write_pool", interloper)
+    mine = direct(real_kube, "ADD", "a0", net1)[1]
+    assert (mine.get("code"), theirs[0].get("code")) == (103, 103), (mine, theirs)
+    pools = real_kube.api.objects("ippools", real_kube.namespace)
+    assert [p["metadata"]["name"] for p in pools if p["spec"].get("allocations")] == []
