@@ -23,7 +23,7 @@ from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, PoolRetiredError
 from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
 from ..safepath import checked_name as _checked
-from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, slice_marks
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import ADDRESS_ANNOTATION, PoolSnapshot, check_range, name_taken
@@ -319,10 +319,14 @@ class FileStore:
             _atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+        # as made: its creation time and marks are kept by every later write
+        old = (pool.token.get("metadata") or {}) if isinstance(pool.token, dict) else {}
+        made = old.get("creationTimestamp") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        marks = {k: v for k, v in old.items() if k == "annotations"} or slice_marks(pool)
         doc = {
             "apiVersion": API_VERSION,
             "kind": "NodeSlicePool",
-            "metadata": {"name": pool.name},
+            "metadata": {"name": pool.name, "creationTimestamp": made, **marks},
             "spec": {"range": pool.range, "sliceSize": pool.slice_size},
             "status": slice_status(entries),
         }
