@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,53 +44,81 @@ def pyplot() -> Any:
 
 
 def save_data(path: Path, doc: dict[str, Any]) -> Path:
-    """Write one run's data beside its charts (rounded to 0.1 ms: the charts need no more)."""
+    """Write one run's data beside its charts."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 
 
+SIZE = (10, 6.5)  # inches; at DPI, 1100 x 715 pixels
+DPI = 110
+
+
 def _caption(docs: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{d.get('date', '?')}, {d.get('server', '?')}" for d in docs)
+    """Which runs drew the chart: date, server (its first words), load average, command."""
+    return "\n".join(
+        f"{d.get('date', '?')}: {str(d.get('server', '?')).split(' from ')[0]}, "
+        f"load average {d.get('load_average', '?')}; {d.get('command', '?')}"
+        for d in docs
+    )
+
+
+def _run(doc: dict[str, Any]) -> str:
+    """Which bench made the data (`bench`, `bench.slices`): curves of one run compare, across runs
+    the machine's load differs."""
+    words = str(doc.get("command", "")).split()
+    return words[2] if len(words) > 2 and words[:2] == ["python", "-m"] else "?"
+
+
+def _finish(plt: Any, fig: Any, ax: Any, docs: list[dict[str, Any]], path: Path) -> Path:
+    """The legend under the axes (it never hides a curve), the runs at the foot; saved."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.22), frameon=False
+    )
+    fig.text(0.01, 0.01, _caption(docs), fontsize=6.5, alpha=0.75)
+    fig.subplots_adjust(left=0.08, right=0.97, top=0.93, bottom=0.32)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def latency_chart(plt: Any, docs: list[dict[str, Any]], out: Path) -> Path | None:
     """Each case's ADD latencies as a cumulative distribution, the same run's references dashed."""
     series = [
-        (name, values, name in d.get("references", ()))
+        (name, sorted(values), name in d.get("references", ()))
         for d in docs
         for name, values in d.get("latency_ms", {}).items()
+        if values
     ]
-    series = [s for s in series if s[1]]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, values, reference in series:
-        ordered = sorted(values)
+    series.sort(key=lambda s: (not s[2], statistics.median(s[1])))  # references first, then the fastest
+    fig, ax = plt.subplots(figsize=SIZE)
+    for name, ordered, reference in series:
         share = [(i + 1) / len(ordered) for i in range(len(ordered))]
         ax.step(ordered, share, where="post", linestyle="--" if reference else "-", linewidth=1.6,
-                label=f"{name} (p50 {ordered[len(ordered) // 2]:.0f} ms, n={len(ordered)})")  # fmt: skip
+                label=f"{name}: p50 {statistics.median(ordered):.1f} ms, n={len(ordered)}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("ADD latency, ms (log scale): one exec of the CNI executable")
     ax.set_ylabel("share of ADDs at most this long")
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title("ADD latency distributions; dashed: references measured in the same run")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.text(0.01, 0.01, _caption(docs), fontsize=7, alpha=0.7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = out / "latency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, docs, out / "latency.png")
 
 
 def burst_chart(plt: Any, docs: list[dict[str, Any]], out: Path) -> Path | None:
     """ADDs completed against seconds since the burst started, one curve per burst."""
-    bursts = [(label, b) for d in docs for label, b in d.get("bursts", {}).items() if b.get("completions_s")]
+    bursts = [
+        (f"{_run(d)}: {label}", b)
+        for d in docs
+        for label, b in d.get("bursts", {}).items()
+        if b.get("completions_s")
+    ]
     if not bursts:
         return None
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=SIZE)
     for label, burst in bursts:
         times = sorted(burst["completions_s"])
         failed = burst.get("failures", 0)
@@ -99,13 +128,7 @@ def burst_chart(plt: Any, docs: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylabel("ADDs completed")
     ax.grid(True, alpha=0.3)
     ax.set_title("Burst completion over time")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.text(0.01, 0.01, _caption(docs), fontsize=7, alpha=0.7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = out / "burst.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, docs, out / "burst.png")
 
 
 def render(data: list[Path], out: Path) -> list[Path]:

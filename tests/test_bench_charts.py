@@ -60,7 +60,7 @@ def test_charts_render_from_saved_data(tmp_path: Path) -> None:
     assert [p.name for p in made] == ["latency.png", "burst.png"]
     for path in made:
         assert path.stat().st_size > 10_000, path  # a drawn chart, not an empty canvas
-        assert png_size(path) == (990, 605)  # 9 x 5.5 inches at 110 dpi
+        assert png_size(path) == (1100, 715)  # 10 x 6.5 inches at 110 dpi
 
 
 def test_a_file_with_only_bursts_draws_only_the_burst_chart(tmp_path: Path) -> None:
@@ -76,6 +76,18 @@ def test_charts_cli_renders_the_default_data_files(tmp_path: Path) -> None:
     assert charts.main(["--out", str(tmp_path)]) == 0
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert charts.main(["--out", str(tmp_path / "empty")]) == 1
+
+
+def test_the_committed_charts_are_drawn_from_the_committed_data(tmp_path: Path) -> None:
+    """docs/figures holds real data and the charts drawn from it; they render again from it."""
+    data = charts.default_data()
+    assert [p.name for p in data] == list(charts.DATA_FILES)
+    made = charts.render(data, tmp_path)
+    assert [p.name for p in made] == ["latency.png", "burst.png"]
+    for path in made:
+        committed = charts.FIGURES / path.name
+        assert png_size(committed) == png_size(path)
+        assert committed.stat().st_size > 10_000
 
 
 def hidden_matplotlib(tmp_path: Path) -> dict[str, str]:
