@@ -116,7 +116,7 @@ def add_new_pod(kube: RealKube, tmp: Path, ns: Namespaces) -> None:
     [nad] = files()["macvlan-conf-py.yaml"]
     conf = json.loads(nad["spec"]["config"])
     pod, ctr = NEW_POD
-    env = cni_env("ADD", ctr, pod=pod, namespace=ns.nads, NODENAME="node-a", **{FLAT_FILE_ENV: str(path)})
+    env = cni_env("ADD", ctr, pod=pod, namespace=ns.nads, **{FLAT_FILE_ENV: str(path)})
     call = run(conf, env)
     assert call.code == 0, call.stdout + call.stderr
     assert [ip["address"] for ip in call.result["ips"]] == ["192.168.2.228/28"]
