@@ -7,7 +7,9 @@ KUBEBUILDER_ASSETS names their directory (tests/kubeapi/real.py, the suite's fix
 a cluster of your own; else, said loudly, the suite's Python API test server with injected latency.
 On the real server the plugin runs as its own ServiceAccount (deploy/ RBAC). Every whereabouts-py
 call is the CNI executable as a host runs it: bin/whereabouts-py under /usr/bin/python3 -S.
-Prints a report and appends it, with date, commit, machine, server and command, to bench/RESULTS.md.
+Prints a report and appends it, with date, commit, machine, server and command, to bench/RESULTS.md;
+saves every timed ADD of part a and each burst's completion times in docs/figures/bench.json and draws
+them (bench/charts.py, matplotlib: the `bench` extra, checked before anything runs).
 """
 
 from __future__ import annotations

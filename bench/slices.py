@@ -9,7 +9,8 @@ reported as a ratio to the floor, with API requests and 409s per ADD taken from 
     python -m bench.slices [--kubeconfig K] [--pods 1000] [--nodes 10] [--per-node 20]
 
 Without --kubeconfig it starts etcd + kube-apiserver from $KUBEBUILDER_ASSETS (tests/kubeapi/real.py).
-`make bench-slices` runs it; `make bench` (bench/__main__.py) measures the rest.
+`make bench-slices` runs it; `make bench` (bench/__main__.py) measures the rest. The bursts' completion
+times go to docs/figures/slices.json and the burst chart (bench/charts.py; matplotlib, the `bench` extra).
 """
 
 from __future__ import annotations
