@@ -18,7 +18,7 @@ from .allocator import Lease
 from .audit import reservation_address
 from .config import NODE_ONLY_KEYS, load_config
 from .errors import CNIError
-from .ranges import pool_name, usable_bounds
+from .ranges import pool_name, reservation_name, usable_bounds
 from .slices import node_slice_pool_name
 
 # what can differ, in the order findings are listed
@@ -337,18 +337,55 @@ def judge_pool(pool: Mapping[str, Any]) -> list[Finding]:
     return found
 
 
+def _readings(name: str, nets: Sequence[Network]) -> list[tuple[str, str]]:
+    """Every (network_name, address) of the NADs' networks whose reservation name is `name`."""
+    out: list[tuple[str, str]] = []
+    for net in nets:
+        nn = net.network_name
+        if nn and not name.startswith(nn + "-"):
+            continue
+        text = name[len(nn) + 1 :] if nn else name
+        try:
+            address = IPAddress(text if "." in text else text.replace("-", ":"))
+        except (AddrFormatError, ValueError, TypeError):
+            continue
+        reading = (nn, str(address))
+        if (
+            reservation_name(address, nn) == name
+            and any(address in r for r in _ranges(net))
+            and reading not in out
+        ):
+            out.append(reading)
+    return out
+
+
 def judge_reservations(reservations: Sequence[Mapping[str, Any]], nets: Sequence[Network]) -> list[Finding]:
     names = {n.network_name for n in nets}
-    return [
-        Finding(
-            BAD_RESERVATION,
-            f"OverlappingRangeIPReservation {name}",
-            "the name is no address (with or without a network_name prefix): whereabouts-py never matches "
-            "it to a lease and ipamctl check reports it as an orphan",
-        )
-        for _, name in map(_meta, reservations)
-        if reservation_address(name, names) == ("", "")
-    ]
+    found: list[Finding] = []
+    for _, name in map(_meta, reservations):
+        subject = f"OverlappingRangeIPReservation {name}"
+        if reservation_address(name, names) == ("", ""):
+            found.append(
+                Finding(
+                    BAD_RESERVATION,
+                    subject,
+                    "the name is no address (with or without a network_name prefix): whereabouts-py never "
+                    "matches it to a lease and ipamctl check reports it as an orphan",
+                )
+            )
+            continue
+        readings = _readings(name, nets)
+        if len(readings) > 1:
+            said = "; ".join(f"{a} of network_name {nn!r}" for nn, a in readings)
+            found.append(
+                Finding(
+                    AMBIGUOUS,
+                    subject,
+                    f"the name reserves two networks' addresses: {said}; one network's pod blocks the other's "
+                    "address: give one of them another network_name",
+                )
+            )
+    return found
 
 
 def judge_node_slices(node_slices: Sequence[Mapping[str, Any]], nets: Sequence[Network]) -> list[Finding]:

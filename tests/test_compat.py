@@ -181,6 +181,24 @@ def test_a_pool_recording_another_range_than_its_name_and_the_nads_reading() -> 
     assert subjects == [(compat.AMBIGUOUS, "IPPool 192.168.2.224-28")] * 2
 
 
+def test_a_reservation_name_two_networks_read_as_their_address() -> None:
+    """network_name fd00 with 650::/64 and none with fd00:650::/120: pool names differ, but fd00:650::5
+    and 650::5 of the other network are both reservation fd00-650--5."""
+    nads = [
+        wf.nad(NS, "a", {"type": "whereabouts", "range": "650::/64", "network_name": "fd00"}),
+        wf.nad(NS, "b", {"type": "whereabouts", "range": "fd00:650::/120"}),
+    ]
+    taken = wf.reservation("fd00:650::5", "c1", f"{NS}/p")
+    assert taken["metadata"]["name"] == wf.normalize_ip("650::5", "fd00") == "fd00-650--5"
+    found = judge({"nads": nads, "pools": [], "reservations": [taken], "node_slices": []})
+    assert [(f.kind, f.subject) for f in found] == [
+        (compat.AMBIGUOUS, "OverlappingRangeIPReservation fd00-650--5")
+    ]
+    assert "650::5 of network_name 'fd00'; fd00:650::5 of network_name ''" in found[0].detail
+    alone = judge({"nads": nads[1:], "pools": [], "reservations": [taken], "node_slices": []})
+    assert alone == []
+
+
 def test_unreadable_pools_are_reported() -> None:
     c = clean_cluster()
     c["pools"][0]["spec"]["allocations"]["x1"] = {"id": "c9", "podref": "a/b"}
