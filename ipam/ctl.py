@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from netaddr import AddrFormatError, IPAddress
 
-from . import audit
+from . import audit, compat
 from .audit import Holding, Inventory, PoolView
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
@@ -225,6 +225,8 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
 
 
 def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:
+    if args.whereabouts_compat:
+        return cmd_compat(args, source, o)
     inventory = gather(source)
     problems = audit.audit(inventory, datetime.now(UTC), args.grace)
     notes = list(inventory.notes)
@@ -248,6 +250,47 @@ def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:
         for note in notes:
             o.write(f"note: {note}")
     return PROBLEMS if any(not p.warning for p in problems) else OK
+
+
+def cmd_compat(args: argparse.Namespace, source: Source, o: Output) -> int:
+    """check --whereabouts-compat: what whereabouts-py would read differently in this cluster."""
+    if not isinstance(source, KubeSource):
+        raise Failure("--whereabouts-compat reads a Kubernetes cluster (NADs and pools): not --datastore file")
+    from .store.kubernetes import NODE_SLICES, POOLS, RESERVATIONS
+
+    kube = source.kube
+    cluster = compat.Cluster(
+        nads=kube.list_network_attachments(args.nad_namespace),
+        pools=kube.list_objects(POOLS),
+        reservations=kube.list_objects(RESERVATIONS),
+        node_slices=kube.list_objects(NODE_SLICES),
+    )
+    found = compat.judge(cluster)
+    counts = compat.summary(found)
+    nets = sum(1 for nad in cluster.nads for _ in compat.networks(nad))
+    checked = {
+        "network_attachment_definitions": len(cluster.nads),
+        "whereabouts_networks": nets,
+        "ippools": len(cluster.pools),
+        "reservations": len(cluster.reservations),
+        "node_slice_pools": len(cluster.node_slices),
+    }
+    if o.json:
+        o.dump({"findings": [f.to_json() for f in found], "summary": counts, "checked": checked})
+    else:
+        width = max((len(f.kind) for f in found), default=0)
+        for f in found:  # the detail on a line of its own: it says what to do, and is long
+            o.write(f"{o.paint(f.kind.ljust(width), YELLOW)}  {f.subject}")
+            o.write(f"  {f.detail}")
+        if found:
+            o.write()
+        said = " ".join(f"{k}={n}" for k, n in counts.items()) or "nothing whereabouts-py reads differently"
+        o.write(
+            f"checked NADs={len(cluster.nads)} (whereabouts networks={nets}) IPPools={len(cluster.pools)} "
+            f"reservations={len(cluster.reservations)} NodeSlicePools={len(cluster.node_slices)} "
+            f"in {source.where}: {said}"
+        )
+    return PROBLEMS if found else OK
 
 
 def cmd_release(args: argparse.Namespace, source: Source, o: Output) -> int:
@@ -419,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="report leaked, duplicate and orphaned addresses")
     _common(check, suppress=True)
     _grace(check, "how long a pod may be missing its address from network-status (default: 300)")
+    check.add_argument(
+        "--whereabouts-compat",
+        action="store_true",
+        help="before switching from Go Whereabouts: report what whereabouts-py would read differently "
+        "in the NADs (all namespaces), IPPools, reservations and NodeSlicePools",
+    )
+    check.add_argument(
+        "--nad-namespace",
+        default=None,
+        metavar="NS",
+        help="with --whereabouts-compat: only this namespace's NADs (default: every namespace)",
+    )
+    check.add_argument("--json", action="store_true", help="the same as -o json")
 
     release = commands.add_parser("release", help="release the lease(s) holding IP, as DEL does")
     _common(release, suppress=True)
@@ -480,7 +536,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return FAILED
     log.configure(level="warning")
     colour = args.output == "table" and out.isatty() and not os.environ.get("NO_COLOR")
-    o = Output(out, err, args.output == "json", colour)
+    as_json = args.output == "json" or getattr(args, "json", False)
+    o = Output(out, err, as_json, colour and not as_json)
     source: Source | None = None
     try:
         source = open_source(args)

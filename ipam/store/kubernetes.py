@@ -379,6 +379,17 @@ class KubernetesStore:
     def list_reservations(self) -> list[dict[str, Any]]:
         return self._list_all("list reservations", self._path(RESERVATIONS))
 
+    def list_objects(self, plural: str) -> list[dict[str, Any]]:
+        """Every object of one of Whereabouts' resources in this namespace, as the server lists it
+        (none when its CRD is not installed): `ipamctl check --whereabouts-compat` judges them raw."""
+        return self._list_all(f"list {plural}", self._path(plural), missing_ok=True)
+
+    def list_network_attachments(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Multus' NetworkAttachmentDefinitions of every namespace, or of one (none without the CRD)."""
+        where = f"/namespaces/{path_quote(namespace)}" if namespace else ""
+        path = f"/apis/k8s.cni.cncf.io/v1{where}/network-attachment-definitions"
+        return self._list_all("list NetworkAttachmentDefinitions", path, missing_ok=True)
+
     def delete_reservation(self, name: str, resource_version: str) -> None:
         """Delete a reservation if it is still at `resource_version` (409 otherwise); gone already is fine."""
         body = {
