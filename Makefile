@@ -4,7 +4,8 @@
 #   make test-fast  unit + property tests only (no network namespaces, no multi-process)
 #   make test-ipvlan the ipvlan e2e cases (need a kernel with CONFIG_IPVLAN)
 #   make test-apiserver only the real kube-apiserver tier (needs KUBEBUILDER_ASSETS)
-#   make bench      benchmarks, appended to bench/RESULTS.md
+#   make bench      benchmarks, appended to bench/RESULTS.md; data and PNG charts in docs/figures
+#   make charts     redraw docs/figures/*.png from the data saved there (needs the bench extra: matplotlib)
 #   make bench-startup  one CNI exec's cost split (bare start, agent, direct, bursts) on the real API server
 #   make bench-slices   node-slice bursts and a 20k-lease range vs an empty one on the real API server
 
@@ -13,7 +14,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
+<<<<<<< HEAD
 .PHONY: venv bytecode demo lint test test-deps test-ipvlan test-apiserver test-fast bench bench-startup bench-slices clean
+=======
+.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices charts clean
+>>>>>>> main
 
 venv: $(STAMP)
 
@@ -66,6 +71,9 @@ bench-startup: bytecode
 
 bench-slices: bytecode
 	$(BIN)/python -m bench.slices
+
+charts: venv
+	$(BIN)/python -m bench.charts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -7,7 +7,9 @@ KUBEBUILDER_ASSETS names their directory (tests/kubeapi/real.py, the suite's fix
 a cluster of your own; else, said loudly, the suite's Python API test server with injected latency.
 On the real server the plugin runs as its own ServiceAccount (deploy/ RBAC). Every whereabouts-py
 call is the CNI executable as a host runs it: bin/whereabouts-py under /usr/bin/python3 -S.
-Prints a report and appends it, with date, commit, machine, server and command, to bench/RESULTS.md.
+Prints a report and appends it, with date, commit, machine, server and command, to bench/RESULTS.md;
+saves every timed ADD of part a and each burst's completion times in docs/figures/bench.json and draws
+them (bench/charts.py, matplotlib: the `bench` extra, checked before anything runs).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import charts  # noqa: E402
 from bench.agents import AGENT, agent_running  # noqa: E402
 from tests.cni_exec import cni_env as exec_env  # noqa: E402  (the runtime's env, shared with the suite)
 from tests.cni_exec import use_opt_in_flat_file  # noqa: E402
@@ -44,6 +47,7 @@ HOST_LOCAL = "/usr/lib/cni/host-local"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 NO_AGENT = "/nonexistent/whereabouts-py-agent.sock"
 FALLBACKS: list[str] = []  # calls meant for an agent that ran in direct mode instead
+LATENCIES: dict[str, list[float]] = {}  # case -> every timed ADD (ms), for the charts (bench/charts.py)
 
 
 def cni_env(command: str, container: str, sock: str = NO_AGENT, node: str = "node-0") -> dict[str, str]:
@@ -192,6 +196,7 @@ def sequential(
             raise RuntimeError(f"{label}: ADD failed: {out}")
         times.append(seconds)
         exec_plugin(binary, conf, cni_env("DEL", f"{tag}-{i}", sock))  # keep the pool at a constant size
+    LATENCIES[label] = [round(t * 1000, 1) for t in times]
     return {
         "case": label,
         "runs": runs,
@@ -211,6 +216,7 @@ def python_start(runs: int) -> dict[str, Any]:
         started = time.perf_counter()
         subprocess.run([SYSTEM_PYTHON, "-S", "-I", "-c", "pass"], check=True)
         times.append(time.perf_counter() - started)
+    LATENCIES[PYTHON_START] = [round(t * 1000, 1) for t in times]
     return {
         "case": PYTHON_START,
         "runs": runs,
@@ -264,21 +270,23 @@ def part_b(cluster: Cluster, work: Path, pods: int, nodes: int, per_node: int) -
         for sock in socks:
             stack.enter_context(agent_running(sock))
 
-        def one(i: int) -> tuple[int, str]:
+        def one(i: int) -> tuple[int, str, float]:
             node = i % nodes
             conf = cluster.conf(cidr, work / f"burst-node{node}", network)
             _, code, out = exec_plugin(
                 SHIM, conf, cni_env("ADD", f"burst-{i}", socks[node], f"node-{node}")
             )
-            return code, out
+            return code, out, time.perf_counter() - started
 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=nodes * per_node) as pool:
-            results = list(pool.map(one, range(pods)))
+            done = list(pool.map(one, range(pods)))
         wall = time.perf_counter() - started
+    results = [(code, out) for code, out, _ in done]
     failures = [out for code, out in results if code != 0]
     addresses = [json.loads(out)["ips"][0]["address"] for code, out in results if code == 0]
     leases = cluster.pool_leases(network, cidr)
+    completions = [round(t, 3) for code, _, t in done if code == 0]
     after = cluster.counts()
     delta = {k: after[k] - before.get(k, 0) for k in after}
     return {
@@ -295,6 +303,7 @@ def part_b(cluster: Cluster, work: Path, pods: int, nodes: int, per_node: int) -
         "pool_PUTs": delta.get("update:ippools", "n/a"),
         "conflicts_409": delta.get("conflict:ippools", "n/a"),
         "first_failure": failures[0][:200] if failures else "",
+        "completions_s": completions,
     }
 
 
@@ -328,7 +337,11 @@ def part_d(cluster: Cluster, work: Path, pods: int, nodes: int) -> dict[str, Any
     def one(i: int) -> tuple[float, int, str]:
         node = i % nodes
         conf = cluster.conf(cidr, work / f"direct-node{node}", network)
-        return exec_plugin(SHIM, conf, cni_env("ADD", f"direct-{i}", NO_AGENT, f"node-{node}"))
+        seconds, code, out = exec_plugin(SHIM, conf, cni_env("ADD", f"direct-{i}", NO_AGENT, f"node-{node}"))
+        ended[i] = time.perf_counter() - started
+        return seconds, code, out
+
+    ended: dict[int, float] = {}
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=pods) as pool:
@@ -346,6 +359,7 @@ def part_d(cluster: Cluster, work: Path, pods: int, nodes: int) -> dict[str, Any
         "duplicates": len(addresses) - len(set(addresses)),
         "leases_in_pool": len(cluster.pool_leases(network, cidr)),
         "first_failure": failures[0][:200] if failures else "",
+        "completions_s": [round(ended[i], 3) for i, (_, code, _) in enumerate(results) if code == 0],
     }
 
 
@@ -479,6 +493,10 @@ def figures(a: list[dict[str, Any]], b: dict[str, Any], c: list[dict[str, Any]],
     return "\n".join(lines)
 
 
+def _burst(row: dict[str, Any]) -> dict[str, Any]:
+    return {"completions_s": row["completions_s"], "failures": row["failures"], "pods": row["pods"]}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -533,7 +551,18 @@ def main() -> int:
     parser.add_argument(
         "--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md"
     )
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        default=charts.FIGURES,
+        help="where the run's data (bench.json) and charts go (default: docs/figures)",
+    )
     args = parser.parse_args()
+    try:
+        charts.pyplot()  # before the run, not after it: the charts are part of the result
+    except charts.MissingMatplotlib as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     if not os.access(PLUGIN, os.X_OK) or not os.access(AGENT, os.X_OK):
         print(
             f"whereabouts-py / ipam-agent not installed next to {sys.executable}; run 'make bench'",
@@ -563,13 +592,13 @@ def main() -> int:
         print(table(a), file=sys.stderr)
         print("(b) burst ...", file=sys.stderr)
         b = part_b(cluster, work, args.pods, args.nodes, args.per_node)
-        print(table([b]), file=sys.stderr)
+        print(table([{k: v for k, v in b.items() if k != "completions_s"}]), file=sys.stderr)
         print("(c) ADD as the pool fills ...", file=sys.stderr)
         c = part_c(cluster, work, max(5, args.runs // 3), [int(x) for x in args.fill.split(",") if x])
         print(table(c), file=sys.stderr)
         print("(d) concurrent direct-mode ADDs ...", file=sys.stderr)
         d = part_d(cluster, work, args.direct, args.nodes)
-        print(table([d]), file=sys.stderr)
+        print(table([{k: v for k, v in d.items() if k != "completions_s"}]), file=sys.stderr)
         if cluster.real is not None:
             print("(e) IPPool CRD allocations schema ...", file=sys.stderr)
             e = part_e(cluster, [int(x) for x in args.crd_sizes.split(",") if x], reps=5)
@@ -598,7 +627,7 @@ def main() -> int:
             f"(b) Burst: {b['pods']} ADDs from {b['nodes']} simulated nodes (one agent each), {b['concurrent_per_node']} "
             "concurrent per node, into one pool:",
             "",
-            table([{k: v for k, v in b.items() if k != "first_failure"}]),
+            table([{k: v for k, v in b.items() if k not in ("first_failure", "completions_s")}]),
             *(["", f"First failure: `{b['first_failure']}`"] if b["first_failure"] else []),
             "",
             "(c) ADD latency as the pool fills (pool pre-seeded with N leases):",
@@ -607,7 +636,7 @@ def main() -> int:
             "",
             f"(d) {d['pods']} direct-mode ADDs (no agent) started at once from {d['nodes']} simulated nodes, one pool:",
             "",
-            table([{k: v for k, v in d.items() if k != "first_failure"}]),
+            table([{k: v for k, v in d.items() if k not in ("first_failure", "completions_s")}]),
             *(["", f"First failure: `{d['first_failure']}`"] if d["first_failure"] else []),
             *(
                 [
@@ -625,6 +654,24 @@ def main() -> int:
         ]
     )
     print(report)
+    data = charts.save_data(
+        args.figures / "bench.json",
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": f"python -m bench {' '.join(sys.argv[1:])}",
+            "server": cluster.label,
+            "machine": machine(),
+            "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
+            "latency_ms": {row["case"]: LATENCIES[row["case"]] for row in a},
+            "references": [PYTHON_START, HOST_LOCAL_CASE],
+            "bursts": {
+                f"one pool, {b['nodes']} nodes with agents": _burst(b),
+                f"one pool, {d['pods']} direct-mode ADDs at once": _burst(d),
+            },
+        },
+    )
+    for path in charts.render(charts.default_data(args.figures), args.figures):
+        print(f"chart: {path} (data: {data.name})", file=sys.stderr)
     if not args.no_write:
         if not RESULTS.exists():
             header = "# Benchmark results\n\nAppended by `make bench`; newest last.\n\n"

@@ -9,7 +9,8 @@ reported as a ratio to the floor, with API requests and 409s per ADD taken from 
     python -m bench.slices [--kubeconfig K] [--pods 1000] [--nodes 10] [--per-node 20]
 
 Without --kubeconfig it starts etcd + kube-apiserver from $KUBEBUILDER_ASSETS (tests/kubeapi/real.py).
-`make bench-slices` runs it; `make bench` (bench/__main__.py) measures the rest.
+`make bench-slices` runs it; `make bench` (bench/__main__.py) measures the rest. The bursts' completion
+times go to docs/figures/slices.json and the burst chart (bench/charts.py; matplotlib, the `bench` extra).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import charts  # noqa: E402
 from bench.agents import agent_running  # noqa: E402
 from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 
@@ -85,10 +87,21 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed_pool(jobs: int, threads: int, one: Callable[[int], Any]) -> tuple[float, list[Any]]:
+def timed_pool(
+    jobs: int, threads: int, one: Callable[[int], Any], ended: list[tuple[float, Any]] | None = None
+) -> tuple[float, list[Any]]:
+    """Wall time and results of `jobs` calls of `one` on `threads` threads; `ended` gets each call's
+    (completion time in seconds from the start, result): bench/charts.py's burst chart."""
     started = time.perf_counter()
+
+    def timed(i: int) -> Any:
+        result = one(i)
+        if ended is not None:
+            ended.append((time.perf_counter() - started, result))
+        return result
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(one, range(jobs)))
+        results = list(pool.map(timed, range(jobs)))
     return time.perf_counter() - started, results
 
 
@@ -146,7 +159,8 @@ def node_slice_burst(
             proc = subprocess.run(SHIM, input=json.dumps(conf).encode(), env=env, capture_output=True, check=False)
             return proc.returncode, proc.stdout.decode()
 
-        wall, results = timed_pool(pods, nodes * per_node, one)
+        ended: list[tuple[float, Any]] = []
+        wall, results = timed_pool(pods, nodes * per_node, one, ended)
         cpu = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
         cpu["agents"] = sum(cpu_seconds(a.pid) for a in agents) - agents_before
         cpu["shims"] = children_cpu() - children_before
@@ -171,6 +185,7 @@ def node_slice_burst(
         "turn_requests_per_add": round(turns / max(1, pods), 2),
         **{f"cpu_ms_per_add_{k}": round(v * 1000 / max(1, pods), 1) for k, v in cpu.items()},
         "first_failure": failures[0][:200] if failures else "",
+        "completions_s": sorted(round(t, 3) for t, (code, _) in ended if code == 0),
     }
 
 
@@ -246,7 +261,16 @@ def main() -> int:
         "--granular-crd", action="store_true",
         help="serve IPPools without `x-kubernetes-map-type: atomic` (per-lease managedFields), to compare",
     )
+    parser.add_argument(
+        "--figures", type=Path, default=charts.FIGURES,
+        help="where the bursts' data (slices.json) and the charts go (default: docs/figures)",
+    )
     args = parser.parse_args()
+    try:
+        charts.pyplot()  # before the run, not after it: the charts are part of the result
+    except charts.MissingMatplotlib as exc:
+        print(f"bench.slices: {exc}", file=sys.stderr)
+        return 2
     use_opt_in_flat_file()  # the bench's NADs carry data_dir/kubeconfig: a single-tenant node flat file
     work = Path(tempfile.mkdtemp(prefix="whereabouts-py-bench-slices."))
     cluster: Any = None
@@ -305,6 +329,7 @@ def main() -> int:
             for row in rows:
                 if row.get("first_failure"):
                     print(f"first failure ({row['case']}): {row['first_failure']}")
+            save_bursts(args.figures, rows, "real kube-apiserver + etcd (started here)" if cluster else "--kubeconfig")
         if args.fill_nodes and cluster is not None:
             fill = filled_range_latency(kubeconfig, lambda obj: cluster.apply(obj, namespace="bench"), work,
                                         args.runs, args.fill_nodes, args.fill_per_node)
@@ -315,6 +340,25 @@ def main() -> int:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def save_bursts(figures: Path, rows: list[dict[str, Any]], server: str) -> None:
+    """The bursts' completion times (not the floor's, nor the references') as slices.json, and the charts."""
+    bursts = {
+        f"{row['case']}, {row['nodes']} nodes with agents": {
+            "completions_s": row["completions_s"], "failures": row["failures"], "pods": row["pods"]}
+        for row in rows if row.get("completions_s") and not row["case"].startswith(("floor", "reference"))
+    }  # fmt: skip
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": f"python -m bench.slices {' '.join(sys.argv[1:])}",
+        "server": server,
+        "load_average": round(os.getloadavg()[0], 1),
+        "bursts": bursts,
+    }
+    data = charts.save_data(figures / "slices.json", doc)
+    for path in charts.render(charts.default_data(figures), figures):
+        print(f"chart: {path} (data: {data.name})", file=sys.stderr)
 
 
 def _granular_ippools(cluster: Any) -> None:

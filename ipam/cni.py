@@ -31,7 +31,7 @@ EngineSource = Callable[["Config"], AbstractContextManager["Engine"]]
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_IFNAME_BAD = re.compile(r"[/:\s]")
+_IFNAME_BAD = re.compile(r"[/:\s\x00-\x1f\x7f]")
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -54,8 +54,8 @@ def _require(env: Mapping[str, str], name: str) -> str:
 
 def container_identity(env: Mapping[str, str], need_netns: bool) -> tuple[str, str]:
     container_id = _require(env, "CNI_CONTAINERID")
-    if not _CONTAINER_ID.match(container_id):
-        raise CNIError(errors.INVALID_ENV, f"invalid CNI_CONTAINERID {container_id!r}")
+    if len(container_id) > 256 or not _CONTAINER_ID.match(container_id):  # the CRDs' bound on an id
+        raise CNIError(errors.INVALID_ENV, f"invalid CNI_CONTAINERID {container_id[:300]!r}")
     ifname = _require(env, "CNI_IFNAME")
     if len(ifname) > 15 or _IFNAME_BAD.search(ifname) or ifname in (".", ".."):
         raise CNIError(errors.INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}")

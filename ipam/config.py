@@ -43,6 +43,10 @@ NODE_ONLY_KEYS = (
     "node_name",
     "allow_nad_overrides",
 )
+# Sizes a tenant's config may not pass (code 7 naming the key and the limit): far above real configs,
+# low enough that one config's ranges cost the agent a bounded time and memory (ranges.CACHE_BYTES).
+LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024}
+MAX_EXCLUDES = 8192  # all exclude lists of one config together
 _PATH_KEYS = ("log_file", "data_dir", "configuration_path", "agent_socket", "kubeconfig")
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
 
@@ -134,7 +138,7 @@ class IPAMConfig(_Model):
 
 class NetConf(_Model):
     cni_version: str = Field(default="0.3.1", alias="cniVersion")
-    name: str = ""
+    name: str = Field(default="", max_length=1024)  # recorded on every lease (the CRD bounds `attrs`)
     type: str = ""
     ipam: dict[str, Any] | None = None
     prev_result: dict[str, Any] | None = Field(default=None, alias="prevResult")
@@ -156,7 +160,38 @@ class Config:
 
 
 def invalid(key: str, value: object, reason: str) -> CNIError:
-    return CNIError(errors.INVALID_CONFIG, f"invalid config: {key}: {value!r} {reason}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 256 else shown[:240] + f"... ({len(shown)} characters)"
+    return CNIError(errors.INVALID_CONFIG, f"invalid config: {key}: {shown} {reason}")
+
+
+def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
+    return CNIError(
+        errors.INVALID_CONFIG,
+        f"invalid config: {key}: {count} entries{what}, more than the limit of {limit} (README, Security)",
+    )
+
+
+def check_limits(raw: Mapping[str, Any]) -> None:
+    """Refuse lists past LIMITS before any of their entries is parsed."""
+    lists: list[tuple[str, Any]] = [("ipam.exclude", raw.get("exclude"))]
+    for alias in ("ipRanges", "ip_ranges", "routes"):
+        value = raw.get(alias)
+        limit = LIMITS["routes" if alias == "routes" else "ipRanges"]
+        if isinstance(value, list) and len(value) > limit:
+            raise _too_many(f"ipam.{alias}", len(value), limit)
+        if alias != "routes" and isinstance(value, list):
+            entries = enumerate(value)
+            lists += [(f"ipam.{alias}[{i}].exclude", e.get("exclude")) for i, e in entries if isinstance(e, dict)]
+    total = 0
+    for key, value in lists:
+        if not isinstance(value, list):
+            continue
+        if len(value) > LIMITS["exclude"]:
+            raise _too_many(key, len(value), LIMITS["exclude"])
+        total += len(value)
+        if total > MAX_EXCLUDES:
+            raise _too_many(key, total, MAX_EXCLUDES, " in all exclude lists up to this one")
 
 
 def _pydantic_error(prefix: str, exc: ValidationError, data: Mapping[str, Any]) -> CNIError:
@@ -171,6 +206,15 @@ def _pydantic_error(prefix: str, exc: ValidationError, data: Mapping[str, Any]) 
             value = None
             break
     return invalid(key.lstrip("."), value, f"is invalid: {first['msg']}")
+
+
+def check_object_name(key: str, value: str, limit: int, why: str) -> None:
+    """A value that names a Kubernetes object or a file of the file datastore: an RFC 1123 subdomain."""
+    if len(value) > limit:
+        raise invalid(key, value, f"is longer than {limit} characters ({why})")
+    if not _OBJECT_NAME.match(value):
+        rule = "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+        raise invalid(key, value, f"{rule} ({why})")
 
 
 def version_supported(version: str) -> bool:
@@ -358,23 +402,22 @@ def build_config(
         nad = check_node_only(nad, flat, flat_path, env)
     raw = merge_flat(nad, flat)
     raw["configuration_path"] = flat_path
+    check_limits(raw)
     try:
         ipam = IPAMConfig.model_validate(raw)
     except ValidationError as exc:
         raise _pydantic_error("ipam", exc, raw) from None
-    if len(ipam.network_name) > MAX_NETWORK_NAME:
-        raise invalid(
-            "ipam.network_name",
-            ipam.network_name,
-            f"is longer than {MAX_NETWORK_NAME} characters (it prefixes pool and reservation names)",
-        )
-    if ipam.network_name and not _OBJECT_NAME.match(ipam.network_name):
-        # it prefixes pool and reservation names: Kubernetes object names and the file store's file names
-        raise invalid(
-            "ipam.network_name",
-            ipam.network_name,
-            "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit",
-        )
+    if ipam.network_name:
+        why = "it prefixes pool and reservation names"
+        check_object_name("ipam.network_name", ipam.network_name, MAX_NETWORK_NAME, why)
+    if ipam.node_slice_size:
+        # the NodeSlicePool (and its file and lock file) is named after the network's name, slice
+        # pools and their lock files after the node
+        if not ipam.network_name and conf.name:
+            why = "it names the NodeSlicePool (or set ipam.network_name)"
+            check_object_name("name", conf.name, MAX_NETWORK_NAME, why)
+        node = ipam.node_name or env.get("NODENAME") or socket.gethostname()
+        check_object_name("ipam.node_name", node, 253, "it names the node's slice pools")
     try:
         ranges = build_ranges(ipam)
         for i, static in enumerate(ipam.addresses):  # Whereabouts' static addresses: CIDRs

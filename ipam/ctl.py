@@ -21,10 +21,11 @@ from typing import Any, TextIO
 
 from netaddr import AddrFormatError, IPAddress
 
-from . import audit
+from . import audit, compat
 from .audit import Holding, Inventory, PoolView
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
+from .printable import printable
 from .reconcile import FileSource, KubeSource, Reconciler, Source, gather
 
 DEFAULT_DATA_DIR = "/var/lib/cni/whereabouts-py"
@@ -51,7 +52,8 @@ class Output:
         return f"{colour}{text}{RESET}" if self.colour and colour else text
 
     def write(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        """One line of the table output; cluster-written text in it is made printable (ipam.printable)."""
+        self.out.write(printable(text) + "\n")
 
     def dump(self, doc: Any) -> None:
         self.out.write(json.dumps(doc, indent=2) + "\n")
@@ -61,14 +63,15 @@ class Output:
     ) -> None:
         """Left-aligned columns two spaces apart; a row's colour wraps it after padding, so it never
         shifts the columns."""
+        rows = [[printable(c) for c in r] for r in rows]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
         def line(cells: Sequence[str]) -> str:
             return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
-        self.write(self.paint(line(headers), BOLD))
+        self.out.write(self.paint(line(headers), BOLD) + "\n")
         for i, row in enumerate(rows):
-            self.write(self.paint(line(row), colours[i] if i < len(colours) else ""))
+            self.out.write(self.paint(line(row), colours[i] if i < len(colours) else "") + "\n")
 
 
 def usage_bar(used: int, size: int, width: int = 10) -> str:
@@ -222,6 +225,8 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
 
 
 def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:
+    if args.whereabouts_compat:
+        return cmd_compat(args, source, o)
     inventory = gather(source)
     problems = audit.audit(inventory, datetime.now(UTC), args.grace)
     notes = list(inventory.notes)
@@ -245,6 +250,47 @@ def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:
         for note in notes:
             o.write(f"note: {note}")
     return PROBLEMS if any(not p.warning for p in problems) else OK
+
+
+def cmd_compat(args: argparse.Namespace, source: Source, o: Output) -> int:
+    """check --whereabouts-compat: what whereabouts-py would read differently in this cluster."""
+    if not isinstance(source, KubeSource):
+        raise Failure("--whereabouts-compat reads a Kubernetes cluster (NADs and pools): not --datastore file")
+    from .store.kubernetes import NODE_SLICES, POOLS, RESERVATIONS
+
+    kube = source.kube
+    cluster = compat.Cluster(
+        nads=kube.list_network_attachments(args.nad_namespace),
+        pools=kube.list_objects(POOLS),
+        reservations=kube.list_objects(RESERVATIONS),
+        node_slices=kube.list_objects(NODE_SLICES),
+    )
+    found = compat.judge(cluster)
+    counts = compat.summary(found)
+    nets = sum(1 for nad in cluster.nads for _ in compat.networks(nad))
+    checked = {
+        "network_attachment_definitions": len(cluster.nads),
+        "whereabouts_networks": nets,
+        "ippools": len(cluster.pools),
+        "reservations": len(cluster.reservations),
+        "node_slice_pools": len(cluster.node_slices),
+    }
+    if o.json:
+        o.dump({"findings": [f.to_json() for f in found], "summary": counts, "checked": checked})
+    else:
+        width = max((len(f.kind) for f in found), default=0)
+        for f in found:  # the detail on a line of its own: it says what to do, and is long
+            o.write(f"{o.paint(f.kind.ljust(width), YELLOW)}  {f.subject}")
+            o.write(f"  {f.detail}")
+        if found:
+            o.write()
+        said = " ".join(f"{k}={n}" for k, n in counts.items()) or "nothing whereabouts-py reads differently"
+        o.write(
+            f"checked NADs={len(cluster.nads)} (whereabouts networks={nets}) IPPools={len(cluster.pools)} "
+            f"reservations={len(cluster.reservations)} NodeSlicePools={len(cluster.node_slices)} "
+            f"in {source.where}: {said}"
+        )
+    return PROBLEMS if found else OK
 
 
 def cmd_release(args: argparse.Namespace, source: Source, o: Output) -> int:
@@ -316,7 +362,7 @@ def _refuse(o: Output, reasons: list[str], held: list[Holding]) -> int:
         o.dump({"refused": reasons, "leases": [{"pool": h.pool.name, **lease_json(h)} for h in held]})
     else:
         for reason in reasons:
-            o.err.write(f"ipamctl: refused: {reason}\n")
+            o.err.write(printable(f"ipamctl: refused: {reason}") + "\n")
     return PROBLEMS
 
 
@@ -416,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="report leaked, duplicate and orphaned addresses")
     _common(check, suppress=True)
     _grace(check, "how long a pod may be missing its address from network-status (default: 300)")
+    check.add_argument(
+        "--whereabouts-compat",
+        action="store_true",
+        help="before switching from Go Whereabouts: report what whereabouts-py would read differently "
+        "in the NADs (all namespaces), IPPools, reservations and NodeSlicePools",
+    )
+    check.add_argument(
+        "--nad-namespace",
+        default=None,
+        metavar="NS",
+        help="with --whereabouts-compat: only this namespace's NADs (default: every namespace)",
+    )
+    check.add_argument("--json", action="store_true", help="the same as -o json")
 
     release = commands.add_parser("release", help="release the lease(s) holding IP, as DEL does")
     _common(release, suppress=True)
@@ -477,15 +536,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return FAILED
     log.configure(level="warning")
     colour = args.output == "table" and out.isatty() and not os.environ.get("NO_COLOR")
-    o = Output(out, err, args.output == "json", colour)
+    as_json = args.output == "json" or getattr(args, "json", False)
+    o = Output(out, err, as_json, colour and not as_json)
     source: Source | None = None
     try:
         source = open_source(args)
         return COMMANDS[args.command](args, source, o)
     except Failure as exc:
-        err.write(f"ipamctl: {exc}\n")
+        err.write(printable(f"ipamctl: {exc}") + "\n")
     except (CNIError, TransientStoreError, ConflictError) as exc:
-        err.write(f"ipamctl: {args.command} failed: {exc}\n")
+        err.write(printable(f"ipamctl: {args.command} failed: {exc}") + "\n")
     finally:
         if source is not None:
             source.store.close()

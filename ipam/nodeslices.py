@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from . import errors
 from .allocator import Allocations, Lease
@@ -36,6 +36,7 @@ from .slices import (
     NodeSlices,
     SlicePoolState,
     claim,
+    clashes,
     exhausted_message,
     fresh,
     matches,
@@ -50,6 +51,8 @@ from .store.slicestore import SlicePoolView, SliceStore
 
 if TYPE_CHECKING:
     from .engine import AddOp, Assigned, Engine
+
+_T = TypeVar("_T")
 
 
 class FencedStore:
@@ -96,6 +99,9 @@ class FencedStore:
 # made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
 # so the agent's coalescer keys stay stable).
 CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
+# With overlapping-range reservations on, how long a check that the node holds its slices vouches for
+# later lease writes (see Slicer._still_held); without them every write is checked.
+VERIFIED_FRESH_SECONDS = 5.0
 
 
 @dataclass
@@ -113,6 +119,22 @@ class _StoreState:
     # retries of nodes racing for the same first free slice (each loser's read and refused write of a
     # 1,024-entry object costs the API server ~35 ms; straight back, the same nodes meet again)
     attempt_seconds: dict[str, float] = field(default_factory=dict)
+    # the NodeSlicePool reads that check a lease write (see Slicer._still_held), shared by the calls
+    # whose writes ended before the read began
+    checks: dict[tuple[str, str], _Shared] = field(default_factory=dict)
+    # networks without network_name: the uid of the NodeSlicePool found alone on its range (Slicer._held_alone)
+    alone: dict[str, str] = field(default_factory=dict)
+    # (NodeSlicePool, slice): when the last check that found the slice this node's began
+    verified: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass
+class _Shared:
+    """One read at a time, its answer shared with every caller that asked before it began."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: int = 0
+    last: tuple[int, object] | None = None
 
 
 _LOCK = threading.RLock()  # _state() is called with it held
@@ -140,6 +162,9 @@ def forget_cache() -> None:
             state.reading.clear()
             state.created.clear()
             state.stamps.clear()
+            state.checks.clear()
+            state.alone.clear()
+            state.verified.clear()
 
 
 @contextmanager
@@ -187,7 +212,7 @@ class Slicer:
 
     def _checked(self, pool: NodeSlices | None) -> NodeSlices:
         if pool is None:
-            return fresh(self.pool_name, self.spec, self.size_text, self.prefix)
+            return fresh(self.pool_name, self.spec, self.size_text, self.prefix, self.network_name)
         if not matches(pool, self.spec, self.prefix):
             raise CNIError(
                 errors.DATASTORE_ERROR,
@@ -231,13 +256,17 @@ class Slicer:
             self._st.stamps[self.pool_name] = stamp
 
     def _cached(self) -> NodeSlices | None:
-        """The cached NodeSlicePool, unless the node claimed a slice since it was read."""
+        """The cached NodeSlicePool, unless the node claimed a slice since it was read, or it cuts
+        another range or slice size than this config (another network with the same network_name
+        read it): a read then gives this config the answer direct mode gives (code 103)."""
         stamp = self._stamp()
         with _LOCK:
             pool = self._st.pools.get(self.pool_name)
             if pool is not None and self._st.stamps.get(self.pool_name) != stamp:
                 return None
-            return pool
+        if pool is not None and not matches(pool, self.spec, self.prefix):
+            return None
+        return pool
 
     def _read(self, engine: Engine, deadline: float, refresh: bool) -> NodeSlices:
         if not refresh:
@@ -281,6 +310,122 @@ class Slicer:
             return pool
         self._remember(pool, stamp)
         return pool
+
+    def _shared_read(self, kind: str, engine: Engine, deadline: float, read: Callable[[], _T]) -> _T:
+        """`read()` as begun after this call asked: the answer of a read another call of this process
+        began after that, else one of its own (one at a time per NodeSlicePool and kind). A burst of
+        ADDs whose lease writes have ended shares one read."""
+        with _LOCK:
+            shared = self._st.checks.setdefault((self.pool_name, kind), _Shared())
+            ticket = shared.started
+        with _waiting(shared.lock, engine, deadline):
+            with _LOCK:
+                if shared.last is not None and shared.last[0] > ticket:
+                    return cast(_T, shared.last[1])
+                shared.started += 1
+                number = shared.started
+            value = read()
+            with _LOCK:
+                shared.last = (number, value)
+            return value
+
+    def _still_held(self, engine: Engine, slice_range: str, deadline: float) -> bool:
+        """Whether the NodeSlicePool, read after a lease was written into `slice_range`'s pool, still
+        gives that slice to this node: the fence that keeps a node from answering an address of a
+        slice it lost (issue 22).
+
+        A check *before* the write cannot be enough: the lease goes into this node's own slice pool,
+        and the node that is given the slice next writes its own pool (another object), so nothing
+        would refuse a write made after the slice changed hands. Checked after the write, instead, an
+        answered lease was in the slice pool while the NodeSlicePool gave the slice to this node; from
+        then on the slice only moves by reclaim, whose fence (the retired mark, a conditional write)
+        fails on a pool holding a lease, or by someone freeing a slice that holds leases (deleting the
+        NodeSlicePool while pods use it, a foreign controller), which README forbids. A write the check
+        finds in a lost slice is rolled back (its token) before the call goes on elsewhere.
+
+        The read is cheap: the NodeSlicePool's metadata alone (uid, resourceVersion); unchanged since
+        this process read the whole object (not only memory: this read is begun after the write), its
+        entries are those remembered. Changed, the whole object is read. Concurrent calls share reads.
+        A store that cannot give the version alone (the file store: a file's version restarts when it
+        is made again) is read whole.
+
+        With overlapping-range reservations on (the default), the reservation already keeps an
+        address from two pods whatever the slices say (it is made after the lease write and before
+        the answer, and named after the address alone), so there the check only bounds how long a
+        node goes on writing into a slice it lost: a check begun less than VERIFIED_FRESH_SECONDS ago
+        that found the slice this node's vouches for the write (in a burst, a read per node every few
+        seconds instead of one per batch). Without reservations every write is checked."""
+        key = (self.pool_name, slice_range)
+        begun = engine.clock()
+        with _LOCK:
+            last = self._st.verified.get(key)
+        if engine.overlapping and last is not None and begun - last < VERIFIED_FRESH_SECONDS:
+            return True
+        if not self._check_held(engine, slice_range, deadline):
+            with _LOCK:
+                self._st.verified.pop(key, None)
+            return False
+        with _LOCK:  # a check begun earlier by another call may end after this one: keep the later
+            self._st.verified[key] = max(begun, self._st.verified.get(key, begun))
+        return True
+
+    def _check_held(self, engine: Engine, slice_range: str, deadline: float) -> bool:
+        """`_still_held`'s read: the NodeSlicePool's metadata, or the whole of it when it changed."""
+        probe = getattr(self.store, "node_slices_version", None)
+        if probe is not None:
+            seen: list[object] = [None]
+
+            def step() -> bool:
+                seen[0] = probe(self.pool_name)
+                return True
+
+            def version() -> object:
+                engine._retry(self.pool_name, deadline, step)
+                return seen[0]
+
+            now = self._shared_read("version", engine, deadline, version)
+            if now is None:  # no NodeSlicePool: no slice is held
+                return False
+            with _LOCK:
+                cached = self._st.pools.get(self.pool_name)
+            if cached is not None and cached.version and (cached.uid, cached.version) == now:
+                return self._held_alone(engine, deadline, cached, slice_range)
+        pool = self._shared_read("pool", engine, deadline, lambda: self._read(engine, deadline, refresh=True))
+        return self._held_alone(engine, deadline, pool, slice_range)
+
+    def _held_alone(self, engine: Engine, deadline: float, pool: NodeSlices, slice_range: str) -> bool:
+        """`pool` (as it is now) gives the slice to this node; without network_name, also: no other
+        network without one takes the range (else CNIError 103, see `slices.clashes`). Judged once
+        per NodeSlicePool uid: another such network made later is refused by its own judgement, and
+        this one is judged again when its NodeSlicePool is made again."""
+        if slice_range not in pool.held_by(self.node):
+            return False
+        if self.network_name:
+            return True
+        with _LOCK:
+            if pool.uid and self._st.alone.get(self.pool_name) == pool.uid:
+                return True
+        found: list[list[NodeSlices]] = [[]]
+
+        def step() -> bool:
+            found[0] = self.store.list_node_slices()
+            return True
+
+        engine._retry(self.pool_name, deadline, step)
+        others = clashes(pool, found[0])
+        if others:
+            raise CNIError(
+                errors.DATASTORE_ERROR,
+                f"NodeSlicePool {self.pool_name} and NodeSlicePool(s) {', '.join(others)} cut overlapping "
+                f"ranges ({self.spec.cidr}) for networks without network_name: their slice pools and "
+                "reservations share names, so they would give one address to two pods",
+                f"set network_name in the ipam config of network {self.pool_name} (each network on this "
+                "range needs its own); the network whose NodeSlicePool is older keeps the range",
+            )
+        with _LOCK:
+            if pool.uid:
+                self._st.alone[self.pool_name] = pool.uid
+        return True
 
     @contextmanager
     def _claiming(self, engine: Engine, deadline: float) -> Iterator[int | None]:
@@ -415,15 +560,41 @@ class Slicer:
                 if self._create_pool(engine, slice_range, deadline):
                     continue
                 return "not-held"
-            op.created = op.created or sub_op.created
             if sub_op.error is None:
                 assert sub_op.offset is not None
+                try:
+                    kept = self._still_held(engine, slice_range, deadline)
+                except BaseException:
+                    self._undo(engine, op, sub_op, slice_range)
+                    raise
+                if not kept:
+                    log.info("slice.lost", nodeslicepool=self.pool_name, node=self.node, slice=slice_range)
+                    self._undo(engine, op, sub_op, slice_range)
+                    return "not-held"
+                op.created = op.created or sub_op.created
                 op.offset, op.reused = sub_op.offset + self._shift(sub), sub_op.reused
                 return Assigned(op.spec, sub.address_at(sub_op.offset))
+            op.created = op.created or sub_op.created
             if sub_op.error.code == errors.POOL_EXHAUSTED:
                 return "full"
             raise sub_op.error
         return "not-held"
+
+    def _undo(self, engine: Engine, op: AddOp, sub_op: AddOp, slice_range: str) -> None:
+        """Take back the lease (and its reservation) this call wrote into a slice it must not use:
+        only one still carrying the call's token, as the engine's rollback does."""
+        from .engine import ReleaseOp
+
+        name, sub = self._names(slice_range)
+        request = op.request
+        undo = ReleaseOp(request.container_id, request.ifname, token=request.token, untokened=sub_op.created)
+        deadline = engine.clock() + engine.policy.rollback_seconds
+        try:
+            self._sub_engine(engine)._submit(name, sub.cidr, [undo], deadline)
+            shift = self._shift(sub)
+            engine._unreserve(self.spec, [o + shift for o in undo.released], request.container_id, request.ifname, deadline)
+        except (CNIError, PoolRetiredError) as exc:  # the runtime's DEL and the reconciler clean up after
+            log.error("rollback.failed", pool=name, error=str(exc))
 
     def _remembered(self, engine: Engine, name: str, cidr: str) -> PoolSnapshot | None:
         """The slice pool as this process last wrote it, if no other process of this node has written

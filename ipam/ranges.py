@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property
+from hashlib import sha256
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange, IPSet
+
+from .bytecache import ByteLRU, deep_size
+
+# Computed intervals kept by the node agent, bounded by bytes (a tenant's config with thousands of
+# excludes costs ~130 bytes an interval); keys are digests, so a cached entry holds no config objects.
+CACHE_BYTES = 16 << 20
+_INTERVALS: ByteLRU[tuple[tuple[int, int], ...]] = ByteLRU(CACHE_BYTES)
 
 
 class RangeConfigError(ValueError):
@@ -58,6 +66,13 @@ class RangeSpec:
 
     def address_at(self, offset: int) -> IPAddress:
         return IPAddress(int(self.network.first) + offset, self.version)
+
+    @cached_property
+    def key(self) -> bytes:
+        """A digest of what decides the allocatable addresses (a short cache key; computed once)."""
+        net = self.network
+        text = repr((net.version, net.value, net.prefixlen, self.start, self.end, self.intervals))
+        return sha256(text.encode()).digest()
 
     def describe(self) -> str:
         first = IPAddress(self.start, self.version)
@@ -202,11 +217,20 @@ def allocatable_intervals(
 ) -> tuple[tuple[int, int], ...]:
     """The [first, last] runs of `start`..`end` outside `exclude` and `gateway` (cached: the node agent
     builds every call's ranges anew, and the set arithmetic is most of that cost, ~1 ms a call)."""
-    return _allocatable_intervals(version, start, end, tuple(exclude), gateway)
+    exclude = tuple(exclude)
+    gw = None if gateway is None else (gateway.version, int(gateway))  # 0.0.0.0 is falsy in netaddr
+    digest = sha256(repr((version, start, end, gw)).encode())
+    for ex in exclude:  # version and host bits too: look-alike inputs get their own answers
+        digest.update(b"%d/%d/%d;" % (ex.version, ex.value, ex.prefixlen))
+    key = digest.digest()
+    found = _INTERVALS.get(key)
+    if found is None:
+        found = compute_intervals(version, start, end, exclude, gateway)
+        _INTERVALS.put(key, found, deep_size(found))
+    return found
 
 
-@lru_cache(maxsize=1024)
-def _allocatable_intervals(
+def compute_intervals(
     version: int, start: int, end: int, exclude: tuple[IPNetwork, ...], gateway: IPAddress | None
 ) -> tuple[tuple[int, int], ...]:
     allowed = IPSet(IPRange(IPAddress(start, version), IPAddress(end, version)))

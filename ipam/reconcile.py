@@ -42,6 +42,7 @@ from .engine import Engine, RetryPolicy
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .nodeslices import return_slices
+from .printable import printable
 from .slices import NodeSlices
 from .store.base import PoolSnapshot, StandingTurn, Store, Turn
 
@@ -246,6 +247,7 @@ class Reconciler:
         self.out = out
 
     def say(self, summary: Summary, line: str) -> None:
+        line = printable(line)  # names, podrefs and holders read from the cluster
         summary.lines.append(line)
         self.out.write(line + "\n")
         self.out.flush()
@@ -508,7 +510,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             args.kubeconfig, tempfile.gettempdir() + "/whereabouts-py-reconcile", args.namespace
         )
     except CNIError as exc:
-        out.write(f"error: {exc}\n")
+        out.write(printable(f"error: {exc}") + "\n")
         return 2
     reconciler = Reconciler(KubeSource(store), args.grace, args.dry_run, out)
     try:

@@ -15,6 +15,9 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from . import errors
+from .errors import CNIError
+
 DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -22,6 +25,19 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_N
 
 class UnsafePathError(OSError):
     """A path with a symlink, a non-directory or a NUL where a real directory must be."""
+
+
+MAX_FILE_NAME = 240  # 255 on Linux, less the affixes (`.json`, `.lock`, a temp file's)
+
+
+def checked_name(name: str) -> str:
+    """`name` if it can only name a file inside its directory (a pool, reservation or lock name):
+    not empty, no `/` or NUL, not starting with `.`, at most MAX_FILE_NAME bytes; else code 7. The
+    config checks every value that goes into one (config.check_object_name); this is the stores' guard."""
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name.encode()) > MAX_FILE_NAME:
+        shown = repr(name[:300])
+        raise CNIError(errors.INVALID_CONFIG, f"invalid name {shown}: not a file name of the datastore")
+    return name
 
 
 def open_dir(path: str, create: bool = False) -> int:

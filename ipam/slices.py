@@ -13,17 +13,24 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
-from .ranges import RangeConfigError, RangeSpec, pool_name, usable_bounds
+from .bytecache import ByteLRU, deep_size
+from .ranges import CACHE_BYTES, RangeConfigError, RangeSpec, pool_name, usable_bounds
 
 KEY = "ipam.node_slice_size"
 MAX_SLICES = 16384  # one status entry each; far beyond this the object nears etcd's request limit
 # Set on a slice pool that reclaim is returning: ADDs must not use it (it fences the return).
 RETIRED_ANNOTATION = "whereabouts-py.cni.cncf.io/retired"
+# Set on a NodeSlicePool we create: the network_name of its network ("" for none). A NodeSlicePool
+# without it (Whereabouts' controller, an older version) may belong to a network without one.
+NETWORK_ANNOTATION = "whereabouts-py.cni.cncf.io/network-name"
+# Two networks without network_name on one range: the one whose NodeSlicePool is older by more than
+# this keeps the range, the other is refused (both, when made closer together: clocks of API servers
+# may differ by a little, and a wrong order would let both through).
+CLASH_MARGIN_SECONDS = 30.0
 
 
 def slice_prefix(text: str, network: IPNetwork) -> int:
@@ -66,15 +73,24 @@ def node_slice_pool_name(network_name: str, network: str) -> str:
     return network_name or network
 
 
-@lru_cache(maxsize=4096)
+_SLICE_SPECS: ByteLRU[tuple[IPNetwork, int, int, tuple[tuple[int, int], ...]]] = ByteLRU(CACHE_BYTES)
+
+
 def slice_spec(spec: RangeSpec, slice_range: str) -> RangeSpec:
     """The part of `spec` inside one slice, with offsets counted from the slice's network address
     (the slice pool's `spec.range`). As in Whereabouts, the slice's own first and last address are
-    not handed out; the range's start, end, excludes and gateway still hold."""
-    net = IPNetwork(slice_range).cidr
-    lo, hi = usable_bounds(net)
-    start, end = max(lo, spec.start), min(hi, spec.end)
-    intervals = tuple((max(a, start), min(b, end)) for a, b in spec.intervals if a <= end and b >= start)
+    not handed out; the range's start, end, excludes and gateway still hold. Cached by bytes, keyed by
+    the spec's digest: an entry keeps no tenant config alive."""
+    key = (spec.key, slice_range)
+    found = _SLICE_SPECS.get(key)
+    if found is None:
+        net = IPNetwork(slice_range).cidr
+        lo, hi = usable_bounds(net)
+        start, end = max(lo, spec.start), min(hi, spec.end)
+        intervals = tuple((max(a, start), min(b, end)) for a, b in spec.intervals if a <= end and b >= start)
+        found = (net, start, end, intervals)
+        _SLICE_SPECS.put(key, found, deep_size(intervals) + 300)
+    net, start, end, intervals = found
     return RangeSpec(net, start, end, spec.exclude, spec.gateway, intervals)
 
 
@@ -96,7 +112,8 @@ class SliceEntry:
 
 @dataclass(frozen=True)
 class NodeSlices:
-    """A NodeSlicePool as read: `version` None when it does not exist yet; `token` is the store's."""
+    """A NodeSlicePool as read: `version` None when it does not exist yet; `token` is the store's;
+    `uid` the object's (empty when the store has none)."""
 
     name: str
     range: str
@@ -104,6 +121,9 @@ class NodeSlices:
     entries: tuple[SliceEntry, ...]
     version: str | None
     token: Any = None
+    uid: str = ""
+    created: datetime | None = None
+    network_name: str | None = None  # NETWORK_ANNOTATION; None when absent
 
     def held_by(self, node: str) -> list[str]:
         return [e.slice_range for e in self.entries if e.node == node]
@@ -136,7 +156,16 @@ def from_object(obj: Mapping[str, Any], name: str) -> NodeSlices:
         parse_entries((obj.get("status") or {}).get("allocations")),
         str(meta.get("resourceVersion", "")),
         token=obj,
+        uid=str(meta.get("uid") or ""),
+        created=parse_time(meta.get("creationTimestamp")),
+        network_name=_annotation(meta, NETWORK_ANNOTATION),
     )
+
+
+def _annotation(meta: Mapping[str, Any], key: str) -> str | None:
+    annotations = meta.get("annotations")
+    value = annotations.get(key) if isinstance(annotations, Mapping) else None
+    return value if isinstance(value, str) else None
 
 
 def parse_entries(raw: object) -> tuple[SliceEntry, ...]:
@@ -149,16 +178,23 @@ def parse_entries(raw: object) -> tuple[SliceEntry, ...]:
     return tuple(out)
 
 
-def fresh(name: str, spec: RangeSpec, size_text: str, prefix: int) -> NodeSlices:
-    """A NodeSlicePool that does not exist yet: every slice free."""
-    return NodeSlices(name, spec.cidr, size_text, _free_entries(str(spec.network.cidr), prefix), None)
+def fresh(name: str, spec: RangeSpec, size_text: str, prefix: int, network_name: str = "") -> NodeSlices:
+    """A NodeSlicePool that does not exist yet: every slice free; marked with its network_name."""
+    entries = _free_entries(str(spec.network.cidr), prefix)
+    return NodeSlices(name, spec.cidr, size_text, entries, None, network_name=network_name)
 
 
-@lru_cache(maxsize=16)
+_FREE: ByteLRU[tuple[SliceEntry, ...]] = ByteLRU(CACHE_BYTES)
+
+
 def _free_entries(cidr: str, prefix: int) -> tuple[SliceEntry, ...]:
     """Every slice of `cidr`, free (cached: a /16 in /26 slices takes ~15 ms to cut, and every call
     on a cold agent and every claim that finds no NodeSlicePool needs it)."""
-    return tuple(SliceEntry("", s) for s in cut(IPNetwork(cidr), prefix))
+    found = _FREE.get((cidr, prefix))
+    if found is None:
+        found = tuple(SliceEntry("", s) for s in cut(IPNetwork(cidr), prefix))
+        _FREE.put((cidr, prefix), found, 300 * len(found))  # an entry object, its dict and its text
+    return found
 
 
 def matches(pool: NodeSlices, spec: RangeSpec, prefix: int) -> bool:
@@ -166,6 +202,33 @@ def matches(pool: NodeSlices, spec: RangeSpec, prefix: int) -> bool:
     net = parse_slice(pool.range)
     size = pool.slice_size.strip().lstrip("/")
     return net == spec.network.cidr and size.isdigit() and int(size) == prefix
+
+
+def clashes(mine: NodeSlices, others: Iterable[NodeSlices], margin: float | None = None) -> list[str]:
+    """For a network without network_name: the other NodeSlicePools that take it from the range.
+
+    Networks without network_name name their slice pools and reservations after the node and the
+    slice alone, so two of them whose NodeSlicePools cut overlapping ranges give one address to two
+    pods. Each is judged after its own NodeSlicePool exists: one that is not older than `mine` by more
+    than `margin` (or of unknown age), not marked with a network_name of its own, and cutting an
+    overlapping range, refuses `mine`. Of two such networks at most one is never refused: the later
+    made sees the earlier one when it is judged, and is refused unless its clock says the earlier one
+    is younger by more than `margin` (CLASH_MARGIN_SECONDS by default)."""
+    margin = CLASH_MARGIN_SECONDS if margin is None else margin
+    net = parse_slice(mine.range)
+    if net is None:
+        return []
+    out = []
+    for other in others:
+        theirs = parse_slice(other.range)
+        if other.name == mine.name or other.network_name or theirs is None:
+            continue
+        if theirs.first > net.last or net.first > theirs.last:
+            continue
+        if mine.created and other.created and (other.created - mine.created).total_seconds() > margin:
+            continue
+        out.append(other.name)
+    return sorted(out)
 
 
 def claim(pool: NodeSlices, node: str, skip: Iterable[str] = ()) -> tuple[SliceEntry, ...] | None:
@@ -254,6 +317,13 @@ def exhausted_message(spec: RangeSpec, size_text: str, pool: NodeSlices, node: s
         f"{len(pool.entries)} slices, all held by nodes) and node {node}'s "
         f"{len(held)} slice(s) are full"
     )
+
+
+def slice_marks(pool: NodeSlices) -> dict[str, Any]:
+    """The metadata a NodeSlicePool is created with: its network_name mark, when known."""
+    if pool.network_name is None:
+        return {}
+    return {"annotations": {NETWORK_ANNOTATION: pool.network_name}}
 
 
 def to_status(entries: Sequence[SliceEntry]) -> dict[str, Any]:

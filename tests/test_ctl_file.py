@@ -188,3 +188,24 @@ def test_retained_leases_are_shown_as_retained_and_release_frees_one(tmp_path: P
     code, out, err = ctl(data, "release", "10.9.0.1")
     assert (code, err) == (0, "") and "release" in out
     assert [e["address"] for e in ctl_json(data, "show")[1]["pools"][0]["leases"]] == ["10.9.0.2"]
+
+
+EVIL = "\x1b]0;owned\x07\x1b[2J\u202eevil\r\nfake line"
+
+
+@pytest.mark.parametrize("command", [["show"], ["check"], ["show", "--address", "10.9.0.1"], ["repair", "--dry-run"]])
+def test_text_read_from_the_datastore_is_printed_escaped_and_cut(tmp_path: Path, command: list[str]) -> None:
+    """A lease or reservation written by anyone holding the datastore's credentials (a node's token) may
+    carry terminal escapes, bidi overrides, line breaks or megabytes: ipamctl's and the reconciler's
+    text output shows them escaped, cut to a bounded length."""
+    store = FileStore(str(tmp_path / "data"))
+    request = Request("c" * 5000 + EVIL, "net1", f"ns/{EVIL}", node=EVIL + "n" * 3000, created=OLD)
+    Engine(store).add([build_range("ipam", "10.9.0.0/24")], request)
+    store.reserve("10.9.0.7", Lease(EVIL, "ns/" + "p" * 3000 + EVIL, "net1", created=OLD))
+    _, out, err = ctl(str(tmp_path / "data"), *command)
+    for text in (out, err):
+        assert not any(c in text for c in "\x1b\x07\r\u202e"), text[:2000]
+        assert "fake line" not in text.replace("\\x0d\\x0afake line", "")  # never on a line of its own
+        assert max(map(len, text.splitlines()), default=0) < 2000
+    if command[0] == "show":
+        assert "\\x1b" in out  # shown, escaped

@@ -242,7 +242,7 @@ def test_both_workloads_run_the_same_image() -> None:
 PLUGIN_RULES = {
     (GROUP, "ippools"): {"get", "list", "create", "update"},
     (GROUP, "overlappingrangeipreservations"): {"get", "create", "update", "delete"},
-    (GROUP, "nodeslicepools"): {"get", "create", "update"},
+    (GROUP, "nodeslicepools"): {"get", "list", "create", "update"},
     (GROUP, "nodeslicepools/status"): {"update"},  # a NodeSlicePool CRD with a status subresource
     (GROUP, "writerturns"): {"get", "create", "delete"},  # writer turns (ipam.turns)
 }

@@ -304,7 +304,8 @@ def test_the_plugins_identity_is_confined_to_the_pools_namespace(real_kube: Real
     got = real_kube.request("GET", f"{slices}/s")
     got["status"] = {"allocations": [{"nodeName": "node-a", "sliceRange": "10.5.0.0/24"}]}
     assert call(cluster, plugin, "PUT", f"{slices}/s", got) == 200
-    assert call(cluster, plugin, "GET", slices) == 403  # get/create/update only
+    assert call(cluster, plugin, "GET", slices) == 200  # list: a network without network_name checks its range
+    assert call(cluster, plugin, "DELETE", f"{slices}/s") == 403  # get/list/create/update only
 
 
 def may(real_kube: RealKube, account: str, verb: str, resource: str, subresource: str = "",

@@ -1,5 +1,6 @@
 """Node slices on the API test server, where requests can be counted and CRDs swapped: the warm
-steady-state ADD costs one pool write (from the agent's memory of the pool) and one reservation; a NodeSlicePool CRD with a
+steady-state ADD costs one pool write (from the agent's memory of the pool) and one reservation
+(without reservations: a GET of the NodeSlicePool's metadata instead); a NodeSlicePool CRD with a
 status subresource still gets its claims (written through /status)."""
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def _cold_cache() -> None:
     nodeslices.forget_cache()
 
 
-def add(kube: KubeHandle, tmp: Path, cid: str, node: str = "node-a", agent: Agent | None = None) -> dict[str, Any]:
+def add(
+    kube: KubeHandle, tmp: Path, cid: str, node: str = "node-a", agent: Agent | None = None, **extra: Any
+) -> dict[str, Any]:
     ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": node,
-            "data_dir": str(tmp), "kubernetes": {"kubeconfig": kube.kubeconfig_path}}
+            "data_dir": str(tmp), "kubernetes": {"kubeconfig": kube.kubeconfig_path}, **extra}
     conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
            "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}"}
@@ -40,6 +43,14 @@ def add(kube: KubeHandle, tmp: Path, cid: str, node: str = "node-a", agent: Agen
     return doc
 
 
+@pytest.fixture
+def checks_vouch_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that the node holds its slice vouches for every later write of the test (with
+    reservations on), so request counts do not depend on how fast the machine is."""
+    monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 3600.0)
+
+
+@pytest.mark.usefixtures("checks_vouch_long")
 def test_warm_add_costs_a_pool_write_and_a_reservation(kube: KubeHandle, tmp_path: Path) -> None:
     """The agent keeps the node's slice list and its slice pools as it last wrote them: a warm ADD
     writes the pool at the remembered version without reading it first."""
@@ -54,6 +65,21 @@ def test_warm_add_costs_a_pool_write_and_a_reservation(kube: KubeHandle, tmp_pat
         ("update", "ippools"): 4,
         ("create", "overlappingrangeipreservations"): 4,
     }
+
+
+def test_without_reservations_every_warm_add_checks_the_slice_is_still_the_nodes(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
+    """Without reservations nothing else keeps a lost slice's address from two pods: after each lease
+    write the NodeSlicePool's metadata is read (uid and version unchanged: the slice list as read)."""
+    agent = Agent()
+    add(kube, tmp_path, "c0", agent=agent, enable_overlapping_ranges=False)
+    kube.api.reset_counts()
+    for i in range(1, 5):
+        add(kube, tmp_path, f"c{i}", agent=agent, enable_overlapping_ranges=False)
+    agent.close()
+    counts = {k: v for k, v in kube.api.counts_snapshot().items() if v}
+    assert counts == {("update", "ippools"): 4, ("get-metadata", "nodeslicepools"): 4}
 
 
 def test_claims_go_through_status_when_the_crd_has_a_status_subresource(kube: KubeHandle, tmp_path: Path) -> None:
@@ -177,6 +203,7 @@ def test_a_call_arriving_while_another_call_claims_uses_the_claimers_list(
     assert kube.api.count("get", "nodeslicepools") == 2
 
 
+@pytest.mark.usefixtures("checks_vouch_long")
 def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(kube: KubeHandle, tmp_path: Path) -> None:
     """The agent remembers the slice pool it has just created (empty, at the version the create
     answered): the ADD that claimed the slice writes its lease there without a GET, and so does the
@@ -192,6 +219,7 @@ def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(kube: Kube
     assert counts == {
         ("get", "ippools"): 1,  # the first slice, remembered full: looked at once before claiming
         ("get", "nodeslicepools"): 2,  # the claim's read, and the check after creating the slice pool
+        ("get-metadata", "nodeslicepools"): 1,  # the new slice still this node's after the first write
         ("update", "nodeslicepools"): 1,
         ("create", "writerturns"): 1,  # the claim under the NodeSlicePool's writer turn (ipam.turns)
         ("delete", "writerturns"): 1,

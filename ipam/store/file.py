@@ -22,7 +22,8 @@ from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, PoolRetiredError
 from ..safepath import UnsafePathError, open_dir, opened_dir, read_file_at
-from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry
+from ..safepath import checked_name as _checked
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, slice_marks
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import ADDRESS_ANNOTATION, PoolSnapshot, check_range, name_taken
@@ -87,7 +88,7 @@ class FileStore:
             raise CNIError(errors.IO_FAILURE, f"cannot create data_dir {self.root}", str(exc)) from None
 
     def _pool_path(self, name: str) -> Path:
-        return self.pools / f"{name}.json"
+        return self.pools / f"{_checked(name)}.json"
 
     def _load(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -177,7 +178,7 @@ class FileStore:
         return out
 
     def _reservation_path(self, name: str) -> Path:
-        return self.reservations / f"{name}.json"
+        return self.reservations / f"{_checked(name)}.json"
 
     def _reservation_lock(self, name: str) -> AbstractContextManager[int]:
         """Every change of reservation `name` (create, takeover, delete) happens under this lock, so a
@@ -300,7 +301,7 @@ class FileStore:
     # -- node slices: NodeSlicePool documents, and the fence reclaim puts on a slice pool ---------
 
     def _slices_path(self, name: str) -> Path:
-        return self.root / "nodeslicepools" / f"{name}.json"
+        return self.root / "nodeslicepools" / f"{_checked(name)}.json"
 
     def read_node_slices(self, name: str) -> NodeSlices | None:
         doc = self._load(self._slices_path(name))
@@ -318,10 +319,14 @@ class FileStore:
             _atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
+        # as made: its creation time and marks are kept by every later write
+        old = (pool.token.get("metadata") or {}) if isinstance(pool.token, dict) else {}
+        made = old.get("creationTimestamp") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        marks = {k: v for k, v in old.items() if k == "annotations"} or slice_marks(pool)
         doc = {
             "apiVersion": API_VERSION,
             "kind": "NodeSlicePool",
-            "metadata": {"name": pool.name},
+            "metadata": {"name": pool.name, "creationTimestamp": made, **marks},
             "spec": {"range": pool.range, "sliceSize": pool.slice_size},
             "status": slice_status(entries),
         }

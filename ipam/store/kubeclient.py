@@ -341,10 +341,17 @@ class KubeClient:
             self._token = self.kubeconfig_token.current() or self._token
         return f"Bearer {self._token}" if self._token else None
 
-    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        accept: str = "application/json",
+    ) -> Any:
         """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire."""
         target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
-        headers = {"Accept": "application/json", "User-Agent": "whereabouts-py"}
+        headers = {"Accept": accept, "User-Agent": "whereabouts-py"}
         auth = self._authorization()
         if auth:
             headers["Authorization"] = auth

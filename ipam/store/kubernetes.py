@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 from .. import errors
 from ..allocator import Allocations, Lease, dump_allocations, parse_allocations
 from ..errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
-from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time
+from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, parse_time, slice_marks
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
 from .base import (
@@ -57,6 +57,8 @@ RESERVATIONS = "overlappingrangeipreservations"
 NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
 TURNS = "writerturns"
+# an object's metadata alone, else (a server that cannot) the whole object
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 # A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
 # has synced ("clusterrole ... not found"), seen for ~1 s on the real server: a refusal is retried for
@@ -183,10 +185,14 @@ class KubernetesStore:
         body: Any = None,
         params: dict[str, Any] | None = None,
         missing_ok: bool = False,
+        accept: str | None = None,
     ) -> Any:
         """One API request, its JSON answer decoded. 404 gives None when `missing_ok`; every other
-        failure is mapped by `_raise_api`, connection errors are transient."""
+        failure is mapped by `_raise_api`, connection errors are transient. `accept`: another Accept
+        header than plain JSON."""
         try:
+            if accept is not None:
+                return self.client.request(method, path, body, params, accept=accept)
             return self.client.request(method, path, body, params)
         except ApiError as exc:
             if exc.status == 404 and missing_ok:
@@ -373,6 +379,17 @@ class KubernetesStore:
     def list_reservations(self) -> list[dict[str, Any]]:
         return self._list_all("list reservations", self._path(RESERVATIONS))
 
+    def list_objects(self, plural: str) -> list[dict[str, Any]]:
+        """Every object of one of Whereabouts' resources in this namespace, as the server lists it
+        (none when its CRD is not installed): `ipamctl check --whereabouts-compat` judges them raw."""
+        return self._list_all(f"list {plural}", self._path(plural), missing_ok=True)
+
+    def list_network_attachments(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Multus' NetworkAttachmentDefinitions of every namespace, or of one (none without the CRD)."""
+        where = f"/namespaces/{path_quote(namespace)}" if namespace else ""
+        path = f"/apis/k8s.cni.cncf.io/v1{where}/network-attachment-definitions"
+        return self._list_all("list NetworkAttachmentDefinitions", path, missing_ok=True)
+
     def delete_reservation(self, name: str, resource_version: str) -> None:
         """Delete a reservation if it is still at `resource_version` (409 otherwise); gone already is fine."""
         body = {
@@ -404,6 +421,16 @@ class KubernetesStore:
         obj = self._call(f"get NodeSlicePool {name}", "GET", self._path(NODE_SLICES, name), missing_ok=True)
         return None if obj is None else node_slices_from_object(obj, name)
 
+    def node_slices_version(self, name: str) -> tuple[str, str] | None:
+        """The NodeSlicePool's (uid, resourceVersion) as of now, None when absent: a GET of its metadata
+        alone (the API server does not send the entries back; one that cannot answers the whole object)."""
+        what = f"get NodeSlicePool {name} metadata"
+        obj = self._call(what, "GET", self._path(NODE_SLICES, name), missing_ok=True, accept=METADATA_ONLY)
+        if obj is None:
+            return None
+        meta = obj.get("metadata") or {}
+        return str(meta.get("uid") or ""), str(meta.get("resourceVersion", ""))
+
     def write_node_slices(self, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
         status = slice_status(entries)
         what = f"write NodeSlicePool {pool.name}"
@@ -411,7 +438,7 @@ class KubernetesStore:
             body = {
                 "apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "NodeSlicePool",
-                "metadata": {"name": pool.name, "namespace": self.namespace},
+                "metadata": {"name": pool.name, "namespace": self.namespace, **slice_marks(pool)},
                 "spec": {"range": pool.range, "sliceSize": pool.slice_size},
                 "status": status,
             }

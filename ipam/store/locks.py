@@ -31,6 +31,7 @@ from types import FrameType
 from .. import errors
 from ..errors import CNIError
 from ..safepath import UnsafePathError, open_dir
+from ..safepath import checked_name as _checked
 
 POLL_FIRST, POLL_MAX = 0.001, 0.05  # seconds between attempts where no timer can be used
 
@@ -172,6 +173,7 @@ def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | No
     `settled`: None also while the lock is held (by anyone, this process included). A holder bumps
     the counter when it takes the lock and writes afterwards: a read of the datastore made now, noted
     at this generation, may miss that holder's write yet pass for made after it."""
+    _checked(name)
     try:
         dir_fd = _open_lock_dir(lock_dir, create=False)
     except FileNotFoundError:
@@ -198,6 +200,7 @@ def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | No
 @contextmanager
 def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[int]:
     """Hold the node lock of `name`; yields this holder's generation (see the module's docstring)."""
+    _checked(name)
     path = os.path.join(lock_dir, f"{name}.lock")
     dir_fd = _open_lock_dir(lock_dir, create=True)
     try:

@@ -1,5 +1,10 @@
 """What node slices need from a datastore beyond `Store`: the NodeSlicePool object, and a raw view of
-slice pools so reclaim can fence ("retire") one before returning its slice."""
+slice pools so reclaim can fence ("retire") one before returning its slice.
+
+A store may also offer `node_slices_version(name) -> (uid, resourceVersion) | None`, the NodeSlicePool's
+identity as of now without its entries (the Kubernetes store: a GET of its metadata alone); the check
+after every lease write (`nodeslices.Slicer._still_held`) then reads the whole object only when it
+changed. Without it the whole object is read."""
 
 from __future__ import annotations
 

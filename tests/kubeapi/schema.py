@@ -149,6 +149,26 @@ def _json_type(value: Any) -> str:
     return "null"
 
 
+def _bounds(value: Any, schema: dict[str, Any], path: str) -> list[dict[str, str]]:
+    """maxLength, maxProperties, maxItems, minimum and maximum, as kube-apiserver words them."""
+    field = path or "<root>"
+    if isinstance(value, str) and len(value) > schema.get("maxLength", len(value)):
+        message = f"Too long: may not be more than {schema['maxLength']} bytes"
+        return [{"reason": "FieldValueTooLong", "message": message, "field": field}]
+    limit = schema.get("maxProperties" if isinstance(value, dict) else "maxItems")
+    if isinstance(value, dict | list) and limit is not None and len(value) > limit:
+        message = f"Too many: {len(value)}: must have at most {limit} items"
+        return [{"reason": "FieldValueTooMany", "message": message, "field": field}]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "maximum" in schema and value > schema["maximum"]:
+            message = f"Invalid value: {value}: {field} in body should be less than or equal to {schema['maximum']}"
+            return [{"reason": "FieldValueInvalid", "message": message, "field": field}]
+        if "minimum" in schema and value < schema["minimum"]:
+            message = f"Invalid value: {value}: {field} in body should be greater than or equal to {schema['minimum']}"
+            return [{"reason": "FieldValueInvalid", "message": message, "field": field}]
+    return []
+
+
 def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[str, str]]:
     """Causes (FieldValueRequired / FieldValueTypeInvalid) in kube-apiserver's shape."""
     causes: list[dict[str, str]] = []
@@ -167,6 +187,7 @@ def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[st
                 }
             )
             return causes
+    causes += _bounds(value, schema, path)
     if isinstance(value, dict):
         for key in schema.get("required", []):
             if key not in value:

@@ -1146,6 +1146,10 @@ class Handler(BaseHTTPRequestHandler):
             "PATCH": "patch",
             "DELETE": "delete",
         }.get(self.command, "")
+        # a GET of the metadata alone (as the real API server answers it), counted apart
+        metadata_only = verb == "get" and "as=PartialObjectMetadata" in self.headers.get("Accept", "")
+        if metadata_only:
+            verb = "get-metadata"
         with api.lock:
             api.counts[(verb, kind.plural)] += 1
         answered, drop_after = self._inject(kind)
@@ -1153,6 +1157,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.command == "GET" and name:
             code, out = 200, api.get(kind, ns, name)
+            if metadata_only:
+                out = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": out.get("metadata")}
         elif self.command == "GET" and not sub:
             if query.get("watch") in ("1", "true"):
                 raise bad_request("watch is not supported by this test server")
