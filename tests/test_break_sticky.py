@@ -1,0 +1,70 @@
+"""Adversarial review of issue 23 (requested, static and sticky addresses): each test here is a break
+found by the review (branch break-sticky), named for what must hold."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam.reconcile import KubeSource, Reconciler
+from ipam.store.kubernetes import KubernetesStore
+from tests.kubeapi.real import ApiError, RealKube
+from tests.test_requested import Node
+from tests.test_sticky_real import cni, delete, leases, netconf, owned_pod
+
+
+# -- BREAK 1: sticky_seconds took a JSON bool (true -> 1 second) and a string ----------------------
+
+
+@pytest.mark.parametrize("value", [True, "60"])
+def test_sticky_seconds_of_the_wrong_type_is_refused_naming_it(tmp_path: Path, value: Any) -> None:
+    """`"sticky_seconds": true` (meaning "on") was silently read as 1 second; `"60"` as 60."""
+    node = Node(tmp_path, {"range": "10.0.0.0/28", "sticky_seconds": value})
+    result = node.refused("c1", "a")
+    assert result["code"] == 7 and "ipam.sticky_seconds" in result["msg"], result
+
+
+# -- BREAK 2: a StatefulSet with spec.ordinals.start loses its pods' retained addresses -------------
+
+
+def test_statefulset_with_a_start_ordinal_keeps_its_pods_addresses(real_kube: RealKube, tmp_path: Path) -> None:
+    """`spec.ordinals.start: 5, replicas: 2` names its pods db-5 and db-6: the reconciler judged
+    `ordinal >= replicas` and freed db-5's retained address while the StatefulSet still covers it."""
+    kube, ns = real_kube, real_kube.namespace
+    with contextlib.suppress(ApiError):
+        kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "default"}})
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "db"},
+        "spec": {
+            "replicas": 2,
+            "ordinals": {"start": 5},
+            "serviceName": "db",
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {
+                "metadata": {"labels": {"app": "db"}},
+                "spec": {"containers": [{"name": "c", "image": "x"}]},
+            },
+        },
+    }
+    [sts] = kube.apply(body)
+    assert sts["spec"]["ordinals"]["start"] == 5
+    conf = netconf(kube, tmp_path, sticky="statefulset")
+    uid = owned_pod(kube, dict(sts), "db-5")
+    assert cni(kube, conf, "ADD", "c-db5", "db-5", uid) == "10.61.0.1/24"
+    cni(kube, conf, "DEL", "c-db5", "db-5", uid)
+    delete(kube, f"/api/v1/namespaces/{ns}/pods/db-5")
+    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
+    try:
+        out = io.StringIO()
+        Reconciler(KubeSource(store), 0.0, False, out).run_once()
+    finally:
+        store.close()
+    assert "1" in leases(kube), out.getvalue()
+    uid_b = owned_pod(kube, dict(sts), "db-5")
+    assert cni(kube, conf, "ADD", "c-db5-b", "db-5", uid_b) == "10.61.0.1/24"
