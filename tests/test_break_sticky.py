@@ -16,7 +16,6 @@ from tests.kubeapi.real import ApiError, RealKube
 from tests.test_requested import Node
 from tests.test_sticky_real import cni, delete, leases, netconf, owned_pod
 
-
 # -- BREAK 1: sticky_seconds took a JSON bool (true -> 1 second) and a string ----------------------
 
 
@@ -31,7 +30,9 @@ def test_sticky_seconds_of_the_wrong_type_is_refused_naming_it(tmp_path: Path, v
 # -- BREAK 2: a StatefulSet with spec.ordinals.start loses its pods' retained addresses -------------
 
 
-def test_statefulset_with_a_start_ordinal_keeps_its_pods_addresses(real_kube: RealKube, tmp_path: Path) -> None:
+def test_statefulset_with_a_start_ordinal_keeps_its_pods_addresses(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     """`spec.ordinals.start: 5, replicas: 2` names its pods db-5 and db-6: the reconciler judged
     `ordinal >= replicas` and freed db-5's retained address while the StatefulSet still covers it."""
     kube, ns = real_kube, real_kube.namespace
