@@ -79,7 +79,7 @@ class Source(Protocol):
     def pods(self) -> dict[str, PodInfo] | None: ...
     def slice_pools(self) -> list[SlicePool]: ...
     def nodes(self) -> frozenset[str] | None: ...
-    def statefulsets(self) -> dict[str, int] | None:
+    def statefulsets(self) -> dict[str, range] | None:
         """`audit.statefulset_index` of the cluster's StatefulSets (sticky retention); None: none to read."""
         ...
 
@@ -113,7 +113,7 @@ class KubeSource:
     def nodes(self) -> frozenset[str]:
         return frozenset(self.kube.list_nodes())
 
-    def statefulsets(self) -> dict[str, int]:
+    def statefulsets(self) -> dict[str, range]:
         return statefulset_index(self.kube.list_statefulsets())
 
     def delete_reservation(self, reservation: Reservation) -> None:
@@ -182,7 +182,7 @@ def gather(source: Source) -> Inventory:
     notes: list[str] = []
     if pods is None:
         notes.append("leaked leases not judged: the file datastore has no pod list")
-    statefulsets: dict[str, int] | None = None
+    statefulsets: dict[str, range] | None = None
     if any(lease.retained and lease.sticky == STATEFULSET for p in pools for lease in p.allocations.values()):
         try:  # only when a lease is kept for a StatefulSet: the common pass lists nothing more
             statefulsets = source.statefulsets()
