@@ -69,3 +69,40 @@ def test_statefulset_with_a_start_ordinal_keeps_its_pods_addresses(
     assert "1" in leases(kube), out.getvalue()
     uid_b = owned_pod(kube, dict(sts), "db-5")
     assert cni(kube, conf, "ADD", "c-db5-b", "db-5", uid_b) == "10.61.0.1/24"
+
+
+# -- BREAK 3: under Whereabouts' own IPPool CRD (attrs pruned), a static address becomes the pod's own
+
+
+def test_static_address_under_a_whereabouts_crd_is_not_taken_as_the_pods_range_address(
+    kube: Any, tmp_path: Path
+) -> None:
+    """Whereabouts' CRD prunes `attrs`, so the static lease's `kind` is lost: the range's own allocation
+    then finds it as the attachment's lease (`find_owner`) and gives the static address twice (no
+    address of the range), and a repeated ADD is refused (104) naming the pod itself. The Python API
+    server: the shared real API server cannot have its IPPool CRD swapped under the other tests."""
+    import yaml
+
+    from tests.cni_exec import cni_env, run
+    from tests.kubeapi.schema import OUR_EXTRA_FIELDS
+    from tests.test_kubernetes_cni import netconf as kube_netconf
+
+    crd = yaml.safe_load(
+        (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
+    )
+    item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "allocations"
+    ]
+    for extra in OUR_EXTRA_FIELDS:
+        del item["additionalProperties"]["properties"][extra]
+    foreign = tmp_path / "whereabouts-ippools.yaml"
+    foreign.write_text(yaml.safe_dump(crd))
+    others = sorted(p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name)
+    kube.api.use_crds([foreign, *others])
+    conf = kube_netconf(kube, tmp_path, {"range": "10.57.0.0/24", "addresses": [{"address": "10.57.0.9/24"}]})
+    first = run(conf, cni_env("ADD", "p1"))
+    assert first.code == 0, first.stdout
+    assert [ip["address"] for ip in first.result["ips"]] == ["10.57.0.1/24", "10.57.0.9/24"]
+    again = run(conf, cni_env("ADD", "p1"))  # a repeated ADD is idempotent
+    assert again.code == 0, again.stdout
+    assert again.result["ips"] == first.result["ips"]
