@@ -106,3 +106,32 @@ def test_static_address_under_a_whereabouts_crd_is_not_taken_as_the_pods_range_a
     again = run(conf, cni_env("ADD", "p1"))  # a repeated ADD is idempotent
     assert again.code == 0, again.stdout
     assert again.result["ips"] == first.result["ips"]
+
+
+# -- BREAK 4: a NAD's `addresses` list costs one pool write per entry (quadratic in its length) -----
+
+
+def test_static_addresses_of_one_range_are_written_in_one_pool_write(tmp_path: Path) -> None:
+    """`addresses` is written by tenants and unbounded: 400 entries in one range took 16 s of
+    single-core time for one ADD (each a separate read-modify-write of the growing pool) and held the
+    pool's node lock as many times; the range's statics are one batch, as the agent's are."""
+    from ipam.allocator import Request
+    from ipam.engine import Engine, Want
+    from ipam.ranges import build_range
+    from ipam.store.file import FileStore
+
+    store = FileStore(str(tmp_path / "data"))
+    writes: list[int] = []
+    original = store.write_pool
+
+    def counting(snapshot: Any, allocations: Any) -> Any:
+        writes.append(len(allocations))
+        return original(snapshot, allocations)
+
+    store.write_pool = counting  # type: ignore[method-assign]
+    spec = build_range("ipam", "10.0.0.0/24")
+    wants = [Want(spec, offset, "static") for offset in range(100, 140)]
+    [own] = Engine(store).add([spec], Request("c1", "net1", "ns/a"), wants)
+    assert str(own.address) == "10.0.0.1"
+    assert len(writes) <= 2, writes  # the statics, then the range's own address
+    assert writes[-1] == 41
