@@ -424,12 +424,13 @@ class Engine:
         reached: list[AddOp] = []
         try:
             for spec in ranges:
-                static = replace(request, kind=STATIC)
-                statics = [AddOp(spec, static, w.offset) for w in wants if w.spec == spec and w.kind == STATIC]
+                offsets = frozenset(w.offset for w in wants if w.spec == spec and w.kind == STATIC)
+                own = replace(request, statics=offsets)
+                statics = [AddOp(spec, replace(own, kind=STATIC), offset) for offset in sorted(offsets)]
                 reached += statics
                 self._add_statics(statics, deadline)
                 requested = next((w.offset for w in wants if w.spec == spec and w.kind == REQUESTED), None)
-                op = AddOp(spec, request if requested is None else replace(request, kind=REQUESTED), requested)
+                op = AddOp(spec, own if requested is None else replace(own, kind=REQUESTED), requested)
                 reached.append(op)
                 done.append(self._add_one(op, deadline))
         except BaseException:
