@@ -135,3 +135,42 @@ def test_static_addresses_of_one_range_are_written_in_one_pool_write(tmp_path: P
     assert str(own.address) == "10.0.0.1"
     assert len(writes) <= 2, writes  # the statics, then the range's own address
     assert writes[-1] == 41
+
+
+# -- held: concurrent requests for one address on the real API server -------------------------------
+
+
+def test_concurrent_requests_for_one_address_through_two_overlapping_pools_give_it_once(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """Six pods on three simulated nodes ask at once for 10.61.0.40, through two NADs whose ranges
+    (two pools) both hold it: one gets it, the others are refused (104)
+    naming the holder, and one lease and one reservation hold it."""
+    from tests.cni_exec import cni_env, finish, start
+
+    kube = real_kube
+    wide = netconf(kube, tmp_path, sticky_seconds=600)
+    narrow = netconf(kube, tmp_path, range="10.61.0.32/27", sticky_seconds=600)
+    procs = []
+    for i in range(6):
+        conf = dict(wide if i % 2 else narrow)
+        conf["ipam"] = {**conf["ipam"], "data_dir": str(tmp_path / f"node-{i % 3}")}
+        conf["runtimeConfig"] = {"ips": ["10.61.0.40/24"]}
+        procs.append(start(conf, cni_env("ADD", f"c{i}", pod=f"p{i}", namespace=kube.namespace)))
+    calls = [finish(p, timeout=300) for p in procs]
+    won = [c for c in calls if c.code == 0]
+    assert len(won) == 1, [c.stdout for c in calls]
+    assert won[0].result["ips"][0]["address"].startswith("10.61.0.40/")
+    lost = [c.result for c in calls if c.code != 0]
+    assert all(r["code"] == 104 and "10.61.0.40" in r["msg"] for r in lost), lost
+    holders = [
+        (o["metadata"]["name"], k)
+        for o in kube.api.objects("ippools", kube.namespace)
+        for k, v in (o["spec"].get("allocations") or {}).items()
+        if int(k) + (32 if o["metadata"]["name"].startswith("10.61.0.32") else 0) == 40
+    ]
+    assert len(holders) == 1, holders
+    names = {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
+    }
+    assert "10.61.0.40" in names
