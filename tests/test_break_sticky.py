@@ -174,3 +174,50 @@ def test_concurrent_requests_for_one_address_through_two_overlapping_pools_give_
         o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
     }
     assert "10.61.0.40" in names
+
+
+# -- held: the reconciler's release racing the ADD that takes a retained lease back -----------------
+
+
+def test_reconcile_release_racing_a_take_back_leaves_the_new_pods_lease(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """The reconciler reads the pools (db-0's lease retained) and the pods (none), then, before it
+    writes, db-0 is re-created and its ADD takes the lease back; the StatefulSet it then reads is gone,
+    so it judges the lease released. Its conditional write must leave the live lease and its
+    reservation alone; a late repeated DEL of the old container must too."""
+    kube, ns = real_kube, real_kube.namespace
+    with contextlib.suppress(ApiError):
+        kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": "default"}})
+    from tests.test_sticky_real import statefulset
+
+    conf = netconf(kube, tmp_path, sticky="statefulset")
+    sts = statefulset(kube, "db", replicas=1)
+    uid = owned_pod(kube, sts, "db-0")
+    assert cni(kube, conf, "ADD", "c-old", "db-0", uid) == "10.61.0.1/24"
+    cni(kube, conf, "DEL", "c-old", "db-0", uid)
+    delete(kube, f"/api/v1/namespaces/{ns}/pods/db-0")
+    assert leases(kube)["1"].retained
+
+    class Racing(KubeSource):
+        def statefulsets(self) -> dict[str, range]:
+            uid_b = owned_pod(kube, sts, "db-0")
+            assert cni(kube, conf, "ADD", "c-new", "db-0", uid_b) == "10.61.0.1/24"
+            return {}  # as if the StatefulSet were gone by now
+
+    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
+    try:
+        out = io.StringIO()
+        Reconciler(Racing(store), 0.0, False, out).run_once()
+    finally:
+        store.close()
+    assert "statefulset-gone" in out.getvalue()  # judged released on what it had read
+    held = leases(kube)["1"]
+    assert held.id == "c-new" and not held.retained, out.getvalue()
+    reservations = {o["metadata"]["name"]: o for o in kube.api.objects("overlappingrangeipreservations", ns)}
+    assert reservations["10.61.0.1"]["spec"]["containerid"] == "c-new"
+    cni(kube, conf, "DEL", "c-old", "db-0", uid)  # the old sandbox's DEL, repeated late
+    assert leases(kube)["1"].id == "c-new"
+    assert "10.61.0.1" in {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)
+    }
