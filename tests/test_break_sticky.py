@@ -106,6 +106,18 @@ def test_static_address_under_a_whereabouts_crd_is_not_taken_as_the_pods_range_a
     again = run(conf, cni_env("ADD", "p1"))  # a repeated ADD is idempotent
     assert again.code == 0, again.stdout
     assert again.result["ips"] == first.result["ips"]
+    # README: no lease can be marked retained here; a sticky DEL leaves the pod's leases as they were
+    sticky = kube_netconf(
+        kube,
+        tmp_path,
+        {"range": "10.57.0.0/24", "addresses": [{"address": "10.57.0.9/24"}], "sticky_seconds": 600},
+    )
+    assert run(sticky, cni_env("DEL", "p1")).code == 0
+    [pool] = [
+        o for o in kube.api.objects("ippools", kube.namespace) if o["metadata"]["name"] == "10.57.0.0-24"
+    ]
+    lease = {"id": "p1", "podref": "default/p1", "ifname": "net1"}
+    assert pool["spec"]["allocations"] == {"1": lease, "9": lease}
 
 
 # -- BREAK 4: a NAD's `addresses` list costs one pool write per entry (quadratic in its length) -----
