@@ -233,3 +233,54 @@ def test_reconcile_release_racing_a_take_back_leaves_the_new_pods_lease(
     assert "10.61.0.1" in {
         o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)
     }
+
+
+# -- held: one agent batch with the old sandbox's sticky DEL, the new sandbox's ADD and a thief -----
+
+
+def test_agent_batch_with_sticky_del_take_back_and_a_request_for_that_address(
+    k8s: Any, tmp_path: Path
+) -> None:
+    """db-0's old sandbox DEL (sticky), its new sandbox's ADD, other pods requesting db-0's address and
+    plain ADDs, all at once through one agent, in whatever order its batches take them: db-0's new
+    sandbox has the address, nobody else does, one lease holds it."""
+    import json
+    import threading
+
+    from ipam.agent import Agent
+    from tests.cni_exec import cni_env
+    from tests.kubeapi.fixtures import KubeHandle
+    from tests.test_agent import call, kube_conf
+
+    if isinstance(k8s, KubeHandle):
+        k8s.api.set_faults(latency=0.02)
+    conf = kube_conf(k8s, tmp_path, "10.74.0.0/24")
+    conf["ipam"]["sticky_seconds"] = 60
+    agent = Agent()
+    try:
+        assert call(agent, conf, cni_env("ADD", "old", pod="db-0"))["ips"][0]["address"] == "10.74.0.1/24"
+        wanted = {**conf, "runtimeConfig": {"ips": ["10.74.0.1/24"]}}
+        jobs = [("DEL", "old", "db-0", conf), ("ADD", "new", "db-0", conf)]
+        jobs += [("ADD", f"t{i}", f"thief{i}", wanted) for i in range(3)]
+        jobs += [("ADD", f"p{i}", f"plain{i}", conf) for i in range(3)]
+        replies: dict[str, dict[str, Any]] = {}
+
+        def one(command: str, ctr: str, pod: str, doc: dict[str, Any]) -> None:
+            replies[ctr] = agent.serve_call({"env": cni_env(command, ctr, pod=pod), "stdin": json.dumps(doc)})
+
+        threads = [threading.Thread(target=one, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert replies["old"]["code"] == 0 and replies["new"]["code"] == 0, replies
+        assert json.loads(replies["new"]["stdout"])["ips"][0]["address"] == "10.74.0.1/24"
+        for i in range(3):
+            refused = json.loads(replies[f"t{i}"]["stdout"])
+            assert refused["code"] == 104 and "default/db-0" in refused["msg"], refused
+            assert "10.74.0.1/24" not in replies[f"p{i}"]["stdout"]
+    finally:
+        agent.close()
+    [pool] = k8s.api.objects("ippools", k8s.namespace)
+    holders = {k: v for k, v in pool["spec"]["allocations"].items() if k == "1"}
+    assert holders["1"]["id"] == "new" and "retained" not in holders["1"].get("attrs", "")
