@@ -284,3 +284,40 @@ def test_agent_batch_with_sticky_del_take_back_and_a_request_for_that_address(
     [pool] = k8s.api.objects("ippools", k8s.namespace)
     holders = {k: v for k, v in pool["spec"]["allocations"].items() if k == "1"}
     assert holders["1"]["id"] == "new" and "retained" not in holders["1"].get("attrs", "")
+
+
+# -- held: `ipamctl release` of a retained lease racing its take-back -------------------------------
+
+
+def test_ipamctl_release_of_a_retained_lease_racing_its_take_back(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ipamctl reads the pools (web's lease retained: no live holder, no --force needed), then web is
+    re-created and its ADD takes the lease back before ipamctl writes: the release must skip it."""
+    from ipam import ctl
+
+    kube = real_kube
+    conf = netconf(kube, tmp_path, sticky_seconds=600)
+    assert cni(kube, conf, "ADD", "c-old", "web", "") == "10.61.0.1/24"
+    cni(kube, conf, "DEL", "c-old", "web", "")
+    assert leases(kube)["1"].retained
+
+    class Racing(KubeSource):
+        def pods(self) -> Any:
+            assert cni(kube, conf, "ADD", "c-new", "web", "") == "10.61.0.1/24"
+            return super().pods()
+
+    monkeypatch.setattr(
+        ctl,
+        "open_source",
+        lambda args: Racing(KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "c"))),
+    )
+    out, err = io.StringIO(), io.StringIO()
+    code = ctl.main(["release", "10.61.0.1"], out, err)
+    assert code != 0 and "changed since it was read" in out.getvalue(), (out.getvalue(), err.getvalue())
+    held = leases(kube)["1"]
+    assert held.id == "c-new" and not held.retained
+    names = {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
+    }
+    assert "10.61.0.1" in names
