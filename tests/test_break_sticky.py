@@ -321,3 +321,39 @@ def test_ipamctl_release_of_a_retained_lease_racing_its_take_back(
         o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
     }
     assert "10.61.0.1" in names
+
+
+# -- BREAK 5: the reconciler re-creates a missing reservation for a stale holder ---------------------
+
+
+def test_reservation_repair_racing_a_take_back_keeps_the_new_holder(tmp_path: Path) -> None:
+    """db-0's reservation is missing (a crash between its pool write and its reservation) and its
+    lease is retained. The reconciler reads the pools, db-0 is re-created and its ADD takes the lease
+    back (and reserves it for its new sandbox), then the reconciler re-creates the reservation from
+    what it read: for the OLD sandbox (`reserve` lets the same pod name take a reservation over). A
+    late repeated DEL of the old sandbox then deletes the reservation of the new one's address, and a
+    pod of another NAD whose range overlaps is given that address too: two live pods, one address."""
+    from ipam.reconcile import FileSource
+    from ipam.store.file import FileStore
+
+    node = Node(tmp_path, {"range": "10.0.0.0/28", "sticky_seconds": 600})
+    assert node.add("c-keep", "keep")["ips"][0]["address"] == "10.0.0.1/28"
+    assert node.add("c-old", "db-0")["ips"][0]["address"] == "10.0.0.2/28"
+    [reservation] = [p for p in (tmp_path / "data").rglob("10.0.0.2.json")]
+    reservation.unlink()  # the crash between the pool write and the reservation
+    assert node.call("DEL", "c-old", "db-0")[0] == 0
+    assert node.leases("10.0.0.0-28")["2"].retained
+
+    class Racing(FileSource):
+        def pods(self) -> None:
+            assert node.add("c-new", "db-0")["ips"][0]["address"] == "10.0.0.2/28"  # taken back
+            return super().pods()
+
+    out = io.StringIO()
+    Reconciler(Racing(FileStore(str(tmp_path / "data"))), 0.0, False, out).run_once()
+    assert node.leases("10.0.0.0-28")["2"].id == "c-new"
+    assert node.call("DEL", "c-old", "db-0")[0] == 0  # the old sandbox's DEL, repeated late
+    assert reservation.exists(), out.getvalue()
+    narrow = Node(tmp_path, {"range": "10.0.0.0/29"})  # another NAD, an overlapping range: another pool
+    got = narrow.call("ADD", "c-other", "other")[1]
+    assert got is not None and "10.0.0.2/" not in str(got.get("ips")), got
