@@ -422,6 +422,10 @@ class Reconciler:
                 self.store.unreserve(name, h.lease.id, h.lease.ifname)
                 self.say(summary, f"skip reservation={name}: its lease was released meanwhile")
                 return
+            if current.id != h.lease.id:
+                # the pod's new sandbox took the lease back meanwhile (sticky, or re-created by name) and
+                # `reserve` just gave its reservation to the old one: hand it back to the holder
+                self.store.reserve(name, current)
         except (*STORE_ERRORS, ConflictError) as exc:
             summary.errors += 1
             self.say(summary, f"error creating reservation {name}: {exc}")
