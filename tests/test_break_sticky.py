@@ -357,3 +357,37 @@ def test_reservation_repair_racing_a_take_back_keeps_the_new_holder(tmp_path: Pa
     narrow = Node(tmp_path, {"range": "10.0.0.0/29"})  # another NAD, an overlapping range: another pool
     got = narrow.call("ADD", "c-other", "other")[1]
     assert got is not None and "10.0.0.2/" not in str(got.get("ips")), got
+
+
+def test_reservation_repair_racing_a_take_back_on_the_real_api_server(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """The same race on the real API server holds: the reconciler's RBAC has no `update` on
+    reservations, so it cannot take the new sandbox's reservation over (its pass reports that as an
+    error), and the reservation names the new sandbox."""
+    kube, ns = real_kube, real_kube.namespace
+    conf = netconf(kube, tmp_path, sticky_seconds=600)
+    assert cni(kube, conf, "ADD", "c-keep", "keep", "") == "10.61.0.1/24"
+    assert cni(kube, conf, "ADD", "c-old", "db-0", "") == "10.61.0.2/24"
+    delete(
+        kube,
+        f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/overlappingrangeipreservations/10.61.0.2",
+    )
+    cni(kube, conf, "DEL", "c-old", "db-0", "")
+    assert leases(kube)["2"].retained
+
+    class Racing(KubeSource):
+        def pods(self) -> Any:
+            pods = super().pods()  # listed before db-0's new pod exists
+            assert cni(kube, conf, "ADD", "c-new", "db-0", "") == "10.61.0.2/24"
+            return pods
+
+    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
+    try:
+        out = io.StringIO()
+        Reconciler(Racing(store), 0.0, False, out).run_once()
+    finally:
+        store.close()
+    assert leases(kube)["2"].id == "c-new", out.getvalue()
+    reservations = {o["metadata"]["name"]: o for o in kube.api.objects("overlappingrangeipreservations", ns)}
+    assert reservations["10.61.0.2"]["spec"]["containerid"] == "c-new"
