@@ -391,3 +391,20 @@ def test_reservation_repair_racing_a_take_back_on_the_real_api_server(
     assert leases(kube)["2"].id == "c-new", out.getvalue()
     reservations = {o["metadata"]["name"]: o for o in kube.api.objects("overlappingrangeipreservations", ns)}
     assert reservations["10.61.0.2"]["spec"]["containerid"] == "c-new"
+
+
+# -- held: CNI GC never frees a retained lease ------------------------------------------------------
+
+
+def test_cni_gc_keeps_retained_leases_and_frees_the_rest(real_kube: RealKube, tmp_path: Path) -> None:
+    from tests.cni_exec import cni_env, run
+
+    kube = real_kube
+    conf = {**netconf(kube, tmp_path, sticky="statefulset"), "cniVersion": "1.1.0"}
+    assert cni(kube, conf, "ADD", "c-db", "db-0", "") == "10.61.0.1/24"
+    assert cni(kube, conf, "ADD", "c-web", "web", "") == "10.61.0.2/24"
+    cni(kube, conf, "DEL", "c-db", "db-0", "")
+    gc = run({**conf, "cni.dev/valid-attachments": []}, cni_env("GC", "unused"))
+    assert gc.code == 0, gc.stdout + gc.stderr[-2000:]
+    held = leases(kube)
+    assert set(held) == {"1"} and held["1"].retained and held["1"].podref.endswith("/db-0")
