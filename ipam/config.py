@@ -121,7 +121,8 @@ class IPAMConfig(_Model):
     addresses: list[StaticAddress] = Field(default_factory=list)
     # sticky addresses (README "Requested and sticky addresses"): a DEL keeps the lease for its pod name
     sticky: Literal["statefulset"] | None = None
-    sticky_seconds: int | None = Field(default=None, ge=1, le=366 * 86400)
+    # strict: `true` (meaning "on") would otherwise be read as 1 second, and "60" as 60
+    sticky_seconds: Annotated[int, Field(strict=True, ge=1, le=366 * 86400)] | None = None
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     configuration_path: str | None = None
     log_file: OptionalHostPath = None
