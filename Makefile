@@ -7,6 +7,7 @@
 #   make bench      benchmarks, appended to bench/RESULTS.md
 #   make bench-startup  one CNI exec's cost split (bare start, agent, direct, bursts) on the real API server
 #   make bench-slices   node-slice bursts and a 20k-lease range vs an empty one on the real API server
+#   make bench-image    the image's size and its installed wrapper's start-up, on the real API server
 #   make image      the OCI image from Debian's packages and pinned wheels (root, mmdebstrap): dist/
 #   make image-check  build the image twice, uncached, and fail unless both digests agree
 
@@ -15,7 +16,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices image image-check clean
+.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-image image image-check clean
 
 venv: $(STAMP)
 
@@ -60,6 +61,9 @@ bench-startup: bytecode
 
 bench-slices: bytecode
 	$(BIN)/python -m bench.slices
+
+bench-image: bytecode
+	$(BIN)/python -m bench.image
 
 # The image: deploy/image/build.py (README, Install). Cached by its inputs under ~/.cache/whereabouts-py/image,
 # shared with tests/test_image.py, which make test runs.

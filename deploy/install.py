@@ -20,6 +20,9 @@ default), and writes it inline into the kubeconfig. So the node keeps working wh
 replaced, evicted or down, until that token expires. With --watch the token is renewed when a third
 of its lifetime is left; every mint is logged with its expiry.
 
+Before writing anything it refuses a node whose glibc is older than the one the image was built
+against (nodebundle.glibc_refusal: the image's record against the node's dynamic loader).
+
 Every file is written to a temp file in its directory and renamed over the old one, so the runtime
 never execs or reads half a file. Nothing on the host is followed through a symlink: existing files
 are inspected with lstat/O_NOFOLLOW (a planted symlink is replaced, never read or written through),

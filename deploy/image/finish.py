@@ -68,6 +68,10 @@ LAYOUT = {
         f"{PY}/site-packages/wheel-*",
         f"{PY}/site-packages/_distutils_hack",
         f"{PY}/site-packages/pkg_resources",
+        f"{PY}/site-packages/*/tests",
+        # the IEEE OUI/IAB registries: read only by netaddr's EUI(...).oui/.iab lookups, never by ipam
+        f"{PY}/site-packages/netaddr/eui/*.txt",
+        f"{PY}/site-packages/netaddr/eui/*.idx",
         f"{PY}/site-packages/distutils-precedence.pth",
         f"{PY}/test",
         f"{PY}/idlelib",
@@ -128,8 +132,11 @@ def at(rel: str) -> str:
 
 
 def size(path: str) -> int:
+    """Bytes in the files under `path`, bytecode left out."""
     total = 0
-    for directory, _, files in os.walk(path):
+    for directory, dirs, files in os.walk(path):
+        if "__pycache__" in dirs:
+            dirs.remove("__pycache__")
         for name in files:
             total += os.lstat(os.path.join(directory, name)).st_size
     return total
@@ -236,9 +243,11 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     install_wheels(argv[0])
-    before = size(PREFIX)
+    installed = size(PREFIX)
     prune()
+    pruned = size(PREFIX)
     copy_libraries()
+    libraries = size(PREFIX) - pruned
     if not compileall.compile_dir(
         at(PY),
         quiet=1,
@@ -249,9 +258,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit("finish.py: some modules do not compile")
     record_glibc()
     check()
+    total = sum(os.lstat(os.path.join(d, n)).st_size for d, _, files in os.walk(PREFIX) for n in files)
     print(
-        f"finish.py: {PREFIX}: {before / 1e6:.1f} MB installed, {size(PREFIX) / 1e6:.1f} MB after pruning "
-        "and compiling",
+        f"finish.py: {PREFIX}: {installed / 1e6:.1f} MB installed, {pruned / 1e6:.1f} MB pruned, "
+        f"+{libraries / 1e6:.1f} MB shared libraries, {total / 1e6:.1f} MB with bytecode",
         flush=True,
     )
     return 0
