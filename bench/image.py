@@ -104,10 +104,12 @@ def measure(runs: int, work: Path) -> dict[str, float | int | str]:
             kube.api.put_pod("apps", f"p{i}")
         view = NodeView(node.host, work)
         port = free_port()
-        agent = subprocess.Popen(
-            view.argv("/usr/bin/env", "-i", f"LD_LIBRARY_PATH={BUNDLE}/lib", "NODENAME=node-a",
-                      f"{BUNDLE}/bin/python3", "-I", f"{BUNDLE}/bin/ipam-agent", "--metrics-port", str(port)),
-        )  # fmt: skip
+        agent_argv = [
+            *("/usr/bin/env", "-i", f"LD_LIBRARY_PATH={BUNDLE}/lib", "NODENAME=node-a"),
+            *(f"{BUNDLE}/bin/python3", "-I", f"{BUNDLE}/bin/ipam-agent", "--metrics-port", str(port)),
+        ]
+        # its log lines would drown the report
+        agent = subprocess.Popen(view.argv(*agent_argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(3)  # the agent's warm-up imports; the first timed ADD also waits for its socket
             cases = {

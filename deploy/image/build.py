@@ -17,7 +17,7 @@ The same recipe as deploy/Dockerfile, from other sources:
 5. logs, caches and device nodes are removed and the tree is packed by oci.py.
 
 Reproducible: the same commit gives the same digest. Every date is SOURCE_DATE_EPOCH (default: the
-commit's time), package versions are pinned (a version Debian no longer serves fails the build: run
+time of the last commit that changed an input), package versions are pinned (a version Debian no longer serves fails the build: run
 --update-lock), bytecode is hash-based and the archive is sorted. --check builds twice, uncached, and
 fails unless both digests agree. A build is cached under a key of all its inputs, so an unchanged tree
 is not built again (tests/test_image.py shares the cache).
@@ -75,9 +75,14 @@ def version() -> str:
 
 
 def source_date_epoch() -> int:
+    """$SOURCE_DATE_EPOCH, else the time of the last commit that changed an input of the image (so a
+    commit touching only tests or docs outside it keeps the digest and the cached build)."""
     if os.environ.get("SOURCE_DATE_EPOCH"):
         return int(os.environ["SOURCE_DATE_EPOCH"])
-    out = subprocess.run(["git", "-C", REPO, "log", "-1", "--format=%ct"], capture_output=True, text=True)
+    inputs = sorted({source for source, _ in dockerfile_copies()} | {"deploy"})
+    out = subprocess.run(
+        ["git", "-C", REPO, "log", "-1", "--format=%ct", "--", *inputs], capture_output=True, text=True
+    )
     return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else 0
 
 
