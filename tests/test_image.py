@@ -32,8 +32,8 @@ from tests.image_node import (
     snapshot,
     unpack,
 )
-from tests.kubeapi.real import RealKube, free_port
-from tests.test_deploy import ROOT, inst, pod_spec
+from tests.kubeapi.real import RealCluster, RealKube, free_port
+from tests.test_deploy import ROOT, inst, kustomize, pod_spec
 from tests.test_deploy_apiserver import INSTALLER_SA, rbac_into
 
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -146,6 +146,34 @@ def test_packing_is_reproducible_whatever_the_trees_dates_and_owners(tmp_path: P
         digests.append(oci.pack(str(tree), str(tmp_path / f"{i}.tar"), 1_700_000_000, "x:1", {"Cmd": ["a"]}))
     assert digests[0] == digests[1]
     assert (tmp_path / "0.tar").read_bytes() == (tmp_path / "1.tar").read_bytes()
+
+
+def test_readmes_image_rename_then_kubectl_apply_passes_a_server_side_dry_run(
+    apiserver: RealCluster, tmp_path: Path
+) -> None:
+    """README, Install: the sed line that names the pushed image, run on a copy of deploy/, then
+    `kubectl apply -k deploy/base` (rendered by kubectl's kustomize, applied as a server-side dry run)."""
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("### Install") : readme.index("### Other distributions")]
+    (sed,) = re.findall(r"^(sed -i .*\\\n\s+.*)$", install, re.M)
+    copy = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", copy)
+    command = sed.replace("\\\n", " ").replace("REGISTRY", "registry.test:5000")
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True)
+    objects = kustomize(copy / "base")
+    images = {c["image"] for o in objects if o["kind"] in ("DaemonSet", "CronJob") for c in containers(o)}
+    assert images == {f"registry.test:5000/whereabouts-py:{build.version()}"}
+    answers = apiserver.apply(objects, dry_run=True)
+    assert [a["metadata"]["name"] for a in answers] == [o["metadata"]["name"] for o in objects]
+
+
+def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = (
+        obj["spec"]["template"]["spec"]
+        if obj["kind"] == "DaemonSet"
+        else obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    )
+    return list(spec["containers"])
 
 
 # -- the node path, against the real API server ---------------------------------------------------------
