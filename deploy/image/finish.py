@@ -17,7 +17,7 @@ the two images have the same layout (tests/test_image.py compares them):
    the build is reproducible (no mtimes in the .pyc files);
 5. records the glibc it was built against and the dynamic loader the bundle's binaries name, in
    share/whereabouts-py/glibc.json: the installer refuses a node whose glibc is older;
-6. checks the layout (LAYOUT["require"]) and that the CNI path, the agent and the reconciler import.
+6. checks the layout (LAYOUT["require"]) and that every console script's module imports.
 """
 
 from __future__ import annotations
@@ -234,7 +234,12 @@ def check() -> None:
     left = [rel for pattern in LAYOUT["prune"] for rel in glob.glob(at(pattern))]
     if missing or left:
         raise SystemExit(f"finish.py: layout: missing {missing}, not pruned {left}")
-    code = "import ipam.shim, ipam.cni, ipam.agent, ipam.reconcile, ipam.store.kubernetes, pydantic, yaml"
+    # every console script's module (a dependency missing from requirements.txt fails here), and the
+    # datastore and YAML parser they load on demand
+    (entry_points,) = glob.glob(at(f"{PY}/site-packages/whereabouts_py-*.dist-info/entry_points.txt"))
+    with open(entry_points) as f:
+        modules = sorted({line.split("=", 1)[1].split(":")[0].strip() for line in f if "=" in line})
+    code = "import " + ", ".join([*modules, "ipam.shim", "ipam.cni", "ipam.store.kubernetes", "yaml"])
     subprocess.run([at("bin/python3"), "-I", "-B", "-c", code], check=True)
 
 
