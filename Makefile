@@ -8,17 +8,16 @@
 #   make charts     redraw docs/figures/*.png from the data saved there (needs the bench extra: matplotlib)
 #   make bench-startup  one CNI exec's cost split (bare start, agent, direct, bursts) on the real API server
 #   make bench-slices   node-slice bursts and a 20k-lease range vs an empty one on the real API server
+#   make bench-image    the image's size and its installed wrapper's start-up, on the real API server
+#   make image      the OCI image from Debian's packages and pinned wheels (root, mmdebstrap): dist/
+#   make image-check  build the image twice, uncached, and fail unless both digests agree
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-<<<<<<< HEAD
-.PHONY: venv bytecode demo lint test test-deps test-ipvlan test-apiserver test-fast bench bench-startup bench-slices clean
-=======
-.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices charts clean
->>>>>>> main
+.PHONY: venv bytecode demo lint test test-deps test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-image charts image image-check clean
 
 venv: $(STAMP)
 
@@ -74,6 +73,17 @@ bench-slices: bytecode
 
 charts: venv
 	$(BIN)/python -m bench.charts
+
+bench-image: bytecode
+	$(BIN)/python -m bench.image
+
+# The image: deploy/image/build.py (README, Install). Cached by its inputs under ~/.cache/whereabouts-py/image,
+# shared with tests/test_image.py, which make test runs.
+image: venv
+	$(BIN)/python deploy/image/build.py --out dist
+
+image-check: venv
+	$(BIN)/python deploy/image/build.py --out dist --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -20,6 +20,9 @@ default), and writes it inline into the kubeconfig. So the node keeps working wh
 replaced, evicted or down, until that token expires. With --watch the token is renewed when a third
 of its lifetime is left; every mint is logged with its expiry.
 
+Before writing anything it refuses a node whose glibc is older than the one the image was built
+against (nodebundle.glibc_refusal: the image's record against the node's dynamic loader).
+
 Every file is written to a temp file in its directory and renamed over the old one, so the runtime
 never execs or reads half a file. Nothing on the host is followed through a symlink: existing files
 are inspected with lstat/O_NOFOLLOW (a planted symlink is replaced, never read or written through),
@@ -44,10 +47,8 @@ import binascii
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import shutil
 import signal
 import ssl
 import stat
@@ -60,6 +61,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nodebundle.py beside it, even under -I
+from nodebundle import bundle_stamp, copy_tree, glibc_refusal, is_real_dir, remove_tree
 
 PROG = "install.py"
 
@@ -314,75 +318,6 @@ def install_lock(directory: str) -> Iterator[None]:
 
 
 # -- the bundle ----------------------------------------------------------------------------------------
-
-
-def walk_tree(root: str, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under `root`, sorted, parents before their children."""
-    with os.scandir(os.path.join(root, rel) if rel else root) as it:
-        entries = sorted(it, key=lambda entry: entry.name)
-    for entry in entries:
-        child = os.path.join(rel, entry.name) if rel else entry.name
-        st = entry.stat(follow_symlinks=False)
-        yield child, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from walk_tree(root, child)
-
-
-def bundle_stamp(src: str) -> str:
-    """Fingerprint of the source tree from each entry's path, type, mode, size, mtime and link target.
-
-    A new image brings new files (new mtimes); the same image gives the same stamp, so a restarted
-    installer skips the copy. Cheap enough to run at every start (no file contents are read).
-    """
-    digest = hashlib.sha256()
-    for rel, st in walk_tree(src):
-        target = os.readlink(os.path.join(src, rel)) if stat.S_ISLNK(st.st_mode) else ""
-        digest.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0{target}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def copy_tree(src: str, dst: str) -> None:
-    """Copy `src` to the new directory `dst`, keeping modes, mtimes and symlinks.
-
-    An absolute symlink pointing inside `src` (e.g. /usr/local/bin/x -> /usr/local/lib/y) is made
-    relative, so it points into the copy on the host, not at the host's own /usr/local.
-    """
-    os.mkdir(dst, 0o755)
-    src_prefix = src.rstrip("/") + "/"
-    directories: list[str] = []
-    for rel, st in walk_tree(src):
-        source, target = os.path.join(src, rel), os.path.join(dst, rel)
-        if stat.S_ISDIR(st.st_mode):
-            os.mkdir(target, 0o755)
-            directories.append(rel)
-        elif stat.S_ISLNK(st.st_mode):
-            link = os.readlink(source)
-            if link.startswith(src_prefix):
-                link = os.path.relpath(link, os.path.dirname(source))
-            os.symlink(link, target)
-        elif stat.S_ISREG(st.st_mode):
-            shutil.copy2(source, target, follow_symlinks=False)
-        # sockets, fifos and devices are not part of a Python prefix: skipped
-    for rel in reversed(directories):  # after their contents, so a read-only mode cannot block the copy
-        shutil.copystat(os.path.join(src, rel), os.path.join(dst, rel))
-    os.chmod(dst, 0o755)
-
-
-def remove_tree(path: str) -> None:
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        # Without CAP_DAC_OVERRIDE even root needs write permission on a directory to empty it.
-        for directory, _, _ in os.walk(path):
-            os.chmod(directory, 0o755)
-        shutil.rmtree(path)
-
-
-def is_real_dir(path: str) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def install_bundle(src: str, host_root: str) -> bool:
@@ -747,6 +682,9 @@ class Installer:
         return [path for path, data, mode in wanted if write_atomic(host_path(root, path), data, mode)]
 
     def install(self) -> None:
+        refusal = glibc_refusal(self.args.bundle_src, self.args.host_root)
+        if refusal:
+            raise InstallError(refusal)
         install_bundle(self.args.bundle_src, self.args.host_root)
         for path in self.write_config():
             say(f"wrote {path}")

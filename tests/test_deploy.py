@@ -163,9 +163,13 @@ def test_daemonset_runs_the_installer_with_the_host_paths_it_writes_mounted(layo
 
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounted = {}  # host path -> container path
+    loader = "/lib64/ld-linux-x86-64.so.2"  # read for the glibc check only (make image records it)
     for mount in container["volumeMounts"]:
         volume = volumes[mount["name"]]
-        if "hostPath" in volume:
+        if "hostPath" in volume and volume["hostPath"]["path"] == loader:
+            assert mount["readOnly"] is True and mount["mountPath"] == host_root + loader
+            assert volume["hostPath"]["type"] == "File"
+        elif "hostPath" in volume:
             mounted[volume["hostPath"]["path"]] = mount["mountPath"]
             assert not mount.get("readOnly", False)
     for host_dir in paths.host_dirs:
@@ -337,7 +341,8 @@ def test_dockerfile_names_only_paths_that_exist() -> None:
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
     assert {"pyproject.toml", "ipam/", "bin/", "deploy/"} <= set(sources)
-    assert "pip install --no-cache-dir ." in text
+    assert "pip wheel --no-cache-dir --no-deps -w /tmp/wheels ." in text
+    assert "python3 -I deploy/image/finish.py /tmp/wheels" in text  # make image's last step too
     # the DaemonSet's command names the installer where the image puts it
     assert "deploy/install.py" in pod_spec("DaemonSet", "whereabouts-py")["containers"][0]["command"][1]
     # the CronJob's command is a console script the package installs
@@ -402,6 +407,16 @@ class Node:
         return yaml.safe_load(self.at(path).read_text())  # type: ignore[no-any-return]
 
 
+def fake_glibc(bundle: Path, host: Path, built: str = "2.36", node: str = "2.36") -> None:
+    """The glibc record of an image built against `built`, and a node loader of glibc `node`."""
+    record = bundle / "share" / "whereabouts-py" / "glibc.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"glibc": built, "loader": "/lib64/ld-linux-x86-64.so.2"}))
+    loader = host / "lib64" / "ld-linux-x86-64.so.2"
+    loader.parent.mkdir(parents=True, exist_ok=True)
+    loader.write_bytes(b"\x7fELF...ld.so (GNU libc) stable release version " + node.encode() + b".\n")
+
+
 @pytest.fixture
 def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_api: FakeTokenAPI) -> Iterator[Node]:
     token_api.accepted = {POD_TOKEN}
@@ -431,6 +446,7 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_api: FakeTokenAP
     (bundle / "share" / "read-only").chmod(0o555)
     host = tmp_path / "host"
     host.mkdir()
+    fake_glibc(bundle, host)
     result = Node(tmp_path, host, sa, bundle, tmp_path / "ready", token_api)
     for key, value in result.env().items():
         monkeypatch.setenv(key, value)
@@ -745,6 +761,37 @@ def test_missing_service_env_fails_cleanly(node: Node) -> None:
     env = node.env()
     del env["KUBERNETES_SERVICE_HOST"]
     assert_clean_failure(run_installer(node, env=env), "KUBERNETES_SERVICE_HOST")
+
+
+@pytest.mark.parametrize("node_glibc", ["2.35", "2.17", "1.99"])
+def test_a_node_with_an_older_glibc_than_the_image_is_refused_before_anything_is_written(
+    node: Node, node_glibc: str
+) -> None:
+    fake_glibc(node.bundle, node.host, built="2.36", node=node_glibc)
+    result = run_installer(node)
+    assert_clean_failure(result, f"the node's glibc is {node_glibc}, older than 2.36", "built against")
+    assert not node.at(inst.BUNDLE_LINK).exists()
+    assert not node.at(inst.PLUGIN_PATH).exists()
+    assert not node.ready.exists()
+
+
+@pytest.mark.parametrize("node_glibc", ["2.36", "2.41", "3.0"])
+def test_a_node_with_the_images_glibc_or_newer_is_accepted(node: Node, node_glibc: str) -> None:
+    fake_glibc(node.bundle, node.host, built="2.36", node=node_glibc)
+    result = run_installer(node)
+    assert result.returncode == 0, result.stderr
+    assert node.at(inst.PLUGIN_PATH).exists()
+
+
+def test_a_node_without_glibcs_loader_or_an_image_without_a_record_is_refused(node: Node) -> None:
+    loader = node.at("/lib64/ld-linux-x86-64.so.2")
+    loader.write_bytes(b"\x7fELF musl libc (x86_64)\n")
+    assert_clean_failure(run_installer(node), "not glibc's loader")
+    loader.unlink()
+    assert_clean_failure(run_installer(node), "cannot read the node's dynamic loader", "node-loader")
+    (node.bundle / "share" / "whereabouts-py" / "glibc.json").unlink()
+    assert_clean_failure(run_installer(node), "records no glibc floor")
+    assert not node.at(inst.PLUGIN_PATH).exists()
 
 
 def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[str]) -> None:

@@ -20,7 +20,7 @@ from ipam.allocator import Lease
 from ipam.errors import CNIError
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealCluster, RealKube
-from tests.test_deploy import LAYOUTS, MANIFESTS, cni_path_store, inst, kustomize, load_docs
+from tests.test_deploy import LAYOUTS, MANIFESTS, cni_path_store, fake_glibc, inst, kustomize, load_docs
 
 GROUP_PATH = "/apis/whereabouts.cni.cncf.io/v1alpha1"
 PLUGIN_SA, INSTALLER_SA, RECONCILER_SA = (
@@ -119,6 +119,7 @@ class InstallerPod:
         (bundle / "bin" / "python3").chmod(0o755)
         self.host = tmp / "host"
         self.host.mkdir()
+        fake_glibc(bundle, self.host)
         argv = [
             "--host-root", str(self.host), "--bundle-src", str(bundle), "--server", kube.url,
             "--token-file", str(sa / "token"), "--ca-file", str(sa / "ca.crt"),
