@@ -1,6 +1,6 @@
 # whereabouts-py developer entry points.
 #   make demo       venv + package, then ADD x3, DEL, ADD on the file datastore in a temp dir
-#   make test       venv with test extras, lint, then the whole suite (e2e included)
+#   make test       system packages (apt, as root), venv with test extras, lint, then the whole suite (e2e included)
 #   make test-fast  unit + property tests only (no network namespaces, no multi-process)
 #   make test-ipvlan the ipvlan e2e cases (need a kernel with CONFIG_IPVLAN)
 #   make test-apiserver only the real kube-apiserver tier (needs KUBEBUILDER_ASSETS)
@@ -17,18 +17,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-image charts image image-check clean
+.PHONY: venv bytecode demo lint test test-deps test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-image charts image image-check clean
 
 venv: $(STAMP)
 
+# Quiet on purpose: a newcomer's first `make demo` shows the demo, not pip's and setuptools' chatter
+# (errors still print).
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "make: setting up $(VENV) (first run only, about a minute)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --quiet --upgrade pip
+	@$(BIN)/pip install --quiet --quiet -e '.[test]'
+	@touch $(STAMP)
 
 demo: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" bin/whereabouts-demo
+	@PATH="$(CURDIR)/$(BIN):$$PATH" bin/whereabouts-demo
 
 lint: venv
 	$(BIN)/ruff check ipam tests bench bin deploy
@@ -39,7 +42,12 @@ lint: venv
 bytecode: venv
 	$(BIN)/python -m compileall -q ipam
 
-test: lint bytecode
+# System packages first (bin/test-deps: apt on Debian/Ubuntu as root, a clear error elsewhere).
+test-deps:
+	@bin/test-deps
+
+test: test-deps lint bytecode
+	@test -n "$$KUBEBUILDER_ASSETS" || echo "make test: KUBEBUILDER_ASSETS is unset, so the real kube-apiserver tier will not run: unpack kube-apiserver and etcd into a directory (../shared/k8s/unpack DIR, or envtest's setup-envtest) and export KUBEBUILDER_ASSETS=DIR" >&2
 	$(BIN)/pytest -q -m "not ipvlan"
 
 test-ipvlan: bytecode

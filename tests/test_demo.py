@@ -26,3 +26,18 @@ def test_demo_adds_three_deletes_one_and_reuses_its_address(tmp_path: Path) -> N
         "192.168.2.226/28",  # osd-1's address, released by its DEL, goes to osd-3
     ]
     assert "rook-ceph/osd-3 ctr-d" in done.stdout
+
+
+def test_building_the_package_prints_no_deprecation(tmp_path: Path) -> None:
+    """`make demo`'s first run builds this package: setuptools' warnings there (the table form of
+    `project.license` is an error from 2027-02-18) would fill a newcomer's screen and later break it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert "BuildBackendWarning" not in output and "deprecated" not in output.lower(), output
+    assert list(tmp_path.glob("whereabouts_py-*.whl"))
