@@ -1,0 +1,177 @@
+"""Adversarial review of issue 22.1 (two networks, one name): what the fix did not cover.
+
+Each test reproduces one break black-box where it can (plugin executable, ipam-reconcile, ipamctl on the
+real kube-apiserver), and states the outcome the plugin must give.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tests.test_name_collisions as nc
+from ipam import audit
+from ipam.allocator import Lease
+from ipam.reconcile import main as reconcile_main
+from ipam.store.base import PoolSnapshot
+from tests.cni_exec import cni_env, run
+from tests.kubeapi.real import RealKube
+from tests.test_name_collisions import address, conf, pools, refused
+
+OLD = datetime.now(UTC) - timedelta(hours=2)
+STATUS = "k8s.v1.cni.cncf.io/network-status"
+
+
+def _kube_store(kube: RealKube, tmp_path: Path) -> dict[str, Any]:
+    return {
+        "datastore": "kubernetes",
+        "kubernetes": {"kubeconfig": kube.plugin_kubeconfig()},
+        "data_dir": str(tmp_path / "node"),
+    }
+
+
+def _reservations(kube: RealKube) -> set[str]:
+    return {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)}
+
+
+# -- a network's shared pool taken for another network's node slice pool (by its name only) ---------
+
+
+@pytest.mark.apiserver
+def test_reconcile_keeps_the_reservations_of_a_pool_whose_name_ends_like_a_slice(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """Network `slicenet` cuts 10.0.0.0/16 into /24 node slices (its NodeSlicePool lists 10.0.1.0/24 among
+    them); network `storage` (network_name storage) uses 10.0.1.0/24 on an isolated L2: its pool
+    `storage-10.0.1.0-24` ends like an unnamed slice pool of a node `storage`. The audit took it for one,
+    so it read the Running pod's reservation `storage-10.0.1.1` as an orphan and ipam-reconcile deleted it
+    (then a second network_name-storage network overlapping the range could hand out 10.0.1.1 again)."""
+    ns, store = real_kube.namespace, _kube_store(real_kube, tmp_path)
+    sliced = conf("slicenet", store, {"range": "10.0.0.0/16", "node_slice_size": "/24"})
+    storage = conf("storage-net", store, {"network_name": "storage", "range": "10.0.1.0/24"})
+    node = f"{ns}-n1"
+    real_kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
+    address(run(sliced, cni_env("ADD", "s1", namespace=ns, NODENAME=node)))  # NodeSlicePool slicenet
+    assert address(run(storage, cni_env("ADD", "x1", namespace=ns, NODENAME=node))) == "10.0.1.1/24"
+    status = f'[{{"name": "{ns}/storage-net", "interface": "net1", "ips": ["10.0.1.1"]}}]'
+    real_kube.api.put_pod(ns, "x1", annotations={STATUS: status})
+    assert "storage-10.0.1.1" in _reservations(real_kube)
+    out = io.StringIO()
+    reconcile_main(["--kubeconfig", real_kube.reconciler_kubeconfig(), "--grace", "0"], out=out)
+    assert "storage-10.0.1.1" in _reservations(real_kube), out.getvalue()
+    assert "reservation=storage-10.0.1.1" not in out.getvalue(), out.getvalue()
+    assert "10.0.1.1" not in _reservations(real_kube)  # nor one in the unnamed networks' names
+    # network_name storage's reservations still guard 10.0.1.1 for another range of that network
+    wide = conf("storage-b", store, {"network_name": "storage", "range": "10.0.1.0/25"})
+    assert address(run(wide, cni_env("ADD", "y1", namespace=ns, NODENAME=node))) == "10.0.1.2/25"
+
+
+def _slice_inventory(pool: str, cidr: str, reservation: str, ip: str, slices: list[tuple[str, str]]) -> Any:
+    lease = Lease("ctr-x", "ns/x", "net1", created=OLD.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    sp = audit.SlicePool("slicenet", "", "", tuple(audit.Slice(n, r) for n, r in slices), "1")
+    return audit.Inventory(
+        [PoolSnapshot(pool, cidr, {2: lease}, "1")],
+        reservations=[audit.Reservation(reservation, lease, OLD, "1")],
+        slice_pools=[sp],
+        pods={"ns/x": audit.PodInfo("u", "Running", False, OLD, frozenset({ip}))},
+        nodes=frozenset({"n1"}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("pool", "cidr", "reservation", "ip", "slices"),
+    [
+        # IPv6: node n1's unnamed slice pool of fd00:650::/120 is named like network n1-fd00's 650::/120
+        ("n1-fd00-650---120", "650::/120", "n1-fd00-650--2", "650::2", [("n1", "fd00:650::/120")]),
+        # IPv4, same range: a free slice 10.0.1.0/24 and network storage's 10.0.1.0/24
+        ("storage-10.0.1.0-24", "10.0.1.0/24", "storage-10.0.1.2", "10.0.1.2", [("", "10.0.1.0/24")]),
+    ],
+)
+def test_the_audit_never_deletes_a_live_leases_reservation_of_a_pool_named_like_a_slice(
+    pool: str, cidr: str, reservation: str, ip: str, slices: list[tuple[str, str]]
+) -> None:
+    inventory = _slice_inventory(pool, cidr, reservation, ip, slices)
+    problems = audit.audit(inventory, datetime.now(UTC), 0)
+    assert not [p for p in problems if p.fix is not None], problems
+
+
+# -- shapes: dual-stack with one family colliding, host bits, A-B form, Go Whereabouts' spellings ----
+
+# the collision tests' fixtures: datastore (file, real API server) x mode (direct, through the agent)
+agent_sock, datastore, mode = nc.agent_sock, nc.datastore, nc.mode
+POOL = nc.POOL
+
+
+def test_dual_stack_where_only_the_ipv6_range_collides_rolls_the_ipv4_lease_back(
+    datastore: dict[str, Any], mode: dict[str, str], tmp_path: Path
+) -> None:
+    owner = conf("net-a", datastore, {"network_name": "fd00", "range": "650::/120"})
+    dual = conf("net-b", datastore, {"ipRanges": [{"range": "10.1.0.0/24"}, {"range": "fd00:650::/120"}]})
+    assert address(run(owner, cni_env("ADD", "x1", **mode))) == "650::1/120"
+    msg = refused(run(dual, cni_env("ADD", "y1", **mode)))
+    assert "fd00:650::/120" in msg and POOL in msg, msg
+    held = pools(datastore, tmp_path)
+    assert held.get("10.1.0.0-24", {"leases": {}})["leases"] == {}, held  # the IPv4 lease rolled back
+    assert held[POOL] == {"range": "650::/120", "leases": {"x1": 1}}
+    assert run(dual, cni_env("DEL", "y1", **mode)).code == 0
+    assert pools(datastore, tmp_path)[POOL]["leases"] == {"x1": 1}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"network_name": "fd00", "range": "650::10-650::20/120"}, {"range": "fd00:650::/120"}),
+        ({"range": "fd00:650::7/120"}, {"network_name": "fd00", "range": "650::5/120"}),
+        ({"range": "fd00:0650:0000::/120"}, {"network_name": "fd00", "range": "0650::/120"}),
+        ({"network_name": "fd00", "range": "650::10-650::20/120"}, {"range": "fd00:650::1-fd00:650::9/120"}),
+    ],
+)
+def test_every_spelling_of_a_colliding_range_is_refused(
+    datastore: dict[str, Any],
+    mode: dict[str, str],
+    tmp_path: Path,
+    first: dict[str, Any],
+    second: dict[str, Any],
+) -> None:
+    got = address(run(conf("net-a", datastore, first), cni_env("ADD", "x1", **mode)))
+    msg = refused(run(conf("net-b", datastore, second), cni_env("ADD", "y1", **mode)))
+    assert POOL in msg, msg
+    [(name, pool)] = pools(datastore, tmp_path).items()
+    assert name == POOL and list(pool["leases"]) == ["x1"], pool
+    assert address(run(conf("net-a", datastore, first), cni_env("ADD", "x2", **mode))) != got
+
+
+@pytest.mark.apiserver
+@pytest.mark.parametrize("spelled", ["0650:0000:0000::/120", "650::5/120", "0650::0/120"])
+def test_a_whereabouts_pool_spelling_the_same_range_otherwise_is_used(
+    real_kube: RealKube, tmp_path: Path, spelled: str
+) -> None:
+    """Go Whereabouts (or an older writer) may record spec.range with leading zeros or host bits: the same
+    range, so the network keeps working in it, and the audit does not call it a range mismatch."""
+    ns, store = real_kube.namespace, _kube_store(real_kube, tmp_path)
+    lease = {"id": "wb", "podref": f"{ns}/wb", "ifname": "net1"}
+    real_kube.apply(
+        {
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "IPPool",
+            "metadata": {"name": POOL, "namespace": ns},
+            "spec": {"range": spelled, "allocations": {"1": lease}},
+        }
+    )
+    net = conf("net-a", store, {"network_name": "fd00", "range": "650::/120"})
+    assert address(run(net, cni_env("ADD", "x1", namespace=ns))) == "650::2/120"
+    real_kube.api.put_pod(
+        ns, "x1", annotations={STATUS: '[{"name": "x", "interface": "net1", "ips": ["650::2"]}]'}
+    )
+    real_kube.api.put_pod(
+        ns, "wb", annotations={STATUS: '[{"name": "x", "interface": "net1", "ips": ["650::1"]}]'}
+    )
+    out = io.StringIO()
+    from ipam.ctl import main as ctl_main
+
+    ctl_main(["--kubeconfig", real_kube.kubeconfig_path, "check", "--grace", "0"], out=out)
+    assert "range-mismatch" not in out.getvalue(), out.getvalue()
