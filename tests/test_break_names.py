@@ -175,3 +175,115 @@ def test_a_whereabouts_pool_spelling_the_same_range_otherwise_is_used(
 
     ctl_main(["--kubeconfig", real_kube.kubeconfig_path, "check", "--grace", "0"], out=out)
     assert "range-mismatch" not in out.getvalue(), out.getvalue()
+
+
+# -- races: both networks' first ADDs at once ------------------------------------------------------
+
+
+def test_both_networks_first_adds_at_once_one_network_wins_the_other_is_refused(
+    datastore: dict[str, Any], mode: dict[str, str], tmp_path: Path
+) -> None:
+    from netaddr import IPNetwork
+
+    from tests.cni_exec import finish, start
+
+    for i in range(4):
+        nets = {
+            "a": conf("net-a", datastore, {"network_name": f"fd0{i}", "range": "650::/120"}),
+            "b": conf("net-b", datastore, {"range": f"fd0{i}:650::/120"}),
+        }
+        procs = {
+            f"{n}{k}-{i}": start(nets[n], cni_env("ADD", f"{n}{k}-{i}", **mode)) for k in (1, 2) for n in "ab"
+        }
+        calls = {ctr: finish(p) for ctr, p in procs.items()}
+        won = {ctr: c for ctr, c in calls.items() if c.code == 0}
+        assert won, calls
+        winner = {ctr[0] for ctr in won}
+        assert len(winner) == 1, calls  # never both networks
+        for ctr, c in calls.items():
+            if ctr not in won:
+                refused(c)
+        pool = pools(datastore, tmp_path)[f"fd0{i}-650---120"]
+        assert pool["range"] == nets[winner.pop()]["ipam"]["range"]
+        assert set(pool["leases"]) == set(won)
+        for ctr, c in won.items():  # each acknowledged address is the one recorded
+            answered = IPNetwork(c.result["ips"][0]["address"])
+            assert int(answered.ip) - int(IPNetwork(pool["range"]).first) == pool["leases"][ctr]
+
+
+# -- an agent's memory of a pool the other network has since recreated -------------------------------
+
+
+def _delete_pool(store: dict[str, Any], request: pytest.FixtureRequest, name: str) -> None:
+    from ipam.store.file import FileStore
+    from ipam.store.kubernetes import KubernetesStore
+
+    if store["datastore"] == "file":
+        fs = FileStore(store["data_dir"])
+        fs.delete_pool(name, str(next(s for s in fs.list_pools() if s.name == name).version))
+        return
+    kube_fixture: RealKube = request.getfixturevalue("real_kube")  # an admin: the plugin may not delete
+    kube = KubernetesStore.connect(kube_fixture.kubeconfig_path, str(kube_fixture.tmp_dir / "locks-del"))
+    try:
+        kube.delete_pool(name, str(next(s for s in kube.list_pools() if s.name == name).version))
+    finally:
+        kube.close()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_an_agent_remembering_a_pool_the_other_network_recreated_never_answers_from_memory(
+    datastore: dict[str, Any], agent_sock: str, tmp_path: Path, held: bool, request: pytest.FixtureRequest
+) -> None:
+    """Node agent warm with network A's pool; the pool is deleted (empty, or by force with A's lease in it)
+    and network B creates a pool by the same name with its own range. A's next ADD through the agent (a new
+    container, or the same one again) is refused, or answered with an address its pool records."""
+    via_agent = {"WHEREABOUTS_PY_AGENT_SOCKET": agent_sock}
+    net_a = conf("net-a", datastore, {"network_name": "fd00", "range": "650::/120"})
+    net_b = conf("net-b", datastore, {"range": "fd00:650::/120"})
+    assert address(run(net_a, cni_env("ADD", "x1", **via_agent))) == "650::1/120"
+    if not held:
+        assert run(net_a, cni_env("DEL", "x1", **via_agent)).code == 0
+    _delete_pool(datastore, request, POOL)
+    # direct mode: B's pool now (with A's lease deleted by force, A's reservation still refuses fd00:650::1)
+    b_call = run(net_b, cni_env("ADD", "y1"))
+    assert address(b_call) == "fd00:650::1/120" if not held else refused(b_call)
+    for ctr in ("x2", "x1"):
+        call = run(net_a, cni_env("ADD", ctr, **via_agent))
+        if call.code == 0:
+            answered = str(call.result["ips"][0]["address"])
+            pytest.fail(f"{ctr} answered {answered}; the pool holds {pools(datastore, tmp_path)}")
+        refused(call)
+    assert pools(datastore, tmp_path)[POOL] == {
+        "range": "fd00:650::/120",
+        "leases": {} if held else {"y1": 1},
+    }
+
+
+# -- the audit's reading of IPv6 names whose address text has dots ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cidr", "network_name"),
+    [("::ffff:10.0.0.0/120", ""), ("::ffff:10.0.0.0/120", "mapped"), ("::1:0/112", "x")],
+)
+def test_a_pool_of_an_ipv6_range_printed_with_dots_is_not_a_range_mismatch(
+    cidr: str, network_name: str
+) -> None:
+    """netaddr prints IPv4-mapped (and -compatible) IPv6 ranges with a dotted tail, so their pool names have
+    dots: the audit must still read them as IPv6 and judge their leases by address."""
+    from netaddr import IPNetwork
+
+    from ipam.ranges import pool_name
+
+    network = str(IPNetwork(cidr).cidr)
+    name = pool_name(network, network_name)
+    lease = Lease("c", "ns/p", "net1", created=OLD.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    pod = audit.PodInfo("u", "Running", False, OLD, frozenset({"10.9.9.9"}))  # shows another address
+    problems = audit.audit(
+        audit.Inventory([PoolSnapshot(name, network, {5: lease}, "1")], pods={"ns/p": pod}),
+        datetime.now(UTC),
+        0,
+    )
+    kinds = {p.kind for p in problems}
+    assert audit.RANGE_MISMATCH not in kinds, problems
+    assert audit.LEAKED in kinds, problems  # its lease is judged: the pod does not show it
