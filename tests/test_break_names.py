@@ -287,3 +287,53 @@ def test_a_pool_of_an_ipv6_range_printed_with_dots_is_not_a_range_mismatch(
     kinds = {p.kind for p in problems}
     assert audit.RANGE_MISMATCH not in kinds, problems
     assert audit.LEAKED in kinds, problems  # its lease is judged: the pod does not show it
+
+
+# -- node slices' reclaim, on a slice pool name that is another network's pool ----------------------
+
+
+@pytest.mark.apiserver
+@pytest.mark.parametrize("leased", [True, False])
+def test_reclaim_returns_a_gone_nodes_slice_without_touching_another_networks_pool_by_that_name(
+    real_kube: RealKube, tmp_path: Path, leased: bool
+) -> None:
+    """Node `<ns>-gone` held slice fd00:650::/120 of the unnamed network slicenet: its slice pool would be
+    `<ns>-gone-fd00-650---120`, the name of network_name `<ns>-gone-fd00`'s pool of 650::/120. Reclaim went
+    by name: with that network's lease in the pool the slice was never returned; with it empty, reclaim
+    retired and deleted the other network's pool."""
+    ns, store = real_kube.namespace, _kube_store(real_kube, tmp_path)
+    gone = f"{ns}-gone"
+    other_pool = f"{gone}-fd00-650---120"
+    wb = "whereabouts.cni.cncf.io/v1alpha1"
+    real_kube.apply(
+        {
+            "apiVersion": wb,
+            "kind": "NodeSlicePool",
+            "metadata": {"name": "slicenet", "namespace": ns},
+            "spec": {"range": "fd00:650::/119", "sliceSize": "120"},
+            "status": {
+                "allocations": [
+                    {"nodeName": gone, "sliceRange": "fd00:650::/120"},
+                    {"nodeName": "", "sliceRange": "fd00:650::100/120"},
+                ]
+            },
+        }
+    )
+    net = conf("other", store, {"network_name": f"{gone}-fd00", "range": "650::/120"})
+    assert address(run(net, cni_env("ADD", "x1", namespace=ns))) == "650::1/120"
+    if leased:
+        status = '[{"name": "x", "interface": "net1", "ips": ["650::1"]}]'
+        real_kube.api.put_pod(ns, "x1", annotations={STATUS: status})
+    else:
+        assert run(net, cni_env("DEL", "x1", namespace=ns)).code == 0
+    out = io.StringIO()
+    reconcile_main(["--kubeconfig", real_kube.reconciler_kubeconfig(), "--grace", "0"], out=out)
+    text = out.getvalue()
+    found = {o["metadata"]["name"]: o for o in real_kube.api.objects("ippools", ns)}
+    assert other_pool in found, text  # never deleted
+    assert "annotations" not in found[other_pool]["metadata"] or not any(
+        "retired" in k for k in found[other_pool]["metadata"]["annotations"]
+    ), found[other_pool]
+    assert list(found[other_pool]["spec"]["allocations"]) == (["1"] if leased else []), text
+    assert "return nodeslicepool=slicenet slice=fd00:650::/120" in text, text
+    assert address(run(net, cni_env("ADD", "x2", namespace=ns))) == ("650::2/120" if leased else "650::1/120")
