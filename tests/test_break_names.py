@@ -337,3 +337,27 @@ def test_reclaim_returns_a_gone_nodes_slice_without_touching_another_networks_po
     assert list(found[other_pool]["spec"]["allocations"]) == (["1"] if leased else []), text
     assert "return nodeslicepool=slicenet slice=fd00:650::/120" in text, text
     assert address(run(net, cni_env("ADD", "x2", namespace=ns))) == ("650::2/120" if leased else "650::1/120")
+
+
+# -- DEL of a network whose reservation names are another network's --------------------------------
+
+
+def test_a_del_of_the_other_network_never_deletes_a_reservation_of_another_address(
+    mode: dict[str, str], tmp_path: Path
+) -> None:
+    """Network A (network_name fd00, 650::/120) and network B (no network_name, fd00:650::/64) use different
+    pools, but A's 650::1 and B's fd00:650::1 are both reservation fd00-650--1. A DEL of B for the attachment
+    A's container holds (a runtime's cleanup DEL: a DEL is for any attachment, ADDed or not) went through the
+    file store's reservations held by that attachment, read fd00-650--1 as B's fd00:650::1 and deleted A's
+    reservation of a live pod's address."""
+    store = {"datastore": "file", "data_dir": str(tmp_path / "data")}
+    net_a = conf("net-a", store, {"network_name": "fd00", "range": "650::/120"})
+    net_b = conf("net-b", store, {"range": "fd00:650::/64"})
+    assert address(run(net_a, cni_env("ADD", "x1", **mode))) == "650::1/120"
+    reservations = tmp_path / "data" / "reservations"
+    names = sorted(p.stem for p in reservations.glob("*.json"))
+    assert names == ["fd00-650--1"], names
+    assert run(net_b, cni_env("DEL", "x1", **mode)).code == 0
+    assert sorted(p.stem for p in reservations.glob("*.json")) == names  # A's reservation stays
+    assert run(net_a, cni_env("DEL", "x1", **mode)).code == 0  # A's own DEL still gives it back
+    assert sorted(p.stem for p in reservations.glob("*.json")) == []
