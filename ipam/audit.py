@@ -297,8 +297,8 @@ class PoolView:
     size: int  # usable addresses of the pool's range (range_start/exclude are not recorded in the pool)
     name_agrees: bool = True  # the name is the pool name of its recorded range (with some network name)
     others: tuple[IPNetwork, ...] = ()  # other ranges whose pool name (with another network name) it is
-    alt_network: str | None = None  # a slice pool's name read as another network's shared pool
-    owner_known: bool = True  # False: taken for a slice pool by its name alone (its node holds no slice)
+    alt_networks: tuple[str, ...] = ()  # a slice pool's name read as other networks' pool names
+    owner_known: bool = True  # False: taken for a slice pool by its name alone, or claimed by two networks
 
     @property
     def name(self) -> str:
@@ -340,11 +340,11 @@ class Holding:
 
     @property
     def reservations(self) -> tuple[str, ...]:
-        """Every reservation name this lease may be backed by (`PoolView.alt_network`)."""
-        alt = self.pool.alt_network
-        if not self.address or alt is None:
-            return (self.reservation,) if self.address else ()
-        return self.reservation, reservation_name(IPAddress(self.address), alt)
+        """Every reservation name this lease may be backed by (`PoolView.alt_networks`)."""
+        if not self.address:
+            return ()
+        ip = IPAddress(self.address)
+        return (self.reservation, *(reservation_name(ip, n) for n in self.pool.alt_networks))
 
 
 def network_prefix(snapshot: PoolSnapshot) -> str:
@@ -360,12 +360,15 @@ def network_prefix(snapshot: PoolSnapshot) -> str:
 
 def pool_views(inventory: Inventory) -> list[PoolView]:
     slice_owner: dict[str, tuple[str, str, str]] = {}  # pool name -> (network, node, slice range)
+    claims: dict[str, set[tuple[str, str]]] = defaultdict(set)  # pool name -> every (network, slice) named so
     for sp in inventory.slice_pools:
         for sl in sp.slices:
             if sl.node:
                 with_net, without = sp.pool_names(sl.node, sl.range)
                 slice_owner[with_net] = (sp.name, sl.node, sl.range)
                 slice_owner.setdefault(without, ("", sl.node, sl.range))
+                claims[with_net].add((sp.name, sl.range))
+                claims[without].add(("", sl.range))
     guessed: dict[str, tuple[str, str, str]] = {}  # a slice's pool whose node no longer holds it: by its name
     names = [p.name for p in inventory.pools]
     for sp in inventory.slice_pools:
@@ -381,15 +384,18 @@ def pool_views(inventory: Inventory) -> list[PoolView]:
     out = []
     for snapshot in inventory.pools:
         shared = network_prefix(snapshot)
-        network, node, alt, sure = shared, "", None, True
+        network, node, sure = shared, "", True
+        alts: tuple[str, ...] = ()
         owner = slice_owner.get(snapshot.name) or guessed.get(snapshot.name)
         # a slice's pool only if it records the slice's range (else another network's pool by that name);
-        # its name may still be another network's shared pool of the same range (network_name = node name):
-        # that network's reservations are kept (`alt_network`), and a guess by name alone repairs nothing
+        # its name may still be another network's shared pool of the same range (network_name = node name),
+        # or another sliced network's slice pool (network `net` node `east-n1`, network `net-east` node
+        # `n1`): those networks' reservations are kept (`alt_networks`), and an unsure owner repairs nothing
         if owner is not None and same_network(snapshot.cidr, owner[2]):
             network, node = owner[0], owner[1]
-            alt = shared if shared != network else None
-            sure = snapshot.name in slice_owner
+            claimed = {n for n, r in claims.get(snapshot.name, ()) if same_network(snapshot.cidr, r)}
+            alts = tuple(sorted(({shared} | claimed) - {network}))
+            sure = snapshot.name in slice_owner and len(claimed) == 1
         try:
             recorded = IPNetwork(snapshot.cidr).cidr
             first, last = usable_bounds(recorded)
@@ -398,7 +404,7 @@ def pool_views(inventory: Inventory) -> list[PoolView]:
             recorded, size = None, 0
         readings = {net for _, net in pool_name_readings(snapshot.name)}
         others = tuple(sorted(readings - {recorded})) if recorded in readings else ()
-        out.append(PoolView(snapshot, network, node, size, recorded in readings, others, alt, sure))
+        out.append(PoolView(snapshot, network, node, size, recorded in readings, others, alts, sure))
     return out
 
 

@@ -361,3 +361,60 @@ def test_a_del_of_the_other_network_never_deletes_a_reservation_of_another_addre
     assert sorted(p.stem for p in reservations.glob("*.json")) == names  # A's reservation stays
     assert run(net_a, cni_env("DEL", "x1", **mode)).code == 0  # A's own DEL still gives it back
     assert sorted(p.stem for p in reservations.glob("*.json")) == []
+
+
+# -- two sliced networks whose slice pool names meet (network net + node east-X, net-east + node X) ---
+
+
+@pytest.mark.apiserver
+def test_reconcile_keeps_both_sliced_networks_reservations_in_a_slice_pool_they_both_name(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """Two sliced networks on one range (isolated L2s reuse ranges): network_name `net` on node `east-X`
+    and network_name `net-east` on node `X` both name their first slice's pool `net-east-X-10.10.0.0-24`;
+    same range, so both write it. The audit read the pool as one network's, called the other's Running
+    pod's reservation an orphan, and ipam-reconcile deleted it."""
+    ns, store = real_kube.namespace, _kube_store(real_kube, tmp_path)
+    east, plain = f"east-{ns}", ns
+    for node in (east, plain):
+        real_kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
+    net = conf("net", store, {"network_name": "net", "range": "10.10.0.0/16", "node_slice_size": "/24"})
+    net_east = conf(
+        "net-e", store, {"network_name": "net-east", "range": "10.10.0.0/16", "node_slice_size": "/24"}
+    )
+    got = {
+        "p1": address(run(net, cni_env("ADD", "p1", namespace=ns, NODENAME=east))),
+        "p2": address(run(net_east, cni_env("ADD", "p2", namespace=ns, NODENAME=plain))),
+    }
+    assert sorted(got.values()) == ["10.10.0.1/16", "10.10.0.2/16"], got  # one pool, shared
+    for pod, ip in got.items():
+        status = f'[{{"name": "x", "interface": "net1", "ips": ["{ip.split("/")[0]}"]}}]'
+        real_kube.api.put_pod(ns, pod, annotations={STATUS: status})
+    before = _reservations(real_kube)
+    assert before == {"net-10.10.0.1", "net-east-10.10.0.2"}, before
+    out = io.StringIO()
+    reconcile_main(["--kubeconfig", real_kube.reconciler_kubeconfig(), "--grace", "0"], out=out)
+    assert _reservations(real_kube) == before, out.getvalue()
+
+
+def test_the_audit_keeps_both_sliced_networks_reservations_in_a_pool_they_both_name() -> None:
+    old = OLD.strftime("%Y-%m-%dT%H:%M:%SZ")
+    l1, l2 = Lease("c1", "ns/p1", "net1", created=old), Lease("c2", "ns/p2", "net1", created=old)
+    inventory = audit.Inventory(
+        [PoolSnapshot("net-east-n1-10.10.0.0-24", "10.10.0.0/24", {1: l1, 2: l2}, "1")],
+        reservations=[
+            audit.Reservation("net-10.10.0.1", l1, OLD, "1"),
+            audit.Reservation("net-east-10.10.0.2", l2, OLD, "1"),
+        ],
+        slice_pools=[
+            audit.SlicePool("net", "", "", (audit.Slice("east-n1", "10.10.0.0/24"),), "1"),
+            audit.SlicePool("net-east", "", "", (audit.Slice("n1", "10.10.0.0/24"),), "1"),
+        ],
+        pods={
+            "ns/p1": audit.PodInfo("u1", "Running", False, OLD, frozenset({"10.10.0.1"})),
+            "ns/p2": audit.PodInfo("u2", "Running", False, OLD, frozenset({"10.10.0.2"})),
+        },
+        nodes=frozenset({"n1", "east-n1"}),
+    )
+    problems = audit.audit(inventory, datetime.now(UTC), 0)
+    assert not [p for p in problems if p.fix is not None], problems
