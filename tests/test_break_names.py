@@ -418,3 +418,35 @@ def test_the_audit_keeps_both_sliced_networks_reservations_in_a_pool_they_both_n
     )
     problems = audit.audit(inventory, datetime.now(UTC), 0)
     assert not [p for p in problems if p.fix is not None], problems
+
+
+def test_refused_adds_of_a_sliced_network_never_claim_slice_after_slice(
+    datastore: dict[str, Any], mode: dict[str, str], request: pytest.FixtureRequest
+) -> None:
+    """Node a's first slice pool name is another network's pool: a sliced ADD there is refused (103). A pod
+    the kubelet keeps retrying must not make the node claim one more slice per attempt."""
+    from ipam.store.file import FileStore
+
+    on_a = {**mode, "NODENAME": "a"}
+    sliced = conf("net-s", datastore, nc.SLICED)
+    address(run(conf("net-u", datastore, nc.UNSLICED), cni_env("ADD", "u1", **on_a)))
+    calls = [run(sliced, cni_env("ADD", f"s{i}", **on_a)) for i in range(4)]
+    if datastore["datastore"] == "file":
+        held = [
+            e.slice_range
+            for n in FileStore(datastore["data_dir"]).list_node_slices()
+            for e in n.entries
+            if e.node == "a"
+        ]
+    else:
+        kube: RealKube = request.getfixturevalue("real_kube")
+        objs = kube.api.objects("nodeslicepools", kube.namespace)
+        held = [
+            a["sliceRange"]
+            for o in objs
+            for a in (o.get("status") or {}).get("allocations", [])
+            if a.get("nodeName") == "a"
+        ]
+    assert len(held) <= 2, (held, [c.stdout for c in calls])
+    for c in calls:
+        assert "fd00-a-650---120" in refused(c)
