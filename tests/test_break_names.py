@@ -450,3 +450,29 @@ def test_refused_adds_of_a_sliced_network_never_claim_slice_after_slice(
     assert len(held) <= 2, (held, [c.stdout for c in calls])
     for c in calls:
         assert "fd00-a-650---120" in refused(c)
+
+
+@pytest.mark.apiserver
+@pytest.mark.parametrize("held", [False, True])
+def test_an_agent_remembering_its_slice_pool_recreated_by_another_network_never_answers_from_memory(
+    real_kube: RealKube, agent_sock: str, tmp_path: Path, held: bool, request: pytest.FixtureRequest
+) -> None:
+    """The agent trusts its memory of its node's slice pools while its node lock's generation is unchanged
+    (no other node writes them). Network fd00's slice pool fd00-a-650---120 is deleted and recreated by
+    the unsliced network fd00 + a:650::/120 from another node (other node locks): node a's next ADDs are
+    refused, or answered with an address the pool records."""
+    store = _kube_store(real_kube, tmp_path)
+    on_a = {"WHEREABOUTS_PY_AGENT_SOCKET": agent_sock, "NODENAME": "a"}
+    sliced = conf("net-s", store, nc.SLICED)
+    other = conf("net-u", {**store, "data_dir": str(tmp_path / "node-b")}, nc.UNSLICED)
+    assert address(run(sliced, cni_env("ADD", "x1", **on_a))) == "650::1/112"
+    if not held:
+        assert run(sliced, cni_env("DEL", "x1", **on_a)).code == 0
+    _delete_pool({"datastore": "kubernetes"}, request, "fd00-a-650---120")
+    assert address(run(other, cni_env("ADD", "y1", NODENAME="b"))) == "a:650::1/120"
+    for ctr in ("x2", "x1"):
+        call = run(sliced, cni_env("ADD", ctr, **on_a))
+        if call.code == 0:
+            answered = str(call.result["ips"][0]["address"])
+            pytest.fail(f"{ctr} answered {answered}; the pools are {pools(store, tmp_path)}")
+        assert "fd00-a-650---120" in refused(call)
