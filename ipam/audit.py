@@ -23,7 +23,7 @@ from typing import Any
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from .allocator import STATEFULSET, Lease, statefulset_ordinal
-from .ranges import pool_name, pool_name_readings, reservation_name, usable_bounds
+from .ranges import pool_name, pool_name_readings, reservation_name, same_network, usable_bounds
 from .store.base import PoolSnapshot
 
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
@@ -302,6 +302,8 @@ class PoolView:
     size: int  # usable addresses of the pool's range (range_start/exclude are not recorded in the pool)
     name_agrees: bool = True  # the name is the pool name of its recorded range (with some network name)
     others: tuple[IPNetwork, ...] = ()  # other ranges whose pool name (with another network name) it is
+    alt_networks: tuple[str, ...] = ()  # a slice pool's name read as other networks' pool names
+    owner_known: bool = True  # False: taken for a slice pool by its name alone, or claimed by two networks
 
     @property
     def name(self) -> str:
@@ -341,6 +343,14 @@ class Holding:
     def reservation(self) -> str:
         return reservation_name(IPAddress(self.address), self.pool.network) if self.address else ""
 
+    @property
+    def reservations(self) -> tuple[str, ...]:
+        """Every reservation name this lease may be backed by (`PoolView.alt_networks`)."""
+        if not self.address:
+            return ()
+        ip = IPAddress(self.address)
+        return (self.reservation, *(reservation_name(ip, n) for n in self.pool.alt_networks))
+
 
 def network_prefix(snapshot: PoolSnapshot) -> str:
     """The `network_name` a pool was made with, recovered from its name."""
@@ -354,29 +364,43 @@ def network_prefix(snapshot: PoolSnapshot) -> str:
 
 
 def pool_views(inventory: Inventory) -> list[PoolView]:
-    slice_owner: dict[str, tuple[str, str]] = {}  # pool name -> (network, node)
+    slice_owner: dict[str, tuple[str, str, str]] = {}  # pool name -> (network, node, slice range)
+    claims: dict[str, set[tuple[str, str]]] = defaultdict(set)  # pool name -> every (network, slice) named so
     for sp in inventory.slice_pools:
         for sl in sp.slices:
             if sl.node:
                 with_net, without = sp.pool_names(sl.node, sl.range)
-                slice_owner[with_net] = (sp.name, sl.node)
-                slice_owner.setdefault(without, ("", sl.node))
-    guessed: dict[str, tuple[str, str]] = {}  # a slice's pool whose node no longer holds it: by its name
+                slice_owner[with_net] = (sp.name, sl.node, sl.range)
+                slice_owner.setdefault(without, ("", sl.node, sl.range))
+                claims[with_net].add((sp.name, sl.range))
+                claims[without].add(("", sl.range))
+    guessed: dict[str, tuple[str, str, str]] = {}  # a slice's pool whose node no longer holds it: by its name
     names = [p.name for p in inventory.pools]
     for sp in inventory.slice_pools:
-        for bare in {pool_name(_normalized(sl.range)) for sl in sp.slices}:
+        for bare, slice_range in {pool_name(_normalized(sl.range)): sl.range for sl in sp.slices}.items():
             for name in names:
                 if name in slice_owner or not name.endswith("-" + bare):
                     continue
                 head = name[: -len(bare) - 1]
                 if head.startswith(sp.name + "-"):
-                    guessed[name] = (sp.name, head[len(sp.name) + 1 :])
+                    guessed[name] = (sp.name, head[len(sp.name) + 1 :], slice_range)
                 else:
-                    guessed.setdefault(name, ("", head))
-    slice_owner = {**guessed, **slice_owner}
+                    guessed.setdefault(name, ("", head, slice_range))
     out = []
     for snapshot in inventory.pools:
-        network, node = slice_owner.get(snapshot.name, (network_prefix(snapshot), ""))
+        shared = network_prefix(snapshot)
+        network, node, sure = shared, "", True
+        alts: tuple[str, ...] = ()
+        owner = slice_owner.get(snapshot.name) or guessed.get(snapshot.name)
+        # a slice's pool only if it records the slice's range (else another network's pool by that name);
+        # its name may still be another network's shared pool of the same range (network_name = node name),
+        # or another sliced network's slice pool (network `net` node `east-n1`, network `net-east` node
+        # `n1`): those networks' reservations are kept (`alt_networks`), and an unsure owner repairs nothing
+        if owner is not None and same_network(snapshot.cidr, owner[2]):
+            network, node = owner[0], owner[1]
+            claimed = {n for n, r in claims.get(snapshot.name, ()) if same_network(snapshot.cidr, r)}
+            alts = tuple(sorted(({shared} | claimed) - {network}))
+            sure = snapshot.name in slice_owner and len(claimed) == 1
         try:
             recorded = IPNetwork(snapshot.cidr).cidr
             first, last = usable_bounds(recorded)
@@ -385,7 +409,7 @@ def pool_views(inventory: Inventory) -> list[PoolView]:
             recorded, size = None, 0
         readings = {net for _, net in pool_name_readings(snapshot.name)}
         others = tuple(sorted(readings - {recorded})) if recorded in readings else ()
-        out.append(PoolView(snapshot, network, node, size, recorded in readings, others))
+        out.append(PoolView(snapshot, network, node, size, recorded in readings, others, alts, sure))
     return out
 
 
@@ -564,15 +588,18 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
     for h in held:
         if not h.address:
             continue
-        name = h.reservation
-        backed.add(name)
+        backed.update(h.reservations)
         if not h.in_range:
             continue
-        reservation = reservations.get(name)
+        found = [reservations[n] for n in h.reservations if n in reservations]
+        owned = [r for r in found if r.holder.owned_by(h.lease.podref, h.lease.ifname, h.lease.id)]
+        reservation = next(iter(owned or found), None)
+        name = reservation.name if reservation is not None else h.reservation
         if reservation is None:
             safe = (
                 (h.pool.name, h.offset) not in released
                 and h.pool.name_agrees
+                and h.pool.owner_known
                 and (h.pool.name, h.offset) not in unsure
                 and h.pool.network in networks_with_reservations
                 and (not h.lease.created or _older_than(parse_time(h.lease.created), now, grace))

@@ -799,16 +799,19 @@ class Engine:
         held_by = getattr(self.store, "reservations_held_by", None)
         if not self.overlapping or held_by is None:
             return []
-        names: list[str] = held_by(container_id, ifname)
+        held: list[tuple[str, str]] = held_by(container_id, ifname)
         prefix = f"{self.network_name}-" if self.network_name else ""
         out = []
-        for rname in names:
+        for rname, recorded in held:
             if not rname.startswith(prefix):
                 continue
             text = rname[len(prefix) :]
             try:
                 address = IPAddress(text if spec.version == 4 else text.replace("-", ":"), spec.version)
             except (ValueError, TypeError, AddrFormatError):
+                continue
+            # one recording another address is another network's by the same name (ADDRESS_ANNOTATION)
+            if recorded and recorded != str(address):
                 continue
             if address in spec.network and reservation_name(address, self.network_name) == rname:
                 out.append(rname)

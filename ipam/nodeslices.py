@@ -31,7 +31,7 @@ from . import errors
 from .allocator import Allocations, Lease
 from .errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
 from .log import log
-from .ranges import RangeSpec
+from .ranges import RangeSpec, same_network
 from .slices import (
     NodeSlices,
     SlicePoolState,
@@ -845,7 +845,10 @@ def reclaim_slices(
             if not e.node:
                 continue
             names = dict.fromkeys([slice_pool_name(e.node, e.slice_range, nsp.name), slice_pool_name(e.node, e.slice_range)])
-            found = [store.inspect_pool(n, e.slice_range) for n in names]
+            # a pool by that name recording another range is another network's (names collide): not judged,
+            # never fenced nor deleted
+            inspected = [store.inspect_pool(n, e.slice_range) for n in names]
+            found = [v for v in inspected if v.snapshot.version is None or same_network(v.snapshot.cidr, e.slice_range)]
             views[(e.node, e.slice_range)] = found
             stamps = [v.changed for v in found if v.changed is not None]
             states[slice_pool_name(e.node, e.slice_range, nsp.name)] = SlicePoolState(

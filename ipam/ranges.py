@@ -277,7 +277,8 @@ def pool_name_readings(name: str) -> list[tuple[str, IPNetwork]]:
         head, sep, plen = rest.rpartition("-")
         if not sep or not head or not (plen.isascii() and plen.isdigit()):
             continue
-        text = f"{head}/{plen}" if "." in head else f"{head.replace('-', ':')}/{plen}"
+        # an IPv4 head has no '-'; an IPv6 one may end in a dotted quad (netaddr prints ::ffff:10.0.0.0)
+        text = f"{head.replace('-', ':')}/{plen}"
         try:
             network = IPNetwork(text).cidr
         except (AddrFormatError, ValueError, TypeError):

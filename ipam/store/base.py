@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,11 @@ _RENAME = (
     "two (network_name, range) pairs map to this one name (IPv6 ':' become '-', so a network name can "
     "read as the start of an address): set a different `network_name` for one of the two networks"
 )
+
+
+def recorded_address(reservation: Mapping[str, Any]) -> str:
+    """The address a reservation object records (ADDRESS_ANNOTATION); "" when it records none (Whereabouts)."""
+    return str(((reservation.get("metadata") or {}).get("annotations") or {}).get(ADDRESS_ANNOTATION) or "")
 
 
 def check_range(name: str, recorded: str, wanted: str) -> None:

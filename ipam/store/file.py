@@ -26,7 +26,7 @@ from ..safepath import checked_name as _checked
 from ..slices import RETIRED_ANNOTATION, NodeSlices, SliceEntry, slice_marks
 from ..slices import from_object as node_slices_from_object
 from ..slices import to_status as slice_status
-from .base import ADDRESS_ANNOTATION, PoolSnapshot, check_range, name_taken
+from .base import ADDRESS_ANNOTATION, PoolSnapshot, check_range, name_taken, recorded_address
 from .locks import pool_generation, pool_lock
 from .slicestore import SlicePoolView
 
@@ -227,7 +227,7 @@ class FileStore:
                 if doc is None:
                     _atomic_write(path, self._reservation_doc(name, lease, 1, address), exclusive=True)
                     return None
-                recorded = str(((doc.get("metadata") or {}).get("annotations") or {}).get(ADDRESS_ANNOTATION) or "")
+                recorded = recorded_address(doc)
                 if address and recorded and recorded != address:
                     raise name_taken(name, recorded, address)
                 holder = Lease.from_reservation(doc["spec"])
@@ -285,17 +285,18 @@ class FileStore:
                 )
             self._unlink(path)
 
-    def reservations_held_by(self, container_id: str, ifname: str) -> list[str]:
-        """Names of the reservations this container holds on `ifname` (DEL gives them back even when
-        its pool write already happened in an earlier, interrupted call)."""
+    def reservations_held_by(self, container_id: str, ifname: str) -> list[tuple[str, str]]:
+        """(name, recorded address or "") of the reservations this container holds on `ifname` (DEL gives
+        them back even when its pool write already happened in an earlier, interrupted call)."""
         out = []
         for path in self._json_files(self.reservations):
             try:
-                holder = self._read_reservation(path)
-            except CNIError:
+                doc = self._read_reservation_doc(path)
+                holder = None if doc is None else Lease.from_reservation(doc["spec"])
+            except (CNIError, KeyError, TypeError, AttributeError):
                 continue  # a corrupt reservation is reported where it is used, not here
-            if holder is not None and holder.held_by_container(container_id, ifname):
-                out.append(path.stem)
+            if doc is not None and holder is not None and holder.held_by_container(container_id, ifname):
+                out.append((path.stem, recorded_address(doc)))
         return out
 
     # -- node slices: NodeSlicePool documents, and the fence reclaim puts on a slice pool ---------

@@ -31,6 +31,7 @@ from .base import (
     TurnsUnavailable,
     check_range,
     name_taken,
+    recorded_address,
     turn_name,
 )
 from .kubeclient import (
@@ -329,7 +330,7 @@ class KubernetesStore:
         existing = self._get_reservation(name)
         if existing is None:
             raise ConflictError(f"reservation {name} vanished while being claimed")
-        recorded = str(((existing.get("metadata") or {}).get("annotations") or {}).get(ADDRESS_ANNOTATION) or "")
+        recorded = recorded_address(existing)
         if address and recorded and recorded != address:
             raise name_taken(name, recorded, address)
         holder = Lease.from_reservation(existing.get("spec") or {})
