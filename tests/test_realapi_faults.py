@@ -172,9 +172,13 @@ def test_pool_too_large_for_etcd_is_a_clear_error_not_a_retry(fault_kube: RealKu
     base = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{kube.namespace}/ippools"
     kube.request("POST", base, whereabouts_pool(10_000))
     stored = kube.request("GET", f"{base}/10.91.0.0-16")
-    # one more Whereabouts lease whose podref fills the object to ~1,000 bytes below the limit
-    room = ETCD_REQUEST_LIMIT - 1000 - len(json.dumps(stored, separators=(",", ":")))
-    stored["spec"]["allocations"]["60000"] = {"id": "filler", "podref": "tenant-0/" + "f" * room, "ifname": "net1"}
+    # more Whereabouts leases whose podrefs (at most 320 bytes, as the CRD bounds them) fill the object
+    # to ~1,000 bytes below the limit
+    fillers = 0
+    while (room := ETCD_REQUEST_LIMIT - 1000 - len(json.dumps(stored, separators=(",", ":")))) > 0:
+        podref = "tenant-0/" + "f" * max(1, min(300, room - 60))
+        stored["spec"]["allocations"][str(60000 + fillers)] = {"id": "filler", "podref": podref, "ifname": "net1"}
+        fillers += 1
     stored = kube.request("PUT", f"{base}/10.91.0.0-16", stored)
     conf = netconf(kube, tmp_path, "node-a", deadline=60)
     conf["ipam"]["range"] = "10.91.0.0/16"
@@ -194,6 +198,6 @@ def test_pool_too_large_for_etcd_is_a_clear_error_not_a_retry(fault_kube: RealKu
     after = kube.request("GET", f"{base}/10.91.0.0-16")["spec"]["allocations"]
     ours = {v["id"] for v in after.values() if v["id"].startswith("big")}
     assert ours == {f"big{i}" for i in range(len(answers) - 1)}
-    assert len(after) == 10_001 + len(ours)
+    assert len(after) == 10_000 + fillers + len(ours)
     reserved = {o["spec"]["containerid"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)}
     assert f"big{len(answers) - 1}" not in reserved
