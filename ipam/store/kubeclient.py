@@ -341,10 +341,17 @@ class KubeClient:
             self._token = self.kubeconfig_token.current() or self._token
         return f"Bearer {self._token}" if self._token else None
 
-    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        accept: str = "application/json",
+    ) -> Any:
         """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire."""
         target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
-        headers = {"Accept": "application/json", "User-Agent": "whereabouts-py"}
+        headers = {"Accept": accept, "User-Agent": "whereabouts-py"}
         auth = self._authorization()
         if auth:
             headers["Authorization"] = auth
@@ -382,6 +389,29 @@ class KubeClient:
                 )
             return json.loads(data) if data else {}
         raise AssertionError("unreachable")
+
+    def stream(
+        self, path: str, params: dict[str, Any], accept: str, read_timeout: float
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """A GET whose answer is read as it comes (a watch): its own connection, never pooled; the
+        caller reads lines from the response and closes the connection."""
+        headers = {"Accept": accept, "User-Agent": "whereabouts-py"}
+        auth = self._authorization()
+        if auth:
+            headers["Authorization"] = auth
+        conn = self._new_connection()
+        try:
+            assert conn.sock is not None
+            conn.sock.settimeout(read_timeout)
+            conn.request("GET", self.prefix + path + f"?{urlencode(params)}", headers=headers)
+            response = conn.getresponse()
+            if response.status >= 400:
+                data = response.read()
+                raise ApiError(response.status, response.reason, data.decode("utf-8", errors="replace"))
+        except BaseException:
+            conn.close()
+            raise
+        return conn, response
 
     def _release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         if response.will_close:

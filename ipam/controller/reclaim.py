@@ -1,0 +1,191 @@
+"""The reclaim worker: pods the watches point at are looked up by name on the API server, judged
+(ipam.controller.rules, i.e. ipam.audit) and their leaked leases released through `ipam-reconcile`'s
+own conditional write (`Reconciler.release_holdings`): one judgement, two triggers.
+
+Why a stale cache never releases a live pod's lease: the caches only choose which pods to look at.
+The decision reads the pod with a GET by name (a quorum read from etcd, not the watch cache), made
+after the lease was seen; a pod exists before its ADD runs, so a lease seen before a 404 belongs to a
+pod that is gone. The release then removes the lease only if the pool still holds exactly that lease.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from ..errors import CNIError, TransientStoreError
+from ..log import log
+from ..reconcile import Reconciler, Summary
+from .cache import Finished, Nodes, Pods, Pools
+from .rules import Release, judge
+
+GetPod = Callable[[str], "Mapping[str, Any] | None"]
+
+
+class Releaser(Protocol):
+    def release_holdings(self, held: Any, summary: Summary | None = None) -> list[int]: ...
+
+
+class Reclaimer:
+    """A queue of podrefs to look at, and the one thread that works it (only while leading)."""
+
+    def __init__(
+        self,
+        pods: Pods,
+        finished: Finished,
+        nodes: Nodes,
+        pools: Pools,
+        get_pod: GetPod,
+        releaser: Releaser,
+        is_leader: Callable[[], bool],
+        not_ready_after: float | None = None,
+        on_release: Callable[[Release], None] | None = None,
+    ) -> None:
+        self.pods, self.finished, self.nodes, self.pools = pods, finished, nodes, pools
+        self.get_pod = get_pod
+        self.releaser = releaser
+        self.is_leader = is_leader
+        self.not_ready_after = not_ready_after
+        self.on_release = on_release
+        self.released: Counter[str] = Counter()  # by reason
+        self.errors = 0
+        self._queue: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.ready = False  # every cache has been listed once: until then a missing pod means nothing
+
+    # -- what the caches point at -----------------------------------------------------------------
+
+    def notify(self, refs: Iterable[str]) -> None:
+        """Pods whose leases may be leaked now: queued if the caches say they might be."""
+        if not self.ready:
+            return
+        picked = [r for r in refs if self.suspicious(r)]
+        if picked:
+            with self._cond:
+                self._queue.update(picked)
+                self._cond.notify()
+
+    def suspicious(self, ref: str) -> bool:
+        """Worth a GET: the pod holds leases and is missing, replaced, finished or terminating as far
+        as the caches know. A live-looking pod is not looked up (the CronJob's pass still is)."""
+        names = self.pools.holding(ref)
+        if not names:
+            return False
+        meta = self.pods.get(ref)
+        if meta is None or meta.deleting or self.finished.has(ref, meta.uid):
+            return True
+        with self.pools.lock:
+            uids = {
+                lease.poduid
+                for name in names
+                for lease in self.pools.pools[name].allocations.values()
+                if lease.podref == ref and lease.poduid
+            }
+        return bool(uids - {meta.uid})
+
+    def sweep(self) -> None:
+        """Every pod holding leases (once every cache is listed, and on becoming leader)."""
+        self.ready = True
+        self.notify(self.pools.podrefs())
+
+    def nodes_changed(self) -> None:
+        self.notify(self.pods.terminating())
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reclaim", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch, self._queue = self._queue, set()
+            if not self.is_leader():
+                continue  # the leader does it; a new leader sweeps everything
+            for ref in sorted(batch):
+                try:
+                    self.reclaim(ref)
+                except (CNIError, TransientStoreError) as exc:
+                    self.errors += 1
+                    log.warning("controller.reclaim.error", podref=ref, error=str(exc))
+                    with self._cond:
+                        self._queue.add(ref)  # looked at again with the next batch
+                except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
+                    self.errors += 1
+                    log.error("controller.reclaim.failed", podref=ref, error=f"{type(exc).__name__}: {exc}")
+
+    def reclaim(self, ref: str) -> list[Release]:
+        """Look pod `ref` up, judge its leases, release those leaked; what was released."""
+        names = self.pools.holding(ref)
+        if not names:
+            return []
+        with self.pools.lock:
+            pools = [self.pools.pools[n] for n in names if n in self.pools.pools]
+            slice_pools = list(self.pools.slice_pools.values())
+        pod = self.get_pod(ref)  # after the leases were read: see the module's docstring
+        log.debug(
+            "controller.reclaim.look",
+            podref=ref,
+            uid=str(((pod or {}).get("metadata") or {}).get("uid", "")),
+            leases=[
+                f"{p.name}:{o}:{lease.poduid}"
+                for p in pools
+                for o, lease in p.allocations.items()
+                if lease.podref == ref
+            ],
+        )
+        releases = judge(
+            ref, pod, pools, slice_pools, self.nodes.snapshot(), datetime.now(UTC), self.not_ready_after
+        )
+        by_pool: dict[str, list[Release]] = defaultdict(list)
+        for r in releases:
+            by_pool[r.holding.pool.name].append(r)
+        done: list[Release] = []
+        for group in by_pool.values():
+            if not self.is_leader():
+                return done
+            summary = Summary()
+            gone = set(self.releaser.release_holdings([r.holding for r in group], summary))
+            self.errors += summary.errors
+            for r in group:
+                if r.holding.offset in gone:
+                    done.append(r)
+                    self.released[r.reason] += 1
+                    log.info(
+                        "controller.release",
+                        podref=ref,
+                        pool=r.holding.pool.name,
+                        address=r.holding.address,
+                        reason=r.reason,
+                    )
+                    if self.on_release is not None:
+                        self.on_release(r)
+        return done
+
+
+class _Discard(io.StringIO):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def quiet_reconciler(source: Any) -> Reconciler:
+    """`ipam-reconcile`'s Reconciler, used only for its release path (errors are counted and logged here)."""
+    return Reconciler(source, grace=0.0, dry_run=False, out=_Discard())
