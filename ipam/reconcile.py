@@ -457,6 +457,14 @@ class Reconciler:
             self.change(summary, "remove-turn", f"{verb} {text} reason=abandoned", **fields)
 
 
+def connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kubeconfig and --namespace, as ipam-reconcile and ipam-controller take them."""
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    parser.add_argument(
+        "--namespace", help="namespace of the IPPools (default: the kubeconfig context's, else kube-system)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipam-reconcile",
@@ -464,10 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "whose pods no longer exist, delete orphan reservations, recreate missing ones, return slices of "
         "gone nodes.",
     )
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
-    parser.add_argument(
-        "--namespace", help="namespace of the IPPools (default: the kubeconfig context's, else kube-system)"
-    )
+    connection_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="change nothing; print what would be released")
     parser.add_argument("--interval", type=float, help="run a pass every SECONDS forever (default: one pass)")
     parser.add_argument(

@@ -18,18 +18,21 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ipam.allocator import Request, parse_allocations
+from ipam.controller.leader import Elector, configure_client
 from ipam.controller.main import Controller
 from ipam.ctl import main as ctl_main
 from ipam.engine import Engine, RetryPolicy
 from ipam.ranges import build_range
+from ipam.store.kubeclient import ApiError as KubeApiError
 from ipam.store.kubernetes import KubernetesStore
-from tests.kubeapi.real import ApiError, RealKube
+from tests.kubeapi.real import ROOT, ApiError, RealKube, load_yaml
 
 pytestmark = pytest.mark.apiserver
 
 SPEC = build_range("ipam", "10.61.0.0/24")
 POOL = "10.61.0.0-24"
 RELEASE_BOUND = 5.0  # seconds: the issue's bound for a deleted pod's lease
+FAST = {"lease_seconds": 4, "renew_deadline": 3, "retry_period": 1}  # leader election, shortened
 
 
 def wait_for(what: str, ok: Callable[[], bool], seconds: float = RELEASE_BOUND) -> None:
@@ -68,6 +71,13 @@ def running(kube: RealKube, tmp: Path, **kwargs: Any) -> Iterator[Controller]:
     finally:
         controller.stop()
         controller.store.close()
+
+
+def counted(controller: Controller, released: dict[str, int]) -> None:
+    """The controller counts a release once its reservation is deleted too, just after the pool write."""
+    wait_for(f"released {released}", lambda: dict(controller.reclaimer.released) == released, 5)
+    time.sleep(0.2)
+    assert dict(controller.reclaimer.released) == released
 
 
 def add(engine: Engine, kube: RealKube, pod: dict[str, Any], spec: Any = SPEC) -> str:
@@ -127,7 +137,7 @@ def test_deleted_replaced_and_finished_pods_lose_their_leases_in_seconds_live_on
             "live": pods["live"]["metadata"]["uid"],
             "replaced": new["metadata"]["uid"],
         }
-        assert dict(controller.reclaimer.released) == {"pod-gone": 1, "pod-replaced": 1, "pod-succeeded": 1}
+        counted(controller, {"pod-gone": 1, "pod-replaced": 1, "pod-succeeded": 1})
         wait_for("an Event on each released pod", lambda: len(events(real_kube)) >= 3)
         released = {e["regarding"]["name"]: e for e in events(real_kube) if e["reason"] == "AddressReleased"}
         assert set(released) == {"deleted", "replaced", "finished"}
@@ -198,10 +208,10 @@ def test_terminating_pods_on_dead_nodes_are_released_not_ready_only_when_asked(
                 "the fenced and the gone node's pods are released",
                 lambda: set(holders(real_kube)) == {"on-healthy", "on-notready"},
             )
-            assert dict(controller.reclaimer.released) == {"node-out-of-service": 1, "node-gone": 1}
+            counted(controller, {"node-out-of-service": 1, "node-gone": 1})
         with running(real_kube, tmp_path, not_ready_after=60.0) as controller:
             wait_for("NotReady for long enough: released", lambda: set(holders(real_kube)) == {"on-healthy"})
-            assert dict(controller.reclaimer.released) == {"node-not-ready": 1}
+            counted(controller, {"node-not-ready": 1})
     finally:
         for name in names.values():
             with contextlib.suppress(ApiError):
@@ -251,3 +261,88 @@ def test_pool_metrics_equal_ipamctl_show(real_kube: RealKube, engine: Engine, tm
     assert metrics[("whereabouts_py_controller_is_leader", ())] == 0
     assert metrics[("whereabouts_py_watch_up", (("resource", "pods"),))] == 1
     assert metrics[("whereabouts_py_orphan_reservations", ())] == 0
+
+
+def shipped_lease(kube: RealKube) -> None:
+    """deploy/base/controller.yaml's Lease, in this test's namespace (the RBAC names it; no create)."""
+    [lease] = [d for d in load_yaml(ROOT / "deploy" / "base" / "controller.yaml") if d["kind"] == "Lease"]
+    kube.apply(lease)
+
+
+def test_two_replicas_only_the_leader_writes_and_the_other_takes_over(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    api, ns = real_kube.api, real_kube.namespace
+    shipped_lease(real_kube)
+    for name in ("first", "second"):
+        add(engine, real_kube, api.put_pod(ns, name))
+    replicas = []
+    for _ in range(2):
+        elector = Elector(
+            configure_client(real_kube.identity_kubeconfig("controller")), ns, lambda: None, **FAST
+        )
+        controller = start_controller(real_kube, tmp_path, leading=elector.leading)
+        elector.on_started = controller.became_leader
+        elector.start()
+        replicas.append((elector, controller))
+    try:
+        wait_for("one replica leads", lambda: any(e.leading() for e, _ in replicas), 15)
+        time.sleep(2 * FAST["retry_period"])
+        assert sorted(e.leading() for e, _ in replicas) == [False, True]  # never both
+        (leader, led), (follower, waiting) = sorted(replicas, key=lambda r: not r[0].leading())
+        lease = real_kube.request(
+            "GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/whereabouts-py-controller"
+        )
+        assert lease["spec"]["holderIdentity"] == leader.identity
+
+        api.delete_pod(ns, "first")
+        wait_for("the leader frees the lease", lambda: "first" not in holders(real_kube))
+        counted(led, {"pod-gone": 1})
+        assert dict(waiting.reclaimer.released) == {}
+
+        leader.stop()  # its Lease is no longer renewed: the other replica takes it once it expires
+        led.stop()
+        wait_for("the other replica leads", follower.leading, 20)
+        api.delete_pod(ns, "second")
+        wait_for("the new leader frees the lease", lambda: "second" not in holders(real_kube))
+        counted(waiting, {"pod-gone": 1})
+        assert dict(led.reclaimer.released) == {"pod-gone": 1}
+    finally:
+        for elector, controller in replicas:
+            elector.stop()
+            controller.stop()
+            controller.store.close()
+
+
+def test_the_controllers_identity_cannot_touch_other_leases(real_kube: RealKube) -> None:
+    """Its RBAC names its own Lease: another Lease in its namespace (a control-plane one, say) can be
+    neither read, changed nor created."""
+    shipped_lease(real_kube)
+    ns = real_kube.namespace
+    other = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "kube-scheduler"},
+        "spec": {},
+    }
+    real_kube.apply(other)
+    store = KubernetesStore.connect(real_kube.identity_kubeconfig("controller"), "/tmp/unused-locks")
+    base = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+    try:
+        own = store.client.request("GET", f"{base}/whereabouts-py-controller")
+        store.client.request("PUT", f"{base}/whereabouts-py-controller", own)
+        for method, path, body in (
+            ("GET", f"{base}/kube-scheduler", None),
+            (
+                "PUT",
+                f"{base}/kube-scheduler",
+                {**other, "metadata": {"name": "kube-scheduler", "namespace": ns}},
+            ),
+            ("POST", base, {**other, "metadata": {"name": "another"}}),
+            ("DELETE", f"{base}/whereabouts-py-controller", None),
+        ):
+            with pytest.raises(KubeApiError) as refused:
+                store.client.request(method, path, body)
+            assert refused.value.status == 403, (method, path)
+    finally:
+        store.close()

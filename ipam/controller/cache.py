@@ -250,43 +250,24 @@ class Pools:
             )
 
 
-class SlicePools:
-    """The NodeSlicePools' Handler, into `Pools` (a slice pool names its pools' network and node)."""
+class Into:
+    """The Handler of NodeSlicePools or reservations: parsed into one of `Pools`' mappings by name (a
+    slice pool names its pools' network and node; reservations give the orphan-reservation figure)."""
 
-    def __init__(self, pools: Pools) -> None:
-        self.pools = pools
-
-    def replace(self, items: list[dict[str, Any]]) -> None:
-        with self.pools.lock:
-            self.pools.slice_pools = {sp.name: sp for sp in map(SlicePool.from_object, items)}
-            self.pools.generation += 1
-
-    def event(self, kind: str, obj: dict[str, Any]) -> None:
-        sp = SlicePool.from_object(obj)
-        with self.pools.lock:
-            if kind == "DELETED":
-                self.pools.slice_pools.pop(sp.name, None)
-            else:
-                self.pools.slice_pools[sp.name] = sp
-            self.pools.generation += 1
-
-
-class Reservations:
-    """The reservations' Handler, into `Pools` (for the orphan-reservation figure)."""
-
-    def __init__(self, pools: Pools) -> None:
-        self.pools = pools
+    def __init__(self, pools: Pools, attr: str, parse: Callable[[dict[str, Any]], Any]) -> None:
+        self.pools, self.attr, self.parse = pools, attr, parse
 
     def replace(self, items: list[dict[str, Any]]) -> None:
         with self.pools.lock:
-            self.pools.reservations = {r.name: r for r in map(Reservation.from_object, items)}
+            setattr(self.pools, self.attr, {x.name: x for x in map(self.parse, items)})
             self.pools.generation += 1
 
     def event(self, kind: str, obj: dict[str, Any]) -> None:
-        r = Reservation.from_object(obj)
+        parsed = self.parse(obj)
         with self.pools.lock:
+            mapping = getattr(self.pools, self.attr)
             if kind == "DELETED":
-                self.pools.reservations.pop(r.name, None)
+                mapping.pop(parsed.name, None)
             else:
-                self.pools.reservations[r.name] = r
+                mapping[parsed.name] = parsed
             self.pools.generation += 1

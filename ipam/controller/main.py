@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from ..audit import PoolView
+from ..audit import PoolView, Reservation, SlicePool
 from ..errors import CNIError, TransientStoreError
 from ..log import log
 from ..ranges import usable_bounds
-from ..reconcile import KubeSource
+from ..reconcile import KubeSource, connection_arguments
 from ..store.kubeclient import ApiError
 from ..store.kubernetes import GROUP, NODE_SLICES, POOLS, RESERVATIONS, VERSION, KubernetesStore
 from . import cache
@@ -89,8 +89,20 @@ class Controller:
             ("finished-pods", "/api/v1/pods", self.finished, {"fieldSelector": FINISHED_SELECTOR}, True),
             ("nodes", "/api/v1/nodes", self.nodes, None, False),  # taints, Ready: not metadata
             ("ippools", f"{base}/{POOLS}", usage, None, False),
-            ("nodeslicepools", f"{base}/{NODE_SLICES}", cache.SlicePools(self.pools), None, False),
-            ("reservations", f"{base}/{RESERVATIONS}", cache.Reservations(self.pools), None, False),
+            (
+                "nodeslicepools",
+                f"{base}/{NODE_SLICES}",
+                cache.Into(self.pools, "slice_pools", SlicePool.from_object),
+                None,
+                False,
+            ),
+            (
+                "reservations",
+                f"{base}/{RESERVATIONS}",
+                cache.Into(self.pools, "reservations", Reservation.from_object),
+                None,
+                False,
+            ),
         ]
         self.informers = {
             name: Informer(
@@ -171,10 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pool usage to Prometheus, and record Events. ipam-reconcile (the CronJob) stays the full-scan "
         "safety net.",
     )
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
-    parser.add_argument(
-        "--namespace", help="namespace of the IPPools (default: the kubeconfig context's, else kube-system)"
-    )
+    connection_arguments(parser)
     parser.add_argument(
         "--metrics-bind-address", default=":8080", help="host:port of /metrics ('0' disables it)"
     )

@@ -118,19 +118,29 @@ class Reclaimer:
                 if self._stopping:
                     return
                 batch, self._queue = self._queue, set()
-            if not self.is_leader():
-                continue  # the leader does it; a new leader sweeps everything
-            for ref in sorted(batch):
-                try:
-                    self.reclaim(ref)
-                except (CNIError, TransientStoreError) as exc:
-                    self.errors += 1
-                    log.warning("controller.reclaim.error", podref=ref, error=str(exc))
-                    with self._cond:
-                        self._queue.add(ref)  # looked at again with the next batch
-                except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
-                    self.errors += 1
-                    log.error("controller.reclaim.failed", podref=ref, error=f"{type(exc).__name__}: {exc}")
+            self.work(batch)
+
+    def work(self, batch: Iterable[str]) -> None:
+        """Look at each pod of `batch` (when leading); one that failed is queued again."""
+        if not self.is_leader():
+            return  # the leader does it; a new leader sweeps everything
+        for ref in sorted(batch):
+            try:
+                self.reclaim(ref)
+            except (CNIError, TransientStoreError) as exc:
+                self.errors += 1
+                log.warning("controller.reclaim.error", podref=ref, error=str(exc))
+                with self._cond:
+                    self._queue.add(ref)  # looked at again with the next batch
+            except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
+                self.errors += 1
+                log.error("controller.reclaim.failed", podref=ref, error=f"{type(exc).__name__}: {exc}")
+
+    def take(self) -> set[str]:
+        """The queued pods, now (the worker's batch; tests drive `work` with it)."""
+        with self._cond:
+            batch, self._queue = self._queue, set()
+        return batch
 
     def reclaim(self, ref: str) -> list[Release]:
         """Look pod `ref` up, judge its leases, release those leaked; what was released."""
