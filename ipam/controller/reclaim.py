@@ -10,10 +10,11 @@ pod that is gone. The release then removes the lease only if the pool still hold
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -121,20 +122,36 @@ class Reclaimer:
             self.work(batch)
 
     def work(self, batch: Iterable[str]) -> None:
-        """Look at each pod of `batch` (when leading); one that failed is queued again."""
+        """Look at each pod of `batch` (when leading), then release what was judged leaked with one
+        conditional write per pool for the whole batch. A pod whose look or release failed is queued
+        again."""
         if not self.is_leader():
             return  # the leader does it; a new leader sweeps everything
+        judged: list[Release] = []
         for ref in sorted(batch):
-            try:
-                self.reclaim(ref)
-            except (CNIError, TransientStoreError) as exc:
-                self.errors += 1
-                log.warning("controller.reclaim.error", podref=ref, error=str(exc))
-                with self._cond:
-                    self._queue.add(ref)  # looked at again with the next batch
-            except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
-                self.errors += 1
-                log.error("controller.reclaim.failed", podref=ref, error=f"{type(exc).__name__}: {exc}")
+            with self._guard([ref]):
+                judged += self.judge(ref)
+        by_pool: dict[str, list[Release]] = defaultdict(list)
+        for r in judged:
+            by_pool[r.holding.pool.name].append(r)
+        for group in by_pool.values():
+            if not self.is_leader():
+                return
+            with self._guard(sorted({r.holding.lease.podref for r in group})):
+                self.release(group)
+
+    @contextlib.contextmanager
+    def _guard(self, refs: list[str]) -> Iterator[None]:
+        try:
+            yield
+        except (CNIError, TransientStoreError) as exc:
+            self.errors += 1
+            log.warning("controller.reclaim.error", podrefs=refs, error=str(exc))
+            with self._cond:
+                self._queue.update(refs)  # looked at again with the next batch
+        except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
+            self.errors += 1
+            log.error("controller.reclaim.failed", podrefs=refs, error=f"{type(exc).__name__}: {exc}")
 
     def take(self) -> set[str]:
         """The queued pods, now (the worker's batch; tests drive `work` with it)."""
@@ -142,8 +159,8 @@ class Reclaimer:
             batch, self._queue = self._queue, set()
         return batch
 
-    def reclaim(self, ref: str) -> list[Release]:
-        """Look pod `ref` up, judge its leases, release those leaked; what was released."""
+    def judge(self, ref: str) -> list[Release]:
+        """Look pod `ref` up and judge its leases: those to release."""
         names = self.pools.holding(ref)
         if not names:
             return []
@@ -152,42 +169,30 @@ class Reclaimer:
             slice_pools = list(self.pools.slice_pools.values())
         pod = self.get_pod(ref)  # after the leases were read: see the module's docstring
         log.debug(
-            "controller.reclaim.look",
-            podref=ref,
-            uid=str(((pod or {}).get("metadata") or {}).get("uid", "")),
-            leases=[
-                f"{p.name}:{o}:{lease.poduid}"
-                for p in pools
-                for o, lease in p.allocations.items()
-                if lease.podref == ref
-            ],
+            "controller.reclaim.look", podref=ref, uid=str(((pod or {}).get("metadata") or {}).get("uid", ""))
         )
-        releases = judge(
+        return judge(
             ref, pod, pools, slice_pools, self.nodes.snapshot(), datetime.now(UTC), self.not_ready_after
         )
-        by_pool: dict[str, list[Release]] = defaultdict(list)
-        for r in releases:
-            by_pool[r.holding.pool.name].append(r)
-        done: list[Release] = []
-        for group in by_pool.values():
-            if not self.is_leader():
-                return done
-            summary = Summary()
-            gone = set(self.releaser.release_holdings([r.holding for r in group], summary))
-            self.errors += summary.errors
-            for r in group:
-                if r.holding.offset in gone:
-                    done.append(r)
-                    self.released[r.reason] += 1
-                    log.info(
-                        "controller.release",
-                        podref=ref,
-                        pool=r.holding.pool.name,
-                        address=r.holding.address,
-                        reason=r.reason,
-                    )
-                    if self.on_release is not None:
-                        self.on_release(r)
+
+    def release(self, group: list[Release]) -> list[Release]:
+        """Release judged leases of one pool (each only if unchanged since); what was released."""
+        summary = Summary()
+        gone = set(self.releaser.release_holdings([r.holding for r in group], summary))
+        self.errors += summary.errors
+        done = [r for r in group if r.holding.offset in gone]
+        for r in done:
+            self.released[r.reason] += 1
+            h = r.holding
+            log.info(
+                "controller.release",
+                podref=h.lease.podref,
+                pool=h.pool.name,
+                address=h.address,
+                reason=r.reason,
+            )
+            if self.on_release is not None:
+                self.on_release(r)
         return done
 
 
