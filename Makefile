@@ -7,13 +7,14 @@
 #   make bench      benchmarks, appended to bench/RESULTS.md
 #   make bench-startup  one CNI exec's cost split (bare start, agent, direct, bursts) on the real API server
 #   make bench-slices   node-slice bursts and a 20k-lease range vs an empty one on the real API server
+#   make bench-controller  ipam-controller at 10k pods / 20k leases: release latency, memory, reconcile pass
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices clean
+.PHONY: venv bytecode demo lint test test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-controller clean
 
 venv: $(STAMP)
 
@@ -58,6 +59,9 @@ bench-startup: bytecode
 
 bench-slices: bytecode
 	$(BIN)/python -m bench.slices
+
+bench-controller: bytecode
+	$(BIN)/python -m bench.controller
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

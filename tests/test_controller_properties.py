@@ -177,6 +177,7 @@ def test_no_interleaving_of_watch_events_and_adds_releases_a_live_pods_lease(
             world.pool_events.clear()
         elif op == "work":
             reclaimer.work(reclaimer.take())
+            reclaimer.flush()
         assert world.violations == []
     # every event delivered: the controller catches up and frees every lease of a pod that is not live
     for _ in range(3):
@@ -189,6 +190,7 @@ def test_no_interleaving_of_watch_events_and_adds_releases_a_live_pods_lease(
                 if queue:
                     cache.event(*queue.pop(0))
         reclaimer.work(reclaimer.take())
+        reclaimer.flush()
     assert world.violations == []
     live = {(f"{NS}/{n}", uid) for n, (uid, phase) in world.pods.items() if phase == "Running"}
     assert {(lease.podref, lease.poduid) for lease in world.pool.values()} <= live

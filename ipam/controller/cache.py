@@ -175,7 +175,7 @@ class Pools:
         self.pools: dict[str, PoolSnapshot] = {}
         self.slice_pools: dict[str, SlicePool] = {}
         self.reservations: dict[str, Reservation] = {}
-        self.by_pod: dict[str, set[str]] = defaultdict(set)
+        self.by_pod: dict[str, dict[str, frozenset[str]]] = {}  # podref -> {pool: its leases' poduids}
         self.generation = 0  # bumped on every change: the metrics' computed figures are reused until then
 
     def _snapshot(self, obj: dict[str, Any]) -> PoolSnapshot | None:
@@ -191,36 +191,42 @@ class Pools:
         )
 
     def _set_pool(self, name: str, snapshot: PoolSnapshot | None) -> set[str]:
-        """Store (or with None drop) one pool; the podrefs whose leases it holds now."""
+        """Store (or with None drop) one pool; the podrefs of the leases it holds now that it did not
+        hold before (a new lease of a pod the pod cache may not know)."""
         old = self.pools.pop(name, None)
-        if old is not None:
-            for lease in old.allocations.values():
-                names = self.by_pod.get(lease.podref)
-                if names is not None:
-                    names.discard(name)
-                    if not names:
-                        del self.by_pod[lease.podref]
-        refs: set[str] = set()
+        before = {lease.podref: lease for lease in old.allocations.values()} if old is not None else {}
+        now: dict[str, set[str]] = defaultdict(set)  # podref -> poduids of its leases in this pool
         if snapshot is not None:
             self.pools[name] = snapshot
             for lease in snapshot.allocations.values():
                 if lease.podref:
-                    self.by_pod[lease.podref].add(name)
-                    refs.add(lease.podref)
+                    now[lease.podref].add(lease.poduid)
+        for ref in before.keys() - now.keys():
+            held = self.by_pod.get(ref)
+            if held is not None:
+                held.pop(name, None)
+                if not held:
+                    del self.by_pod[ref]
+        fresh = set()
+        for ref, uids in now.items():
+            held = self.by_pod.setdefault(ref, {})
+            if held.get(name) != frozenset(uids):
+                fresh.add(ref)
+                held[name] = frozenset(uids)
         self.generation += 1
-        return refs
+        return fresh
 
     # -- IPPools: the Handler --------------------------------------------------------------------
 
     def replace(self, items: list[dict[str, Any]]) -> None:
-        refs: set[str] = set()
         with self.lock:
             for name in list(self.pools):
                 self._set_pool(name, None)
             for obj in items:
                 snap = self._snapshot(obj)
                 if snap is not None:
-                    refs |= self._set_pool(snap.name, snap)
+                    self._set_pool(snap.name, snap)
+            refs = list(self.by_pod)
         self.notify(refs)
 
     def event(self, kind: str, obj: dict[str, Any]) -> None:
@@ -232,6 +238,11 @@ class Pools:
     def holding(self, ref: str) -> list[str]:
         with self.lock:
             return sorted(self.by_pod.get(ref, ()))
+
+    def poduids(self, ref: str) -> set[str]:
+        """The pod UIDs the leases of `ref` were made for (empty ones left out)."""
+        with self.lock:
+            return {uid for uids in self.by_pod.get(ref, {}).values() for uid in uids if uid}
 
     def podrefs(self) -> list[str]:
         with self.lock:

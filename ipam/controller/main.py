@@ -140,7 +140,7 @@ class Controller:
         self.recorder.released(h.lease.podref, h.lease.poduid, h.address, h.pool.name, release.reason)
 
     def get_pod(self, ref: str) -> dict[str, Any] | None:
-        """The pod as etcd has it now (a GET without resourceVersion is a quorum read)."""
+        """The pod as etcd has it now (a GET without resourceVersion is a consistent read)."""
         namespace, _, name = ref.partition("/")
         path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
         try:
@@ -169,6 +169,7 @@ class Controller:
         return Collector(
             self.pools,
             self.pods,
+            self.finished,
             {name: i.health for name, i in self.informers.items()},
             self.leading,
             lambda: dict(self.reclaimer.released),

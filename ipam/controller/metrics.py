@@ -17,24 +17,35 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .. import audit
-from .cache import Pods, Pools
+from .cache import Finished, Pods, Pools
 from .watch import WatchHealth
 
 PREFIX = "whereabouts_py_"
 
 
-def pool_figures(pools: Pools, pods: Pods) -> list[tuple[str, str, int, int, int]]:
-    """(network, range, size, allocated, retained) per pool; retained: leases whose pod is not (or no
-    longer the same) live pod in the cache, i.e. kept for a pod that is gone, awaiting release or held
-    on purpose."""
+def pool_figures(pools: Pools, pods: Pods, finished: Finished) -> list[tuple[str, str, int, int, int, int]]:
+    """(network, range, size, allocated, retained, pending) per pool, as the caches see it. Of the
+    leases whose pod is not live (gone, replaced by a new UID, finished): `retained` are kept on
+    purpose (sticky retention marks them `retained`), `pending` are leaks not released yet."""
     out = []
     for v in pools.views():
-        retained = 0
+        retained = pending = 0
         for lease in v.snapshot.allocations.values():
-            meta = pods.get(lease.podref) if lease.podref else None
-            if lease.podref and (meta is None or (lease.poduid and meta.uid and lease.poduid != meta.uid)):
+            if not lease.podref:
+                continue
+            meta = pods.get(lease.podref)
+            live = (
+                meta is not None
+                and not (lease.poduid and meta.uid and lease.poduid != meta.uid)
+                and not finished.has(lease.podref, meta.uid)
+            )
+            if live:
+                continue
+            if getattr(lease, "retained", ""):  # sticky retention (issue 23), once merged
                 retained += 1
-        out.append((v.network, v.snapshot.cidr, v.size, v.used(), retained))
+            else:
+                pending += 1
+        out.append((v.network, v.snapshot.cidr, v.size, v.used(), retained, pending))
     return out
 
 
@@ -45,12 +56,13 @@ class Collector:
         self,
         pools: Pools,
         pods: Pods,
+        finished: Finished,
         watches: Mapping[str, WatchHealth],
         leader: Callable[[], bool],
         released: Callable[[], Mapping[str, int]],
         events: Callable[[], Mapping[str, int]],
     ) -> None:
-        self.pools, self.pods, self.watches = pools, pods, watches
+        self.pools, self.pods, self.finished, self.watches = pools, pods, finished, watches
         self.leader, self.released, self.events = leader, released, events
         self._orphans: tuple[int, int] = (-1, 0)  # (cache generation, count): the audit is not free
         self._lock = threading.Lock()
@@ -73,19 +85,26 @@ class Collector:
         )
         retained = GaugeMetricFamily(
             PREFIX + "pool_retained_addresses",
-            "Leases held for a pod that no longer exists (or was replaced): awaiting release, or retained.",
+            "Leases kept on purpose for a pod that is gone (sticky retention).",
             labels=labels,
         )
         free = GaugeMetricFamily(
             PREFIX + "pool_free_addresses", "Addresses of the pool not leased.", labels=labels
         )
-        for network, cidr, n, used, kept in pool_figures(self.pools, self.pods):
+        leaks = 0
+        for network, cidr, n, used, kept, pending in pool_figures(self.pools, self.pods, self.finished):
+            leaks += pending
             key = (network, cidr)
             size.add_metric(list(key), n)
             allocated.add_metric(list(key), used)
             retained.add_metric(list(key), kept)
             free.add_metric(list(key), max(0, n - used))
         yield from (size, allocated, retained, free)
+        yield GaugeMetricFamily(
+            PREFIX + "leaks_pending",
+            "Leases whose pod is gone, replaced or finished, not retained and not released yet.",
+            value=leaks,
+        )
 
         slices = GaugeMetricFamily(PREFIX + "node_slices", "Node slices held, per node.", labels=["node"])
         held: Counter[str] = Counter()
@@ -121,7 +140,7 @@ class Collector:
         )
 
         up = GaugeMetricFamily(
-            PREFIX + "watch_up", "1 while the watch is listed and connected.", labels=["resource"]
+            PREFIX + "watch_healthy", "1 while the watch is listed and connected.", labels=["resource"]
         )
         restarts = CounterMetricFamily(
             PREFIX + "watch_restarts", "Watches that ended in an error and were resumed.", labels=["resource"]

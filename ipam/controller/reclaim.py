@@ -3,9 +3,10 @@
 own conditional write (`Reconciler.release_holdings`): one judgement, two triggers.
 
 Why a stale cache never releases a live pod's lease: the caches only choose which pods to look at.
-The decision reads the pod with a GET by name (a quorum read from etcd, not the watch cache), made
-after the lease was seen; a pod exists before its ADD runs, so a lease seen before a 404 belongs to a
-pod that is gone. The release then removes the lease only if the pool still holds exactly that lease.
+The decision reads the pod with a GET by name (no resourceVersion: a consistent read, never a stale
+cache), made after the lease was seen; a pod exists before its ADD runs, so a lease seen before a 404
+belongs to a pod that is gone (a pod recreated under its name has a new UID, and its lease is another
+lease). The release then removes the lease only if the pool still holds exactly that lease.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ from ..reconcile import Reconciler, Summary
 from .cache import Finished, Nodes, Pods, Pools
 from .rules import Release, judge
 
+PARALLEL = 8
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
 
@@ -59,6 +62,13 @@ class Reclaimer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = False  # every cache has been listed once: until then a missing pod means nothing
+        # a batch's GETs, and its pools' writes (each pool's leases in one conditional write), run
+        # side by side: each is a round trip to the API server
+        self._threads = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim")
+        self._count = threading.Lock()
+        self._idle = threading.Condition()  # guards _pending and _writing
+        self._pending: dict[str, list[Release]] = defaultdict(list)  # pool -> judged, not yet written
+        self._writing: set[str] = set()  # pools a _drain is working on
 
     # -- what the caches point at -----------------------------------------------------------------
 
@@ -81,14 +91,7 @@ class Reclaimer:
         meta = self.pods.get(ref)
         if meta is None or meta.deleting or self.finished.has(ref, meta.uid):
             return True
-        with self.pools.lock:
-            uids = {
-                lease.poduid
-                for name in names
-                for lease in self.pools.pools[name].allocations.values()
-                if lease.podref == ref and lease.poduid
-            }
-        return bool(uids - {meta.uid})
+        return bool(self.pools.poduids(ref) - {meta.uid})
 
     def sweep(self) -> None:
         """Every pod holding leases (once every cache is listed, and on becoming leader)."""
@@ -110,6 +113,7 @@ class Reclaimer:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._threads.shutdown(wait=False)
 
     def _run(self) -> None:
         while True:
@@ -122,35 +126,65 @@ class Reclaimer:
             self.work(batch)
 
     def work(self, batch: Iterable[str]) -> None:
-        """Look at each pod of `batch` (when leading), then release what was judged leaked with one
-        conditional write per pool for the whole batch. A pod whose look or release failed is queued
-        again."""
+        """Look at each pod of `batch` side by side (when leading), and hand what was judged leaked to
+        its pool's writer (`_drain`) without waiting for it. A pod whose look or release failed is
+        queued again."""
         if not self.is_leader():
             return  # the leader does it; a new leader sweeps everything
-        judged: list[Release] = []
-        for ref in sorted(batch):
+
+        def look(ref: str) -> list[Release]:
             with self._guard([ref]):
-                judged += self.judge(ref)
+                return self.judge(ref)
+            return []
+
+        refs = sorted(batch)
         by_pool: dict[str, list[Release]] = defaultdict(list)
-        for r in judged:
-            by_pool[r.holding.pool.name].append(r)
-        for group in by_pool.values():
-            if not self.is_leader():
-                return
-            with self._guard(sorted({r.holding.lease.podref for r in group})):
-                self.release(group)
+        for judged in self._threads.map(look, refs):
+            for r in judged:
+                by_pool[r.holding.pool.name].append(r)
+        start = []
+        with self._idle:
+            for pool, group in by_pool.items():
+                self._pending[pool] += group
+                if pool not in self._writing:
+                    self._writing.add(pool)
+                    start.append(pool)
+        for pool in start:
+            self._threads.submit(self._drain, pool)
+        log.debug("controller.batch", pods=len(refs), pools=len(by_pool))
+
+    def _drain(self, pool: str) -> None:
+        """The one writer of `pool` at a time: releases whatever has been judged for it, in one
+        conditional write per round, until nothing is left."""
+        while True:
+            with self._idle:
+                group = self._pending.pop(pool, [])
+                if not group:
+                    self._writing.discard(pool)
+                    self._idle.notify_all()
+                    return
+            if self.is_leader():
+                with self._guard(sorted({r.holding.lease.podref for r in group})):
+                    self.release(group)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Until every judged release has been written (tests; the worker never waits)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._writing, timeout)
 
     @contextlib.contextmanager
     def _guard(self, refs: list[str]) -> Iterator[None]:
         try:
             yield
         except (CNIError, TransientStoreError) as exc:
-            self.errors += 1
+            with self._count:
+                self.errors += 1
             log.warning("controller.reclaim.error", podrefs=refs, error=str(exc))
             with self._cond:
                 self._queue.update(refs)  # looked at again with the next batch
         except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
-            self.errors += 1
+            with self._count:
+                self.errors += 1
             log.error("controller.reclaim.failed", podrefs=refs, error=f"{type(exc).__name__}: {exc}")
 
     def take(self) -> set[str]:
@@ -179,10 +213,11 @@ class Reclaimer:
         """Release judged leases of one pool (each only if unchanged since); what was released."""
         summary = Summary()
         gone = set(self.releaser.release_holdings([r.holding for r in group], summary))
-        self.errors += summary.errors
         done = [r for r in group if r.holding.offset in gone]
+        with self._count:
+            self.errors += summary.errors
+            self.released.update(r.reason for r in done)
         for r in done:
-            self.released[r.reason] += 1
             h = r.holding
             log.info(
                 "controller.release",
