@@ -208,18 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--webhook-bind-address",
         default="",
-        help="host:port of the validating admission webhook (ipam.webhook; default: off)",
+        help="host:port of the validating admission webhook (ipam.webhook; default: off; not wired yet)",
     )
     return parser
 
 
 def _start_webhook(args: argparse.Namespace, store: KubernetesStore) -> None:
-    """The admission webhook (ipam.webhook) is served from this process when asked for."""
-    try:
-        from .. import webhook  # type: ignore[attr-defined]
-    except ImportError:
-        raise SystemExit("ipam-controller: --webhook-bind-address needs ipam.webhook") from None
-    webhook.serve(args.webhook_bind_address, store)
+    """The hook for the admission webhook (ipam.webhook: its certificates Secret, caBundle and
+    `serve_webhook`), served from this process when --webhook-bind-address is given. Not wired in
+    this build: asking for it is an error rather than a controller silently without its webhook."""
+    raise SystemExit(
+        "ipam-controller: --webhook-bind-address: the admission webhook is not wired into this build"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

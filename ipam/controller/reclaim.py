@@ -62,9 +62,11 @@ class Reclaimer:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.ready = False  # every cache has been listed once: until then a missing pod means nothing
-        # a batch's GETs, and its pools' writes (each pool's leases in one conditional write), run
-        # side by side: each is a round trip to the API server
-        self._threads = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim")
+        # a batch's GETs run side by side, and so do the pools' writers (each pool's leases in one
+        # conditional write per round): each is a round trip to the API server. Apart, so that looks
+        # never wait behind writes.
+        self._lookers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-get")
+        self._threads = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-write")
         self._count = threading.Lock()
         self._idle = threading.Condition()  # guards _pending and _writing
         self._pending: dict[str, list[Release]] = defaultdict(list)  # pool -> judged, not yet written
@@ -113,6 +115,7 @@ class Reclaimer:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._lookers.shutdown(wait=False)
         self._threads.shutdown(wait=False)
 
     def _run(self) -> None:
@@ -139,7 +142,7 @@ class Reclaimer:
 
         refs = sorted(batch)
         by_pool: dict[str, list[Release]] = defaultdict(list)
-        for judged in self._threads.map(look, refs):
+        for judged in self._lookers.map(look, refs):
             for r in judged:
                 by_pool[r.holding.pool.name].append(r)
         start = []
