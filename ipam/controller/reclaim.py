@@ -26,7 +26,8 @@ from ..reconcile import Reconciler, Summary
 from .cache import Finished, Nodes, Pods, Pools
 from .rules import Release, judge
 
-PARALLEL = 8
+PARALLEL = 8  # GETs of pods side by side
+WRITERS = 32  # pools written side by side: each round is 2 + 2 per lease round trips, mostly waiting
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
 
@@ -66,7 +67,7 @@ class Reclaimer:
         # conditional write per round): each is a round trip to the API server. Apart, so that looks
         # never wait behind writes.
         self._lookers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-get")
-        self._threads = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-write")
+        self._threads = ThreadPoolExecutor(WRITERS, thread_name_prefix="reclaim-write")
         self._count = threading.Lock()
         self._idle = threading.Condition()  # guards _pending and _writing
         self._pending: dict[str, list[Release]] = defaultdict(list)  # pool -> judged, not yet written
