@@ -99,6 +99,12 @@ def holders(kube: RealKube, pool: str = POOL) -> dict[str, str]:
     return {v.podref.split("/", 1)[1]: v.poduid for v in allocations.values()}
 
 
+def reservations(kube: RealKube) -> dict[str, dict[str, Any]]:
+    return {
+        o["metadata"]["name"]: o for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
+    }
+
+
 def events(kube: RealKube, namespace: str | None = None) -> list[dict[str, Any]]:
     ns = namespace or kube.namespace
     items: list[dict[str, Any]] = kube.request("GET", f"/apis/events.k8s.io/v1/namespaces/{ns}/events")[
@@ -138,6 +144,14 @@ def test_deleted_replaced_and_finished_pods_lose_their_leases_in_seconds_live_on
             "replaced": new["metadata"]["uid"],
         }
         counted(controller, {"pod-gone": 1, "pod-replaced": 1, "pod-succeeded": 1})
+        wait_for("the released leases' reservations are deleted", lambda: len(reservations(real_kube)) == 2)
+        assert {r["spec"]["podref"] for r in reservations(real_kube).values()} == {
+            f"{ns}/live",
+            f"{ns}/replaced",
+        }
+        assert {r["spec"]["containerid"] for r in reservations(real_kube).values()} >= {
+            f"ctr-replaced-{new['metadata']['uid'][:6]}"
+        }
         wait_for("an Event on each released pod", lambda: len(events(real_kube)) >= 3)
         released = {e["regarding"]["name"]: e for e in events(real_kube) if e["reason"] == "AddressReleased"}
         assert set(released) == {"deleted", "replaced", "finished"}

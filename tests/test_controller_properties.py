@@ -97,7 +97,10 @@ class World:
         name = ref.split("/", 1)[1]
         return self.pod(name, full=True) if name in self.pods else None
 
-    def release_holdings(self, held: Sequence[Holding], summary: Summary | None = None) -> list[int]:
+    def release_reservation(self, h: Holding, summary: Summary | None = None) -> None:
+        pass  # no reservations in this model
+
+    def release_leases(self, held: Sequence[Holding], summary: Summary | None = None) -> list[int]:
         """ipam-reconcile's conditional release: only leases still exactly as judged."""
         gone = [h.offset for h in held if self.pool.get(h.offset) == h.lease]
         for offset in gone:

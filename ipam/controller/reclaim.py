@@ -15,11 +15,12 @@ import contextlib
 import io
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ..audit import Holding
 from ..errors import CNIError, TransientStoreError
 from ..log import log
 from ..reconcile import Reconciler, Summary
@@ -27,12 +28,18 @@ from .cache import Finished, Nodes, Pods, Pools
 from .rules import Release, judge
 
 PARALLEL = 8  # GETs of pods side by side
-WRITERS = 32  # pools written side by side: each round is 2 + 2 per lease round trips, mostly waiting
+# pools written side by side. More is not faster: each round is one write of the whole IPPool, whose
+# cost on the API server grows with its leases, so fewer, fuller rounds cost it less (32 were slower
+# than 8 at 10,000 pods, bench/RESULTS.md)
+WRITERS = 8
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
 
 class Releaser(Protocol):
-    def release_holdings(self, held: Any, summary: Summary | None = None) -> list[int]: ...
+    """`Reconciler`'s release path: the pool write, then each released lease's reservation."""
+
+    def release_leases(self, held: Sequence[Holding], summary: Summary | None = None) -> list[int]: ...
+    def release_reservation(self, h: Holding, summary: Summary | None = None) -> None: ...
 
 
 class Reclaimer:
@@ -68,6 +75,7 @@ class Reclaimer:
         # never wait behind writes.
         self._lookers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-get")
         self._threads = ThreadPoolExecutor(WRITERS, thread_name_prefix="reclaim-write")
+        self._unreservers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-reservation")
         self._count = threading.Lock()
         self._idle = threading.Condition()  # guards _pending and _writing
         self._pending: dict[str, list[Release]] = defaultdict(list)  # pool -> judged, not yet written
@@ -117,6 +125,7 @@ class Reclaimer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._lookers.shutdown(wait=False)
+        self._unreservers.shutdown(wait=False)
         self._threads.shutdown(wait=False)
 
     def _run(self) -> None:
@@ -214,9 +223,10 @@ class Reclaimer:
         )
 
     def release(self, group: list[Release]) -> list[Release]:
-        """Release judged leases of one pool (each only if unchanged since); what was released."""
+        """Release judged leases of one pool (each only if unchanged since), counted once the pool is
+        written; their reservations are deleted side by side after. What was released."""
         summary = Summary()
-        gone = set(self.releaser.release_holdings([r.holding for r in group], summary))
+        gone = set(self.releaser.release_leases([r.holding for r in group], summary))
         done = [r for r in group if r.holding.offset in gone]
         with self._count:
             self.errors += summary.errors
@@ -230,9 +240,19 @@ class Reclaimer:
                 address=h.address,
                 reason=r.reason,
             )
+            self._unreservers.submit(self._unreserve, h)
             if self.on_release is not None:
                 self.on_release(r)
         return done
+
+    def _unreserve(self, h: Holding) -> None:
+        summary = Summary()
+        with self._guard([]):
+            self.releaser.release_reservation(h, summary)
+        if summary.errors:
+            with self._count:
+                self.errors += summary.errors
+            log.warning("controller.reservation.error", reservation=h.reservation, lines=summary.lines)
 
 
 class _Discard(io.StringIO):
