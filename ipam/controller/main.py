@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from netaddr import AddrFormatError, IPNetwork
+
 from ..audit import PoolView, Reservation, SlicePool
 from ..errors import CNIError, TransientStoreError
 from ..log import log
@@ -45,10 +47,8 @@ class _PoolsWithUsage:
         if kind == "DELETED" or snap is None or not self.leading():
             return
         try:
-            from netaddr import IPNetwork
-
             first, last = usable_bounds(IPNetwork(snap.cidr))
-        except (ValueError, TypeError, Exception):
+        except (AddrFormatError, ValueError, TypeError):
             return
         view = PoolView(snap, "", "", last - first + 1)
         self.recorder.pool_usage(self.pools.namespace, name, view.used(), view.size)
