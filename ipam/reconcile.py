@@ -336,6 +336,14 @@ class Reconciler:
     def release_holdings(self, held: Sequence[audit.Holding], summary: Summary | None = None) -> list[int]:
         """Release exactly these leases of one pool (each only if unchanged), then their reservations;
         returns the offsets released. Errors go to `summary` when given, else they are raised."""
+        gone = self.release_leases(held, summary)
+        for h in held:
+            if h.offset in gone:
+                self.release_reservation(h, summary)
+        return gone
+
+    def release_leases(self, held: Sequence[audit.Holding], summary: Summary | None = None) -> list[int]:
+        """The pool write of `release_holdings`: these leases of one pool, each only if unchanged."""
         if not held:
             return []
         view = held[0].pool
@@ -346,26 +354,27 @@ class Reconciler:
             return {k: v for k, v in allocations.items() if k not in gone}, gone
 
         try:
-            gone = self.engine.mutate_pool(view.name, view.snapshot.cidr, change)
+            return self.engine.mutate_pool(view.name, view.snapshot.cidr, change)
         except STORE_ERRORS as exc:
             if summary is None:
                 raise
             summary.errors += 1
             self.say(summary, f"error releasing in pool {view.name}: {exc}")
             return []
-        for h in held:
-            if h.offset not in gone or not h.address:
-                continue
-            try:
-                self.engine.unreserve_name(
-                    h.reservation, h.lease.id, h.lease.ifname, time.monotonic() + 30, quiet=False
-                )
-            except CNIError as exc:
-                if summary is None:
-                    raise
-                summary.errors += 1
-                self.say(summary, f"error deleting reservation {h.reservation}: {exc}")
-        return gone
+
+    def release_reservation(self, h: audit.Holding, summary: Summary | None = None) -> None:
+        """The reservation of a lease just released (only if it still names that container)."""
+        if not h.address:
+            return
+        try:
+            self.engine.unreserve_name(
+                h.reservation, h.lease.id, h.lease.ifname, time.monotonic() + 30, quiet=False
+            )
+        except CNIError as exc:
+            if summary is None:
+                raise
+            summary.errors += 1
+            self.say(summary, f"error deleting reservation {h.reservation}: {exc}")
 
     # -- reservations -----------------------------------------------------------------------------
 
@@ -480,6 +489,14 @@ class Reconciler:
             self.change(summary, "remove-turn", f"{verb} {text} reason=abandoned", **fields)
 
 
+def connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kubeconfig and --namespace, as ipam-reconcile and ipam-controller take them."""
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    parser.add_argument(
+        "--namespace", help="namespace of the IPPools (default: the kubeconfig context's, else kube-system)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipam-reconcile",
@@ -487,10 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         "whose pods no longer exist, delete orphan reservations, recreate missing ones, return slices of "
         "gone nodes.",
     )
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
-    parser.add_argument(
-        "--namespace", help="namespace of the IPPools (default: the kubeconfig context's, else kube-system)"
-    )
+    connection_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="change nothing; print what would be released")
     parser.add_argument("--interval", type=float, help="run a pass every SECONDS forever (default: one pass)")
     parser.add_argument(

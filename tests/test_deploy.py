@@ -263,6 +263,11 @@ RECONCILER_CLUSTER_RULES = {
     ("", "nodes"): {"list"},
     ("apps", "statefulsets"): {"list", "get"},  # sticky addresses: the StatefulSet ends a retention
 }
+CONTROLLER_CLUSTER_RULES = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "nodes"): {"list", "watch"},
+    ("events.k8s.io", "events"): {"create"},
+}
 
 
 def granted(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -301,15 +306,37 @@ def test_roles_grant_exactly_the_verbs_each_component_uses_in_the_pools_namespac
 WEBHOOK_ROLE = "whereabouts-py-controller-webhook"
 
 
-def test_only_the_reconciler_has_cluster_wide_rights_listing_pods_and_nodes() -> None:
-    cluster_roles = [o for o in all_objects() if o["kind"] == "ClusterRole" and o["metadata"]["name"] != WEBHOOK_ROLE]
-    assert [r["metadata"]["name"] for r in cluster_roles] == ["whereabouts-py-reconciler"]
-    assert granted(cluster_roles[0]) == RECONCILER_CLUSTER_RULES
+def test_only_the_reconciler_and_controller_have_cluster_wide_rights_reading_pods_and_nodes() -> None:
+    cluster_roles = {
+        o["metadata"]["name"]: o for o in all_objects() if o["kind"] == "ClusterRole" and o["metadata"]["name"] != WEBHOOK_ROLE
+    }
+    assert sorted(cluster_roles) == ["whereabouts-py-controller", "whereabouts-py-reconciler"]
+    assert granted(cluster_roles["whereabouts-py-reconciler"]) == RECONCILER_CLUSTER_RULES
+    assert granted(cluster_roles["whereabouts-py-controller"]) == CONTROLLER_CLUSTER_RULES
     assert_bound("ClusterRole", "whereabouts-py-reconciler", "whereabouts-py-reconciler")
-    assert [o["metadata"]["name"] for o in all_objects() if o["kind"] == "ClusterRoleBinding"] == [
+    assert_bound("ClusterRole", "whereabouts-py-controller", "whereabouts-py-controller")
+    assert sorted(o["metadata"]["name"] for o in all_objects() if o["kind"] == "ClusterRoleBinding") == [
+        "whereabouts-py-controller",
         "whereabouts-py-reconciler",
         WEBHOOK_ROLE,
     ]
+
+
+def test_the_controller_may_read_and_renew_its_own_lease_only() -> None:
+    role = find("Role", "whereabouts-py-controller")
+    leases = [r for r in role["rules"] if "coordination.k8s.io" in r["apiGroups"]]
+    assert leases == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["whereabouts-py-controller"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    assert find("Lease", "whereabouts-py-controller")["metadata"]["namespace"] == "kube-system"
+    deployment = find("Deployment", "whereabouts-py-controller")
+    assert deployment["spec"]["replicas"] == 2
+    assert "--leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
 def test_the_installer_may_mint_tokens_for_the_plugins_account_only() -> None:

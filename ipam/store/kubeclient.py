@@ -390,6 +390,29 @@ class KubeClient:
             return json.loads(data) if data else {}
         raise AssertionError("unreachable")
 
+    def stream(
+        self, path: str, params: dict[str, Any], accept: str, read_timeout: float
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """A GET whose answer is read as it comes (a watch): its own connection, never pooled; the
+        caller reads lines from the response and closes the connection."""
+        headers = {"Accept": accept, "User-Agent": "whereabouts-py"}
+        auth = self._authorization()
+        if auth:
+            headers["Authorization"] = auth
+        conn = self._new_connection()
+        try:
+            assert conn.sock is not None
+            conn.sock.settimeout(read_timeout)
+            conn.request("GET", self.prefix + path + f"?{urlencode(params)}", headers=headers)
+            response = conn.getresponse()
+            if response.status >= 400:
+                data = response.read()
+                raise ApiError(response.status, response.reason, data.decode("utf-8", errors="replace"))
+        except BaseException:
+            conn.close()
+            raise
+        return conn, response
+
     def _release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         if response.will_close:
             conn.close()

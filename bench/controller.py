@@ -1,0 +1,461 @@
+"""ipam-controller on a real kube-apiserver at the issue's size: 10,000 pods (20 namespaces), 20,000
+leases (two per pod, `net1` and `net2`) in 80 node slices' IPPools of one NodeSlicePool, each lease with
+its reservation. Measures, each next to a same-run reference:
+
+- a full `ipam-reconcile` pass, against the bare paged LISTs that any full scan must make (pods,
+  IPPools, reservations, as raw JSON);
+- the controller's memory (RSS once listed and scraped, and its peak), against the same interpreter
+  with the same imports and nothing listed; plus what the `kubernetes` client holds for the same pods
+  as full V1Pod objects (what a whole-object informer, or kopf, receives) and as metadata-only dicts;
+- deletion -> release latency at 50 pod deletions a second, against deletion -> the DELETED event on a
+  pod watch of our own (the floor of any watch-driven release).
+
+    python -m bench.controller [--pods 10000] [--deletions 500] [--rate 50]
+
+Starts etcd + kube-apiserver from $KUBEBUILDER_ASSETS (tests/kubeapi/real.py). `make bench-controller`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ipam.allocator import Lease, dump_allocations, parse_allocations  # noqa: E402
+from ipam.ranges import pool_name, reservation_name  # noqa: E402
+from ipam.reconcile import main as reconcile_main  # noqa: E402
+from ipam.slices import NodeSlices, SliceEntry  # noqa: E402
+from ipam.store.kubeclient import KubeClient, load_kubeconfig  # noqa: E402
+from ipam.store.kubernetes import KubernetesStore  # noqa: E402
+from tests.kubeapi.real import RealCluster, assets_dir, free_port  # noqa: E402
+
+NS = "whereabouts"
+NETWORK = "storage"
+POOLS = 80
+OLD = "2026-01-01T00:00:00Z"
+VENV_BIN = Path(sys.executable).parent
+
+
+def pod_body(name: str, j: int) -> dict[str, Any]:
+    """A pod of ordinary size (labels, a Multus network-status, two containers with env and mounts)."""
+    status = json.dumps(
+        [{"name": f"{NS}/{NETWORK}", "interface": f"net{k}", "ips": [f"10.128.{j % 80}.{k}"]} for k in (1, 2)]
+    )
+    env = [{"name": f"VAR_{k}", "value": f"value-{k}-{j}"} for k in range(10)]
+    container = {
+        "name": "app",
+        "image": "registry.example.com/app:1.2.3",
+        "env": env,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app": f"app-{j % 50}", "tier": "storage", "release": "r1", "shard": str(j % 7)},
+            "annotations": {
+                "k8s.v1.cni.cncf.io/networks": f"{NETWORK},{NETWORK}",
+                "k8s.v1.cni.cncf.io/network-status": status,
+            },
+        },
+        "spec": {
+            "containers": [container, {**container, "name": "sidecar"}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    }
+
+
+def slice_cidr(i: int) -> str:
+    return f"10.128.{i}.0/24"
+
+
+def populate(client: KubeClient, store: KubernetesStore, pods: int) -> dict[str, str]:
+    """Pods, one NodeSlicePool with 80 slices, 80 IPPools holding two leases per pod, reservations;
+    returns {podref: uid}."""
+    namespaces = [f"apps-{k}" for k in range(20)]
+    for ns in [NS, *namespaces]:
+        client.request("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+
+    def make(j: int) -> tuple[str, str]:
+        ns = namespaces[j % 20]
+        pod = client.request("POST", f"/api/v1/namespaces/{ns}/pods", pod_body(f"pod-{j}", j))
+        return f"{ns}/pod-{j}", str(pod["metadata"]["uid"])
+
+    for i in range(POOLS):
+        client.request(
+            "POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{i}"}}
+        )
+    with ThreadPoolExecutor(16) as pool:
+        uids = dict(pool.map(make, range(pods)))
+    refs = list(uids)
+    store.write_node_slices(
+        NodeSlices(NETWORK, "10.128.0.0/16", "24", (), None),
+        [SliceEntry(f"node-{i}", slice_cidr(i)) for i in range(POOLS)],
+    )
+    allocations: list[dict[int, Lease]] = [{} for _ in range(POOLS)]
+    reservations = []
+    import netaddr
+
+    for j, ref in enumerate(refs):
+        for k, (p, base) in enumerate(((j % POOLS, 0), ((j + POOLS // 2) % POOLS, pods // POOLS))):
+            offset = base + j // POOLS + 1
+            lease = Lease(f"ctr-{j}", ref, f"net{k + 1}", node=f"node-{p}", poduid=uids[ref], created=OLD)
+            allocations[p][offset] = lease
+            address = netaddr.IPAddress(int(netaddr.IPNetwork(slice_cidr(p)).first) + offset)
+            reservations.append((reservation_name(address, NETWORK), lease))
+    for p in range(POOLS):
+        name = pool_name(slice_cidr(p), f"{NETWORK}-node-{p}")
+        body = {
+            "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+            "kind": "IPPool",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"range": slice_cidr(p), "allocations": dump_allocations(allocations[p])},
+        }
+        client.request("POST", f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/ippools", body)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda r: store.reserve(r[0], r[1]), reservations))
+    return uids
+
+
+def list_all(client: KubeClient, path: str, accept: str = "application/json") -> list[Any]:
+    items: list[Any] = []
+    token = None
+    while True:
+        params = {"limit": "500", **({"continue": token} if token else {})}
+        page = client.request("GET", path, params=params, accept=accept)
+        items += page["items"]
+        token = page["metadata"].get("continue")
+        if not token:
+            return items
+
+
+def timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def child_rss(code: str, kubeconfig: str) -> tuple[float, float]:
+    """RSS of a fresh interpreter running `code` (which holds what it built), measured by the child."""
+    script = (
+        code
+        + "\nimport pathlib\ns = dict(l.split(':', 1) for l in pathlib.Path('/proc/self/status').read_text().splitlines())\n"
+    )
+    script += "print(int(s['VmRSS'].split()[0]) / 1024, int(s['VmHWM'].split()[0]) / 1024)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+        env={**os.environ, "KUBECONFIG_PATH": kubeconfig, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    a, b = out.stdout.split()[-2:]
+    return float(a), float(b)
+
+
+IMPORTS = "import ipam.controller.main, ipam.controller.leader, kubernetes.client, prometheus_client\n"
+K8S_FULL = IMPORTS + (
+    "import os\nfrom kubernetes import client, config\nconfig.load_kube_config(os.environ['KUBECONFIG_PATH'])\n"
+    "held = client.CoreV1Api().list_pod_for_all_namespaces(limit=100000).items\nassert len(held) > 0\n"
+)
+K8S_META = IMPORTS + (
+    "import os, json\nfrom kubernetes import client, config\nconfig.load_kube_config(os.environ['KUBECONFIG_PATH'])\n"
+    "r = client.CoreV1Api().list_pod_for_all_namespaces(limit=100000, _preload_content=False, _headers="
+    "{'Accept': 'application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1'})\n"
+    "held = json.loads(r.data)['items']\nassert len(held) > 0\n"
+)
+
+
+def wait_http(url: str, seconds: float = 600) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+class ReleaseWatch(threading.Thread):
+    """Watches IPPools (and pods, the reference) as admin; records when each deleted pod's last lease
+    left the pools, and when its DELETED event came."""
+
+    def __init__(self, client: KubeClient, held: dict[str, set[str]]) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.held = held  # podref -> pool names holding its leases
+        self.released: dict[str, float] = {}
+        self.deleted: dict[str, float] = {}
+        self.stop = False
+
+    def run(self) -> None:
+        threading.Thread(target=self._pods, daemon=True).start()
+        rv = self.client.request(
+            "GET", f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/ippools", params={"limit": "1"}
+        )["metadata"]["resourceVersion"]
+        conn, resp = self.client.stream(
+            f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/ippools",
+            {"watch": "1", "resourceVersion": rv}, "application/json", 600,
+        )  # fmt: skip
+        while not self.stop:
+            line = resp.readline()
+            if not line:
+                break
+            obj = json.loads(line)["object"]
+            now = time.monotonic()
+            name = obj["metadata"]["name"]
+            present = {
+                lease.podref for lease in parse_allocations(obj["spec"].get("allocations") or {}).values()
+            }
+            for ref, pools in list(self.held.items()):
+                if name in pools and ref not in present:
+                    pools.discard(name)
+                    if not pools:
+                        self.released[ref] = now
+                        del self.held[ref]
+        conn.close()
+
+    def _pods(self) -> None:
+        rv = self.client.request("GET", "/api/v1/pods", params={"limit": "1"})["metadata"]["resourceVersion"]
+        accept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+        conn, resp = self.client.stream("/api/v1/pods", {"watch": "1", "resourceVersion": rv}, accept, 600)
+        while not self.stop:
+            line = resp.readline()
+            if not line:
+                break
+            event = json.loads(line)
+            if event["type"] == "DELETED":
+                meta = event["object"]["metadata"]
+                self.deleted[f"{meta['namespace']}/{meta['name']}"] = time.monotonic()
+        conn.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.controller")
+    parser.add_argument("--pods", type=int, default=10000)
+    parser.add_argument("--deletions", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=50.0, help="pod deletions a second")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    assets = assets_dir()
+    if assets is None:
+        sys.exit("bench.controller: KUBEBUILDER_ASSETS is unset")
+    work = Path(tempfile.mkdtemp(prefix="bench-controller-"))
+    cluster = RealCluster(assets, work).start()
+    controller: subprocess.Popen[bytes] | None = None
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        creds = load_kubeconfig(cluster.admin_kubeconfig)
+        client = KubeClient(creds, timeout=(5.0, 120.0))
+        store = KubernetesStore(client, NS, str(work / "locks"))
+        t0 = time.perf_counter()
+        uids = populate(client, store, args.pods)
+        print(
+            f"populated {len(uids)} pods, {2 * len(uids)} leases in {time.perf_counter() - t0:.0f}s",
+            file=sys.stderr,
+        )
+
+        # -- the full ipam-reconcile pass --------------------------------------------------------
+        base = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}"
+        lists = timed(
+            lambda: [
+                list_all(client, p)
+                for p in ("/api/v1/pods", f"{base}/ippools", f"{base}/overlappingrangeipreservations")
+            ]
+        )
+        out = io.StringIO()
+        reconcile = timed(
+            lambda: reconcile_main(
+                ["--kubeconfig", cluster.admin_kubeconfig, "--namespace", NS, "--grace", "300"], out=out
+            )
+        )
+        summary = out.getvalue().strip().splitlines()[-1]
+        rows.append(
+            (
+                "full ipam-reconcile pass",
+                f"{reconcile:.2f} s",
+                f"{reconcile / lists:.2f}x",
+                f"bare paged LISTs of pods, IPPools, reservations: {lists:.2f} s ({summary})",
+            )
+        )
+
+        # -- the controller's memory -----------------------------------------------------------
+        metrics, probes = free_port(), free_port()
+        command = [
+            str(VENV_BIN / "ipam-controller"), "--leader-elect", "--kubeconfig", cluster.admin_kubeconfig, "--namespace", NS,
+            "--metrics-bind-address", f"127.0.0.1:{metrics}", "--health-probe-bind-address", f"127.0.0.1:{probes}",
+        ]  # fmt: skip
+        controller = subprocess.Popen(command, stderr=open(work / "controller.log", "wb"))  # noqa: SIM115
+        wait_http(f"http://127.0.0.1:{probes}/readyz")
+        time.sleep(3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=120) as r:
+            scraped = r.read().decode()
+        allocated = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in scraped.splitlines()
+            if line.startswith("whereabouts_py_pool_allocated_addresses{")
+        )
+        now_rss, peak = rss(controller.pid)
+        floor, _ = child_rss(IMPORTS, cluster.admin_kubeconfig)
+        full, full_peak = child_rss(K8S_FULL, cluster.admin_kubeconfig)
+        meta, meta_peak = child_rss(K8S_META, cluster.admin_kubeconfig)
+        rows.append(
+            (
+                "controller RSS, listed + scraped",
+                f"{now_rss:.0f} MB (peak {peak:.0f})",
+                f"{now_rss / floor:.2f}x",
+                f"same imports, nothing listed: {floor:.0f} MB; metrics saw {allocated:.0f} leases",
+            )
+        )
+        rows.append(
+            (
+                "kubernetes client holding the pods as V1Pod",
+                f"{full:.0f} MB (peak {full_peak:.0f})",
+                f"{full / floor:.2f}x",
+                "what a whole-object informer (kopf's watch too) receives",
+            )
+        )
+        rows.append(
+            (
+                "kubernetes client holding the pods as metadata dicts",
+                f"{meta:.0f} MB (peak {meta_peak:.0f})",
+                f"{meta / floor:.2f}x",
+                "PartialObjectMetadataList, raw JSON",
+            )
+        )
+
+        # -- deletion -> release at --rate deletions a second ----------------------------------------
+        victims = list(uids)[: args.deletions]
+        watcher = ReleaseWatch(
+            client,
+            {
+                ref: {
+                    pool_name(slice_cidr(j % POOLS), f"{NETWORK}-node-{j % POOLS}"),
+                    pool_name(
+                        slice_cidr((j + POOLS // 2) % POOLS), f"{NETWORK}-node-{(j + POOLS // 2) % POOLS}"
+                    ),
+                }
+                for j, ref in enumerate(victims)
+            },
+        )
+        watcher.start()
+        time.sleep(1)
+        sent: dict[str, float] = {}
+        start = time.monotonic()
+
+        def delete(i: int) -> None:
+            ref = victims[i]
+            ns, name = ref.split("/")
+            delay = start + i / args.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sent[ref] = time.monotonic()
+            client.request("DELETE", f"/api/v1/namespaces/{ns}/pods/{name}", {"gracePeriodSeconds": 0})
+
+        cpu_before = (
+            cpu_seconds(controller.pid),
+            cpu_seconds(cluster.apiserver.pid) if cluster.apiserver else 0.0,
+        )
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(delete, range(len(victims))))
+        end = time.monotonic() + 60
+        while len(watcher.released) < len(victims) and time.monotonic() < end:
+            time.sleep(0.2)
+        watcher.stop = True
+        cpu_ctl = cpu_seconds(controller.pid) - cpu_before[0]
+        cpu_api = (cpu_seconds(cluster.apiserver.pid) if cluster.apiserver else 0.0) - cpu_before[1]
+        drained = time.monotonic() - start
+        lat = [watcher.released[r] - sent[r] for r in victims if r in watcher.released]
+        ref_lat = [watcher.deleted[r] - sent[r] for r in victims if r in watcher.deleted]
+        p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+        r50, r99 = percentile(ref_lat, 0.5), percentile(ref_lat, 0.99)
+        missing = len(victims) - len(lat)
+        rows.append(
+            (
+                f"deletion -> release, {args.rate:g}/s, {len(victims)} pods, p50",
+                f"{p50 * 1000:.0f} ms",
+                f"{p50 / r50:.1f}x",
+                f"deletion -> our pod watch's DELETED event: p50 {r50 * 1000:.0f} ms",
+            )
+        )
+        rows.append(
+            (
+                f"deletion -> release, {args.rate:g}/s, {len(victims)} pods, p99",
+                f"{p99 * 1000:.0f} ms",
+                f"{p99 / r99:.1f}x",
+                f"p99 {r99 * 1000:.0f} ms; not released within 60 s: {missing}; mean {statistics.mean(lat) * 1000:.0f} ms",
+            )
+        )
+        rows.append(
+            (
+                "CPU from the first deletion to the last release",
+                f"controller {cpu_ctl:.1f} s",
+                "",
+                f"kube-apiserver {cpu_api:.1f} s, over {drained:.1f} s of wall",
+            )
+        )
+    finally:
+        if controller is not None:
+            controller.terminate()
+            controller.wait(timeout=20)
+        cluster.stop()
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    load = os.getloadavg()[0]
+    text = [
+        f"\n## {stamp} — ipam-controller at {args.pods} pods, {2 * args.pods} leases, {POOLS} slice pools (`make bench-controller`, {commit})\n",
+        f"Server: real kube-apiserver + etcd from $KUBEBUILDER_ASSETS; load average at the end {load:.1f} (the machine is shared).\n",
+        "| figure | value | x reference | same-run reference |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+    ]
+    report = "\n".join(text)
+    print(report)
+    with open(args.results, "a", encoding="utf-8") as fh:
+        fh.write(report)
+    return 0
+
+
+if __name__ == "__main__":
+    http.client.HTTPConnection.debuglevel = 0
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""The reclaim worker: pods the watches point at are looked up by name on the API server, judged
+(ipam.controller.rules, i.e. ipam.audit) and their leaked leases released through `ipam-reconcile`'s
+own conditional write (`Reconciler.release_holdings`): one judgement, two triggers.
+
+Why a stale cache never releases a live pod's lease: the caches only choose which pods to look at.
+The decision reads the pod with a GET by name (no resourceVersion: a consistent read, never a stale
+cache), made after the lease was seen; a pod exists before its ADD runs, so a lease seen before a 404
+belongs to a pod that is gone (a pod recreated under its name has a new UID, and its lease is another
+lease). The release then removes the lease only if the pool still holds exactly that lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from ..audit import Holding
+from ..errors import CNIError, TransientStoreError
+from ..log import log
+from ..reconcile import Reconciler, Summary
+from .cache import Finished, Nodes, Pods, Pools
+from .rules import Release, judge
+
+PARALLEL = 8  # GETs of pods side by side
+# pools written side by side. More is not faster: each round is one write of the whole IPPool, whose
+# cost on the API server grows with its leases, so fewer, fuller rounds cost it less (32 were slower
+# than 8 at 10,000 pods, bench/RESULTS.md)
+WRITERS = 8
+GetPod = Callable[[str], "Mapping[str, Any] | None"]
+
+
+class Releaser(Protocol):
+    """`Reconciler`'s release path: the pool write, then each released lease's reservation."""
+
+    def release_leases(self, held: Sequence[Holding], summary: Summary | None = None) -> list[int]: ...
+    def release_reservation(self, h: Holding, summary: Summary | None = None) -> None: ...
+
+
+class Reclaimer:
+    """A queue of podrefs to look at, and the one thread that works it (only while leading)."""
+
+    def __init__(
+        self,
+        pods: Pods,
+        finished: Finished,
+        nodes: Nodes,
+        pools: Pools,
+        get_pod: GetPod,
+        releaser: Releaser,
+        is_leader: Callable[[], bool],
+        not_ready_after: float | None = None,
+        on_release: Callable[[Release], None] | None = None,
+    ) -> None:
+        self.pods, self.finished, self.nodes, self.pools = pods, finished, nodes, pools
+        self.get_pod = get_pod
+        self.releaser = releaser
+        self.is_leader = is_leader
+        self.not_ready_after = not_ready_after
+        self.on_release = on_release
+        self.released: Counter[str] = Counter()  # by reason
+        self.errors = 0
+        self._queue: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.ready = False  # every cache has been listed once: until then a missing pod means nothing
+        # a batch's GETs run side by side, and so do the pools' writers (each pool's leases in one
+        # conditional write per round): each is a round trip to the API server. Apart, so that looks
+        # never wait behind writes.
+        self._lookers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-get")
+        self._threads = ThreadPoolExecutor(WRITERS, thread_name_prefix="reclaim-write")
+        self._unreservers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-reservation")
+        self._count = threading.Lock()
+        self._idle = threading.Condition()  # guards _pending and _writing
+        self._pending: dict[str, list[Release]] = defaultdict(list)  # pool -> judged, not yet written
+        self._writing: set[str] = set()  # pools a _drain is working on
+
+    # -- what the caches point at -----------------------------------------------------------------
+
+    def notify(self, refs: Iterable[str]) -> None:
+        """Pods whose leases may be leaked now: queued if the caches say they might be."""
+        if not self.ready:
+            return
+        picked = [r for r in refs if self.suspicious(r)]
+        if picked:
+            with self._cond:
+                self._queue.update(picked)
+                self._cond.notify()
+
+    def suspicious(self, ref: str) -> bool:
+        """Worth a GET: the pod holds leases and is missing, replaced, finished or terminating as far
+        as the caches know. A live-looking pod is not looked up (the CronJob's pass still is)."""
+        names = self.pools.holding(ref)
+        if not names:
+            return False
+        meta = self.pods.get(ref)
+        if meta is None or meta.deleting or self.finished.has(ref, meta.uid):
+            return True
+        return bool(self.pools.poduids(ref) - {meta.uid})
+
+    def sweep(self) -> None:
+        """Every pod holding leases (once every cache is listed, and on becoming leader)."""
+        self.ready = True
+        self.notify(self.pools.podrefs())
+
+    def nodes_changed(self) -> None:
+        self.notify(self.pods.terminating())
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reclaim", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._lookers.shutdown(wait=False)
+        self._unreservers.shutdown(wait=False)
+        self._threads.shutdown(wait=False)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch, self._queue = self._queue, set()
+            self.work(batch)
+
+    def work(self, batch: Iterable[str]) -> None:
+        """Look at each pod of `batch` side by side (when leading), and hand what was judged leaked to
+        its pool's writer (`_drain`) without waiting for it. A pod whose look or release failed is
+        queued again."""
+        if not self.is_leader():
+            return  # the leader does it; a new leader sweeps everything
+
+        def look(ref: str) -> list[Release]:
+            with self._guard([ref]):
+                return self.judge(ref)
+            return []
+
+        refs = sorted(batch)
+        by_pool: dict[str, list[Release]] = defaultdict(list)
+        for judged in self._lookers.map(look, refs):
+            for r in judged:
+                by_pool[r.holding.pool.name].append(r)
+        start = []
+        with self._idle:
+            for pool, group in by_pool.items():
+                self._pending[pool] += group
+                if pool not in self._writing:
+                    self._writing.add(pool)
+                    start.append(pool)
+        for pool in start:
+            self._threads.submit(self._drain, pool)
+        log.debug("controller.batch", pods=len(refs), pools=len(by_pool))
+
+    def _drain(self, pool: str) -> None:
+        """The one writer of `pool` at a time: releases whatever has been judged for it, in one
+        conditional write per round, until nothing is left."""
+        while True:
+            with self._idle:
+                group = self._pending.pop(pool, [])
+                if not group:
+                    self._writing.discard(pool)
+                    self._idle.notify_all()
+                    return
+            if self.is_leader():
+                with self._guard(sorted({r.holding.lease.podref for r in group})):
+                    self.release(group)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Until every judged release has been written (tests; the worker never waits)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._writing, timeout)
+
+    @contextlib.contextmanager
+    def _guard(self, refs: list[str]) -> Iterator[None]:
+        try:
+            yield
+        except (CNIError, TransientStoreError) as exc:
+            with self._count:
+                self.errors += 1
+            log.warning("controller.reclaim.error", podrefs=refs, error=str(exc))
+            with self._cond:
+                self._queue.update(refs)  # looked at again with the next batch
+        except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
+            with self._count:
+                self.errors += 1
+            log.error("controller.reclaim.failed", podrefs=refs, error=f"{type(exc).__name__}: {exc}")
+
+    def take(self) -> set[str]:
+        """The queued pods, now (the worker's batch; tests drive `work` with it)."""
+        with self._cond:
+            batch, self._queue = self._queue, set()
+        return batch
+
+    def judge(self, ref: str) -> list[Release]:
+        """Look pod `ref` up and judge its leases: those to release."""
+        names = self.pools.holding(ref)
+        if not names:
+            return []
+        with self.pools.lock:
+            pools = [self.pools.pools[n] for n in names if n in self.pools.pools]
+            slice_pools = list(self.pools.slice_pools.values())
+        pod = self.get_pod(ref)  # after the leases were read: see the module's docstring
+        log.debug(
+            "controller.reclaim.look", podref=ref, uid=str(((pod or {}).get("metadata") or {}).get("uid", ""))
+        )
+        return judge(
+            ref, pod, pools, slice_pools, self.nodes.snapshot(), datetime.now(UTC), self.not_ready_after
+        )
+
+    def release(self, group: list[Release]) -> list[Release]:
+        """Release judged leases of one pool (each only if unchanged since), counted once the pool is
+        written; their reservations are deleted side by side after. What was released."""
+        summary = Summary()
+        gone = set(self.releaser.release_leases([r.holding for r in group], summary))
+        done = [r for r in group if r.holding.offset in gone]
+        with self._count:
+            self.errors += summary.errors
+            self.released.update(r.reason for r in done)
+        for r in done:
+            h = r.holding
+            log.info(
+                "controller.release",
+                podref=h.lease.podref,
+                pool=h.pool.name,
+                address=h.address,
+                reason=r.reason,
+            )
+            self._unreservers.submit(self._unreserve, h)
+            if self.on_release is not None:
+                self.on_release(r)
+        return done
+
+    def _unreserve(self, h: Holding) -> None:
+        summary = Summary()
+        with self._guard([]):
+            self.releaser.release_reservation(h, summary)
+        if summary.errors:
+            with self._count:
+                self.errors += summary.errors
+            log.warning("controller.reservation.error", reservation=h.reservation, lines=summary.lines)
+
+
+class _Discard(io.StringIO):
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def quiet_reconciler(source: Any) -> Reconciler:
+    """`ipam-reconcile`'s Reconciler, used only for its release path (errors are counted and logged here)."""
+    return Reconciler(source, grace=0.0, dry_run=False, out=_Discard())
