@@ -1,0 +1,80 @@
+"""Adversarial review of issue 22 items 2-4 (node slices): interleavings that still give one address to
+two pods, or leave an answered lease where its DEL cannot find it. Real kube-apiserver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipam import nodeslices
+from ipam.agent import Agent
+from tests.kubeapi.real import RealKube
+from tests.test_nodeslices_isolation import WB, address, conf, direct, holder, nsp_path, through
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache() -> None:
+    nodeslices.forget_cache()
+
+
+def _pool(kube: RealKube, name: str) -> dict[str, Any]:
+    return kube.request("GET", f"/apis/{WB}/namespaces/{kube.namespace}/ippools/{name}")
+
+
+def test_verified_window_gives_a_duplicate_when_the_slices_new_holder_makes_no_reservations(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 5 s window trusts the reservation to keep n2's address from n1, but the reservation guards
+    only against writers that make one. One network (one network_name, so one NodeSlicePool, one set of
+    slice pool and reservation names) whose NADs (or nodes' flat files) differ in
+    enable_overlapping_ranges: n1's agent (reservations on) checked slice 1 a moment ago; the
+    NodeSlicePool is deleted while no pod uses it; n2 (reservations off) claims slice 1 and answers its
+    first address; n1's agent, inside its window, writes the same address into its own slice pool,
+    reserves it (nobody else did) and answers it."""
+    n1 = conf(real_kube, tmp_path, "n1", name="nad-a", network_name="blue", enable_overlapping_ranges=True)
+    n2 = conf(real_kube, tmp_path, "n2", name="nad-b", network_name="blue", enable_overlapping_ranges=False)
+    monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 3600.0)  # the calls below stand for < 5 s
+    agent = Agent()
+    try:
+        assert through(agent, real_kube, "ADD", "a0", n1)[0] == 0
+        assert through(agent, real_kube, "DEL", "a0", n1)[0] == 0
+        real_kube.request("DELETE", nsp_path(real_kube, "blue"))  # no pod uses its addresses
+        code, theirs = direct(real_kube, "ADD", "b0", n2, forget=False)
+        assert code == 0, theirs
+        assert holder(real_kube, address(theirs), "blue") == "n2"
+        code, mine = through(agent, real_kube, "ADD", "a1", n1)
+    finally:
+        agent.close()
+    assert code != 0 or address(mine) != address(theirs), f"{address(mine)} answered to a1 on n1 and b0 on n2"
+
+
+def test_a_lease_answered_inside_the_verified_window_is_released_by_its_del(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: a lease in a slice its node no longer holds comes "only [from] a foreign controller". The
+    verified window makes one without any: the NodeSlicePool is deleted while no pod uses it, n2
+    claims slice 1, n1's agent answers a1 from slice 1 inside its window, then learns the slice is
+    lost (a2, past the window) and claims another. a1's DEL then looks only in n1's current slices:
+    it answers success and leaves a1's lease (and its reservation) behind."""
+    n1 = conf(real_kube, tmp_path, "n1", enable_overlapping_ranges=True)
+    n2 = conf(real_kube, tmp_path, "n2", enable_overlapping_ranges=True)
+    monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 3600.0)
+    agent = Agent()
+    try:
+        assert through(agent, real_kube, "ADD", "a0", n1)[0] == 0
+        assert through(agent, real_kube, "DEL", "a0", n1)[0] == 0
+        real_kube.request("DELETE", nsp_path(real_kube, "net1"))
+        assert direct(real_kube, "ADD", "b0", n2, forget=False)[0] == 0
+        code, inside = through(agent, real_kube, "ADD", "a1", n1)
+        assert code == 0, inside
+        assert holder(real_kube, address(inside)) == "n2"  # answered from a slice n1 does not hold
+        monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 0.0)
+        assert through(agent, real_kube, "ADD", "a2", n1)[0] == 0
+        code, out = through(agent, real_kube, "DEL", "a1", n1)
+        assert code == 0, out
+    finally:
+        agent.close()
+    left = _pool(real_kube, "n1-10.0.0.0-26")["spec"]["allocations"]
+    assert not any(v.get("id") == "a1" for v in left.values()), f"a1's lease survives its DEL: {left}"
