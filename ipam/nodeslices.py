@@ -402,6 +402,14 @@ class Slicer:
             return False
         if self.network_name:
             return True
+        if pool.network_name:  # a named network's mark: other networks' checks would pass this one by
+            raise CNIError(
+                errors.DATASTORE_ERROR,
+                f"NodeSlicePool {self.pool_name} is marked as network_name {pool.network_name[:63]!r}'s, "
+                "but this network has no network_name: other networks without one would not see it "
+                "on the range",
+                f"set network_name in the ipam config of network {self.pool_name}",
+            )
         with _LOCK:
             if pool.uid and self._st.alone.get(self.pool_name) == pool.uid:
                 return True

@@ -78,3 +78,35 @@ def test_a_lease_answered_inside_the_verified_window_is_released_by_its_del(
         agent.close()
     left = _pool(real_kube, "n1-10.0.0.0-26")["spec"]["allocations"]
     assert not any(v.get("id") == "a1" for v in left.values()), f"a1's lease survives its DEL: {left}"
+
+
+@pytest.mark.parametrize("mode", ["direct", "agent"])
+def test_an_unnamed_network_on_a_named_networks_nodeslicepool_does_not_hide_it_from_the_clash_check(
+    real_kube: RealKube, tmp_path: Path, mode: str
+) -> None:
+    """Item 3's check skips NodeSlicePools marked with a network_name. NAD "blue" (no network_name)
+    uses the NodeSlicePool "blue" that NAD "blue-2" (network_name "blue") created, marked "blue"; NAD
+    "net2" (no network_name) on the same range is made long after (no clock margin involved) and judges
+    "blue" as a named network's, so is not refused. Without reservations "blue" on n1 and "net2" on n2
+    both write the first address of slice 1 into slice pools named after the node alone, and answer it."""
+    off = {"enable_overlapping_ranges": False}
+    named = conf(real_kube, tmp_path, "n1", name="blue-2", network_name="blue", **off)
+    blue = conf(real_kube, tmp_path, "n1", name="blue", **off)
+    net2 = conf(real_kube, tmp_path, "n2", name="net2", **off)
+    agent = Agent()
+
+    def add(cid: str, netconf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if mode == "agent":
+            return through(agent, real_kube, "ADD", cid, netconf)
+        return direct(real_kube, "ADD", cid, netconf, forget=False)
+
+    try:
+        assert add("c0", named)[0] == 0  # makes NodeSlicePool "blue", marked network_name "blue"
+        mine = add("a0", blue)[1]
+        theirs = add("b0", net2)[1]
+    finally:
+        agent.close()
+    answered = [d for d in (mine, theirs) if "ips" in d]
+    assert len({address(d) for d in answered}) == len(answered), f"one address answered twice: {mine} {theirs}"
+    assert mine.get("code") == 103 and "network_name" in mine["msg"], mine
+    assert not _pool(real_kube, "n1-10.0.0.0-26")["spec"].get("allocations")  # its lease taken back
