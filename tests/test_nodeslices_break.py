@@ -110,3 +110,29 @@ def test_an_unnamed_network_on_a_named_networks_nodeslicepool_does_not_hide_it_f
     assert len({address(d) for d in answered}) == len(answered), f"one address answered twice: {mine} {theirs}"
     assert mine.get("code") == 103 and "network_name" in mine["msg"], mine
     assert not _pool(real_kube, "n1-10.0.0.0-26")["spec"].get("allocations")  # its lease taken back
+
+
+def test_deleting_an_empty_nodeslicepool_during_an_add_in_flight_gives_no_address_twice(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's remedy for a changed cut (delete the NodeSlicePool once no pod uses its addresses)
+    raced by an ADD in flight: every slice pool is empty when the operator looks, n1's ADD writes its
+    lease and its check finds the slice n1's; the NodeSlicePool is deleted before n1 answers, and n2
+    claims slice 1. Without reservations nothing then keeps n2 from n1's address."""
+    n1, n2 = conf(real_kube, tmp_path, "n1"), conf(real_kube, tmp_path, "n2")
+    assert direct(real_kube, "ADD", "a0", n1)[0] == 0
+    assert direct(real_kube, "DEL", "a0", n1)[0] == 0  # every slice pool empty: "no pod uses it"
+    theirs: list[dict[str, Any]] = []
+    check = nodeslices.Slicer._check_held
+
+    def then_delete(self: nodeslices.Slicer, engine: Any, slice_range: str, deadline: float) -> bool:
+        held = check(self, engine, slice_range, deadline)
+        if self.node == "n1" and not theirs:
+            real_kube.request("DELETE", nsp_path(real_kube, "net1"))
+            theirs.append(direct(real_kube, "ADD", "b0", n2, forget=False)[1])
+        return held
+
+    monkeypatch.setattr(nodeslices.Slicer, "_check_held", then_delete)
+    mine = direct(real_kube, "ADD", "a1", n1)[1]
+    assert "ips" in mine and "ips" in theirs[0], (mine, theirs)
+    assert address(mine) != address(theirs[0]), f"{address(mine)} answered on n1 and on n2"
