@@ -215,6 +215,9 @@ class Request:
     network: str = ""  # the CNI config `name`
     token: str = ""  # this ADD call's id; a lease carrying it was created by this call
     kind: str = ""  # the lease's kind: "", REQUESTED or STATIC
+    # offsets of this ADD's static addresses in the range: never the attachment's own lease, even where
+    # a CRD that prunes `attrs` (Whereabouts') has dropped their `kind`
+    statics: frozenset[int] = frozenset()
 
     def lease(self) -> Lease:
         return Lease(
@@ -247,6 +250,8 @@ class Decision:
 
 def find_owner(allocations: Allocations, request: Request) -> int | None:
     for offset in sorted(allocations):
+        if offset in request.statics:
+            continue
         if allocations[offset].holds_for(request.podref, request.ifname, request.container_id):
             return offset
     return None
@@ -362,7 +367,11 @@ def _allocate_wanted(allocations: Allocations, request: Request, want: int) -> D
     holder = allocations.get(want)
     if holder is not None:
         mine = holder.owned_by(request.podref, request.ifname, request.container_id)
-        if not mine or (holder.kind == STATIC) != (request.kind == STATIC):
+        if request.kind == STATIC:  # its own static lease again, or one whose `kind` a CRD pruned
+            mine = mine and holder.kind != REQUESTED
+        else:
+            mine = mine and holder.kind != STATIC and want not in request.statics
+        if not mine:
             raise Taken(want, holder)
         return _reuse(allocations, want, request)
     remaining = dict(allocations)

@@ -118,27 +118,32 @@ def verdict(lease: Lease, address: str, pod: PodInfo | None, now: datetime, grac
     return "not-in-network-status"
 
 
-def statefulset_index(statefulsets: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    """`ns/name` -> `spec.replicas` (1 when unset, as Kubernetes defaults it) of each StatefulSet."""
-    out: dict[str, int] = {}
+def statefulset_index(statefulsets: Sequence[Mapping[str, Any]]) -> dict[str, range]:
+    """`ns/name` -> the ordinals each StatefulSet covers: `spec.ordinals.start` (0 when unset) up to
+    it plus `spec.replicas` (1 when unset, as Kubernetes defaults them)."""
+    out: dict[str, range] = {}
     for sts in statefulsets:
         meta = sts.get("metadata") or {}
-        replicas = (sts.get("spec") or {}).get("replicas", 1)
+        spec = sts.get("spec") or {}
+        replicas = spec.get("replicas", 1)
+        start = (spec.get("ordinals") or {}).get("start", 0)
         if meta.get("deletionTimestamp"):
             continue  # being deleted: its pods go, and so does what is kept for them
-        out[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = replicas if isinstance(replicas, int) else 1
+        replicas = replicas if isinstance(replicas, int) else 1
+        start = start if isinstance(start, int) else 0
+        out[f"{meta.get('namespace', '')}/{meta.get('name', '')}"] = range(start, start + replicas)
     return out
 
 
 def retention_verdict(
-    lease: Lease, pod: PodInfo | None, statefulsets: Mapping[str, int] | None, now: datetime
+    lease: Lease, pod: PodInfo | None, statefulsets: Mapping[str, range] | None, now: datetime
 ) -> str | None:
     """Why a retained lease (sticky: released by its DEL, kept for its pod name) is kept no longer
     (sticky-expired, statefulset-gone, statefulset-scaled-down, not-a-statefulset-pod), or None while
     it is kept. The one rule `ipam-reconcile` and `ipam-controller` both apply.
 
     Kept while `until` (sticky_seconds) is ahead; with sticky `statefulset` also while the StatefulSet
-    the pod name belongs to (`db-3`: `db`) exists and its replicas cover the ordinal. A pod of that
+    the pod name belongs to (`db-3`: `db`) exists and its ordinals (`statefulset_index`) cover it. A pod of that
     name that exists again (re-created, its ADD not yet done) keeps it too: that ADD takes it back.
     `statefulsets` None: they could not be read, so no StatefulSet retention is ended.
     """
@@ -157,10 +162,10 @@ def retention_verdict(
     if statefulsets is None:
         return None
     name, ordinal = owner
-    replicas = statefulsets.get(name)
-    if replicas is None:
+    covered = statefulsets.get(name)
+    if covered is None:
         return "statefulset-gone"
-    if ordinal >= replicas:
+    if ordinal not in covered:
         return "statefulset-scaled-down"
     return None
 
@@ -169,7 +174,7 @@ def lease_verdict(
     lease: Lease,
     address: str,
     pod: PodInfo | None,
-    statefulsets: Mapping[str, int] | None,
+    statefulsets: Mapping[str, range] | None,
     now: datetime,
     grace: float,
 ) -> str | None:
@@ -284,7 +289,7 @@ class Inventory:
     notes: tuple[str, ...] = ()  # what could not be read, so was not judged
     slices_read: bool = True  # False: the NodeSlicePools could not be read (notes say why)
     # `statefulset_index`: what ends StatefulSet retention (sticky); None when not read
-    statefulsets: Mapping[str, int] | None = None
+    statefulsets: Mapping[str, range] | None = None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ NODE_ONLY_KEYS = (
 )
 # Sizes a tenant's config may not pass (code 7 naming the key and the limit): far above real configs,
 # low enough that one config's ranges cost the agent a bounded time and memory (ranges.CACHE_BYTES).
-LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024}
+LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024, "addresses": 64}  # addresses: one reservation each
 MAX_EXCLUDES = 8192  # all exclude lists of one config together
 _PATH_KEYS = ("log_file", "data_dir", "configuration_path", "agent_socket", "kubeconfig")
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
@@ -121,7 +121,8 @@ class IPAMConfig(_Model):
     addresses: list[StaticAddress] = Field(default_factory=list)
     # sticky addresses (README "Requested and sticky addresses"): a DEL keeps the lease for its pod name
     sticky: Literal["statefulset"] | None = None
-    sticky_seconds: int | None = Field(default=None, ge=1, le=366 * 86400)
+    # strict: `true` (meaning "on") would otherwise be read as 1 second, and "60" as 60
+    sticky_seconds: Annotated[int, Field(strict=True, ge=1, le=366 * 86400)] | None = None
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     configuration_path: str | None = None
     log_file: OptionalHostPath = None
@@ -175,6 +176,9 @@ def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
 def check_limits(raw: Mapping[str, Any]) -> None:
     """Refuse lists past LIMITS before any of their entries is parsed."""
     lists: list[tuple[str, Any]] = [("ipam.exclude", raw.get("exclude"))]
+    statics = raw.get("addresses")
+    if isinstance(statics, list) and len(statics) > LIMITS["addresses"]:
+        raise _too_many("ipam.addresses", len(statics), LIMITS["addresses"])
     for alias in ("ipRanges", "ip_ranges", "routes"):
         value = raw.get(alias)
         limit = LIMITS["routes" if alias == "routes" else "ipRanges"]

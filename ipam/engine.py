@@ -433,12 +433,13 @@ class Engine:
         reached: list[AddOp] = []
         try:
             for spec in ranges:
-                for want in [w for w in wants if w.spec == spec and w.kind == STATIC]:
-                    op = AddOp(spec, replace(request, kind=STATIC), want.offset)
-                    reached.append(op)
-                    self._add_one(op, deadline)
+                offsets = frozenset(w.offset for w in wants if w.spec == spec and w.kind == STATIC)
+                own = replace(request, statics=offsets)
+                statics = [AddOp(spec, replace(own, kind=STATIC), offset) for offset in sorted(offsets)]
+                reached += statics
+                self._add_statics(statics, deadline)
                 requested = next((w.offset for w in wants if w.spec == spec and w.kind == REQUESTED), None)
-                op = AddOp(spec, request if requested is None else replace(request, kind=REQUESTED), requested)
+                op = AddOp(spec, own if requested is None else replace(own, kind=REQUESTED), requested)
                 reached.append(op)
                 done.append(self._add_one(op, deadline))
         except BaseException:
@@ -449,6 +450,17 @@ class Engine:
                 self._release_quietly(op.spec, request, undo_deadline, untokened=op.created)
             raise
         return done
+
+    def _add_statics(self, ops: list[AddOp], deadline: float) -> None:
+        """One range's static addresses in one batch (one pool write however many a NAD lists); in
+        node slices each on its own (each finds its slice)."""
+        if not ops or self._sliced(ops[0].spec) is not None:
+            for op in ops:
+                self._add_one(op, deadline)
+            return
+        self._submit(self._pool(ops[0].spec), ops[0].spec.cidr, list(ops), deadline)
+        if (error := next((op.error for op in ops if op.error is not None), None)) is not None:
+            raise error
 
     def _submit(self, name: str, cidr: str, ops: list[Op], deadline: float) -> None:
         (self.runner or Engine.apply_batch)(self, name, cidr, ops, deadline)

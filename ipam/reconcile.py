@@ -80,7 +80,7 @@ class Source(Protocol):
     def pods(self) -> dict[str, PodInfo] | None: ...
     def slice_pools(self) -> list[SlicePool]: ...
     def nodes(self) -> frozenset[str] | None: ...
-    def statefulsets(self) -> dict[str, int] | None:
+    def statefulsets(self) -> dict[str, range] | None:
         """`audit.statefulset_index` of the cluster's StatefulSets (sticky retention); None: none to read."""
         ...
 
@@ -114,7 +114,7 @@ class KubeSource:
     def nodes(self) -> frozenset[str]:
         return frozenset(self.kube.list_nodes())
 
-    def statefulsets(self) -> dict[str, int]:
+    def statefulsets(self) -> dict[str, range]:
         return statefulset_index(self.kube.list_statefulsets())
 
     def delete_reservation(self, reservation: Reservation) -> None:
@@ -183,7 +183,7 @@ def gather(source: Source) -> Inventory:
     notes: list[str] = []
     if pods is None:
         notes.append("leaked leases not judged: the file datastore has no pod list")
-    statefulsets: dict[str, int] | None = None
+    statefulsets: dict[str, range] | None = None
     if any(lease.retained and lease.sticky == STATEFULSET for p in pools for lease in p.allocations.values()):
         try:  # only when a lease is kept for a StatefulSet: the common pass lists nothing more
             statefulsets = source.statefulsets()
@@ -424,6 +424,10 @@ class Reconciler:
                 self.store.unreserve(name, h.lease.id, h.lease.ifname)
                 self.say(summary, f"skip reservation={name}: its lease was released meanwhile")
                 return
+            if current.id != h.lease.id:
+                # the pod's new sandbox took the lease back meanwhile (sticky, or re-created by name) and
+                # `reserve` just gave its reservation to the old one: hand it back to the holder
+                self.store.reserve(name, current)
         except (*STORE_ERRORS, ConflictError) as exc:
             summary.errors += 1
             self.say(summary, f"error creating reservation {name}: {exc}")

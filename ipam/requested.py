@@ -89,6 +89,9 @@ def requested_wants(runtime_config: Mapping[str, Any], ranges: Sequence[RangeSpe
     return wants
 
 
+MAX_IP_ARGS = 64  # CNI_ARGS IP=: as many as ipam.addresses may list (config.LIMITS)
+
+
 def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str]) -> list[Static]:
     """Whereabouts' static addresses: `ipam.addresses`, then CNI_ARGS `IP=` (comma-separated CIDRs);
     CNI_ARGS `GATEWAY=` sets the gateway of every one whose network holds it."""
@@ -104,7 +107,12 @@ def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str])
         if entry.get("gateway"):
             gateway, _ = _address(f"config: ipam.addresses[{i}].gateway", entry["gateway"], errors.INVALID_CONFIG)
         out.append(Static(address, network, gateway))
-    for item in filter(None, (t.strip() for t in cni_args.get("IP", "").split(","))):
+    listed = [t for t in (t.strip() for t in cni_args.get("IP", "").split(",")) if t]
+    if len(listed) > MAX_IP_ARGS:
+        raise CNIError(
+            errors.INVALID_ENV, f"invalid CNI_ARGS IP: {len(listed)} addresses, more than the limit of {MAX_IP_ARGS}"
+        )
+    for item in listed:
         address, network = _address("CNI_ARGS IP", item, errors.INVALID_ENV)
         if network is None:
             raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS IP: {item!r} is not a CIDR")

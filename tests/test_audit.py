@@ -265,31 +265,31 @@ LATER = (NOW + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
 @pytest.mark.parametrize(
     ("held", "pod", "statefulsets", "expected"),
     [
-        (retained("db-1", "statefulset"), None, {"ns/db": 2}, None),
-        (retained("db-1", "statefulset"), None, {"ns/db": 1}, "statefulset-scaled-down"),
+        (retained("db-1", "statefulset"), None, {"ns/db": range(2)}, None),
+        (retained("db-1", "statefulset"), None, {"ns/db": range(1)}, "statefulset-scaled-down"),
         (retained("db-1", "statefulset"), None, {}, "statefulset-gone"),
-        (retained("db-1", "statefulset"), None, {"other/db": 3}, "statefulset-gone"),
+        (retained("db-1", "statefulset"), None, {"other/db": range(3)}, "statefulset-gone"),
         (retained("db-1", "statefulset"), None, None, None),  # StatefulSets unknown: kept
         (retained("web", "statefulset"), None, {"ns/web": 1}, "not-a-statefulset-pod"),
-        (retained("db-01", "statefulset"), None, {"ns/db": 5}, "not-a-statefulset-pod"),
+        (retained("db-01", "statefulset"), None, {"ns/db": range(5)}, "not-a-statefulset-pod"),
         (retained("web", until=LATER), None, None, None),
         (retained("web", until=OLD), None, None, "sticky-expired"),
         (retained("web", until="garbage"), None, None, "sticky-expired"),
         (retained("web", until=OLD), live("new-uid"), None, None),  # re-created: its ADD takes it back
         (retained("db-1", "statefulset", until=LATER), None, {}, None),  # either rule keeps it
-        (retained("db-1", "statefulset", until=OLD), None, {"ns/db": 2}, None),
+        (retained("db-1", "statefulset", until=OLD), None, {"ns/db": range(2)}, None),
         (lease("web"), None, {}, None),  # not retained: the ordinary verdict's business
     ],
 )
 def test_retention_verdict(
-    held: Lease, pod: PodInfo | None, statefulsets: dict[str, int] | None, expected: str | None
+    held: Lease, pod: PodInfo | None, statefulsets: dict[str, range] | None, expected: str | None
 ) -> None:
     assert audit.retention_verdict(held, pod, statefulsets, NOW) == expected
 
 
 def test_retained_leases_are_judged_by_retention_not_by_the_missing_pod() -> None:
     leases = {1: retained("db-0", "statefulset"), 2: retained("db-1", "statefulset"), 3: retained("x", until=OLD)}
-    inv = Inventory([pool("p", "10.0.0.0/24", leases)], pods={}, statefulsets={"ns/db": 1})
+    inv = Inventory([pool("p", "10.0.0.0/24", leases)], pods={}, statefulsets={"ns/db": range(1)})
     found = [(p.kind, p.address, p.detail, p.fix) for p in audit.audit(inv, NOW, GRACE) if p.kind == audit.LEAKED]
     assert found == [
         ("leaked", "10.0.0.2", "statefulset-scaled-down", audit.RELEASE),
@@ -307,4 +307,17 @@ def test_statefulset_index_reads_replicas_and_skips_ones_being_deleted() -> None
         {"metadata": {"namespace": "a", "name": "one"}, "spec": {}},
         {"metadata": {"namespace": "a", "name": "going", "deletionTimestamp": OLD}, "spec": {"replicas": 2}},
     ]
-    assert audit.statefulset_index(objs) == {"a/db": 3, "a/one": 1}
+    assert audit.statefulset_index(objs) == {"a/db": range(3), "a/one": range(1)}
+
+
+def test_statefulset_index_covers_the_ordinals_from_the_start_ordinal() -> None:
+    objs = [{"metadata": {"namespace": "a", "name": "db"}, "spec": {"replicas": 2, "ordinals": {"start": 5}}}]
+    covered = audit.statefulset_index(objs)
+    assert covered == {"a/db": range(5, 7)}
+    assert audit.retention_verdict(retained("db-5", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW) is None
+    assert audit.retention_verdict(retained("db-7", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW) == (
+        "statefulset-scaled-down"
+    )
+    assert audit.retention_verdict(retained("db-1", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW) == (
+        "statefulset-scaled-down"
+    )

@@ -45,6 +45,11 @@ def _excludes(count: int, seed: int) -> list[str]:
             1024,
         ),
         (
+            {"range": "10.0.0.0/8", "addresses": [{"address": f"10.0.0.{i}/8"} for i in range(1, 66)]},
+            "ipam.addresses",
+            64,
+        ),
+        (
             {
                 "range": "10.0.0.0/8",
                 "exclude": _excludes(4000, 3),
@@ -266,3 +271,14 @@ def test_an_absolute_network_name_reads_nothing_outside_data_dir(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.json", "whereabouts.conf"] + (
         ["d"] if (tmp_path / "d").exists() else []
     )
+
+
+def test_more_static_addresses_in_cni_args_than_the_limit_is_code_4() -> None:
+    """Each static address is one reservation write: CNI_ARGS `IP=` is held to ipam.addresses' limit."""
+    from ipam.requested import MAX_IP_ARGS, statics
+
+    listed = ",".join(f"10.0.{i // 250}.{i % 250 + 1}/8" for i in range(MAX_IP_ARGS + 1))
+    with pytest.raises(CNIError) as caught:
+        statics([], {"IP": listed})
+    assert caught.value.code == errors.INVALID_ENV and f"limit of {MAX_IP_ARGS}" in caught.value.msg
+    assert len(statics([], {"IP": listed.rsplit(",", 1)[0]})) == MAX_IP_ARGS

@@ -45,8 +45,8 @@ class ModelSource(FileSource):
     def pods(self) -> dict[str, PodInfo]:  # type: ignore[override]
         return {f"ns/{name}": PodInfo("", "Running", False, None, None) for name in self.machine.live}
 
-    def statefulsets(self) -> dict[str, int] | None:  # type: ignore[override]
-        return {} if self.machine.replicas is None else {"ns/db": self.machine.replicas}
+    def statefulsets(self) -> dict[str, range] | None:  # type: ignore[override]
+        return {} if self.machine.replicas is None else {"ns/db": range(self.machine.replicas)}
 
 
 class StickyMachine(RuleBasedStateMachine):
