@@ -1,15 +1,20 @@
-"""Adversarial review of issue 22 items 2-4 (node slices): interleavings that still give one address to
-two pods, or leave an answered lease where its DEL cannot find it. Real kube-apiserver."""
+"""Adversarial review of issue 22 items 2-4 (node slices), and the fixes: interleavings that gave one
+address to two pods (a check vouching for later writes, deleting a NodeSlicePool under an ADD in
+flight), and answered leases a DEL cannot find. Real kube-apiserver."""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipam import nodeslices
+from ipam import nodeslices, reconcile
 from ipam.agent import Agent
+from ipam.ctl import main as ctl_main
+from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealKube
 from tests.test_nodeslices_isolation import WB, address, conf, direct, holder, nsp_path, through
 
@@ -23,19 +28,18 @@ def _pool(kube: RealKube, name: str) -> dict[str, Any]:
     return kube.request("GET", f"/apis/{WB}/namespaces/{kube.namespace}/ippools/{name}")
 
 
-def test_verified_window_gives_a_duplicate_when_the_slices_new_holder_makes_no_reservations(
-    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_write_into_a_slice_lost_to_a_node_making_no_reservations_is_not_answered(
+    real_kube: RealKube, tmp_path: Path
 ) -> None:
-    """The 5 s window trusts the reservation to keep n2's address from n1, but the reservation guards
-    only against writers that make one. One network (one network_name, so one NodeSlicePool, one set of
-    slice pool and reservation names) whose NADs (or nodes' flat files) differ in
-    enable_overlapping_ranges: n1's agent (reservations on) checked slice 1 a moment ago; the
-    NodeSlicePool is deleted while no pod uses it; n2 (reservations off) claims slice 1 and answers its
-    first address; n1's agent, inside its window, writes the same address into its own slice pool,
-    reserves it (nobody else did) and answers it."""
+    """A reservation guards an address only against writers that make one. One network (one
+    network_name, so one NodeSlicePool, one set of slice pool and reservation names) whose NADs (or
+    nodes' flat files) differ in enable_overlapping_ranges: n1's agent (reservations on) checked slice
+    1 a moment ago; the NodeSlicePool is deleted while no pod uses it; n2 (reservations off) claims
+    slice 1 and answers its first address. n1's agent must not write the same address into its own
+    slice pool, reserve it (nobody else did) and answer it: its write is checked too (there was a
+    window in which a recent check vouched for it)."""
     n1 = conf(real_kube, tmp_path, "n1", name="nad-a", network_name="blue", enable_overlapping_ranges=True)
     n2 = conf(real_kube, tmp_path, "n2", name="nad-b", network_name="blue", enable_overlapping_ranges=False)
-    monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 3600.0)  # the calls below stand for < 5 s
     agent = Agent()
     try:
         assert through(agent, real_kube, "ADD", "a0", n1)[0] == 0
@@ -50,34 +54,77 @@ def test_verified_window_gives_a_duplicate_when_the_slices_new_holder_makes_no_r
     assert code != 0 or address(mine) != address(theirs), f"{address(mine)} answered to a1 on n1 and b0 on n2"
 
 
-def test_a_lease_answered_inside_the_verified_window_is_released_by_its_del(
-    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _leases(kube: RealKube) -> dict[str, str]:
+    """Container id -> pool, over every IPPool."""
+    return {
+        v["id"]: p["metadata"]["name"]
+        for p in kube.api.objects("ippools", kube.namespace)
+        for v in (p["spec"].get("allocations") or {}).values()
+    }
+
+
+def _reserved(kube: RealKube) -> dict[str, str]:
+    """Reservation name -> container id."""
+    return {r["metadata"]["name"]: r["spec"]["containerid"] for r in kube.api.objects("overlappingrangeipreservations", kube.namespace)}
+
+
+def test_after_a_lost_slice_the_agent_answers_from_its_own_slice_and_the_del_releases_it(
+    real_kube: RealKube, tmp_path: Path
 ) -> None:
-    """README: a lease in a slice its node no longer holds comes "only [from] a foreign controller". The
-    verified window makes one without any: the NodeSlicePool is deleted while no pod uses it, n2
-    claims slice 1, n1's agent answers a1 from slice 1 inside its window, then learns the slice is
-    lost (a2, past the window) and claims another. a1's DEL then looks only in n1's current slices:
-    it answers success and leaves a1's lease (and its reservation) behind."""
+    """The NodeSlicePool is deleted while no pod uses it and n2 claims slice 1; n1's warm agent finds
+    its slice lost after its next lease write, takes the lease back, claims a slice of its own and
+    answers from it, so the DEL (which looks in the node's slices) finds and releases it."""
     n1 = conf(real_kube, tmp_path, "n1", enable_overlapping_ranges=True)
     n2 = conf(real_kube, tmp_path, "n2", enable_overlapping_ranges=True)
-    monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 3600.0)
     agent = Agent()
     try:
         assert through(agent, real_kube, "ADD", "a0", n1)[0] == 0
         assert through(agent, real_kube, "DEL", "a0", n1)[0] == 0
         real_kube.request("DELETE", nsp_path(real_kube, "net1"))
         assert direct(real_kube, "ADD", "b0", n2, forget=False)[0] == 0
-        code, inside = through(agent, real_kube, "ADD", "a1", n1)
-        assert code == 0, inside
-        assert holder(real_kube, address(inside)) == "n2"  # answered from a slice n1 does not hold
-        monkeypatch.setattr(nodeslices, "VERIFIED_FRESH_SECONDS", 0.0)
-        assert through(agent, real_kube, "ADD", "a2", n1)[0] == 0
+        code, mine = through(agent, real_kube, "ADD", "a1", n1)
+        assert code == 0, mine
+        assert holder(real_kube, address(mine)) == "n1"
+        assert _leases(real_kube)["a1"].startswith("n1-")
         code, out = through(agent, real_kube, "DEL", "a1", n1)
         assert code == 0, out
     finally:
         agent.close()
-    left = _pool(real_kube, "n1-10.0.0.0-26")["spec"]["allocations"]
-    assert not any(v.get("id") == "a1" for v in left.values()), f"a1's lease survives its DEL: {left}"
+    assert "a1" not in _leases(real_kube) and "a1" not in _reserved(real_kube).values()
+
+
+def test_a_lease_in_a_slice_lost_while_its_pod_lived_is_released_by_the_reconciler(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
+    """What README forbids, done anyway: the NodeSlicePool deleted while pod a1 uses slice 1 (a raw
+    delete, or a foreign controller reassigning the slice). n2 claims slice 1 (a1's reservation keeps
+    its address from n2), n1's next ADD finds the slice lost and moves to a slice of its own. a1's DEL
+    looks only in the slices n1 holds now, so it answers success without finding the lease: the
+    reconciler releases it (and its reservation) once the pod is gone, and keeps the live ones."""
+    n1 = conf(real_kube, tmp_path, "n1", enable_overlapping_ranges=True)
+    n2 = conf(real_kube, tmp_path, "n2", enable_overlapping_ranges=True)
+    agent = Agent()
+    try:
+        code, first = through(agent, real_kube, "ADD", "a1", n1)
+        assert code == 0, first
+        real_kube.request("DELETE", nsp_path(real_kube, "net1"))  # while a1 uses its address
+        code, theirs = direct(real_kube, "ADD", "b0", n2, forget=False)
+        assert code == 0, theirs
+        code, moved = through(agent, real_kube, "ADD", "a2", n1)
+        assert code == 0, moved
+        assert through(agent, real_kube, "DEL", "a1", n1)[0] == 0
+    finally:
+        agent.close()
+    assert len({address(first), address(theirs), address(moved)}) == 3
+    assert holder(real_kube, address(theirs)) == "n2" and holder(real_kube, address(moved)) == "n1"
+    ns = real_kube.namespace
+    for pod, doc in (("b0", theirs), ("a2", moved)):
+        status = json.dumps([{"name": "net1", "interface": "eth0", "ips": [address(doc)]}])
+        real_kube.api.put_pod(ns, pod, annotations={"k8s.v1.cni.cncf.io/network-status": status})
+    out = io.StringIO()
+    assert reconcile.main(["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"], out) == 0, out.getvalue()
+    assert set(_leases(real_kube)) == {"b0", "a2"}, out.getvalue()
+    assert sorted(_reserved(real_kube).values()) == ["a2", "b0"], out.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["direct", "agent"])
@@ -112,27 +159,87 @@ def test_an_unnamed_network_on_a_named_networks_nodeslicepool_does_not_hide_it_f
     assert not _pool(real_kube, "n1-10.0.0.0-26")["spec"].get("allocations")  # its lease taken back
 
 
-def test_deleting_an_empty_nodeslicepool_during_an_add_in_flight_gives_no_address_twice(
-    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _delete_nodeslicepool(kube: RealKube, name: str = "net1") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = ctl_main(["--kubeconfig", kube.kubeconfig_path, "delete-nodeslicepool", name], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("when", ["before-write", "after-write", "after-check"])
+def test_ipamctl_delete_nodeslicepool_during_an_add_in_flight_gives_no_address_twice(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    """README's remedy for a changed cut (delete the NodeSlicePool once no pod uses its addresses)
-    raced by an ADD in flight: every slice pool is empty when the operator looks, n1's ADD writes its
-    lease and its check finds the slice n1's; the NodeSlicePool is deleted before n1 answers, and n2
-    claims slice 1. Without reservations nothing then keeps n2 from n1's address."""
+    """README's remedy for a changed cut (ipamctl delete-nodeslicepool), run while n1's ADD is in
+    flight, every slice pool empty when the operator looks: just before n1's lease write, just after
+    it, and after n1's check found the slice n1's (its answer not yet given). Then n2 ADDs. Without
+    reservations nothing but the command keeps n2 from n1's address: a lease being written is either
+    seen (the command refuses, naming it) or refused by the retired pool (n1 goes on elsewhere)."""
     n1, n2 = conf(real_kube, tmp_path, "n1"), conf(real_kube, tmp_path, "n2")
     assert direct(real_kube, "ADD", "a0", n1)[0] == 0
     assert direct(real_kube, "DEL", "a0", n1)[0] == 0  # every slice pool empty: "no pod uses it"
-    theirs: list[dict[str, Any]] = []
-    check = nodeslices.Slicer._check_held
+    ran: list[Any] = []
 
-    def then_delete(self: nodeslices.Slicer, engine: Any, slice_range: str, deadline: float) -> bool:
-        held = check(self, engine, slice_range, deadline)
-        if self.node == "n1" and not theirs:
-            real_kube.request("DELETE", nsp_path(real_kube, "net1"))
-            theirs.append(direct(real_kube, "ADD", "b0", n2, forget=False)[1])
-        return held
+    def interleave(point: str) -> None:
+        if point != when or ran:
+            return
+        ran.append(when)
+        ran.append(_delete_nodeslicepool(real_kube))
+        ran.append(direct(real_kube, "ADD", "b0", n2, forget=False)[1])
 
-    monkeypatch.setattr(nodeslices.Slicer, "_check_held", then_delete)
+    write = nodeslices.FencedStore.write_pool
+
+    def writing(self: nodeslices.FencedStore, snapshot: Any, allocations: Any) -> Any:
+        if snapshot.name.startswith("n1-"):
+            interleave("before-write")
+        written = write(self, snapshot, allocations)
+        if snapshot.name.startswith("n1-"):
+            interleave("after-write")
+        return written
+
+    held = nodeslices.Slicer._still_held
+
+    def checked(self: nodeslices.Slicer, engine: Any, slice_range: str, deadline: float) -> bool:
+        kept = held(self, engine, slice_range, deadline)
+        if self.node == "n1":
+            interleave("after-check")
+        return kept
+
+    monkeypatch.setattr(nodeslices.FencedStore, "write_pool", writing)
+    monkeypatch.setattr(nodeslices.Slicer, "_still_held", checked)
     mine = direct(real_kube, "ADD", "a1", n1)[1]
-    assert "ips" in mine and "ips" in theirs[0], (mine, theirs)
-    assert address(mine) != address(theirs[0]), f"{address(mine)} answered on n1 and on n2"
+    _, (code, out, err), theirs = ran
+    assert "ips" in mine and "ips" in theirs, (mine, theirs)
+    assert address(mine) != address(theirs), f"{address(mine)} answered on n1 and on n2"
+    assert holder(real_kube, address(mine)) == "n1" and holder(real_kube, address(theirs)) == "n2"
+    if when == "before-write":  # no lease yet: returned and deleted; n1's write then found its pool gone
+        assert code == 0 and out.splitlines()[-1] == "delete nodeslicepool=net1", (out, err)
+    else:  # the lease is in the pool: the command refuses and names it
+        assert code == 1 and "slice 10.0.0.0/26 of node n1 holds 1 lease(s): 10.0.0.1 (" in err, (out, err)
+
+
+def test_ipamctl_delete_nodeslicepool_is_refused_when_a_node_claims_just_before_the_delete(
+    real_kube: RealKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command has returned every slice and reads the NodeSlicePool free; before its DELETE is
+    made, n2 claims slice 1 and answers its first address. The DELETE carries the uid and
+    resourceVersion read as preconditions, so it is refused (409); the command looks again, finds n2's
+    lease and refuses. Deleted anyway, n3 would claim slice 1 anew and answer n2's address."""
+    n1, n2, n3 = (conf(real_kube, tmp_path, n) for n in ("n1", "n2", "n3"))
+    assert direct(real_kube, "ADD", "a0", n1)[0] == 0
+    assert direct(real_kube, "DEL", "a0", n1)[0] == 0
+    theirs: list[dict[str, Any]] = []
+    delete = KubernetesStore.delete_node_slices
+
+    def claimed_first(self: KubernetesStore, pool: Any) -> None:
+        if not theirs:
+            theirs.append(direct(real_kube, "ADD", "b0", n2, forget=False)[1])
+        delete(self, pool)
+
+    monkeypatch.setattr(KubernetesStore, "delete_node_slices", claimed_first)
+    code, out, err = _delete_nodeslicepool(real_kube)
+    assert code == 1 and "slice 10.0.0.0/26 of node n2 holds 1 lease(s)" in err, (out, err)
+    assert "ips" in theirs[0], theirs
+    assert holder(real_kube, address(theirs[0])) == "n2"  # the NodeSlicePool is still there
+    code, mine = direct(real_kube, "ADD", "c0", n3)
+    assert code == 0, mine
+    assert address(mine) != address(theirs[0])
