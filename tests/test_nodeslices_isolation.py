@@ -205,6 +205,7 @@ def test_a_changed_cut_is_refused_alike_by_a_warm_agent_and_in_direct_mode(
     assert (warm.get("code"), cold.get("code")) == (103, 103), (warm, cold)
     assert warm["msg"] == cold["msg"]
     assert "NodeSlicePool blue cuts range 10.0.0.0/24 into /26 slices" in warm["msg"]
+    assert "run `ipamctl delete-nodeslicepool blue`" in warm["details"]  # the safe way to change the cut
 
 
 # -- item 3: two networks without network_name on one range ------------------------------------------
