@@ -46,7 +46,7 @@ WARNINGS = frozenset({MISSING})  # a network may run with enable_overlapping_ran
 RELEASE = "release"
 DELETE_RESERVATION = "delete-reservation"
 CREATE_RESERVATION = "create-reservation"
-# slices of gone nodes are returned by node slices' own reclaim (`nodeslices.return_slices`, same pass)
+# slices of gone nodes are returned by node slices' own reclaim (`slicereturn.return_slices`, same pass)
 
 
 def parse_time(value: object) -> datetime | None:
@@ -495,7 +495,7 @@ def audit(inventory: Inventory, now: datetime, grace: float) -> list[Problem]:
     records none), an orphan reservation older than `grace`, a missing reservation of a lease older
     than `grace` that is not leaked (only in networks that use reservations at all). A slice of a
     node that no longer exists is reported here and returned by node slices' reclaim in the same
-    pass (`nodeslices.return_slices`: once its pool holds no lease and has been idle for `grace`).
+    pass (`slicereturn.return_slices`: once its pool holds no lease and has been idle for `grace`).
     Duplicates, mismatched reservations and out-of-range leases need a person.
     """
     views = pool_views(inventory)

@@ -389,6 +389,41 @@ def cmd_repair(args: argparse.Namespace, source: Source, o: Output) -> int:
     return PROBLEMS if summary.errors else OK
 
 
+def cmd_delete_nodeslicepool(args: argparse.Namespace, source: Source, o: Output) -> int:
+    """Delete a NodeSlicePool (a changed cut) safely: `slicereturn.delete_node_slices`."""
+    from .slicereturn import KeptChanging, SlicesInUse, delete_node_slices
+    from .store.slicestore import SliceStore
+
+    store = source.store
+    if not isinstance(store, SliceStore):
+        raise Failure("this datastore has no NodeSlicePools")
+    refused: list[str] = []
+    try:
+        lines = delete_node_slices(store, args.name, args.dry_run)
+    except LookupError as exc:
+        raise Failure(str(exc)) from None
+    except SlicesInUse as exc:
+        lines = exc.lines
+        refused = [f"NodeSlicePool {args.name} is not deleted: {b}" for b in exc.busy]
+    except KeptChanging as exc:
+        raise Failure(str(exc)) from None
+    if o.json:
+        o.dump(
+            {
+                "dry_run": args.dry_run,
+                "deleted": any(line.startswith("delete ") for line in lines),
+                "lines": lines,
+                "refused": refused,
+            }
+        )
+    else:
+        for line in lines:
+            o.write(line)
+        for reason in refused:
+            o.err.write(printable(f"ipamctl: refused: {reason}") + "\n")
+    return PROBLEMS if refused else OK
+
+
 def _where(source: Source) -> str:
     return f"{source.where}/" if source.where else ""
 
@@ -489,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(repair, suppress=True)
     repair.add_argument("--dry-run", action="store_true", help="change nothing; print what would change")
     _grace(repair, "minimum age in seconds of a lease or reservation before it is changed (default: 300)")
+
+    nsp = commands.add_parser(
+        "delete-nodeslicepool",
+        help="delete a NodeSlicePool (to change a network's cut) once none of its slices holds a lease",
+    )
+    _common(nsp, suppress=True)
+    nsp.add_argument("name", metavar="NAME", help="the NodeSlicePool (the network_name, else the network's name)")
+    nsp.add_argument("--dry-run", action="store_true", help="change nothing; print what would change")
     return parser
 
 
@@ -521,7 +564,13 @@ def open_source(args: argparse.Namespace) -> Source:
     return KubeSource(store)
 
 
-COMMANDS = {"show": cmd_show, "check": cmd_check, "release": cmd_release, "repair": cmd_repair}
+COMMANDS = {
+    "show": cmd_show,
+    "check": cmd_check,
+    "release": cmd_release,
+    "repair": cmd_repair,
+    "delete-nodeslicepool": cmd_delete_nodeslicepool,
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Node slices, the I/O side: where a range's leases live for this node, claiming a slice, reclaim.
+"""Node slices, the I/O side: where a range's leases live for this node, claiming a slice (giving
+slices back, reclaim and deleting a NodeSlicePool, is `ipam.slicereturn`).
 
 With `node_slice_size` the engine hands a sliced range to a `Slicer` (its `slicer` hook). The slicer
 reads the NodeSlicePool (cached per process, so the agent keeps it warm), tries the node's slices in
@@ -19,35 +20,32 @@ Safety of returning a slice rests on two rules:
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from . import errors
 from .allocator import Allocations, Lease
-from .errors import CNIError, ConflictError, PoolRetiredError, TransientStoreError
+from .errors import CNIError, ConflictError, PoolRetiredError
 from .log import log
-from .ranges import RangeSpec, same_network
+from .ranges import RangeSpec
+from .slicereturn import reclaim_slices as reclaim_slices  # reclaim moved there; still importable here
+from .slicereturn import return_slices as return_slices
 from .slices import (
     NodeSlices,
-    SlicePoolState,
     claim,
+    clash_outcome,
     clashes,
     exhausted_message,
     fresh,
     matches,
-    network_prefixes,
-    reclaimable,
-    release,
     slice_pool_name,
     slice_spec,
 )
 from .store.base import PoolSnapshot, Store
-from .store.slicestore import SlicePoolView, SliceStore
+from .store.slicestore import SliceStore
 
 if TYPE_CHECKING:
     from .engine import AddOp, Assigned, Engine
@@ -99,9 +97,6 @@ class FencedStore:
 # made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
 # so the agent's coalescer keys stay stable).
 CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
-# With overlapping-range reservations on, how long a check that the node holds its slices vouches for
-# later lease writes (see Slicer._still_held); without them every write is checked.
-VERIFIED_FRESH_SECONDS = 5.0
 
 
 @dataclass
@@ -124,8 +119,6 @@ class _StoreState:
     checks: dict[tuple[str, str], _Shared] = field(default_factory=dict)
     # networks without network_name: the uid of the NodeSlicePool found alone on its range (Slicer._held_alone)
     alone: dict[str, str] = field(default_factory=dict)
-    # (NodeSlicePool, slice): when the last check that found the slice this node's began
-    verified: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,7 +157,6 @@ def forget_cache() -> None:
             state.stamps.clear()
             state.checks.clear()
             state.alone.clear()
-            state.verified.clear()
 
 
 @contextmanager
@@ -218,7 +210,8 @@ class Slicer:
                 errors.DATASTORE_ERROR,
                 f"NodeSlicePool {self.pool_name} cuts range {pool.range} into {pool.slice_size} slices, "
                 f"but the config has range {self.spec.cidr} with node_slice_size {self.size_text}",
-                "change the config back, or delete the NodeSlicePool once no pod uses the old slices",
+                f"change the config back, or stop this network's pods and run `ipamctl delete-nodeslicepool "
+                f"{self.pool_name}` (it refuses while a slice holds a lease)",
             )
         if not pool.entries:  # created with a status subresource, status not written yet
             return replace(pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries)
@@ -339,38 +332,20 @@ class Slicer:
         would refuse a write made after the slice changed hands. Checked after the write, instead, an
         answered lease was in the slice pool while the NodeSlicePool gave the slice to this node; from
         then on the slice only moves by reclaim, whose fence (the retired mark, a conditional write)
-        fails on a pool holding a lease, or by someone freeing a slice that holds leases (deleting the
-        NodeSlicePool while pods use it, a foreign controller), which README forbids. A write the check
+        fails on a pool holding a lease (as does `ipamctl delete-nodeslicepool`'s), or by someone freeing
+        a slice that holds leases (deleting the NodeSlicePool by hand, a foreign controller), which
+        README forbids. A write the check
         finds in a lost slice is rolled back (its token) before the call goes on elsewhere.
+
+        Every answered lease is checked, with or without overlapping-range reservations: a reservation
+        keeps an address from two pods only when both make one, and a network's NADs (or its nodes'
+        flat files) may differ in `enable_overlapping_ranges`.
 
         The read is cheap: the NodeSlicePool's metadata alone (uid, resourceVersion); unchanged since
         this process read the whole object (not only memory: this read is begun after the write), its
-        entries are those remembered. Changed, the whole object is read. Concurrent calls share reads.
-        A store that cannot give the version alone (the file store: a file's version restarts when it
-        is made again) is read whole.
-
-        With overlapping-range reservations on (the default), the reservation already keeps an
-        address from two pods whatever the slices say (it is made after the lease write and before
-        the answer, and named after the address alone), so there the check only bounds how long a
-        node goes on writing into a slice it lost: a check begun less than VERIFIED_FRESH_SECONDS ago
-        that found the slice this node's vouches for the write (in a burst, a read per node every few
-        seconds instead of one per batch). Without reservations every write is checked."""
-        key = (self.pool_name, slice_range)
-        begun = engine.clock()
-        with _LOCK:
-            last = self._st.verified.get(key)
-        if engine.overlapping and last is not None and begun - last < VERIFIED_FRESH_SECONDS:
-            return True
-        if not self._check_held(engine, slice_range, deadline):
-            with _LOCK:
-                self._st.verified.pop(key, None)
-            return False
-        with _LOCK:  # a check begun earlier by another call may end after this one: keep the later
-            self._st.verified[key] = max(begun, self._st.verified.get(key, begun))
-        return True
-
-    def _check_held(self, engine: Engine, slice_range: str, deadline: float) -> bool:
-        """`_still_held`'s read: the NodeSlicePool's metadata, or the whole of it when it changed."""
+        entries are those remembered. Changed, the whole object is read. Concurrent calls share reads
+        (only one begun after this call's write counts). A store that cannot give the version alone
+        (the file store: a file's version restarts when it is made again) is read whole."""
         probe = getattr(self.store, "node_slices_version", None)
         if probe is not None:
             seen: list[object] = [None]
@@ -402,6 +377,14 @@ class Slicer:
             return False
         if self.network_name:
             return True
+        if pool.network_name:  # a named network's mark: other networks' checks would pass this one by
+            raise CNIError(
+                errors.DATASTORE_ERROR,
+                f"NodeSlicePool {self.pool_name} is marked as network_name {pool.network_name[:63]!r}'s, "
+                "but this network has no network_name: other networks without one would not see it "
+                "on the range",
+                f"set network_name in the ipam config of network {self.pool_name}",
+            )
         with _LOCK:
             if pool.uid and self._st.alone.get(self.pool_name) == pool.uid:
                 return True
@@ -420,7 +403,7 @@ class Slicer:
                 f"ranges ({self.spec.cidr}) for networks without network_name: their slice pools and "
                 "reservations share names, so they would give one address to two pods",
                 f"set network_name in the ipam config of network {self.pool_name} (each network on this "
-                "range needs its own); the network whose NodeSlicePool is older keeps the range",
+                f"range needs its own); {clash_outcome(pool, [o for o in found[0] if o.name in others])}",
             )
         with _LOCK:
             if pool.uid:
@@ -804,116 +787,3 @@ class Slicer:
                     continue
                 total += max(0, sub.size() - used)
         return total
-
-
-# -- reclaim -------------------------------------------------------------------------------------
-
-
-def _with_retries(step: Callable[[], None], attempts: int = 8) -> None:
-    for i in range(attempts):
-        try:
-            step()
-            return
-        except (ConflictError, TransientStoreError):
-            if i == attempts - 1:
-                raise
-            time.sleep(0.01 * (2**i))
-
-
-def reclaim_slices(
-    store: SliceStore,
-    live_nodes: set[str],
-    grace: float,
-    dry_run: bool,
-    now: datetime | None = None,
-    before_free: Callable[[str, str], None] | None = None,
-) -> list[str]:
-    """Return slices of nodes that no longer exist, and live nodes' spare empty slices, after `grace`
-    seconds without a change to their pool. One report line per slice (`would-return` in a dry run).
-
-    A slice pool may be named with the NodeSlicePool's name as network name or without one (the pool
-    is named after `network_name`, else after the network's `name`, which leaves no prefix): both
-    candidates are judged and fenced. `before_free` is a test hook run between fencing and freeing.
-    """
-    now = now or datetime.now(UTC)
-    lines: list[str] = []
-    verb = "would-return" if dry_run else "return"
-    for nsp in store.list_node_slices():
-        views: dict[tuple[str, str], list[SlicePoolView]] = {}
-        states: dict[str, SlicePoolState] = {}
-        for e in nsp.entries:
-            if not e.node:
-                continue
-            names = dict.fromkeys([slice_pool_name(e.node, e.slice_range, nsp.name), slice_pool_name(e.node, e.slice_range)])
-            # a pool by that name recording another range is another network's (names collide): not judged,
-            # never fenced nor deleted
-            inspected = [store.inspect_pool(n, e.slice_range) for n in names]
-            found = [v for v in inspected if v.snapshot.version is None or same_network(v.snapshot.cidr, e.slice_range)]
-            views[(e.node, e.slice_range)] = found
-            stamps = [v.changed for v in found if v.changed is not None]
-            states[slice_pool_name(e.node, e.slice_range, nsp.name)] = SlicePoolState(
-                sum(len(v.snapshot.allocations) for v in found),
-                max(stamps) if stamps else None,
-                any(v.snapshot.version is not None for v in found),
-            )
-        for r in reclaimable(nsp, live_nodes, states, now, grace, nsp.name):
-            where = f"nodeslicepool={nsp.name} slice={r.slice_range} node={r.node} reason={r.reason}"
-            if dry_run:
-                lines.append(f"{verb} {where}")
-                continue
-            try:
-                fences = [v for v in views[(r.node, r.slice_range)] if not v.retired]
-                for v in fences:
-                    store.retire_pool(v)
-            except ConflictError:
-                lines.append(f"kept {where} (its pool changed: a lease may have landed)")
-                continue
-            if before_free is not None:
-                before_free(r.node, r.slice_range)
-
-            def free(node: str = r.node, slice_range: str = r.slice_range, name: str = nsp.name) -> None:
-                current = store.read_node_slices(name)
-                if current is None:
-                    return
-                entries = release(current, node, slice_range)
-                if entries is not None:
-                    store.write_node_slices(current, entries)
-
-            try:
-                _with_retries(free)
-                for v in views[(r.node, r.slice_range)]:
-                    after = store.inspect_pool(v.snapshot.name, r.slice_range)
-                    if after.retired and not after.snapshot.allocations and after.snapshot.version:
-                        def drop(name: str = after.snapshot.name, version: str = str(after.snapshot.version)) -> None:
-                            store.delete_pool(name, version)
-
-                        _with_retries(drop)
-            except (ConflictError, TransientStoreError, CNIError) as exc:
-                lines.append(f"error {where}: {exc}")
-                continue
-            log.info("slice.return", nodeslicepool=nsp.name, slice=r.slice_range, node=r.node, reason=r.reason)
-            lines.append(f"{verb} {where}")
-    return lines
-
-
-def return_slices(store: object, grace: float, dry_run: bool, now: datetime | None = None) -> list[str]:
-    """`reclaim_slices` for ipam-reconcile (and ipamctl): live nodes from the API; errors as lines."""
-    list_nodes = getattr(store, "list_nodes", None)
-    if not isinstance(store, SliceStore) or list_nodes is None:
-        return []
-    try:
-        if not store.list_node_slices():
-            return []
-        live: set[str] = list_nodes()
-        return reclaim_slices(store, live, grace, dry_run, now)
-    except (CNIError, ConflictError, TransientStoreError) as exc:
-        return [f"error returning node slices: {exc}"]
-
-
-def slice_network_prefixes(store: object, pools: Sequence[PoolSnapshot]) -> dict[str, str]:
-    """Which network name the reservations of each slice pool carry (see `slices.network_prefixes`);
-    empty when the store has no NodeSlicePools. The reconciler must use it: deriving the prefix from a
-    slice pool's name would take the node for part of the network name."""
-    if not isinstance(store, SliceStore):
-        return {}
-    return network_prefixes(store.list_node_slices(), [p.name for p in pools])

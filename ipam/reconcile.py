@@ -41,8 +41,8 @@ from .audit import (
 from .engine import Engine, RetryPolicy
 from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
-from .nodeslices import return_slices
 from .printable import printable
+from .slicereturn import return_slices
 from .slices import NodeSlices
 from .store.base import PoolSnapshot, StandingTurn, Store, Turn
 
@@ -86,7 +86,7 @@ class Source(Protocol):
 
     def delete_reservation(self, reservation: Reservation) -> None: ...
     def return_slices(self, grace: float, dry_run: bool, now: datetime) -> list[str]:
-        """Node slices' reclaim (`nodeslices.return_slices`): one line per slice returned, or error."""
+        """Node slices' reclaim (`slicereturn.return_slices`): one line per slice returned, or error."""
         ...
 
     def turns(self) -> list[StandingTurn]: ...

@@ -231,6 +231,20 @@ def clashes(mine: NodeSlices, others: Iterable[NodeSlices], margin: float | None
     return sorted(out)
 
 
+def clash_outcome(mine: NodeSlices, others: Iterable[NodeSlices], margin: float | None = None) -> str:
+    """Who keeps the range, for the error of a network `clashes` refuses (`others`: the clashing)."""
+    margin = CLASH_MARGIN_SECONDS if margin is None else margin
+    found = list(others)
+    if found and all(
+        mine.created and o.created and (mine.created - o.created).total_seconds() > margin for o in found
+    ):
+        return f"NodeSlicePool {', '.join(o.name for o in found)} was made more than {margin:g} s earlier and keeps the range"
+    return (
+        f"NodeSlicePools made within {margin:g} s of each other (or of unknown age) are all refused, "
+        "so no network without network_name keeps the range"
+    )
+
+
 def claim(pool: NodeSlices, node: str, skip: Iterable[str] = ()) -> tuple[SliceEntry, ...] | None:
     """The entries with the first free slice (not in `skip`) given to `node`; None when none is free."""
     avoid = set(skip)

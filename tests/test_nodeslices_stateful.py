@@ -1,6 +1,7 @@
 """Several simulated nodes (each with its own store and warm slice cache, like one agent each) ADD and
 DEL into a sliced range on one file datastore, nodes disappear, and reclaim returns slices, sometimes
-with an ADD landing between its fence and its free; the NodeSlicePool is deleted, or an empty slice
+with an ADD landing between its fence and its free; ipamctl deletes the NodeSlicePool (refused while a
+slice holds a lease); the NodeSlicePool is deleted by hand, or an empty slice
 moved by a foreign controller, under the nodes' warm caches. After every step: no address in two slice pools,
 no slice held by two nodes, every lease inside a slice its node holds (so reclaim never freed a slice
 with a lease), and every live attachment still holds its address.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from ipam.cni import make_engine
 from ipam.config import load_config
 from ipam.engine import Engine
 from ipam.errors import CNIError
+from ipam.slicereturn import SlicesInUse, delete_node_slices
 from ipam.slices import slice_pool_name
 from ipam.store.file import FileStore
 
@@ -39,11 +42,6 @@ class NodeSliceMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         nodeslices.forget_cache()
-        # every lease write is checked against the NodeSlicePool (with reservations a check may vouch
-        # for the next few seconds' writes, the reservation keeping their addresses unique; here the
-        # invariants below hold the fence itself to account)
-        self.vouch = nodeslices.VERIFIED_FRESH_SECONDS
-        nodeslices.VERIFIED_FRESH_SECONDS = 0.0
         self.dir = Path(tempfile.mkdtemp(prefix="slices-"))
         self.engines: dict[str, tuple[Engine, Any]] = {}
         self.live_nodes = set(NODES)
@@ -51,7 +49,6 @@ class NodeSliceMachine(RuleBasedStateMachine):
         self.counter = 0
 
     def teardown(self) -> None:
-        nodeslices.VERIFIED_FRESH_SECONDS = self.vouch
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def engine(self, node: str) -> tuple[Engine, Any]:
@@ -109,9 +106,15 @@ class NodeSliceMachine(RuleBasedStateMachine):
             FileStore(str(self.dir)), set(self.live_nodes), 60, False, later, before_free=race if racer else None
         )
 
-    # -- slices taken from a node behind its back (issue 22): the NodeSlicePool deleted, as README
-    # allows once no pod uses the old slices, or an empty slice freed or given to another node by a
-    # foreign controller (Go Whereabouts'), without reclaim's fence. The nodes' caches are warm.
+    @rule()
+    def ipamctl_deletes_the_node_slice_pool(self) -> None:
+        """README's remedy for a changed cut: refused while a slice holds a lease."""
+        with suppress(SlicesInUse, LookupError):
+            delete_node_slices(FileStore(str(self.dir)), "net")
+
+    # -- slices taken from a node behind its back (issue 22): the NodeSlicePool deleted by hand while
+    # no pod uses the old slices, or an empty slice freed or given to another node by a foreign
+    # controller (Go Whereabouts'), without reclaim's fence. The nodes' caches are warm.
 
     def _leases_in(self, node: str, slice_range: str) -> int:
         path = self.dir / "pools" / f"{slice_pool_name(node, slice_range)}.json"

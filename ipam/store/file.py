@@ -333,6 +333,19 @@ class FileStore:
         }
         self._versioned_write(self._slices_path(pool.name), pool.version, doc)
 
+    def delete_node_slices(self, pool: NodeSlices) -> None:
+        """Delete the NodeSlicePool if its document is still exactly the one `pool` was read from
+        (a file has no uid, and its version restarts when it is made again); ConflictError otherwise."""
+        path = self._slices_path(pool.name)
+        with pool_lock(self.locks, f"{path.parent.name}-{path.stem}", 10.0):  # as _versioned_write
+            current = self._load(path)
+            if current is None:
+                return
+            if current != pool.token:
+                raise ConflictError(f"{path} changed since it was read")
+            with suppress(FileNotFoundError):
+                path.unlink()
+
     def list_node_slices(self) -> list[NodeSlices]:
         folder = self.root / "nodeslicepools"
         found = (self.read_node_slices(p.stem) for p in sorted(folder.glob("*.json")))

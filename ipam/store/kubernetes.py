@@ -454,6 +454,13 @@ class KubernetesStore:
             # still conditional on the version the first write left
             self._put(what + "/status", NODE_SLICES, pool.name, {**done, "status": status}, status=True)
 
+    def delete_node_slices(self, pool: NodeSlices) -> None:
+        """Delete the NodeSlicePool if it is still exactly `pool` (uid and resourceVersion, as
+        DeleteOptions preconditions): ConflictError otherwise; gone already is fine."""
+        exact = {"resourceVersion": pool.version, **({"uid": pool.uid} if pool.uid else {})}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": exact}
+        self._call(f"delete NodeSlicePool {pool.name}", "DELETE", self._path(NODE_SLICES, pool.name), body, missing_ok=True)
+
     def list_node_slices(self) -> list[NodeSlices]:
         probe = self._call(
             "list NodeSlicePools", "GET", self._path(NODE_SLICES), params={"limit": 1}, missing_ok=True

@@ -40,6 +40,11 @@ class SliceStore(Protocol):
 
     def list_node_slices(self) -> list[NodeSlices]: ...
 
+    def delete_node_slices(self, pool: NodeSlices) -> None:
+        """Delete the NodeSlicePool if it is still exactly `pool` (its uid and version: a precondition
+        of the delete itself); ConflictError otherwise; gone already is fine."""
+        ...
+
     def inspect_pool(self, name: str, cidr: str) -> SlicePoolView:
         """The pool, retired or not (read_pool refuses retired ones)."""
         ...
