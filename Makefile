@@ -78,7 +78,7 @@ charts: venv
 bench-image: bytecode
 	$(BIN)/python -m bench.image
 
-# The image: deploy/image/build.py (README, Install). Cached by its inputs under ~/.cache/whereabouts-py/image,
+# The image: deploy/image/build.py (docs/operating.md, Install). Cached by its inputs under ~/.cache/whereabouts-py/image,
 # shared with tests/test_image.py, which make test runs.
 image: venv
 	$(BIN)/python deploy/image/build.py --out dist

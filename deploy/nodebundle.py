@@ -125,6 +125,6 @@ def glibc_refusal(bundle_src: str, host_root: str) -> str | None:
         return (
             f"the node's glibc is {node[0]}.{node[1]}, older than {floor[0]}.{floor[1]}, the glibc this image was "
             "built against: its Python would not start on this node. Use an image built on an older base "
-            "(README, Install) or upgrade the node"
+            "(docs/operating.md, Install) or upgrade the node"
         )
     return None

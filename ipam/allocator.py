@@ -13,8 +13,8 @@ from typing import Any
 
 from .ranges import RangeSpec
 
-# `kind`, `retained`, `sticky`, `until`: requested / static / retained leases (README "Requested and
-# sticky addresses"); Whereabouts reads such a lease as an ordinary one.
+# `kind`, `retained`, `sticky`, `until`: requested / static / retained leases
+# (docs/requested-and-sticky-addresses.md); Whereabouts reads such a lease as an ordinary one.
 _EXTRAS = ("node", "poduid", "created", "network", "token", "kind", "retained", "sticky", "until")
 _KNOWN_FIELDS = ("id", "podref", "ifname", "attrs", *_EXTRAS)
 _ESCAPES = (("%", "%25"), (";", "%3B"), ("=", "%3D"))  # `%` first: it escapes the others

@@ -119,7 +119,7 @@ class IPAMConfig(_Model):
     enable_overlapping_ranges: bool = True
     node_slice_size: str | None = None
     addresses: list[StaticAddress] = Field(default_factory=list)
-    # sticky addresses (README "Requested and sticky addresses"): a DEL keeps the lease for its pod name
+    # sticky addresses (docs/requested-and-sticky-addresses.md): a DEL keeps the lease for its pod name
     sticky: Literal["statefulset"] | None = None
     # strict: `true` (meaning "on") would otherwise be read as 1 second, and "60" as 60
     sticky_seconds: Annotated[int, Field(strict=True, ge=1, le=366 * 86400)] | None = None
@@ -169,7 +169,7 @@ def invalid(key: str, value: object, reason: str) -> CNIError:
 def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
     return CNIError(
         errors.INVALID_CONFIG,
-        f"invalid config: {key}: {count} entries{what}, more than the limit of {limit} (README, Security)",
+        f"invalid config: {key}: {count} entries{what}, more than the limit of {limit} (docs/security.md)",
     )
 
 

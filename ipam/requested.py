@@ -1,4 +1,4 @@
-"""Exact addresses an ADD asks for (README "Requested and sticky addresses"); pure, no I/O.
+"""Exact addresses an ADD asks for (docs/requested-and-sticky-addresses.md); pure, no I/O.
 
 - requested: `runtimeConfig.ips` (the `ips` capability: Multus passes the network selection element's
   `ips`). Each is the attachment's address in the range holding it; one the range may not hand out

@@ -39,5 +39,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     if skipped:
         terminalreporter.write_line(
             f"real-API tier did not run: {ASSETS_ENV} is unset ({skipped} tests deselected; "
-            "see README, 'Testing against a real kube-apiserver')"
+            "see docs/development.md, 'Testing against a real kube-apiserver')"
         )

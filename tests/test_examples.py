@@ -8,7 +8,7 @@
   kernels without CONFIG_IPVLAN, with the NAD's ipam block unchanged);
   the example ranges (192.168.20.0/24, 192.168.30.0/24) then exist only inside the test's network
   namespaces, whose parent links are veth pairs with both ends in the node netns: nothing leaves them;
-- every JSON snippet of README.md and docs/rook-ceph.md, and every NAD config, loads through
+- every JSON snippet of README.md and docs/*.md, and every NAD config, loads through
   ipam.config.load_config, and no NAD carries a node-only key.
 """
 
@@ -317,13 +317,18 @@ def test_dry_run_refuses_what_rooks_crd_refuses(real_kube: RealKube) -> None:
 # ---- README's and the guide's snippets ------------------------------------------------------------
 
 
+# every page with configs; troubleshooting.md shows error answers (tests/test_docs.py runs those)
+PAGES = [README, *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "troubleshooting.md")]
+
+
 def _json_snippets() -> list[tuple[str, str]]:
-    return fenced_blocks(README, "json") + fenced_blocks(GUIDE, "json")
+    return [snippet for page in PAGES for snippet in fenced_blocks(page, "json")]
 
 
 def test_docs_have_snippets_to_check() -> None:
     """The parametrised tests below would pass vacuously if the fences were not found."""
-    assert len(fenced_blocks(README, "json")) >= 2
+    assert len(fenced_blocks(README, "json")) >= 1
+    assert len(_json_snippets()) >= 8
     assert len(fenced_blocks(GUIDE, "json")) >= 3
     assert sum(m.kind == "CephCluster" for m in guide_manifests()) >= 1
 

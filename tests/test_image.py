@@ -151,9 +151,9 @@ def test_packing_is_reproducible_whatever_the_trees_dates_and_owners(tmp_path: P
 def test_readmes_image_rename_then_kubectl_apply_passes_a_server_side_dry_run(
     apiserver: RealCluster, tmp_path: Path
 ) -> None:
-    """README, Install: the sed line that names the pushed image, run on a copy of deploy/, then
+    """docs/operating.md, Install: the sed line that names the pushed image, run on a copy of deploy/, then
     `kubectl apply -k deploy/base` (rendered by kubectl's kustomize, applied as a server-side dry run)."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "operating.md").read_text()
     install = readme[readme.index("### Install") : readme.index("### Other distributions")]
     (sed,) = re.findall(r"^(sed -i .*\\\n\s+.*)$", install, re.M)
     copy = tmp_path / "deploy"
@@ -161,7 +161,9 @@ def test_readmes_image_rename_then_kubectl_apply_passes_a_server_side_dry_run(
     command = sed.replace("\\\n", " ").replace("REGISTRY", "registry.test:5000")
     subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True)
     objects = kustomize(copy / "base")
-    images = {c["image"] for o in objects if o["kind"] in ("DaemonSet", "CronJob") for c in containers(o)}
+    workloads = [o for o in objects if o["kind"] in ("DaemonSet", "CronJob", "Deployment")]
+    assert sorted(o["kind"] for o in workloads) == ["CronJob", "DaemonSet", "Deployment"]
+    images = {c["image"] for o in workloads for c in containers(o)}
     assert images == {f"registry.test:5000/whereabouts-py:{build.version()}"}
     answers = apiserver.apply(objects, dry_run=True)
     assert [a["metadata"]["name"] for a in answers] == [o["metadata"]["name"] for o in objects]
@@ -170,7 +172,7 @@ def test_readmes_image_rename_then_kubectl_apply_passes_a_server_side_dry_run(
 def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
     spec = (
         obj["spec"]["template"]["spec"]
-        if obj["kind"] == "DaemonSet"
+        if obj["kind"] in ("DaemonSet", "Deployment")
         else obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     )
     return list(spec["containers"])
