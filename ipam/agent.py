@@ -34,11 +34,10 @@ from .config import Config
 from .engine import AddOp, Engine, Op, PoolCache, ReleaseOp
 from .errors import CNIError
 from .log import log
-from .shim import DEFAULT_SOCKET, WORK_MARGIN, heartbeat_path
+from .shim import DEFAULT_SOCKET, MAX_REQUEST, WORK_MARGIN, heartbeat_path
 from .store.base import Store
 from .store.open import open_store
 
-MAX_REQUEST = 4 << 20
 HEARTBEAT_SECONDS = 2.0  # well below the shim's wait budget (ipam.shim.DEFAULT_WAIT)
 READ_TIMEOUT = 10.0  # the shim sends its request right after connecting
 MAX_CONNECTIONS = 512  # calls served at once; more are closed (their shims repeat them, see ipam.shim)
