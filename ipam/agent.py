@@ -43,6 +43,10 @@ READ_TIMEOUT = 10.0  # the shim sends its request right after connecting
 MAX_CONNECTIONS = 512  # calls served at once; more are closed (their shims repeat them, see ipam.shim)
 HEALTH_TIMEOUT = 5.0  # a /metrics or /healthz connection silent this long is closed
 MAX_HEALTH_CONNECTIONS = 32  # on the metrics port; one more cuts the oldest
+# The request line and headers a metrics connection may send: a probe's GET is ~100 bytes, while
+# http.server alone reads up to 100 headers of 64 KiB each (6.5 MiB per connection held, 200 MiB for
+# 32 connections trickling their last byte).
+MAX_HEALTH_REQUEST = 8192
 EVICT_WAIT = 1.0  # how long a new metrics connection waits for the one it cut to end
 # On SIGTERM the agent stops accepting and gives its calls in flight this long to finish; keep it below
 # the DaemonSet's terminationGracePeriodSeconds (deploy/base/daemonset.yaml: 20 s of 30 s).
@@ -435,9 +439,35 @@ class _HealthServer(_Bounded, HTTPServer):
         return  # a client gone mid-answer (or cut): not worth a log line per connection
 
 
+class _Capped(io.BufferedIOBase):
+    """A connection's reader that ends (EOF) once `budget` bytes were read through it."""
+
+    def __init__(self, raw: io.BufferedIOBase, budget: int) -> None:
+        super().__init__()
+        self.raw_reader = raw
+        self.budget = budget
+
+    def _take(self, limit: int | None) -> int:
+        return self.budget if limit is None or limit < 0 else min(limit, self.budget)
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        line = self.raw_reader.readline(self._take(limit)) if self.budget > 0 else b""
+        self.budget -= len(line)
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.raw_reader.read(self._take(size)) if self.budget > 0 else b""
+        self.budget -= len(data)
+        return data
+
+
 def _health_server(agent: Agent, port: int, max_connections: int = MAX_HEALTH_CONNECTIONS) -> _HealthServer:
     class Handler(BaseHTTPRequestHandler):
         timeout = HEALTH_TIMEOUT  # per read and write; HTTP/1.0: one request per connection
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _Capped(self.rfile, MAX_HEALTH_REQUEST)
 
         def log_message(self, format: str, *args: Any) -> None:
             return

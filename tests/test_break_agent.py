@@ -4,8 +4,11 @@ trying to wedge or slow the agent as a tenant writing NADs or as a local unprivi
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,9 @@ import pytest
 
 from ipam import agent as agentmod
 from ipam import shim
+from tests.test_agent_limits import BOUND, agent, get  # noqa: F401 - agent: the fixture
 from tests.test_agent_restart import Sleeps, touch
+from tests.test_realapi_faults import wait_for as poll
 
 
 class Counting:
@@ -73,3 +78,53 @@ def test_a_tenant_config_too_large_for_the_agent_goes_direct_at_once(
 
 def test_agent_request_limit_is_the_shims() -> None:
     assert agentmod.MAX_REQUEST == shim.MAX_REQUEST
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def answered_or_closed(conn: socket.socket) -> bool:
+    conn.setblocking(False)
+    try:
+        return conn.recv(1) is not None  # an answer, or b"" (closed)
+    except BlockingIOError:
+        return False
+    except OSError:  # reset: closed too
+        return True
+
+
+def test_metrics_connections_cannot_make_the_agent_hold_their_headers(
+    agent: tuple[subprocess.Popen[bytes], str, int],  # noqa: F811 - the fixture
+) -> None:
+    """A local user's connections on the metrics port, each sending 99 headers of 64 KiB and then an
+    unfinished one (a byte every few seconds keeps it open): http.server kept 6.5 MiB per connection,
+    ~100 MiB for the 16 of this test (200 MiB at the default 32) for as long as the user liked. The
+    agent reads a few KiB of a request head, answers and closes."""
+    proc, _, port = agent
+    before = rss_kib(proc.pid)
+    line = b"X-" + b"a" * (65536 - 8) + b": b\r\n"
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(BOUND)]
+    try:
+        for conn in held:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(99):  # round robin: every connection gets its headers read together
+            for conn in held:
+                with suppress(OSError):  # the agent answered and closed it
+                    conn.sendall(line)
+        for conn in held:
+            with suppress(OSError):
+                conn.sendall(b"X-last: ")
+        grown = lambda: rss_kib(proc.pid) - before > 32 << 10  # noqa: E731
+        poll(
+            "every connection is answered or the agent grew",
+            lambda: grown() or all(map(answered_or_closed, held)),
+        )
+        assert not grown(), f"the agent grew by {(rss_kib(proc.pid) - before) >> 10} MiB"
+    finally:
+        for conn in held:
+            conn.close()
+    assert get(port, "/healthz") == (200, b"ok\n")
