@@ -54,7 +54,7 @@ def _require(env: Mapping[str, str], name: str) -> str:
 
 def container_identity(env: Mapping[str, str], need_netns: bool) -> tuple[str, str]:
     container_id = _require(env, "CNI_CONTAINERID")
-    if len(container_id) > 256 or not _CONTAINER_ID.match(container_id):  # the CRDs' bound on an id
+    if len(container_id) > 256 or not _CONTAINER_ID.fullmatch(container_id):  # the CRDs' bound on an id
         raise CNIError(errors.INVALID_ENV, f"invalid CNI_CONTAINERID {container_id[:300]!r}")
     ifname = _require(env, "CNI_IFNAME")
     if len(ifname) > 15 or _IFNAME_BAD.search(ifname) or ifname in (".", ".."):

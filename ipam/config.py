@@ -212,7 +212,7 @@ def check_object_name(key: str, value: str, limit: int, why: str) -> None:
     """A value that names a Kubernetes object or a file of the file datastore: an RFC 1123 subdomain."""
     if len(value) > limit:
         raise invalid(key, value, f"is longer than {limit} characters ({why})")
-    if not _OBJECT_NAME.match(value):
+    if not _OBJECT_NAME.fullmatch(value):
         rule = "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
         raise invalid(key, value, f"{rule} ({why})")
 

@@ -128,3 +128,33 @@ def test_metrics_connections_cannot_make_the_agent_hold_their_headers(
         for conn in held:
             conn.close()
     assert get(port, "/healthz") == (200, b"ok\n")
+
+
+# -- names: a trailing newline passed the `$` of the name patterns ----------------------------------
+
+
+@pytest.mark.parametrize("key", ["network_name", "name"])
+def test_a_name_with_a_trailing_newline_is_not_an_object_name(key: str) -> None:
+    """`re.match("^...$")` lets one trailing "\\n" through: network_name "blue\\n" made the file store
+    write a pool file named "blue\\n-10.0.0.0-16.json" (and an object name Kubernetes refuses)."""
+    from tests.test_config import fail, netconf
+
+    ipam: dict[str, Any] = {"range": "10.0.0.0/16", "node_slice_size": "/24"}
+    if key == "network_name":
+        ipam["network_name"] = "blue\n"
+        err = fail(netconf(ipam))
+    else:
+        err = fail(netconf(ipam, name="blue\n"))
+    assert err.code == 7 and err.msg.startswith(
+        f"invalid config: {'ipam.' if key == 'network_name' else ''}{key}: "
+    )
+
+
+def test_a_container_id_with_a_trailing_newline_is_refused() -> None:
+    from ipam.cni import container_identity
+    from ipam.errors import CNIError
+
+    env = {"CNI_CONTAINERID": "c1\n", "CNI_IFNAME": "net1", "CNI_NETNS": "/proc/1/ns/net"}
+    with pytest.raises(CNIError) as info:
+        container_identity(env, need_netns=True)
+    assert info.value.code == 4 and "CNI_CONTAINERID" in info.value.msg
