@@ -160,9 +160,7 @@ class Config:
 
 
 def invalid(key: str, value: object, reason: str) -> CNIError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 256 else shown[:240] + f"... ({len(shown)} characters)"
-    return CNIError(errors.INVALID_CONFIG, f"invalid config: {key}: {shown} {reason}")
+    return CNIError(errors.INVALID_CONFIG, f"invalid config: {key}: {errors.shown(value)} {reason}")
 
 
 def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
@@ -385,7 +383,7 @@ def build_config(
     if not version_supported(conf.cni_version):
         raise CNIError(
             errors.INCOMPATIBLE_VERSION,
-            f"incompatible CNI version {conf.cni_version!r}",
+            f"incompatible CNI version {errors.shown(conf.cni_version)}",
             f"supported versions: {', '.join(SUPPORTED_VERSIONS)}",
         )
     if conf.ipam is None:

@@ -158,3 +158,35 @@ def test_a_container_id_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(CNIError) as info:
         container_identity(env, need_netns=True)
     assert info.value.code == 4 and "CNI_CONTAINERID" in info.value.msg
+
+
+# -- a tenant's value echoed whole into the error ---------------------------------------------------
+
+BIG = "k" * (1 << 20)
+NET = {"cniVersion": "1.0.0", "name": "n", "type": "ipvlan", "ipam": {"type": "whereabouts-py", "range": "10.0.0.0/24"}}
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/proc/1/ns/net"}
+
+
+@pytest.mark.parametrize(
+    ("label", "top", "env"),
+    [
+        ("cniVersion", {"cniVersion": BIG}, {}),
+        ("runtimeConfig.ips entry", {"runtimeConfig": {"ips": [BIG]}}, {}),
+        ("runtimeConfig.ips not a list", {"runtimeConfig": {"ips": BIG}}, {}),
+        ("CNI_ARGS IP", {}, {"CNI_ARGS": "IP=" + BIG[:100000]}),
+        ("CNI_ARGS pair", {}, {"CNI_ARGS": BIG[:100000]}),
+        ("CNI_IFNAME", {}, {"CNI_IFNAME": BIG[:100000]}),
+        ("CNI_COMMAND", {}, {"CNI_COMMAND": BIG[:100000]}),
+    ],
+)
+def test_a_huge_value_is_cut_in_the_error(label: str, top: dict[str, Any], env: dict[str, str]) -> None:
+    """A 1 MiB cniVersion or runtimeConfig.ips entry (a NAD, a pod's annotation) came back whole in the
+    error JSON (and the node's log line), where every other key's value is cut at 256 characters."""
+    import io
+
+    from ipam import cni
+
+    out = io.StringIO()
+    assert cni.run({**ENV, **env}, json.dumps({**NET, **top}).encode(), out) == 1
+    answer = json.loads(out.getvalue())
+    assert answer["code"] in (1, 4, 7) and len(out.getvalue()) < 1024, (label, out.getvalue()[:300])
