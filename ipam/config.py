@@ -215,6 +215,26 @@ def check_object_name(key: str, value: str, limit: int, why: str) -> None:
         raise invalid(key, value, f"{rule} ({why})")
 
 
+MAX_SLICE_TEXT = 45  # the longest slice range as a pool name writes it (IPv6, nothing to compress)
+
+
+def check_slice_names(node: str, slices_name: str, network_name: str) -> None:
+    """The names joining the node's to the network's fit a file name (safepath.MAX_FILE_NAME, tighter
+    than Kubernetes' 253): the slice pools `<network_name>-<node>-<slice>` and the NodeSlicePool's
+    lock `nodeslicepool-<name>-<node>`. Each name alone may pass and the two together not."""
+    from .safepath import MAX_FILE_NAME
+
+    longest = max(len(f"nodeslicepool-{slices_name}-{node}"), len(f"{network_name}-{node}-") + MAX_SLICE_TEXT)
+    if longest > MAX_FILE_NAME:
+        key = "ipam.network_name" if network_name else "name"
+        raise invalid(
+            "ipam.node_name",
+            node,
+            f"and {key} {errors.shown(slices_name)} together make slice pool names of up to {longest} "
+            f"characters, more than {MAX_FILE_NAME}: use a shorter {key}",
+        )
+
+
 def version_supported(version: str) -> bool:
     return version in SUPPORTED_VERSIONS
 
@@ -416,6 +436,7 @@ def build_config(
             check_object_name("name", conf.name, MAX_NETWORK_NAME, why)
         node = ipam.node_name or env.get("NODENAME") or socket.gethostname()
         check_object_name("ipam.node_name", node, 253, "it names the node's slice pools")
+        check_slice_names(node, ipam.network_name or conf.name, ipam.network_name)
     try:
         ranges = build_ranges(ipam)
         for i, static in enumerate(ipam.addresses):  # Whereabouts' static addresses: CIDRs

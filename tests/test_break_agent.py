@@ -190,3 +190,67 @@ def test_a_huge_value_is_cut_in_the_error(label: str, top: dict[str, Any], env: 
     assert cni.run({**ENV, **env}, json.dumps({**NET, **top}).encode(), out) == 1
     answer = json.loads(out.getvalue())
     assert answer["code"] in (1, 4, 7) and len(out.getvalue()) < 1024, (label, out.getvalue()[:300])
+
+
+# -- names that pass one by one but not together ----------------------------------------------------
+
+LONG_NODE = "b" * 63 + "." + "b" * 60  # a valid node name of 124 characters
+
+
+def test_a_node_and_network_name_too_long_together_are_code_7_naming_both(tmp_path: Path) -> None:
+    """network_name (at most 128) and the node's name (at most 253) each pass, but the slice pools and
+    their lock files join them: every ADD on that node failed at the store with "invalid name
+    'nodeslicepool-aaa...-bbb...': not a file name of the datastore", naming no key to change."""
+    from ipam.config import load_config
+    from ipam.errors import CNIError
+    from tests.test_config import netconf
+
+    flat = tmp_path / "whereabouts.conf"
+    flat.write_text(json.dumps({"node_name": LONG_NODE}))
+    ipam = {"range": "fd00:1234:5678:9abc:def0:1234:5678:0/112", "node_slice_size": "/120", "network_name": "a" * 128}
+    with pytest.raises(CNIError) as info:
+        load_config(netconf(ipam), flat_search=[str(flat)])
+    assert info.value.code == 7 and "ipam.node_name" in info.value.msg and "ipam.network_name" in info.value.msg
+    ipam["network_name"] = "a" * 60  # short enough together: accepted
+    assert load_config(netconf(ipam), flat_search=[str(flat)]).ipam.network_name == "a" * 60
+
+
+def test_the_longest_accepted_names_fit_the_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound the config applies is one the stores can hold: an ADD with the longest names it
+    accepts gets an address (file datastore; its file names are the tighter bound)."""
+    import io
+
+    from ipam import cni, nodeslices
+
+    nodeslices.forget_cache()
+    flat = tmp_path / "whereabouts.conf"
+    monkeypatch.setenv("WHEREABOUTS_PY_FLAT_FILE", str(flat))
+    flat.write_text(json.dumps({"datastore": "file", "data_dir": str(tmp_path / "d"), "node_name": LONG_NODE}))
+    ipam = {"type": "whereabouts-py", "range": "fd00:1234:5678:9abc:def0:1234:5678:0/112", "node_slice_size": "/120"}
+    for length in range(128, 0, -1):  # the longest network_name this node accepts
+        ipam["network_name"] = "a" * length
+        doc = {"cniVersion": "1.0.0", "name": "n", "type": "ipvlan", "ipam": ipam}
+        out = io.StringIO()
+        code = cni.run(ENV, json.dumps(doc).encode(), out)
+        answer = json.loads(out.getvalue())
+        if code == 0 or "ipam.network_name" not in answer.get("msg", ""):
+            break
+    assert code == 0 and answer["ips"], answer
+
+
+@pytest.mark.parametrize("length", [233, 240])
+def test_a_name_the_file_store_accepts_is_one_it_can_write(tmp_path: Path, length: int) -> None:
+    """safepath.checked_name let names up to 240 bytes through, but a pool is written through a
+    temp file `.<name>.json.<12 hex>.tmp` (23 more): names of 233-240 bytes passed the guard and failed
+    the write with code 5 (ENAMETOOLONG). They are refused up front (code 7), and 232 is written."""
+    from ipam.allocator import Lease
+    from ipam.errors import CNIError
+    from ipam.store.file import FileStore
+
+    store = FileStore(str(tmp_path / "d"))
+    lease = Lease("c1", "ns/p", "eth0")
+    store.write_pool(store.read_pool("p" * 232, "10.0.0.0/24"), {1: lease})
+    assert store.read_pool("p" * 232, "10.0.0.0/24").allocations
+    with pytest.raises(CNIError) as info:
+        store.write_pool(store.read_pool("p" * length, "10.0.0.0/24"), {1: lease})
+    assert info.value.code == 7
