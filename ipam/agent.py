@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -401,6 +401,15 @@ class _SocketServer(_Bounded, socketserver.UnixStreamServer):
         st = os.stat(path)
         self.inode = (st.st_dev, st.st_ino)
 
+    def owns_socket(self) -> bool:
+        """Whether the socket file is still this server's: another agent started on the same path
+        (by hand, or a second DaemonSet) replaces it, and removes it when it stops."""
+        try:
+            st = os.stat(str(self.server_address))
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.inode
+
     def remove_socket(self) -> None:
         """Unlink the socket file unless a successor has replaced it already (a DaemonSet roll that
         starts the next agent while this one drains: its socket must stay)."""
@@ -461,7 +470,12 @@ class _Capped(io.BufferedIOBase):
         return data
 
 
-def _health_server(agent: Agent, port: int, max_connections: int = MAX_HEALTH_CONNECTIONS) -> _HealthServer:
+def _health_server(
+    agent: Agent,
+    port: int,
+    max_connections: int = MAX_HEALTH_CONNECTIONS,
+    healthy: Callable[[], bool] = lambda: True,
+) -> _HealthServer:
     class Handler(BaseHTTPRequestHandler):
         timeout = HEALTH_TIMEOUT  # per read and write; HTTP/1.0: one request per connection
 
@@ -476,6 +490,9 @@ def _health_server(agent: Agent, port: int, max_connections: int = MAX_HEALTH_CO
             if self.path == "/metrics":
                 body, ctype = generate_latest(agent.metrics.registry), "text/plain; version=0.0.4"
             elif self.path in ("/healthz", "/readyz"):
+                if not healthy():  # no shim can reach this agent: the kubelet restarts it
+                    self.send_error(503, "the agent's socket is gone")
+                    return
                 body, ctype = b"ok\n", "text/plain"
             else:
                 self.send_error(404)
@@ -505,28 +522,44 @@ def bind(path: str, agent: Agent) -> _SocketServer:
     return server
 
 
-def heartbeat(path: str, stop: threading.Event, interval: float = HEARTBEAT_SECONDS) -> threading.Thread:
+def heartbeat(
+    path: str,
+    stop: threading.Event,
+    interval: float = HEARTBEAT_SECONDS,
+    serving: Callable[[], bool] = lambda: True,
+) -> threading.Thread:
     """Touch `<socket>.alive` every `interval` while serving. It is left behind when the agent stops:
     a shim that finds the socket missing or refusing waits for a restarted agent only while this
-    file is younger than its wait budget (ipam.shim), so a restart is bridged, a removed agent is not."""
+    file is younger than its wait budget (ipam.shim), so a restart is bridged, a removed agent is not.
+    Not touched while `serving()` is false (the socket is no longer this agent's): shims would wait
+    for an agent they cannot reach."""
     marker = heartbeat_path(path)
 
     def beat() -> None:
+        lost = False
         while True:
-            try:
-                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                try:
-                    os.utime(fd)  # through the descriptor: never a symlink's target
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                log.warning("agent.heartbeat-failed", path=marker, error=str(exc))
+            if serving():
+                _touch(marker)
+            elif not lost:
+                log.error("agent.socket-lost", path=path, fix="restart the agent (its /healthz fails)")
+            lost = not serving()
             if stop.wait(interval):
                 return
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     return thread
+
+
+def _touch(marker: str) -> None:
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.utime(fd)  # through the descriptor: never a symlink's target
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("agent.heartbeat-failed", path=marker, error=str(exc))
 
 
 def warm_up() -> None:
@@ -578,8 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent()
     server = bind(args.socket, agent)
     stopping = threading.Event()
-    heartbeat(args.socket, stopping)
-    health = _health_server(agent, args.metrics_port, args.metrics_connections) if args.metrics_port else None
+    heartbeat(args.socket, stopping, serving=server.owns_socket)
+    health = (
+        _health_server(agent, args.metrics_port, args.metrics_connections, server.owns_socket)
+        if args.metrics_port
+        else None
+    )
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -4,6 +4,7 @@ trying to wedge or slow the agent as a tenant writing NADs or as a local unprivi
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -163,7 +164,12 @@ def test_a_container_id_with_a_trailing_newline_is_refused() -> None:
 # -- a tenant's value echoed whole into the error ---------------------------------------------------
 
 BIG = "k" * (1 << 20)
-NET = {"cniVersion": "1.0.0", "name": "n", "type": "ipvlan", "ipam": {"type": "whereabouts-py", "range": "10.0.0.0/24"}}
+NET = {
+    "cniVersion": "1.0.0",
+    "name": "n",
+    "type": "ipvlan",
+    "ipam": {"type": "whereabouts-py", "range": "10.0.0.0/24"},
+}
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0", "CNI_NETNS": "/proc/1/ns/net"}
 
 
@@ -207,15 +213,23 @@ def test_a_node_and_network_name_too_long_together_are_code_7_naming_both(tmp_pa
 
     flat = tmp_path / "whereabouts.conf"
     flat.write_text(json.dumps({"node_name": LONG_NODE}))
-    ipam = {"range": "fd00:1234:5678:9abc:def0:1234:5678:0/112", "node_slice_size": "/120", "network_name": "a" * 128}
+    ipam = {
+        "range": "fd00:1234:5678:9abc:def0:1234:5678:0/112",
+        "node_slice_size": "/120",
+        "network_name": "a" * 128,
+    }
     with pytest.raises(CNIError) as info:
         load_config(netconf(ipam), flat_search=[str(flat)])
-    assert info.value.code == 7 and "ipam.node_name" in info.value.msg and "ipam.network_name" in info.value.msg
+    assert (
+        info.value.code == 7 and "ipam.node_name" in info.value.msg and "ipam.network_name" in info.value.msg
+    )
     ipam["network_name"] = "a" * 60  # short enough together: accepted
     assert load_config(netconf(ipam), flat_search=[str(flat)]).ipam.network_name == "a" * 60
 
 
-def test_the_longest_accepted_names_fit_the_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_longest_accepted_names_fit_the_file_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The bound the config applies is one the stores can hold: an ADD with the longest names it
     accepts gets an address (file datastore; its file names are the tighter bound)."""
     import io
@@ -225,8 +239,14 @@ def test_the_longest_accepted_names_fit_the_file_store(tmp_path: Path, monkeypat
     nodeslices.forget_cache()
     flat = tmp_path / "whereabouts.conf"
     monkeypatch.setenv("WHEREABOUTS_PY_FLAT_FILE", str(flat))
-    flat.write_text(json.dumps({"datastore": "file", "data_dir": str(tmp_path / "d"), "node_name": LONG_NODE}))
-    ipam = {"type": "whereabouts-py", "range": "fd00:1234:5678:9abc:def0:1234:5678:0/112", "node_slice_size": "/120"}
+    flat.write_text(
+        json.dumps({"datastore": "file", "data_dir": str(tmp_path / "d"), "node_name": LONG_NODE})
+    )
+    ipam = {
+        "type": "whereabouts-py",
+        "range": "fd00:1234:5678:9abc:def0:1234:5678:0/112",
+        "node_slice_size": "/120",
+    }
     for length in range(128, 0, -1):  # the longest network_name this node accepts
         ipam["network_name"] = "a" * length
         doc = {"cniVersion": "1.0.0", "name": "n", "type": "ipvlan", "ipam": ipam}
@@ -254,3 +274,53 @@ def test_a_name_the_file_store_accepts_is_one_it_can_write(tmp_path: Path, lengt
     with pytest.raises(CNIError) as info:
         store.write_pool(store.read_pool("p" * length, "10.0.0.0/24"), {1: lease})
     assert info.value.code == 7
+
+
+# -- a second agent on the same socket --------------------------------------------------------------
+
+
+def test_an_agent_whose_socket_was_taken_and_removed_stops_claiming_to_serve(tmp_path: Path) -> None:
+    """A second agent started on the node's socket path (by hand, for a look, or a second DaemonSet)
+    replaces the socket file, and removes it when it stops. The first agent went on touching its
+    heartbeat, unreachable: every CNI call on the node waited the shim's full 15 s for it, then ran in
+    direct mode, for as long as the first agent lived (its /healthz said ok). Now its /healthz fails
+    (the kubelet restarts it, and it binds again) and its heartbeat stops, so shims do not wait."""
+    import signal
+    import time
+    import urllib.error
+
+    from tests.kubeapi.real import free_port
+    from tests.test_agent_limits import AGENT, _answers
+
+    sock, port = str(tmp_path / "run" / "agent.sock"), free_port()
+    first = subprocess.Popen(
+        [AGENT, "--socket", sock, "--metrics-port", str(port)], stderr=subprocess.DEVNULL
+    )
+    try:
+        poll("the first agent listens", lambda: os.path.exists(sock))
+        poll("/healthz answers", lambda: _answers(port))
+        inode = os.stat(sock).st_ino
+        second = subprocess.Popen([AGENT, "--socket", sock, "--metrics-port", "0"], stderr=subprocess.DEVNULL)
+        poll("the second agent's socket", lambda: os.path.exists(sock) and os.stat(sock).st_ino != inode)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+        assert not os.path.exists(sock)
+
+        def unhealthy() -> bool:
+            try:
+                get(port, "/healthz")
+            except urllib.error.HTTPError as exc:
+                return exc.code == 503
+            return False
+
+        poll("the first agent's /healthz fails", unhealthy)
+        marker = shim.heartbeat_path(sock)
+        old = time.time() - 60
+        os.utime(marker, (old, old))
+        beats = 3 * agentmod.HEARTBEAT_SECONDS / 0.05
+        with pytest.raises(pytest.fail.Exception):  # the heartbeat is not touched again
+            poll("the heartbeat is touched", lambda: os.stat(marker).st_mtime > old + 1, polls=int(beats))
+        assert shim.forward({"CNI_COMMAND": "ADD"}, b"{}", sock, timeout=60, wait=15) is None
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
