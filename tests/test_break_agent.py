@@ -324,3 +324,25 @@ def test_an_agent_whose_socket_was_taken_and_removed_stops_claiming_to_serve(tmp
     finally:
         first.terminate()
         first.wait(timeout=60)
+
+
+# -- CRD bounds against what Whereabouts writes -----------------------------------------------------
+
+
+@pytest.mark.apiserver
+def test_a_whereabouts_nodeslicepool_that_etcd_holds_is_accepted(real_kube: Any) -> None:
+    """Go Whereabouts cuts any range: 10.0.0.0/14 in /29 slices is 32,768 status entries, ~1.5 MB with
+    a few nodes holding slices, under etcd's 1.5 MiB. The CRD's maxItems of 16,384 refused it, so
+    Whereabouts' controller could no longer update it once these CRDs were installed. The bound is
+    now what etcd can hold at all (65,536 entries are over 2.6 MB)."""
+    import ipaddress
+
+    from tests.test_crd_limits import create
+
+    cut = ipaddress.ip_network("10.0.0.0/14").subnets(new_prefix=29)
+    entries = [{"nodeName": f"worker-{i:03d}" if i < 50 else "", "sliceRange": str(s)} for i, s in enumerate(cut)]
+    assert len(entries) == 32768
+    slices = {"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool", "metadata": {"name": "wb"},
+              "spec": {"range": "10.0.0.0/14", "sliceSize": "/29"}, "status": {"allocations": entries}}  # fmt: skip
+    created = create(real_kube, "nodeslicepools", slices)
+    assert len(created["status"]["allocations"]) == 32768
