@@ -45,7 +45,7 @@ NODE_ONLY_KEYS = (
 )
 # Sizes a tenant's config may not pass (code 7 naming the key and the limit): far above real configs,
 # low enough that one config's ranges cost the agent a bounded time and memory (ranges.CACHE_BYTES).
-LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024}
+LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024, "addresses": 64}
 MAX_EXCLUDES = 8192  # all exclude lists of one config together
 _PATH_KEYS = ("log_file", "data_dir", "configuration_path", "agent_socket", "kubeconfig")
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
@@ -173,6 +173,9 @@ def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
 def check_limits(raw: Mapping[str, Any]) -> None:
     """Refuse lists past LIMITS before any of their entries is parsed."""
     lists: list[tuple[str, Any]] = [("ipam.exclude", raw.get("exclude"))]
+    addresses = raw.get("addresses")  # each one inside a range is its own pool write
+    if isinstance(addresses, list) and len(addresses) > LIMITS["addresses"]:
+        raise _too_many("ipam.addresses", len(addresses), LIMITS["addresses"])
     for alias in ("ipRanges", "ip_ranges", "routes"):
         value = raw.get(alias)
         limit = LIMITS["routes" if alias == "routes" else "ipRanges"]
