@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -34,16 +34,19 @@ from .config import Config
 from .engine import AddOp, Engine, Op, PoolCache, ReleaseOp
 from .errors import CNIError
 from .log import log
-from .shim import DEFAULT_SOCKET, WORK_MARGIN, heartbeat_path
+from .shim import DEFAULT_SOCKET, MAX_REQUEST, WORK_MARGIN, heartbeat_path
 from .store.base import Store
 from .store.open import open_store
 
-MAX_REQUEST = 4 << 20
 HEARTBEAT_SECONDS = 2.0  # well below the shim's wait budget (ipam.shim.DEFAULT_WAIT)
 READ_TIMEOUT = 10.0  # the shim sends its request right after connecting
 MAX_CONNECTIONS = 512  # calls served at once; more are closed (their shims repeat them, see ipam.shim)
 HEALTH_TIMEOUT = 5.0  # a /metrics or /healthz connection silent this long is closed
 MAX_HEALTH_CONNECTIONS = 32  # on the metrics port; one more cuts the oldest
+# The request line and headers a metrics connection may send: a probe's GET is ~100 bytes, while
+# http.server alone reads up to 100 headers of 64 KiB each (6.5 MiB per connection held, 200 MiB for
+# 32 connections trickling their last byte).
+MAX_HEALTH_REQUEST = 8192
 EVICT_WAIT = 1.0  # how long a new metrics connection waits for the one it cut to end
 # On SIGTERM the agent stops accepting and gives its calls in flight this long to finish; keep it below
 # the DaemonSet's terminationGracePeriodSeconds (deploy/base/daemonset.yaml: 20 s of 30 s).
@@ -398,6 +401,15 @@ class _SocketServer(_Bounded, socketserver.UnixStreamServer):
         st = os.stat(path)
         self.inode = (st.st_dev, st.st_ino)
 
+    def owns_socket(self) -> bool:
+        """Whether the socket file is still this server's: another agent started on the same path
+        (by hand, or a second DaemonSet) replaces it, and removes it when it stops."""
+        try:
+            st = os.stat(str(self.server_address))
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.inode
+
     def remove_socket(self) -> None:
         """Unlink the socket file unless a successor has replaced it already (a DaemonSet roll that
         starts the next agent while this one drains: its socket must stay)."""
@@ -436,9 +448,40 @@ class _HealthServer(_Bounded, HTTPServer):
         return  # a client gone mid-answer (or cut): not worth a log line per connection
 
 
-def _health_server(agent: Agent, port: int, max_connections: int = MAX_HEALTH_CONNECTIONS) -> _HealthServer:
+class _Capped(io.BufferedIOBase):
+    """A connection's reader that ends (EOF) once `budget` bytes were read through it."""
+
+    def __init__(self, raw: io.BufferedIOBase, budget: int) -> None:
+        super().__init__()
+        self.raw_reader = raw
+        self.budget = budget
+
+    def _take(self, limit: int | None) -> int:
+        return self.budget if limit is None or limit < 0 else min(limit, self.budget)
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        line = self.raw_reader.readline(self._take(limit)) if self.budget > 0 else b""
+        self.budget -= len(line)
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.raw_reader.read(self._take(size)) if self.budget > 0 else b""
+        self.budget -= len(data)
+        return data
+
+
+def _health_server(
+    agent: Agent,
+    port: int,
+    max_connections: int = MAX_HEALTH_CONNECTIONS,
+    healthy: Callable[[], bool] = lambda: True,
+) -> _HealthServer:
     class Handler(BaseHTTPRequestHandler):
         timeout = HEALTH_TIMEOUT  # per read and write; HTTP/1.0: one request per connection
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _Capped(self.rfile, MAX_HEALTH_REQUEST)
 
         def log_message(self, format: str, *args: Any) -> None:
             return
@@ -447,6 +490,9 @@ def _health_server(agent: Agent, port: int, max_connections: int = MAX_HEALTH_CO
             if self.path == "/metrics":
                 body, ctype = generate_latest(agent.metrics.registry), "text/plain; version=0.0.4"
             elif self.path in ("/healthz", "/readyz"):
+                if not healthy():  # no shim can reach this agent: the kubelet restarts it
+                    self.send_error(503, "the agent's socket is gone")
+                    return
                 body, ctype = b"ok\n", "text/plain"
             else:
                 self.send_error(404)
@@ -476,28 +522,44 @@ def bind(path: str, agent: Agent) -> _SocketServer:
     return server
 
 
-def heartbeat(path: str, stop: threading.Event, interval: float = HEARTBEAT_SECONDS) -> threading.Thread:
+def heartbeat(
+    path: str,
+    stop: threading.Event,
+    interval: float = HEARTBEAT_SECONDS,
+    serving: Callable[[], bool] = lambda: True,
+) -> threading.Thread:
     """Touch `<socket>.alive` every `interval` while serving. It is left behind when the agent stops:
     a shim that finds the socket missing or refusing waits for a restarted agent only while this
-    file is younger than its wait budget (ipam.shim), so a restart is bridged, a removed agent is not."""
+    file is younger than its wait budget (ipam.shim), so a restart is bridged, a removed agent is not.
+    Not touched while `serving()` is false (the socket is no longer this agent's): shims would wait
+    for an agent they cannot reach."""
     marker = heartbeat_path(path)
 
     def beat() -> None:
+        lost = False
         while True:
-            try:
-                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                try:
-                    os.utime(fd)  # through the descriptor: never a symlink's target
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                log.warning("agent.heartbeat-failed", path=marker, error=str(exc))
+            if serving():
+                _touch(marker)
+            elif not lost:
+                log.error("agent.socket-lost", path=path, fix="restart the agent (its /healthz fails)")
+            lost = not serving()
             if stop.wait(interval):
                 return
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     return thread
+
+
+def _touch(marker: str) -> None:
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.utime(fd)  # through the descriptor: never a symlink's target
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("agent.heartbeat-failed", path=marker, error=str(exc))
 
 
 def warm_up() -> None:
@@ -549,8 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent()
     server = bind(args.socket, agent)
     stopping = threading.Event()
-    heartbeat(args.socket, stopping)
-    health = _health_server(agent, args.metrics_port, args.metrics_connections) if args.metrics_port else None
+    heartbeat(args.socket, stopping, serving=server.owns_socket)
+    health = (
+        _health_server(agent, args.metrics_port, args.metrics_connections, server.owns_socket)
+        if args.metrics_port
+        else None
+    )
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

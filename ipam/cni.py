@@ -40,7 +40,7 @@ def parse_cni_args(text: str) -> dict[str, str]:
     for part in filter(None, text.split(";")):
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS: {part!r} is not KEY=VALUE")
+            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS: {errors.shown(part)} is not KEY=VALUE")
         out[key] = value
     return out
 
@@ -54,11 +54,11 @@ def _require(env: Mapping[str, str], name: str) -> str:
 
 def container_identity(env: Mapping[str, str], need_netns: bool) -> tuple[str, str]:
     container_id = _require(env, "CNI_CONTAINERID")
-    if len(container_id) > 256 or not _CONTAINER_ID.match(container_id):  # the CRDs' bound on an id
-        raise CNIError(errors.INVALID_ENV, f"invalid CNI_CONTAINERID {container_id[:300]!r}")
+    if len(container_id) > 256 or not _CONTAINER_ID.fullmatch(container_id):  # the CRDs' bound on an id
+        raise CNIError(errors.INVALID_ENV, f"invalid CNI_CONTAINERID {errors.shown(container_id)}")
     ifname = _require(env, "CNI_IFNAME")
     if len(ifname) > 15 or _IFNAME_BAD.search(ifname) or ifname in (".", ".."):
-        raise CNIError(errors.INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}")
+        raise CNIError(errors.INVALID_ENV, f"invalid CNI_IFNAME {errors.shown(ifname)}")
     if need_netns:
         _require(env, "CNI_NETNS")
     return container_id, ifname
@@ -213,7 +213,7 @@ def cmd_check(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> Non
     prev = cfg.prev_result or {}
     raw_ips = prev.get("ips") or []
     if not isinstance(raw_ips, list):
-        raise CNIError(errors.INVALID_CONFIG, f"invalid config: prevResult.ips: {raw_ips!r} is not a list")
+        raise CNIError(errors.INVALID_CONFIG, f"invalid config: prevResult.ips: {errors.shown(raw_ips)} is not a list")
     prev_ips = {str(ip.get("address", "")).split("/")[0] for ip in raw_ips if isinstance(ip, dict)}
     if prev_ips:
         absent = [str(a.address) for a in held if str(a.address) not in prev_ips]
@@ -238,7 +238,7 @@ def valid_attachments(raw: Any) -> set[tuple[str, str]]:
         if not isinstance(item, dict) or not isinstance(item.get("containerID"), str):
             raise CNIError(
                 errors.INVALID_CONFIG,
-                f"invalid config: cni.dev/valid-attachments[{i}]: {item!r} has no string containerID",
+                f"invalid config: cni.dev/valid-attachments[{i}]: {errors.shown(item)} has no string containerID",
             )
         out.add((item["containerID"], str(item.get("ifname", ""))))
     return out
@@ -310,7 +310,7 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
             raise CNIError(errors.INVALID_ENV, "required environment variable CNI_COMMAND is missing")
         if command not in COMMANDS:
             raise CNIError(
-                errors.INVALID_ENV, f"invalid CNI_COMMAND {command!r}", f"one of {', '.join(COMMANDS)}"
+                errors.INVALID_ENV, f"invalid CNI_COMMAND {errors.shown(command)}", f"one of {', '.join(COMMANDS)}"
             )
         if command == "VERSION":
             out.write(json.dumps(cmd_version(stdin)) + "\n")

@@ -45,7 +45,7 @@ NODE_ONLY_KEYS = (
 )
 # Sizes a tenant's config may not pass (code 7 naming the key and the limit): far above real configs,
 # low enough that one config's ranges cost the agent a bounded time and memory (ranges.CACHE_BYTES).
-LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024, "addresses": 64}  # addresses: one reservation each
+LIMITS = {"exclude": 4096, "ipRanges": 64, "routes": 1024, "addresses": 64}
 MAX_EXCLUDES = 8192  # all exclude lists of one config together
 _PATH_KEYS = ("log_file", "data_dir", "configuration_path", "agent_socket", "kubeconfig")
 LOG_LEVELS = ("debug", "verbose", "info", "warning", "error", "panic")
@@ -161,9 +161,7 @@ class Config:
 
 
 def invalid(key: str, value: object, reason: str) -> CNIError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 256 else shown[:240] + f"... ({len(shown)} characters)"
-    return CNIError(errors.INVALID_CONFIG, f"invalid config: {key}: {shown} {reason}")
+    return CNIError(errors.INVALID_CONFIG, f"invalid config: {key}: {errors.shown(value)} {reason}")
 
 
 def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
@@ -176,9 +174,9 @@ def _too_many(key: str, count: int, limit: int, what: str = "") -> CNIError:
 def check_limits(raw: Mapping[str, Any]) -> None:
     """Refuse lists past LIMITS before any of their entries is parsed."""
     lists: list[tuple[str, Any]] = [("ipam.exclude", raw.get("exclude"))]
-    statics = raw.get("addresses")
-    if isinstance(statics, list) and len(statics) > LIMITS["addresses"]:
-        raise _too_many("ipam.addresses", len(statics), LIMITS["addresses"])
+    addresses = raw.get("addresses")  # each one inside a range is its own pool write
+    if isinstance(addresses, list) and len(addresses) > LIMITS["addresses"]:
+        raise _too_many("ipam.addresses", len(addresses), LIMITS["addresses"])
     for alias in ("ipRanges", "ip_ranges", "routes"):
         value = raw.get(alias)
         limit = LIMITS["routes" if alias == "routes" else "ipRanges"]
@@ -216,9 +214,29 @@ def check_object_name(key: str, value: str, limit: int, why: str) -> None:
     """A value that names a Kubernetes object or a file of the file datastore: an RFC 1123 subdomain."""
     if len(value) > limit:
         raise invalid(key, value, f"is longer than {limit} characters ({why})")
-    if not _OBJECT_NAME.match(value):
+    if not _OBJECT_NAME.fullmatch(value):
         rule = "must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
         raise invalid(key, value, f"{rule} ({why})")
+
+
+MAX_SLICE_TEXT = 45  # the longest slice range as a pool name writes it (IPv6, nothing to compress)
+
+
+def check_slice_names(node: str, slices_name: str, network_name: str) -> None:
+    """The names joining the node's to the network's fit a file name (safepath.MAX_FILE_NAME, tighter
+    than Kubernetes' 253): the slice pools `<network_name>-<node>-<slice>` and the NodeSlicePool's
+    lock `nodeslicepool-<name>-<node>`. Each name alone may pass and the two together not."""
+    from .safepath import MAX_FILE_NAME
+
+    longest = max(len(f"nodeslicepool-{slices_name}-{node}"), len(f"{network_name}-{node}-") + MAX_SLICE_TEXT)
+    if longest > MAX_FILE_NAME:
+        key = "ipam.network_name" if network_name else "name"
+        raise invalid(
+            "ipam.node_name",
+            node,
+            f"and {key} {errors.shown(slices_name)} together make slice pool names of up to {longest} "
+            f"characters, more than {MAX_FILE_NAME}: use a shorter {key}",
+        )
 
 
 def version_supported(version: str) -> bool:
@@ -389,7 +407,7 @@ def build_config(
     if not version_supported(conf.cni_version):
         raise CNIError(
             errors.INCOMPATIBLE_VERSION,
-            f"incompatible CNI version {conf.cni_version!r}",
+            f"incompatible CNI version {errors.shown(conf.cni_version)}",
             f"supported versions: {', '.join(SUPPORTED_VERSIONS)}",
         )
     if conf.ipam is None:
@@ -422,6 +440,7 @@ def build_config(
             check_object_name("name", conf.name, MAX_NETWORK_NAME, why)
         node = ipam.node_name or env.get("NODENAME") or socket.gethostname()
         check_object_name("ipam.node_name", node, 253, "it names the node's slice pools")
+        check_slice_names(node, ipam.network_name or conf.name, ipam.network_name)
     try:
         ranges = build_ranges(ipam)
         for i, static in enumerate(ipam.addresses):  # Whereabouts' static addresses: CIDRs

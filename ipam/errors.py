@@ -23,6 +23,16 @@ DATASTORE_ERROR = 103
 ADDRESS_TAKEN = 104  # a requested or static address another attachment holds
 
 
+MAX_SHOWN = 256
+
+
+def shown(value: object) -> str:
+    """`repr(value)` for an error message, cut to about MAX_SHOWN characters: a tenant's value (a NAD,
+    a pod's annotation) goes into the runtime's answer, pod events and the node's log."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 16] + f"... ({len(text)} characters)"
+
+
 class CNIError(Exception):
     """A failure that is reported to the runtime as CNI error JSON."""
 

@@ -54,7 +54,7 @@ def _address(key: str, text: object, code: int) -> tuple[IPAddress, IPNetwork | 
             raise ValueError(text)
         return address, IPNetwork(f"{address}/{plen}")
     except (AddrFormatError, ValueError, TypeError):
-        raise CNIError(code, f"invalid {key}: {text!r} is not an IP address or CIDR") from None
+        raise CNIError(code, f"invalid {key}: {errors.shown(text)} is not an IP address or CIDR") from None
 
 
 def _range_of(ranges: Sequence[RangeSpec], address: IPAddress) -> RangeSpec | None:
@@ -69,7 +69,7 @@ def requested_wants(runtime_config: Mapping[str, Any], ranges: Sequence[RangeSpe
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise CNIError(errors.INVALID_CONFIG, f"invalid config: runtimeConfig.ips: {raw!r} is not a list")
+        raise CNIError(errors.INVALID_CONFIG, f"invalid config: runtimeConfig.ips: {errors.shown(raw)} is not a list")
     wants: list[Want] = []
     for i, item in enumerate(raw):
         key = f"runtimeConfig.ips[{i}]"
@@ -101,7 +101,7 @@ def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str])
         if network is None:
             raise CNIError(
                 errors.INVALID_CONFIG,
-                f"invalid config: ipam.addresses[{i}].address: {entry.get('address')!r} is not a CIDR",
+                f"invalid config: ipam.addresses[{i}].address: {errors.shown(entry.get('address'))} is not a CIDR",
             )
         gateway = None
         if entry.get("gateway"):
@@ -115,12 +115,12 @@ def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str])
     for item in listed:
         address, network = _address("CNI_ARGS IP", item, errors.INVALID_ENV)
         if network is None:
-            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS IP: {item!r} is not a CIDR")
+            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS IP: {errors.shown(item)} is not a CIDR")
         out.append(Static(address, network))
     for item in filter(None, (t.strip() for t in cni_args.get("GATEWAY", "").split(","))):
         gateway, network = _address("CNI_ARGS GATEWAY", item, errors.INVALID_ENV)
         if network is not None:
-            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS GATEWAY: {item!r} is not an IP address")
+            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS GATEWAY: {errors.shown(item)} is not an IP address")
         out = [Static(s.address, s.network, gateway) if gateway in s.network else s for s in out]
     return out
 

@@ -27,7 +27,7 @@ class UnsafePathError(OSError):
     """A path with a symlink, a non-directory or a NUL where a real directory must be."""
 
 
-MAX_FILE_NAME = 240  # 255 on Linux, less the affixes (`.json`, `.lock`, a temp file's)
+MAX_FILE_NAME = 232  # 255 on Linux, less the longest affixes: a temp file `.<name>.json.<12 hex>.tmp`
 
 
 def checked_name(name: str) -> str:

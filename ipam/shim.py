@@ -48,6 +48,10 @@ MAX_WAIT = 120.0  # a misconfigured wait must not eat kubelet's 4-minute budget
 HEARTBEAT_SUFFIX = ".alive"
 RETRY_INTERVAL = 0.05
 MAX_REPLY = 16 << 20
+# The largest request the agent reads (ipam.agent). A longer one would be cut there, refused, and
+# repeated by the wait below: such a call (a tenant's NAD near etcd's 1.5 MiB in non-ASCII text is
+# 3x that once escaped) runs in direct mode at once instead.
+MAX_REQUEST = 4 << 20
 FORWARDED = ("CNI_", "K8S_", "NODENAME")
 
 
@@ -270,6 +274,9 @@ def forward(
         return None
     forwarded = {k: v for k, v in env.items() if k.startswith(FORWARDED)}
     request = _dumps_request(forwarded, stdin.decode("utf-8", errors="surrogateescape"), timeout)
+    if len(request) >= MAX_REQUEST:  # the newline ends it within the agent's limit
+        _log_unavailable(path, f"request of {len(request)} bytes is over the agent's {MAX_REQUEST}", 0.0)
+        return None
     started = None
     while True:
         try:
