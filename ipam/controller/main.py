@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -205,21 +207,90 @@ def build_parser() -> argparse.ArgumentParser:
         help="also release the leases of a Terminating pod whose node has been NotReady this long "
         "(off by default: a partitioned node may still use the address)",
     )
-    parser.add_argument(
-        "--webhook-bind-address",
-        default="",
-        help="host:port of the validating admission webhook (ipam.webhook; default: off; not wired yet)",
-    )
+    webhook_arguments(parser)
     return parser
 
 
-def _start_webhook(args: argparse.Namespace, store: KubernetesStore) -> None:
-    """The hook for the admission webhook (ipam.webhook: its certificates Secret, caBundle and
-    `serve_webhook`), served from this process when --webhook-bind-address is given. Not wired in
-    this build: asking for it is an error rather than a controller silently without its webhook."""
-    raise SystemExit(
-        "ipam-controller: --webhook-bind-address: the admission webhook is not wired into this build"
+def webhook_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("admission webhook (every replica serves it, leader or not)")
+    group.add_argument(
+        "--webhook-bind-address",
+        default="",
+        help="host:port of the validating admission webhook (ipam.webhook), e.g. :9443; default: off",
     )
+    group.add_argument(
+        "--webhook-cert-dir",
+        default=os.path.join(tempfile.gettempdir(), "whereabouts-py-webhook"),
+        help="writable directory for the serving certificate's tls.crt and tls.key",
+    )
+    group.add_argument(
+        "--webhook-allow-node-only-keys",
+        action="store_true",
+        help="admit NADs whose ipam block sets node-only keys (the cluster's nodes are trusted to "
+        "agree with them); default: refused, as the plugin refuses them at ADD",
+    )
+    group.add_argument(
+        "--webhook-service",
+        default="whereabouts-py-controller",
+        help="the Service the API server calls: the serving certificate names it in --namespace",
+    )
+    group.add_argument(
+        "--webhook-cert-names",
+        default="",
+        metavar="NAME,...",
+        help="DNS names and IP addresses for the serving certificate instead of the Service's "
+        "(a `url` clientConfig)",
+    )
+    group.add_argument(
+        "--webhook-config",
+        default="whereabouts-py",
+        help="the ValidatingWebhookConfiguration whose caBundle the controller keeps",
+    )
+
+
+class _Webhook:
+    """The webhook in this process: its certificate kept (CertKeeper) and its server."""
+
+    def __init__(self, args: argparse.Namespace, store: KubernetesStore) -> None:
+        from ..webhook import Policy, project_identities, serve_webhook
+        from ..webhook_certs import CertKeeper
+
+        names = [n.strip() for n in args.webhook_cert_names.split(",") if n.strip()]
+        ips = tuple(n for n in names if _is_address(n))
+        os.makedirs(args.webhook_cert_dir, mode=0o700, exist_ok=True)
+        self.keeper = CertKeeper(
+            store.client,
+            store.namespace,
+            args.webhook_cert_dir,
+            service=args.webhook_service,
+            ips=ips,
+            hosts=tuple(n for n in names if n not in ips),
+            config=args.webhook_config,
+        )
+        self.keeper.refresh()
+        policy = Policy(
+            allow_node_only_keys=args.webhook_allow_node_only_keys,
+            trusted_users=project_identities(store.namespace),
+        )
+        self.server = serve_webhook(
+            args.webhook_bind_address, self.keeper.certfile, self.keeper.keyfile, policy
+        )
+        self.stopping = threading.Event()
+        threading.Thread(
+            target=self.keeper.run, args=(self.server, self.stopping), name="webhook-certs", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.stop()
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,17 +329,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             },
         )
+    webhook: _Webhook | None = None
     if args.webhook_bind_address:
-        _start_webhook(args, store)
+        from ..webhook_certs import CertError
+
+        try:
+            webhook = _Webhook(args, store)
+        except (CertError, OSError, ValueError) as exc:
+            sys.stderr.write(f"error: --webhook-bind-address: {exc}\n")
+            store.close()
+            return 1
     controller.start()
     if elector is not None:
         elector.start()
-    log.info("controller.started", namespace=store.namespace, leader_elect=args.leader_elect)
+    log.info(
+        "controller.started",
+        namespace=store.namespace,
+        leader_elect=args.leader_elect,
+        webhook=args.webhook_bind_address or "off",
+    )
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        threading.Event().wait()
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        if webhook is not None:
+            webhook.stop()
         if elector is not None:
             elector.stop()
         controller.stop()
