@@ -220,8 +220,8 @@ def webhook_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--webhook-cert-dir",
-        default=os.path.join(tempfile.gettempdir(), "whereabouts-py-webhook"),
-        help="writable directory for the serving certificate's tls.crt and tls.key",
+        help="writable directory for the serving certificate's tls.crt and tls.key (default: "
+        "whereabouts-py-webhook in the temporary directory)",
     )
     group.add_argument(
         "--webhook-allow-node-only-keys",
@@ -255,13 +255,14 @@ class _Webhook:
         from ..webhook import Policy, project_identities, serve_webhook
         from ..webhook_certs import CertKeeper
 
+        certdir = args.webhook_cert_dir or os.path.join(tempfile.gettempdir(), "whereabouts-py-webhook")
         names = [n.strip() for n in args.webhook_cert_names.split(",") if n.strip()]
         ips = tuple(n for n in names if _is_address(n))
-        os.makedirs(args.webhook_cert_dir, mode=0o700, exist_ok=True)
+        os.makedirs(certdir, mode=0o700, exist_ok=True)
         self.keeper = CertKeeper(
             store.client,
             store.namespace,
-            args.webhook_cert_dir,
+            certdir,
             service=args.webhook_service,
             ips=ips,
             hosts=tuple(n for n in names if n not in ips),
