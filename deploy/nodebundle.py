@@ -22,19 +22,25 @@ import stat
 from collections.abc import Iterator
 
 GLIBC_RECORD = "share/whereabouts-py/glibc.json"
+#: what the image's prefix holds for ipam-controller only (deploy/image/finish.py CONTROLLER_SITE):
+#: the nodes never import it, so it is neither copied nor part of the stamp
+NOT_FOR_NODES = ("lib/whereabouts-py-controller",)
 _RELEASE = re.compile(rb"release version (\d+)\.(\d+)")
 
 
-def walk_tree(root: str, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under `root`, sorted, parents before their children."""
+def walk_tree(root: str, rel: str = "", skip: tuple[str, ...] = ()) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of everything under `root` but `skip` (relative paths), sorted, parents
+    before their children."""
     with os.scandir(os.path.join(root, rel) if rel else root) as it:
         entries = sorted(it, key=lambda entry: entry.name)
     for entry in entries:
         child = os.path.join(rel, entry.name) if rel else entry.name
+        if child in skip:
+            continue
         st = entry.stat(follow_symlinks=False)
         yield child, st
         if stat.S_ISDIR(st.st_mode):
-            yield from walk_tree(root, child)
+            yield from walk_tree(root, child, skip)
 
 
 def bundle_stamp(src: str) -> str:
@@ -44,7 +50,7 @@ def bundle_stamp(src: str) -> str:
     installer skips the copy. Cheap enough to run at every start (no file contents are read).
     """
     digest = hashlib.sha256()
-    for rel, st in walk_tree(src):
+    for rel, st in walk_tree(src, skip=NOT_FOR_NODES):
         target = os.readlink(os.path.join(src, rel)) if stat.S_ISLNK(st.st_mode) else ""
         digest.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0{target}\n".encode())
     return digest.hexdigest()[:16]
@@ -59,7 +65,7 @@ def copy_tree(src: str, dst: str) -> None:
     os.mkdir(dst, 0o755)
     src_prefix = src.rstrip("/") + "/"
     directories: list[str] = []
-    for rel, st in walk_tree(src):
+    for rel, st in walk_tree(src, skip=NOT_FOR_NODES):
         source, target = os.path.join(src, rel), os.path.join(dst, rel)
         if stat.S_ISDIR(st.st_mode):
             os.mkdir(target, 0o755)

@@ -114,11 +114,54 @@ def test_values_change_what_they_name() -> None:
     assert subjects and {s["namespace"] for s in subjects} == {"ipam"}
 
 
+def test_controller_values_change_what_they_name() -> None:
+    objects = render(
+        {
+            "controller": {
+                "replicas": 3,
+                "releaseAfterNotReady": 600,
+                "metricsPort": 9090,
+                "resources": {"limits": {"memory": "1Gi"}},
+            },
+            "webhook": {"allowNodeOnlyKeys": True},
+        }
+    )
+    [deploy] = [o for o in objects if o["kind"] == "Deployment"]
+    [metrics] = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-metrics")]
+    assert deploy["spec"]["replicas"] == 3
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    from ipam.controller.main import build_parser
+
+    args = build_parser().parse_args(container["command"][1:])
+    assert args.release_after_not_ready == 600.0 and args.webhook_allow_node_only_keys
+    assert args.metrics_bind_address == ":9090"
+    assert {"name": "metrics", "containerPort": 9090} in container["ports"]
+    assert metrics["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics"}]
+    assert container["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
+
+
+def test_without_controller_and_webhook_nothing_of_either_renders() -> None:
+    objects = render({"controller": {"enabled": False}, "webhook": {"enabled": False}})
+    assert [o["metadata"]["name"] for o in objects if "controller" in o["metadata"]["name"]] == []
+    assert {o["kind"] for o in objects} >= {"DaemonSet", "CronJob"}
+    # the controller without its webhook: no webhook flags, port, volume or Service
+    objects = render({"webhook": {"enabled": False}})
+    [deploy] = [o for o in objects if o["kind"] == "Deployment"]
+    assert not any("webhook" in a for a in deploy["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert [o for o in objects if o["kind"] == "Service"] == [
+        o for o in objects if o["metadata"]["name"] == "whereabouts-py-controller-metrics"
+    ]
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
         ({"platform": "rke2"}, 'platform: "rke2" is not one of upstream, k3s, openshift'),
         ({"hostPaths": {"cniConfDir": "/tmp/x"}}, 'hostPaths.cniConfDir: "/tmp/x" is not a directory'),
+        (
+            {"controller": {"enabled": False}},
+            "webhook.enabled: the admission webhook is served by ipam-controller: set controller.enabled=true",
+        ),
     ],
 )
 def test_a_wrong_value_fails_the_render_naming_it(values: dict[str, Any], message: str) -> None:

@@ -317,8 +317,8 @@ def test_only_the_reconciler_and_controller_have_cluster_wide_rights_reading_pod
     assert_bound("ClusterRole", "whereabouts-py-controller", "whereabouts-py-controller")
     assert sorted(o["metadata"]["name"] for o in all_objects() if o["kind"] == "ClusterRoleBinding") == [
         "whereabouts-py-controller",
-        "whereabouts-py-reconciler",
         WEBHOOK_ROLE,
+        "whereabouts-py-reconciler",
     ]
 
 
@@ -337,6 +337,41 @@ def test_the_controller_may_read_and_renew_its_own_lease_only() -> None:
     deployment = find("Deployment", "whereabouts-py-controller")
     assert deployment["spec"]["replicas"] == 2
     assert "--leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_the_controller_serves_the_webhook_its_configuration_calls() -> None:
+    """webhook.yaml's clientConfig reaches the Deployment's webhook port through a Service; the cert
+    directory is a writable volume; the webhook's RBAC is bound to the Deployment's account."""
+    from ipam.controller.main import build_parser
+
+    spec = pod_spec("Deployment", "whereabouts-py-controller")
+    (container,) = spec["containers"]
+    args = build_parser().parse_args(container["command"][1:])
+    port = args.webhook_bind_address.rpartition(":")[2]
+    assert not args.webhook_allow_node_only_keys
+    (webhook_port,) = [p for p in container["ports"] if p["containerPort"] == int(port)]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[mounts[args.webhook_cert_dir]]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    labels = find("Deployment", "whereabouts-py-controller")["spec"]["template"]["metadata"]["labels"]
+    config = find("ValidatingWebhookConfiguration", "whereabouts-py")
+    for hook in config["webhooks"]:
+        ref = hook["clientConfig"]["service"]
+        assert ref["name"] == args.webhook_service
+        service = find("Service", ref["name"])
+        assert service["metadata"]["namespace"] == ref["namespace"] == "kube-system"
+        assert service["spec"]["selector"].items() <= labels.items()
+        (sp,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]]
+        assert sp["targetPort"] == webhook_port["name"]
+    account = spec["serviceAccountName"]
+    assert_bound("Role", WEBHOOK_ROLE, account)
+    assert_bound("ClusterRole", WEBHOOK_ROLE, account)
+    assert {r["resources"][0]: (r["resourceNames"], r["verbs"]) for r in find("Role", WEBHOOK_ROLE)["rules"]} == {
+        "secrets": (["whereabouts-py-webhook-cert"], ["get", "update"])
+    }
+    assert {r["resources"][0]: (r["resourceNames"], r["verbs"]) for r in find("ClusterRole", WEBHOOK_ROLE)["rules"]} == {
+        "validatingwebhookconfigurations": ([args.webhook_config], ["get", "update"])
+    }
 
 
 def test_the_installer_may_mint_tokens_for_the_plugins_account_only() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -395,3 +396,42 @@ def test_the_images_installer_refuses_a_node_with_an_older_glibc(rootfs: Path, n
     )
     assert "Traceback" not in out
     assert not (node.host / "opt/cni/bin/whereabouts-py").exists()
+
+
+def in_image(rootfs: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`argv` run in the unpacked image (read-only root, its own mount namespace), as its containers run."""
+    r = shlex.quote(str(rootfs))
+    setup = f"mount --bind {r} {r} && mount -o remount,bind,ro {r}"
+    command = f"{setup} && exec chroot {r} /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin {shlex.join(argv)}"
+    return subprocess.run(["unshare", "--mount", "--fork", "--", "sh", "-c", command], capture_output=True, text=True)
+
+
+def test_the_image_runs_ipam_controller_with_its_webhook_and_leader_election(rootfs: Path) -> None:
+    ran = in_image(rootfs, "ipam-controller", "--help")
+    assert ran.returncode == 0, ran.stderr
+    assert "--webhook-bind-address" in ran.stdout and "--leader-elect" in ran.stdout
+    # what it loads on demand, from the image's own interpreter
+    code = (
+        "import ipam.webhook_certs, ipam.webhook, kubernetes.client;"
+        "from kubernetes.leaderelection.resourcelock import leaselock;"
+        "from ipam.controller.leader import configure_client;"
+        "print(ipam.webhook_certs.make_certificates(['x']).cert[:27].decode())"
+    )
+    ran = in_image(rootfs, "python3", "-I", "-c", code)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "-----BEGIN CERTIFICATE-----"
+
+
+def test_the_controllers_packages_stay_in_the_image(rootfs: Path, node: Node) -> None:
+    """The nodes get /usr/local without ipam-controller's dependencies (kubernetes, cryptography, ...):
+    the CNI path, the agent and the installer never import them."""
+    import nodebundle  # deploy/nodebundle.py, on sys.path since tests.test_deploy loaded install.py
+
+    assert nodebundle.NOT_FOR_NODES == (finish.CONTROLLER_SITE,)
+    assert (rootfs / "usr/local" / finish.CONTROLLER_SITE / "kubernetes").is_dir()
+    node.install_once(rootfs)
+    current = node.host / "opt/cni/whereabouts-py/current"
+    assert (current / "bin/python3").exists()
+    assert not (current / finish.CONTROLLER_SITE).exists()
+    assert not list(current.glob("lib/python3*/site-packages/kubernetes"))
+    assert not list(current.glob("lib/python3*/site-packages/cryptography"))

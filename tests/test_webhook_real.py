@@ -119,7 +119,7 @@ def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
             if rule.get("resourceNames") == ["whereabouts-py"]:
                 rule["resourceNames"] = [config]
     real_kube.cluster.apply(setup)
-    real_kube.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": CONTROLLER_SA}})
+    assert real_kube.apply_rbac()["controller"] == CONTROLLER_SA  # deploy/base/rbac.yaml makes the account
     controller = KubeClient(load_kubeconfig(real_kube.token_kubeconfig(CONTROLLER_SA, ns)))
 
     # what the controller does at start, with its own identity

@@ -34,6 +34,26 @@ import sys
 
 PREFIX = "/usr/local"
 PY = "lib/python{}.{}".format(*sys.version_info[:2])
+#: ipam-controller's own dependencies (leader election: kubernetes; the webhook's certificates:
+#: cryptography; and what they import), installed into CONTROLLER_SITE below PREFIX, which
+#: deploy/install.py leaves out of the node bundle (deploy/nodebundle.py NOT_FOR_NODES): the nodes
+#: never import them, and they would double the bundle. Wheel names as in the wheels' file names.
+CONTROLLER_SITE = "lib/whereabouts-py-controller"
+CONTROLLER_ONLY = (
+    "certifi",
+    "cffi",
+    "charset_normalizer",
+    "cryptography",
+    "durationpy",
+    "idna",
+    "kubernetes",
+    "oauthlib",
+    "python_dateutil",
+    "requests",
+    "requests_oauthlib",
+    "urllib3",
+    "websocket_client",
+)
 #: Paths below PREFIX (glob patterns): what must exist, and what is removed (tests/test_image.py reads both).
 LAYOUT = {
     "require": [
@@ -48,6 +68,9 @@ LAYOUT = {
         f"{PY}/site-packages/ipam/shim.py",
         f"{PY}/site-packages/pydantic_core/_pydantic_core.*.so",
         "share/whereabouts-py/glibc.json",
+        "bin/ipam-controller",
+        f"{CONTROLLER_SITE}/kubernetes/leaderelection/leaderelection.py",
+        f"{CONTROLLER_SITE}/cryptography/hazmat/bindings/_rust.abi3.so",
     ],
     "prune": [
         "bin/pip*",
@@ -73,6 +96,8 @@ LAYOUT = {
         f"{PY}/site-packages/netaddr/eui/*.txt",
         f"{PY}/site-packages/netaddr/eui/*.idx",
         f"{PY}/site-packages/distutils-precedence.pth",
+        # kubernetes' asyncio client (half the package): it needs aiohttp, which is not installed
+        f"{CONTROLLER_SITE}/kubernetes/aio",
         f"{PY}/test",
         f"{PY}/idlelib",
         f"{PY}/tkinter",
@@ -111,6 +136,9 @@ import site
 import sys
 
 site.addsitedir(os.path.join(sys.prefix, "lib", "python%d.%d" % sys.version_info[:2], "site-packages"))
+# ipam-controller's own dependencies, in the image only (not copied to nodes)
+if os.path.isdir(os.path.join(sys.prefix, "lib", "whereabouts-py-controller")):
+    site.addsitedir(os.path.join(sys.prefix, "lib", "whereabouts-py-controller"))
 '''
 #: glibc's own libraries: the node provides them (the floor in GLIBC_RECORD), never the bundle.
 GLIBC_LIBS = (
@@ -150,21 +178,29 @@ def install_wheels(wheel_dir: str) -> None:
     from installer.destinations import SchemeDictionaryDestination
     from installer.sources import WheelFile
 
-    site_packages = at(f"{PY}/site-packages")
-    scheme = {
-        "purelib": site_packages,
-        "platlib": site_packages,
-        "scripts": at("bin"),
-        "data": PREFIX,
-        "headers": at("include/whereabouts-py"),
-    }
-    destination = SchemeDictionaryDestination(
-        scheme, interpreter=at("bin/python3"), script_kind="posix", bytecode_optimization_levels=()
-    )
+    def destination(site_packages: str, scripts: str) -> SchemeDictionaryDestination:
+        scheme = {
+            "purelib": site_packages,
+            "platlib": site_packages,
+            "scripts": scripts,
+            "data": PREFIX,
+            "headers": at("include/whereabouts-py"),
+        }
+        return SchemeDictionaryDestination(
+            scheme, interpreter=at("bin/python3"), script_kind="posix", bytecode_optimization_levels=()
+        )
+
+    shared = destination(at(f"{PY}/site-packages"), at("bin"))
+    controller = destination(at(CONTROLLER_SITE), at(CONTROLLER_SITE + "/bin"))
     for wheel in wheels:
         if wheel != tool:
+            name = os.path.basename(wheel).split("-", 1)[0].lower()
             with WheelFile.open(wheel) as source:
-                install(source, destination, {"INSTALLER": b"whereabouts-py deploy/image/finish.py\n"})
+                install(
+                    source,
+                    controller if name in CONTROLLER_ONLY else shared,
+                    {"INSTALLER": b"whereabouts-py deploy/image/finish.py\n"},
+                )
     with open(at(f"{PY}/sitecustomize.py"), "w") as f:
         f.write(SITECUSTOMIZE)
 
@@ -240,6 +276,12 @@ def check() -> None:
     with open(entry_points) as f:
         modules = sorted({line.split("=", 1)[1].split(":")[0].strip() for line in f if "=" in line})
     code = "import " + ", ".join([*modules, "ipam.shim", "ipam.cni", "ipam.store.kubernetes", "yaml"])
+    # and what ipam-controller loads on demand: leader election, the webhook and its certificates
+    code += (
+        "; import ipam.webhook, ipam.webhook_certs, kubernetes.client, kubernetes.config"
+        "; from kubernetes.leaderelection import leaderelection, electionconfig"
+        "; from kubernetes.leaderelection.resourcelock import leaselock"
+    )
     subprocess.run([at("bin/python3"), "-I", "-B", "-c", code], check=True)
 
 
@@ -253,20 +295,25 @@ def main(argv: list[str]) -> int:
     pruned = size(PREFIX)
     copy_libraries()
     libraries = size(PREFIX) - pruned
-    if not compileall.compile_dir(
-        at(PY),
-        quiet=1,
-        force=True,
-        workers=1,
-        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-    ):
-        raise SystemExit("finish.py: some modules do not compile")
+    for tree in (at(PY), at(CONTROLLER_SITE)):
+        if not compileall.compile_dir(
+            tree,
+            quiet=1,
+            force=True,
+            workers=1,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        ):
+            raise SystemExit("finish.py: some modules do not compile")
     record_glibc()
     check()
     total = sum(os.lstat(os.path.join(d, n)).st_size for d, _, files in os.walk(PREFIX) for n in files)
+    controller_only = sum(
+        os.lstat(os.path.join(d, n)).st_size for d, _, files in os.walk(at(CONTROLLER_SITE)) for n in files
+    )
     print(
         f"finish.py: {PREFIX}: {installed / 1e6:.1f} MB installed, {pruned / 1e6:.1f} MB pruned, "
-        f"+{libraries / 1e6:.1f} MB shared libraries, {total / 1e6:.1f} MB with bytecode",
+        f"+{libraries / 1e6:.1f} MB shared libraries, {total / 1e6:.1f} MB with bytecode, of which "
+        f"{controller_only / 1e6:.1f} MB in {CONTROLLER_SITE} (not copied to nodes)",
         flush=True,
     )
     return 0

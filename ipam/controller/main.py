@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -21,6 +22,7 @@ from ..reconcile import KubeSource, connection_arguments
 from ..store.kubeclient import ApiError
 from ..store.kubernetes import GROUP, NODE_SLICES, POOLS, RESERVATIONS, VERSION, KubernetesStore
 from . import cache
+from .admission import Webhook, webhook_arguments
 from .events import Recorder
 from .metrics import Collector, metrics_route, registry, serve
 from .reclaim import Reclaimer, quiet_reconciler
@@ -205,21 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also release the leases of a Terminating pod whose node has been NotReady this long "
         "(off by default: a partitioned node may still use the address)",
     )
-    parser.add_argument(
-        "--webhook-bind-address",
-        default="",
-        help="host:port of the validating admission webhook (ipam.webhook; default: off; not wired yet)",
-    )
+    webhook_arguments(parser)
     return parser
-
-
-def _start_webhook(args: argparse.Namespace, store: KubernetesStore) -> None:
-    """The hook for the admission webhook (ipam.webhook: its certificates Secret, caBundle and
-    `serve_webhook`), served from this process when --webhook-bind-address is given. Not wired in
-    this build: asking for it is an error rather than a controller silently without its webhook."""
-    raise SystemExit(
-        "ipam-controller: --webhook-bind-address: the admission webhook is not wired into this build"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,17 +247,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             },
         )
+    webhook: Webhook | None = None
     if args.webhook_bind_address:
-        _start_webhook(args, store)
+        from ..webhook_certs import CertError
+
+        try:
+            webhook = Webhook(args, store)
+        except (CertError, OSError, ValueError) as exc:
+            sys.stderr.write(f"error: --webhook-bind-address: {exc}\n")
+            store.close()
+            return 1
     controller.start()
     if elector is not None:
         elector.start()
-    log.info("controller.started", namespace=store.namespace, leader_elect=args.leader_elect)
+    log.info(
+        "controller.started",
+        namespace=store.namespace,
+        leader_elect=args.leader_elect,
+        webhook=args.webhook_bind_address or "off",
+    )
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        threading.Event().wait()
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        if webhook is not None:
+            webhook.stop()
         if elector is not None:
             elector.stop()
         controller.stop()

@@ -4,6 +4,12 @@ Pure: no I/O, no clock. The identity rules (gone, replaced by a new UID, finishe
 applied through `audit.audit` itself to the pod's pools, so every rule the audit has (and any it gains)
 decides here exactly as in `ipam-reconcile`. The controller adds one rule the CronJob does not have:
 a pod stuck Terminating on a dead node (`dead_node`).
+
+Sticky retention: a lease its DEL kept for the pod's name (`retained`) is never released here. The
+audit's verdict on it comes from `audit.retention_verdict` and is never an identity reason, and the
+dead-node rule skips it (its DEL already ran: the container is gone, the name may come back). The
+end of a retention (sticky-expired, statefulset-gone, ...) is ipam-reconcile's: it reads the
+StatefulSets, the controller does not.
 """
 
 from __future__ import annotations
@@ -98,5 +104,5 @@ def judge(
     return [
         Release(h, reason)
         for h in audit.holdings(audit.pool_views(inventory))
-        if h.lease.podref == ref and audit.holder_is_live(h.lease, info)
+        if h.lease.podref == ref and not h.lease.retained and audit.holder_is_live(h.lease, info)
     ]
