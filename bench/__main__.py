@@ -51,7 +51,9 @@ LATENCIES: dict[str, list[float]] = {}  # case -> every timed ADD (ms), for the 
 
 
 def cni_env(command: str, container: str, sock: str = NO_AGENT, node: str = "node-0") -> dict[str, str]:
-    extra = {"WHEREABOUTS_PY_AGENT_WAIT": "0"} if sock == NO_AGENT else {}  # direct mode: no agent to wait for
+    extra = (
+        {"WHEREABOUTS_PY_AGENT_WAIT": "0"} if sock == NO_AGENT else {}
+    )  # direct mode: no agent to wait for
     return exec_env(
         command, container, namespace="bench", NODENAME=node, WHEREABOUTS_PY_AGENT_SOCKET=sock, **extra
     )
@@ -110,8 +112,12 @@ class Cluster:
             self.api = KubeAPI()
             self.api.set_faults(latency=latency_ms / 1000)
             self.server = APIServer(self.api).start()
-            self.kubeconfig = self.admin_kubeconfig = str(write_kubeconfig(workdir / "kubeconfig", self.server.url))
-            self.label = f"the Python API test server, {latency_ms:g} ms injected per request (not a real server)"
+            self.kubeconfig = self.admin_kubeconfig = str(
+                write_kubeconfig(workdir / "kubeconfig", self.server.url)
+            )
+            self.label = (
+                f"the Python API test server, {latency_ms:g} ms injected per request (not a real server)"
+            )
 
     def conf(self, cidr: str, data_dir: Path, network: str) -> dict[str, Any]:
         return {
@@ -273,9 +279,7 @@ def part_b(cluster: Cluster, work: Path, pods: int, nodes: int, per_node: int) -
         def one(i: int) -> tuple[int, str, float]:
             node = i % nodes
             conf = cluster.conf(cidr, work / f"burst-node{node}", network)
-            _, code, out = exec_plugin(
-                SHIM, conf, cni_env("ADD", f"burst-{i}", socks[node], f"node-{node}")
-            )
+            _, code, out = exec_plugin(SHIM, conf, cni_env("ADD", f"burst-{i}", socks[node], f"node-{node}"))
             return code, out, time.perf_counter() - started
 
         started = time.perf_counter()
@@ -398,13 +402,16 @@ def part_e(cluster: Cluster, sizes: list[int], reps: int) -> list[dict[str, Any]
     for variant in ("granular", "atomic", SCHEMALESS):
         crd = json.loads(json.dumps(original))
         crd["metadata"]["resourceVersion"] = real.request("GET", crd_url)["metadata"]["resourceVersion"]
-        allocations = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
-            "allocations"
-        ]
+        allocations = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "properties"
+        ]["allocations"]
         if variant == "granular":
             allocations.pop("x-kubernetes-map-type", None)
         if variant == SCHEMALESS:
-            allocations["additionalProperties"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+            allocations["additionalProperties"] = {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+            }
         real.request("PUT", crd_url, crd)
         real.wait_established("ippools.whereabouts.cni.cncf.io")
         real.wait_crs_served()
@@ -489,7 +496,10 @@ def figures(a: list[dict[str, Any]], b: dict[str, Any], c: list[dict[str, Any]],
         ratio_py = f"{per_add / py:.1f}" if py else "n/a"
         ratio_hl = f"{per_add / hl:.0f}" if hl else "n/a"
         lines.append(f"| {name} | {value} | {per_add:.1f} | {ratio_py} | {ratio_hl} | {issue} |")
-    lines += ["", f"References, same run: bare `{SYSTEM_PYTHON} -S -I -c pass` p50 {py} ms; host-local ADD p50 {hl} ms."]
+    lines += [
+        "",
+        f"References, same run: bare `{SYSTEM_PYTHON} -S -I -c pass` p50 {py} ms; host-local ADD p50 {hl} ms.",
+    ]
     return "\n".join(lines)
 
 
@@ -547,7 +557,9 @@ def main() -> int:
     parser.add_argument("--per-node", type=int, default=10, help="concurrent ADDs per node in the burst")
     parser.add_argument("--fill", default="0,1000,10000", help="pool sizes for the fill test")
     parser.add_argument("--direct", type=int, default=100, help="concurrent direct-mode ADDs (no agent)")
-    parser.add_argument("--crd-sizes", default="1000,10000", help="pool sizes for the CRD schema cost (real server)")
+    parser.add_argument(
+        "--crd-sizes", default="1000,10000", help="pool sizes for the CRD schema cost (real server)"
+    )
     parser.add_argument(
         "--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md"
     )

@@ -46,7 +46,9 @@ class ReferenceAgent(agent_mod.Agent):
         with self.stores_lock:
             found = self.stores.get(kubeconfig)
             if found is None:
-                found = self.stores[kubeconfig] = KubernetesStore.connect(kubeconfig, self.lock_dir, inline_only=True)
+                found = self.stores[kubeconfig] = KubernetesStore.connect(
+                    kubeconfig, self.lock_dir, inline_only=True
+                )
             return found
 
     def serve_call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +63,10 @@ class ReferenceAgent(agent_mod.Agent):
                 reservation_name(address, self.network), lease
             )
             if holder is not None:
-                return {"code": 1, "stdout": json.dumps({"cniVersion": "1.0.0", "code": 11, "msg": "reserved"})}
+                return {
+                    "code": 1,
+                    "stdout": json.dumps({"cniVersion": "1.0.0", "code": 11, "msg": "reserved"}),
+                }
         result = {"cniVersion": conf.get("cniVersion", "1.0.0"), "ips": [{"address": f"{address}/16"}]}
         return {"code": 0, "stdout": json.dumps(result)}
 
@@ -70,12 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.refagent", description=__doc__)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--mode", choices=("noop", "reserve"), required=True)
-    parser.add_argument("--network", default=os.environ.get("NODENAME", "refagent"),
-                        help="prefix of the reservation names (default: $NODENAME, distinct per simulated node)")
+    parser.add_argument(
+        "--network",
+        default=os.environ.get("NODENAME", "refagent"),
+        help="prefix of the reservation names (default: $NODENAME, distinct per simulated node)",
+    )
     args = parser.parse_args(argv)
     agent_mod.warm_up()
     server = agent_mod.bind(args.socket, ReferenceAgent(args.mode, args.network))
-    signal.signal(signal.SIGTERM, lambda _s, _f: threading.Thread(target=server.shutdown, daemon=True).start())
+    signal.signal(
+        signal.SIGTERM, lambda _s, _f: threading.Thread(target=server.shutdown, daemon=True).start()
+    )
     try:
         server.serve_forever()
     finally:

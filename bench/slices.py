@@ -44,7 +44,7 @@ REFERENCE_CASES = {
     "noop": "reference: shim + agent answering at once",
     "reserve": "reference: shim + agent making only the reservation POST",
 }
-_METRIC = re.compile(r'^apiserver_request_total\{([^}]*)\} (\S+)$')
+_METRIC = re.compile(r"^apiserver_request_total\{([^}]*)\} (\S+)$")
 
 
 @contextmanager
@@ -52,7 +52,9 @@ def agent(sock: str, node: str, reference: str | None = None) -> Iterator[subpro
     """ipam-agent for simulated node `node` on `sock` (its process, for CPU accounting); with
     `reference` ("noop" or "reserve") bench.refagent in that mode instead."""
     command = None if reference is None else [sys.executable, "-m", "bench.refagent", "--mode", reference]
-    with agent_running(sock, {**os.environ, "NODENAME": node, "PYTHONPATH": str(ROOT)}, command=command) as proc:
+    with agent_running(
+        sock, {**os.environ, "NODENAME": node, "PYTHONPATH": str(ROOT)}, command=command
+    ) as proc:
         yield proc
 
 
@@ -136,7 +138,9 @@ def node_slice_burst(
     before = requests_by_resource(metrics())
     pids = dict(server_pids or {})
     with ExitStack() as stack:
-        agents = [stack.enter_context(agent(sock, f"{network}-node-{n}", reference)) for n, sock in enumerate(socks)]
+        agents = [
+            stack.enter_context(agent(sock, f"{network}-node-{n}", reference)) for n, sock in enumerate(socks)
+        ]
         cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
         agents_before = sum(cpu_seconds(a.pid) for a in agents)
         children_before = children_cpu()
@@ -154,9 +158,16 @@ def node_slice_burst(
             if slice_size:
                 ipam["node_slice_size"] = slice_size
             conf = {"cniVersion": "1.0.0", "name": network, "type": "ipvlan", "ipam": ipam}
-            env = cni_env("ADD", f"{network}-{i}", namespace="bench", NODENAME=f"{network}-node-{n}",
-                          WHEREABOUTS_PY_AGENT_SOCKET=socks[n])
-            proc = subprocess.run(SHIM, input=json.dumps(conf).encode(), env=env, capture_output=True, check=False)
+            env = cni_env(
+                "ADD",
+                f"{network}-{i}",
+                namespace="bench",
+                NODENAME=f"{network}-node-{n}",
+                WHEREABOUTS_PY_AGENT_SOCKET=socks[n],
+            )
+            proc = subprocess.run(
+                SHIM, input=json.dumps(conf).encode(), env=env, capture_output=True, check=False
+            )
             return proc.returncode, proc.stdout.decode()
 
         ended: list[tuple[float, Any]] = []
@@ -173,13 +184,16 @@ def node_slice_burst(
     conflicts = sum(after[k][1] - before.get(k, (0.0, 0.0))[1] for k in pools)
     turns = after.get("writerturns", (0.0, 0.0))[0] - before.get("writerturns", (0.0, 0.0))[0]
     return {
-        "case": REFERENCE_CASES[reference] if reference else (
-            f"node_slice_size {slice_size}" if slice_size else "one pool (no slices)"),
+        "case": REFERENCE_CASES[reference]
+        if reference
+        else (f"node_slice_size {slice_size}" if slice_size else "one pool (no slices)"),
         "pods": pods,
         "nodes": nodes,
         "wall_s": round(wall, 2),
         "failures": len(failures),
-        "duplicates": "" if reference else len(addresses) - len(set(addresses)),  # references hand out no leases
+        "duplicates": ""
+        if reference
+        else len(addresses) - len(set(addresses)),  # references hand out no leases
         "api_requests_per_add": round(reqs / max(1, pods), 2),
         "409_per_add": round(conflicts / max(1, pods), 2),
         "turn_requests_per_add": round(turns / max(1, pods), 2),
@@ -203,33 +217,62 @@ def filled_range_latency(
     ):
         if fill:
             prefix = "10.213"
-            seed({
-                "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "NodeSlicePool",
-                "metadata": {"name": network},
-                "spec": {"range": cidr, "sliceSize": "/24"},
-                "status": {"allocations": [
-                    {"nodeName": f"{network}-other-{i}" if i < nodes else "", "sliceRange": f"{prefix}.{i}.0/24"}
-                    for i in range(256)
-                ]},
-            })
+            seed(
+                {
+                    "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+                    "kind": "NodeSlicePool",
+                    "metadata": {"name": network},
+                    "spec": {"range": cidr, "sliceSize": "/24"},
+                    "status": {
+                        "allocations": [
+                            {
+                                "nodeName": f"{network}-other-{i}" if i < nodes else "",
+                                "sliceRange": f"{prefix}.{i}.0/24",
+                            }
+                            for i in range(256)
+                        ]
+                    },
+                }
+            )
             for i in range(nodes):
-                seed({
-                    "apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
-                    "metadata": {"name": f"{network}-{network}-other-{i}-{prefix}.{i}.0-24"},
-                    "spec": {"range": f"{prefix}.{i}.0/24", "allocations": {
-                        str(k + 1): {"id": f"s{i}-{k}", "podref": f"bench/s{i}-{k}", "ifname": "net1"} for k in range(fill)
-                    }},
-                })
+                seed(
+                    {
+                        "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+                        "kind": "IPPool",
+                        "metadata": {"name": f"{network}-{network}-other-{i}-{prefix}.{i}.0-24"},
+                        "spec": {
+                            "range": f"{prefix}.{i}.0/24",
+                            "allocations": {
+                                str(k + 1): {"id": f"s{i}-{k}", "podref": f"bench/s{i}-{k}", "ifname": "net1"}
+                                for k in range(fill)
+                            },
+                        },
+                    }
+                )
         sock = str(work / f"{network}.sock")
         node = f"{network}-me"
         times = []
         with agent(sock, node):
-            ipam = {"type": "whereabouts-py", "range": cidr, "network_name": network, "node_slice_size": "/24",
-                    "kubernetes": {"kubeconfig": kubeconfig}, "data_dir": str(work / network)}
-            conf = json.dumps({"cniVersion": "1.0.0", "name": network, "type": "ipvlan", "ipam": ipam}).encode()
+            ipam = {
+                "type": "whereabouts-py",
+                "range": cidr,
+                "network_name": network,
+                "node_slice_size": "/24",
+                "kubernetes": {"kubeconfig": kubeconfig},
+                "data_dir": str(work / network),
+            }
+            conf = json.dumps(
+                {"cniVersion": "1.0.0", "name": network, "type": "ipvlan", "ipam": ipam}
+            ).encode()
             for i in range(runs + 1):
                 for command in ("ADD", "DEL"):
-                    env = cni_env(command, f"{network}-{i}", namespace="bench", NODENAME=node, WHEREABOUTS_PY_AGENT_SOCKET=sock)
+                    env = cni_env(
+                        command,
+                        f"{network}-{i}",
+                        namespace="bench",
+                        NODENAME=node,
+                        WHEREABOUTS_PY_AGENT_SOCKET=sock,
+                    )
                     started = time.perf_counter()
                     proc = subprocess.run(SHIM, input=conf, env=env, capture_output=True, check=False)
                     if proc.returncode != 0:
@@ -251,18 +294,25 @@ def main() -> int:
     parser.add_argument("--per-node", type=int, default=20)
     parser.add_argument("--slice-size", default="/26")
     parser.add_argument("--no-baseline", action="store_true", help="skip the burst without slices")
-    parser.add_argument("--fill-nodes", type=int, default=80, help="other nodes in the filled-range case (0: skip)")
+    parser.add_argument(
+        "--fill-nodes", type=int, default=80, help="other nodes in the filled-range case (0: skip)"
+    )
     parser.add_argument("--fill-per-node", type=int, default=250, help="leases in each of their slices")
     parser.add_argument("--runs", type=int, default=30, help="sequential ADDs per filled-range case")
     parser.add_argument("--no-burst", action="store_true", help="only the filled-range case")
-    parser.add_argument("--no-slices", action="store_true", help="only the floor and the burst without slices")
+    parser.add_argument(
+        "--no-slices", action="store_true", help="only the floor and the burst without slices"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference agents' bursts")
     parser.add_argument(
-        "--granular-crd", action="store_true",
+        "--granular-crd",
+        action="store_true",
         help="serve IPPools without `x-kubernetes-map-type: atomic` (per-lease managedFields), to compare",
     )
     parser.add_argument(
-        "--figures", type=Path, default=charts.FIGURES,
+        "--figures",
+        type=Path,
+        default=charts.FIGURES,
         help="where the bursts' data (slices.json) and the charts go (default: docs/figures)",
     )
     args = parser.parse_args()
@@ -299,19 +349,63 @@ def main() -> int:
         if not args.no_burst:
             threads = args.nodes * args.per_node
             floor_wall, floor_cpu = floor(args.pods, threads)
-            rows = [{"case": "floor: python3 -S spawns", "pods": args.pods, "nodes": args.nodes,
-                     "wall_s": round(floor_wall, 2), "cpu_ms_per_add_shims": round(floor_cpu * 1000, 1)}]
+            rows = [
+                {
+                    "case": "floor: python3 -S spawns",
+                    "pods": args.pods,
+                    "nodes": args.nodes,
+                    "wall_s": round(floor_wall, 2),
+                    "cpu_ms_per_add_shims": round(floor_cpu * 1000, 1),
+                }
+            ]
             pids = {} if cluster is None else {"apiserver": cluster.apiserver.pid, "etcd": cluster.etcd.pid}
             if not args.no_reference and cluster is not None:
                 for mode in REFERENCE_CASES:
-                    rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                                 None, "10.250.0.0/16", f"ref{mode}", pids, reference=mode))
+                    rows.append(
+                        node_slice_burst(
+                            kubeconfig,
+                            metrics,
+                            work,
+                            args.pods,
+                            args.nodes,
+                            args.per_node,
+                            None,
+                            "10.250.0.0/16",
+                            f"ref{mode}",
+                            pids,
+                            reference=mode,
+                        )
+                    )
             if not args.no_slices:
-                rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                             args.slice_size, "10.210.0.0/16", "slices", pids))
+                rows.append(
+                    node_slice_burst(
+                        kubeconfig,
+                        metrics,
+                        work,
+                        args.pods,
+                        args.nodes,
+                        args.per_node,
+                        args.slice_size,
+                        "10.210.0.0/16",
+                        "slices",
+                        pids,
+                    )
+                )
             if not args.no_baseline:
-                rows.append(node_slice_burst(kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
-                                             None, "10.211.0.0/22", "onepool", pids))
+                rows.append(
+                    node_slice_burst(
+                        kubeconfig,
+                        metrics,
+                        work,
+                        args.pods,
+                        args.nodes,
+                        args.per_node,
+                        None,
+                        "10.211.0.0/22",
+                        "onepool",
+                        pids,
+                    )
+                )
             base = float(rows[0]["wall_s"])
             reserve = [r for r in rows if r["case"] == REFERENCE_CASES["reserve"]]
             for row in rows:
@@ -319,8 +413,19 @@ def main() -> int:
                 if reserve and not row["case"].startswith(("floor", "reference")):
                     # against the least any ADD can cost here (exec + socket + its one reservation POST)
                     row["x_reserve_ref"] = round(float(row["wall_s"]) / float(reserve[0]["wall_s"]), 2)
-            keys = ["case", "pods", "nodes", "wall_s", "x_floor", "x_reserve_ref", "failures", "duplicates",
-                    "api_requests_per_add", "409_per_add", "turn_requests_per_add"]
+            keys = [
+                "case",
+                "pods",
+                "nodes",
+                "wall_s",
+                "x_floor",
+                "x_reserve_ref",
+                "failures",
+                "duplicates",
+                "api_requests_per_add",
+                "409_per_add",
+                "turn_requests_per_add",
+            ]
             print(_table(rows, keys))
             print()
             cpu_keys = ["case", *[f"cpu_ms_per_add_{k}" for k in ("shims", "agents", "apiserver", "etcd")]]
@@ -329,10 +434,18 @@ def main() -> int:
             for row in rows:
                 if row.get("first_failure"):
                     print(f"first failure ({row['case']}): {row['first_failure']}")
-            save_bursts(args.figures, rows, "real kube-apiserver + etcd (started here)" if cluster else "--kubeconfig")
+            save_bursts(
+                args.figures, rows, "real kube-apiserver + etcd (started here)" if cluster else "--kubeconfig"
+            )
         if args.fill_nodes and cluster is not None:
-            fill = filled_range_latency(kubeconfig, lambda obj: cluster.apply(obj, namespace="bench"), work,
-                                        args.runs, args.fill_nodes, args.fill_per_node)
+            fill = filled_range_latency(
+                kubeconfig,
+                lambda obj: cluster.apply(obj, namespace="bench"),
+                work,
+                args.runs,
+                args.fill_nodes,
+                args.fill_per_node,
+            )
             print()
             print(_table(fill, ["case", "runs", "add_p50_ms", "x_empty"]))
     finally:

@@ -364,7 +364,9 @@ class _Bounded(socketserver.ThreadingMixIn):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
-        log.warning("agent.connection-failed", server=type(self).__name__, error=f"{type(exc).__name__}: {exc}")
+        log.warning(
+            "agent.connection-failed", server=type(self).__name__, error=f"{type(exc).__name__}: {exc}"
+        )
 
 
 class _CallHandler(socketserver.StreamRequestHandler):

@@ -397,7 +397,9 @@ class Retention:
         an ordinal (`db-0`)."""
         if lease.kind == STATIC or not lease.podref:
             return False
-        return bool(self.until) or (self.sticky == STATEFULSET and statefulset_ordinal(lease.podref) is not None)
+        return bool(self.until) or (
+            self.sticky == STATEFULSET and statefulset_ordinal(lease.podref) is not None
+        )
 
 
 def statefulset_ordinal(podref: str) -> tuple[str, int] | None:
@@ -434,7 +436,9 @@ def release(
     if retention is not None:
         kept.update(
             {
-                o: replace(allocations[o], retained=retention.at, sticky=retention.sticky, until=retention.until)
+                o: replace(
+                    allocations[o], retained=retention.at, sticky=retention.sticky, until=retention.until
+                )
                 for o in mine
                 if o not in kept and retention.keeps(allocations[o])
             }

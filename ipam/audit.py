@@ -698,7 +698,8 @@ def find_address(views: Sequence[PoolView], address: str, network: str | None = 
     return [
         h
         for h in holdings(views)
-        if (h.address == address or address in h.alternates) and (network is None or h.pool.network == network)
+        if (h.address == address or address in h.alternates)
+        and (network is None or h.pool.network == network)
     ]
 
 

@@ -129,9 +129,14 @@ def make_slicer(cfg: Config, store: Store) -> Slicer:
     size = str(ipam.node_slice_size)
     name = node_slice_pool_name(ipam.network_name, cfg.network)  # never empty: config.load_config checks
     if not isinstance(store, SliceStore):
-        raise CNIError(errors.INVALID_CONFIG, f"invalid config: ipam.node_slice_size: {size!r} is not supported by this datastore")
+        raise CNIError(
+            errors.INVALID_CONFIG,
+            f"invalid config: ipam.node_slice_size: {size!r} is not supported by this datastore",
+        )
     spec = cfg.ranges[0]
-    return Slicer(spec, size, slice_prefix(size, spec.network), name, node_name(cfg), ipam.network_name, store)
+    return Slicer(
+        spec, size, slice_prefix(size, spec.network), name, node_name(cfg), ipam.network_name, store
+    )
 
 
 @contextmanager
@@ -213,7 +218,9 @@ def cmd_check(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> Non
     prev = cfg.prev_result or {}
     raw_ips = prev.get("ips") or []
     if not isinstance(raw_ips, list):
-        raise CNIError(errors.INVALID_CONFIG, f"invalid config: prevResult.ips: {errors.shown(raw_ips)} is not a list")
+        raise CNIError(
+            errors.INVALID_CONFIG, f"invalid config: prevResult.ips: {errors.shown(raw_ips)} is not a list"
+        )
     prev_ips = {str(ip.get("address", "")).split("/")[0] for ip in raw_ips if isinstance(ip, dict)}
     if prev_ips:
         absent = [str(a.address) for a in held if str(a.address) not in prev_ips]
@@ -280,7 +287,10 @@ def cmd_version(stdin: bytes) -> dict[str, Any]:
 
     doc = _document(stdin) if stdin.strip() else None
     version = doc.get("cniVersion") if isinstance(doc, dict) else None
-    return {"cniVersion": version if isinstance(version, str) else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    return {
+        "cniVersion": version if isinstance(version, str) else LATEST,
+        "supportedVersions": list(SUPPORTED_VERSIONS),
+    }
 
 
 def error_json(exc: CNIError, version: str) -> dict[str, Any]:
@@ -310,7 +320,9 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, engines: EngineSource
             raise CNIError(errors.INVALID_ENV, "required environment variable CNI_COMMAND is missing")
         if command not in COMMANDS:
             raise CNIError(
-                errors.INVALID_ENV, f"invalid CNI_COMMAND {errors.shown(command)}", f"one of {', '.join(COMMANDS)}"
+                errors.INVALID_ENV,
+                f"invalid CNI_COMMAND {errors.shown(command)}",
+                f"one of {', '.join(COMMANDS)}",
             )
         if command == "VERSION":
             out.write(json.dumps(cmd_version(stdin)) + "\n")

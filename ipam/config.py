@@ -184,7 +184,9 @@ def check_limits(raw: Mapping[str, Any]) -> None:
             raise _too_many(f"ipam.{alias}", len(value), limit)
         if alias != "routes" and isinstance(value, list):
             entries = enumerate(value)
-            lists += [(f"ipam.{alias}[{i}].exclude", e.get("exclude")) for i, e in entries if isinstance(e, dict)]
+            lists += [
+                (f"ipam.{alias}[{i}].exclude", e.get("exclude")) for i, e in entries if isinstance(e, dict)
+            ]
     total = 0
     for key, value in lists:
         if not isinstance(value, list):
@@ -276,13 +278,13 @@ def read_flat_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise invalid("configuration_path", path, "does not hold a JSON object")
     if not isinstance(data.get("allow_nad_overrides", False), bool):
-        raise invalid(
-            "allow_nad_overrides", data["allow_nad_overrides"], f"in {path} must be true or false"
-        )
+        raise invalid("allow_nad_overrides", data["allow_nad_overrides"], f"in {path} must be true or false")
     return data
 
 
-def _node_defaults(flat: Mapping[str, Any], flat_path: str | None, environ: Mapping[str, str]) -> dict[str, Any]:
+def _node_defaults(
+    flat: Mapping[str, Any], flat_path: str | None, environ: Mapping[str, str]
+) -> dict[str, Any]:
     """The node's value of every node-only key: flat file, else trusted environment, else default."""
     return {
         "log_file": flat.get("log_file"),

@@ -214,9 +214,7 @@ def _show_holder(args: argparse.Namespace, inventory: Inventory, views: list[Poo
             ]
             for e in entries
         ]
-        rows += [
-            [r["address"], "-", r["podref"], r["id"], r["ifname"], "", r["name"]] for r in alone
-        ]
+        rows += [[r["address"], "-", r["podref"], r["id"], r["ifname"], "", r["name"]] for r in alone]
         o.table(["ADDRESS", "POOL", "PODREF", "CONTAINER", "IFNAME", "NODE", "RESERVATION"], rows)
         if not rows:
             o.write(f"nothing holds {next(iter(what.values()))}")
@@ -255,7 +253,9 @@ def cmd_check(args: argparse.Namespace, source: Source, o: Output) -> int:
 def cmd_compat(args: argparse.Namespace, source: Source, o: Output) -> int:
     """check --whereabouts-compat: what whereabouts-py would read differently in this cluster."""
     if not isinstance(source, KubeSource):
-        raise Failure("--whereabouts-compat reads a Kubernetes cluster (NADs and pools): not --datastore file")
+        raise Failure(
+            "--whereabouts-compat reads a Kubernetes cluster (NADs and pools): not --datastore file"
+        )
     from .store.kubernetes import NODE_SLICES, POOLS, RESERVATIONS
 
     kube = source.kube
@@ -530,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete a NodeSlicePool (to change a network's cut) once none of its slices holds a lease",
     )
     _common(nsp, suppress=True)
-    nsp.add_argument("name", metavar="NAME", help="the NodeSlicePool (the network_name, else the network's name)")
+    nsp.add_argument(
+        "name", metavar="NAME", help="the NodeSlicePool (the network_name, else the network's name)"
+    )
     nsp.add_argument("--dry-run", action="store_true", help="change nothing; print what would change")
     return parser
 

@@ -416,7 +416,9 @@ class Engine:
 
     # -- ADD ------------------------------------------------------------------------------------
 
-    def add(self, ranges: Sequence[RangeSpec], request: Request, wants: Sequence[Want] = ()) -> list[Assigned]:
+    def add(
+        self, ranges: Sequence[RangeSpec], request: Request, wants: Sequence[Want] = ()
+    ) -> list[Assigned]:
         """One address per range, all or nothing (`wants`: exact addresses, see `Want`; the static ones
         are written first, so that the range's own address is never one of them, and are not returned).
 
@@ -548,7 +550,12 @@ class Engine:
         if cache is None or cache.no_turns or not isinstance(self.store, TurnStore):
             return None
         return TurnWaiter(
-            self.store, self.clock, self.sleep, self.rng, sightings=cache.turns_seen, refused=cache.turns_refused
+            self.store,
+            self.clock,
+            self.sleep,
+            self.rng,
+            sightings=cache.turns_seen,
+            refused=cache.turns_refused,
         )
 
     def _write_batch(
@@ -646,7 +653,10 @@ class Engine:
                 log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
                 if op.want is not None:  # that very address was asked for: no other will do
                     address = op.spec.address_at(op.offset)
-                    op.offset, op.error = None, taken_error(address, op.request.kind, holder, f"reservation {rname}")
+                    op.offset, op.error = (
+                        None,
+                        taken_error(address, op.request.kind, holder, f"reservation {rname}"),
+                    )
                     continue
                 op.skip.add(op.offset)
                 collided.append(op)
@@ -684,7 +694,9 @@ class Engine:
         try:
             decision = allocator.allocate(op.spec, leases, op.request, op.skip, op.want)
         except Taken as exc:
-            op.error = taken_error(op.spec.address_at(exc.offset), op.request.kind, exc.holder, f"pool {name}")
+            op.error = taken_error(
+                op.spec.address_at(exc.offset), op.request.kind, exc.holder, f"pool {name}"
+            )
             return None
         if decision is None:
             op.error = CNIError(
@@ -839,7 +851,10 @@ class Engine:
             self._unreserve(spec, gone, container_id, ifname, deadline)
             if not gone and (orphans := self._held_reservations(spec, container_id, ifname)):
                 # not those of addresses this container holds again (an ADD of it after this DEL)
-                leased = {reservation_name(a.address, self.network_name) for a in self.leases_of([spec], container_id, ifname)}
+                leased = {
+                    reservation_name(a.address, self.network_name)
+                    for a in self.leases_of([spec], container_id, ifname)
+                }
                 for rname in orphans:
                     if rname in leased:
                         continue
@@ -893,7 +908,10 @@ class Engine:
         out = []
         for spec in ranges:
             leases = self._leases(spec)
-            out += [Assigned(spec, spec.address_at(o)) for o in allocator.find_container(leases, container_id, ifname)]
+            out += [
+                Assigned(spec, spec.address_at(o))
+                for o in allocator.find_container(leases, container_id, ifname)
+            ]
         return out
 
     def free_counts(self, ranges: Sequence[RangeSpec]) -> list[tuple[RangeSpec, int]]:

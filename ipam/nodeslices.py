@@ -214,7 +214,9 @@ class Slicer:
                 f"{self.pool_name}` (it refuses while a slice holds a lease)",
             )
         if not pool.entries:  # created with a status subresource, status not written yet
-            return replace(pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries)
+            return replace(
+                pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries
+            )
         return pool
 
     @property
@@ -416,9 +418,10 @@ class Slicer:
             lock = self._st.claims.setdefault(self.pool_name, threading.Lock())
         # this node's processes claim one at a time (a lock per node: on the file store all share a dir)
         name = self._claim_lock_name
-        with _waiting(lock, engine, deadline), engine.store.pool_lock(
-            name, max(0.0, deadline - engine.clock())
-        ) as generation:
+        with (
+            _waiting(lock, engine, deadline),
+            engine.store.pool_lock(name, max(0.0, deadline - engine.clock())) as generation,
+        ):
             with _LOCK:
                 self._st.holding[self.pool_name] = (threading.get_ident(), generation)
             try:
@@ -438,7 +441,9 @@ class Slicer:
                 return True
             entries = claim(pool, self.node, skip=tried)
             if entries is None:
-                raise CNIError(errors.POOL_EXHAUSTED, exhausted_message(self.spec, self.size_text, pool, self.node))
+                raise CNIError(
+                    errors.POOL_EXHAUSTED, exhausted_message(self.spec, self.size_text, pool, self.node)
+                )
             started = engine.clock()
             try:
                 self.store.write_node_slices(pool, entries)
@@ -453,7 +458,11 @@ class Slicer:
         with self._claiming(engine, deadline) as generation:
             with _LOCK:
                 cached = self._st.pools.get(self.pool_name)
-                if cached is not None and generation is not None and self._st.stamps.get(self.pool_name) == generation - 1:
+                if (
+                    cached is not None
+                    and generation is not None
+                    and self._st.stamps.get(self.pool_name) == generation - 1
+                ):
                     self._st.stamps[self.pool_name] = generation  # no other process claimed in between
                 elif generation is not None:
                     cached = None
@@ -507,7 +516,9 @@ class Slicer:
             # ConflictError: it exists (another caller made it, or reclaim's fence: read_pool will say)
             with suppress(ConflictError):
                 written = engine.store.write_pool(PoolSnapshot(name, sub.cidr, {}, None), {})
-                if engine.pool_cache is not None:  # empty as made: its first batch and the owner search need no read
+                if (
+                    engine.pool_cache is not None
+                ):  # empty as made: its first batch and the owner search need no read
                     engine.pool_cache.remember(name, written)
             return True
 
@@ -575,7 +586,9 @@ class Slicer:
         try:
             self._sub_engine(engine)._submit(name, sub.cidr, [undo], deadline)
             shift = self._shift(sub)
-            engine._unreserve(self.spec, [o + shift for o in undo.released], request.container_id, request.ifname, deadline)
+            engine._unreserve(
+                self.spec, [o + shift for o in undo.released], request.container_id, request.ifname, deadline
+            )
         except (CNIError, PoolRetiredError) as exc:  # the runtime's DEL and the reconciler clean up after
             log.error("rollback.failed", pool=name, error=str(exc))
 
@@ -703,7 +716,9 @@ class Slicer:
 
     # -- DEL / GC / CHECK / STATUS --------------------------------------------------------------
 
-    def _each_held(self, engine: Engine, deadline: float, refresh: bool) -> Iterator[tuple[str, str, RangeSpec]]:
+    def _each_held(
+        self, engine: Engine, deadline: float, refresh: bool
+    ) -> Iterator[tuple[str, str, RangeSpec]]:
         for s in self._read(engine, deadline, refresh).held_by(self.node):
             name, sub = self._names(s)
             yield s, name, sub
@@ -749,9 +764,7 @@ class Slicer:
         for _s, name, sub in self._each_held(engine, deadline, refresh=True):
             shift = self._shift(sub)
 
-            def shifted(
-                allocs: Allocations, shift: int = shift
-            ) -> tuple[Allocations, list[int]]:
+            def shifted(allocs: Allocations, shift: int = shift) -> tuple[Allocations, list[int]]:
                 remaining, gone = change({o + shift: lease for o, lease in allocs.items()})
                 return {o - shift: lease for o, lease in remaining.items()}, gone
 

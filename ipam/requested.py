@@ -58,7 +58,9 @@ def _address(key: str, text: object, code: int) -> tuple[IPAddress, IPNetwork | 
 
 
 def _range_of(ranges: Sequence[RangeSpec], address: IPAddress) -> RangeSpec | None:
-    return next((spec for spec in ranges if address.version == spec.version and address in spec.network), None)
+    return next(
+        (spec for spec in ranges if address.version == spec.version and address in spec.network), None
+    )
 
 
 def requested_wants(runtime_config: Mapping[str, Any], ranges: Sequence[RangeSpec]) -> list[Want]:
@@ -69,7 +71,9 @@ def requested_wants(runtime_config: Mapping[str, Any], ranges: Sequence[RangeSpe
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise CNIError(errors.INVALID_CONFIG, f"invalid config: runtimeConfig.ips: {errors.shown(raw)} is not a list")
+        raise CNIError(
+            errors.INVALID_CONFIG, f"invalid config: runtimeConfig.ips: {errors.shown(raw)} is not a list"
+        )
     wants: list[Want] = []
     for i, item in enumerate(raw):
         key = f"runtimeConfig.ips[{i}]"
@@ -97,7 +101,9 @@ def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str])
     CNI_ARGS `GATEWAY=` sets the gateway of every one whose network holds it."""
     out: list[Static] = []
     for i, entry in enumerate(addresses):
-        address, network = _address(f"config: ipam.addresses[{i}].address", entry.get("address"), errors.INVALID_CONFIG)
+        address, network = _address(
+            f"config: ipam.addresses[{i}].address", entry.get("address"), errors.INVALID_CONFIG
+        )
         if network is None:
             raise CNIError(
                 errors.INVALID_CONFIG,
@@ -105,12 +111,15 @@ def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str])
             )
         gateway = None
         if entry.get("gateway"):
-            gateway, _ = _address(f"config: ipam.addresses[{i}].gateway", entry["gateway"], errors.INVALID_CONFIG)
+            gateway, _ = _address(
+                f"config: ipam.addresses[{i}].gateway", entry["gateway"], errors.INVALID_CONFIG
+            )
         out.append(Static(address, network, gateway))
     listed = [t for t in (t.strip() for t in cni_args.get("IP", "").split(",")) if t]
     if len(listed) > MAX_IP_ARGS:
         raise CNIError(
-            errors.INVALID_ENV, f"invalid CNI_ARGS IP: {len(listed)} addresses, more than the limit of {MAX_IP_ARGS}"
+            errors.INVALID_ENV,
+            f"invalid CNI_ARGS IP: {len(listed)} addresses, more than the limit of {MAX_IP_ARGS}",
         )
     for item in listed:
         address, network = _address("CNI_ARGS IP", item, errors.INVALID_ENV)
@@ -120,7 +129,9 @@ def statics(addresses: Sequence[Mapping[str, Any]], cni_args: Mapping[str, str])
     for item in filter(None, (t.strip() for t in cni_args.get("GATEWAY", "").split(","))):
         gateway, network = _address("CNI_ARGS GATEWAY", item, errors.INVALID_ENV)
         if network is not None:
-            raise CNIError(errors.INVALID_ENV, f"invalid CNI_ARGS GATEWAY: {errors.shown(item)} is not an IP address")
+            raise CNIError(
+                errors.INVALID_ENV, f"invalid CNI_ARGS GATEWAY: {errors.shown(item)} is not an IP address"
+            )
         out = [Static(s.address, s.network, gateway) if gateway in s.network else s for s in out]
     return out
 

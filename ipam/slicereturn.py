@@ -56,12 +56,16 @@ def _views(store: SliceStore, nsp: NodeSlices) -> dict[tuple[str, str], list[Sli
     views: dict[tuple[str, str], list[SlicePoolView]] = {}
     for e in nsp.entries:
         if e.node:
-            names = dict.fromkeys([slice_pool_name(e.node, e.slice_range, nsp.name), slice_pool_name(e.node, e.slice_range)])
+            names = dict.fromkeys(
+                [slice_pool_name(e.node, e.slice_range, nsp.name), slice_pool_name(e.node, e.slice_range)]
+            )
             # a pool by that name recording another range is another network's (names collide): not judged,
             # never fenced nor deleted
             inspected = [store.inspect_pool(n, e.slice_range) for n in names]
             views[(e.node, e.slice_range)] = [
-                v for v in inspected if v.snapshot.version is None or same_network(v.snapshot.cidr, e.slice_range)
+                v
+                for v in inspected
+                if v.snapshot.version is None or same_network(v.snapshot.cidr, e.slice_range)
             ]
     return views
 
@@ -189,7 +193,9 @@ def _busy(slice_range: str, node: str, views: Sequence[SlicePoolView]) -> str | 
     if not held:
         return None
     first = IPNetwork(slice_range).first
-    named = ", ".join(f"{IPAddress(first + o)} ({lease.podref or lease.id}, pool {name})" for name, o, lease in held[:3])
+    named = ", ".join(
+        f"{IPAddress(first + o)} ({lease.podref or lease.id}, pool {name})" for name, o, lease in held[:3]
+    )
     more = f" and {len(held) - 3} more" if len(held) > 3 else ""
     return f"slice {slice_range} of node {node} holds {len(held)} lease(s): {named}{more}"
 
@@ -224,7 +230,9 @@ def delete_node_slices(
             raise SlicesInUse(name, busy, lines)
         returning = [Returnable(node, s, "delete") for node, s in views]
         if dry_run:
-            return [f"would-return {_where(name, r)}" for r in returning] + [f"would-delete nodeslicepool={name}"]
+            return [f"would-return {_where(name, r)}" for r in returning] + [
+                f"would-delete nodeslicepool={name}"
+            ]
         done = [_give_back(store, name, r, views[(r.node, r.slice_range)]) for r in returning]
         lines += done
         if any(not line.startswith("return ") for line in done):

@@ -49,7 +49,9 @@ def slice_prefix(text: str, network: IPNetwork) -> int:
         )
     if prefix - network.prefixlen > MAX_SLICES.bit_length() - 1:
         raise RangeConfigError(
-            KEY, text, f"cuts range {network.cidr} into {2 ** (prefix - network.prefixlen)} slices "
+            KEY,
+            text,
+            f"cuts range {network.cidr} into {2 ** (prefix - network.prefixlen)} slices "
             f"(at most {MAX_SLICES})",
         )
     return prefix
@@ -317,7 +319,9 @@ def reclaimable(
             out += [Returnable(node, s, "node-gone") for s in held if idle(node, s)]
             continue
         used = [
-            s for s in held if states.get(slice_pool_name(node, s, network_name), SlicePoolState(0, None, False)).leases
+            s
+            for s in held
+            if states.get(slice_pool_name(node, s, network_name), SlicePoolState(0, None, False)).leases
         ]
         keep = used[0] if used else held[0]
         out += [Returnable(node, s, "spare") for s in held if s != keep and s not in used and idle(node, s)]

@@ -117,7 +117,9 @@ class TurnWaiter:
                         retry_now = False
                         continue  # handed on between the two requests: take it now
                 elif current == seen and now - seen_since >= self.turn_seconds:
-                    log.warning("turn.abandoned", pool=pool, turn=current.name, seconds=round(now - seen_since, 1))
+                    log.warning(
+                        "turn.abandoned", pool=pool, turn=current.name, seconds=round(now - seen_since, 1)
+                    )
                     self.store.end_turn(current)
                     seen = None
                     self.sightings.pop(pool, None)

@@ -71,7 +71,11 @@ class Policy:
 
 
 def _ours(plugin: Any) -> bool:
-    return isinstance(plugin, dict) and isinstance(plugin.get("ipam"), dict) and plugin["ipam"].get("type") == PLUGIN_TYPE
+    return (
+        isinstance(plugin, dict)
+        and isinstance(plugin.get("ipam"), dict)
+        and plugin["ipam"].get("type") == PLUGIN_TYPE
+    )
 
 
 def _our_plugins(netconf: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -202,7 +206,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path.split("?")[0] != self.server.path or not 0 <= length <= MAX_BODY:
             self.close_connection = True  # the body is not read
             bad_path = self.path.split("?")[0] != self.server.path
-            self._answer(404 if bad_path else 400, b"not found\n" if bad_path else b"bad length\n", "text/plain")
+            self._answer(
+                404 if bad_path else 400, b"not found\n" if bad_path else b"bad length\n", "text/plain"
+            )
             return
         try:
             answer = review(json.loads(self.rfile.read(length)), self.server.policy)
@@ -262,7 +268,12 @@ class WebhookServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A failed handshake or a dropped connection: one record, not a traceback on stderr."""
-        log.log("warning", "webhook.connection_failed", client=str(client_address[0]), error=repr(sys.exc_info()[1]))
+        log.log(
+            "warning",
+            "webhook.connection_failed",
+            client=str(client_address[0]),
+            error=repr(sys.exc_info()[1]),
+        )
 
     def reload_certificate(self, certfile: str, keyfile: str) -> None:
         """New connections use the renewed certificate; open ones keep theirs."""

@@ -37,7 +37,9 @@ _KEYS = ("ca.crt", "ca.key", "tls.crt", "tls.key")
 
 
 class Api(Protocol):
-    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any: ...
+    def request(
+        self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None
+    ) -> Any: ...
 
 
 class CertError(Exception):
@@ -55,7 +57,12 @@ class Certificates:
 
 
 def service_names(service: str, namespace: str) -> list[str]:
-    return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+    return [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
 
 
 def _now() -> datetime.datetime:
@@ -63,10 +70,14 @@ def _now() -> datetime.datetime:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, now: datetime.datetime, days: int) -> x509.CertificateBuilder:
+def _builder(
+    subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, now: datetime.datetime, days: int
+) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -85,14 +96,20 @@ def make_ca(now: datetime.datetime | None = None) -> tuple[bytes, bytes]:
     cert = (
         _builder("whereabouts-py-webhook-ca", name, key, now, CA_DAYS)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
 def make_serving(
-    ca_cert: bytes, ca_key: bytes, names: list[str], ips: tuple[str, ...] = (), now: datetime.datetime | None = None
+    ca_cert: bytes,
+    ca_key: bytes,
+    names: list[str],
+    ips: tuple[str, ...] = (),
+    now: datetime.datetime | None = None,
 ) -> tuple[bytes, bytes]:
     now = now or _now()
     ca = x509.load_pem_x509_certificate(ca_cert)
@@ -112,12 +129,16 @@ def make_serving(
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def make_certificates(names: list[str], ips: tuple[str, ...] = (), now: datetime.datetime | None = None) -> Certificates:
+def make_certificates(
+    names: list[str], ips: tuple[str, ...] = (), now: datetime.datetime | None = None
+) -> Certificates:
     ca_cert, ca_key = make_ca(now)
     return Certificates(ca_cert, ca_key, *make_serving(ca_cert, ca_key, names, ips, now))
 
 
-def usable(certs: Certificates, names: list[str], ips: tuple[str, ...] = (), now: datetime.datetime | None = None) -> bool:
+def usable(
+    certs: Certificates, names: list[str], ips: tuple[str, ...] = (), now: datetime.datetime | None = None
+) -> bool:
     """The serving certificate is signed by the CA, names every name and address, and is not near
     its end (nor is the CA)."""
     now = now or _now()
@@ -149,13 +170,17 @@ def _decode(secret: dict[str, Any]) -> Certificates | None:
     return Certificates(ca_cert, ca_key, cert, key)
 
 
-def _renewed(old: Certificates | None, names: list[str], ips: tuple[str, ...], now: datetime.datetime) -> Certificates:
+def _renewed(
+    old: Certificates | None, names: list[str], ips: tuple[str, ...], now: datetime.datetime
+) -> Certificates:
     """A new serving pair under the old CA while that CA has years left; otherwise a new CA too."""
     if old is not None:
         try:
             ca = x509.load_pem_x509_certificate(old.ca_cert)
             if ca.not_valid_after_utc - now > datetime.timedelta(days=SERVING_DAYS) + RENEW_BEFORE:
-                return Certificates(old.ca_cert, old.ca_key, *make_serving(old.ca_cert, old.ca_key, names, ips, now))
+                return Certificates(
+                    old.ca_cert, old.ca_key, *make_serving(old.ca_cert, old.ca_key, names, ips, now)
+                )
         except (ValueError, TypeError, CertError):
             pass
     return make_certificates(names, ips, now)
@@ -176,12 +201,17 @@ def ensure_secret(
         try:
             obj = api.request("GET", path)
         except Exception as exc:
-            raise CertError(f"cannot read Secret {namespace}/{secret} (it ships with the manifests): {exc}") from exc
+            raise CertError(
+                f"cannot read Secret {namespace}/{secret} (it ships with the manifests): {exc}"
+            ) from exc
         old = _decode(obj)
         if old is not None and usable(old, names, ips, now):
             return old
         certs = _renewed(old, names, ips, now)
-        obj["data"] = {k: base64.b64encode(v).decode() for k, v in zip(_KEYS, (certs.ca_cert, certs.ca_key, certs.cert, certs.key), strict=True)}
+        obj["data"] = {
+            k: base64.b64encode(v).decode()
+            for k, v in zip(_KEYS, (certs.ca_cert, certs.ca_key, certs.cert, certs.key), strict=True)
+        }
         try:
             api.request("PUT", path, obj)  # conditional: obj carries the resourceVersion read
             return certs

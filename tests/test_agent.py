@@ -184,11 +184,15 @@ def test_agent_killed_mid_batch_loses_no_acknowledged_lease(
     acked = [run(conf, cni_env("ADD", f"acked{i}", WHEREABOUTS_PY_AGENT_SOCKET=sock)) for i in range(3)]
     assert all(c.code == 0 for c in acked)
     kube.api.set_faults(latency=0.5)  # the next batch is slow: kill the agent while it is in flight
+
     def pool_requests() -> int:
         return kube.api.count("get", "ippools") + kube.api.count("update", "ippools")
 
     before = pool_requests()
-    no_wait = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "0"}  # straight to direct mode
+    no_wait = {
+        "WHEREABOUTS_PY_AGENT_SOCKET": sock,
+        "WHEREABOUTS_PY_AGENT_WAIT": "0",
+    }  # straight to direct mode
     inflight = [start(conf, cni_env("ADD", f"late{i}", **no_wait)) for i in range(4)]
     for _ in range(3000):  # until the agent's next pool request is in flight (bounded poll)
         if pool_requests() > before:
@@ -265,7 +269,9 @@ def test_batched_requests_for_one_address_give_it_once(k8s: K8s, tmp_path: Path)
     assert agent.serve_call({"env": cni_env("DEL", winners[0]), "stdin": json.dumps(wanted)})["code"] == 0
     refused = agent.serve_call({"env": cni_env("ADD", "late"), "stdin": json.dumps(wanted)})
     assert json.loads(refused["stdout"])["code"] == 104 and "retained" in refused["stdout"]
-    again = agent.serve_call({"env": cni_env("ADD", "new-sandbox", pod=winners[0]), "stdin": json.dumps(conf)})
+    again = agent.serve_call(
+        {"env": cni_env("ADD", "new-sandbox", pod=winners[0]), "stdin": json.dumps(conf)}
+    )
     assert json.loads(again["stdout"])["ips"][0]["address"] == "10.73.0.9/24"
     agent.close()
     [pool] = k8s.api.objects("ippools", k8s.namespace)

@@ -70,7 +70,10 @@ def test_idle_metrics_connections_are_bounded_and_the_agent_recovers(
     and an ADD are still answered, and the threads go once the connections close."""
     proc, sock, port = agent
     conf = file_conf(tmp_path)
-    env = {"WHEREABOUTS_PY_AGENT_SOCKET": sock, "WHEREABOUTS_PY_AGENT_WAIT": "0"}  # no agent: direct mode at once
+    env = {
+        "WHEREABOUTS_PY_AGENT_SOCKET": sock,
+        "WHEREABOUTS_PY_AGENT_WAIT": "0",
+    }  # no agent: direct mode at once
     assert run(conf, cni_env("ADD", "warm", **env)).code == 0  # the pool's worker thread runs now
     base = threads(proc.pid)
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3 * BOUND)]
@@ -89,7 +92,9 @@ def test_idle_metrics_connections_are_bounded_and_the_agent_recovers(
     assert get(port, "/healthz") == (200, b"ok\n")
 
 
-def test_sigterm_stops_the_agent_while_connections_are_held(agent: tuple[subprocess.Popen[bytes], str, int]) -> None:
+def test_sigterm_stops_the_agent_while_connections_are_held(
+    agent: tuple[subprocess.Popen[bytes], str, int],
+) -> None:
     proc, sock, port = agent
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3 * BOUND)]
     try:
@@ -138,7 +143,9 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     """serve(fake, max_connections) -> (server, socket path), served on a thread until the test ends."""
     servers: list[agentmod._SocketServer] = []
 
-    def start(fake: FakeAgent, max_connections: int = agentmod.MAX_CONNECTIONS) -> tuple[agentmod._SocketServer, str]:
+    def start(
+        fake: FakeAgent, max_connections: int = agentmod.MAX_CONNECTIONS
+    ) -> tuple[agentmod._SocketServer, str]:
         path = str(tmp_path / f"agent{len(servers)}.sock")
         server = agentmod._SocketServer(path, fake, max_connections)  # type: ignore[arg-type]
         servers.append(server)
@@ -175,7 +182,10 @@ def test_call_socket_is_bounded(serve: Any) -> None:
     fake = FakeAgent(release)
     _, path = serve(fake, 2)
     answers: list[tuple[int, str]] = []
-    calls = [threading.Thread(target=lambda i=i: answers.append(shim.exchange(path, request(f"c{i}"), 60))) for i in range(2)]
+    calls = [
+        threading.Thread(target=lambda i=i: answers.append(shim.exchange(path, request(f"c{i}"), 60)))
+        for i in range(2)
+    ]
     for call in calls:
         call.start()
     for _ in calls:

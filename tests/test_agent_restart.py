@@ -161,7 +161,9 @@ def test_heartbeat_is_touched_until_stopped(tmp_path: Path) -> None:
     assert not thread.is_alive() and marker.exists()  # left behind: a restart is expected
 
 
-def start_agent(sock: str, *args: str, metrics_port: int = 0, stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+def start_agent(
+    sock: str, *args: str, metrics_port: int = 0, stderr: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
     argv = [AGENT, "--socket", sock, "--metrics-port", str(metrics_port), *args]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     for _ in range(600):
@@ -331,7 +333,11 @@ def test_daemonset_roll_during_50_concurrent_adds(real_kube: RealKube, tmp_path:
     stderr = ["".join(lines.get(i, [])) + c.stderr for i, c in enumerate(calls)]
     assert not [e for e in stderr[:25] if "agent.waiting" in e or "agent.unavailable" in e]  # A answered them
     assert all("agent.back" in e and "agent.unavailable" not in e for e in stderr[25:])  # B answered them
-    drained = [json.loads(line) for line in (tmp_path / "agent-a.log").read_text().splitlines() if "agent.drain" in line]
+    drained = [
+        json.loads(line)
+        for line in (tmp_path / "agent-a.log").read_text().splitlines()
+        if "agent.drain" in line
+    ]
     assert [(r["event"], r.get("calls"), r.get("calls_cut")) for r in drained] == [
         ("agent.draining", 25, None),
         ("agent.drained", None, 0),

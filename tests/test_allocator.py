@@ -433,8 +433,12 @@ def test_any_extra_values_round_trip_through_attrs(values: list[str]) -> None:
 
 @given(
     st.lists(st.text(alphabet=st.sampled_from("a;=%3BDd2 5\u00e9"), max_size=6), min_size=5, max_size=5),
-    st.dictionaries(st.sampled_from(["zone", "future", "x-y"]), st.text(max_size=4) | st.integers(), max_size=2),
-    st.lists(st.sampled_from(["zone=eu", "flag", "rack=r%3B1", "poduid=u9", "token=t9"]), max_size=3, unique=True),
+    st.dictionaries(
+        st.sampled_from(["zone", "future", "x-y"]), st.text(max_size=4) | st.integers(), max_size=2
+    ),
+    st.lists(
+        st.sampled_from(["zone=eu", "flag", "rack=r%3B1", "poduid=u9", "token=t9"]), max_size=3, unique=True
+    ),
 )
 def test_a_pool_written_and_read_back_is_the_same_leases_in_every_field(
     values: list[str], unknown: dict[str, object], packed_unknown: list[str]
@@ -460,7 +464,9 @@ def test_a_repeated_extra_in_attrs_does_not_come_back_once_the_extra_is_emptied(
     separate fields take precedence over a stale `attrs` (its token would let that creator's rollback
     remove the lease)."""
     raw = {"id": "c1", "podref": "ns/p1", "ifname": "net1", "attrs": "node=n1;poduid=u1;token=t1;poduid=u0"}
-    d = allocate(spec_of("10.0.0.0/24"), parse_allocations({"1": raw}), Request("c2", "net1", "ns/p1", token="t2"))
+    d = allocate(
+        spec_of("10.0.0.0/24"), parse_allocations({"1": raw}), Request("c2", "net1", "ns/p1", token="t2")
+    )
     assert d is not None and d.allocations[1].poduid == "" and d.allocations[1].token == "~t2"
     written = parse_allocations(json.loads(json.dumps(dump_allocations(d.allocations))))
     assert written[1] == d.allocations[1] and written[1].poduid == ""
@@ -584,7 +590,9 @@ def test_retained_lease_survives_gc_and_only_its_pod_name_takes_it_back() -> Non
     spec = build_range("range", "10.0.0.0/29")
     first = allocate(spec, {}, Request("c1", "net1", "ns/db-0", node="n1", network="net"))
     assert first is not None
-    kept, gone = release(first.allocations, "c1", "net1", retention=Retention("2026-01-01T00:00:00Z", "statefulset"))
+    kept, gone = release(
+        first.allocations, "c1", "net1", retention=Retention("2026-01-01T00:00:00Z", "statefulset")
+    )
     assert gone == [] and kept[first.offset].retained == "2026-01-01T00:00:00Z"
     assert release_stale(kept, set(), "n1", "net") == (kept, [])  # GC: its container is gone by design
     other = allocate(spec, kept, Request("c2", "net1", "ns/db-1"))

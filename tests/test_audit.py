@@ -256,7 +256,9 @@ def test_a_slice_pool_left_behind_by_its_node_still_belongs_to_its_network() -> 
 
 
 def retained(pod: str, sticky: str = "", until: str = "") -> Lease:
-    return Lease(f"c-{pod}", f"ns/{pod}", "net1", node="n1", created=OLD, retained=OLD, sticky=sticky, until=until)
+    return Lease(
+        f"c-{pod}", f"ns/{pod}", "net1", node="n1", created=OLD, retained=OLD, sticky=sticky, until=until
+    )
 
 
 LATER = (NOW + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -288,9 +290,15 @@ def test_retention_verdict(
 
 
 def test_retained_leases_are_judged_by_retention_not_by_the_missing_pod() -> None:
-    leases = {1: retained("db-0", "statefulset"), 2: retained("db-1", "statefulset"), 3: retained("x", until=OLD)}
+    leases = {
+        1: retained("db-0", "statefulset"),
+        2: retained("db-1", "statefulset"),
+        3: retained("x", until=OLD),
+    }
     inv = Inventory([pool("p", "10.0.0.0/24", leases)], pods={}, statefulsets={"ns/db": range(1)})
-    found = [(p.kind, p.address, p.detail, p.fix) for p in audit.audit(inv, NOW, GRACE) if p.kind == audit.LEAKED]
+    found = [
+        (p.kind, p.address, p.detail, p.fix) for p in audit.audit(inv, NOW, GRACE) if p.kind == audit.LEAKED
+    ]
     assert found == [
         ("leaked", "10.0.0.2", "statefulset-scaled-down", audit.RELEASE),
         ("leaked", "10.0.0.3", "sticky-expired", audit.RELEASE),
@@ -314,10 +322,13 @@ def test_statefulset_index_covers_the_ordinals_from_the_start_ordinal() -> None:
     objs = [{"metadata": {"namespace": "a", "name": "db"}, "spec": {"replicas": 2, "ordinals": {"start": 5}}}]
     covered = audit.statefulset_index(objs)
     assert covered == {"a/db": range(5, 7)}
-    assert audit.retention_verdict(retained("db-5", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW) is None
-    assert audit.retention_verdict(retained("db-7", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW) == (
-        "statefulset-scaled-down"
+    assert (
+        audit.retention_verdict(retained("db-5", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW)
+        is None
     )
-    assert audit.retention_verdict(retained("db-1", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW) == (
-        "statefulset-scaled-down"
-    )
+    assert audit.retention_verdict(
+        retained("db-7", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW
+    ) == ("statefulset-scaled-down")
+    assert audit.retention_verdict(
+        retained("db-1", "statefulset"), None, {"ns/db": covered["a/db"]}, NOW
+    ) == ("statefulset-scaled-down")

@@ -137,7 +137,10 @@ def test_controller_values_change_what_they_name() -> None:
     assert args.metrics_bind_address == ":9090"
     assert {"name": "metrics", "containerPort": 9090} in container["ports"]
     assert metrics["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics"}]
-    assert container["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
+    assert container["resources"] == {
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        "limits": {"memory": "1Gi"},
+    }
 
 
 def test_without_controller_and_webhook_nothing_of_either_renders() -> None:

@@ -51,7 +51,12 @@ def node_config(tmp: Path, node: str, kubeconfig: str, rng: str = "10.0.0.0/26")
 
 
 def node_engine(
-    store: Any, cfg: Config, clock: FakeClock | None, deadline: float = 30.0, seed: int = 1, agent: bool = True
+    store: Any,
+    cfg: Config,
+    clock: FakeClock | None,
+    deadline: float = 30.0,
+    seed: int = 1,
+    agent: bool = True,
 ) -> Engine:
     """A node's engine: as the agent has it (a PoolCache, so claims take the turn) or direct mode."""
     engine = make_engine(cfg, store)
@@ -79,7 +84,9 @@ def held(real_kube: RealKube) -> dict[str, str]:
 
 
 def turns_of(real_kube: RealKube) -> list[str]:
-    return [str(item["metadata"]["name"]) for item in real_kube.api.objects("writerturns", real_kube.namespace)]
+    return [
+        str(item["metadata"]["name"]) for item in real_kube.api.objects("writerturns", real_kube.namespace)
+    ]
 
 
 def leases(real_kube: RealKube) -> list[tuple[str, str]]:
@@ -124,7 +131,9 @@ def in_thread(target: Any) -> tuple[threading.Thread, list[Any]]:
 # -- breaks ----------------------------------------------------------------------------------------
 
 
-def test_a_claim_failing_under_a_refused_turn_api_still_turns_turns_off(real_kube: RealKube, tmp_path: Path) -> None:
+def test_a_claim_failing_under_a_refused_turn_api_still_turns_turns_off(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     """The turn API refuses (403) the claim's turn and the claim then fails (no free slice): the
     refusal must still switch turns off for NO_TURNS_SECONDS, not be asked again on every later call."""
 
@@ -138,7 +147,9 @@ def test_a_claim_failing_under_a_refused_turn_api_still_turns_turns_off(real_kub
     rng = "10.0.0.0/27"  # two slices, both taken by other nodes
     for node, address in (("node-b", "10.0.0.1"), ("node-c", "10.0.0.17")):
         cfg = node_config(tmp_path, node, real_kube.kubeconfig_path, rng)
-        other = node_engine(connect(KubernetesStore, real_kube, tmp_path, node), cfg, FakeClock(), agent=False)
+        other = node_engine(
+            connect(KubernetesStore, real_kube, tmp_path, node), cfg, FakeClock(), agent=False
+        )
         assert add(other, cfg, f"{node}-0", node) == address
     a_cfg = node_config(tmp_path, "node-a", real_kube.kubeconfig_path, rng)
     store = connect(Refusing, real_kube, tmp_path, "node-a")
@@ -157,7 +168,9 @@ def test_a_claim_failing_under_a_refused_turn_api_still_turns_turns_off(real_kub
 # -- guards ----------------------------------------------------------------------------------------
 
 
-def test_a_stalled_claimers_turn_is_taken_over_and_no_slice_is_held_twice(real_kube: RealKube, tmp_path: Path) -> None:
+def test_a_stalled_claimers_turn_is_taken_over_and_no_slice_is_held_twice(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     """Node a holds the claim turn and stalls between its read and its write; node b finds the turn
     unchanged for TURN_SECONDS, removes it and claims. a's write is then refused (AlreadyExists: it read
     no NodeSlicePool), it reads again and claims the next slice; its end_turn removes nothing of b's."""
@@ -188,7 +201,9 @@ def test_reclaim_between_a_claims_read_and_write_under_the_turn(real_kube: RealK
     turn, is between its read of the NodeSlicePool and its write. a's write is refused, it reads again
     (still under its turn) and takes the returned slice; nothing is held twice."""
     gone_cfg = node_config(tmp_path, "gone", real_kube.kubeconfig_path)
-    gone = node_engine(connect(KubernetesStore, real_kube, tmp_path, "gone"), gone_cfg, FakeClock(), agent=False)
+    gone = node_engine(
+        connect(KubernetesStore, real_kube, tmp_path, "gone"), gone_cfg, FakeClock(), agent=False
+    )
     assert add(gone, gone_cfg, "g0", "gone") == "10.0.0.1"
     gone.release(gone_cfg.ranges, "g0", "eth0")
     b_cfg = node_config(tmp_path, "node-b", real_kube.kubeconfig_path)
@@ -238,7 +253,9 @@ def test_a_lost_answer_to_the_claim_turns_create_costs_the_others_one_turn_durat
 
 
 @pytest.mark.parametrize("deadline", [4.0, 30.0])
-def test_a_dead_claimers_turn_keeps_no_add_past_its_deadline(real_kube: RealKube, tmp_path: Path, deadline: float) -> None:
+def test_a_dead_claimers_turn_keeps_no_add_past_its_deadline(
+    real_kube: RealKube, tmp_path: Path, deadline: float
+) -> None:
     """A claimer died holding the claim turn: a new node's ADD gives up waiting by half its deadline
     (4 s) or removes the turn once it stood unchanged for TURN_SECONDS (30 s), and gets its address
     within the deadline either way."""

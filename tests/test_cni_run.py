@@ -143,7 +143,9 @@ def quiet_and_clean() -> Iterator[None]:
     with open(os.path.join(DATA_DIR, "bad.kubeconfig"), "w") as fh:
         fh.write("{{{ : not yaml [\n")  # a node kubeconfig that does not parse: code 7, not 103
     with open(STRICT_FLAT_FILE, "w") as fh:  # a multi-tenant node: NAD paths must match these
-        json.dump({"datastore": "file", "data_dir": DATA_DIR, "log_file": os.path.join(DATA_DIR, "plugin.log")}, fh)
+        json.dump(
+            {"datastore": "file", "data_dir": DATA_DIR, "log_file": os.path.join(DATA_DIR, "plugin.log")}, fh
+        )
     yield
     log.stderr, log.path, log.threshold = saved  # the call context is reset by every run() anyway
     shutil.rmtree(DATA_DIR, ignore_errors=True)
@@ -156,7 +158,9 @@ def quiet_and_clean() -> Iterator[None]:
     container=st.sampled_from(["c1", "c2"]),
     strict=st.booleans(),
 )
-def test_any_netconf_gets_a_cni_answer(doc: dict[str, Any], command: str, container: str, strict: bool) -> None:
+def test_any_netconf_gets_a_cni_answer(
+    doc: dict[str, Any], command: str, container: str, strict: bool
+) -> None:
     """Never code 103 (an internal error) for config-shaped input, in either node mode."""
     env = {
         "CNI_COMMAND": command,

@@ -49,12 +49,20 @@ def test_the_controller_keeps_statefulset_retained_leases_and_leaves_their_end_t
             api.delete_pod(ns, "db-1")  # gone: the StatefulSet will make it again
             api.put_pod(ns, "db-0", node=fenced, deleting=True)  # Terminating on a node ...
             api.put_pod(ns, "plain-0", node=fenced, deleting=True)
-            taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute", "value": "nodeshutdown"}
+            taint = {
+                "key": "node.kubernetes.io/out-of-service",
+                "effect": "NoExecute",
+                "value": "nodeshutdown",
+            }
             real_kube.request("PATCH", f"/api/v1/nodes/{fenced}", {"spec": {"taints": [taint]}})  # ... fenced
-            wait_for("the fenced node's unretained lease is released", lambda: "plain-0" not in retained(real_kube))
+            wait_for(
+                "the fenced node's unretained lease is released", lambda: "plain-0" not in retained(real_kube)
+            )
             counted(controller, {"node-out-of-service": 1})
             api.delete_pod(ns, "db-0")
-            real_kube.request("DELETE", f"/apis/apps/v1/namespaces/{ns}/statefulsets/{db['metadata']['name']}")
+            real_kube.request(
+                "DELETE", f"/apis/apps/v1/namespaces/{ns}/statefulsets/{db['metadata']['name']}"
+            )
             time.sleep(2)  # the controller saw both pods go, and the StatefulSet: it still keeps them
             assert set(retained(real_kube)) == {"db-0", "db-1"}
             assert dict(controller.reclaimer.released) == {"node-out-of-service": 1}

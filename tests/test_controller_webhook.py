@@ -86,7 +86,9 @@ def controller_process(real_kube: RealKube, webhook_rbac: str, tmp_path: Path) -
             "--webhook-cert-names", "localhost,127.0.0.1", "--webhook-config", f"whereabouts-py-{ns}",
             *extra,
         ]  # fmt: skip
-        proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
         procs.append(proc)
         return proc
 
@@ -154,7 +156,9 @@ def test_allow_node_only_keys_admits_them_and_a_second_replica_uses_the_stored_c
     assert real_kube.request("GET", f"/api/v1/namespaces/{ns}/secrets/{certs.SECRET_NAME}")["data"] == stored
 
 
-def test_without_its_secret_the_controller_says_so_and_exits(real_kube: RealKube, controller_process: Any) -> None:
+def test_without_its_secret_the_controller_says_so_and_exits(
+    real_kube: RealKube, controller_process: Any
+) -> None:
     real_kube.request("DELETE", f"/api/v1/namespaces/{real_kube.namespace}/secrets/{certs.SECRET_NAME}")
     proc = controller_process()
     assert proc.wait(timeout=60) == 1

@@ -174,14 +174,21 @@ def test_retained_leases_are_shown_as_retained_and_release_frees_one(tmp_path: P
     data = str(tmp_path / "data")
     code, doc = ctl_json(data, "show")
     assert code == 0
-    assert [(e["address"], e["podref"], e.get("state"), e.get("retention")) for e in doc["pools"][0]["leases"]] == [
+    assert [
+        (e["address"], e["podref"], e.get("state"), e.get("retention")) for e in doc["pools"][0]["leases"]
+    ] == [
         ("10.9.0.1", "apps/db-0", "retained", "statefulset apps/db"),
         ("10.9.0.2", "apps/web", "retained", "until 2026-01-01T00:10:00Z"),
     ]
     code, out, _ = ctl(data, "show")
-    assert (
-        next(line for line in out.splitlines() if line.startswith("10.9.0.1")).split()
-    ) == ["10.9.0.1", "10.9.0.0-29", "retained", "apps/db-0", "statefulset", "apps/db"]
+    assert (next(line for line in out.splitlines() if line.startswith("10.9.0.1")).split()) == [
+        "10.9.0.1",
+        "10.9.0.0-29",
+        "retained",
+        "apps/db-0",
+        "statefulset",
+        "apps/db",
+    ]
     code, out, _ = ctl(data, "show", "--pod", "apps/web")
     assert "retained" in out and "until 2026-01-01T00:10:00Z" in out
     # a retained lease has no live holder: released without --force (the file datastore has no pods)
@@ -193,7 +200,9 @@ def test_retained_leases_are_shown_as_retained_and_release_frees_one(tmp_path: P
 EVIL = "\x1b]0;owned\x07\x1b[2J\u202eevil\r\nfake line"
 
 
-@pytest.mark.parametrize("command", [["show"], ["check"], ["show", "--address", "10.9.0.1"], ["repair", "--dry-run"]])
+@pytest.mark.parametrize(
+    "command", [["show"], ["check"], ["show", "--address", "10.9.0.1"], ["repair", "--dry-run"]]
+)
 def test_text_read_from_the_datastore_is_printed_escaped_and_cut(tmp_path: Path, command: list[str]) -> None:
     """A lease or reservation written by anyone holding the datastore's credentials (a node's token) may
     carry terminal escapes, bidi overrides, line breaks or megabytes: ipamctl's and the reconciler's

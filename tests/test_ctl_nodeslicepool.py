@@ -33,7 +33,10 @@ def ctl(args: list[str]) -> tuple[int, str, str]:
 
 
 def _pools(kube: RealKube) -> dict[str, dict[str, Any]]:
-    return {p["metadata"]["name"]: p["spec"].get("allocations") or {} for p in kube.api.objects("ippools", kube.namespace)}
+    return {
+        p["metadata"]["name"]: p["spec"].get("allocations") or {}
+        for p in kube.api.objects("ippools", kube.namespace)
+    }
 
 
 def test_delete_nodeslicepool_on_the_api_server(real_kube: RealKube, tmp_path: Path) -> None:
@@ -50,7 +53,10 @@ def test_delete_nodeslicepool_on_the_api_server(real_kube: RealKube, tmp_path: P
         "ipamctl: refused: NodeSlicePool net1 is not deleted: slice 10.0.0.64/26 of node n2 holds 1 "
         f"lease(s): 10.0.0.65 ({real_kube.namespace}/b0, pool n2-10.0.0.64-26)"
     )
-    held = {e["sliceRange"]: e["nodeName"] for e in real_kube.request("GET", nsp_path(real_kube, "net1"))["status"]["allocations"]}
+    held = {
+        e["sliceRange"]: e["nodeName"]
+        for e in real_kube.request("GET", nsp_path(real_kube, "net1"))["status"]["allocations"]
+    }
     assert (held["10.0.0.0/26"], held["10.0.0.64/26"]) == ("n1", "n2")
 
     assert direct(real_kube, "DEL", "b0", n2)[0] == 0
@@ -66,11 +72,16 @@ def test_delete_nodeslicepool_on_the_api_server(real_kube: RealKube, tmp_path: P
     code, out, err = ctl([*kubeconfig, "-o", "json", "delete-nodeslicepool", "net1"])
     assert (code, err) == (0, "")
     doc = json.loads(out)
-    assert doc["deleted"] is True and doc["refused"] == [] and doc["lines"] == [
-        "return nodeslicepool=net1 slice=10.0.0.0/26 node=n1 reason=delete",
-        "return nodeslicepool=net1 slice=10.0.0.64/26 node=n2 reason=delete",
-        "delete nodeslicepool=net1",
-    ]
+    assert (
+        doc["deleted"] is True
+        and doc["refused"] == []
+        and doc["lines"]
+        == [
+            "return nodeslicepool=net1 slice=10.0.0.0/26 node=n1 reason=delete",
+            "return nodeslicepool=net1 slice=10.0.0.64/26 node=n2 reason=delete",
+            "delete nodeslicepool=net1",
+        ]
+    )
     assert real_kube.api.objects("nodeslicepools", real_kube.namespace) == []
     assert _pools(real_kube) == {}  # the returned slices' pools (and their fences) are gone
 
@@ -85,12 +96,18 @@ def test_delete_nodeslicepool_on_the_file_datastore(tmp_path: Path) -> None:
     data = ["--datastore", "file", "--data-dir", str(tmp_path)]
     assert file_call(tmp_path, "ADD", "a0", "node-a")[0] == 0
     code, out, err = ctl([*data, "delete-nodeslicepool", "net1"])
-    assert code == 1 and "slice 10.0.0.0/30 of node node-a holds 1 lease(s): 10.0.0.1 (ns/a0, pool node-a-10.0.0.0-30)" in err
+    assert (
+        code == 1
+        and "slice 10.0.0.0/30 of node node-a holds 1 lease(s): 10.0.0.1 (ns/a0, pool node-a-10.0.0.0-30)"
+        in err
+    )
     assert file_call(tmp_path, "DEL", "a0", "node-a")[0] == 0
     code, out, err = ctl([*data, "delete-nodeslicepool", "net1"])
     assert code == 0, err
     assert out.splitlines()[-1] == "delete nodeslicepool=net1"
-    assert not list((tmp_path / "nodeslicepools").glob("*.json")) and not list((tmp_path / "pools").glob("*.json"))
+    assert not list((tmp_path / "nodeslicepools").glob("*.json")) and not list(
+        (tmp_path / "pools").glob("*.json")
+    )
 
 
 def test_the_file_stores_delete_is_conditional_on_the_document_read(tmp_path: Path) -> None:

@@ -308,7 +308,9 @@ WEBHOOK_ROLE = "whereabouts-py-controller-webhook"
 
 def test_only_the_reconciler_and_controller_have_cluster_wide_rights_reading_pods_and_nodes() -> None:
     cluster_roles = {
-        o["metadata"]["name"]: o for o in all_objects() if o["kind"] == "ClusterRole" and o["metadata"]["name"] != WEBHOOK_ROLE
+        o["metadata"]["name"]: o
+        for o in all_objects()
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"] != WEBHOOK_ROLE
     }
     assert sorted(cluster_roles) == ["whereabouts-py-controller", "whereabouts-py-reconciler"]
     assert granted(cluster_roles["whereabouts-py-reconciler"]) == RECONCILER_CLUSTER_RULES
@@ -366,12 +368,13 @@ def test_the_controller_serves_the_webhook_its_configuration_calls() -> None:
     account = spec["serviceAccountName"]
     assert_bound("Role", WEBHOOK_ROLE, account)
     assert_bound("ClusterRole", WEBHOOK_ROLE, account)
-    assert {r["resources"][0]: (r["resourceNames"], r["verbs"]) for r in find("Role", WEBHOOK_ROLE)["rules"]} == {
-        "secrets": (["whereabouts-py-webhook-cert"], ["get", "update"])
-    }
-    assert {r["resources"][0]: (r["resourceNames"], r["verbs"]) for r in find("ClusterRole", WEBHOOK_ROLE)["rules"]} == {
-        "validatingwebhookconfigurations": ([args.webhook_config], ["get", "update"])
-    }
+    assert {
+        r["resources"][0]: (r["resourceNames"], r["verbs"]) for r in find("Role", WEBHOOK_ROLE)["rules"]
+    } == {"secrets": (["whereabouts-py-webhook-cert"], ["get", "update"])}
+    assert {
+        r["resources"][0]: (r["resourceNames"], r["verbs"])
+        for r in find("ClusterRole", WEBHOOK_ROLE)["rules"]
+    } == {"validatingwebhookconfigurations": ([args.webhook_config], ["get", "update"])}
 
 
 def test_the_installer_may_mint_tokens_for_the_plugins_account_only() -> None:
@@ -1006,7 +1009,11 @@ def test_agent_drains_within_the_pods_grace_period() -> None:
     pod = pod_spec("DaemonSet", "whereabouts-py")
     [agent] = [c for c in pod["containers"] if c["name"] == "agent"]
     command = agent["command"]
-    drain = float(command[command.index("--drain-seconds") + 1]) if "--drain-seconds" in command else DRAIN_SECONDS
+    drain = (
+        float(command[command.index("--drain-seconds") + 1])
+        if "--drain-seconds" in command
+        else DRAIN_SECONDS
+    )
     assert drain == DRAIN_SECONDS  # the manifest says what the agent does by itself
     assert drain + 5 <= pod["terminationGracePeriodSeconds"]
 

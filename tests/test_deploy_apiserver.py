@@ -305,12 +305,21 @@ def test_the_plugins_identity_is_confined_to_the_pools_namespace(real_kube: Real
     got = real_kube.request("GET", f"{slices}/s")
     got["status"] = {"allocations": [{"nodeName": "node-a", "sliceRange": "10.5.0.0/24"}]}
     assert call(cluster, plugin, "PUT", f"{slices}/s", got) == 200
-    assert call(cluster, plugin, "GET", slices) == 200  # list: a network without network_name checks its range
+    assert (
+        call(cluster, plugin, "GET", slices) == 200
+    )  # list: a network without network_name checks its range
     assert call(cluster, plugin, "DELETE", f"{slices}/s") == 403  # get/list/create/update only
 
 
-def may(real_kube: RealKube, account: str, verb: str, resource: str, subresource: str = "",
-        group: str = "whereabouts.cni.cncf.io", namespace: str | None = None) -> bool:
+def may(
+    real_kube: RealKube,
+    account: str,
+    verb: str,
+    resource: str,
+    subresource: str = "",
+    group: str = "whereabouts.cni.cncf.io",
+    namespace: str | None = None,
+) -> bool:
     """The API server's own answer (SubjectAccessReview): may ServiceAccount `account` of the test's
     namespace do `verb` on `resource` in `namespace` (the test's by default)?"""
     ns = real_kube.namespace
@@ -328,7 +337,9 @@ def may(real_kube: RealKube, account: str, verb: str, resource: str, subresource
     return bool(answer["status"].get("allowed"))
 
 
-def test_plugin_and_reconciler_may_write_node_slices_through_a_status_subresource(real_kube: RealKube) -> None:
+def test_plugin_and_reconciler_may_write_node_slices_through_a_status_subresource(
+    real_kube: RealKube,
+) -> None:
     """A NodeSlicePool CRD that declares a status subresource ignores `status` on the main resource;
     claims and returns are then written to /status (KubernetesStore.write_node_slices), which RBAC
     grants separately. The API server itself answers whether each identity may."""
@@ -345,10 +356,16 @@ def test_the_plugin_may_keep_writer_turns_and_no_coordination_leases(real_kube: 
     reach the control plane's leader-election Leases. The API server itself answers."""
     real_kube.apply(rbac_into(real_kube.namespace))
     assert all(may(real_kube, PLUGIN_SA, verb, "writerturns") for verb in ("get", "create", "delete"))
-    assert not any(may(real_kube, PLUGIN_SA, verb, "writerturns") for verb in ("update", "patch", "list", "watch"))
-    assert not may(real_kube, PLUGIN_SA, "create", "writerturns", namespace="default")  # the pools' namespace only
+    assert not any(
+        may(real_kube, PLUGIN_SA, verb, "writerturns") for verb in ("update", "patch", "list", "watch")
+    )
+    assert not may(
+        real_kube, PLUGIN_SA, "create", "writerturns", namespace="default"
+    )  # the pools' namespace only
     assert not may(real_kube, RECONCILER_SA, "create", "writerturns")
-    assert may(real_kube, RECONCILER_SA, "list", "writerturns") and may(real_kube, RECONCILER_SA, "delete", "writerturns")
+    assert may(real_kube, RECONCILER_SA, "list", "writerturns") and may(
+        real_kube, RECONCILER_SA, "delete", "writerturns"
+    )
     for verb in ("get", "create", "update", "delete"):
         assert not may(real_kube, PLUGIN_SA, verb, "leases", group="coordination.k8s.io")
 

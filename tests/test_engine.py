@@ -412,7 +412,9 @@ def test_after_a_conflict_the_next_attempt_waits_about_one_write_of_that_pool(
     assert len(leases(store, V4)) == 2
 
 
-def test_without_a_measured_write_time_conflicts_keep_the_short_backoff(store: FlakyStore, clock: FakeClock) -> None:
+def test_without_a_measured_write_time_conflicts_keep_the_short_backoff(
+    store: FlakyStore, clock: FakeClock
+) -> None:
     store.fail_writes = [ConflictError("c1")]
     engine_for(store, clock, pool_cache=PoolCache(clock=clock.clock)).add([V4], req(1))
     assert len(clock.sleeps) == 1 and clock.sleeps[0] <= 0.01

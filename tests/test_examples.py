@@ -43,7 +43,15 @@ CRD_FILES = [THIRD_PARTY / "multus-nad-crd.yaml", THIRD_PARTY / "rook-cephcluste
 NAD_KIND = "NetworkAttachmentDefinition"
 # Keys a NAD must not set: they name host paths or the node's identity and come from the node's flat
 # file or trusted environment (see README's configuration reference); a NAD is tenant input.
-NODE_ONLY_KEYS = {"kubernetes", "log_file", "data_dir", "datastore", "configuration_path", "agent_socket", "node_name"}
+NODE_ONLY_KEYS = {
+    "kubernetes",
+    "log_file",
+    "data_dir",
+    "datastore",
+    "configuration_path",
+    "agent_socket",
+    "node_name",
+}
 # Multus names a pod's extra interfaces net1, net2... in the order of its networks annotation; Rook
 # lists the public network first and adds the cluster network for OSD pods only.
 IFNAMES = {"public": "net1", "cluster": "net2"}
@@ -86,7 +94,9 @@ def example_manifests() -> list[Manifest]:
     return out
 
 
-_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
+_FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S
+)
 
 
 def fenced_blocks(path: Path, lang: str) -> list[tuple[str, str]]:
@@ -196,7 +206,9 @@ def test_example_nad_config_loads_without_node_only_keys(nad: Manifest) -> None:
     (spec,) = ranges
     for excluded in block.exclude:
         net = ipaddress.ip_network(excluded, strict=False)
-        assert not any(spec.contains(int(ip)) for ip in (net.network_address, net.broadcast_address)), excluded
+        assert not any(spec.contains(int(ip)) for ip in (net.network_address, net.broadcast_address)), (
+            excluded
+        )
 
 
 def test_example_address_plan_matches_the_guide() -> None:
@@ -206,7 +218,10 @@ def test_example_address_plan_matches_the_guide() -> None:
         _, (spec,) = load(nets[net])
         assert spec.size() == 222, (net, spec.size())
         first, last = spec.intervals[0][0], spec.intervals[-1][1]
-        assert (str(ipaddress.ip_address(first)), str(ipaddress.ip_address(last))) == (f"{prefix}32", f"{prefix}253")
+        assert (str(ipaddress.ip_address(first)), str(ipaddress.ip_address(last))) == (
+            f"{prefix}32",
+            f"{prefix}253",
+        )
 
 
 def test_guide_names_the_example_pools() -> None:
@@ -227,7 +242,9 @@ def test_example_cephcluster_address_ranges_cover_the_selected_nads() -> None:
         _, (spec,) = load(nad_config(nad))
         cidrs = [ipaddress.ip_network(c) for c in ranges.get(net, [])]
         nad_net = ipaddress.ip_network(spec.cidr)
-        assert any(nad_net.network_address in c and nad_net.broadcast_address in c for c in cidrs), f"addressRanges.{net} {cidrs} does not hold {nad_net}"
+        assert any(nad_net.network_address in c and nad_net.broadcast_address in c for c in cidrs), (
+            f"addressRanges.{net} {cidrs} does not hold {nad_net}"
+        )
 
 
 # ---- server-side dry runs on the real kube-apiserver -------------------------------------------------
@@ -266,7 +283,9 @@ def test_manifest_passes_server_side_dry_run(real_kube: RealKube, manifest: Mani
     try:
         (answer,) = real_kube.apply(manifest.doc, dry_run=True)
     except ApiError as exc:
-        raise AssertionError(f"{manifest.where}: {manifest.kind} {manifest.key} refused: {exc.status} {exc.body}") from None
+        raise AssertionError(
+            f"{manifest.where}: {manifest.kind} {manifest.key} refused: {exc.status} {exc.body}"
+        ) from None
     assert not missing_from(manifest.doc["spec"], answer["spec"], "spec"), (manifest.where, answer["spec"])
     # a dry run stores nothing
     plural = {NAD_KIND: "network-attachment-definitions", "CephCluster": "cephclusters"}[manifest.kind]
@@ -352,7 +371,9 @@ def test_json_snippet_is_a_valid_config(where: str, text: str, tmp_path: Path) -
     flat = tmp_path / "whereabouts.conf"
     flat.write_text(text)
     flat.chmod(0o600)  # a node file: the plugin reads it only when nobody else may write it
-    stdin = json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {"type": rt.OUR_TYPE, "range": "10.0.0.0/24"}})
+    stdin = json.dumps(
+        {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": rt.OUR_TYPE, "range": "10.0.0.0/24"}}
+    )
     cfg = load_config(stdin.encode(), flat_search=[str(flat)])
     assert cfg.flat_file == str(flat)
 
@@ -389,7 +410,9 @@ def backend(request: pytest.FixtureRequest, runtime: rt.Runtime, tmp_path: Path)
     name = getattr(request, "param", "file")
     data_dir = tmp_path / "ipam-data"
     if name == "file":
-        return e2e.Backend(name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir))
+        return e2e.Backend(
+            name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir)
+        )
     assert name == "real-kubernetes", name
     real_kube: RealKube = request.getfixturevalue("real_kube")
     forwarder = rt.LoopbackForwarder(runtime.node, int(real_kube.url.rsplit(":", 1)[1]))
@@ -428,7 +451,9 @@ def runnable(conf: dict[str, Any], kind: str, ipam: e2e.IpamFactory) -> dict[str
         pytest.param("ipvlan", "file", marks=pytest.mark.ipvlan, id="ipvlan-file"),
         pytest.param("macvlan", "file", id="macvlan-for-ipvlan-file"),
         # IPPools in the real API server, named as the guide says (macvlan: the datastore is the point)
-        pytest.param("macvlan", "real-kubernetes", marks=pytest.mark.apiserver, id="macvlan-for-ipvlan-real-kubernetes"),
+        pytest.param(
+            "macvlan", "real-kubernetes", marks=pytest.mark.apiserver, id="macvlan-for-ipvlan-real-kubernetes"
+        ),
     ],
     indirect=["backend"],
 )
@@ -502,7 +527,9 @@ def test_example_networks_attach_rook_pods(
             runtime.delete(att)
     view = store()
     left = {p: d["spec"].get("allocations") for p, d in view.pools.items() if d["spec"].get("allocations")}
-    assert not left and not view.reservations, f"left after DEL: {left} {sorted(view.reservations)}\n{ipam_log()}"
+    assert not left and not view.reservations, (
+        f"left after DEL: {left} {sorted(view.reservations)}\n{ipam_log()}"
+    )
 
 
 @pytest.mark.e2e

@@ -72,7 +72,9 @@ def _repeat_after_the_counter_restarted(k8s: K8s, tmp_path: Path, restart: str) 
     assert [h for h in held(k8s) if h[0] == "p"] == [("p", f"{SLICE2}+2")]
 
 
-def test_a_lock_file_made_anew_does_not_pass_for_the_one_the_agent_remembers(k8s: K8s, tmp_path: Path) -> None:
+def test_a_lock_file_made_anew_does_not_pass_for_the_one_the_agent_remembers(
+    k8s: K8s, tmp_path: Path
+) -> None:
     _repeat_after_the_counter_restarted(k8s, tmp_path, "file")
 
 

@@ -402,8 +402,12 @@ def in_image(rootfs: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     """`argv` run in the unpacked image (read-only root, its own mount namespace), as its containers run."""
     r = shlex.quote(str(rootfs))
     setup = f"mount --bind {r} {r} && mount -o remount,bind,ro {r}"
-    command = f"{setup} && exec chroot {r} /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin {shlex.join(argv)}"
-    return subprocess.run(["unshare", "--mount", "--fork", "--", "sh", "-c", command], capture_output=True, text=True)
+    command = (
+        f"{setup} && exec chroot {r} /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin {shlex.join(argv)}"
+    )
+    return subprocess.run(
+        ["unshare", "--mount", "--fork", "--", "sh", "-c", command], capture_output=True, text=True
+    )
 
 
 def test_the_image_runs_ipam_controller_with_its_webhook_and_leader_election(rootfs: Path) -> None:

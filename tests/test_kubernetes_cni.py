@@ -266,7 +266,11 @@ def test_an_old_format_pool_is_rewritten_packed_and_gc_still_tells_nodes_and_net
         "5": old_lease("no-node", network="storage"),
         "6": {"id": "wb", "podref": "default/wb", "ifname": "net1"},  # Whereabouts' own
     }
-    body = {"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool", "metadata": {"name": "10.74.0.0-24"}}
+    body = {
+        "apiVersion": "whereabouts.cni.cncf.io/v1alpha1",
+        "kind": "IPPool",
+        "metadata": {"name": "10.74.0.0-24"},
+    }
     real_kube.apply({**body, "spec": {"range": "10.74.0.0/24", "allocations": planted}})
     assert pool(real_kube, "10.74.0.0-24")["spec"]["allocations"] == planted  # the server kept the old fields
     conf = netconf(real_kube, tmp_path, {"range": "10.74.0.0/24"})
@@ -285,7 +289,14 @@ def test_an_old_format_pool_is_rewritten_packed_and_gc_still_tells_nodes_and_net
     }
     assert run(gc_conf, cni_env("GC", "unused", NODENAME="node-a")).code == 0
     left = pool(real_kube, "10.74.0.0-24")["spec"]["allocations"]
-    assert sorted(v["id"] for v in left.values()) == ["new", "no-node", "other-net", "other-node", "valid", "wb"]
+    assert sorted(v["id"] for v in left.values()) == [
+        "new",
+        "no-node",
+        "other-net",
+        "other-node",
+        "valid",
+        "wb",
+    ]
 
 
 def test_a_write_answers_the_pool_as_stored_decoded_again_only_when_the_schema_changed_it(
@@ -299,18 +310,24 @@ def test_a_write_answers_the_pool_as_stored_decoded_again_only_when_the_schema_c
 
     decoded: list[int] = []
     real_parse = kstore.parse_allocations
-    monkeypatch.setattr(kstore, "parse_allocations", lambda raw: (decoded.append(len(raw)), real_parse(raw))[1])
+    monkeypatch.setattr(
+        kstore, "parse_allocations", lambda raw: (decoded.append(len(raw)), real_parse(raw))[1]
+    )
     lease = Lease("c1", "ns/p1", "net1", node="node-a", token="t1")
     store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
     try:
         made = store.write_pool(store.read_pool("p", "10.57.0.0/24"), {1: lease})
         assert made is not None and made.allocations == {1: lease} and made.allocations[1].token == "t1"
         assert decoded == []
-        crd = yaml.safe_load((Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
+        crd = yaml.safe_load(
+            (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
+        )
         item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         for extra in OUR_EXTRA_FIELDS:
             del item["allocations"]["additionalProperties"]["properties"][extra]
-        others = sorted(p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name)
+        others = sorted(
+            p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name
+        )
         kube.api.use_crds([crd, *others])
         second = Lease("c2", "ns/p2", "net1", node="node-a", token="t2")
         written = store.write_pool(made, {1: lease, 2: second})
@@ -336,7 +353,9 @@ def test_the_pool_a_write_answers_is_the_pool_read_back_after_it(k8s: K8s, tmp_p
     try:
         made = store.write_pool(store.read_pool("p", "10.58.0.0/24"), parse_allocations({"1": raw}))
         read = store.read_pool("p", "10.58.0.0/24")
-        assert made is not None and made.allocations == read.allocations and read.allocations[1].poduid == "u1"
+        assert (
+            made is not None and made.allocations == read.allocations and read.allocations[1].poduid == "u1"
+        )
         confirm = Request("c2", "net1", "ns/p1", node="n1", token="t2")  # no K8S_POD_UID in CNI_ARGS
         decision = allocate(build_range("ipam", "10.58.0.0/24"), read.allocations, confirm)
         assert decision is not None and decision.changed

@@ -39,7 +39,9 @@ from tests.kubeapi.real import RealKube
 POOL = "fd00-650---120"
 A = {"network_name": "fd00", "range": "650::/120"}  # pool fd00-650---120
 B = {"range": "fd00:650::/120"}  # pool fd00-650---120 as well
-B_WIDE = {"range": "fd00:650::/64"}  # pool fd00-650---64; its fd00:650::1 is reservation fd00-650--1 like A's 650::1
+B_WIDE = {
+    "range": "fd00:650::/64"
+}  # pool fd00-650---64; its fd00:650::1 is reservation fd00-650--1 like A's 650::1
 
 
 @pytest.fixture
@@ -190,7 +192,9 @@ def test_gc_of_the_refused_network_leaves_the_other_networks_pool_alone(tmp_path
     owner.add([spec_a], Request("x1", "net1", "ns/x1", node="n1", network="net-a"))
     other = Engine(store, network="net-a")  # same CNI name and node: only the range tells them apart
     assert other.gc([spec_b], set(), "n1") == []
-    assert pools({"datastore": "file", "data_dir": str(tmp_path / "data")}, tmp_path)[POOL]["leases"] == {"x1": 1}
+    assert pools({"datastore": "file", "data_dir": str(tmp_path / "data")}, tmp_path)[POOL]["leases"] == {
+        "x1": 1
+    }
     assert [str(a.address) for a in owner.gc([spec_a], set(), "n1")] == ["650::1"]  # its own GC still works
 
 
@@ -221,7 +225,10 @@ def test_reconcile_never_releases_a_lease_recorded_under_the_other_range(
     [pool] = [o for o in real_kube.api.objects("ippools", ns) if o["metadata"]["name"] == POOL]
     assert list(pool["spec"]["allocations"]) == ["2"]
     shown = io.StringIO()  # an operator looking for the pod's address finds the lease
-    assert ctl_main(["--kubeconfig", real_kube.kubeconfig_path, "show", "--address", "fd00:650::2"], out=shown) == 0
+    assert (
+        ctl_main(["--kubeconfig", real_kube.kubeconfig_path, "show", "--address", "fd00:650::2"], out=shown)
+        == 0
+    )
     assert f"{ns}/b" in shown.getvalue(), shown.getvalue()
 
 
@@ -276,4 +283,7 @@ def test_names_of_pairs_that_cannot_collide_are_whereabouts_own() -> None:
     assert pool_name("10.0.0.0/24", "storage") == "storage-10.0.0.0-24"
     assert pool_name("fd00:650::/120") == "fd00-650---120"
     assert pool_name_readings("storage-10.0.0.0-24") == [("storage", IPNetwork("10.0.0.0/24"))]
-    assert {net for _, net in pool_name_readings(POOL)} == {IPNetwork("650::/120"), IPNetwork("fd00:650::/120")}
+    assert {net for _, net in pool_name_readings(POOL)} == {
+        IPNetwork("650::/120"),
+        IPNetwork("fd00:650::/120"),
+    }

@@ -113,7 +113,12 @@ def test_slice_size_forms_and_errors() -> None:
 
 
 def test_cut_and_names_match_whereabouts() -> None:
-    assert cut(IPNetwork("10.0.0.0/24"), 26) == ["10.0.0.0/26", "10.0.0.64/26", "10.0.0.128/26", "10.0.0.192/26"]
+    assert cut(IPNetwork("10.0.0.0/24"), 26) == [
+        "10.0.0.0/26",
+        "10.0.0.64/26",
+        "10.0.0.128/26",
+        "10.0.0.192/26",
+    ]
     # host bits in the range name its network
     assert cut(IPNetwork("10.0.0.7/30"), 31) == ["10.0.0.4/31", "10.0.0.6/31"]
     assert cut(IPNetwork("fd00::/119"), 120) == ["fd00::/120", "fd00::100/120"]
@@ -133,8 +138,21 @@ def test_slice_spec_keeps_the_range_rules_inside_the_slice() -> None:
 
 
 def test_claim_takes_the_first_free_slice_not_skipped() -> None:
-    pool = NodeSlices("n", "10.0.0.0/28", "/30", tuple(SliceEntry(n, s) for n, s in (
-        ("a", "10.0.0.0/30"), ("", "10.0.0.4/30"), ("", "10.0.0.8/30"), ("b", "10.0.0.12/30"))), "1")
+    pool = NodeSlices(
+        "n",
+        "10.0.0.0/28",
+        "/30",
+        tuple(
+            SliceEntry(n, s)
+            for n, s in (
+                ("a", "10.0.0.0/30"),
+                ("", "10.0.0.4/30"),
+                ("", "10.0.0.8/30"),
+                ("b", "10.0.0.12/30"),
+            )
+        ),
+        "1",
+    )
     assert claim(pool, "c") == (pool.entries[0], SliceEntry("c", "10.0.0.4/30"), *pool.entries[2:])
     got = claim(pool, "c", skip={"10.0.0.4/30"})
     assert got is not None and got[2] == SliceEntry("c", "10.0.0.8/30")
@@ -207,7 +225,9 @@ def test_del_check_gc_status_per_slice_pool(tmp_path: Path) -> None:
     # GC on node-a with only a1 valid releases a0 and a2 (in two slices)
     code, _ = call(tmp_path, "GC", "x", "node-a", extra={"valid": [{"containerID": "a1", "ifname": "eth0"}]})
     assert code == 0
-    assert pool_leases(tmp_path, "node-a-10.0.0.0-30") == {"2": pool_leases(tmp_path, "node-a-10.0.0.0-30")["2"]}
+    assert pool_leases(tmp_path, "node-a-10.0.0.0-30") == {
+        "2": pool_leases(tmp_path, "node-a-10.0.0.0-30")["2"]
+    }
     assert pool_leases(tmp_path, "node-a-10.0.0.4-30") == {}
     assert call(tmp_path, "STATUS", "x", "node-a")[0] == 0
     assert call(tmp_path, "DEL", "a1", "node-a")[0] == 0
@@ -233,7 +253,9 @@ def test_network_name_names_the_slice_pools_and_the_node_slice_pool(tmp_path: Pa
 
 
 def test_ipv6_slices(tmp_path: Path) -> None:
-    got = [address(call(tmp_path, "ADD", f"a{i}", "node-a", size="126", rng="fd00::/124")[1]) for i in range(3)]
+    got = [
+        address(call(tmp_path, "ADD", f"a{i}", "node-a", size="126", rng="fd00::/124")[1]) for i in range(3)
+    ]
     assert got == ["fd00::1/124", "fd00::2/124", "fd00::5/124"]
     assert set(pool_leases(tmp_path, "node-a-fd00---124".replace("124", "126"))) == {"1", "2"}
 
@@ -300,8 +322,14 @@ class RacingStore(FileStore):
 def engine_for(data_dir: Path, node: str, store: FileStore) -> Any:
     from ipam.cni import make_engine
 
-    ipam = {"type": "whereabouts-py", "datastore": "file", "data_dir": str(data_dir), "range": "10.0.0.0/28",
-            "node_slice_size": "/30", "node_name": node}
+    ipam = {
+        "type": "whereabouts-py",
+        "datastore": "file",
+        "data_dir": str(data_dir),
+        "range": "10.0.0.0/28",
+        "node_slice_size": "/30",
+        "node_name": node,
+    }
     cfg = load_config(json.dumps({"cniVersion": "1.1.0", "name": "net1", "ipam": ipam}).encode())
     return make_engine(cfg, store), cfg
 
@@ -319,7 +347,9 @@ def test_two_nodes_racing_for_a_slice_get_different_ones(tmp_path: Path) -> None
     store = RacingStore(str(tmp_path), other_node_claims)
     engine, cfg = engine_for(tmp_path, "node-a", store)
     got = engine.add(cfg.ranges, request("a0", "node-a"))
-    assert str(got[0].address) == "10.0.0.5" and store.writes == 2  # 409 on the first write, then the next slice
+    assert (
+        str(got[0].address) == "10.0.0.5" and store.writes == 2
+    )  # 409 on the first write, then the next slice
     assert slices_doc(tmp_path)[:2] == [
         {"nodeName": "node-b", "sliceRange": "10.0.0.0/30"},
         {"nodeName": "node-a", "sliceRange": "10.0.0.4/30"},
@@ -383,7 +413,14 @@ def test_threads_of_one_node_claim_one_slice(tmp_path: Path) -> None:
     store = FileStore(str(tmp_path))
     engine, cfg = engine_for(tmp_path, "node-a", store)
     results: list[str] = []
-    threads = [threading.Thread(target=lambda i=i: results.append(str(engine.add(cfg.ranges, request(f"a{i}", "node-a"))[0].address))) for i in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.append(
+                str(engine.add(cfg.ranges, request(f"a{i}", "node-a"))[0].address)
+            )
+        )
+        for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -432,7 +469,9 @@ def test_reclaim_keeps_a_slice_whose_pool_got_a_lease_meanwhile(tmp_path: Path) 
 
     later = datetime.now(UTC) + timedelta(seconds=120)
     lines = nodeslices.reclaim_slices(LateLease(str(tmp_path)), {"node-a"}, 60, dry_run=False, now=later)
-    assert lines == ["kept nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare (its pool changed: a lease may have landed)"]
+    assert lines == [
+        "kept nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare (its pool changed: a lease may have landed)"
+    ]
     assert slices_doc(tmp_path)[1] == {"nodeName": "node-a", "sliceRange": "10.0.0.4/30"}
     assert pool_leases(tmp_path, "node-a-10.0.0.4-30") != {}
 
@@ -452,7 +491,9 @@ def test_an_add_after_the_fence_moves_on(tmp_path: Path) -> None:
 
     later = datetime.now(UTC) + timedelta(seconds=120)
     store = FileStore(str(tmp_path))
-    lines = nodeslices.reclaim_slices(store, {"node-a"}, 60, False, later, before_free=add_between_fence_and_free)
+    lines = nodeslices.reclaim_slices(
+        store, {"node-a"}, 60, False, later, before_free=add_between_fence_and_free
+    )
     assert lines == ["return nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare"]
     # x2 met the fenced slice pool (node-a still held the slice) and claimed the next free one
     assert seen == ["10.0.0.1/28", "10.0.0.2/28", "10.0.0.9/28"]
@@ -473,9 +514,21 @@ def test_conflicting_nodeslicepool_write_is_a_conflict(tmp_path: Path) -> None:
 
 
 def test_reservation_prefix_of_slice_pools_comes_from_the_node_slice_pool() -> None:
-    blue = NodeSlices("blue", "10.0.0.0/24", "/26", (SliceEntry("node-a", "10.0.0.0/26"), SliceEntry("", "10.0.0.64/26")), "1")
+    blue = NodeSlices(
+        "blue",
+        "10.0.0.0/24",
+        "/26",
+        (SliceEntry("node-a", "10.0.0.0/26"), SliceEntry("", "10.0.0.64/26")),
+        "1",
+    )
     net1 = NodeSlices("net1", "10.1.0.0/24", "/26", (SliceEntry("net1-x", "10.1.0.0/26"),), "1")
-    names = ["blue-node-a-10.0.0.0-26", "blue-old-node-10.0.0.64-26", "net1-x-10.1.0.0-26", "10.2.0.0-24", "blue-10.0.0.0-24"]
+    names = [
+        "blue-node-a-10.0.0.0-26",
+        "blue-old-node-10.0.0.64-26",
+        "net1-x-10.1.0.0-26",
+        "10.2.0.0-24",
+        "blue-10.0.0.0-24",
+    ]
     assert network_prefixes([blue, net1], names) == {
         "blue-node-a-10.0.0.0-26": "blue",
         "blue-old-node-10.0.0.64-26": "blue",  # its node holds no slice now: by the name
@@ -490,10 +543,16 @@ def test_a_failing_second_range_rolls_back_the_slice_lease(tmp_path: Path) -> No
         assert code == 0 and len(doc["ips"]) == 2
     code, doc = call(tmp_path, "ADD", "a2", "node-a", extra=extra)
     assert code == 1 and doc["code"] == errors.POOL_EXHAUSTED and "10.9.0.0/30" in doc["msg"]
-    leases = {**pool_leases(tmp_path, "node-a-10.0.0.0-30"), **{"4+" + k: v for k, v in pool_leases(tmp_path, "node-a-10.0.0.4-30").items()}}
+    leases = {
+        **pool_leases(tmp_path, "node-a-10.0.0.0-30"),
+        **{"4+" + k: v for k, v in pool_leases(tmp_path, "node-a-10.0.0.4-30").items()},
+    }
     assert sorted(v["id"] for v in leases.values()) == ["a0", "a1"]  # a2's slice lease was given back
     assert sorted(p.name for p in (tmp_path / "reservations").iterdir()) == [
-        "10.0.0.1.json", "10.0.0.2.json", "10.9.0.1.json", "10.9.0.2.json"
+        "10.0.0.1.json",
+        "10.0.0.2.json",
+        "10.9.0.1.json",
+        "10.9.0.2.json",
     ]
 
 

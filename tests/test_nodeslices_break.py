@@ -65,7 +65,10 @@ def _leases(kube: RealKube) -> dict[str, str]:
 
 def _reserved(kube: RealKube) -> dict[str, str]:
     """Reservation name -> container id."""
-    return {r["metadata"]["name"]: r["spec"]["containerid"] for r in kube.api.objects("overlappingrangeipreservations", kube.namespace)}
+    return {
+        r["metadata"]["name"]: r["spec"]["containerid"]
+        for r in kube.api.objects("overlappingrangeipreservations", kube.namespace)
+    }
 
 
 def test_after_a_lost_slice_the_agent_answers_from_its_own_slice_and_the_del_releases_it(
@@ -122,7 +125,9 @@ def test_a_lease_in_a_slice_lost_while_its_pod_lived_is_released_by_the_reconcil
         status = json.dumps([{"name": "net1", "interface": "eth0", "ips": [address(doc)]}])
         real_kube.api.put_pod(ns, pod, annotations={"k8s.v1.cni.cncf.io/network-status": status})
     out = io.StringIO()
-    assert reconcile.main(["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"], out) == 0, out.getvalue()
+    assert reconcile.main(["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"], out) == 0, (
+        out.getvalue()
+    )
     assert set(_leases(real_kube)) == {"b0", "a2"}, out.getvalue()
     assert sorted(_reserved(real_kube).values()) == ["a2", "b0"], out.getvalue()
 
@@ -154,7 +159,9 @@ def test_an_unnamed_network_on_a_named_networks_nodeslicepool_does_not_hide_it_f
     finally:
         agent.close()
     answered = [d for d in (mine, theirs) if "ips" in d]
-    assert len({address(d) for d in answered}) == len(answered), f"one address answered twice: {mine} {theirs}"
+    assert len({address(d) for d in answered}) == len(answered), (
+        f"one address answered twice: {mine} {theirs}"
+    )
     assert mine.get("code") == 103 and "network_name" in mine["msg"], mine
     assert not _pool(real_kube, "n1-10.0.0.0-26")["spec"].get("allocations")  # its lease taken back
 

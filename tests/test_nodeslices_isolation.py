@@ -65,7 +65,9 @@ def direct(
     return code, (json.loads(text) if text else {})
 
 
-def through(agent: Agent, kube: RealKube, command: str, cid: str, netconf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def through(
+    agent: Agent, kube: RealKube, command: str, cid: str, netconf: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
     reply = agent.serve_call({"env": env(kube, command, cid), "stdin": json.dumps(netconf)})
     text = str(reply.get("stdout") or "").strip()
     return int(reply["code"]), (json.loads(text) if text else {})
@@ -90,7 +92,9 @@ def holder(kube: RealKube, ip: str, name: str = "net1") -> str:
 # -- item 2: a lost slice ----------------------------------------------------------------------------
 
 
-def test_warm_agent_does_not_allocate_in_a_slice_given_to_another_node(real_kube: RealKube, tmp_path: Path) -> None:
+def test_warm_agent_does_not_allocate_in_a_slice_given_to_another_node(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     """n1's agent ADDs and DELs, the NodeSlicePool is deleted (by hand, or a foreign controller), n2
     claims the first slice in direct mode: n1's agent must not answer n2's address."""
     n1, n2 = conf(real_kube, tmp_path, "n1"), conf(real_kube, tmp_path, "n2")
@@ -244,7 +248,9 @@ def test_a_second_network_without_network_name_on_a_sliced_range_is_refused(
         agent.close()
     assert second.get("code") == 103 and again.get("code") == 103, (second, again)
     assert "network_name" in second["msg"] and "net1" in second["msg"] and "net2" in second["msg"]
-    assert "NodeSlicePool net1 was made more than 0 s earlier and keeps the range" in second["details"], second
+    assert "NodeSlicePool net1 was made more than 0 s earlier and keeps the range" in second["details"], (
+        second
+    )
     assert address(later) != address(first)
     # the refused network's lease was taken back: no pool of net2's node holds one
     pools = real_kube.api.objects("ippools", real_kube.namespace)
@@ -274,7 +280,9 @@ def test_which_networks_without_network_name_clash() -> None:
     assert slices.clashes(mine, others, margin=30) == ["close", "older", "unknown", "unnamed-mark"]
     assert slices.clashes(mine, others, margin=0) == ["older", "unknown", "unnamed-mark"]
     by_name = {o.name: o for o in others}
-    assert "older was made more than 30 s earlier and keeps" in slices.clash_outcome(mine, [by_name["older"]], 30)
+    assert "older was made more than 30 s earlier and keeps" in slices.clash_outcome(
+        mine, [by_name["older"]], 30
+    )
     for which in (["older", "close"], ["unknown"]):
         said = slices.clash_outcome(mine, [by_name[n] for n in which], 30)
         assert "within 30 s of each other (or of unknown age) are all refused" in said, said
@@ -300,6 +308,8 @@ def test_two_networks_without_network_name_starting_together_never_share_an_addr
     mine = direct(real_kube, "ADD", "a0", net1)[1]
     assert (mine.get("code"), theirs[0].get("code")) == (103, 103), (mine, theirs)
     for refused in (mine, theirs[0]):  # the hint says what happened: neither keeps the range
-        assert "within 30 s of each other" in refused["details"] and "older keeps" not in refused["details"], refused
+        assert (
+            "within 30 s of each other" in refused["details"] and "older keeps" not in refused["details"]
+        ), refused
     pools = real_kube.api.objects("ippools", real_kube.namespace)
     assert [p["metadata"]["name"] for p in pools if p["spec"].get("allocations")] == []

@@ -27,11 +27,23 @@ def _cold_cache() -> None:
 def add(
     kube: KubeHandle, tmp: Path, cid: str, node: str = "node-a", agent: Agent | None = None, **extra: Any
 ) -> dict[str, Any]:
-    ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": node,
-            "data_dir": str(tmp), "kubernetes": {"kubeconfig": kube.kubeconfig_path}, **extra}
+    ipam = {
+        "type": "whereabouts-py",
+        "range": "10.0.0.0/24",
+        "node_slice_size": "/28",
+        "node_name": node,
+        "data_dir": str(tmp),
+        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+        **extra,
+    }
     conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
-           "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}"}
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": "/x",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={cid}",
+    }
     if agent is not None:
         reply = agent.serve_call({"env": env, "stdin": json.dumps(conf)})
         assert reply["code"] == 0, reply
@@ -78,7 +90,9 @@ def test_without_reservations_every_warm_add_checks_the_slice_is_still_the_nodes
     assert counts == {("update", "ippools"): 4, ("get-metadata", "nodeslicepools"): 4}
 
 
-def test_claims_go_through_status_when_the_crd_has_a_status_subresource(kube: KubeHandle, tmp_path: Path) -> None:
+def test_claims_go_through_status_when_the_crd_has_a_status_subresource(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
     docs = crd_documents()
     for doc in docs:
         if doc["spec"]["names"]["plural"] == "nodeslicepools":
@@ -92,7 +106,9 @@ def test_claims_go_through_status_when_the_crd_has_a_status_subresource(kube: Ku
     assert held["10.0.0.0/28"] == "node-a" and held["10.0.0.16/28"] == "node-b" and len(held) == 16
 
 
-def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(kube: KubeHandle, tmp_path: Path) -> None:
+def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
     from collections.abc import Sequence
 
     from ipam.allocator import Request
@@ -112,8 +128,14 @@ def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(ku
 
     Racing.hook = lambda: add(kube, tmp_path / "b", "b0", "node-b")
     store = Racing.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
-    ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": "node-a",
-            "data_dir": str(tmp_path), "kubernetes": {"kubeconfig": kube.kubeconfig_path}}
+    ipam = {
+        "type": "whereabouts-py",
+        "range": "10.0.0.0/24",
+        "node_slice_size": "/28",
+        "node_name": "node-a",
+        "data_dir": str(tmp_path),
+        "kubernetes": {"kubeconfig": kube.kubeconfig_path},
+    }
     cfg = load_config(json.dumps({"cniVersion": "1.0.0", "name": "net1", "ipam": ipam}).encode())
     engine = make_engine(cfg, store)
     got = engine.add(cfg.ranges, Request(container_id="a0", ifname="eth0", podref="ns/a0", node="node-a"))
@@ -125,7 +147,9 @@ def test_creating_the_node_slice_pool_twice_is_a_conflict_then_the_next_slice(ku
     store.close()
 
 
-def test_reconciler_without_the_node_slice_pool_crd_returns_nothing_and_fails_nothing(kube: KubeHandle) -> None:
+def test_reconciler_without_the_node_slice_pool_crd_returns_nothing_and_fails_nothing(
+    kube: KubeHandle,
+) -> None:
     from ipam import reconcile
 
     kube.api.use_crds([d for d in crd_documents() if d["spec"]["names"]["plural"] != "nodeslicepools"])
@@ -135,7 +159,9 @@ def test_reconciler_without_the_node_slice_pool_crd_returns_nothing_and_fails_no
     assert kube.api.count("list", "nodes") == 0  # no NodeSlicePools: nodes are not even listed
 
 
-def test_a_claim_whose_answer_was_lost_is_found_and_no_second_slice_taken(kube: KubeHandle, tmp_path: Path) -> None:
+def test_a_claim_whose_answer_was_lost_is_found_and_no_second_slice_taken(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
     agent = Agent()
     for i in range(14):  # the first /28 slice: 14 addresses
         add(kube, tmp_path, f"c{i}", agent=agent)
@@ -181,7 +207,9 @@ def test_a_call_arriving_while_another_call_claims_uses_the_claimers_list(
 
     def write_node_slices(store: KubernetesStore, pool: NodeSlices, entries: Sequence[SliceEntry]) -> None:
         if not late and threading.current_thread().name != "late":
-            thread = threading.Thread(target=lambda: late.append(add(kube, tmp_path, "c15", agent=agent)), name="late")
+            thread = threading.Thread(
+                target=lambda: late.append(add(kube, tmp_path, "c15", agent=agent)), name="late"
+            )
             thread.start()
             assert waiting.wait(10)  # the late call is waiting for this claim, not reading
             late.append({})
@@ -199,7 +227,9 @@ def test_a_call_arriving_while_another_call_claims_uses_the_claimers_list(
     assert kube.api.count("get", "nodeslicepools") == 2
 
 
-def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(kube: KubeHandle, tmp_path: Path) -> None:
+def test_the_first_add_into_a_newly_claimed_slice_reads_no_slice_pool(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
     """The agent remembers the slice pool it has just created (empty, at the version the create
     answered): the ADD that claimed the slice writes its lease there without a GET, and so does the
     owner search of the ADDs after it."""

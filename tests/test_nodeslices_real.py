@@ -100,20 +100,38 @@ def test_eight_nodes_race_for_slices_of_a_fresh_range(real_kube: RealKube, tmp_p
     assert nsp(real_kube)["spec"] == {"range": "10.0.0.0/24", "sliceSize": "/28"}
 
 
-def test_whereabouts_node_slice_pool_and_slice_pools_are_honoured(real_kube: RealKube, tmp_path: Path) -> None:
+def test_whereabouts_node_slice_pool_and_slice_pools_are_honoured(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     ns = real_kube.namespace
     slices = [f"10.0.0.{i * 64}/26" for i in range(4)]
     # as Whereabouts' node-slice controller writes it: every slice listed, one per node, size without "/"
-    real_kube.apply({
-        "apiVersion": WB, "kind": "NodeSlicePool", "metadata": {"name": "net1", "namespace": ns},
-        "spec": {"range": "10.0.0.0/24", "sliceSize": "26"},
-        "status": {"allocations": [{"nodeName": n, "sliceRange": s} for n, s in zip(["", "node-a", "node-b", ""], slices, strict=True)]},
-    })
+    real_kube.apply(
+        {
+            "apiVersion": WB,
+            "kind": "NodeSlicePool",
+            "metadata": {"name": "net1", "namespace": ns},
+            "spec": {"range": "10.0.0.0/24", "sliceSize": "26"},
+            "status": {
+                "allocations": [
+                    {"nodeName": n, "sliceRange": s}
+                    for n, s in zip(["", "node-a", "node-b", ""], slices, strict=True)
+                ]
+            },
+        }
+    )
     # and a slice pool Whereabouts' CNI made: offsets from the slice's network address
-    real_kube.apply({
-        "apiVersion": WB, "kind": "IPPool", "metadata": {"name": "node-a-10.0.0.64-26", "namespace": ns},
-        "spec": {"range": "10.0.0.64/26", "allocations": {"1": {"id": "wb-cid", "podref": f"{ns}/wb-pod", "ifname": "eth0"}}},
-    })
+    real_kube.apply(
+        {
+            "apiVersion": WB,
+            "kind": "IPPool",
+            "metadata": {"name": "node-a-10.0.0.64-26", "namespace": ns},
+            "spec": {
+                "range": "10.0.0.64/26",
+                "allocations": {"1": {"id": "wb-cid", "podref": f"{ns}/wb-pod", "ifname": "eth0"}},
+            },
+        }
+    )
     code, doc = call(real_kube, tmp_path, "ADD", "ours", "node-a", size="/26")
     assert code == 0 and doc["ips"][0]["address"] == "10.0.0.66/24"
     code, doc = call(real_kube, tmp_path, "ADD", "b0", "node-b", size="/26")
@@ -127,7 +145,9 @@ def test_whereabouts_node_slice_pool_and_slice_pools_are_honoured(real_kube: Rea
 
 def test_reclaim_after_a_node_is_deleted(real_kube: RealKube, tmp_path: Path) -> None:
     for node in ("node-a", "node-b"):
-        real_kube.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"{real_kube.namespace}-{node}"}})
+        real_kube.apply(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"{real_kube.namespace}-{node}"}}
+        )
     a, b = f"{real_kube.namespace}-node-a", f"{real_kube.namespace}-node-b"
     assert call(real_kube, tmp_path, "ADD", "a0", a)[0] == 0
     assert call(real_kube, tmp_path, "ADD", "b0", b)[0] == 0
@@ -153,18 +173,26 @@ def test_node_slice_size_with_network_name(real_kube: RealKube, tmp_path: Path) 
     assert code == 0 and doc["ips"][0]["address"] == "10.0.0.1/24"
     assert held(real_kube, "blue")["10.0.0.0/26"] == "node-a"
     assert set(pool(real_kube, "blue-node-a-10.0.0.0-26")["spec"]["allocations"]) == {"1"}
-    reservations = [r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)]
+    reservations = [
+        r["metadata"]["name"]
+        for r in real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace)
+    ]
     assert reservations == ["blue-10.0.0.1"]
     assert call(real_kube, tmp_path, "DEL", "p0", "node-a", network_name="blue")[0] == 0
     assert real_kube.api.objects("overlappingrangeipreservations", real_kube.namespace) == []
 
 
 def test_ipv6_slices(real_kube: RealKube, tmp_path: Path) -> None:
-    got = [call(real_kube, tmp_path, "ADD", f"p{i}", "node-a", rng="fd00::/120", size="/124") for i in range(3)]
+    got = [
+        call(real_kube, tmp_path, "ADD", f"p{i}", "node-a", rng="fd00::/120", size="/124") for i in range(3)
+    ]
     assert [doc["ips"][0]["address"] for _, doc in got] == ["fd00::1/120", "fd00::2/120", "fd00::3/120"]
     assert held(real_kube)["fd00::/124"] == "node-a" and len(held(real_kube)) == 16
     assert set(pool(real_kube, "node-a-fd00---124")["spec"]["allocations"]) == {"1", "2", "3"}
-    assert call(real_kube, tmp_path, "ADD", "q", "node-b", rng="fd00::/120", size="/124")[1]["ips"][0]["address"] == "fd00::11/120"
+    assert (
+        call(real_kube, tmp_path, "ADD", "q", "node-b", rng="fd00::/120", size="/124")[1]["ips"][0]["address"]
+        == "fd00::11/120"
+    )
     assert pool(real_kube, "node-b-fd00--10-124")["spec"]["range"] == "fd00::10/124"
     code, doc = call(real_kube, tmp_path, "ADD", "x", "node-a", rng="fd00::/120", size="/20")
     assert code == 1 and doc["code"] == errors.INVALID_CONFIG and "ipam.node_slice_size" in doc["msg"]
@@ -172,21 +200,29 @@ def test_ipv6_slices(real_kube: RealKube, tmp_path: Path) -> None:
 
 def test_reconciler_keeps_the_reservations_of_slice_pools(real_kube: RealKube, tmp_path: Path) -> None:
     ns = real_kube.namespace
-    real_kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}, namespace=ns)
+    real_kube.apply(
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}, namespace=ns
+    )
     for cid, net in (("p0", "blue"), ("p1", "")):
         real_kube.api.put_pod(ns, cid, node="node-a")
         extra = {"network_name": net} if net else {}
         assert call(real_kube, tmp_path, "ADD", cid, "node-a", **extra)[0] == 0
-    before = sorted(r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", ns))
+    before = sorted(
+        r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", ns)
+    )
     assert before == ["10.0.0.1", "blue-10.0.0.1"]
     out = io.StringIO()
-    assert reconcile.main(["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"], out) == 0, out.getvalue()
+    assert reconcile.main(["--kubeconfig", real_kube.kubeconfig_path, "--grace", "0"], out) == 0, (
+        out.getvalue()
+    )
     assert "reservations_deleted=0" in out.getvalue()
     after = sorted(r["metadata"]["name"] for r in real_kube.api.objects("overlappingrangeipreservations", ns))
     assert after == before
 
 
-def test_agent_coalesces_per_slice_pool_and_keeps_the_slice_list_warm(real_kube: RealKube, tmp_path: Path) -> None:
+def test_agent_coalesces_per_slice_pool_and_keeps_the_slice_list_warm(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     from ipam.agent import Agent
 
     agent = Agent()
@@ -194,10 +230,21 @@ def test_agent_coalesces_per_slice_pool_and_keeps_the_slice_list_warm(real_kube:
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": f"c{i}", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
-               "CNI_ARGS": f"K8S_POD_NAMESPACE={real_kube.namespace};K8S_POD_NAME=c{i}"}
-        ipam = {"type": "whereabouts-py", "range": "10.0.0.0/24", "node_slice_size": "/28", "node_name": "node-a",
-                "data_dir": str(tmp_path), "kubernetes": {"kubeconfig": real_kube.kubeconfig_path}}
+        env = {
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": f"c{i}",
+            "CNI_NETNS": "/x",
+            "CNI_IFNAME": "eth0",
+            "CNI_ARGS": f"K8S_POD_NAMESPACE={real_kube.namespace};K8S_POD_NAME=c{i}",
+        }
+        ipam = {
+            "type": "whereabouts-py",
+            "range": "10.0.0.0/24",
+            "node_slice_size": "/28",
+            "node_name": "node-a",
+            "data_dir": str(tmp_path),
+            "kubernetes": {"kubeconfig": real_kube.kubeconfig_path},
+        }
         conf = {"cniVersion": "1.0.0", "name": "net1", "type": "macvlan", "ipam": ipam}
         reply = agent.serve_call({"env": env, "stdin": json.dumps(conf)})
         assert reply["code"] == 0, reply
@@ -251,16 +298,28 @@ def test_an_add_meeting_a_retired_slice_pool_moves_on(real_kube: RealKube, tmp_p
 
     store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
     later = datetime.now(UTC) + timedelta(seconds=120)
-    lines = nodeslices.reclaim_slices(store, {"node-a"}, 60, False, later, before_free=adds_between_fence_and_free)
+    lines = nodeslices.reclaim_slices(
+        store, {"node-a"}, 60, False, later, before_free=adds_between_fence_and_free
+    )
     store.close()
     assert lines == ["return nodeslicepool=net1 slice=10.0.0.4/30 node=node-a reason=spare"]
     assert seen == ["10.0.0.1/28", "10.0.0.2/28", "10.0.0.9/28"]
-    assert held(real_kube) == {"10.0.0.0/30": "node-a", "10.0.0.4/30": "", "10.0.0.8/30": "node-a", "10.0.0.12/30": ""}
+    assert held(real_kube) == {
+        "10.0.0.0/30": "node-a",
+        "10.0.0.4/30": "",
+        "10.0.0.8/30": "node-a",
+        "10.0.0.12/30": "",
+    }
     names = sorted(p["metadata"]["name"] for p in real_kube.api.objects("ippools", real_kube.namespace))
-    assert names == ["node-a-10.0.0.0-30", "node-a-10.0.0.8-30"]  # the retired pool was removed after the free
+    assert names == [
+        "node-a-10.0.0.0-30",
+        "node-a-10.0.0.8-30",
+    ]  # the retired pool was removed after the free
 
 
-def test_deployed_rbac_is_enough_for_claiming_and_returning_slices(real_kube: RealKube, tmp_path: Path) -> None:
+def test_deployed_rbac_is_enough_for_claiming_and_returning_slices(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     # deploy/base/rbac.yaml as deployed (Roles in the pools' namespace, the reconciler's ClusterRole),
     # rebased into this test's namespace; token kubeconfigs of the plugin's and reconciler's accounts
     plugin = real_kube.plugin_kubeconfig()
@@ -270,11 +329,16 @@ def test_deployed_rbac_is_enough_for_claiming_and_returning_slices(real_kube: Re
     # get + create the NodeSlicePool, create + get + update the pool, create the reservation
     assert call(real_kube, tmp_path, "ADD", "p0", gone, kubeconfig=plugin)[0] == 0
     real_kube.api.put_pod(real_kube.namespace, "p1", node="other")
-    assert call(real_kube, tmp_path, "ADD", "p1", "other", kubeconfig=plugin)[0] == 0  # update the NodeSlicePool
+    assert (
+        call(real_kube, tmp_path, "ADD", "p1", "other", kubeconfig=plugin)[0] == 0
+    )  # update the NodeSlicePool
     assert call(real_kube, tmp_path, "DEL", "p0", gone, kubeconfig=plugin)[0] == 0
     real_kube.request("DELETE", f"/api/v1/nodes/{gone}")
     out = io.StringIO()
     code = reconcile.main(["--kubeconfig", reconciler, "--grace", "0"], out)
-    assert f"return nodeslicepool=net1 slice=10.0.0.0/26 node={gone} reason=node-gone" in out.getvalue().splitlines()
+    assert (
+        f"return nodeslicepool=net1 slice=10.0.0.0/26 node={gone} reason=node-gone"
+        in out.getvalue().splitlines()
+    )
     assert held(real_kube)["10.0.0.0/26"] == "" and held(real_kube)["10.0.0.64/26"] == "other"
     assert code == 0, out.getvalue()  # every list, get, update, create and delete it issued was allowed

@@ -53,9 +53,16 @@ class NodeSliceMachine(RuleBasedStateMachine):
 
     def engine(self, node: str) -> tuple[Engine, Any]:
         if node not in self.engines:
-            ipam = {"type": "whereabouts-py", "datastore": "file", "data_dir": str(self.dir), "range": RANGE,
-                    "node_slice_size": "/30", "node_name": node, "retry_deadline_seconds": 5,
-                    "enable_overlapping_ranges": self.overlapping}
+            ipam = {
+                "type": "whereabouts-py",
+                "datastore": "file",
+                "data_dir": str(self.dir),
+                "range": RANGE,
+                "node_slice_size": "/30",
+                "node_name": node,
+                "retry_deadline_seconds": 5,
+                "enable_overlapping_ranges": self.overlapping,
+            }
             cfg = load_config(json.dumps({"cniVersion": "1.1.0", "name": "net", "ipam": ipam}).encode())
             self.engines[node] = (make_engine(cfg, FileStore(str(self.dir))), cfg)
         return self.engines[node]
@@ -65,7 +72,9 @@ class NodeSliceMachine(RuleBasedStateMachine):
         cid = f"c{self.counter}"
         engine, cfg = self.engine(node)
         try:
-            got = engine.add(cfg.ranges, Request(container_id=cid, ifname="eth0", podref=f"ns/{cid}", node=node))
+            got = engine.add(
+                cfg.ranges, Request(container_id=cid, ifname="eth0", podref=f"ns/{cid}", node=node)
+            )
         except CNIError as exc:
             assert exc.code == errors.POOL_EXHAUSTED, exc
             assert "node_slice_size /30" in exc.msg and "8 slices" in exc.msg
@@ -103,7 +112,12 @@ class NodeSliceMachine(RuleBasedStateMachine):
             self._add(racer)
 
         nodeslices.reclaim_slices(
-            FileStore(str(self.dir)), set(self.live_nodes), 60, False, later, before_free=race if racer else None
+            FileStore(str(self.dir)),
+            set(self.live_nodes),
+            60,
+            False,
+            later,
+            before_free=race if racer else None,
         )
 
     @rule()
@@ -145,7 +159,9 @@ class NodeSliceMachine(RuleBasedStateMachine):
         path = self.dir / "nodeslicepools" / "net.json"
         if not path.exists():
             return []
-        return [(e["nodeName"], e["sliceRange"]) for e in json.loads(path.read_text())["status"]["allocations"]]
+        return [
+            (e["nodeName"], e["sliceRange"]) for e in json.loads(path.read_text())["status"]["allocations"]
+        ]
 
     @invariant()
     def slices_have_one_holder_each(self) -> None:

@@ -135,7 +135,9 @@ def test_a_write_by_another_process_of_the_node_is_noticed_without_a_refused_wri
     assert counts == {("get", "ippools"): 1, ("update", "ippools"): 1}
 
 
-def test_after_a_refused_write_from_memory_the_pool_is_read_before_writing(kube: KubeHandle, tmp_path: Path) -> None:
+def test_after_a_refused_write_from_memory_the_pool_is_read_before_writing(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
     conf, agent = netconf(kube, tmp_path, sliced=False), Agent()
     other_node = netconf(kube, tmp_path / "other-node", sliced=False)  # its own lock directory
     try:
@@ -179,7 +181,9 @@ def slices_held(k8s: K8s | KubeHandle, node: str = "node-a") -> list[str]:
     return [e["sliceRange"] for e in nsp["status"]["allocations"] if e["nodeName"] == node]
 
 
-def test_a_repeated_add_finds_its_lease_in_a_later_slice_another_process_wrote(k8s: K8s, tmp_path: Path) -> None:
+def test_a_repeated_add_finds_its_lease_in_a_later_slice_another_process_wrote(
+    k8s: K8s, tmp_path: Path
+) -> None:
     """The agent remembers its slice pools, but a direct-mode call of the node wrote the pod's lease
     into the second slice: the owner search must not trust the memory of that pool (its node lock
     was taken by another process since), or the repeat would get a second address in the first."""
@@ -189,7 +193,9 @@ def test_a_repeated_add_finds_its_lease_in_a_later_slice_another_process_wrote(k
             call(conf, "ADD", f"f{i}", agent)
         call(conf, "ADD", "g0", agent)  # claims the second slice; the agent remembers its pool
         mine = call(conf, "ADD", "p0", None)  # direct mode: into the second slice
-        call(conf, "DEL", "f3", None)  # room in the first slice again (the agent takes no lock of either pool)
+        call(
+            conf, "DEL", "f3", None
+        )  # room in the first slice again (the agent takes no lock of either pool)
         again = call(conf, "ADD", "p0", agent)
     finally:
         agent.close()

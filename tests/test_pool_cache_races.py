@@ -44,7 +44,12 @@ def netconf(k8s: K8s | KubeHandle, tmp: Path, **extra: Any) -> str:
 
 
 def call(
-    conf: str, command: str, cid: str, agent: Agent | None, ok: bool | None = True, timeout: float | None = None
+    conf: str,
+    command: str,
+    cid: str,
+    agent: Agent | None,
+    ok: bool | None = True,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """One CNI call through the agent (`timeout`: the shim's wait), or in this process (direct mode:
     another process of the node). `ok` None: either outcome."""
@@ -160,7 +165,9 @@ def test_a_del_and_an_add_of_the_same_container_in_one_batch_leave_the_add_its_r
     assert addr(results["add"]) == "10.0.0.1/28"
     if datastore == "kubernetes":
         leases = dict(held(kube))
-        reservations = [r["metadata"]["name"] for r in kube.api.objects("overlappingrangeipreservations", "kube-system")]
+        reservations = [
+            r["metadata"]["name"] for r in kube.api.objects("overlappingrangeipreservations", "kube-system")
+        ]
     else:
         doc = json.loads((tmp_path / "pools" / "10.0.0.0-28.json").read_text())
         leases = {v["id"]: k for k, v in doc["spec"]["allocations"].items()}
@@ -224,7 +231,9 @@ def test_a_call_whose_deadline_passed_in_the_queue_is_not_served(
     finally:
         agent.close()
     assert dict(held(kube)) == {"c": "10.0.0.0-28+1", "z": "10.0.0.0-28+2"}
-    assert sorted(r["metadata"]["name"] for r in kube.api.objects("overlappingrangeipreservations", "kube-system")) == [
+    assert sorted(
+        r["metadata"]["name"] for r in kube.api.objects("overlappingrangeipreservations", "kube-system")
+    ) == [
         "10.0.0.1",
         "10.0.0.2",
     ]
@@ -244,7 +253,9 @@ def test_a_pool_deleted_and_recreated_meanwhile_is_not_written_from_memory(
     try:
         assert addr(call(conf, "ADD", "a0", agent)) == "10.0.0.1/28"
         store.delete_pool(name, str(store.read_pool(name, cidr).version))
-        store.write_pool(PoolSnapshot(name, cidr, {}, None), {1: Lease("zz", "ns/zz", "eth0")})  # same name, new object
+        store.write_pool(
+            PoolSnapshot(name, cidr, {}, None), {1: Lease("zz", "ns/zz", "eth0")}
+        )  # same name, new object
         again = call(conf, "ADD", "a1", agent)
     finally:
         agent.close()
@@ -386,4 +397,8 @@ def test_a_slice_returned_right_after_this_process_made_its_pool_is_claimed_agai
         store.close()
     assert got == "10.0.0.5/28"  # slice 2 claimed again, its pool made again
     assert kube.api.count("get", "ippools") < 10  # a few reads of the two slice pools, not a loop
-    assert held(kube) == [("a0", "node-a-10.0.0.0-30+1"), ("a1", "node-a-10.0.0.0-30+2"), ("a3", "node-a-10.0.0.4-30+1")]
+    assert held(kube) == [
+        ("a0", "node-a-10.0.0.0-30+1"),
+        ("a1", "node-a-10.0.0.0-30+2"),
+        ("a3", "node-a-10.0.0.4-30+1"),
+    ]

@@ -343,7 +343,11 @@ def test_cached_intervals_equal_the_uncached_arithmetic_for_look_alike_inputs(
 
 @pytest.mark.parametrize(
     ("one", "other"),
-    [("10.0.0.0/24", "::ffff:10.0.0.0/120"), ("10.0.0.0/24", "::10.0.0.0/120"), ("fd00::/120", "fd00:0:0::1/120")],
+    [
+        ("10.0.0.0/24", "::ffff:10.0.0.0/120"),
+        ("10.0.0.0/24", "::10.0.0.0/120"),
+        ("fd00::/120", "fd00:0:0::1/120"),
+    ],
 )
 def test_cached_free_slices_are_those_of_the_range_asked(one: str, other: str) -> None:
     """The free slices of a range are cut once per (range, size): look-alike ranges of the other family

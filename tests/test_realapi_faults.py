@@ -65,7 +65,8 @@ def netconf(kube: RealKube, tmp: Path, node: str, deadline: float = 120) -> dict
 def start_burst(kube: RealKube, tmp: Path, count: int, nodes: int = 4) -> list[subprocess.Popen[str]]:
     confs = [netconf(kube, tmp, f"node-{n}") for n in range(nodes)]
     return [
-        start(confs[i % nodes], cni_env("ADD", f"ctr{i:03d}", NODENAME=f"node-{i % nodes}")) for i in range(count)
+        start(confs[i % nodes], cni_env("ADD", f"ctr{i:03d}", NODENAME=f"node-{i % nodes}"))
+        for i in range(count)
     ]
 
 
@@ -112,7 +113,9 @@ def check_burst(kube: RealKube, tmp: Path, calls: list[Call]) -> None:
         acked[cid] = again.result["ips"][0]["address"].split("/")[0]
     assert leases(kube) == acked
     assert len(set(acked.values())) == len(calls)
-    reservations = {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)}
+    reservations = {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
+    }
     assert reservations == set(acked.values())
 
 
@@ -177,7 +180,11 @@ def test_pool_too_large_for_etcd_is_a_clear_error_not_a_retry(fault_kube: RealKu
     fillers = 0
     while (room := ETCD_REQUEST_LIMIT - 1000 - len(json.dumps(stored, separators=(",", ":")))) > 0:
         podref = "tenant-0/" + "f" * max(1, min(300, room - 60))
-        stored["spec"]["allocations"][str(60000 + fillers)] = {"id": "filler", "podref": podref, "ifname": "net1"}
+        stored["spec"]["allocations"][str(60000 + fillers)] = {
+            "id": "filler",
+            "podref": podref,
+            "ifname": "net1",
+        }
         fillers += 1
     stored = kube.request("PUT", f"{base}/10.91.0.0-16", stored)
     conf = netconf(kube, tmp_path, "node-a", deadline=60)
@@ -199,5 +206,7 @@ def test_pool_too_large_for_etcd_is_a_clear_error_not_a_retry(fault_kube: RealKu
     ours = {v["id"] for v in after.values() if v["id"].startswith("big")}
     assert ours == {f"big{i}" for i in range(len(answers) - 1)}
     assert len(after) == 10_000 + fillers + len(ours)
-    reserved = {o["spec"]["containerid"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)}
+    reserved = {
+        o["spec"]["containerid"] for o in kube.api.objects("overlappingrangeipreservations", kube.namespace)
+    }
     assert f"big{len(answers) - 1}" not in reserved

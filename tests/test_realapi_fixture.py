@@ -34,7 +34,9 @@ def test_pods_get_server_uids_phase_and_terminating_state(real_kube: RealKube) -
     assert names == ["web-1"]
 
 
-def test_service_account_token_is_authenticated_but_unauthorised_without_rbac(real_kube: RealKube, tmp_path: Path) -> None:
+def test_service_account_token_is_authenticated_but_unauthorised_without_rbac(
+    real_kube: RealKube, tmp_path: Path
+) -> None:
     from ipam.errors import CNIError
 
     path = real_kube.token_kubeconfig("nobody", real_kube.namespace)
@@ -55,7 +57,9 @@ def test_server_side_dry_run_refuses_unknown_fields(real_kube: RealKube) -> None
     assert err.value.status == 400
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "crds").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "crds").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_crd_passes_a_server_side_dry_run(real_kube: RealKube, path: Path) -> None:
     """crds/ as written, replacing the installed copy under dry run with strict field validation."""
     from tests.kubeapi.real import load_yaml
@@ -63,7 +67,10 @@ def test_every_crd_passes_a_server_side_dry_run(real_kube: RealKube, path: Path)
     for crd in load_yaml(path):
         url = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
         current = real_kube.request("GET", url)
-        body = {**crd, "metadata": {**crd["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        body = {
+            **crd,
+            "metadata": {**crd["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]},
+        }
         answer = real_kube.request("PUT", url, body, {"dryRun": "All", "fieldValidation": "Strict"})
         assert answer["spec"]["group"] == "whereabouts.cni.cncf.io"
         broken = copy.deepcopy(body)

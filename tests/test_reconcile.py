@@ -36,11 +36,11 @@ def engine(k8s: K8s, tmp_path: Path) -> Iterator[Engine]:
     store.close()
 
 
-def add(
-    engine: Engine, kube: K8s, pod: str, uid: str = "", created: str = OLD, ifname: str = "net1"
-) -> str:
+def add(engine: Engine, kube: K8s, pod: str, uid: str = "", created: str = OLD, ifname: str = "net1") -> str:
     """ADD for pod `pod` in the test's namespace (pods live next to the pools on both servers)."""
-    request = Request(f"ctr-{pod}", ifname, f"{kube.namespace}/{pod}", poduid=uid, node="node-a", created=created)
+    request = Request(
+        f"ctr-{pod}", ifname, f"{kube.namespace}/{pod}", poduid=uid, node="node-a", created=created
+    )
     return str(engine.add([SPEC], request)[0].address)
 
 
@@ -75,8 +75,13 @@ def test_one_pass_releases_exactly_the_stale_leases(k8s: K8s, engine: Engine) ->
     pods = {name: api.put_pod(ns, name) for name in ("live", "gone", "replaced", "moved", "young")}
     pods["done"] = api.put_pod(ns, "done", phase="Succeeded")
     pods["crashed"] = api.put_pod(ns, "crashed", phase="Failed")
-    ips = {name: add(engine, k8s, name, uid=uid(pods[name])) for name in ("live", "gone", "done", "crashed", "moved")}
-    ips["young"] = add(engine, k8s, "young", uid=uid(pods["young"]), created=FUTURE)  # inside the grace period
+    ips = {
+        name: add(engine, k8s, name, uid=uid(pods[name]))
+        for name in ("live", "gone", "done", "crashed", "moved")
+    }
+    ips["young"] = add(
+        engine, k8s, "young", uid=uid(pods["young"]), created=FUTURE
+    )  # inside the grace period
     ips["replaced"] = add(engine, k8s, "replaced", uid=uid(pods["replaced"]))
     api.put_pod(ns, "live", annotations=status(ips["live"]))
     api.put_pod(ns, "moved", annotations=status("10.99.0.1"))
@@ -110,7 +115,10 @@ def test_dry_run_changes_nothing(k8s: K8s, engine: Engine) -> None:
     before = k8s.api.objects("ippools", k8s.namespace)
     code, out = reconcile(k8s, "--dry-run")
     assert code == 0
-    assert f"would-release pool={k8s.namespace}/10.60.0.0-24 address=10.60.0.1 podref={k8s.namespace}/gone" in out
+    assert (
+        f"would-release pool={k8s.namespace}/10.60.0.0-24 address=10.60.0.1 podref={k8s.namespace}/gone"
+        in out
+    )
     assert out.splitlines()[-1].startswith("summary pools=1 leases=1 kept=0 would_release=1")
     assert k8s.api.objects("ippools", k8s.namespace) == before  # same resourceVersion: never written
     if isinstance(k8s, KubeHandle):

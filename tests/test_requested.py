@@ -102,7 +102,9 @@ def test_requested_address_held_by_another_pod_is_refused_naming_it(tmp_path: Pa
         ("fd00::5", "outside every range"),
     ],
 )
-def test_requested_address_the_range_may_not_give_is_refused(tmp_path: Path, wanted: str, reason: str) -> None:
+def test_requested_address_the_range_may_not_give_is_refused(
+    tmp_path: Path, wanted: str, reason: str
+) -> None:
     node = Node(
         tmp_path,
         {
@@ -237,7 +239,9 @@ def test_requested_address_with_node_slices_only_in_a_slice_of_this_node(tmp_pat
     assert {k: v.podref for k, v in n1.leases("n1-10.0.0.0-30").items()} == {"1": "ns/a", "3": "ns/c"}
     # in n2's slice, free there: refused on n1 naming the slice and its node; n2 gives it
     error = n1.refused("c4", "d", ips=["10.0.0.6"])
-    assert error["code"] == errors.ADDRESS_TAKEN and "10.0.0.4/30" in error["msg"] and "node n2" in error["msg"]
+    assert (
+        error["code"] == errors.ADDRESS_TAKEN and "10.0.0.4/30" in error["msg"] and "node n2" in error["msg"]
+    )
     assert addrs(n2.add("c4", "d", ips=["10.0.0.6"])) == ["10.0.0.6/28"]
     # in a slice no node holds yet
     error = n1.refused("c5", "e", ips=["10.0.0.9"])
@@ -268,7 +272,11 @@ def test_failed_request_in_a_later_range_rolls_the_whole_add_back(tmp_path: Path
 def test_bad_static_address_is_a_config_error_naming_the_key(entry: dict[str, str], key: str) -> None:
     from ipam.config import load_config
 
-    doc = {"cniVersion": "1.0.0", "name": "n", "ipam": {"type": "whereabouts-py", "range": "10.2.0.0/24", "addresses": [entry]}}
+    doc = {
+        "cniVersion": "1.0.0",
+        "name": "n",
+        "ipam": {"type": "whereabouts-py", "range": "10.2.0.0/24", "addresses": [entry]},
+    }
     with pytest.raises(errors.CNIError) as info:
         load_config(json.dumps(doc).encode())
     assert info.value.code == errors.INVALID_CONFIG and key in info.value.msg

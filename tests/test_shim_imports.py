@@ -259,7 +259,14 @@ def test_shim_reads_the_flat_file_as_flatfile_does(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "layout",
-    ["link", "relative link chain", "linked bin directory", "link to a linked bin directory", "bin//", "bin/./"],
+    [
+        "link",
+        "relative link chain",
+        "linked bin directory",
+        "link to a linked bin directory",
+        "bin//",
+        "bin/./",
+    ],
 )
 def test_the_script_finds_its_checkout_however_it_is_reached(
     fake_agent: FakeAgent, tmp_path: Path, layout: str
@@ -316,7 +323,10 @@ def test_shim_and_cni_do_not_import_each_other() -> None:
         found = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                found |= {node.module or "", *(f"{node.module or ''}.{a.name}".strip(".") for a in node.names)}
+                found |= {
+                    node.module or "",
+                    *(f"{node.module or ''}.{a.name}".strip(".") for a in node.names),
+                }
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names}
         return found

@@ -74,7 +74,12 @@ def owned_pod(kube: RealKube, owner: dict[str, Any], name: str) -> str:
     pod = kube.request(
         "POST",
         f"/api/v1/namespaces/{kube.namespace}/pods",
-        {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta,
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+        },
     )
     return str(pod["metadata"]["uid"])
 
@@ -145,7 +150,9 @@ def test_statefulset_pod_gets_its_address_back_until_scaled_down_or_deleted(
     kube.request("PATCH", f"/apis/apps/v1/namespaces/{ns}/statefulsets/db", {"spec": {"replicas": 1}})
     out = reconciler()
     assert "2" not in leases(kube) and "statefulset-scaled-down" in out
-    assert "10.61.0.2" not in {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)}
+    assert "10.61.0.2" not in {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)
+    }
 
     # StatefulSet deleted: both free
     cni(kube, conf, "DEL", "c-db0-b", "db-0", uid0b)
@@ -157,7 +164,9 @@ def test_statefulset_pod_gets_its_address_back_until_scaled_down_or_deleted(
     assert set(leases(kube)) == {"3"} and "statefulset-gone" in out
 
 
-def test_sticky_seconds_ends_when_the_clock_passes_it(real_kube: RealKube, tmp_path: Path, reconciler: Any) -> None:
+def test_sticky_seconds_ends_when_the_clock_passes_it(
+    real_kube: RealKube, tmp_path: Path, reconciler: Any
+) -> None:
     kube, ns = real_kube, real_kube.namespace
     conf = netconf(kube, tmp_path, sticky_seconds=600)
     pod = kube.api.put_pod(ns, "web")
@@ -194,6 +203,14 @@ def test_requested_and_static_leases_are_recorded_and_reserved(real_kube: RealKu
         raw = allocations[offset]
         assert {raw["id"], raw["podref"], raw["ifname"]} == {"c-a", f"{ns}/a", "net1"}
         assert f"kind={kind}" in raw["attrs"]
-    assert {"10.61.0.20", "10.61.0.30"} <= {o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)}
-    other = run(netconf(kube, tmp_path), {**cni_env("ADD", "c-b", pod="b", namespace=ns), "CNI_ARGS": f"K8S_POD_NAMESPACE={ns};K8S_POD_NAME=b;IP=10.61.0.30/24"})
+    assert {"10.61.0.20", "10.61.0.30"} <= {
+        o["metadata"]["name"] for o in kube.api.objects("overlappingrangeipreservations", ns)
+    }
+    other = run(
+        netconf(kube, tmp_path),
+        {
+            **cni_env("ADD", "c-b", pod="b", namespace=ns),
+            "CNI_ARGS": f"K8S_POD_NAMESPACE={ns};K8S_POD_NAME=b;IP=10.61.0.30/24",
+        },
+    )
     assert other.code == 1 and other.result["code"] == 104 and f"{ns}/a" in other.result["msg"]

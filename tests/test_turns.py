@@ -225,9 +225,14 @@ def test_after_another_nodes_write_refused_its_own_the_agent_takes_the_pools_tur
     assert turn_leases(k8s) == []  # every turn taken was handed on
 
 
-def test_a_cluster_without_the_writerturn_crd_turns_turns_off_and_the_writes_go_on(kube: KubeHandle, tmp_path: Path) -> None:
+def test_a_cluster_without_the_writerturn_crd_turns_turns_off_and_the_writes_go_on(
+    kube: KubeHandle, tmp_path: Path
+) -> None:
     del kube.api.kinds["writerturns"]  # 404 for every turn request (kube.reset serves them again)
-    conf, other_node = netconf(kube.kubeconfig_path, tmp_path / "a"), netconf(kube.kubeconfig_path, tmp_path / "b")
+    conf, other_node = (
+        netconf(kube.kubeconfig_path, tmp_path / "a"),
+        netconf(kube.kubeconfig_path, tmp_path / "b"),
+    )
     agent = Agent()
     try:
         got = {"a0": call(conf, "ADD", "a0", agent), "b0": call(other_node, "ADD", "b0", None)}
@@ -281,7 +286,9 @@ def test_nodes_claiming_slices_at_once_take_the_nodeslicepools_turn_and_never_re
     no claim is refused (without the WriterTurn CRD they claim as before, refusals and all)."""
     if not turns_served:
         del kube.api.kinds["writerturns"]
-    nodes = [(Agent(), sliced_netconf(kube.kubeconfig_path, tmp_path / f"n{n}", f"node-{n}")) for n in range(6)]
+    nodes = [
+        (Agent(), sliced_netconf(kube.kubeconfig_path, tmp_path / f"n{n}", f"node-{n}")) for n in range(6)
+    ]
     start = threading.Barrier(6)
     got: dict[str, str] = {}
 

@@ -399,8 +399,13 @@ def test_a_turn_removed_while_its_holder_writes_costs_a_refused_write_only(
 def test_turns_refused_by_rbac_fall_back_to_writing_without_them(real_kube: RealKube, tmp_path: Path) -> None:
     """A plugin Role without writerturns (an older deploy): the agent writes as before and stops asking."""
     ns = real_kube.namespace
-    rules = [{"apiGroups": ["whereabouts.cni.cncf.io"], "verbs": ["*"],
-              "resources": ["ippools", "overlappingrangeipreservations", "nodeslicepools"]}]
+    rules = [
+        {
+            "apiGroups": ["whereabouts.cni.cncf.io"],
+            "verbs": ["*"],
+            "resources": ["ippools", "overlappingrangeipreservations", "nodeslicepools"],
+        }
+    ]
     real_kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                      "metadata": {"name": "no-turns", "namespace": ns}, "rules": rules})  # fmt: skip
     real_kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",

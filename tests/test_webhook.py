@@ -36,7 +36,14 @@ RECONCILER = "system:serviceaccount:kube-system:whereabouts-py-reconciler"
 
 
 def nad_config(ipam: dict[str, Any], version: str = "1.0.0", **top: Any) -> dict[str, Any]:
-    return {"cniVersion": version, "name": "storage", "type": "macvlan", "master": "eth1", "ipam": ipam, **top}
+    return {
+        "cniVersion": version,
+        "name": "storage",
+        "type": "macvlan",
+        "master": "eth1",
+        "ipam": ipam,
+        **top,
+    }
 
 
 def nad_request(config: Any, operation: str = "CREATE") -> dict[str, Any]:
@@ -49,7 +56,11 @@ def nad_request(config: Any, operation: str = "CREATE") -> dict[str, Any]:
         "request": {
             "uid": "u-1",
             "operation": operation,
-            "resource": {"group": "k8s.cni.cncf.io", "version": "v1", "resource": "network-attachment-definitions"},
+            "resource": {
+                "group": "k8s.cni.cncf.io",
+                "version": "v1",
+                "resource": "network-attachment-definitions",
+            },
             "userInfo": {"username": "tenant"},
             "object": obj,
             "oldObject": obj if operation == "UPDATE" else None,
@@ -57,7 +68,9 @@ def nad_request(config: Any, operation: str = "CREATE") -> dict[str, Any]:
     }
 
 
-def pool_request(allocations: dict[str, Any], username: str = ADMIN, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def pool_request(
+    allocations: dict[str, Any], username: str = ADMIN, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     pool = {"apiVersion": "whereabouts.cni.cncf.io/v1alpha1", "kind": "IPPool",
             "metadata": {"name": "10.20.0.0-24", "namespace": "kube-system", "annotations": annotations or {}},
             "spec": {"range": "10.20.0.0/24", "allocations": allocations}}  # fmt: skip
@@ -111,7 +124,9 @@ BAD = [
 
 @pytest.mark.parametrize("ipam", BAD, ids=lambda i: ",".join(sorted(set(i) - {"type"})) or "no-range")
 @pytest.mark.parametrize("operation", ["CREATE", "UPDATE"])
-def test_a_bad_nad_is_refused_with_the_message_its_add_would_get(ipam: dict[str, Any], operation: str, tmp_path: Path) -> None:
+def test_a_bad_nad_is_refused_with_the_message_its_add_would_get(
+    ipam: dict[str, Any], operation: str, tmp_path: Path
+) -> None:
     config = nad_config(ipam)
     expected = at_add(config, tmp_path)
     assert expected.code == 7
@@ -139,7 +154,9 @@ def test_node_name_is_refused_in_a_nad_whatever_its_value() -> None:
     """Each node has its own: the one node whose name it is would accept it, every other refuses."""
     response = answer(nad_request(nad_config({**GOOD, "node_name": "node-a"})))
     assert response["allowed"] is False
-    assert response["status"]["message"].startswith("invalid config: ipam.node_name: 'node-a' is a node setting")
+    assert response["status"]["message"].startswith(
+        "invalid config: ipam.node_name: 'node-a' is a node setting"
+    )
 
 
 def test_node_only_keys_pass_when_the_cluster_allows_them_and_are_still_validated() -> None:
@@ -166,7 +183,9 @@ def test_a_conflist_is_judged_plugin_by_plugin_with_the_lists_version() -> None:
                 "plugins": [{"type": "macvlan", "ipam": GOOD}, {"type": "ipvlan", "ipam": bad}]}  # fmt: skip
     response = answer(nad_request(conflist))
     assert response["allowed"] is False
-    assert response["status"]["message"].startswith("plugins[1]: invalid config: ipam.gateway: 'nope' is not an IP address")
+    assert response["status"]["message"].startswith(
+        "plugins[1]: invalid config: ipam.gateway: 'nope' is not an IP address"
+    )
     # the list's cniVersion is the plugin's: an unsupported one is refused as at ADD (code 1)
     old = {"cniVersion": "0.1.0", "name": "storage", "plugins": [{"type": "macvlan", "ipam": GOOD}]}
     response = answer(nad_request(old))
@@ -209,7 +228,13 @@ def test_deleting_a_pool_is_allowed_when_empty_annotated_or_by_the_projects_own_
     assert answer(pool_request(LEASE, username=RECONCILER))["allowed"] is True
     elsewhere = Policy(trusted_users=project_identities("whereabouts"))
     assert answer(pool_request(LEASE, username=RECONCILER), elsewhere)["allowed"] is False
-    assert answer(pool_request(LEASE, username="system:serviceaccount:whereabouts:whereabouts-py-controller"), elsewhere)["allowed"] is True
+    assert (
+        answer(
+            pool_request(LEASE, username="system:serviceaccount:whereabouts:whereabouts-py-controller"),
+            elsewhere,
+        )["allowed"]
+        is True
+    )
 
 
 def test_other_requests_are_allowed_and_a_non_review_is_an_error() -> None:
@@ -251,7 +276,10 @@ class FakeApi:
             "/api/v1/namespaces/ns/secrets/s": {"metadata": {"name": "s", "resourceVersion": "1"}},
             "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py": {
                 "metadata": {"resourceVersion": "1"},
-                "webhooks": [{"name": "a", "clientConfig": {"url": "https://x"}}, {"name": "b", "clientConfig": {}}],
+                "webhooks": [
+                    {"name": "a", "clientConfig": {"url": "https://x"}},
+                    {"name": "b", "clientConfig": {}},
+                ],
             },
         }
         self.race: dict[str, Any] | None = None
@@ -296,7 +324,9 @@ def test_the_ca_bundle_is_written_into_every_webhook_once() -> None:
     api = FakeApi()
     made = certs.make_certificates(NAMES)
     assert certs.ensure_ca_bundle(api, made.ca_cert) is True
-    hooks = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]["webhooks"]
+    hooks = api.objects[
+        "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"
+    ]["webhooks"]
     assert {base64.b64decode(h["clientConfig"]["caBundle"]) for h in hooks} == {made.ca_cert}
     assert hooks[0]["clientConfig"]["url"] == "https://x"
     assert certs.ensure_ca_bundle(api, made.ca_cert) is False and api.puts == 1
@@ -318,7 +348,9 @@ def served(tmp_path: Path) -> Iterator[tuple[WebhookServer, ssl.SSLContext, cert
         server.stop()
 
 
-def post(server: WebhookServer, context: ssl.SSLContext, body: bytes, path: str = "/validate") -> tuple[int, bytes]:
+def post(
+    server: WebhookServer, context: ssl.SSLContext, body: bytes, path: str = "/validate"
+) -> tuple[int, bytes]:
     req = urllib.request.Request(f"https://127.0.0.1:{server.port}{path}", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})  # fmt: skip
     try:
@@ -328,7 +360,9 @@ def post(server: WebhookServer, context: ssl.SSLContext, body: bytes, path: str 
         return int(exc.code), exc.read()
 
 
-def test_the_server_answers_reviews_over_tls(served: tuple[WebhookServer, ssl.SSLContext, certs.Certificates]) -> None:
+def test_the_server_answers_reviews_over_tls(
+    served: tuple[WebhookServer, ssl.SSLContext, certs.Certificates],
+) -> None:
     server, context, _ = served
     status, body = post(server, context, json.dumps(pool_request(LEASE)).encode())
     assert status == 200 and json.loads(body)["response"]["allowed"] is False
@@ -362,8 +396,18 @@ def test_the_controller_may_keep_only_its_own_secret_and_webhook_configuration()
     from tests.test_deploy import BASE, assert_bound, find, load_docs
 
     docs = load_docs(BASE / "webhook.yaml")
-    role, cluster_role = find("Role", "whereabouts-py-controller-webhook", docs), find("ClusterRole", "whereabouts-py-controller-webhook", docs)
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [certs.SECRET_NAME], "verbs": ["get", "update"]}]
+    role, cluster_role = (
+        find("Role", "whereabouts-py-controller-webhook", docs),
+        find("ClusterRole", "whereabouts-py-controller-webhook", docs),
+    )
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [certs.SECRET_NAME],
+            "verbs": ["get", "update"],
+        }
+    ]
     assert cluster_role["rules"] == [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
                                       "resourceNames": [certs.WEBHOOK_CONFIG_NAME], "verbs": ["get", "update"]}]  # fmt: skip
     for kind in ("Role", "ClusterRole"):
@@ -385,17 +429,23 @@ class Reloads:
         self.files.append((certfile, keyfile))
 
 
-def test_the_keeper_follows_another_replicas_renewal_and_restores_an_emptied_ca_bundle(tmp_path: Path) -> None:
+def test_the_keeper_follows_another_replicas_renewal_and_restores_an_emptied_ca_bundle(
+    tmp_path: Path,
+) -> None:
     import threading
     import time
 
     api = FakeApi()
-    api.objects["/api/v1/namespaces/kube-system/secrets/s"] = api.objects.pop("/api/v1/namespaces/ns/secrets/s")
+    api.objects["/api/v1/namespaces/kube-system/secrets/s"] = api.objects.pop(
+        "/api/v1/namespaces/ns/secrets/s"
+    )
     keeper = certs.CertKeeper(api, "kube-system", str(tmp_path), secret="s")
     assert keeper.refresh() is True and keeper.refresh() is False
     assert keeper.current is not None and Path(keeper.certfile).read_bytes() == keeper.current.cert
     first = keeper.current
-    config = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]
+    config = api.objects[
+        "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"
+    ]
     for hook in config["webhooks"]:
         hook["clientConfig"].pop("caBundle")  # a re-apply of the manifests
 
@@ -404,9 +454,14 @@ def test_the_keeper_follows_another_replicas_renewal_and_restores_an_emptied_ca_
     runner.start()
     try:
         deadline = time.monotonic() + 30
-        while any("caBundle" not in h["clientConfig"] for h in config["webhooks"]) and time.monotonic() < deadline:
+        while (
+            any("caBundle" not in h["clientConfig"] for h in config["webhooks"])
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
-            config = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]
+            config = api.objects[
+                "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"
+            ]
         assert server.files == []  # the caBundle came back; the certificate did not change
         other = certs.make_certificates(NAMES)  # another replica renews
         secret = api.objects["/api/v1/namespaces/kube-system/secrets/s"]
@@ -420,5 +475,7 @@ def test_the_keeper_follows_another_replicas_renewal_and_restores_an_emptied_ca_
     assert server.files and server.files[0] == (keeper.certfile, keeper.keyfile)
     assert keeper.current == other != first
     assert Path(keeper.certfile).read_bytes() == other.cert
-    config = api.objects["/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"]
+    config = api.objects[
+        "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/whereabouts-py"
+    ]
     assert {base64.b64decode(h["clientConfig"]["caBundle"]) for h in config["webhooks"]} == {other.ca_cert}

@@ -20,7 +20,10 @@ from tests.test_webhook_real import install_crds
 
 COMPONENT = DEPLOY / "components" / "monitoring"
 THIRD_PARTY = Path(__file__).resolve().parent / "third_party"
-CRDS = [THIRD_PARTY / "prometheus-servicemonitor-crd.yaml", THIRD_PARTY / "prometheus-prometheusrule-crd.yaml"]
+CRDS = [
+    THIRD_PARTY / "prometheus-servicemonitor-crd.yaml",
+    THIRD_PARTY / "prometheus-prometheusrule-crd.yaml",
+]
 
 #: ipam-controller's metric names the component relies on (README, "Operating it: the controller")
 CONTROLLER_METRICS = frozenset({
@@ -94,10 +97,19 @@ def test_every_alert_queries_only_the_controllers_metrics() -> None:
 def test_the_alerts_the_issue_asks_for() -> None:
     found = alerts()
     warning, critical = found["WhereaboutsPyPoolNearlyFull"], found["WhereaboutsPyPoolFull"]
-    assert warning["labels"]["severity"] == "warning" and ">= 0.85" in warning["expr"] and "for" not in warning
-    assert critical["labels"]["severity"] == "critical" and ">= 0.95" in critical["expr"] and critical["for"] == "5m"
+    assert (
+        warning["labels"]["severity"] == "warning" and ">= 0.85" in warning["expr"] and "for" not in warning
+    )
+    assert (
+        critical["labels"]["severity"] == "critical"
+        and ">= 0.95" in critical["expr"]
+        and critical["for"] == "5m"
+    )
     for rule in (warning, critical):
-        assert metric_names(rule["expr"]) == {"whereabouts_py_pool_allocated_addresses", "whereabouts_py_pool_size_addresses"}
+        assert metric_names(rule["expr"]) == {
+            "whereabouts_py_pool_allocated_addresses",
+            "whereabouts_py_pool_size_addresses",
+        }
     leaks = found["WhereaboutsPyLeaksNotReleased"]
     assert "whereabouts_py_leaks_pending" in metric_names(leaks["expr"]) and leaks["for"] == "15m"
     absent = found["WhereaboutsPyControllerAbsent"]
@@ -132,7 +144,13 @@ def test_the_component_adds_its_objects_and_changes_nothing_of_the_base(tmp_path
     base, combined = kustomize(BASE), with_base(tmp_path)
     added = [o for o in combined if o not in base]
     assert len(combined) == len(base) + len(added)
-    assert sorted(o["kind"] for o in added) == ["ConfigMap", "PrometheusRule", "Role", "RoleBinding", "ServiceMonitor"]
+    assert sorted(o["kind"] for o in added) == [
+        "ConfigMap",
+        "PrometheusRule",
+        "Role",
+        "RoleBinding",
+        "ServiceMonitor",
+    ]
     assert all(o["metadata"]["namespace"] == "kube-system" for o in added)
     monitor = one(added, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
@@ -155,7 +173,9 @@ def test_base_and_component_pass_a_server_side_dry_run(real_kube: RealKube, tmp_
         ("ServiceMonitor", ["spec", "endpoints", 0, "scheme"], "ftp"),  # enum
     ],
 )
-def test_the_trimmed_crds_still_refuse_broken_objects(real_kube: RealKube, kind: str, path: list[Any], value: Any) -> None:
+def test_the_trimmed_crds_still_refuse_broken_objects(
+    real_kube: RealKube, kind: str, path: list[Any], value: Any
+) -> None:
     """Guards the dry run above: the trimmed CRDs keep prometheus-operator's rules."""
     install_crds(real_kube, *CRDS)
     obj = copy.deepcopy(one(component_objects(), kind))

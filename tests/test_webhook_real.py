@@ -123,9 +123,13 @@ def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
     controller = KubeClient(load_kubeconfig(real_kube.token_kubeconfig(CONTROLLER_SA, ns)))
 
     # what the controller does at start, with its own identity
-    keeper = certs.CertKeeper(controller, ns, str(tmp_path), ips=("127.0.0.1",), hosts=("localhost",), config=config)
+    keeper = certs.CertKeeper(
+        controller, ns, str(tmp_path), ips=("127.0.0.1",), hosts=("localhost",), config=config
+    )
     made = certs.ensure_secret(controller, ns, keeper.names(), keeper.ips)
-    server = serve_webhook("127.0.0.1:0", *certs.write_files(made, str(tmp_path)), Policy(trusted_users=project_identities(ns)))
+    server = serve_webhook(
+        "127.0.0.1:0", *certs.write_files(made, str(tmp_path)), Policy(trusted_users=project_identities(ns))
+    )
     real_kube.request("POST", "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
                       as_test_config(shipped, ns, server.port))  # fmt: skip
     reg = Registered(real_kube, config, server, controller)
@@ -133,12 +137,17 @@ def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
         assert keeper.refresh() is True  # the Secret's certificate, and the caBundle written
         assert keeper.current == made and keeper.refresh() is False
         bad = nad_config(BAD[0])
-        poll(lambda: _refuses(lambda: reg.nad("probe", bad, dry_run=True)), "the API server calling the webhook")
+        poll(
+            lambda: _refuses(lambda: reg.nad("probe", bad, dry_run=True)),
+            "the API server calling the webhook",
+        )
         yield reg
     finally:
         server.stop()
         controller.close()
-        real_kube.request("DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{config}")
+        real_kube.request(
+            "DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{config}"
+        )
 
 
 def _refuses(call: Any) -> bool:
@@ -159,14 +168,19 @@ def test_the_controllers_identity_kept_the_secret_and_the_ca_bundle(registered: 
     )
     assert {base64.b64decode(h["clientConfig"]["caBundle"]) for h in config["webhooks"]} == {stored["ca.crt"]}
     # a second start changes nothing; and the rights go no further than those two objects
-    assert certs.ensure_secret(registered.controller, ns, ["localhost"], ("127.0.0.1",)).cert == stored["tls.crt"]
+    assert (
+        certs.ensure_secret(registered.controller, ns, ["localhost"], ("127.0.0.1",)).cert
+        == stored["tls.crt"]
+    )
     for method, path in (
         ("GET", f"/api/v1/namespaces/{ns}/secrets"),
         ("GET", "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/other"),
         ("POST", f"/api/v1/namespaces/{ns}/secrets"),
     ):
         with pytest.raises(Exception) as caught:
-            registered.controller.request(method, path, {"metadata": {"name": "x"}} if method == "POST" else None)
+            registered.controller.request(
+                method, path, {"metadata": {"name": "x"}} if method == "POST" else None
+            )
         assert getattr(caught.value, "status", None) == 403
 
 
@@ -249,7 +263,11 @@ def test_with_the_controller_down_only_the_risky_deletes_are_refused(registered:
 def test_the_shipped_configuration_is_what_the_tests_register() -> None:
     """Guards as_test_config: only clientConfig, namespaceSelector and the namespace in the
     matchConditions differ from deploy/base/webhook.yaml."""
-    (shipped,) = [d for d in yaml.safe_load_all(WEBHOOK_YAML.read_text()) if d and d["kind"] == "ValidatingWebhookConfiguration"]
+    (shipped,) = [
+        d
+        for d in yaml.safe_load_all(WEBHOOK_YAML.read_text())
+        if d and d["kind"] == "ValidatingWebhookConfiguration"
+    ]
     tested = as_test_config(shipped, "kube-system", 1)
     for a, b in zip(shipped["webhooks"], tested["webhooks"], strict=True):
         assert {k: v for k, v in a.items() if k != "clientConfig"} == {

@@ -41,7 +41,9 @@ def _atomic_write(path: Path, payload: bytes, exclusive: bool = False) -> None:
     Every step is relative to the directory's descriptor (no symlink followed, see safepath)."""
     with opened_dir(str(path.parent), create=True) as dir_fd:
         tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
+        )
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(payload)
@@ -82,7 +84,8 @@ class FileStore:
                 os.close(open_dir(str(directory), create=True))
         except UnsafePathError as exc:
             raise CNIError(
-                errors.IO_FAILURE, f"data_dir {self.root}: {exc.filename} {exc.strerror}; symlinks are not followed"
+                errors.IO_FAILURE,
+                f"data_dir {self.root}: {exc.filename} {exc.strerror}; symlinks are not followed",
             ) from None
         except OSError as exc:
             raise CNIError(errors.IO_FAILURE, f"cannot create data_dir {self.root}", str(exc)) from None
@@ -313,7 +316,9 @@ class FileStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with pool_lock(self.locks, f"{path.parent.name}-{path.stem}", 10.0):
             current = self._load(path)
-            found = None if current is None else str((current.get("metadata") or {}).get("resourceVersion", "0"))
+            found = (
+                None if current is None else str((current.get("metadata") or {}).get("resourceVersion", "0"))
+            )
             if found != version:
                 raise ConflictError(f"{path} is at version {found}, read {version}")
             doc["metadata"] = {**(doc.get("metadata") or {}), "resourceVersion": str(int(version or 0) + 1)}
@@ -362,7 +367,9 @@ class FileStore:
         except OSError:
             changed = None
         snap = self._snapshot(path, name, cidr, doc)
-        return SlicePoolView(PoolSnapshot(name, snap.cidr, snap.allocations, snap.version, token=doc), retired, changed)
+        return SlicePoolView(
+            PoolSnapshot(name, snap.cidr, snap.allocations, snap.version, token=doc), retired, changed
+        )
 
     def retire_pool(self, view: SlicePoolView) -> None:
         snap = view.snapshot
@@ -374,7 +381,11 @@ class FileStore:
         doc["metadata"] = meta
         with pool_lock(self.locks, snap.name, 10.0):  # the engine's writers of this pool hold it too
             current = self._load(self._pool_path(snap.name))
-            found = None if current is None else str(int((current.get("metadata") or {}).get("resourceVersion", "0")))
+            found = (
+                None
+                if current is None
+                else str(int((current.get("metadata") or {}).get("resourceVersion", "0")))
+            )
             if found != snap.version:
                 raise ConflictError(f"pool {snap.name} is at version {found}, read {snap.version}")
             meta["resourceVersion"] = str(int(snap.version or 0) + 1)

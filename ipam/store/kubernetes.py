@@ -241,7 +241,9 @@ class KubernetesStore:
         return snapshot
 
     def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
-        check_range(snapshot.name, str(((snapshot.token or {}).get("spec") or {}).get("range") or ""), snapshot.cidr)
+        check_range(
+            snapshot.name, str(((snapshot.token or {}).get("spec") or {}).get("range") or ""), snapshot.cidr
+        )
         sent = dump_allocations(allocations)
         spec: dict[str, Any] = {"range": snapshot.cidr, "allocations": sent}
         if snapshot.version is None:
@@ -459,7 +461,13 @@ class KubernetesStore:
         DeleteOptions preconditions): ConflictError otherwise; gone already is fine."""
         exact = {"resourceVersion": pool.version, **({"uid": pool.uid} if pool.uid else {})}
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": exact}
-        self._call(f"delete NodeSlicePool {pool.name}", "DELETE", self._path(NODE_SLICES, pool.name), body, missing_ok=True)
+        self._call(
+            f"delete NodeSlicePool {pool.name}",
+            "DELETE",
+            self._path(NODE_SLICES, pool.name),
+            body,
+            missing_ok=True,
+        )
 
     def list_node_slices(self) -> list[NodeSlices]:
         probe = self._call(

@@ -180,11 +180,15 @@ def pool_generation(lock_dir: str, name: str, settled: bool = False) -> int | No
         return None
     try:
         # O_NONBLOCK: a FIFO in the lock file's place would block an O_RDONLY open until a writer came
-        fd = os.open(f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        fd = os.open(
+            f"{name}.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
+        )
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise CNIError(errors.IO_FAILURE, f"cannot open lock file {os.path.join(lock_dir, name)}.lock", str(exc)) from None
+        raise CNIError(
+            errors.IO_FAILURE, f"cannot open lock file {os.path.join(lock_dir, name)}.lock", str(exc)
+        ) from None
     finally:
         os.close(dir_fd)
     try:
@@ -230,4 +234,3 @@ def pool_lock(lock_dir: str, name: str, timeout: float) -> Iterator[int]:
         yield generation
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
-

@@ -108,7 +108,9 @@ def backend(request: pytest.FixtureRequest, runtime: rt.Runtime, tmp_path: Path)
     name = getattr(request, "param", "file")
     data_dir = tmp_path / "ipam-data"
     if name == "file":
-        return Backend(name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir))
+        return Backend(
+            name, {"datastore": "file", "data_dir": str(data_dir)}, lambda: rt.read_store(data_dir)
+        )
     if name not in ("kubernetes", "apiserver"):
         raise ValueError(f"unknown backend {name!r}")
     kube: K8s = request.getfixturevalue("kube" if name == "kubernetes" else "real_kube")

@@ -333,7 +333,9 @@ class Runtime:
     def check(self, att: Attachment) -> None:
         """CHECK as libcni does it: only for cniVersion >= 0.4.0, always with prevResult."""
         if not version_at_least(att.version, (0, 4, 0)):
-            raise AssertionError(f"CHECK is not defined for cniVersion {att.version}; the runtime never sends it")
+            raise AssertionError(
+                f"CHECK is not defined for cniVersion {att.version}; the runtime never sends it"
+            )
         call = self.try_check(att)
         if not call.ok:
             raise CniFailed(call)
@@ -427,7 +429,9 @@ class StoreView:
         ]
 
     def reservations_of(self, container_id: str) -> list[str]:
-        return [path for path, doc in self.reservations.items() if doc["spec"].get("containerid") == container_id]
+        return [
+            path for path, doc in self.reservations.items() if doc["spec"].get("containerid") == container_id
+        ]
 
     def held_by(self, container_id: str) -> list[str]:
         """Everything in the store that still names `container_id` (for failure messages)."""
@@ -462,7 +466,9 @@ def tools_missing() -> list[str]:
         missing.append(f"root (running as uid {os.geteuid()}; network namespaces need root)")
     for tool in ("ip", "ping"):
         if shutil.which(tool) is None:
-            missing.append(f"`{tool}` on PATH (apt-get install {'iproute2' if tool == 'ip' else 'iputils-ping'})")
+            missing.append(
+                f"`{tool}` on PATH (apt-get install {'iproute2' if tool == 'ip' else 'iputils-ping'})"
+            )
     for plugin in ("bridge", "macvlan", "ipvlan", "loopback"):
         path = SYSTEM_CNI_DIR / plugin
         if not os.access(path, os.X_OK):

@@ -7,6 +7,7 @@ unless the version changes what the runtime sends. The datastore is read back af
 files, or IPPool objects in the Kubernetes API test server), so "DEL released the lease" means the
 store no longer names the container.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -159,7 +160,10 @@ def test_bridge_dual_stack(
     v4, v6 = "10.213.3.0/24", "fd00:213:3::/64"
     # start at .10 / ::10: the bridge plugin (isGateway, no gateway in the result) takes network+1 itself
     block = ipam(
-        ipRanges=[{"range": v4, "range_start": "10.213.3.10"}, {"range": v6, "range_start": "fd00:213:3::10"}],
+        ipRanges=[
+            {"range": v4, "range_start": "10.213.3.10"},
+            {"range": v6, "range_start": "fd00:213:3::10"},
+        ],
         network_name="dual",
     )
     conf = bridge_conf(cni_version, "dual", "wpybr3", block)
@@ -209,8 +213,13 @@ CLUSTER_START, CLUSTER_END = "10.213.11.100", "10.213.11.150"
 # project's CI machines has no CONFIG_IPVLAN; `make test-ipvlan` runs them on a kernel that has it
 # (and fails, never skips, on one that does not).
 STORAGE_CASES = [
-    pytest.param(kind, version, "file", id=f"{kind}-{version}-file",
-                 marks=[pytest.mark.ipvlan] if kind == "ipvlan" else [])
+    pytest.param(
+        kind,
+        version,
+        "file",
+        id=f"{kind}-{version}-file",
+        marks=[pytest.mark.ipvlan] if kind == "ipvlan" else [],
+    )
     for kind in ("ipvlan", "macvlan")
     for version in ("0.3.1", "0.4.0", "1.0.0")
 ] + [pytest.param("macvlan", "1.0.0", "apiserver", id="macvlan-1.0.0-apiserver", marks=pytest.mark.apiserver)]
@@ -231,11 +240,17 @@ def test_storage_networks(
     cluster_parent = runtime.add_parent_link("clu0")
     nads = {
         "public": vlan_conf(
-            cni_version, kind, "public-net", public_parent,
+            cni_version,
+            kind,
+            "public-net",
+            public_parent,
             ipam(PUBLIC, exclude=[PUBLIC_EXCLUDE], network_name="public-net"),
         ),
         "cluster": vlan_conf(
-            cni_version, kind, "cluster-net", cluster_parent,
+            cni_version,
+            kind,
+            "cluster-net",
+            cluster_parent,
             ipam(CLUSTER, range_start=CLUSTER_START, range_end=CLUSTER_END, network_name="cluster-net"),
         ),
     }
@@ -282,7 +297,11 @@ def test_storage_networks(
     ]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         replies = list(pool.map(lambda job: rt.ping(*job), jobs))
-    failed = [f"{src} -> {dst}: {r.stdout.strip()} {r.stderr.strip()}" for (src, dst), r in zip(jobs, replies, strict=True) if r.returncode]
+    failed = [
+        f"{src} -> {dst}: {r.stdout.strip()} {r.stderr.strip()}"
+        for (src, dst), r in zip(jobs, replies, strict=True)
+        if r.returncode
+    ]
     assert not failed, "pings failed:\n" + "\n".join(failed)
 
     if rt.version_at_least(cni_version, (0, 4, 0)):
@@ -293,7 +312,11 @@ def test_storage_networks(
     with ThreadPoolExecutor(max_workers=PODS) as pool:
         list(pool.map(runtime.delete, [a for p in pods for a in reversed(p.attachments)]))
     view = store()
-    left = {path: doc["spec"].get("allocations") for path, doc in view.pools.items() if doc["spec"].get("allocations")}
+    left = {
+        path: doc["spec"].get("allocations")
+        for path, doc in view.pools.items()
+        if doc["spec"].get("allocations")
+    }
     assert not left, f"leases left after DEL of every pod: {dumps(left)}\nipam.log:\n{ipam_log()}"
     assert not view.reservations, f"reservations left: {sorted(view.reservations)}"
 
@@ -311,10 +334,15 @@ def _error_fields(call: rt.CniCall) -> tuple[Any, Any, Any]:
 
 @pytest.mark.parametrize(
     ("kind", "cni_version", "backend"),
-    [pytest.param("bridge", version, "file", id=f"bridge-{version}-file") for version in ("0.3.1", "0.4.0", "1.0.0")]
+    [
+        pytest.param("bridge", version, "file", id=f"bridge-{version}-file")
+        for version in ("0.3.1", "0.4.0", "1.0.0")
+    ]
     + [
         pytest.param("macvlan", "1.0.0", "file", id="macvlan-1.0.0-file"),
-        pytest.param("bridge", "1.0.0", "apiserver", id="bridge-1.0.0-apiserver", marks=pytest.mark.apiserver),
+        pytest.param(
+            "bridge", "1.0.0", "apiserver", id="bridge-1.0.0-apiserver", marks=pytest.mark.apiserver
+        ),
     ],
     indirect=["backend"],
 )
@@ -486,7 +514,9 @@ def test_overlapping_ranges_in_two_nads_never_share_an_address(
     require_kernel_link("macvlan")
     parent = runtime.add_parent_link("ov0")
     wide = vlan_conf("1.0.0", "macvlan", "wide", parent, ipam("10.213.12.0/24", range_start="10.213.12.10"))
-    narrow = vlan_conf("1.0.0", "macvlan", "narrow", parent, ipam("10.213.12.0/25", range_start="10.213.12.10"))
+    narrow = vlan_conf(
+        "1.0.0", "macvlan", "narrow", parent, ipam("10.213.12.0/25", range_start="10.213.12.10")
+    )
     a, b = runtime.new_pod("overlap-a"), runtime.new_pod("overlap-b")
     on_wide = runtime.add(a, wide, IFNAME)
     on_narrow = runtime.add(b, narrow, IFNAME)
@@ -532,7 +562,9 @@ def test_requested_address_through_multus_ips_capability(
     [(_, _, lease)] = store().leases_of(first.container_id)
     assert lease["podref"] == first.podref and "kind=requested" in lease["attrs"]
 
-    call, refused = runtime.try_add(second, conf, IFNAME, {"name": "storage-public", "ips": ["192.168.2.230/28"]})
+    call, refused = runtime.try_add(
+        second, conf, IFNAME, {"name": "storage-public", "ips": ["192.168.2.230/28"]}
+    )
     assert refused is None and not call.ok
     error = call.json()
     assert error["code"] == 104 and "192.168.2.230" in error["msg"] and first.podref in error["msg"], error

@@ -31,12 +31,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 
+
 def rbac_manifest() -> Path:
     """deploy/rbac.yaml, or deploy/base/rbac.yaml once the manifests are a kustomize base."""
     for path in (ROOT / "deploy" / "base" / "rbac.yaml", ROOT / "deploy" / "rbac.yaml"):
         if path.exists():
             return path
     raise FileNotFoundError("no deploy/rbac.yaml or deploy/base/rbac.yaml")
+
+
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 
 
@@ -70,7 +73,11 @@ def make_certs(d: Path) -> None:
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
              "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))  # fmt: skip
     for name, subj, ext in (
-        ("server", "/CN=kube-apiserver", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        (
+            "server",
+            "/CN=kube-apiserver",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+        ),
         ("admin", "/O=system:masters/CN=test-admin", "extendedKeyUsage=clientAuth"),
     ):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj,
@@ -262,7 +269,12 @@ class RealCluster:
         spec: dict[str, Any] = {"expirationSeconds": expiration_seconds}
         if bound_pod is not None:
             meta = bound_pod["metadata"]
-            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": meta["name"], "uid": meta["uid"]}
+            spec["boundObjectRef"] = {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": meta["name"],
+                "uid": meta["uid"],
+            }
         answer = self.request(
             "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{serviceaccount}/token", {"spec": spec}
         )
@@ -270,9 +282,7 @@ class RealCluster:
 
     # -- REST -----------------------------------------------------------------------------------
 
-    def request(
-        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
-    ) -> Any:
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         """One admin request; the decoded JSON answer, or ApiError."""
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         data = json.dumps(body).encode() if body is not None else None
@@ -320,7 +330,9 @@ class RealCluster:
         """Create each object (POST through discovery); `dry_run` asks for a server-side dry run."""
         out = []
         for obj in objs if isinstance(objs, list) else [objs]:
-            params = {"dryRun": "All", "fieldValidation": "Strict"} if dry_run else {"fieldValidation": "Strict"}
+            params = (
+                {"dryRun": "All", "fieldValidation": "Strict"} if dry_run else {"fieldValidation": "Strict"}
+            )
             body = obj
             if namespace and obj.get("metadata", {}).get("namespace") not in (None, namespace):
                 body = {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
@@ -394,7 +406,9 @@ class RealAPI:
     namespace: str
 
     def objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        group = "" if plural in ("pods", "namespaces", "serviceaccounts") else "whereabouts.cni.cncf.io/v1alpha1"
+        group = (
+            "" if plural in ("pods", "namespaces", "serviceaccounts") else "whereabouts.cni.cncf.io/v1alpha1"
+        )
         base = "/api/v1" if not group else f"/apis/{group}"
         path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
         items: list[dict[str, Any]] = self.cluster.request("GET", path).get("items") or []
@@ -495,7 +509,9 @@ class RealKube:
     def apply_rbac(self) -> dict[str, str]:
         """deploy's RBAC manifest, rebased into this namespace (once): {component label: ServiceAccount}."""
         if self._accounts is None:
-            docs, accounts = rebase_rbac(load_yaml(rbac_manifest()), self.namespace, self.namespace, self.cluster)
+            docs, accounts = rebase_rbac(
+                load_yaml(rbac_manifest()), self.namespace, self.namespace, self.cluster
+            )
             self.cluster.apply(docs)
             self._accounts = accounts
         return self._accounts
@@ -505,7 +521,9 @@ class RealKube:
         context namespace = this test's namespace (where the pools live)."""
         accounts = self.apply_rbac()
         if component not in accounts:
-            raise KeyError(f"deploy/rbac.yaml has no ServiceAccount labelled component={component}: {accounts}")
+            raise KeyError(
+                f"deploy/rbac.yaml has no ServiceAccount labelled component={component}: {accounts}"
+            )
         return self.token_kubeconfig(accounts[component], self.namespace)
 
     def plugin_kubeconfig(self) -> str:

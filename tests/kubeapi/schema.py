@@ -161,7 +161,9 @@ def _bounds(value: Any, schema: dict[str, Any], path: str) -> list[dict[str, str
         return [{"reason": "FieldValueTooMany", "message": message, "field": field}]
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "maximum" in schema and value > schema["maximum"]:
-            message = f"Invalid value: {value}: {field} in body should be less than or equal to {schema['maximum']}"
+            message = (
+                f"Invalid value: {value}: {field} in body should be less than or equal to {schema['maximum']}"
+            )
             return [{"reason": "FieldValueInvalid", "message": message, "field": field}]
         if "minimum" in schema and value < schema["minimum"]:
             message = f"Invalid value: {value}: {field} in body should be greater than or equal to {schema['minimum']}"

@@ -1158,7 +1158,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "GET" and name:
             code, out = 200, api.get(kind, ns, name)
             if metadata_only:
-                out = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": out.get("metadata")}
+                out = {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": out.get("metadata"),
+                }
         elif self.command == "GET" and not sub:
             if query.get("watch") in ("1", "true"):
                 raise bad_request("watch is not supported by this test server")
