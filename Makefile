@@ -36,6 +36,7 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check ipam tests bench bin deploy
+	$(BIN)/ruff format --check ipam tests bench bin deploy
 	$(BIN)/mypy --strict ipam
 
 # The ipvlan e2e cases need CONFIG_IPVLAN, which the CI machines' kernel lacks: make test-ipvlan runs them.
