@@ -20,7 +20,7 @@ Safety of returning a slice rests on two rules:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
@@ -31,13 +31,14 @@ from .errors import CNIError, ConflictError, PoolRetiredError
 from .log import log
 from .ranges import RangeSpec
 from .slicefence import SliceFence
+from .slicepools import owner_first, remembered_full
 from .slicereturn import reclaim_slices as reclaim_slices  # reclaim moved there; still importable here
 from .slicereturn import return_slices as return_slices
 from .slices import (
     NodeSlices,
+    checked,
     claim,
     exhausted_message,
-    fresh,
     matches,
     slice_pool_name,
     slice_spec,
@@ -95,21 +96,7 @@ class Slicer:
     # -- the NodeSlicePool ----------------------------------------------------------------------
 
     def _checked(self, pool: NodeSlices | None) -> NodeSlices:
-        if pool is None:
-            return fresh(self.pool_name, self.spec, self.size_text, self.prefix, self.network_name)
-        if not matches(pool, self.spec, self.prefix):
-            raise CNIError(
-                errors.DATASTORE_ERROR,
-                f"NodeSlicePool {self.pool_name} cuts range {pool.range} into {pool.slice_size} slices, "
-                f"but the config has range {self.spec.cidr} with node_slice_size {self.size_text}",
-                f"change the config back, or stop this network's pods and run `ipamctl delete-nodeslicepool "
-                f"{self.pool_name}` (it refuses while a slice holds a lease)",
-            )
-        if not pool.entries:  # created with a status subresource, status not written yet
-            return replace(
-                pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries
-            )
-        return pool
+        return checked(pool, self.pool_name, self.spec, self.size_text, self.prefix, self.network_name)
 
     @property
     def _claim_lock_name(self) -> str:
@@ -385,59 +372,6 @@ class Slicer:
         except (CNIError, PoolRetiredError) as exc:  # the runtime's DEL and the reconciler clean up after
             log.error("rollback.failed", pool=name, error=str(exc))
 
-    def _remembered(self, engine: Engine, name: str, cidr: str) -> PoolSnapshot | None:
-        """The slice pool as this process last wrote it, if no other process of this node has written
-        it since (its node lock's generation is unchanged). Other nodes never write a node's slice
-        pools and the reconciler only removes leases, so a decision that reads it stays sound: a
-        lease it shows that is gone now is found gone by that slice's own conditional write."""
-        cache = engine.pool_cache
-        if cache is None:
-            return None
-        return cache.unchanged(name, engine.store.pool_generation(name), cidr)
-
-    def _remembered_full(self, engine: Engine, op: AddOp, slice_range: str) -> bool:
-        """Whether the slice is full for this attachment as remembered (no address, and no lease of
-        its own there); a slice not remembered is not known to be full."""
-        from .allocator import allocate
-
-        name, sub = self._names(slice_range)
-        snap = self._remembered(engine, name, sub.cidr)
-        return snap is not None and allocate(sub, snap.allocations, op.request) is None
-
-    def _owner_first(self, engine: Engine, op: AddOp, held: Sequence[str], deadline: float) -> list[str]:
-        """`held` with the slice whose pool already holds this attachment's lease moved to the front.
-
-        With one slice there is nothing to search. With several, each later slice pool is looked at:
-        as this process last wrote it when no other process of the node has written it since, else
-        read (a GET): the cost of never giving a repeated ADD a second address in an earlier slice
-        that has room again."""
-        from .allocator import find_owner
-
-        order = list(held)
-        if len(order) < 2:
-            return order
-        snap: list[PoolSnapshot | None] = [None]
-        for s in order[1:]:
-            name, sub = self._names(s)
-
-            def step(name: str = name, cidr: str = sub.cidr) -> bool:
-                try:
-                    snap[0] = engine.store.read_pool(name, cidr)
-                except PoolRetiredError:  # being returned: it holds no lease
-                    snap[0] = None
-                return True
-
-            remembered = self._remembered(engine, name, sub.cidr)
-            if remembered is not None:
-                snap[0] = remembered
-            else:
-                engine._retry(name, deadline, step)
-            found = snap[0]
-            if found is not None and find_owner(found.allocations, op.request) is not None:
-                order.remove(s)
-                return [s, *order]
-        return order
-
     def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
         if op.want is not None:
             wanted = op.spec.address_at(op.want)
@@ -451,9 +385,9 @@ class Slicer:
         while True:
             # the slice already holding this attachment's lease first, then the NodeSlicePool's order:
             # a repeated ADD gets its address back and never a second one in an earlier slice
-            held = self._owner_first(engine, op, pool.held_by(self.node), deadline)
+            held = owner_first(engine, pool.held_by(self.node), self._names, op.request, deadline)
             for s in [s for s in held if s not in tried]:
-                if shortcut and self._remembered_full(engine, op, s):
+                if shortcut and remembered_full(engine, *self._names(s), op.request):
                     # passing it costs nothing; a batch would re-read a full pool to be sure
                     tried.add(s)
                     unusable.add(s)
