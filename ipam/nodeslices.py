@@ -366,7 +366,7 @@ class Slicer:
         try:
             self._sub_engine(engine)._submit(name, sub.cidr, [undo], deadline)
             shift = self._shift(sub)
-            engine._unreserve(
+            engine.reservations.unreserve(
                 self.spec, [o + shift for o in undo.released], request.container_id, request.ifname, deadline
             )
         except (CNIError, PoolRetiredError) as exc:  # the runtime's DEL and the reconciler clean up after
