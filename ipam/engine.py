@@ -19,13 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from netaddr import AddrFormatError, IPAddress
+from netaddr import IPAddress
 
 from . import allocator, errors
 from .allocator import REQUESTED, STATIC, Allocations, Lease, Request, Retention, Taken
 from .errors import CNIError, ConflictError, RangeTakenError, TransientStoreError
 from .log import log
 from .ranges import RangeSpec, pool_name, reservation_name, same_network
+from .reservations import Reservations, taken_error
 from .store.base import PoolSnapshot, Store, Turn, TurnStore, check_range
 from .turns import TurnWaiter
 
@@ -59,17 +60,6 @@ class Want:
     spec: RangeSpec
     offset: int
     kind: str
-
-
-def taken_error(address: IPAddress, kind: str, holder: Lease, where: str) -> CNIError:
-    who = f"pod {holder.podref}" if holder.podref else f"container {holder.id}"
-    if holder.retained:
-        who += " (retained for it after its DEL: sticky)"
-    return CNIError(
-        errors.ADDRESS_TAKEN,
-        f"{'static' if kind == STATIC else 'requested'} address {address} is not available: it is held by {who}",
-        f"{where}; interface {holder.ifname or '-'}",
-    )
 
 
 @dataclass(eq=False)
@@ -122,6 +112,10 @@ def _drop_leases(
         return {k: v for k, v in leases.items() if k not in gone}, gone
 
     return change
+
+
+def _adds(ops: Sequence[Op]) -> list[AddOp]:
+    return [op for op in ops if isinstance(op, AddOp)]
 
 
 def _keep_readded_reservations(ops: Sequence[Op]) -> None:
@@ -342,6 +336,10 @@ class Engine:
     slicer: Slicer | None = None
     pool_cache: PoolCache | None = None  # the node agent's; direct mode reads every pool before writing
 
+    @property
+    def reservations(self) -> Reservations:
+        return Reservations(self.store, self.network_name, self.overlapping, self._retry)
+
     def _sliced(self, spec: RangeSpec) -> Slicer | None:
         return self.slicer if self.slicer is not None and self.slicer.covers(spec) else None
 
@@ -517,7 +515,7 @@ class Engine:
                     # read under the turn: other writers have likely written since this one last did
                     self._write_batch(name, cidr, pending, deadline, absorb, fresh=True)
             while True:
-                collided = self._reserve_batch(name, pending, deadline)
+                collided = self.reservations.reserve_batch(name, _adds(pending), deadline)
                 if not collided:
                     break
                 # another pool holds those addresses: give the leases back and place those ops again
@@ -530,7 +528,7 @@ class Engine:
                         failed.offset, failed.error = None, exc
                     break
                 pending = list(collided)
-            self._unreserve_moved(name, ops, deadline)
+            self.reservations.unreserve_moved(name, _adds(ops), deadline)
         _keep_readded_reservations(ops)
         for op in ops:
             if isinstance(op, AddOp) and op.error is None and op.offset is not None:
@@ -634,60 +632,6 @@ class Engine:
 
         self._retry(name, deadline, step, cache.write_seconds(name) if cache is not None else 0.0)
 
-    def _reserve_batch(self, name: str, ops: list[Op], deadline: float) -> list[AddOp]:
-        """Claim the reservation of every address just written; returns the ops that collided."""
-        collided: list[AddOp] = []
-        if not self.overlapping:
-            return collided
-        for op in ops:
-            if not isinstance(op, AddOp) or op.error is not None or op.offset is None:
-                continue
-            address = op.spec.address_at(op.offset)
-            rname = reservation_name(address, self.network_name)
-            try:
-                holder = self._reserve(rname, op.request.lease(), str(address), deadline)
-            except CNIError as exc:  # this op's failure alone; its lease goes with its rollback
-                op.offset, op.error = None, exc
-                continue
-            if holder is not None:
-                log.info("address.reserved-elsewhere", pool=name, reservation=rname, holder=holder.podref)
-                if op.want is not None:  # that very address was asked for: no other will do
-                    address = op.spec.address_at(op.offset)
-                    op.offset, op.error = (
-                        None,
-                        taken_error(address, op.request.kind, holder, f"reservation {rname}"),
-                    )
-                    continue
-                op.skip.add(op.offset)
-                collided.append(op)
-        return collided
-
-    def _unreserve_moved(self, name: str, ops: list[Op], deadline: float) -> None:
-        """Give back the reservations of leases a re-ADD moved to another address (quietly: the
-        orphan sweep is the backstop), unless the attachment got that same address back."""
-        if not self.overlapping:
-            return
-        for op in ops:
-            if not isinstance(op, AddOp) or op.error is not None:
-                continue
-            for offset, old in op.moved:
-                if offset == op.offset:
-                    continue
-                rname = reservation_name(op.spec.address_at(offset), self.network_name)
-                log.info("lease.moved", pool=name, reservation=rname, to=op.offset)
-                self.unreserve_name(rname, old.id, old.ifname, deadline, quiet=True)
-
-    def _reserve(self, rname: str, lease: Lease, address: str, deadline: float) -> Lease | None:
-        """store.reserve inside the retry loop; the other holder, or None when it is ours now."""
-        holder: list[Lease | None] = [None]
-
-        def step() -> bool:
-            holder[0] = self.store.reserve(rname, lease, address)
-            return True
-
-        self._retry(rname, deadline, step)
-        return holder[0]
-
     def _choose(self, name: str, op: AddOp, leases: Allocations) -> allocator.Decision | None:
         """Pick op's address among `leases`, avoiding addresses found reserved by another pool."""
         op.offset, op.error, op.created = None, None, False
@@ -781,54 +725,6 @@ class Engine:
 
         return step
 
-    def unreserve_name(
-        self, rname: str, container_id: str, ifname: str, deadline: float, quiet: bool
-    ) -> None:
-        def step() -> bool:
-            self.store.unreserve(rname, container_id, ifname)
-            return True
-
-        try:
-            self._retry(rname, deadline, step)
-        except CNIError as exc:
-            if not quiet:
-                raise
-            # an orphaned reservation only blocks its address until the reconciler removes it
-            log.error("reservation.release-failed", reservation=rname, error=str(exc))
-
-    def _unreserve(
-        self, spec: RangeSpec, offsets: list[int], container_id: str, ifname: str, deadline: float
-    ) -> None:
-        if not self.overlapping:
-            return
-        for offset in offsets:
-            rname = reservation_name(spec.address_at(offset), self.network_name)
-            self.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
-
-    def _held_reservations(self, spec: RangeSpec, container_id: str, ifname: str) -> list[str]:
-        """Reservations of `spec`'s addresses still held by this attachment, when the store can list
-        them by holder cheaply (the file store); the Kubernetes store's orphans wait for the sweep."""
-        held_by = getattr(self.store, "reservations_held_by", None)
-        if not self.overlapping or held_by is None:
-            return []
-        held: list[tuple[str, str]] = held_by(container_id, ifname)
-        prefix = f"{self.network_name}-" if self.network_name else ""
-        out = []
-        for rname, recorded in held:
-            if not rname.startswith(prefix):
-                continue
-            text = rname[len(prefix) :]
-            try:
-                address = IPAddress(text if spec.version == 4 else text.replace("-", ":"), spec.version)
-            except (ValueError, TypeError, AddrFormatError):
-                continue
-            # one recording another address is another network's by the same name (ADDRESS_ANNOTATION)
-            if recorded and recorded != str(address):
-                continue
-            if address in spec.network and reservation_name(address, self.network_name) == rname:
-                out.append(rname)
-        return out
-
     def release(
         self,
         ranges: Sequence[RangeSpec],
@@ -848,8 +744,8 @@ class Engine:
             except RangeTakenError as exc:  # another network's pool: no lease of ours, never written
                 log.warning("lease.release-skipped", error=str(exc))
                 continue
-            self._unreserve(spec, gone, container_id, ifname, deadline)
-            if not gone and (orphans := self._held_reservations(spec, container_id, ifname)):
+            self.reservations.unreserve(spec, gone, container_id, ifname, deadline)
+            if not gone and (orphans := self.reservations.held(spec, container_id, ifname)):
                 # not those of addresses this container holds again (an ADD of it after this DEL)
                 leased = {
                     reservation_name(a.address, self.network_name)
@@ -859,7 +755,7 @@ class Engine:
                     if rname in leased:
                         continue
                     log.info("reservation.orphan-release", reservation=rname, container=container_id)
-                    self.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
+                    self.reservations.unreserve_name(rname, container_id, ifname, deadline, quiet=False)
             out += [Assigned(spec, spec.address_at(o)) for o in gone]
             for o in gone:
                 log.info("lease.release", pool=self._pool(spec), address=str(spec.address_at(o)))
@@ -873,7 +769,7 @@ class Engine:
             gone = self._release_op(
                 spec, request.container_id, request.ifname, deadline, request.token, untokened
             )
-            self._unreserve(spec, gone, request.container_id, request.ifname, deadline)
+            self.reservations.unreserve(spec, gone, request.container_id, request.ifname, deadline)
         except Exception as exc:  # the runtime's DEL after a failed ADD cleans up what is left
             log.error("rollback.failed", pool=self._pool(spec), error=str(exc))
 
@@ -895,7 +791,7 @@ class Engine:
                 continue
             for offset in gone:
                 cid, ifname = holders[offset]
-                self._unreserve(spec, [offset], cid, ifname, deadline)
+                self.reservations.unreserve(spec, [offset], cid, ifname, deadline)
                 log.info(
                     "lease.gc", pool=self._pool(spec), address=str(spec.address_at(offset)), container=cid
                 )

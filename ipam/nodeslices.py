@@ -20,154 +20,43 @@ Safety of returning a slice rests on two rules:
 from __future__ import annotations
 
 import threading
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, cast
 
 from . import errors
-from .allocator import Allocations, Lease
+from .allocator import Allocations
 from .errors import CNIError, ConflictError, PoolRetiredError
 from .log import log
 from .ranges import RangeSpec
+from .slicefence import SliceFence
+from .slicepools import owner_first, remembered_full
 from .slicereturn import reclaim_slices as reclaim_slices  # reclaim moved there; still importable here
 from .slicereturn import return_slices as return_slices
 from .slices import (
     NodeSlices,
+    checked,
     claim,
-    clash_outcome,
-    clashes,
     exhausted_message,
-    fresh,
     matches,
     slice_pool_name,
     slice_spec,
 )
-from .store.base import PoolSnapshot, Store
+from .slicestate import LOCK as _LOCK
+from .slicestate import StoreState as _StoreState
+from .slicestate import fenced
+from .slicestate import forget_cache as forget_cache  # moved there; still importable here
+from .slicestate import state_of as _state
+from .slicestate import waiting as _waiting
+from .store.base import PoolSnapshot
 from .store.slicestore import SliceStore
 
 if TYPE_CHECKING:
     from .engine import AddOp, Assigned, Engine
 
-_T = TypeVar("_T")
 
-
-class FencedStore:
-    """The store as slice pools see it: an absent slice pool is not created by a write of the engine
-    (PoolRetiredError(absent=True)); `Slicer` creates it after checking the node holds the slice."""
-
-    def __init__(self, inner: Store) -> None:
-        # weakly: the per-store state below holds this, and must not keep its store alive
-        self.inner: Store = cast(Store, weakref.proxy(inner))
-
-    def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
-        snap = self.inner.read_pool(name, cidr)
-        if snap.version is None:
-            raise PoolRetiredError(name, absent=True)
-        return snap
-
-    def write_pool(self, snapshot: PoolSnapshot, allocations: Allocations) -> PoolSnapshot | None:
-        return self.inner.write_pool(snapshot, allocations)
-
-    def list_pools(self) -> list[PoolSnapshot]:
-        return self.inner.list_pools()
-
-    def reserve(self, name: str, lease: Lease, address: str = "") -> Lease | None:
-        return self.inner.reserve(name, lease, address)
-
-    def unreserve(self, name: str, container_id: str, ifname: str) -> None:
-        self.inner.unreserve(name, container_id, ifname)
-
-    def pool_lock(self, name: str, timeout: float) -> AbstractContextManager[int | None]:
-        return self.inner.pool_lock(name, timeout)
-
-    def pool_generation(self, name: str, settled: bool = False) -> int | None:
-        return self.inner.pool_generation(name, settled)
-
-    def check_reachable(self) -> None:
-        self.inner.check_reachable()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-# Per process and per store (the agent keeps its stores warm; an evicted one takes this with it):
-# NodeSlicePools as last read, one claim at a time per NodeSlicePool, the slice pools this process
-# made (after checking its node holds the slice) and when, and the store's fenced view (one per store,
-# so the agent's coalescer keys stay stable).
 CREATED_FRESH_SECONDS = 2.0  # other calls that found the same pool absent retry at once
-
-
-@dataclass
-class _StoreState:
-    fenced: FencedStore
-    pools: dict[str, NodeSlices] = field(default_factory=dict)
-    claims: dict[str, threading.Lock] = field(default_factory=dict)
-    reading: dict[str, threading.Lock] = field(default_factory=dict)
-    created: dict[str, float] = field(default_factory=dict)
-    # the node's claim stamp (see Slicer._stamp) each cached NodeSlicePool was read or written at
-    stamps: dict[str, int | None] = field(default_factory=dict)
-    # the claim lock's generation a thread of this process holds now: (thread id, generation)
-    holding: dict[str, tuple[int, int | None]] = field(default_factory=dict)
-    # how long a claim attempt (read + conditional write) took last, per NodeSlicePool: spaces the
-    # retries of nodes racing for the same first free slice (each loser's read and refused write of a
-    # 1,024-entry object costs the API server ~35 ms; straight back, the same nodes meet again)
-    attempt_seconds: dict[str, float] = field(default_factory=dict)
-    # the NodeSlicePool reads that check a lease write (see Slicer._still_held), shared by the calls
-    # whose writes ended before the read began
-    checks: dict[tuple[str, str], _Shared] = field(default_factory=dict)
-    # networks without network_name: the uid of the NodeSlicePool found alone on its range (Slicer._held_alone)
-    alone: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Shared:
-    """One read at a time, its answer shared with every caller that asked before it began."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    started: int = 0
-    last: tuple[int, object] | None = None
-
-
-_LOCK = threading.RLock()  # _state() is called with it held
-_STATE: weakref.WeakKeyDictionary[object, _StoreState] = weakref.WeakKeyDictionary()
-
-
-def _state(store: object) -> _StoreState:
-    with _LOCK:
-        found = _STATE.get(store)
-        if found is None:
-            found = _STATE[store] = _StoreState(FencedStore(cast(Store, store)))
-        return found
-
-
-def fenced(store: Store) -> FencedStore:
-    return _state(store).fenced
-
-
-def forget_cache() -> None:
-    """Drop what this process remembers about every store (tests)."""
-    with _LOCK:
-        for state in _STATE.values():
-            state.pools.clear()
-            state.claims.clear()
-            state.reading.clear()
-            state.created.clear()
-            state.stamps.clear()
-            state.checks.clear()
-            state.alone.clear()
-
-
-@contextmanager
-def _waiting(lock: threading.Lock, engine: Engine, deadline: float) -> Iterator[None]:
-    """Hold an in-process lock, waiting for it no longer than the call's deadline."""
-    if not lock.acquire(timeout=max(0.0, deadline - engine.clock())):
-        raise CNIError(errors.TRY_AGAIN_LATER, "timed out waiting for another call of this node's agent")
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @dataclass
@@ -197,27 +86,17 @@ class Slicer:
         """Add to a slice pool's offset to get the range's."""
         return int(sub.network.first) - int(self.spec.network.first)
 
+    @property
+    def _fence(self) -> SliceFence:
+        return SliceFence(self.spec, self.pool_name, self.node, self.network_name, self.store)
+
     def _sub_engine(self, engine: Engine) -> Engine:
         return replace(engine, store=fenced(engine.store), slicer=None)
 
     # -- the NodeSlicePool ----------------------------------------------------------------------
 
     def _checked(self, pool: NodeSlices | None) -> NodeSlices:
-        if pool is None:
-            return fresh(self.pool_name, self.spec, self.size_text, self.prefix, self.network_name)
-        if not matches(pool, self.spec, self.prefix):
-            raise CNIError(
-                errors.DATASTORE_ERROR,
-                f"NodeSlicePool {self.pool_name} cuts range {pool.range} into {pool.slice_size} slices, "
-                f"but the config has range {self.spec.cidr} with node_slice_size {self.size_text}",
-                f"change the config back, or stop this network's pods and run `ipamctl delete-nodeslicepool "
-                f"{self.pool_name}` (it refuses while a slice holds a lease)",
-            )
-        if not pool.entries:  # created with a status subresource, status not written yet
-            return replace(
-                pool, entries=fresh(self.pool_name, self.spec, self.size_text, self.prefix).entries
-            )
-        return pool
+        return checked(pool, self.pool_name, self.spec, self.size_text, self.prefix, self.network_name)
 
     @property
     def _claim_lock_name(self) -> str:
@@ -306,111 +185,12 @@ class Slicer:
         self._remember(pool, stamp)
         return pool
 
-    def _shared_read(self, kind: str, engine: Engine, deadline: float, read: Callable[[], _T]) -> _T:
-        """`read()` as begun after this call asked: the answer of a read another call of this process
-        began after that, else one of its own (one at a time per NodeSlicePool and kind). A burst of
-        ADDs whose lease writes have ended shares one read."""
-        with _LOCK:
-            shared = self._st.checks.setdefault((self.pool_name, kind), _Shared())
-            ticket = shared.started
-        with _waiting(shared.lock, engine, deadline):
-            with _LOCK:
-                if shared.last is not None and shared.last[0] > ticket:
-                    return cast(_T, shared.last[1])
-                shared.started += 1
-                number = shared.started
-            value = read()
-            with _LOCK:
-                shared.last = (number, value)
-            return value
-
     def _still_held(self, engine: Engine, slice_range: str, deadline: float) -> bool:
         """Whether the NodeSlicePool, read after a lease was written into `slice_range`'s pool, still
-        gives that slice to this node: the fence that keeps a node from answering an address of a
-        slice it lost (issue 22).
-
-        A check *before* the write cannot be enough: the lease goes into this node's own slice pool,
-        and the node that is given the slice next writes its own pool (another object), so nothing
-        would refuse a write made after the slice changed hands. Checked after the write, instead, an
-        answered lease was in the slice pool while the NodeSlicePool gave the slice to this node; from
-        then on the slice only moves by reclaim, whose fence (the retired mark, a conditional write)
-        fails on a pool holding a lease (as does `ipamctl delete-nodeslicepool`'s), or by someone freeing
-        a slice that holds leases (deleting the NodeSlicePool by hand, a foreign controller), which
-        README forbids. A write the check
-        finds in a lost slice is rolled back (its token) before the call goes on elsewhere.
-
-        Every answered lease is checked, with or without overlapping-range reservations: a reservation
-        keeps an address from two pods only when both make one, and a network's NADs (or its nodes'
-        flat files) may differ in `enable_overlapping_ranges`.
-
-        The read is cheap: the NodeSlicePool's metadata alone (uid, resourceVersion); unchanged since
-        this process read the whole object (not only memory: this read is begun after the write), its
-        entries are those remembered. Changed, the whole object is read. Concurrent calls share reads
-        (only one begun after this call's write counts). A store that cannot give the version alone
-        (the file store: a file's version restarts when it is made again) is read whole."""
-        probe = getattr(self.store, "node_slices_version", None)
-        if probe is not None:
-            seen: list[object] = [None]
-
-            def step() -> bool:
-                seen[0] = probe(self.pool_name)
-                return True
-
-            def version() -> object:
-                engine._retry(self.pool_name, deadline, step)
-                return seen[0]
-
-            now = self._shared_read("version", engine, deadline, version)
-            if now is None:  # no NodeSlicePool: no slice is held
-                return False
-            with _LOCK:
-                cached = self._st.pools.get(self.pool_name)
-            if cached is not None and cached.version and (cached.uid, cached.version) == now:
-                return self._held_alone(engine, deadline, cached, slice_range)
-        pool = self._shared_read("pool", engine, deadline, lambda: self._read(engine, deadline, refresh=True))
-        return self._held_alone(engine, deadline, pool, slice_range)
-
-    def _held_alone(self, engine: Engine, deadline: float, pool: NodeSlices, slice_range: str) -> bool:
-        """`pool` (as it is now) gives the slice to this node; without network_name, also: no other
-        network without one takes the range (else CNIError 103, see `slices.clashes`). Judged once
-        per NodeSlicePool uid: another such network made later is refused by its own judgement, and
-        this one is judged again when its NodeSlicePool is made again."""
-        if slice_range not in pool.held_by(self.node):
-            return False
-        if self.network_name:
-            return True
-        if pool.network_name:  # a named network's mark: other networks' checks would pass this one by
-            raise CNIError(
-                errors.DATASTORE_ERROR,
-                f"NodeSlicePool {self.pool_name} is marked as network_name {pool.network_name[:63]!r}'s, "
-                "but this network has no network_name: other networks without one would not see it "
-                "on the range",
-                f"set network_name in the ipam config of network {self.pool_name}",
-            )
-        with _LOCK:
-            if pool.uid and self._st.alone.get(self.pool_name) == pool.uid:
-                return True
-        found: list[list[NodeSlices]] = [[]]
-
-        def step() -> bool:
-            found[0] = self.store.list_node_slices()
-            return True
-
-        engine._retry(self.pool_name, deadline, step)
-        others = clashes(pool, found[0])
-        if others:
-            raise CNIError(
-                errors.DATASTORE_ERROR,
-                f"NodeSlicePool {self.pool_name} and NodeSlicePool(s) {', '.join(others)} cut overlapping "
-                f"ranges ({self.spec.cidr}) for networks without network_name: their slice pools and "
-                "reservations share names, so they would give one address to two pods",
-                f"set network_name in the ipam config of network {self.pool_name} (each network on this "
-                f"range needs its own); {clash_outcome(pool, [o for o in found[0] if o.name in others])}",
-            )
-        with _LOCK:
-            if pool.uid:
-                self._st.alone[self.pool_name] = pool.uid
-        return True
+        gives that slice to this node (`slicefence.SliceFence.still_held`)."""
+        return self._fence.still_held(
+            engine, slice_range, deadline, lambda: self._read(engine, deadline, True)
+        )
 
     @contextmanager
     def _claiming(self, engine: Engine, deadline: float) -> Iterator[int | None]:
@@ -586,68 +366,17 @@ class Slicer:
         try:
             self._sub_engine(engine)._submit(name, sub.cidr, [undo], deadline)
             shift = self._shift(sub)
-            engine._unreserve(
+            engine.reservations.unreserve(
                 self.spec, [o + shift for o in undo.released], request.container_id, request.ifname, deadline
             )
         except (CNIError, PoolRetiredError) as exc:  # the runtime's DEL and the reconciler clean up after
             log.error("rollback.failed", pool=name, error=str(exc))
 
-    def _remembered(self, engine: Engine, name: str, cidr: str) -> PoolSnapshot | None:
-        """The slice pool as this process last wrote it, if no other process of this node has written
-        it since (its node lock's generation is unchanged). Other nodes never write a node's slice
-        pools and the reconciler only removes leases, so a decision that reads it stays sound: a
-        lease it shows that is gone now is found gone by that slice's own conditional write."""
-        cache = engine.pool_cache
-        if cache is None:
-            return None
-        return cache.unchanged(name, engine.store.pool_generation(name), cidr)
-
-    def _remembered_full(self, engine: Engine, op: AddOp, slice_range: str) -> bool:
-        """Whether the slice is full for this attachment as remembered (no address, and no lease of
-        its own there); a slice not remembered is not known to be full."""
-        from .allocator import allocate
-
-        name, sub = self._names(slice_range)
-        snap = self._remembered(engine, name, sub.cidr)
-        return snap is not None and allocate(sub, snap.allocations, op.request) is None
-
-    def _owner_first(self, engine: Engine, op: AddOp, held: Sequence[str], deadline: float) -> list[str]:
-        """`held` with the slice whose pool already holds this attachment's lease moved to the front.
-
-        With one slice there is nothing to search. With several, each later slice pool is looked at:
-        as this process last wrote it when no other process of the node has written it since, else
-        read (a GET): the cost of never giving a repeated ADD a second address in an earlier slice
-        that has room again."""
-        from .allocator import find_owner
-
-        order = list(held)
-        if len(order) < 2:
-            return order
-        snap: list[PoolSnapshot | None] = [None]
-        for s in order[1:]:
-            name, sub = self._names(s)
-
-            def step(name: str = name, cidr: str = sub.cidr) -> bool:
-                try:
-                    snap[0] = engine.store.read_pool(name, cidr)
-                except PoolRetiredError:  # being returned: it holds no lease
-                    snap[0] = None
-                return True
-
-            remembered = self._remembered(engine, name, sub.cidr)
-            if remembered is not None:
-                snap[0] = remembered
-            else:
-                engine._retry(name, deadline, step)
-            found = snap[0]
-            if found is not None and find_owner(found.allocations, op.request) is not None:
-                order.remove(s)
-                return [s, *order]
-        return order
-
     def add(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
         if op.want is not None:
-            return self._add_wanted(engine, op, deadline)
+            wanted = op.spec.address_at(op.want)
+            pool = self._read(engine, deadline, refresh=True)
+            return self._fence.add_wanted(pool, wanted, lambda s: self._add_in(engine, op, s, deadline))
         pool = self._read(engine, deadline, refresh=False)
         tried: set[str] = set()  # not again in this ADD
         unusable: set[str] = set()  # full or being returned: not worth claiming again
@@ -656,9 +385,9 @@ class Slicer:
         while True:
             # the slice already holding this attachment's lease first, then the NodeSlicePool's order:
             # a repeated ADD gets its address back and never a second one in an earlier slice
-            held = self._owner_first(engine, op, pool.held_by(self.node), deadline)
+            held = owner_first(engine, pool.held_by(self.node), self._names, op.request, deadline)
             for s in [s for s in held if s not in tried]:
-                if shortcut and self._remembered_full(engine, op, s):
+                if shortcut and remembered_full(engine, *self._names(s), op.request):
                     # passing it costs nothing; a batch would re-read a full pool to be sure
                     tried.add(s)
                     unusable.add(s)
@@ -685,34 +414,6 @@ class Slicer:
                 )
             pool = self._claim(engine, deadline, unusable)
             tried -= set(pool.held_by(self.node)) - unusable
-
-    def _add_wanted(self, engine: Engine, op: AddOp, deadline: float) -> Assigned:
-        """A requested or static address: only in a slice this node holds, written in that slice's pool
-        as any lease of the node. One in another node's slice, or in a slice no node holds, is refused:
-        only the slice's holder writes its pool, so the address can never be given twice."""
-        assert op.want is not None
-        address = op.spec.address_at(op.want)
-        pool = self._read(engine, deadline, refresh=True)
-        for entry in pool.entries:
-            if address not in slice_spec(self.spec, entry.slice_range).network:
-                continue
-            if entry.node == self.node:
-                done = self._add_in(engine, op, entry.slice_range, deadline)
-                if not isinstance(done, str):
-                    return done
-                why = f"its slice {entry.slice_range} of this node cannot take a lease now ({done})"
-            elif entry.node:
-                why = f"it lies in slice {entry.slice_range} of node {entry.node}"
-            else:
-                why = f"it lies in slice {entry.slice_range}, which no node holds yet"
-            break
-        else:
-            why = f"it lies in no slice of NodeSlicePool {self.pool_name}"
-        raise CNIError(
-            errors.ADDRESS_TAKEN,
-            f"requested address {address} is not available on node {self.node}: {why}",
-            "with node_slice_size a requested address is given only on a node holding its slice",
-        )
 
     # -- DEL / GC / CHECK / STATUS --------------------------------------------------------------
 

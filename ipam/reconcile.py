@@ -367,7 +367,7 @@ class Reconciler:
         if not h.address:
             return
         try:
-            self.engine.unreserve_name(
+            self.engine.reservations.unreserve_name(
                 h.reservation, h.lease.id, h.lease.ifname, time.monotonic() + 30, quiet=False
             )
         except CNIError as exc:

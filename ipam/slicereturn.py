@@ -1,7 +1,7 @@
 """Giving node slices back: the reconciler's reclaim, and deleting a NodeSlicePool safely.
 
 A node answers a lease only after reading, once the lease is written, that the NodeSlicePool still
-gives it the slice (`nodeslices.Slicer._still_held`). So a slice may be freed only when no lease can
+gives it the slice (`slicefence.SliceFence.still_held`). So a slice may be freed only when no lease can
 be in its pool or land there, which the *retired* mark makes sure of: a conditional write of the slice
 pool (or a marked create when it is absent) made after reading that it holds no lease; a lease
 written in between makes the mark's write fail, and a retired pool refuses every later write. Only

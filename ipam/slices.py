@@ -11,13 +11,15 @@ for (S, N): `<N>-<S normalized>`, or `<network_name>-<N>-<S normalized>`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from netaddr import AddrFormatError, IPNetwork
 
+from . import errors
 from .bytecache import ByteLRU, deep_size
+from .errors import CNIError
 from .ranges import CACHE_BYTES, RangeConfigError, RangeSpec, pool_name, usable_bounds
 
 KEY = "ipam.node_slice_size"
@@ -187,6 +189,26 @@ def fresh(name: str, spec: RangeSpec, size_text: str, prefix: int, network_name:
 
 
 _FREE: ByteLRU[tuple[SliceEntry, ...]] = ByteLRU(CACHE_BYTES)
+
+
+def checked(
+    pool: NodeSlices | None, name: str, spec: RangeSpec, size_text: str, prefix: int, network_name: str
+) -> NodeSlices:
+    """The NodeSlicePool `name` as read (None: absent, a fresh one), refused when it cuts another range
+    or slice size than the config."""
+    if pool is None:
+        return fresh(name, spec, size_text, prefix, network_name)
+    if not matches(pool, spec, prefix):
+        raise CNIError(
+            errors.DATASTORE_ERROR,
+            f"NodeSlicePool {name} cuts range {pool.range} into {pool.slice_size} slices, "
+            f"but the config has range {spec.cidr} with node_slice_size {size_text}",
+            f"change the config back, or stop this network's pods and run `ipamctl delete-nodeslicepool "
+            f"{name}` (it refuses while a slice holds a lease)",
+        )
+    if not pool.entries:  # created with a status subresource, status not written yet
+        return replace(pool, entries=fresh(name, spec, size_text, prefix).entries)
+    return pool
 
 
 def _free_entries(cidr: str, prefix: int) -> tuple[SliceEntry, ...]:

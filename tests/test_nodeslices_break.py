@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ipam import nodeslices, reconcile
+from ipam import nodeslices, reconcile, slicestate
 from ipam.agent import Agent
 from ipam.ctl import main as ctl_main
 from ipam.store.kubernetes import KubernetesStore
@@ -193,9 +193,9 @@ def test_ipamctl_delete_nodeslicepool_during_an_add_in_flight_gives_no_address_t
         ran.append(_delete_nodeslicepool(real_kube))
         ran.append(direct(real_kube, "ADD", "b0", n2, forget=False)[1])
 
-    write = nodeslices.FencedStore.write_pool
+    write = slicestate.FencedStore.write_pool
 
-    def writing(self: nodeslices.FencedStore, snapshot: Any, allocations: Any) -> Any:
+    def writing(self: slicestate.FencedStore, snapshot: Any, allocations: Any) -> Any:
         if snapshot.name.startswith("n1-"):
             interleave("before-write")
         written = write(self, snapshot, allocations)
@@ -211,7 +211,7 @@ def test_ipamctl_delete_nodeslicepool_during_an_add_in_flight_gives_no_address_t
             interleave("after-check")
         return kept
 
-    monkeypatch.setattr(nodeslices.FencedStore, "write_pool", writing)
+    monkeypatch.setattr(slicestate.FencedStore, "write_pool", writing)
     monkeypatch.setattr(nodeslices.Slicer, "_still_held", checked)
     mine = direct(real_kube, "ADD", "a1", n1)[1]
     _, (code, out, err), theirs = ran

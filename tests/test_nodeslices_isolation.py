@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from ipam import nodeslices, slices
+from ipam import nodeslices, slices, slicestate
 from ipam.agent import Agent
 from ipam.cni import run
 from tests.kubeapi.real import RealKube
@@ -149,9 +149,9 @@ def test_direct_call_losing_its_slice_between_read_and_write_moves_on(
     assert direct(real_kube, "ADD", "a0", n1)[0] == 0
     assert direct(real_kube, "DEL", "a0", n1)[0] == 0
     theirs: list[dict[str, Any]] = []
-    write = nodeslices.FencedStore.write_pool
+    write = slicestate.FencedStore.write_pool
 
-    def interloper(self: nodeslices.FencedStore, snapshot: Any, allocations: Any) -> Any:
+    def interloper(self: slicestate.FencedStore, snapshot: Any, allocations: Any) -> Any:
         if snapshot.name.startswith("n1-") and not theirs:
             real_kube.request("DELETE", nsp_path(real_kube, "net1"))
             code, doc = direct(real_kube, "ADD", "b0", n2)
@@ -159,7 +159,7 @@ def test_direct_call_losing_its_slice_between_read_and_write_moves_on(
             theirs.append(doc)
         return write(self, snapshot, allocations)
 
-    monkeypatch.setattr(nodeslices.FencedStore, "write_pool", interloper)
+    monkeypatch.setattr(slicestate.FencedStore, "write_pool", interloper)
     out = io.StringIO()
     code = run(env(real_kube, "ADD", "a1"), json.dumps(n1).encode(), out)
     mine = json.loads(out.getvalue())
@@ -297,14 +297,14 @@ def test_two_networks_without_network_name_starting_together_never_share_an_addr
     net1 = conf(real_kube, tmp_path, "n1")
     net2 = conf(real_kube, tmp_path, "n2", name="net2")
     theirs: list[dict[str, Any]] = []
-    write = nodeslices.FencedStore.write_pool
+    write = slicestate.FencedStore.write_pool
 
-    def interloper(self: nodeslices.FencedStore, snapshot: Any, allocations: Any) -> Any:
+    def interloper(self: slicestate.FencedStore, snapshot: Any, allocations: Any) -> Any:
         if snapshot.name.startswith("n1-") and not theirs:
             theirs.append(direct(real_kube, "ADD", "b0", net2, forget=False)[1])
         return write(self, snapshot, allocations)
 
-    monkeypatch.setattr(nodeslices.FencedStore, "write_pool", interloper)
+    monkeypatch.setattr(slicestate.FencedStore, "write_pool", interloper)
     mine = direct(real_kube, "ADD", "a0", net1)[1]
     assert (mine.get("code"), theirs[0].get("code")) == (103, 103), (mine, theirs)
     for refused in (mine, theirs[0]):  # the hint says what happened: neither keeps the range

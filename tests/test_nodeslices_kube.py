@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ipam import nodeslices
+from ipam import nodeslices, slicestate
 from ipam.agent import Agent
 from ipam.cni import run
 from tests.kubeapi.fixtures import KubeHandle
@@ -196,7 +196,7 @@ def test_a_call_arriving_while_another_call_claims_uses_the_claimers_list(
     original_waiting = nodeslices._waiting
 
     def spy_waiting(lock: threading.Lock, engine: Any, deadline: float) -> AbstractContextManager[None]:
-        claims = [c for state in nodeslices._STATE.values() for c in state.claims.values()]
+        claims = [c for state in slicestate.STATE.values() for c in state.claims.values()]
         if threading.current_thread().name == "late" and any(lock is c for c in claims):
             waiting.set()
         return original_waiting(lock, engine, deadline)

@@ -3,7 +3,7 @@ slice pools so reclaim can fence ("retire") one before returning its slice.
 
 A store may also offer `node_slices_version(name) -> (uid, resourceVersion) | None`, the NodeSlicePool's
 identity as of now without its entries (the Kubernetes store: a GET of its metadata alone); the check
-after every lease write (`nodeslices.Slicer._still_held`) then reads the whole object only when it
+after every lease write (`slicefence.SliceFence.still_held`) then reads the whole object only when it
 changed. Without it the whole object is read."""
 
 from __future__ import annotations
