@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -43,7 +43,7 @@ from .errors import CNIError, ConflictError, TransientStoreError
 from .log import log
 from .printable import printable
 from .slicereturn import return_slices
-from .slices import RETIRED_ANNOTATION, NodeSlices
+from .slices import NodeSlices
 from .store.base import PoolSnapshot, StandingTurn, Store, Turn
 
 if TYPE_CHECKING:
@@ -67,14 +67,6 @@ STORE_ERRORS = (CNIError, TransientStoreError)
 # A writer turn (ipam.turns) is held for one read-modify-write, well under a second; one standing
 # this long was left by an agent that died holding it.
 ABANDONED_TURN_SECONDS = 60.0
-
-
-class CachedPools(Protocol):
-    """Pools as a watch cache holds them (token: the object without its leases), for writes without a GET."""
-
-    def latest(self, name: str) -> PoolSnapshot | None: ...
-    def wrote(self, snapshot: PoolSnapshot) -> None: ...
-    def reservation(self, name: str) -> Reservation | None: ...
 
 
 class Source(Protocol):
@@ -253,7 +245,6 @@ class Reconciler:
         self.grace = grace
         self.dry_run = dry_run
         self.out = out
-        self.cached_pools: CachedPools | None = None  # the controller's: release_leases writes from it
 
     def say(self, summary: Summary, line: str) -> None:
         line = printable(line)  # names, podrefs and holders read from the cluster
@@ -352,12 +343,7 @@ class Reconciler:
         return gone
 
     def release_leases(self, held: Sequence[audit.Holding], summary: Summary | None = None) -> list[int]:
-        """The pool write of `release_holdings`: these leases of one pool, each only if unchanged.
-
-        With `cached_pools` (the controller's watch cache), the pool is first written from its cached
-        copy, conditionally on the cached resourceVersion: no GET. The write succeeds only if the pool
-        is still exactly that copy, so each lease it removes is still exactly as judged; on a conflict
-        (a stale cache) it falls back to the read-modify-write below."""
+        """The pool write of `release_holdings`: these leases of one pool, each only if unchanged."""
         if not held:
             return []
         view = held[0].pool
@@ -368,11 +354,6 @@ class Reconciler:
             return {k: v for k, v in allocations.items() if k not in gone}, gone
 
         try:
-            if (
-                self.cached_pools is not None
-                and (done := self._release_cached(view.name, change, len(judged))) is not None
-            ):
-                return done
             return self.engine.mutate_pool(view.name, view.snapshot.cidr, change)
         except STORE_ERRORS as exc:
             if summary is None:
@@ -381,51 +362,11 @@ class Reconciler:
             self.say(summary, f"error releasing in pool {view.name}: {exc}")
             return []
 
-    def _release_cached(
-        self, name: str, change: Callable[[Allocations], tuple[Allocations, list[int]]], judged: int
-    ) -> list[int] | None:
-        """One conditional write of pool `name` from its cached copy; the offsets released, or None
-        when that copy cannot be used (absent, retired, not holding every judged lease as judged, or
-        stale: the server refused the write) and the pool must be read afresh."""
-        assert self.cached_pools is not None
-        cached = self.cached_pools.latest(name)
-        if cached is None or not cached.version or not isinstance(cached.token, dict):
-            return None
-        if RETIRED_ANNOTATION in ((cached.token.get("metadata") or {}).get("annotations") or {}):
-            return None  # the fresh read raises PoolRetiredError, as it always did
-        remaining, gone = change(cached.allocations)
-        if len(gone) != judged:  # the copy does not hold every lease as judged: read afresh
-            return None
-        try:
-            with self.store.pool_lock(name, 30.0):
-                written = self.store.write_pool(cached, remaining)
-        except ConflictError:
-            return None
-        if written is not None:
-            self.cached_pools.wrote(written)
-        return gone
-
-    def _unreserve_cached(self, h: audit.Holding) -> bool:
-        """Delete the lease's reservation as the watch cache holds it, conditionally on its cached
-        resourceVersion (no GET): only if it still names the lease's container. False when the cached
-        copy cannot be used (absent, another holder, or stale: refused) and it must be read afresh."""
-        assert self.cached_pools is not None
-        r = self.cached_pools.reservation(h.reservation)
-        if r is None or not r.version or not r.holder.held_by_container(h.lease.id, h.lease.ifname):
-            return False
-        try:
-            self.source.delete_reservation(r)
-        except ConflictError:
-            return False
-        return True
-
     def release_reservation(self, h: audit.Holding, summary: Summary | None = None) -> None:
         """The reservation of a lease just released (only if it still names that container)."""
         if not h.address:
             return
         try:
-            if self.cached_pools is not None and self._unreserve_cached(h):
-                return
             self.engine.reservations.unreserve_name(
                 h.reservation, h.lease.id, h.lease.ifname, time.monotonic() + 30, quiet=False
             )

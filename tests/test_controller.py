@@ -17,17 +17,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipam import audit
 from ipam.allocator import Request, parse_allocations
-from ipam.audit import Holding, Reservation
-from ipam.controller import cache
 from ipam.controller.leader import Elector, configure_client
 from ipam.controller.main import Controller
-from ipam.controller.reclaim import quiet_reconciler
 from ipam.ctl import main as ctl_main
 from ipam.engine import Engine, RetryPolicy
 from ipam.ranges import build_range
-from ipam.reconcile import KubeSource
 from ipam.store.kubeclient import ApiError as KubeApiError
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import ROOT, ApiError, RealKube, load_yaml
@@ -364,88 +359,5 @@ def test_the_controllers_identity_cannot_touch_other_leases(real_kube: RealKube)
             with pytest.raises(KubeApiError) as refused:
                 store.client.request(method, path, body)
             assert refused.value.status == 403, (method, path)
-    finally:
-        store.close()
-
-
-def test_a_release_writes_the_pool_from_the_watch_cache_and_a_stale_copy_only_costs_a_fresh_read(
-    real_kube: RealKube, engine: Engine, tmp_path: Path
-) -> None:
-    """The controller's release writes the pool from its cached copy with no GET, keeping the pool's
-    metadata; a copy the pool has moved past is refused by the conditional write and the release reads
-    afresh: the lease added since (a live pod's) stays, the judged one goes."""
-    api, ns = real_kube.api, real_kube.namespace
-    pods = {name: api.put_pod(ns, name) for name in ("gone", "live", "late", "other", "third")}
-    for name in ("gone", "live", "other", "third"):
-        add(engine, real_kube, pods[name])
-    path = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/ippools/{POOL}"
-    obj = real_kube.request("GET", path)
-    obj["metadata"].setdefault("annotations", {})["example.com/keep"] = "me"
-    obj = real_kube.request("PUT", path, obj)
-
-    store = KubernetesStore.connect(real_kube.identity_kubeconfig("controller"), str(tmp_path / "c"))
-    pools = cache.Pools(ns, lambda refs: None)
-    pools.replace([obj])
-    reconciler = quiet_reconciler(KubeSource(store), pools)
-    reads: list[str] = []
-    read_pool = store.read_pool
-
-    def counting(name: str, cidr: str) -> Any:
-        reads.append(name)
-        return read_pool(name, cidr)
-
-    store.read_pool = counting  # type: ignore[method-assign]
-
-    def held(podname: str) -> list[Holding]:
-        return [h for h in audit.holdings(pools.views()) if h.lease.podref == f"{ns}/{podname}"]
-
-    try:
-        # fresh copy: one conditional write, no read
-        released = held("gone")
-        assert reconciler.release_leases(released) == [h.offset for h in released]
-        assert reads == []
-        assert set(holders(real_kube)) == {"live", "other", "third"}
-        now = real_kube.request("GET", path)
-        assert now["metadata"]["annotations"]["example.com/keep"] == "me"
-        assert now["spec"]["range"] == obj["spec"]["range"]
-
-        # the answer to our own write is the newest copy (the watch has not shown it here): no read
-        released += held("other")
-        assert reconciler.release_leases(held("other")) == [h.offset for h in held("other")]
-        assert reads == []
-        assert set(holders(real_kube)) == {"live", "third"}
-
-        # reservations: deleted from the cached copy (no GET); a stale copy is refused, then read afresh
-        gets: list[str] = []
-        get_reservation = store._get_reservation
-
-        def counting_get(name: str) -> Any:
-            gets.append(name)
-            return get_reservation(name)
-
-        store._get_reservation = counting_get  # type: ignore[method-assign]
-        listed = {
-            o["metadata"]["name"]: o for o in real_kube.api.objects("overlappingrangeipreservations", ns)
-        }
-        pools.reservations = {n: Reservation.from_object(o) for n, o in listed.items()}
-        stale = next(n for n, r in pools.reservations.items() if r.holder.podref == f"{ns}/other")
-        real_kube.request(
-            "PUT",
-            f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/overlappingrangeipreservations/{stale}",
-            {**listed[stale], "metadata": {**listed[stale]["metadata"], "labels": {"touched": "yes"}}},
-        )  # a new resourceVersion, same holder: the cached copy is stale
-        for h in released:
-            reconciler.release_reservation(h)
-        assert gets == [stale]
-        assert {r["spec"]["podref"] for r in reservations(real_kube).values()} == {
-            f"{ns}/live",
-            f"{ns}/third",
-        }
-
-        add(engine, real_kube, pods["late"])  # the pool moves on: every copy here is stale now
-        third = held("third")
-        assert reconciler.release_leases(third) == [h.offset for h in third]
-        assert reads == [POOL]  # refused on the stale copy, then read afresh
-        assert set(holders(real_kube)) == {"live", "late"}
     finally:
         store.close()

@@ -164,23 +164,6 @@ class Nodes:
             return dict(self.nodes) if self.synced else None
 
 
-def lean(obj: dict[str, Any]) -> dict[str, Any]:
-    """An IPPool without its leases and managedFields: what a write from the cache keeps of it besides
-    the leases (labels, annotations, owners, the rest of its spec)."""
-    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
-    spec = {k: v for k, v in (obj.get("spec") or {}).items() if k != "allocations"}
-    return {**obj, "metadata": meta, "spec": spec}
-
-
-def _newer(a: str | None, b: str | None) -> bool:
-    """Whether resourceVersion `a` is later than `b`. Only picks which copy to try first: the write
-    stays conditional, so a wrong pick costs a refused write and a fresh read, never a wrong release."""
-    try:
-        return int(a or "") > int(b or "")
-    except ValueError:
-        return False
-
-
 class Pools:
     """IPPools, NodeSlicePools and reservations in the controller's namespace, and an index
     podref -> names of the pools holding its leases."""
@@ -192,7 +175,6 @@ class Pools:
         self.pools: dict[str, PoolSnapshot] = {}
         self.slice_pools: dict[str, SlicePool] = {}
         self.reservations: dict[str, Reservation] = {}
-        self.written: dict[str, PoolSnapshot] = {}  # pool -> as our last write of it left it
         self.by_pod: dict[str, dict[str, frozenset[str]]] = {}  # podref -> {pool: its leases' poduids}
         self.generation = 0  # bumped on every change: the metrics' computed figures are reused until then
 
@@ -205,11 +187,7 @@ class Pools:
             log.warning("controller.pool.unreadable", pool=name, error=str(exc))
             return None
         return PoolSnapshot(
-            name,
-            str(spec.get("range", "")),
-            allocations,
-            str(meta.get("resourceVersion", "")),
-            token=lean(obj),
+            name, str(spec.get("range", "")), allocations, str(meta.get("resourceVersion", ""))
         )
 
     def _set_pool(self, name: str, snapshot: PoolSnapshot | None) -> set[str]:
@@ -256,27 +234,6 @@ class Pools:
         with self.lock:
             refs = self._set_pool(name, None if kind == "DELETED" else self._snapshot(obj))
         self.notify(refs)  # a new lease of a pod the pod cache does not know: looked at
-
-    def latest(self, name: str) -> PoolSnapshot | None:
-        """The newest copy of pool `name` known here: the watch's, or the answer to our own last write
-        of it when the watch has not shown that write yet (the release's write without a GET)."""
-        with self.lock:
-            seen, ours = self.pools.get(name), self.written.get(name)
-        if seen is None or ours is None:
-            return seen
-        return ours if _newer(ours.version, seen.version) else seen
-
-    def wrote(self, snapshot: PoolSnapshot) -> None:
-        token = snapshot.token if isinstance(snapshot.token, dict) else {}
-        kept = PoolSnapshot(
-            snapshot.name, snapshot.cidr, snapshot.allocations, snapshot.version, token=lean(token)
-        )
-        with self.lock:
-            self.written[snapshot.name] = kept
-
-    def reservation(self, name: str) -> Reservation | None:
-        with self.lock:
-            return self.reservations.get(name)
 
     def holding(self, ref: str) -> list[str]:
         with self.lock:

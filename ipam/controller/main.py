@@ -79,7 +79,7 @@ class Controller:
             self.nodes,
             self.pools,
             self.get_pod,
-            quiet_reconciler(KubeSource(store), self.pools),
+            quiet_reconciler(KubeSource(store)),
             leading,
             not_ready_after,
             self._released,

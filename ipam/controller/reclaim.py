@@ -260,9 +260,6 @@ class _Discard(io.StringIO):
         return len(text)
 
 
-def quiet_reconciler(source: Any, cached: Pools | None = None) -> Reconciler:
-    """`ipam-reconcile`'s Reconciler, used only for its release path (errors are counted and logged
-    here); with `cached`, its pool writes start from the watch cache's copy (no GET)."""
-    reconciler = Reconciler(source, grace=0.0, dry_run=False, out=_Discard())
-    reconciler.cached_pools = cached
-    return reconciler
+def quiet_reconciler(source: Any) -> Reconciler:
+    """`ipam-reconcile`'s Reconciler, used only for its release path (errors are counted and logged here)."""
+    return Reconciler(source, grace=0.0, dry_run=False, out=_Discard())
