@@ -17,15 +17,13 @@ from typing import Any
 import pytest
 
 from ipam import webhook_certs as certs
-from tests.kubeapi.real import RealKube, free_port, load_yaml, rebase_rbac
+from tests.kubeapi.real import RealKube, free_port
 from tests.test_webhook import GOOD, at_add, nad_config
 from tests.test_webhook_real import (
     DENIED,
-    NAD_CRD,
-    WEBHOOK_YAML,
     _refuses,
     as_test_config,
-    install_crds,
+    install_webhook_setup,
     message,
     poll,
     refused,
@@ -51,17 +49,8 @@ def create_nad(kube: RealKube, name: str, config: dict[str, Any], dry_run: bool 
 def webhook_rbac(real_kube: RealKube) -> Iterator[str]:
     """deploy/base/webhook.yaml's Secret and RBAC in the test's namespace, and its configuration
     pointed at 127.0.0.1:<port>; yields the port."""
-    install_crds(real_kube, NAD_CRD)
     ns = real_kube.namespace
-    docs = load_yaml(WEBHOOK_YAML)
-    (shipped,) = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
-    config = f"whereabouts-py-{ns}"
-    setup, _ = rebase_rbac([d for d in docs if d is not shipped], ns, ns, real_kube.cluster)
-    for doc in setup:
-        for rule in doc.get("rules", []):
-            if rule.get("resourceNames") == ["whereabouts-py"]:
-                rule["resourceNames"] = [config]
-    real_kube.cluster.apply(setup)
+    shipped, config = install_webhook_setup(real_kube)
     real_kube.apply_rbac()  # deploy/base/rbac.yaml: the controller's ServiceAccount
     port = free_port()
     real_kube.request("POST", CONFIGS, as_test_config(shipped, ns, port))

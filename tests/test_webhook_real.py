@@ -106,8 +106,10 @@ def message(exc: ApiError) -> str:
     return str(exc.body.get("message")) if isinstance(exc.body, dict) else str(exc.body)
 
 
-@pytest.fixture
-def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
+def install_webhook_setup(real_kube: RealKube) -> tuple[dict[str, Any], str]:
+    """The NAD CRD, and deploy/base/webhook.yaml's Secret and RBAC in the test's namespace with its
+    rights renamed to the test's own configuration; returns the shipped configuration (not created)
+    and that configuration's name."""
     install_crds(real_kube, NAD_CRD)
     ns = real_kube.namespace
     docs = load_yaml(WEBHOOK_YAML)
@@ -119,6 +121,13 @@ def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
             if rule.get("resourceNames") == ["whereabouts-py"]:
                 rule["resourceNames"] = [config]
     real_kube.cluster.apply(setup)
+    return shipped, config
+
+
+@pytest.fixture
+def registered(real_kube: RealKube, tmp_path: Path) -> Iterator[Registered]:
+    ns = real_kube.namespace
+    shipped, config = install_webhook_setup(real_kube)
     assert real_kube.apply_rbac()["controller"] == CONTROLLER_SA  # deploy/base/rbac.yaml makes the account
     controller = KubeClient(load_kubeconfig(real_kube.token_kubeconfig(CONTROLLER_SA, ns)))
 
