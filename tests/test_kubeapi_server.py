@@ -23,7 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tests.kubeapi.fixtures import KubeHandle
-from tests.kubeapi.schema import crd_documents, prune, structural_errors, without_fields
+from tests.kubeapi.schema import crd_documents, prune, structural_errors, whereabouts_crds
 
 GROUP, VERSION, NS = "whereabouts.cni.cncf.io", "v1alpha1", "kube-system"
 POOLS = "ippools"
@@ -512,7 +512,7 @@ def test_prune_honours_maps_preserved_subtrees_and_nulls() -> None:
 def test_whereabouts_crd_applied_over_ours_prunes_our_fields(
     kube: KubeHandle, crs: client.CustomObjectsApi
 ) -> None:
-    kube.api.use_crds(without_fields())
+    kube.api.use_crds(whereabouts_crds(others_too=True))
     made = create_pool(
         crs,
         "p",
