@@ -12,13 +12,14 @@
 #   make image      the OCI image from Debian's packages and pinned wheels (root, mmdebstrap): dist/
 #   make image-check  build the image twice, uncached, and fail unless both digests agree
 #   make bench-controller  ipam-controller at 10k pods / 20k leases: release latency, memory, reconcile pass
+#   make bench-poolwrite  the API server's CPU per IPPool PUT, previous per-lease CRD schema vs today's opaque one
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo lint test test-deps test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-controller bench-image charts image image-check clean
+.PHONY: venv bytecode demo lint test test-deps test-ipvlan test-apiserver test-fast bench bench-startup bench-slices bench-controller bench-poolwrite bench-image charts image image-check clean
 
 venv: $(STAMP)
 
@@ -89,6 +90,9 @@ image-check: venv
 
 bench-controller: bytecode
 	$(BIN)/python -m bench.controller
+
+bench-poolwrite: bytecode
+	$(BIN)/python -m bench.poolwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

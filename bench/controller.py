@@ -25,24 +25,23 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import publish, start_cluster  # noqa: E402
 from ipam.allocator import Lease, dump_allocations, parse_allocations  # noqa: E402
 from ipam.ranges import pool_name, reservation_name  # noqa: E402
 from ipam.reconcile import main as reconcile_main  # noqa: E402
 from ipam.slices import NodeSlices, SliceEntry  # noqa: E402
 from ipam.store.kubeclient import KubeClient, load_kubeconfig  # noqa: E402
 from ipam.store.kubernetes import KubernetesStore  # noqa: E402
-from tests.kubeapi.real import RealCluster, assets_dir, free_port  # noqa: E402
+from tests.kubeapi.real import free_port  # noqa: E402
 
 NS = "whereabouts"
 NETWORK = "storage"
@@ -273,11 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="pod deletions a second")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args(argv)
-    assets = assets_dir()
-    if assets is None:
-        sys.exit("bench.controller: KUBEBUILDER_ASSETS is unset")
-    work = Path(tempfile.mkdtemp(prefix="bench-controller-"))
-    cluster = RealCluster(assets, work).start()
+    cluster = start_cluster("bench.controller")
+    work = cluster.work
     controller: subprocess.Popen[bytes] | None = None
     rows: list[tuple[str, str, str, str]] = []
     try:
@@ -436,23 +432,14 @@ def main(argv: list[str] | None = None) -> int:
             controller.wait(timeout=20)
         cluster.stop()
 
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     load = os.getloadavg()[0]
-    text = [
-        f"\n## {stamp} — ipam-controller at {args.pods} pods, {2 * args.pods} leases, {POOLS} slice pools (`make bench-controller`, {commit})\n",
-        f"Server: real kube-apiserver + etcd from $KUBEBUILDER_ASSETS; load average at the end {load:.1f} (the machine is shared).\n",
-        "| figure | value | x reference | same-run reference |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
-        "",
-    ]
-    report = "\n".join(text)
-    print(report)
-    with open(args.results, "a", encoding="utf-8") as fh:
-        fh.write(report)
+    publish(
+        args.results,
+        f"ipam-controller at {args.pods} pods, {2 * args.pods} leases, {POOLS} slice pools",
+        "bench-controller",
+        f"Server: real kube-apiserver + etcd from $KUBEBUILDER_ASSETS; load average at the end {load:.1f} (the machine is shared).",
+        rows,
+    )
     return 0
 
 

@@ -11,12 +11,35 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .errors import shown
 from .ranges import RangeSpec
 
 # `kind`, `retained`, `sticky`, `until`: requested / static / retained leases
 # (docs/requested-and-sticky-addresses.md); Whereabouts reads such a lease as an ordinary one.
 _EXTRAS = ("node", "poduid", "created", "network", "token", "kind", "retained", "sticky", "until")
 _KNOWN_FIELDS = ("id", "podref", "ifname", "attrs", *_EXTRAS)
+# A lease's text fields and the most characters each may hold. The API server checks nothing inside
+# `spec.allocations` (our CRD leaves it opaque: see crds/), so the reader does, with the bounds the CRD
+# used to declare per field: a value of another JSON type, or a longer one, makes the pool unreadable
+# (code 101) instead of reaching a pod lookup, a log line or a reservation. `attrs` that is not a
+# string is ignored instead (`_parse_attrs`). ADD never writes more (cni.py checks CNI_ARGS' pod).
+LEASE_FIELD_LIMITS: dict[str, int] = {
+    "id": 256,
+    "podref": 320,  # a 63-character namespace, '/', a 253-character pod name
+    "ifname": 64,
+    "ipamclaimref": 320,  # Whereabouts' field: checked, then kept as written
+    "attrs": 4096,
+    # the extras: packed in attrs, or separate fields in leases of the previous version
+    "node": 253,
+    "poduid": 128,
+    "created": 64,
+    "network": 1024,
+    "token": 256,
+    "kind": 64,
+    "retained": 64,
+    "sticky": 64,
+    "until": 64,
+}
 _ESCAPES = (("%", "%25"), (";", "%3B"), ("=", "%3D"))  # `%` first: it escapes the others
 
 
@@ -46,8 +69,8 @@ def _unescape(text: str) -> str:
 def _parse_attrs(raw: Any) -> tuple[dict[str, str], tuple[str, ...]]:
     """`attrs` text -> (our extras found in it, the other entries exactly as written).
 
-    Never raises: a value that is not a string is ignored (our CRD declares a string, so only a file
-    pool or a foreign writer can hold one), an empty entry is dropped, and an entry we do not own
+    Never raises: a value that is not a string is ignored (only a foreign writer or a hand edit makes
+    one: the API server checks nothing inside a lease), an empty entry is dropped, and an entry we do not own
     (another key, a repeated key of ours, text without `=`) is kept verbatim to be written back; a
     repeated key of ours only while that extra has a value (`_shadowed`).
     """
@@ -64,6 +87,35 @@ def _parse_attrs(raw: Any) -> tuple[dict[str, str], tuple[str, ...]]:
         else:
             others.append(entry)
     return ours, tuple(others)
+
+
+def json_type(value: Any) -> str:
+    """`value`'s JSON type with its article, for an error message (never the value: it may be huge)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    names = ((str, "a string"), (Mapping, "an object"), (list, "an array"))
+    return next((name for kind, name in names if isinstance(value, kind)), f"a {type(value).__name__}")
+
+
+def _check_fields(data: Any) -> None:
+    """ValueError unless `data` is an object whose text fields are strings (or null: absent) within
+    LEASE_FIELD_LIMITS; `attrs` of another type is left to `_parse_attrs`, which ignores it."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"the lease is {json_type(data)}, not an object")
+    for key, value in data.items():
+        limit = LEASE_FIELD_LIMITS.get(key)
+        if limit is None or value is None:
+            continue
+        if not isinstance(value, str):
+            if key == "attrs":
+                continue
+            raise ValueError(f"lease field {key!r} is {json_type(value)}, not a string")
+        if len(value) > limit:
+            raise ValueError(f"lease field {key!r} is {len(value)} characters long, more than {limit}")
 
 
 def _shadowed(entries: tuple[str, ...], values: Mapping[str, str]) -> tuple[str, ...]:
@@ -168,11 +220,15 @@ class Lease:
         (this one never writes them, and drops them on a rewrite): that version kept our `attrs` as an
         unknown field but did not read it, so the separate fields are its newer word on all five extras
         and a stale `attrs` value (the old pod's UID, the creator's token) must not come back.
+
+        A field missing or null reads as empty: a lease without `id` or `podref` (the API server no
+        longer requires them, so only a foreign writer or a hand edit makes one) still holds its address
+        and matches no call. ValueError when `data` is not an object, or a text field is of another
+        type or longer than LEASE_FIELD_LIMITS allows.
         """
-        if not isinstance(data, Mapping) or not isinstance(data.get("id", ""), str):
-            raise ValueError(f"lease is not an object with a string 'id': {data!r}")
+        _check_fields(data)
         packed, others = _parse_attrs(data.get("attrs"))
-        values = {k: str(data.get(k) or "") for k in ("id", "podref", "ifname", *_EXTRAS)}
+        values = {k: data.get(k) or "" for k in ("id", "podref", "ifname", *_EXTRAS)}
         if not any(values[k] for k in _EXTRAS):
             values.update({k: packed.get(k, "") for k in _EXTRAS})
         extra = {k: v for k, v in data.items() if k not in _KNOWN_FIELDS}
@@ -188,13 +244,18 @@ CONFIRMED = "~"  # prefixes the token of a lease another call confirmed (no crea
 
 def parse_allocations(raw: Mapping[str, Any]) -> Allocations:
     """Decode `spec.allocations`; raises ValueError on anything that is not offset -> lease."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"allocations is {json_type(raw)}, not an object")
     out: Allocations = {}
     for key, value in raw.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise ValueError(f"allocation key {key!r} is not a decimal offset")
+            raise ValueError(f"allocation key {shown(key)} is not a decimal offset")
         if int(key) in out:
-            raise ValueError(f"allocation key {key!r} repeats offset {int(key)}")
-        out[int(key)] = Lease.from_json(value)
+            raise ValueError(f"allocation key {shown(key)} repeats offset {int(key)}")
+        try:
+            out[int(key)] = Lease.from_json(value)
+        except ValueError as exc:
+            raise ValueError(f"allocation {key}: {exc}") from None
     return out
 
 

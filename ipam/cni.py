@@ -164,17 +164,28 @@ def _require_version(cfg: Config, command: str, minimum: tuple[int, ...]) -> Non
 
 
 def cmd_add(cfg: Config, env: Mapping[str, str], engines: EngineSource) -> dict[str, Any]:
-    from .allocator import Request
+    from .allocator import LEASE_FIELD_LIMITS, Request
     from .requested import requested_wants, static_wants, statics
 
     container_id, ifname = container_identity(env, need_netns=True)
     args = parse_cni_args(env.get("CNI_ARGS", ""))
     ns, pod = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
+    podref, poduid = f"{ns}/{pod}" if ns and pod else "", args.get("K8S_POD_UID", "")
+    # the lease's bounds, which only the plugin's reader checks (the API server keeps leases as written)
+    for what, value, field in (
+        ("K8S_POD_NAMESPACE/K8S_POD_NAME", podref, "podref"),
+        ("K8S_POD_UID", poduid, "poduid"),
+    ):
+        if len(value) > LEASE_FIELD_LIMITS[field]:
+            raise CNIError(
+                errors.INVALID_ENV,
+                f"invalid CNI_ARGS: {what} is {len(value)} characters long, more than {LEASE_FIELD_LIMITS[field]}",
+            )
     request = Request(
         container_id=container_id,
         ifname=ifname,
-        podref=f"{ns}/{pod}" if ns and pod else "",
-        poduid=args.get("K8S_POD_UID", ""),
+        podref=podref,
+        poduid=poduid,
         node=node_name(cfg),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )

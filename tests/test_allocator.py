@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from netaddr import IPAddress
 
 from ipam.allocator import (
+    LEASE_FIELD_LIMITS,
     Allocations,
     Lease,
     Request,
@@ -582,6 +583,65 @@ def test_extra_fields_survive_an_allocation() -> None:
 def test_parse_allocations_rejects(raw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         parse_allocations(raw)
+
+
+HUGE = "x" * (1 << 20)  # the API server keeps a lease as written, up to the object's ~1.5 MiB
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"1": None}, "allocation 1: the lease is null, not an object"),
+        ({"1": 7}, "allocation 1: the lease is a number, not an object"),
+        ({"1": ["c1", "ns/p"]}, "allocation 1: the lease is an array, not an object"),
+        ({"1": HUGE}, "allocation 1: the lease is a string, not an object"),
+        ({"2": {"id": "c", "podref": 5}}, "allocation 2: lease field 'podref' is a number, not a string"),
+        ({"2": {"id": "c", "podref": ["ns/p"]}}, "lease field 'podref' is an array, not a string"),
+        ({"2": {"id": True, "podref": "ns/p"}}, "lease field 'id' is a boolean, not a string"),
+        ({"2": {"id": "c", "node": {"n": 1}}}, "lease field 'node' is an object, not a string"),
+        ({"2": {"id": "c", "ipamclaimref": 1.5}}, "lease field 'ipamclaimref' is a number, not a string"),
+        (
+            {"3": {"id": "c", "podref": HUGE}},
+            f"lease field 'podref' is {len(HUGE)} characters long, more than 320",
+        ),
+        ({"3": {"id": HUGE, "podref": "ns/p"}}, "lease field 'id' is 1048576 characters long, more than 256"),
+        ({"3": {"id": "c", "attrs": HUGE}}, "lease field 'attrs' is 1048576 characters long, more than 4096"),
+        ({"3": {"id": "c", "token": "t" * 257}}, "lease field 'token' is 257 characters long, more than 256"),
+        ({HUGE: {"id": "c"}}, "is not a decimal offset"),
+    ],
+)
+def test_a_malformed_lease_is_a_short_clear_error(raw: dict[str, object], message: str) -> None:
+    """The API server validates nothing inside `spec.allocations` (our CRD keeps it opaque): the reader
+    refuses a lease that is not an object, a text field of another JSON type, or one longer than the
+    bound the CRD used to declare, naming the offset and the field, never echoing the value."""
+    with pytest.raises(ValueError) as info:
+        parse_allocations(raw)
+    assert message in str(info.value) and len(str(info.value)) < 400
+
+
+def test_allocations_that_are_not_an_object_are_refused() -> None:
+    for raw in ([], [{"id": "c"}], "x", 7):
+        with pytest.raises(ValueError, match=r"allocations is .*, not an object"):
+            parse_allocations(raw)
+
+
+def test_a_lease_at_every_bound_is_read() -> None:
+    raw = {k: "x" * n for k, n in LEASE_FIELD_LIMITS.items() if k != "attrs"}
+    lease = Lease.from_json(raw)
+    assert (lease.id, lease.podref, lease.network) == ("x" * 256, "x" * 320, "x" * 1024)
+    assert lease.extra == {"ipamclaimref": "x" * 320}
+    assert Lease.from_json({"id": "c", "attrs": "node=" + "n" * 4091}).node == "n" * 4091
+
+
+def test_missing_or_null_fields_read_as_empty_and_the_lease_still_holds_its_address() -> None:
+    """Only a foreign writer makes such a lease now that the API server requires nothing in it: the
+    address stays taken, no call matches it, and unknown fields (nulls too) are written back as they are."""
+    leases = parse_allocations({"1": {}, "2": {"id": None, "podref": None, "ifname": None, "x": None}})
+    assert leases[1] == leases[2] == Lease("")
+    assert leases[2].to_json() == {"x": None, "id": "", "podref": ""}
+    d = allocate(spec_of("10.0.0.0/29"), leases, req(3))
+    assert d is not None and d.offset == 3 and {1, 2} <= set(d.allocations)
+    assert not leases[1].owned_by("ns/p", "net1", "c") and not leases[1].held_by_container("c", "net1")
 
 
 def test_retained_lease_survives_gc_and_only_its_pod_name_takes_it_back() -> None:

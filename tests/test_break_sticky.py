@@ -81,24 +81,11 @@ def test_static_address_under_a_whereabouts_crd_is_not_taken_as_the_pods_range_a
     then finds it as the attachment's lease (`find_owner`) and gives the static address twice (no
     address of the range), and a repeated ADD is refused (104) naming the pod itself. The Python API
     server: the shared real API server cannot have its IPPool CRD swapped under the other tests."""
-    import yaml
-
     from tests.cni_exec import cni_env, run
-    from tests.kubeapi.schema import OUR_EXTRA_FIELDS
+    from tests.kubeapi.schema import whereabouts_crds
     from tests.test_kubernetes_cni import netconf as kube_netconf
 
-    crd = yaml.safe_load(
-        (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
-    )
-    item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
-        "allocations"
-    ]
-    for extra in OUR_EXTRA_FIELDS:
-        del item["additionalProperties"]["properties"][extra]
-    foreign = tmp_path / "whereabouts-ippools.yaml"
-    foreign.write_text(yaml.safe_dump(crd))
-    others = sorted(p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name)
-    kube.api.use_crds([foreign, *others])
+    kube.api.use_crds(whereabouts_crds())
     conf = kube_netconf(kube, tmp_path, {"range": "10.57.0.0/24", "addresses": [{"address": "10.57.0.9/24"}]})
     first = run(conf, cni_env("ADD", "p1"))
     assert first.code == 0, first.stdout

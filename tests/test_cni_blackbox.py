@@ -367,6 +367,9 @@ def test_missing_env_is_code_4(plugin: Plugin, command: str, drop: str, named: s
         ({"CNI_CONTAINERID": "../../etc"}, "../../etc"),
         ({"CNI_IFNAME": "a/b"}, "a/b"),
         ({"CNI_IFNAME": "x" * 16}, "x" * 16),
+        # bounded as a lease's podref and poduid are (the pool's reader refuses longer ones)
+        ({"CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME={'p' * 318}"}, "K8S_POD_NAME is 321 characters"),
+        ({"CNI_ARGS": f"K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;K8S_POD_UID={'u' * 129}"}, "K8S_POD_UID is 129"),
     ],
 )
 def test_invalid_env_is_code_4(plugin: Plugin, extra: dict[str, str], named: str) -> None:
@@ -445,6 +448,9 @@ def test_exhausted_second_range_rolls_back_the_first(plugin: Plugin) -> None:
         (b'{"spec": {"allocations": {"1": {"id": "c1"', "ADD"),  # torn write
         (b'{"spec": {"allocations": {"x": {}}}}', "ADD"),  # parses, but not a pool
         (b'{"spec": {"allocations": {"1": {"id": "c1"', "DEL"),
+        (b'{"spec": {"allocations": {"1": {"id": "c1", "podref": 5}}}}', "ADD"),  # a lease field's type
+        (b'{"spec": {"allocations": {"1": ["c1", "ns/p1"]}}}', "DEL"),
+        (b'{"spec": {"allocations": [{"id": "c1"}]}}', "ADD"),
     ],
 )
 def test_corrupt_pool_file_is_code_101_and_left_untouched(

@@ -1,6 +1,7 @@
 """Object sizes and counts a node's token can put into etcd (issue 22, item 9), on the real API server:
-the CRDs bound every string and map, objects as Whereabouts and whereabouts-py write them still pass,
-and deploy's ResourceQuota caps how many objects the pools' namespace holds."""
+the CRDs bound every string and map (but inside an IPPool's leases, which the plugin's reader bounds,
+and whose total the object's size limit bounds), objects as Whereabouts and whereabouts-py write them
+still pass, and deploy's ResourceQuota caps how many objects the pools' namespace holds."""
 
 from __future__ import annotations
 
@@ -63,11 +64,26 @@ def test_a_turn_lasting_past_an_hour_is_refused(real_kube: RealKube) -> None:
 
 
 @pytest.mark.apiserver
-@pytest.mark.parametrize(("field", "size"), [("id", 257), ("podref", 321), ("ifname", 65), ("attrs", 4097),
-                                             ("node", 254), ("network", 1025), ("token", 257)])  # fmt: skip
-def test_an_oversize_lease_field_is_refused(real_kube: RealKube, field: str, size: int) -> None:
-    lease = {"id": "c1", "podref": "ns/p", field: "x" * size}
-    refused(real_kube, "ippools", pool("big", {"1": lease}), f"spec.allocations.1.{field}")
+@pytest.mark.parametrize(("field", "value"), [("id", "x" * 257), ("podref", "x" * 321), ("ifname", "x" * 65),
+                                              ("attrs", "x" * 4097), ("node", "x" * 254), ("network", "x" * 1025),
+                                              ("token", "x" * 257), ("podref", 5), ("podref", ["ns/p"])])  # fmt: skip
+def test_an_oversize_or_mistyped_lease_field_is_stored_and_the_pool_refused_by_the_plugin(
+    real_kube: RealKube, tmp_path: Path, field: str, value: Any
+) -> None:
+    """The API server keeps leases as written (the IPPool CRD's `allocations` is opaque, so that a pool
+    write costs it half the CPU): the bound moved to the plugin's reader, which refuses the pool
+    (code 101) naming the lease and the field, and ADD never writes such a lease (test_cni_blackbox)."""
+    lease = {"id": "c1", "podref": "ns/p", field: value}
+    assert (
+        create(real_kube, "ippools", pool("10.46.0.0-24", {"1": lease}))["spec"]["allocations"]["1"] == lease
+    )
+    store = KubernetesStore.connect(real_kube.kubeconfig_path, str(tmp_path / "locks"))
+    try:
+        with pytest.raises(CNIError) as info:
+            store.read_pool("10.46.0.0-24", "10.46.0.0/24")
+    finally:
+        store.close()
+    assert info.value.code == 101 and f"allocation 1: lease field '{field}'" in info.value.details
 
 
 @pytest.mark.apiserver

@@ -22,8 +22,8 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tests.kubeapi.fixtures import KubeHandle
-from tests.kubeapi.schema import crd_documents, prune, structural_errors, without_fields
+from tests.kubeapi.fixtures import K8s, KubeHandle
+from tests.kubeapi.schema import crd_documents, prune, structural_errors, whereabouts_crds
 
 GROUP, VERSION, NS = "whereabouts.cni.cncf.io", "v1alpha1", "kube-system"
 POOLS = "ippools"
@@ -96,12 +96,27 @@ def test_crds_declare_whereabouts_fields_and_ours() -> None:
     assert set(schemas) == {"IPPool", "OverlappingRangeIPReservation", "NodeSlicePool", "WriterTurn"}
     spec = schemas["IPPool"]["properties"]["spec"]
     assert set(spec["required"]) == {"range", "allocations"}
-    entry = spec["properties"]["allocations"]["additionalProperties"]
-    assert set(entry["required"]) == {"id", "podref"}
-    assert {"id", "podref", "ifname", "ipamclaimref", "attrs"} <= set(entry["properties"])
-    assert entry["properties"]["attrs"]["type"] == "string" and entry["properties"]["attrs"]["description"]
-    # the previous version's separate fields stay declared: its leases must not be pruned
-    assert {"node", "poduid", "created", "network", "token"} <= set(entry["properties"])
+    # opaque to the API server: an object of at most 16,384 leases, one managedFields entry, each lease
+    # kept as written (no schema per lease to prune, default or validate: a write costs half the CPU)
+    allocations = spec["properties"]["allocations"]
+    assert allocations["type"] == "object" and allocations["maxProperties"] == 16384
+    assert allocations["x-kubernetes-map-type"] == "atomic"
+    assert allocations["x-kubernetes-preserve-unknown-fields"] is True
+    assert "additionalProperties" not in allocations and "properties" not in allocations
+    # the lease fields are described instead, the previous version's separate ones too
+    words = set(re.findall(r"[a-z]+", allocations["description"]))
+    assert {
+        "id",
+        "podref",
+        "ifname",
+        "ipamclaimref",
+        "attrs",
+        "node",
+        "poduid",
+        "created",
+        "network",
+        "token",
+    } <= words
     reservation = schemas["OverlappingRangeIPReservation"]["properties"]["spec"]
     assert reservation["required"] == ["podref"]
     assert {"containerid", "podref", "ifname", "ipamclaimref", "node", "created"} <= set(
@@ -409,8 +424,8 @@ def test_strategic_merge_patch_is_415_for_custom_resources(crs: client.CustomObj
 
 
 def test_schema_violations_are_422_invalid_with_causes(crs: client.CustomObjectsApi) -> None:
-    bad = pool("p", allocations={"1": {"podref": "apps/web-0"}})
-    del bad["spec"]["range"]
+    bad = pool("p")
+    del bad["spec"]["range"], bad["spec"]["allocations"]
     with pytest.raises(ApiException) as info:
         crs.create_namespaced_custom_object(GROUP, VERSION, NS, POOLS, bad)
     assert info.value.status == 422
@@ -419,7 +434,7 @@ def test_schema_violations_are_422_invalid_with_causes(crs: client.CustomObjects
     assert body["details"]["kind"] == "IPPool" and body["details"]["group"] == GROUP
     assert {(c["reason"], c["field"]) for c in body["details"]["causes"]} == {
         ("FieldValueRequired", "spec.range"),
-        ("FieldValueRequired", "spec.allocations[1].id"),
+        ("FieldValueRequired", "spec.allocations"),
     }
     assert body["message"].startswith('IPPool.whereabouts.cni.cncf.io "p" is invalid: [')
 
@@ -448,12 +463,15 @@ def test_names_must_be_rfc1123_subdomains(crs: client.CustomObjectsApi) -> None:
 # -- pruning ------------------------------------------------------------------------------------------
 
 
-def test_undeclared_fields_are_pruned_declared_ones_kept(crs: client.CustomObjectsApi) -> None:
+def test_undeclared_fields_are_pruned_declared_ones_and_leases_kept(crs: client.CustomObjectsApi) -> None:
+    """Outside `allocations` the schema prunes; inside it (preserve-unknown-fields) nothing is pruned,
+    nulls included, as kube-apiserver does (test_a_lease_is_kept_as_written_and_the_plugin_reads_it)."""
     body = pool(
         "p",
         allocations={
             "7": lease("c7", node="node-a", poduid="u7", created="2026-01-01T00:00:00Z"),
             "8": lease("c8", attrs="node=node-a;token=t8"),
+            "9": {"id": "c9", "podref": None, "deep": {"n": None, "l": [1, None]}},
         },
     )
     body["spec"]["allocations"]["7"]["bogus"] = "x"
@@ -472,8 +490,10 @@ def test_undeclared_fields_are_pruned_declared_ones_kept(crs: client.CustomObjec
                 "node": "node-a",
                 "poduid": "u7",
                 "created": "2026-01-01T00:00:00Z",
+                "bogus": "x",
             },
             "8": {"id": "c8", "podref": "apps/web-0", "ifname": "net1", "attrs": "node=node-a;token=t8"},
+            "9": {"id": "c9", "podref": None, "deep": {"n": None, "l": [1, None]}},
         },
     }
     assert crs.get_namespaced_custom_object(GROUP, VERSION, NS, POOLS, "p") == made
@@ -494,7 +514,7 @@ def test_prune_honours_maps_preserved_subtrees_and_nulls() -> None:
         },
     }
     value = {
-        "keep": {"x": {"y": 1}},
+        "keep": {"x": {"y": 1, "z": None}, "n": None},
         "map": {"k": {"a": "1", "z": 2}},
         "list": [{"b": "2", "c": 3}],
         "s": None,
@@ -502,7 +522,7 @@ def test_prune_honours_maps_preserved_subtrees_and_nulls() -> None:
         "gone": 1,
     }
     assert prune(value, schema) == {
-        "keep": {"x": {"y": 1}},
+        "keep": {"x": {"y": 1, "z": None}, "n": None},  # nulls too, as kube-apiserver keeps them
         "map": {"k": {"a": "1"}},
         "list": [{"b": "2"}],
         "n": None,
@@ -512,7 +532,7 @@ def test_prune_honours_maps_preserved_subtrees_and_nulls() -> None:
 def test_whereabouts_crd_applied_over_ours_prunes_our_fields(
     kube: KubeHandle, crs: client.CustomObjectsApi
 ) -> None:
-    kube.api.use_crds(without_fields())
+    kube.api.use_crds(whereabouts_crds(others_too=True))
     made = create_pool(
         crs,
         "p",
@@ -538,6 +558,51 @@ def test_whereabouts_crd_applied_over_ours_prunes_our_fields(
         create_pool(crs, "q", allocations={"1": lease("c1", node="n")})["spec"]["allocations"]["1"]["node"]
         == "n"
     )
+
+
+def test_a_lease_is_kept_as_written_and_the_plugin_reads_it(k8s: K8s, tmp_path: Path) -> None:
+    """Our CRD leaves `spec.allocations` opaque. On kube-apiserver (and the test server, which must
+    agree) a lease of the previous version (the extras as separate fields) and one with fields nobody
+    declares (nulls among them) come back exactly as written, on create and on read; the plugin
+    reads the separate extras as the lease's own, and its next write packs them into `attrs` and keeps
+    the unknown fields as they were."""
+    from ipam.allocator import Lease
+    from ipam.store.kubernetes import KubernetesStore
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=k8s.kubeconfig_path, client_configuration=configuration)
+    legacy = lease(
+        "c1", node="node-a", poduid="u1", created="2026-01-01T00:00:00Z", network="net", token="t1"
+    )
+    unknown = {**lease("c2", "apps/web-1", attrs="node=node-a;zone=eu", ipamclaimref="apps/claim")}
+    unknown["future"] = {"nested": [1, None], "flag": True, "gone": None}
+    sent = {"1": legacy, "2": unknown}
+    with client.ApiClient(configuration) as api:
+        crs = client.CustomObjectsApi(api)
+        made = crs.create_namespaced_custom_object(
+            GROUP, VERSION, k8s.namespace, POOLS, pool("10.0.0.0-24", sent)
+        )
+        assert made["spec"]["allocations"] == sent
+        assert crs.get_namespaced_custom_object(GROUP, VERSION, k8s.namespace, POOLS, "10.0.0.0-24") == made
+        store = KubernetesStore.connect(k8s.kubeconfig_path, str(tmp_path / "locks"))
+        try:
+            read = store.read_pool("10.0.0.0-24", "10.0.0.0/24")
+            assert read.allocations[1] == Lease(
+                "c1", "apps/web-0", "net1", "node-a", "u1", "2026-01-01T00:00:00Z", "net", "t1"
+            )
+            assert read.allocations[2] == Lease("c2", "apps/web-1", "net1", node="node-a")
+            assert read.allocations[2].extra == {"ipamclaimref": "apps/claim", "future": unknown["future"]}
+            third = Lease("c3", "apps/web-2", "net1", node="node-b")
+            written = store.write_pool(read, {**read.allocations, 3: third})
+        finally:
+            store.close()
+        stored = crs.get_namespaced_custom_object(GROUP, VERSION, k8s.namespace, POOLS, "10.0.0.0-24")
+    assert written is not None and written.allocations == {**read.allocations, 3: third}
+    assert stored["spec"]["allocations"] == {
+        "1": lease("c1", attrs="node=node-a;poduid=u1;created=2026-01-01T00:00:00Z;network=net;token=t1"),
+        "2": unknown,
+        "3": lease("c3", "apps/web-2", attrs="node=node-b"),
+    }
 
 
 def test_status_subresource_when_the_crd_declares_one(kube: KubeHandle, crs: client.CustomObjectsApi) -> None:

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ipam.allocator import Lease
 from tests.cni_exec import Call, cni_env, finish, run, start
 from tests.kubeapi.fixtures import K8s, KubeHandle
 from tests.kubeapi.real import RealKube
-from tests.kubeapi.schema import OUR_EXTRA_FIELDS
+from tests.kubeapi.schema import whereabouts_crds
 
 
 def netconf(kube: K8s, tmp: Path, ipam: dict[str, Any], version: str = "1.0.0") -> dict[str, Any]:
@@ -139,18 +138,7 @@ def test_dual_stack_is_all_or_nothing(k8s: K8s, tmp_path: Path) -> None:
 
 def test_whereabouts_crd_prunes_our_fields_and_nothing_breaks(kube: KubeHandle, tmp_path: Path) -> None:
     """A Whereabouts CRD applied over ours drops attrs (and the old extras); leases still work, GC skips them."""
-    crd = yaml.safe_load(
-        (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
-    )
-    item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
-        "allocations"
-    ]
-    for extra in OUR_EXTRA_FIELDS:
-        del item["additionalProperties"]["properties"][extra]
-    foreign = tmp_path / "whereabouts-ippools.yaml"
-    foreign.write_text(yaml.safe_dump(crd))
-    others = sorted(p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name)
-    kube.api.use_crds([foreign, *others])
+    kube.api.use_crds(whereabouts_crds())
     conf = netconf(kube, tmp_path, {"range": "10.56.0.0/24"})
     first = run(conf, cni_env("ADD", "p1", NODENAME="node-a"))
     assert first.code == 0
@@ -319,16 +307,7 @@ def test_a_write_answers_the_pool_as_stored_decoded_again_only_when_the_schema_c
         made = store.write_pool(store.read_pool("p", "10.57.0.0/24"), {1: lease})
         assert made is not None and made.allocations == {1: lease} and made.allocations[1].token == "t1"
         assert decoded == []
-        crd = yaml.safe_load(
-            (Path(__file__).parents[1] / "crds" / "whereabouts.cni.cncf.io_ippools.yaml").read_text()
-        )
-        item = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-        for extra in OUR_EXTRA_FIELDS:
-            del item["allocations"]["additionalProperties"]["properties"][extra]
-        others = sorted(
-            p for p in (Path(__file__).parents[1] / "crds").glob("*.yaml") if "ippools" not in p.name
-        )
-        kube.api.use_crds([crd, *others])
+        kube.api.use_crds(whereabouts_crds())
         second = Lease("c2", "ns/p2", "net1", node="node-a", token="t2")
         written = store.write_pool(made, {1: lease, 2: second})
     finally:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ipam import nodeslices
 from ipam.agent import Agent, StoreCache
@@ -28,8 +27,7 @@ from ipam.store.base import PoolSnapshot
 from ipam.store.file import FileStore
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.fixtures import K8s, KubeHandle
-
-CRDS = Path(__file__).parents[1] / "crds"
+from tests.kubeapi.schema import whereabouts_crds
 
 
 @pytest.fixture(autouse=True)
@@ -282,11 +280,7 @@ def test_a_lost_answer_to_a_write_from_memory_costs_a_refused_write(kube: KubeHa
 
 
 def test_a_pruning_crd_and_a_multi_range_rollback_through_the_agent(kube: KubeHandle, tmp_path: Path) -> None:
-    crd = yaml.safe_load((CRDS / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
-    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    for extra in ("node", "poduid", "created", "network", "token"):
-        del props["allocations"]["additionalProperties"]["properties"][extra]
-    kube.api.use_crds([crd, *(p for p in CRDS.glob("*.yaml") if "ippools" not in p.name)])
+    kube.api.use_crds(whereabouts_crds())
     conf, agent = netconf(kube, tmp_path, ipRanges=[{"range": "10.9.0.0/30"}]), Agent()
     try:
         call(conf, "ADD", "a0", agent)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from ipam import errors
 from ipam.agent import Agent, Coalescer, Metrics
@@ -37,10 +36,9 @@ from ipam.store.kubernetes import REQUEST_TIMEOUT, KubernetesStore
 from tests.cni_exec import opt_in_flat_file
 from tests.kubeapi.fixtures import KubeHandle
 from tests.kubeapi.real import RealKube
-from tests.kubeapi.schema import OUR_EXTRA_FIELDS
+from tests.kubeapi.schema import whereabouts_crds
 from tests.test_engine import FakeClock, FlakyStore, addresses, engine_for, leases, req
 
-CRDS = Path(__file__).parents[1] / "crds"
 OLD = (datetime.now(UTC) - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -603,11 +601,7 @@ def test_rollback_stays_all_or_nothing_when_a_foreign_crd_prunes_the_token(
     kube: KubeHandle, tmp_path: Path
 ) -> None:
     """Whereabouts' CRD applied over ours drops `token`: a failed ADD still removes what it created."""
-    crd = yaml.safe_load((CRDS / "whereabouts.cni.cncf.io_ippools.yaml").read_text())
-    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    for extra in OUR_EXTRA_FIELDS:
-        del props["allocations"]["additionalProperties"]["properties"][extra]
-    kube.api.use_crds([crd, *(p for p in CRDS.glob("*.yaml") if "ippools" not in p.name)])
+    kube.api.use_crds(whereabouts_crds())
     store = KubernetesStore.connect(kube.kubeconfig_path, str(tmp_path / "locks"))
     engine = Engine(store, RetryPolicy(deadline_seconds=20))
     engine.add([R1], Request("other", "net1", "apps/other"))

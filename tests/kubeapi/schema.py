@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+# Whereabouts' own IPPool CRD as upstream publishes it (source and license in the file)
+WHEREABOUTS_IPPOOL_CRD = Path(__file__).resolve().parents[1] / "third_party" / "whereabouts-ippools-crd.yaml"
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,8 @@ def validate(value: Any, schema: dict[str, Any], path: str = "") -> list[dict[st
     return causes
 
 
-# our lease fields (packed `attrs`, and the separate ones of the previous version) and reservation
-# fields, which Whereabouts' CRDs do not declare
+# our fields that Whereabouts' CRDs do not declare: a lease's (packed `attrs`, and the separate ones
+# of the previous version) and a reservation's (node, created)
 OUR_EXTRA_FIELDS = ("attrs", "node", "poduid", "created", "network", "token")
 
 
@@ -218,7 +220,8 @@ def without_fields(
     fields: tuple[str, ...] = OUR_EXTRA_FIELDS, sources: list[CRDSource] | None = None
 ) -> list[dict[str, Any]]:
     """CRD documents (default: ours) with the named properties removed at every depth: by default
-    what Whereabouts' own CRDs declare, to emulate them being applied over ours."""
+    what Whereabouts' own CRDs declare, to emulate them being applied over ours. Our IPPool CRD
+    declares no lease properties, so its emulation is Whereabouts' real one: `whereabouts_crds`."""
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
@@ -233,3 +236,12 @@ def without_fields(
         return node
 
     return [strip(doc) for doc in crd_documents(sources)]
+
+
+def whereabouts_crds(others_too: bool = False) -> list[dict[str, Any]]:
+    """Whereabouts' own IPPool CRD (tests/third_party) applied over ours, which prunes our lease fields;
+    with our other CRDs as they are, or with `others_too` also without our reservation fields (the
+    reservation CRD Whereabouts ships, emulated by `without_fields`). WriterTurn is ours alone."""
+    others: list[CRDSource] = [p for p in sorted(CRD_DIR.glob("*.yaml")) if "ippools" not in p.name]
+    rest = without_fields(sources=others) if others_too else crd_documents(others)
+    return [*crd_documents([WHEREABOUTS_IPPOOL_CRD]), *rest]
