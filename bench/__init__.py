@@ -36,7 +36,8 @@ def publish(results: str, title: str, target: str, intro: str, rows: list[tuple[
 
 
 def start_cluster(prog: str) -> RealCluster:
-    """etcd + kube-apiserver from $KUBEBUILDER_ASSETS in a directory of their own, started (stop it)."""
+    """etcd (with fsync) + kube-apiserver from $KUBEBUILDER_ASSETS in a directory of their own,
+    started (stop it)."""
     import sys
     import tempfile
 
@@ -45,4 +46,5 @@ def start_cluster(prog: str) -> RealCluster:
     assets = assets_dir()
     if assets is None:
         sys.exit(f"{prog}: KUBEBUILDER_ASSETS is unset")
-    return RealCluster(assets, Path(tempfile.mkdtemp(prefix=f"{prog.replace('.', '-')}-"))).start()
+    work = Path(tempfile.mkdtemp(prefix=f"{prog.replace('.', '-')}-"))
+    return RealCluster(assets, work, fsync=True).start()  # etcd as in production: a figure, not a test

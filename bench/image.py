@@ -94,7 +94,7 @@ def measure(runs: int, work: Path) -> dict[str, float | int | str]:
         "rootfs_mb": len(layer) / 1e6,
         "bundle_mb": tree_bytes(rootfs / "usr/local") / 1e6,
     }
-    cluster = RealCluster(assets, work / "cluster").start()
+    cluster = RealCluster(assets, work / "cluster", fsync=True).start()
     try:
         kube = RealKube(cluster, f"bench-{uuid.uuid4().hex[:8]}", work)
         (work / "node").mkdir()

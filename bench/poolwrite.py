@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "IPPool write cost: per-lease schema vs opaque `spec.allocations`",
         "bench-poolwrite",
         f"Command: `python -m bench.poolwrite --leases {args.leases} --rounds {args.rounds} --batch {args.batch}`. "
-        f"Server: real kube-apiserver + etcd (no fsync: the figures are the API server's CPU) from "
+        f"Server: real kube-apiserver + etcd (with fsync, as in production) from "
         f"$KUBEBUILDER_ASSETS, both CRDs on it at once; {counted} PUTs "
         f"and {counted} GETs counted per CRD, interleaved; load average at the end {os.getloadavg()[0]:.1f}.",
         rows,

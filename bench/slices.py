@@ -337,7 +337,7 @@ def main() -> int:
             if assets is None:
                 print("KUBEBUILDER_ASSETS is unset: no API server to benchmark", file=sys.stderr)
                 return 1
-            cluster = RealCluster(assets, work / "cluster").start()
+            cluster = RealCluster(assets, work / "cluster", fsync=True).start()
             cluster.ensure_namespace("bench")
             if args.granular_crd:
                 _granular_ippools(cluster)

@@ -44,7 +44,7 @@ from .log import log
 from .printable import printable
 from .slicereturn import return_slices
 from .slices import NodeSlices
-from .store.base import PoolSnapshot, StandingTurn, Store, Turn
+from .store.base import LeaseRemoval, PoolSnapshot, StandingTurn, Store, Turn
 
 if TYPE_CHECKING:
     from .store.file import FileStore
@@ -354,6 +354,10 @@ class Reconciler:
             return {k: v for k, v in allocations.items() if k not in gone}, gone
 
         try:
+            store = self.engine.store
+            # one write that tests each lease, no read first; when one changed, the read-and-write loop
+            if isinstance(store, LeaseRemoval) and store.remove_leases(view.name, judged):
+                return sorted(judged)
             return self.engine.mutate_pool(view.name, view.snapshot.cidr, change)
         except STORE_ERRORS as exc:
             if summary is None:
@@ -362,10 +366,25 @@ class Reconciler:
             self.say(summary, f"error releasing in pool {view.name}: {exc}")
             return []
 
-    def release_reservation(self, h: audit.Holding, summary: Summary | None = None) -> None:
-        """The reservation of a lease just released (only if it still names that container)."""
+    def release_reservation(
+        self, h: audit.Holding, summary: Summary | None = None, cached: Reservation | None = None
+    ) -> None:
+        """The reservation of a lease just released (only if it still names that container). With
+        `cached` (a watch's copy of it) naming that container, it is deleted at the copy's
+        resourceVersion with no read first; if it changed since (409), it is read and judged anew."""
         if not h.address:
             return
+        if (
+            cached is not None
+            and cached.name == h.reservation
+            and cached.version
+            and cached.holder.held_by_container(h.lease.id, h.lease.ifname)
+        ):
+            try:
+                self.source.delete_reservation(cached)
+                return
+            except (ConflictError, *STORE_ERRORS):
+                pass  # changed since the copy, or a failed request: the read below decides
         try:
             self.engine.reservations.unreserve_name(
                 h.reservation, h.lease.id, h.lease.ifname, time.monotonic() + 30, quiet=False

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .. import audit
-from ..allocator import parse_allocations
+from ..allocator import Allocations, parse_allocations
 from ..audit import PoolView, Reservation, SlicePool, parse_time
 from ..log import log
 from ..store.base import PoolSnapshot
@@ -176,13 +176,14 @@ class Pools:
         self.slice_pools: dict[str, SlicePool] = {}
         self.reservations: dict[str, Reservation] = {}
         self.by_pod: dict[str, dict[str, frozenset[str]]] = {}  # podref -> {pool: its leases' poduids}
+        self._raw: dict[str, dict[str, Any]] = {}  # pool -> its allocations as last received
         self.generation = 0  # bumped on every change: the metrics' computed figures are reused until then
 
     def _snapshot(self, obj: dict[str, Any]) -> PoolSnapshot | None:
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
         name = str(meta.get("name", ""))
         try:
-            allocations = parse_allocations(spec.get("allocations") or {})
+            allocations = self._parse(name, spec.get("allocations") or {})
         except ValueError as exc:
             log.warning("controller.pool.unreadable", pool=name, error=str(exc))
             return None
@@ -190,10 +191,30 @@ class Pools:
             name, str(spec.get("range", "")), allocations, str(meta.get("resourceVersion", ""))
         )
 
+    def _parse(self, name: str, raw: Any) -> Allocations:
+        """`parse_allocations`, reusing the parsed lease of every entry equal to the one the pool's
+        last event carried: a write changes a few leases of hundreds, and every write comes back as
+        an event."""
+        old, old_raw = self.pools.get(name), self._raw.get(name)
+        if old is None or old_raw is None or not isinstance(raw, dict):
+            out = parse_allocations(raw)
+        else:
+            changed = {k: v for k, v in raw.items() if old_raw.get(k) != v}
+            out = parse_allocations(changed)
+            for key in raw:
+                if key not in changed:
+                    out.setdefault(int(key), old.allocations[int(key)])
+            if len(out) != len(raw):  # two keys for one offset: parsed whole, to be refused the same way
+                out = parse_allocations(raw)
+        self._raw[name] = raw
+        return out
+
     def _set_pool(self, name: str, snapshot: PoolSnapshot | None) -> set[str]:
         """Store (or with None drop) one pool; the podrefs of the leases it holds now that it did not
         hold before (a new lease of a pod the pod cache may not know)."""
         old = self.pools.pop(name, None)
+        if snapshot is None:
+            self._raw.pop(name, None)
         before = {lease.podref: lease for lease in old.allocations.values()} if old is not None else {}
         now: dict[str, set[str]] = defaultdict(set)  # podref -> poduids of its leases in this pool
         if snapshot is not None:
@@ -243,6 +264,12 @@ class Pools:
         """The pod UIDs the leases of `ref` were made for (empty ones left out)."""
         with self.lock:
             return {uid for uids in self.by_pod.get(ref, {}).values() for uid in uids if uid}
+
+    def lease_nodes(self, ref: str) -> set[str]:
+        """The nodes recorded on the leases of `ref` ("" for a lease that records none)."""
+        with self.lock:
+            pools = [self.pools[name] for name in self.by_pod.get(ref, ()) if name in self.pools]
+            return {lease.node for p in pools for lease in p.allocations.values() if lease.podref == ref}
 
     def podrefs(self) -> list[str]:
         with self.lock:

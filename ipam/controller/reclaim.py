@@ -20,18 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..audit import Holding
+from ..audit import Holding, Reservation
 from ..errors import CNIError, TransientStoreError
 from ..log import log
 from ..reconcile import Reconciler, Summary
 from .cache import Finished, Nodes, Pods, Pools
-from .rules import Release, judge
+from .rules import Release, dead_node, judge
 
 PARALLEL = 8  # GETs of pods side by side
 # pools written side by side. More is not faster: each round is one write of the whole IPPool, whose
 # cost on the API server grows with its leases, so fewer, fuller rounds cost it less (32 were slower
 # than 8 at 10,000 pods, bench/RESULTS.md)
 WRITERS = 8
+RETRY_SECONDS = 1.0  # a pool write that failed is tried again this much later
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
 
@@ -39,7 +40,9 @@ class Releaser(Protocol):
     """`Reconciler`'s release path: the pool write, then each released lease's reservation."""
 
     def release_leases(self, held: Sequence[Holding], summary: Summary | None = None) -> list[int]: ...
-    def release_reservation(self, h: Holding, summary: Summary | None = None) -> None: ...
+    def release_reservation(
+        self, h: Holding, summary: Summary | None = None, cached: Reservation | None = None
+    ) -> None: ...
 
 
 class Reclaimer:
@@ -78,8 +81,11 @@ class Reclaimer:
         self._unreservers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-reservation")
         self._count = threading.Lock()
         self._idle = threading.Condition()  # guards _pending and _writing
-        self._pending: dict[str, list[Release]] = defaultdict(list)  # pool -> judged, not yet written
+        # pool -> offset -> judged, not yet written: a pod looked at again before its pool was written
+        # (its deletion and a later event both pointed at it) is one release, not two
+        self._pending: dict[str, dict[int, Release]] = defaultdict(dict)
         self._writing: set[str] = set()  # pools a _drain is working on
+        self._in_flight: dict[str, set[int]] = defaultdict(set)  # pool -> offsets its _drain is writing
 
     # -- what the caches point at -----------------------------------------------------------------
 
@@ -100,9 +106,21 @@ class Reclaimer:
         if not names:
             return False
         meta = self.pods.get(ref)
-        if meta is None or meta.deleting or self.finished.has(ref, meta.uid):
+        if meta is None or self.finished.has(ref, meta.uid) or self.pools.poduids(ref) - {meta.uid}:
             return True
-        return bool(self.pools.poduids(ref) - {meta.uid})
+        # Terminating: its kubelet frees it (the DELETED event brings it back here), unless its node is
+        # dead. Pod metadata has no node: the leases name the node that made them (none: looked at).
+        return meta.deleting and self.on_dead_node(ref)
+
+    def on_dead_node(self, ref: str) -> bool:
+        nodes = self.nodes.snapshot()
+        if nodes is None:
+            return False  # looked at again once the nodes are listed (the first sweep)
+        now = datetime.now(UTC)
+        return any(
+            not node or dead_node(node, nodes, now, self.not_ready_after) is not None
+            for node in self.pools.lease_nodes(ref)
+        )
 
     def sweep(self) -> None:
         """Every pod holding leases (once every cache is listed, and on becoming leader)."""
@@ -158,7 +176,10 @@ class Reclaimer:
         start = []
         with self._idle:
             for pool, group in by_pool.items():
-                self._pending[pool] += group
+                busy = self._in_flight.get(pool, set())
+                self._pending[pool].update(
+                    (r.holding.offset, r) for r in group if r.holding.offset not in busy
+                )
                 if pool not in self._writing:
                     self._writing.add(pool)
                     start.append(pool)
@@ -171,14 +192,20 @@ class Reclaimer:
         conditional write per round, until nothing is left."""
         while True:
             with self._idle:
-                group = self._pending.pop(pool, [])
+                group = list(self._pending.pop(pool, {}).values())
                 if not group:
                     self._writing.discard(pool)
+                    self._in_flight.pop(pool, None)
                     self._idle.notify_all()
                     return
+                self._in_flight[pool] = {r.holding.offset for r in group}
             if self.is_leader():
                 with self._guard(sorted({r.holding.lease.podref for r in group})):
-                    self.release(group)
+                    try:
+                        self.release(group)
+                    finally:  # before a failure queues its pods again: looked at anew, not skipped
+                        with self._idle:
+                            self._in_flight.pop(pool, None)
 
     def flush(self, timeout: float = 60.0) -> None:
         """Until every judged release has been written (tests; the worker never waits)."""
@@ -199,6 +226,13 @@ class Reclaimer:
             with self._count:
                 self.errors += 1
             log.error("controller.reclaim.failed", podrefs=refs, error=f"{type(exc).__name__}: {exc}")
+
+    def _later(self, refs: set[str]) -> None:
+        """Look at these pods again in RETRY_SECONDS (not at once: a refusal that lasts must not
+        become a loop of requests); only those the caches still point at are queued then."""
+        timer = threading.Timer(RETRY_SECONDS, self.notify, (sorted(refs),))
+        timer.daemon = True
+        timer.start()
 
     def take(self) -> set[str]:
         """The queued pods, now (the worker's batch; tests drive `work` with it)."""
@@ -231,6 +265,8 @@ class Reclaimer:
         with self._count:
             self.errors += summary.errors
             self.released.update(r.reason for r in done)
+        if summary.errors:  # the write failed (logged by the releaser): its pods are looked at again
+            self._later({r.holding.lease.podref for r in group})
         for r in done:
             h = r.holding
             log.info(
@@ -247,8 +283,10 @@ class Reclaimer:
 
     def _unreserve(self, h: Holding) -> None:
         summary = Summary()
+        with self.pools.lock:
+            cached = self.pools.reservations.get(h.reservation)
         with self._guard([]):
-            self.releaser.release_reservation(h, summary)
+            self.releaser.release_reservation(h, summary, cached)
         if summary.errors:
             with self._count:
                 self.errors += summary.errors

@@ -105,6 +105,18 @@ class TurnStore(Protocol):
     def end_turn(self, turn: Turn) -> None: ...
 
 
+@runtime_checkable
+class LeaseRemoval(Protocol):
+    """A store that removes given leases in one step that checks each is unchanged, without reading
+    the pool first (Kubernetes: a JSON patch testing each lease). Release paths try it before the
+    engine's read-and-write loop, which stays the fallback."""
+
+    def remove_leases(self, name: str, leases: Mapping[int, Lease]) -> bool:
+        """True: every lease was removed; False: nothing was written (one is no longer exactly as
+        given, or the pool is gone)."""
+        ...
+
+
 class Store(Protocol):
     def read_pool(self, name: str, cidr: str) -> PoolSnapshot:
         """The pool's leases and version; an empty snapshot with version None when it does not exist."""

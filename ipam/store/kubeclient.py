@@ -348,8 +348,10 @@ class KubeClient:
         body: Any = None,
         params: dict[str, Any] | None = None,
         accept: str = "application/json",
+        content_type: str = "application/json",
     ) -> Any:
-        """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire."""
+        """The decoded JSON answer; ApiError for an HTTP error, OSError/HTTPException on the wire.
+        `content_type`: of `body` (a PATCH names its kind of patch here)."""
         target = self.prefix + path + (f"?{urlencode(params)}" if params else "")
         headers = {"Accept": accept, "User-Agent": "whereabouts-py"}
         auth = self._authorization()
@@ -358,7 +360,7 @@ class KubeClient:
         payload = None
         if body is not None:
             payload = json.dumps(body, separators=(",", ":")).encode()
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         for attempt in (0, 1):
             with self._lock:
                 conn = self._idle.pop() if self._idle else None

@@ -13,7 +13,7 @@ import contextlib
 import http.client
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -59,6 +59,7 @@ NODE_SLICES = "nodeslicepools"
 DEFAULT_NAMESPACE = "kube-system"
 TURNS = "writerturns"
 # an object's metadata alone, else (a server that cannot) the whole object
+JSON_PATCH = "application/json-patch+json"
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 REQUEST_TIMEOUT = (5.0, 15.0)  # connect, read: one slow request must not eat the whole deadline
 # A kube-apiserver that has just (re)started answers 403 to every ServiceAccount until its RBAC cache
@@ -292,6 +293,27 @@ class KubernetesStore:
             return self._snapshot(obj, snapshot.name, snapshot.cidr)
         except CNIError:
             return None
+
+    def remove_leases(self, name: str, leases: Mapping[int, Lease]) -> bool:
+        """Remove `leases` (offset -> lease) from IPPool `name` in one JSON patch that tests each one
+        is still exactly as given before removing it. The API server applies the patch to the pool as
+        stored at that moment, atomically, so neither a read first nor a resourceVersion is needed, and
+        a concurrent writer never makes it fail. True: all removed; False: nothing written, because one
+        lease is no longer there exactly as given (a failed test: 422) or the pool is gone (404)."""
+        ops: list[dict[str, Any]] = []
+        for offset, lease in sorted(leases.items()):
+            path = f"/spec/allocations/{offset}"
+            ops += [{"op": "test", "path": path, "value": lease.to_json()}, {"op": "remove", "path": path}]
+        what = f"release leases in IPPool {name}"
+        try:
+            self.client.request("PATCH", self._path(POOLS, name), ops, content_type=JSON_PATCH)
+        except ApiError as exc:
+            if exc.status in (404, 422):
+                return False
+            self._raise(exc, what)
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            raise TransientStoreError(f"{what}: {type(exc).__name__}: {exc}") from None
+        return True
 
     def list_pools(self) -> list[PoolSnapshot]:
         items = self._list_all("list IPPools", self._path(POOLS))
