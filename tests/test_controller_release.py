@@ -1,0 +1,297 @@
+"""ipam-controller's release path on the real API server: one JSON patch per pool write that tests each
+lease (no read first, the read-and-write loop when one changed), each lease released once however
+often its pod is pointed at, a failed write tried again, a Terminating pod on a healthy node not
+looked up, and a released lease's reservation deleted at the watch copy's resourceVersion (never
+one that changed hands)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipam.allocator import Lease, Request, parse_allocations
+from ipam.audit import Reservation
+from ipam.controller import cache, reclaim
+from ipam.controller.main import Controller
+from ipam.engine import Engine
+from ipam.reconcile import Summary
+from ipam.store.kubernetes import KubernetesStore
+from tests.kubeapi.real import RealKube
+from tests.test_controller import POOL, SPEC, add, engine, holders, reservations, running, wait_for
+
+__all__ = ["engine"]  # the fixture, shared with tests/test_controller.py
+
+pytestmark = pytest.mark.apiserver
+
+
+@contextlib.contextmanager
+def recorded(controller: Controller) -> Iterator[list[tuple[str, str]]]:
+    """Every (method, path) the controller's client requests (its watches aside) while inside."""
+    seen: list[tuple[str, str]] = []
+    client = controller.client
+    original = client.request
+
+    def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append((method, path))
+        return original(method, path, *args, **kwargs)
+
+    client.request = request  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        client.request = original  # type: ignore[method-assign]
+
+
+def pool_object(kube: RealKube, name: str = POOL) -> dict[str, Any]:
+    found = [o for o in kube.api.objects("ippools", kube.namespace) if o["metadata"]["name"] == name]
+    assert found, name
+    return found[0]
+
+
+# -- the store's patch ------------------------------------------------------------------------------
+
+
+def test_remove_leases_tests_each_lease_and_writes_nothing_when_one_changed(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    pods = {n: real_kube.api.put_pod(real_kube.namespace, n) for n in ("a", "b", "c")}
+    for pod in pods.values():
+        add(engine, real_kube, pod)
+    store = KubernetesStore.connect(real_kube.identity_kubeconfig("controller"), str(tmp_path / "locks"))
+    try:
+        before = pool_object(real_kube)
+        leases = parse_allocations(before["spec"]["allocations"])
+        by_pod = {lease.podref.split("/")[1]: (offset, lease) for offset, lease in leases.items()}
+        a_offset, a_lease = by_pod["a"]
+        b_offset, b_lease = by_pod["b"]
+        # one of the two is not the lease the pool holds (another container): nothing is written
+        other = Lease("another-container", b_lease.podref, b_lease.ifname, node=b_lease.node)
+        assert not store.remove_leases(POOL, {a_offset: a_lease, b_offset: other})
+        after = pool_object(real_kube)
+        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+        # both as held: both go, the third stays
+        assert store.remove_leases(POOL, {a_offset: a_lease, b_offset: b_lease})
+        assert set(holders(real_kube)) == {"c"}
+        # again: they are gone, so the test fails and nothing is written; a missing pool is no error
+        assert not store.remove_leases(POOL, {a_offset: a_lease})
+        assert not store.remove_leases("no-such-pool", {a_offset: a_lease})
+        assert set(holders(real_kube)) == {"c"}
+    finally:
+        store.close()
+
+
+# -- the controller ---------------------------------------------------------------------------------
+
+
+def test_a_deleted_pods_lease_is_released_by_one_patch_with_no_read_of_the_pool_or_reservation(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    api, ns = real_kube.api, real_kube.namespace
+    for name in ("keep", "gone"):
+        add(engine, real_kube, api.put_pod(ns, name))
+    with running(real_kube, tmp_path) as controller:
+        time.sleep(1)  # the first sweep has looked at both: live
+        wait_for(
+            "the reservations are in the watch cache",
+            lambda: len(controller.pools.reservations) == 2,
+        )
+        with recorded(controller) as seen:
+            api.delete_pod(ns, "gone")
+            wait_for("released", lambda: set(holders(real_kube)) == {"keep"})
+            wait_for("its reservation deleted", lambda: len(reservations(real_kube)) == 1)
+            time.sleep(0.3)
+    writes = [(m, p) for m, p in seen if "/ippools" in p or "/overlappingrangeipreservations" in p]
+    assert [m for m, p in writes if "/ippools/" in p] == ["PATCH"]  # no GET, no PUT of the pool
+    assert [m for m, p in writes if "/overlappingrangeipreservations/" in p] == ["DELETE"]
+    assert dict(controller.reclaimer.released) == {"pod-gone": 1}
+
+
+def test_a_pod_pointed_at_again_while_its_pool_is_written_is_released_once(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    api, ns = real_kube.api, real_kube.namespace
+    add(engine, real_kube, api.put_pod(ns, "gone"))
+    with running(real_kube, tmp_path, leading=lambda: False) as controller:
+        r = controller.reclaimer
+        gate, entered = threading.Event(), threading.Event()
+        original = r.releaser.release_leases
+
+        def held_up(held: Any, summary: Summary | None = None) -> list[int]:
+            entered.set()
+            assert gate.wait(10)
+            return original(held, summary)
+
+        r.releaser.release_leases = held_up  # type: ignore[method-assign]
+        r.is_leader = lambda: True
+        api.delete_pod(ns, "gone")
+        ref = f"{ns}/gone"
+        wait_for("the controller saw the deletion", lambda: controller.pods.get(ref) is None)
+        r.work([ref])  # judged; its pool's writer waits at the gate
+        assert entered.wait(5)
+        r.work([ref])  # judged again while the lease is being written: not queued twice
+        r.work([ref])
+        gate.set()
+        r.flush(10)
+        time.sleep(0.3)
+        assert set(holders(real_kube)) == set()
+        assert dict(r.released) == {"pod-gone": 1}
+        wait_for("its reservation deleted", lambda: reservations(real_kube) == {})
+        r.work([ref])  # and a look after the write finds nothing to release
+        r.flush(10)
+        assert dict(r.released) == {"pod-gone": 1}
+
+
+def test_a_failed_pool_write_is_tried_again(
+    real_kube: RealKube, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reclaim, "RETRY_SECONDS", 0.3)
+    api, ns = real_kube.api, real_kube.namespace
+    add(engine, real_kube, api.put_pod(ns, "gone"))
+    with running(real_kube, tmp_path) as controller:
+        r = controller.reclaimer
+        original = r.releaser.release_leases
+        failures = [1]
+
+        def flaky(held: Any, summary: Summary | None = None) -> list[int]:
+            if failures and summary is not None:
+                failures.pop()
+                summary.errors += 1  # as release_leases reports a store error it caught
+                return []
+            return original(held, summary)
+
+        r.releaser.release_leases = flaky  # type: ignore[method-assign]
+        api.delete_pod(ns, "gone")
+        wait_for("released on the second try", lambda: holders(real_kube) == {})
+        wait_for("counted once", lambda: dict(r.released) == {"pod-gone": 1})
+        assert not failures and r.errors == 1
+
+
+def test_a_terminating_pod_is_looked_up_only_when_its_node_is_dead(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    api, ns, tag = real_kube.api, real_kube.namespace, real_kube.namespace[-6:]
+    node = f"fenced-{tag}"
+    real_kube.request(
+        "POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}
+    )
+    try:
+        pod = api.put_pod(ns, "stuck", node=node)
+        meta = pod["metadata"]
+        engine.add(
+            [SPEC],
+            Request(f"ctr-{meta['uid'][:6]}", "net1", f"{ns}/stuck", poduid=meta["uid"], node=node),
+        )
+        with running(real_kube, tmp_path) as controller:
+            time.sleep(1)
+            with recorded(controller) as seen:
+                api.put_pod(ns, "stuck", node=node, deleting=True)  # Terminating: no kubelet
+                wait_for("the controller saw it Terminating", lambda: bool(controller.pods.terminating()))
+                time.sleep(1)
+                assert [p for m, p in seen if p.endswith("/pods/stuck")] == []  # healthy node: no GET
+                assert set(holders(real_kube)) == {"stuck"}
+                taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
+                real_kube.request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": [taint]}})
+                wait_for("released once its node is out of service", lambda: holders(real_kube) == {})
+            assert [m for m, p in seen if p.endswith("/pods/stuck")] == ["GET"]
+            assert dict(controller.reclaimer.released) == {"node-out-of-service": 1}
+    finally:
+        with contextlib.suppress(Exception):
+            real_kube.request("DELETE", f"/api/v1/nodes/{node}")
+
+
+def test_a_reservation_that_changed_hands_since_the_watch_copy_is_not_deleted(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    """The copy names the released container at an older resourceVersion; the reservation now names
+    another pod (taken over for the address): the DELETE at the copy's version is refused (409) and
+    the fresh read keeps it."""
+    api, ns = real_kube.api, real_kube.namespace
+    add(engine, real_kube, api.put_pod(ns, "gone"))
+    with running(real_kube, tmp_path, leading=lambda: False) as controller:
+        r = controller.reclaimer
+        ref = f"{ns}/gone"
+        wait_for("the reservation is cached", lambda: len(controller.pools.reservations) == 1)
+        ((name, copy),) = controller.pools.reservations.items()
+        api.delete_pod(ns, "gone")
+        wait_for("the controller saw the deletion", lambda: controller.pods.get(ref) is None)
+        (judged,) = r.judge(ref)
+        # the address changes hands: another pod's container now holds the reservation
+        current = reservations(real_kube)[name]
+        current["spec"] = {**current["spec"], "containerid": "ctr-newcomer", "podref": f"{ns}/newcomer"}
+        real_kube.request(
+            "PUT",
+            f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/overlappingrangeipreservations/{name}",
+            current,
+        )
+        wait_for(
+            "the watch has the new holder",
+            lambda: controller.pools.reservations[name].holder.id == "ctr-newcomer",
+        )
+        with controller.pools.lock:  # as if the watch had not caught up: the old copy
+            controller.pools.reservations[name] = copy
+        with recorded(controller) as seen:
+            r._unreserve(judged.holding)
+        assert reservations(real_kube)[name]["spec"]["containerid"] == "ctr-newcomer"
+        assert [m for m, p in seen if name in p] == ["DELETE", "GET"]  # refused, then read: kept
+        # a copy at the current version naming the released container is deleted without a read
+        fresh = reservations(real_kube)[name]
+        fresh["spec"] = {**fresh["spec"], "containerid": judged.holding.lease.id, "podref": ref}
+        written = real_kube.request(
+            "PUT",
+            f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/overlappingrangeipreservations/{name}",
+            fresh,
+        )
+        version = written["metadata"]["resourceVersion"]
+        wait_for("the watch has it", lambda: controller.pools.reservations[name].version == version)
+        assert controller.pools.reservations[name] == Reservation.from_object(written)
+        with recorded(controller) as seen:
+            r._unreserve(judged.holding)
+        assert name not in reservations(real_kube)
+        assert [m for m, p in seen if name in p] == ["DELETE"]
+
+
+# -- the IPPool cache's parse -----------------------------------------------------------------------
+
+LEASE = st.fixed_dictionaries(
+    {"id": st.sampled_from(["c1", "c2", "c3"]), "podref": st.sampled_from(["ns/a", "ns/b"])},
+    optional={
+        "ifname": st.sampled_from(["net1", "net2"]),
+        "attrs": st.sampled_from(["node=n1", "node=n2;poduid=u1", ""]),
+        "x": st.integers(0, 2),
+    },
+)
+ENTRY = st.one_of(LEASE, st.just(5), st.just({"id": 7}))  # now and then an unreadable lease
+KEY = st.sampled_from(["1", "2", "3", "01", "x"])
+RAW = st.dictionaries(KEY, st.one_of(LEASE, LEASE, LEASE, ENTRY), max_size=4)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["p", "q"]), st.booleans(), RAW), min_size=1, max_size=8))
+def test_the_pool_cache_reads_each_event_as_a_whole_parse_would(
+    events: list[tuple[str, bool, dict[str, Any]]],
+) -> None:
+    """Re-parsing only the entries that changed since a pool's last event gives what parsing the whole
+    event gives, including pools that become unreadable (two keys for one offset, a bad lease) and
+    readable again, and pools deleted and made again."""
+    pools = cache.Pools("ns", lambda refs: None)
+    for name, deleted, raw in events:
+        obj = {"metadata": {"name": name, "resourceVersion": "1"}, "spec": {"range": "10.0.0.0/24"}}
+        obj["spec"]["allocations"] = raw
+        pools.event("DELETED" if deleted else "MODIFIED", obj)
+        if deleted:
+            assert name not in pools.pools
+            continue
+        try:
+            whole = parse_allocations(raw)
+        except ValueError:
+            assert name not in pools.pools
+            continue
+        assert pools.pools[name].allocations == whole
