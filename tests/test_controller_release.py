@@ -50,6 +50,18 @@ def recorded(controller: Controller) -> Iterator[list[tuple[str, str]]]:
         client.request = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def node(kube: RealKube) -> Iterator[str]:
+    """A Node of this test's own (no conditions: Ready as far as the controller can tell)."""
+    name = f"node-{kube.namespace[-6:]}"
+    kube.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            kube.request("DELETE", f"/api/v1/nodes/{name}")
+
+
 def pool_object(kube: RealKube, name: str = POOL) -> dict[str, Any]:
     found = [o for o in kube.api.objects("ippools", kube.namespace) if o["metadata"]["name"] == name]
     assert found, name
@@ -95,8 +107,16 @@ def test_a_deleted_pods_lease_is_released_by_one_patch_with_no_read_of_the_pool_
     real_kube: RealKube, engine: Engine, tmp_path: Path
 ) -> None:
     api, ns = real_kube.api, real_kube.namespace
-    for name in ("keep", "gone"):
-        add(engine, real_kube, api.put_pod(ns, name))
+    with node(real_kube) as name_of_node:  # the leases name a node that is there: healthy
+        for name in ("keep", "gone"):
+            meta = api.put_pod(ns, name, node=name_of_node)["metadata"]
+            request = Request(f"ctr-{name}", "net1", f"{ns}/{name}", poduid=meta["uid"], node=name_of_node)
+            engine.add([SPEC], request)
+        released_with_one_patch(real_kube, tmp_path)
+
+
+def released_with_one_patch(real_kube: RealKube, tmp_path: Path) -> None:
+    api, ns = real_kube.api, real_kube.namespace
     with running(real_kube, tmp_path) as controller:
         time.sleep(1)  # the first sweep has looked at both: live
         wait_for(
@@ -108,10 +128,39 @@ def test_a_deleted_pods_lease_is_released_by_one_patch_with_no_read_of_the_pool_
             wait_for("released", lambda: set(holders(real_kube)) == {"keep"})
             wait_for("its reservation deleted", lambda: len(reservations(real_kube)) == 1)
             time.sleep(0.3)
+    assert [m for m, p in seen if p.endswith("/pods/gone")] == []  # its DELETED event named the UID
     writes = [(m, p) for m, p in seen if "/ippools" in p or "/overlappingrangeipreservations" in p]
     assert [m for m, p in writes if "/ippools/" in p] == ["PATCH"]  # no GET, no PUT of the pool
     assert [m for m, p in writes if "/overlappingrangeipreservations/" in p] == ["DELETE"]
-    assert dict(controller.reclaimer.released) == {"pod-gone": 1}
+    wait_for("counted", lambda: dict(controller.reclaimer.released) == {"pod-gone": 1})
+
+
+def test_a_deleted_uid_spares_the_get_only_for_leases_that_name_it(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    """The pod watch's DELETED event names the UID that is gone: leases recording exactly that UID
+    are judged without a GET; once the name holds a lease of a new pod (same name, new UID), the pod
+    is read, and only the old pod's lease goes."""
+    api, ns = real_kube.api, real_kube.namespace
+    ref = f"{ns}/web"
+    old = api.put_pod(ns, "web")
+    add(engine, real_kube, old)
+    with running(real_kube, tmp_path, leading=lambda: False) as controller:
+        r = controller.reclaimer
+        api.delete_pod(ns, "web")
+        wait_for("the DELETED event", lambda: controller.pods.deleted_uid(ref) == old["metadata"]["uid"])
+        with recorded(controller) as seen:
+            (alone,) = r.judge(ref)
+        assert alone.reason == "pod-gone" and seen == []
+        new = api.put_pod(ns, "web")
+        uid = new["metadata"]["uid"]  # another interface: a lease of its own beside the old pod's
+        engine.add([SPEC], Request(f"ctr-{uid[:6]}", "net2", ref, poduid=uid, node="node-a"))
+        wait_for("both leases cached", lambda: len(controller.pools.poduids(ref)) == 2)
+        with recorded(controller) as seen:
+            (judged,) = r.judge(ref)
+        assert [m for m, p in seen if p.endswith("/pods/web")] == ["GET"]
+        assert judged.reason == "pod-replaced"
+        assert judged.holding.lease.poduid == old["metadata"]["uid"]
 
 
 def test_a_pod_pointed_at_again_while_its_pool_is_written_is_released_once(
@@ -200,8 +249,9 @@ def test_a_terminating_pod_is_looked_up_only_when_its_node_is_dead(
                 taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
                 real_kube.request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": [taint]}})
                 wait_for("released once its node is out of service", lambda: holders(real_kube) == {})
+            r = controller.reclaimer
+            wait_for("counted", lambda: dict(r.released) == {"node-out-of-service": 1})
             assert [m for m, p in seen if p.endswith("/pods/stuck")] == ["GET"]
-            assert dict(controller.reclaimer.released) == {"node-out-of-service": 1}
     finally:
         with contextlib.suppress(Exception):
             real_kube.request("DELETE", f"/api/v1/nodes/{node}")

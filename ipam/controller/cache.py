@@ -9,7 +9,7 @@ nothing is released on their word (ipam.controller.reclaim confirms with the API
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +22,7 @@ from ..log import log
 from ..store.base import PoolSnapshot
 
 OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
+DELETED_KEPT = 20_000  # pods whose deleted UID is remembered (a release needs no GET for those)
 
 Notify = Callable[[Iterable[str]], None]
 
@@ -51,6 +52,8 @@ class Pods:
         self.notify = notify
         self.lock = threading.Lock()
         self.pods: dict[str, PodMeta] = {}
+        # podref -> UID of its last DELETED event (the newest DELETED_KEPT): that UID is gone for good
+        self.deleted: OrderedDict[str, str] = OrderedDict()
 
     @staticmethod
     def _meta(obj: dict[str, Any]) -> PodMeta:
@@ -73,6 +76,11 @@ class Pods:
             if kind == "DELETED":
                 if old is not None and old.uid == meta.uid:
                     del self.pods[ref]
+                if meta.uid:
+                    self.deleted[ref] = meta.uid
+                    self.deleted.move_to_end(ref)
+                    if len(self.deleted) > DELETED_KEPT:
+                        self.deleted.popitem(last=False)
             else:
                 self.pods[ref] = meta
         if kind == "DELETED" or meta.deleting or (old is not None and old.uid != meta.uid):
@@ -81,6 +89,11 @@ class Pods:
     def get(self, ref: str) -> PodMeta | None:
         with self.lock:
             return self.pods.get(ref)
+
+    def deleted_uid(self, ref: str) -> str:
+        """The UID of the pod `ref` whose deletion the watch delivered last ("" if none is kept)."""
+        with self.lock:
+            return self.deleted.get(ref, "")
 
     def terminating(self) -> list[str]:
         with self.lock:

@@ -32,7 +32,8 @@ PARALLEL = 8  # GETs of pods side by side
 # cost on the API server grows with its leases, so fewer, fuller rounds cost it less (32 were slower
 # than 8 at 10,000 pods, bench/RESULTS.md)
 WRITERS = 8
-RETRY_SECONDS = 1.0  # a pool write that failed is tried again this much later
+RETRY_SECONDS = 1.0
+DEFER_SECONDS = 5.0  # a released lease's reservation waits this long at most for the pool writes  # a pool write that failed is tried again this much later
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
 
@@ -248,7 +249,15 @@ class Reclaimer:
         with self.pools.lock:
             pools = [self.pools.pools[n] for n in names if n in self.pools.pools]
             slice_pools = list(self.pools.slice_pools.values())
-        pod = self.get_pod(ref)  # after the leases were read: see the module's docstring
+        gone = self.pods.deleted_uid(ref)
+        if gone and all(
+            lease.poduid == gone for p in pools for lease in p.allocations.values() if lease.podref == ref
+        ):
+            # every lease names the UID whose DELETED event the pod watch delivered: that pod is gone
+            # for good (a UID is never reused; a pod made again under the name has another), so no GET
+            pod = None
+        else:
+            pod = self.get_pod(ref)  # after the leases were read: see the module's docstring
         log.debug(
             "controller.reclaim.look", podref=ref, uid=str(((pod or {}).get("metadata") or {}).get("uid", ""))
         )
@@ -282,6 +291,11 @@ class Reclaimer:
         return done
 
     def _unreserve(self, h: Holding) -> None:
+        # after the pool writes pending now (a lease is free once its pool is written; its reservation
+        # only names it), so that a burst's reservation deletes do not slow its releases; not longer
+        # than DEFER_SECONDS under a steady stream
+        with self._idle:
+            self._idle.wait_for(lambda: not self._writing, DEFER_SECONDS)
         summary = Summary()
         with self.pools.lock:
             cached = self.pools.reservations.get(h.reservation)
