@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ..allocator import Lease
 from ..audit import Holding, Reservation
 from ..errors import CNIError, TransientStoreError
 from ..log import log
@@ -85,7 +86,9 @@ class Reclaimer:
         # (its deletion and a later event both pointed at it) is one release, not two
         self._pending: dict[str, dict[int, Release]] = defaultdict(dict)
         self._writing: set[str] = set()  # pools a _drain is working on
-        self._in_flight: dict[str, set[int]] = defaultdict(set)  # pool -> offsets its _drain is writing
+        # pool -> the leases (offset, lease) its _drain is writing: the same lease judged again meanwhile
+        # is not queued again; another lease at that offset is (the write's test fails on it)
+        self._in_flight: dict[str, set[tuple[int, Lease]]] = defaultdict(set)
 
     # -- what the caches point at -----------------------------------------------------------------
 
@@ -178,7 +181,7 @@ class Reclaimer:
             for pool, group in by_pool.items():
                 busy = self._in_flight.get(pool, set())
                 self._pending[pool].update(
-                    (r.holding.offset, r) for r in group if r.holding.offset not in busy
+                    (r.holding.offset, r) for r in group if (r.holding.offset, r.holding.lease) not in busy
                 )
                 if pool not in self._writing:
                     self._writing.add(pool)
@@ -198,7 +201,7 @@ class Reclaimer:
                     self._in_flight.pop(pool, None)
                     self._idle.notify_all()
                     return
-                self._in_flight[pool] = {r.holding.offset for r in group}
+                self._in_flight[pool] = {(r.holding.offset, r.holding.lease) for r in group}
             if self.is_leader():
                 with self._guard(sorted({r.holding.lease.podref for r in group})):
                     try:
