@@ -327,3 +327,41 @@ def test_a_release_patch_whose_answer_is_lost_releases_nothing_else(
     assert reconcile_main(["--kubeconfig", kube.reconciler_kubeconfig(), "--grace", "0"], out=out) == 0
     assert pool_leases(kube.api, ns) == {2: "live", 3: "new"}, out.getvalue()
     assert "delete reservation=10.63.0.1 podref=kube-system/gone reason=orphaned" in out.getvalue()
+
+
+# -- a Terminating pod on a node NotReady: released once the node has been NotReady long enough ------
+
+
+@pytest.mark.apiserver
+def test_a_terminating_pod_is_released_when_its_node_crosses_the_not_ready_threshold_later(
+    real_kube: RealKube, real_engine: Engine, tmp_path: Path
+) -> None:
+    """The node turned NotReady just now; its pod is then deleted (the taint manager's eviction) and
+    stays Terminating (no kubelet). With --release-after-not-ready 3, its lease goes once the node has
+    been NotReady 3 s, though no event comes then: a dead kubelet posts nothing more."""
+    api, ns = real_kube.api, real_kube.namespace
+    name = f"nr-{ns[-6:]}"
+    made = real_kube.request(
+        "POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    )
+    try:
+        pod = api.put_pod(ns, "evicted", node=name)
+        request = Request("ctr-evicted", "net1", f"{ns}/evicted", poduid=pod["metadata"]["uid"], node=name)
+        real_engine.add([SPEC], request)
+        with running(real_kube, tmp_path, not_ready_after=3.0) as controller:
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            made["status"] = {
+                "conditions": [
+                    {"type": "Ready", "status": "Unknown", "lastTransitionTime": stamp,
+                     "lastHeartbeatTime": stamp, "reason": "NodeStatusUnknown", "message": "Kubelet stopped."}
+                ]
+            }  # fmt: skip
+            real_kube.request("PUT", f"/api/v1/nodes/{name}/status", made)
+            api.put_pod(ns, "evicted", node=name, deleting=True)
+            time.sleep(0.5)
+            assert pool_leases(api, ns) == {1: "evicted"}  # NotReady for less than 3 s: kept
+            wait_for("released once NotReady for 3 s", lambda: pool_leases(api, ns) == {}, 7)
+            assert dict(controller.reclaimer.released) == {"node-not-ready": 1}
+    finally:
+        with contextlib.suppress(ApiError):
+            real_kube.request("DELETE", f"/api/v1/nodes/{name}")
