@@ -70,6 +70,9 @@ class Reclaimer:
         self.released: Counter[str] = Counter()  # by reason
         self.errors = 0
         self._queue: set[str] = set()
+        self._rechecks: set[str] = (
+            set()
+        )  # Terminating pods to look at when their node's NotReady is long enough
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -120,10 +123,34 @@ class Reclaimer:
         if nodes is None:
             return False  # looked at again once the nodes are listed (the first sweep)
         now = datetime.now(UTC)
-        return any(
-            not node or dead_node(node, nodes, now, self.not_ready_after) is not None
-            for node in self.pools.lease_nodes(ref)
-        )
+        soonest: float | None = None
+        for node in self.pools.lease_nodes(ref):
+            if not node or dead_node(node, nodes, now, self.not_ready_after) is not None:
+                return True
+            since = nodes[node].not_ready_since
+            if self.not_ready_after is not None and since is not None:
+                left = self.not_ready_after - (now - since).total_seconds()
+                soonest = left if soonest is None else min(soonest, left)
+        if soonest is not None:
+            # NotReady, not yet for long enough: a dead kubelet posts nothing more, so no event
+            # would bring the pod back here when it is; looked at again then
+            self._recheck(ref, soonest)
+        return False
+
+    def _recheck(self, ref: str, seconds: float) -> None:
+        with self._cond:
+            if ref in self._rechecks:
+                return
+            self._rechecks.add(ref)
+
+        def fire() -> None:
+            with self._cond:
+                self._rechecks.discard(ref)
+            self.notify([ref])
+
+        timer = threading.Timer(max(seconds, 0.0) + 0.05, fire)
+        timer.daemon = True
+        timer.start()
 
     def sweep(self) -> None:
         """Every pod holding leases (once every cache is listed, and on becoming leader)."""
