@@ -14,6 +14,7 @@ safe, every one through a conditional write that re-checks what was judged:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -355,9 +356,12 @@ class Reconciler:
 
         try:
             store = self.engine.store
-            # one write that tests each lease, no read first; when one changed, the read-and-write loop
-            if isinstance(store, LeaseRemoval) and store.remove_leases(view.name, judged):
-                return sorted(judged)
+            # one write that tests each lease, no read first; when one changed, or the write met a
+            # transient error (retried by the loop, as the write it replaced was), the read-and-write loop
+            if isinstance(store, LeaseRemoval):
+                with contextlib.suppress(TransientStoreError):
+                    if store.remove_leases(view.name, judged):
+                        return sorted(judged)
             return self.engine.mutate_pool(view.name, view.snapshot.cidr, change)
         except STORE_ERRORS as exc:
             if summary is None:

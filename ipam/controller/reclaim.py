@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ..allocator import Lease
 from ..audit import Holding, Reservation
 from ..errors import CNIError, TransientStoreError
 from ..log import log
@@ -70,6 +71,9 @@ class Reclaimer:
         self.released: Counter[str] = Counter()  # by reason
         self.errors = 0
         self._queue: set[str] = set()
+        self._rechecks: set[str] = (
+            set()
+        )  # Terminating pods to look at when their node's NotReady is long enough
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -86,7 +90,9 @@ class Reclaimer:
         # (its deletion and a later event both pointed at it) is one release, not two
         self._pending: dict[str, dict[int, Release]] = defaultdict(dict)
         self._writing: set[str] = set()  # pools a _drain is working on
-        self._in_flight: dict[str, set[int]] = defaultdict(set)  # pool -> offsets its _drain is writing
+        # pool -> the leases (offset, lease) its _drain is writing: the same lease judged again meanwhile
+        # is not queued again; another lease at that offset is (the write's test fails on it)
+        self._in_flight: dict[str, set[tuple[int, Lease]]] = defaultdict(set)
 
     # -- what the caches point at -----------------------------------------------------------------
 
@@ -118,10 +124,34 @@ class Reclaimer:
         if nodes is None:
             return False  # looked at again once the nodes are listed (the first sweep)
         now = datetime.now(UTC)
-        return any(
-            not node or dead_node(node, nodes, now, self.not_ready_after) is not None
-            for node in self.pools.lease_nodes(ref)
-        )
+        soonest: float | None = None
+        for node in self.pools.lease_nodes(ref):
+            if not node or dead_node(node, nodes, now, self.not_ready_after) is not None:
+                return True
+            since = nodes[node].not_ready_since
+            if self.not_ready_after is not None and since is not None:
+                left = self.not_ready_after - (now - since).total_seconds()
+                soonest = left if soonest is None else min(soonest, left)
+        if soonest is not None:
+            # NotReady, not yet for long enough: a dead kubelet posts nothing more, so no event
+            # would bring the pod back here when it is; looked at again then
+            self._recheck(ref, soonest)
+        return False
+
+    def _recheck(self, ref: str, seconds: float) -> None:
+        with self._cond:
+            if ref in self._rechecks:
+                return
+            self._rechecks.add(ref)
+
+        def fire() -> None:
+            with self._cond:
+                self._rechecks.discard(ref)
+            self.notify([ref])
+
+        timer = threading.Timer(max(seconds, 0.0) + 0.05, fire)
+        timer.daemon = True
+        timer.start()
 
     def sweep(self) -> None:
         """Every pod holding leases (once every cache is listed, and on becoming leader)."""
@@ -179,7 +209,7 @@ class Reclaimer:
             for pool, group in by_pool.items():
                 busy = self._in_flight.get(pool, set())
                 self._pending[pool].update(
-                    (r.holding.offset, r) for r in group if r.holding.offset not in busy
+                    (r.holding.offset, r) for r in group if (r.holding.offset, r.holding.lease) not in busy
                 )
                 if pool not in self._writing:
                     self._writing.add(pool)
@@ -199,7 +229,7 @@ class Reclaimer:
                     self._in_flight.pop(pool, None)
                     self._idle.notify_all()
                     return
-                self._in_flight[pool] = {r.holding.offset for r in group}
+                self._in_flight[pool] = {(r.holding.offset, r.holding.lease) for r in group}
             if self.is_leader():
                 with self._guard(sorted({r.holding.lease.podref for r in group})):
                     try:
