@@ -2,7 +2,7 @@
 lease (no read first, the read-and-write loop when one changed), each lease released once however
 often its pod is pointed at, a failed write tried again, a Terminating pod on a healthy node not
 looked up, and a released lease's reservation deleted at the watch copy's resourceVersion (never
-one that changed hands)."""
+one that changed hands). The pool cache's partial parse is checked in tests/test_break_release.py."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ipam.allocator import Lease, Request, parse_allocations
 from ipam.audit import Reservation
-from ipam.controller import cache, reclaim
+from ipam.controller import reclaim
 from ipam.controller.main import Controller
 from ipam.engine import Engine
 from ipam.reconcile import Summary
@@ -306,42 +304,3 @@ def test_a_reservation_that_changed_hands_since_the_watch_copy_is_not_deleted(
             r._unreserve(judged.holding)
         assert name not in reservations(real_kube)
         assert [m for m, p in seen if name in p] == ["DELETE"]
-
-
-# -- the IPPool cache's parse -----------------------------------------------------------------------
-
-LEASE = st.fixed_dictionaries(
-    {"id": st.sampled_from(["c1", "c2", "c3"]), "podref": st.sampled_from(["ns/a", "ns/b"])},
-    optional={
-        "ifname": st.sampled_from(["net1", "net2"]),
-        "attrs": st.sampled_from(["node=n1", "node=n2;poduid=u1", ""]),
-        "x": st.integers(0, 2),
-    },
-)
-ENTRY = st.one_of(LEASE, st.just(5), st.just({"id": 7}))  # now and then an unreadable lease
-KEY = st.sampled_from(["1", "2", "3", "01", "x"])
-RAW = st.dictionaries(KEY, st.one_of(LEASE, LEASE, LEASE, ENTRY), max_size=4)
-
-
-@settings(max_examples=300)
-@given(st.lists(st.tuples(st.sampled_from(["p", "q"]), st.booleans(), RAW), min_size=1, max_size=8))
-def test_the_pool_cache_reads_each_event_as_a_whole_parse_would(
-    events: list[tuple[str, bool, dict[str, Any]]],
-) -> None:
-    """Re-parsing only the entries that changed since a pool's last event gives what parsing the whole
-    event gives, including pools that become unreadable (two keys for one offset, a bad lease) and
-    readable again, and pools deleted and made again."""
-    pools = cache.Pools("ns", lambda refs: None)
-    for name, deleted, raw in events:
-        obj = {"metadata": {"name": name, "resourceVersion": "1"}, "spec": {"range": "10.0.0.0/24"}}
-        obj["spec"]["allocations"] = raw
-        pools.event("DELETED" if deleted else "MODIFIED", obj)
-        if deleted:
-            assert name not in pools.pools
-            continue
-        try:
-            whole = parse_allocations(raw)
-        except ValueError:
-            assert name not in pools.pools
-            continue
-        assert pools.pools[name].allocations == whole

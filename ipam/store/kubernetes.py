@@ -308,7 +308,7 @@ class KubernetesStore:
         try:
             self.client.request("PATCH", self._path(POOLS, name), ops, content_type=JSON_PATCH)
         except ApiError as exc:
-            if exc.status in (404, 422):
+            if exc.status in (404, 409, 422):  # 409 is not expected (no resourceVersion): read and decide
                 return False
             self._raise(exc, what)
         except (http.client.HTTPException, OSError, ValueError) as exc:
