@@ -98,6 +98,46 @@ def test_remove_leases_tests_each_lease_and_writes_nothing_when_one_changed(
         store.close()
 
 
+def test_the_next_release_in_a_pool_is_a_put_of_the_last_answer_and_a_patch_when_it_changed(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    pods = {n: real_kube.api.put_pod(real_kube.namespace, n) for n in ("a", "b", "c", "d")}
+    for n in ("a", "b", "c"):
+        add(engine, real_kube, pods[n])
+    store = KubernetesStore.connect(real_kube.identity_kubeconfig("controller"), str(tmp_path / "locks"))
+    seen: list[tuple[str, int]] = []
+    original = store.client.request
+
+    def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            out = original(method, path, *args, **kwargs)
+        except Exception as exc:
+            seen.append((method, int(getattr(exc, "status", 0))))
+            raise
+        seen.append((method, 200))
+        return out
+
+    store.client.request = request  # type: ignore[method-assign]
+    try:
+        leases = parse_allocations(pool_object(real_kube)["spec"]["allocations"])
+        by_pod = {lease.podref.split("/")[1]: {offset: lease} for offset, lease in leases.items()}
+        assert store.remove_leases(POOL, by_pod["a"])
+        assert store.remove_leases(POOL, by_pod["b"])
+        assert seen == [("PATCH", 200), ("PUT", 200)]  # no read: the patch's answer was the base
+        add(engine, real_kube, pods["d"])  # another writer: the kept copy is stale now
+        seen.clear()
+        assert store.remove_leases(POOL, by_pod["c"])
+        assert seen == [("PUT", 409), ("PATCH", 200)]
+        assert set(holders(real_kube)) == {"d"}
+        # a lease no longer as given: nothing written, from the copy or by the patch
+        seen.clear()
+        assert not store.remove_leases(POOL, by_pod["a"])
+        assert seen == [("PATCH", 422)]
+        assert set(holders(real_kube)) == {"d"}
+    finally:
+        store.close()
+
+
 # -- the controller ---------------------------------------------------------------------------------
 
 

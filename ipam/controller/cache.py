@@ -192,11 +192,11 @@ class Pools:
         self._raw: dict[str, dict[str, Any]] = {}  # pool -> its allocations as last received
         self.generation = 0  # bumped on every change: the metrics' computed figures are reused until then
 
-    def _snapshot(self, obj: dict[str, Any]) -> PoolSnapshot | None:
+    def _snapshot(self, obj: dict[str, Any], keep: bool = True) -> PoolSnapshot | None:
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
         name = str(meta.get("name", ""))
         try:
-            allocations = self._parse(name, spec.get("allocations") or {})
+            allocations = self._parse(name, spec.get("allocations") or {}, keep)
         except ValueError as exc:
             log.warning("controller.pool.unreadable", pool=name, error=str(exc))
             return None
@@ -204,10 +204,11 @@ class Pools:
             name, str(spec.get("range", "")), allocations, str(meta.get("resourceVersion", ""))
         )
 
-    def _parse(self, name: str, raw: Any) -> Allocations:
+    def _parse(self, name: str, raw: Any, keep: bool = True) -> Allocations:
         """`parse_allocations`, reusing the parsed lease of every entry equal to the one the pool's
         last event carried: a write changes a few leases of hundreds, and every write comes back as
-        an event."""
+        an event. `keep`: remember `raw` for the next event (not from a LIST: the pools' raw copies
+        would add to the memory peak of the first LIST, and most pools never change)."""
         old, old_raw = self.pools.get(name), self._raw.get(name)
         if old is None or old_raw is None or not isinstance(raw, dict):
             out = parse_allocations(raw)
@@ -219,7 +220,8 @@ class Pools:
                     out.setdefault(int(key), old.allocations[int(key)])
             if len(out) != len(raw):  # two keys for one offset: parsed whole, to be refused the same way
                 out = parse_allocations(raw)
-        self._raw[name] = raw
+        if keep:
+            self._raw[name] = raw
         return out
 
     def _set_pool(self, name: str, snapshot: PoolSnapshot | None) -> set[str]:
@@ -257,7 +259,7 @@ class Pools:
             for name in list(self.pools):
                 self._set_pool(name, None)
             for obj in items:
-                snap = self._snapshot(obj)
+                snap = self._snapshot(obj, keep=False)
                 if snap is not None:
                     self._set_pool(snap.name, snap)
             refs = list(self.by_pod)
