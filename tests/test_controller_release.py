@@ -264,35 +264,32 @@ def test_a_failed_pool_write_is_tried_again(
 def test_a_terminating_pod_is_looked_up_only_when_its_node_is_dead(
     real_kube: RealKube, engine: Engine, tmp_path: Path
 ) -> None:
-    api, ns, tag = real_kube.api, real_kube.namespace, real_kube.namespace[-6:]
-    node = f"fenced-{tag}"
-    real_kube.request(
-        "POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}
+    with node(real_kube) as name_of_node:
+        stuck_on_a_node(real_kube, engine, tmp_path, name_of_node)
+
+
+def stuck_on_a_node(real_kube: RealKube, engine: Engine, tmp_path: Path, node_name: str) -> None:
+    api, ns = real_kube.api, real_kube.namespace
+    pod = api.put_pod(ns, "stuck", node=node_name)
+    meta = pod["metadata"]
+    engine.add(
+        [SPEC],
+        Request(f"ctr-{meta['uid'][:6]}", "net1", f"{ns}/stuck", poduid=meta["uid"], node=node_name),
     )
-    try:
-        pod = api.put_pod(ns, "stuck", node=node)
-        meta = pod["metadata"]
-        engine.add(
-            [SPEC],
-            Request(f"ctr-{meta['uid'][:6]}", "net1", f"{ns}/stuck", poduid=meta["uid"], node=node),
-        )
-        with running(real_kube, tmp_path) as controller:
+    with running(real_kube, tmp_path) as controller:
+        time.sleep(1)
+        with recorded(controller) as seen:
+            api.put_pod(ns, "stuck", node=node_name, deleting=True)  # Terminating: no kubelet
+            wait_for("the controller saw it Terminating", lambda: bool(controller.pods.terminating()))
             time.sleep(1)
-            with recorded(controller) as seen:
-                api.put_pod(ns, "stuck", node=node, deleting=True)  # Terminating: no kubelet
-                wait_for("the controller saw it Terminating", lambda: bool(controller.pods.terminating()))
-                time.sleep(1)
-                assert [p for m, p in seen if p.endswith("/pods/stuck")] == []  # healthy node: no GET
-                assert set(holders(real_kube)) == {"stuck"}
-                taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
-                real_kube.request("PATCH", f"/api/v1/nodes/{node}", {"spec": {"taints": [taint]}})
-                wait_for("released once its node is out of service", lambda: holders(real_kube) == {})
-            r = controller.reclaimer
-            wait_for("counted", lambda: dict(r.released) == {"node-out-of-service": 1})
-            assert [m for m, p in seen if p.endswith("/pods/stuck")] == ["GET"]
-    finally:
-        with contextlib.suppress(Exception):
-            real_kube.request("DELETE", f"/api/v1/nodes/{node}")
+            assert [p for m, p in seen if p.endswith("/pods/stuck")] == []  # healthy node: no GET
+            assert set(holders(real_kube)) == {"stuck"}
+            taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
+            real_kube.request("PATCH", f"/api/v1/nodes/{node_name}", {"spec": {"taints": [taint]}})
+            wait_for("released once its node is out of service", lambda: holders(real_kube) == {})
+        r = controller.reclaimer
+        wait_for("counted", lambda: dict(r.released) == {"node-out-of-service": 1})
+        assert [m for m, p in seen if p.endswith("/pods/stuck")] == ["GET"]
 
 
 def test_a_reservation_that_changed_hands_since_the_watch_copy_is_not_deleted(
