@@ -251,8 +251,9 @@ PLUGIN_RULES = {
     (GROUP, "writerturns"): {"get", "create", "delete"},  # writer turns (ipam.turns)
 }
 RECONCILER_RULES = {
-    # create + delete: node slices, fence a slice pool before returning its slice, remove it after
-    (GROUP, "ippools"): {"get", "list", "update", "create", "delete"},
+    # create + delete: node slices, fence a slice pool before returning its slice, remove it after;
+    # patch: release leases (a JSON patch testing each), get + update when one changed
+    (GROUP, "ippools"): {"get", "list", "update", "patch", "create", "delete"},
     (GROUP, "overlappingrangeipreservations"): {"get", "list", "create", "delete"},
     (GROUP, "nodeslicepools"): {"get", "list", "update"},
     (GROUP, "nodeslicepools/status"): {"update"},
