@@ -5,6 +5,7 @@ the pod watch delivered (Reclaimer.judge), the PUT of the last release's answer
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ipam.allocator import Lease, Request, parse_allocations
+from ipam.allocator import Lease, Request, dump_allocations, parse_allocations
 from ipam.audit import Holding, PoolView, Reservation
 from ipam.controller import reclaim
 from ipam.controller.cache import Finished, Nodes, Pods, Pools
@@ -25,6 +26,7 @@ from ipam.ranges import build_range
 from ipam.reconcile import Summary
 from ipam.slices import RETIRED_ANNOTATION
 from ipam.store.base import PoolSnapshot
+from ipam.store.kubeclient import ApiError as KubeApiError
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealKube
 from tests.test_controller import running, wait_for
@@ -71,6 +73,30 @@ def uid_of(kube: RealKube) -> str:
     return str(obj["metadata"]["uid"])
 
 
+@contextlib.contextmanager
+def answers(store: KubernetesStore) -> Iterator[list[tuple[str, int]]]:
+    """(method, HTTP status) of each pool write the store makes meanwhile."""
+    seen: list[tuple[str, int]] = []
+    real = store.client.request
+
+    def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        if method not in ("PUT", "PATCH") or "/ippools/" not in path:
+            return real(method, path, *args, **kwargs)
+        try:
+            out = real(method, path, *args, **kwargs)
+        except KubeApiError as exc:
+            seen.append((method, exc.status))
+            raise
+        seen.append((method, 200))
+        return out
+
+    store.client.request = request  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        store.client.request = real  # type: ignore[method-assign]
+
+
 def of(kube: RealKube, pod: str, pool: str = POOL) -> dict[int, Lease]:
     return {o: lease for o, lease in leases(kube, pool).items() if lease.podref == f"{kube.namespace}/{pod}"}
 
@@ -90,7 +116,9 @@ def test_a_kept_answer_put_after_the_pool_was_retired_fails_and_the_retirement_s
     obj = real_kube.request("GET", path)
     obj["metadata"].setdefault("annotations", {})[RETIRED_ANNOTATION] = "reclaim"
     real_kube.request("PUT", path, obj)
-    assert store.remove_leases(POOL, of(real_kube, "b"))  # the kept copy's PUT is refused: the patch
+    with answers(store) as seen:
+        assert store.remove_leases(POOL, of(real_kube, "b"))  # the kept copy's PUT is refused: the patch
+    assert seen == [("PUT", 409), ("PATCH", 200)]
     after = pool_object(real_kube)
     assert after is not None
     assert RETIRED_ANNOTATION in (after["metadata"].get("annotations") or {})
@@ -108,16 +136,24 @@ def test_a_kept_answer_put_after_the_pool_was_deleted_or_remade_resurrects_nothi
     assert store.remove_leases(POOL, of(real_kube, "a"))
     path = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/ippools/{POOL}"
     real_kube.request("DELETE", path)
-    assert not store.remove_leases(POOL, b)  # gone: nothing written, nothing made again
+    with answers(store) as seen:
+        assert not store.remove_leases(POOL, b)  # gone: nothing written, nothing made again
+    assert seen == [("PUT", 404)]
     assert pool_object(real_kube) is None
 
     add(engine, ns, "x")
-    assert store.remove_leases(POOL, of(real_kube, "x"))  # a kept answer of the new pool
+    add(engine, ns, "w")
+    w = of(real_kube, "w")
+    assert store.remove_leases(POOL, of(real_kube, "x"))  # a kept answer of the new pool, holding w
     real_kube.request("DELETE", path)
     add(engine, ns, "y")  # the pool made again under the name, within BASE_SECONDS
     add(engine, ns, "z")
     y_uid = uid_of(real_kube)
-    assert not store.remove_leases(POOL, b)  # b is not in it: the old copy's PUT must not land
+    with answers(store) as seen:
+        # w is in the kept copy exactly as given: its PUT (old uid, old resourceVersion) is sent and
+        # must be refused, not bring w back nor drop y and z; then the patch's test fails
+        assert not store.remove_leases(POOL, w)
+    assert seen == [("PUT", 409), ("PATCH", 422)], seen
     assert {lease.podref for lease in leases(real_kube).values()} == {f"{ns}/y", f"{ns}/z"}
     assert uid_of(real_kube) == y_uid
 
@@ -143,11 +179,13 @@ def test_two_threads_releasing_in_one_pool_through_one_store_remove_exactly_thei
             errors.append(exc)
 
     threads = [threading.Thread(target=release, args=(names[i:11:2],)) for i in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    with answers(store) as seen:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
     assert not errors
+    assert ("PUT", 200) in seen, seen  # the kept answers were used, side by side with patches
     assert {lease.podref for lease in leases(real_kube).values()} == {f"{ns}/p11"}
 
 
@@ -247,3 +285,62 @@ def test_an_add_of_the_freed_address_while_its_reservation_delete_waits(
             if o["spec"]["podref"] == f"{ns}/{name}"
         ]
         assert len(rsv) == 1 and rsv[0]["spec"]["containerid"] == f"ctr-{name}-{uid[:6]}"
+
+
+# -- 1. no GET for a UID the pod watch saw deleted ---------------------------------------------------
+
+
+def _judging(allocations: dict[int, Lease]) -> tuple[Reclaimer, Pods, list[str]]:
+    noop = lambda _refs: None  # noqa: E731
+    pods, pools, looked = Pods(noop), Pools("ns", noop), []
+    pools.replace(
+        [
+            {
+                "metadata": {"name": POOL, "namespace": "ns", "resourceVersion": "1"},
+                "spec": {"range": "10.64.0.0/24", "allocations": dump_allocations(allocations)},
+            }
+        ]
+    )
+
+    def get_pod(ref: str) -> None:
+        looked.append(ref)
+
+    r = Reclaimer(pods, Finished(noop), Nodes(lambda: None), pools, get_pod, _Releaser(), lambda: True)
+    return r, pods, looked
+
+
+def _deleted(pods: Pods, ns: str, name: str, uid: str) -> None:
+    pods.event("DELETED", {"metadata": {"namespace": ns, "name": name, "uid": uid}})
+
+
+@pytest.mark.parametrize(
+    ("other", "ns"),
+    [
+        (Lease("c2", "ns/r", "net2", poduid=""), "ns"),  # a lease recording no UID: it may be the new pod's
+        (Lease("c2", "ns/r", "net2", poduid="u2"), "ns"),  # the new pod's lease
+        (None, "other"),  # the same name deleted in another namespace
+    ],
+)
+def test_a_deleted_uid_skips_the_get_only_when_every_lease_of_that_podref_names_it(
+    other: Lease | None, ns: str
+) -> None:
+    allocations = {1: Lease("c1", "ns/r", "net1", poduid="u1")}
+    if other is not None:
+        allocations[2] = other
+    r, pods, looked = _judging(allocations)
+    _deleted(pods, ns, "r", "u1")
+    r.judge("ns/r")
+    assert looked == ["ns/r"]
+    r.stop()
+
+
+def test_a_retained_lease_of_a_deleted_uid_is_not_released_without_a_get() -> None:
+    retained = Lease(
+        "c1", "ns/r", "net1", poduid="u1", retained="2020-01-01T00:00:00Z", until="2999-01-01T00:00:00Z"
+    )
+    r, pods, looked = _judging({1: retained, 2: Lease("c9", "ns/r", "net9", poduid="u1")})
+    _deleted(pods, "ns", "r", "u1")
+    judged = r.judge("ns/r")
+    assert looked == []  # no GET: both leases name the deleted UID
+    assert [j.holding.offset for j in judged] == [2]  # the retained lease stays (ipam-reconcile's)
+    r.stop()
