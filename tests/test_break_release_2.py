@@ -268,6 +268,8 @@ def test_an_add_of_the_freed_address_while_its_reservation_delete_waits(
             got = add(engine, ns, name, uid, TINY)
         except CNIError as exc:  # the old reservation still stands: refused, never a duplicate
             assert taker == "other-pod", exc
+            # and said so: not a bare "no free address" for a range with a free address
+            assert "reserved" in f"{exc.msg} {exc.details}", (exc.msg, exc.details)
             got = ""
         with reclaimer._idle:
             reclaimer._writing.discard("held-open")
