@@ -346,3 +346,51 @@ def test_a_retained_lease_of_a_deleted_uid_is_not_released_without_a_get() -> No
     assert looked == []  # no GET: both leases name the deleted UID
     assert [j.holding.offset for j in judged] == [2]  # the retained lease stays (ipam-reconcile's)
     r.stop()
+
+
+@pytest.mark.apiserver
+def test_a_statefulset_pod_made_again_while_its_old_uid_is_judged_gone_without_a_get_keeps_its_lease(
+    real_kube: RealKube, engine: Engine, tmp_path: Path
+) -> None:
+    """s-0 (UID u1) is deleted and made again at once (u2). The controller judges u1's lease from its
+    DELETED event alone (no GET); before its write, s-0's new ADD takes that very lease back (same
+    name and interface: `find_owner`). The write must not free the live pod's lease nor its
+    reservation."""
+    api, ns = real_kube.api, real_kube.namespace
+    old = api.put_pod(ns, "s-0")
+    address = add(engine, ns, "s-0", old["metadata"]["uid"])
+    with running(real_kube, tmp_path) as controller:
+        reclaimer = controller.reclaimer
+        real_judge, real_get = reclaimer.judge, reclaimer.get_pod
+        judged, gate, gets = threading.Event(), threading.Event(), []
+
+        def get_pod(ref: str) -> Any:
+            gets.append(ref)
+            return real_get(ref)
+
+        def judge(ref: str) -> Any:
+            if ref == f"{ns}/s-0":  # a MODIFIED (Terminating) event may come first: judged after DELETED
+                wait_for("the DELETED event", lambda: bool(controller.pods.deleted_uid(ref)), 10)
+            out = real_judge(ref)
+            if ref == f"{ns}/s-0" and out:
+                judged.set()
+                assert gate.wait(20)
+            return out
+
+        reclaimer.judge = judge  # type: ignore[method-assign]
+        reclaimer.get_pod = get_pod
+        api.delete_pod(ns, "s-0")
+        wait_for("the controller judged u1 gone", judged.is_set, 10)
+        assert gets == []  # on the DELETED event's word
+        new = api.put_pod(ns, "s-0")
+        uid = new["metadata"]["uid"]
+        assert add(engine, ns, "s-0", uid) == address  # the same lease, confirmed for u2
+        gate.set()
+        reclaimer.flush()
+        time.sleep(1.5)
+        (lease,) = of(real_kube, "s-0").values()
+        assert lease.poduid == uid
+        rsv = [
+            o for o in api.objects("overlappingrangeipreservations", ns) if o["spec"]["podref"] == f"{ns}/s-0"
+        ]
+        assert [r["spec"]["containerid"] for r in rsv] == [f"ctr-s-0-{uid[:6]}"]
