@@ -646,7 +646,10 @@ class Engine:
             op.error = CNIError(
                 errors.POOL_EXHAUSTED,
                 f"no free address in range {op.spec.describe()} (pool {name})",
-                f"{len(leases)} leases, {op.spec.size()} allocatable addresses",
+                f"{len(leases)} leases, {op.spec.size()} allocatable addresses"
+                # the others' reservations (an overlapping range's, or a released lease's not yet
+                # deleted: the controller defers those a few seconds), so a retry may well succeed
+                + (f", {len(op.skip)} reserved by another attachment" if op.skip else ""),
             )
             return None
         op.offset, op.reused = decision.offset, decision.reused

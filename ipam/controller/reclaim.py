@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,8 @@ PARALLEL = 8  # GETs of pods side by side
 # cost on the API server grows with its leases, so fewer, fuller rounds cost it less (32 were slower
 # than 8 at 10,000 pods, bench/RESULTS.md)
 WRITERS = 8
-RETRY_SECONDS = 1.0
-DEFER_SECONDS = 5.0  # a released lease's reservation waits this long at most for the pool writes  # a pool write that failed is tried again this much later
+RETRY_SECONDS = 1.0  # a pool write that failed is tried again this much later
+DEFER_SECONDS = 5.0  # a released lease's reservation waits this long at most for the pool writes
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
 
@@ -306,6 +307,10 @@ class Reclaimer:
             self.released.update(r.reason for r in done)
         if summary.errors:  # the write failed (logged by the releaser): its pods are looked at again
             self._later({r.holding.lease.podref for r in group})
+        # the deferral is counted from now, not from when a reservation thread takes it up: under a
+        # steady stream of writes each of PARALLEL threads would wait DEFER_SECONDS per delete, and
+        # the queue (and the time the freed addresses stay reserved) would grow without bound
+        until = time.monotonic() + DEFER_SECONDS
         for r in done:
             h = r.holding
             log.info(
@@ -315,17 +320,19 @@ class Reclaimer:
                 address=h.address,
                 reason=r.reason,
             )
-            self._unreservers.submit(self._unreserve, h)
+            self._unreservers.submit(self._unreserve, h, until)
             if self.on_release is not None:
                 self.on_release(r)
         return done
 
-    def _unreserve(self, h: Holding) -> None:
+    def _unreserve(self, h: Holding, until: float | None = None) -> None:
         # after the pool writes pending now (a lease is free once its pool is written; its reservation
-        # only names it), so that a burst's reservation deletes do not slow its releases; not longer
-        # than DEFER_SECONDS under a steady stream
+        # only names it), so that a burst's reservation deletes do not slow its releases; under a
+        # steady stream not past `until` (DEFER_SECONDS after the release)
+        if until is None:
+            until = time.monotonic() + DEFER_SECONDS
         with self._idle:
-            self._idle.wait_for(lambda: not self._writing, DEFER_SECONDS)
+            self._idle.wait_for(lambda: not self._writing, max(0.0, until - time.monotonic()))
         summary = Summary()
         with self.pools.lock:
             cached = self.pools.reservations.get(h.reservation)
