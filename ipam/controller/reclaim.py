@@ -72,9 +72,8 @@ class Reclaimer:
         self.released: Counter[str] = Counter()  # by reason
         self.errors = 0
         self._queue: set[str] = set()
-        self._rechecks: set[str] = (
-            set()
-        )  # Terminating pods to look at when their node's NotReady is long enough
+        # Terminating pods to look at again when their node has been NotReady long enough
+        self._rechecks: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
