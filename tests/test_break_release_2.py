@@ -5,7 +5,6 @@ the pod watch delivered (Reclaimer.judge), the PUT of the last release's answer
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,10 +25,10 @@ from ipam.ranges import build_range
 from ipam.reconcile import Summary
 from ipam.slices import RETIRED_ANNOTATION
 from ipam.store.base import PoolSnapshot
-from ipam.store.kubeclient import ApiError as KubeApiError
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealKube
 from tests.test_controller import running, wait_for
+from tests.test_controller_release import pool_writes, requests_of
 
 SPEC = build_range("ipam", "10.64.0.0/24")
 POOL = "10.64.0.0-24"
@@ -73,30 +72,6 @@ def uid_of(kube: RealKube) -> str:
     return str(obj["metadata"]["uid"])
 
 
-@contextlib.contextmanager
-def answers(store: KubernetesStore) -> Iterator[list[tuple[str, int]]]:
-    """(method, HTTP status) of each pool write the store makes meanwhile."""
-    seen: list[tuple[str, int]] = []
-    real = store.client.request
-
-    def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        if method not in ("PUT", "PATCH") or "/ippools/" not in path:
-            return real(method, path, *args, **kwargs)
-        try:
-            out = real(method, path, *args, **kwargs)
-        except KubeApiError as exc:
-            seen.append((method, exc.status))
-            raise
-        seen.append((method, 200))
-        return out
-
-    store.client.request = request  # type: ignore[method-assign]
-    try:
-        yield seen
-    finally:
-        store.client.request = real  # type: ignore[method-assign]
-
-
 def of(kube: RealKube, pod: str, pool: str = POOL) -> dict[int, Lease]:
     return {o: lease for o, lease in leases(kube, pool).items() if lease.podref == f"{kube.namespace}/{pod}"}
 
@@ -116,9 +91,9 @@ def test_a_kept_answer_put_after_the_pool_was_retired_fails_and_the_retirement_s
     obj = real_kube.request("GET", path)
     obj["metadata"].setdefault("annotations", {})[RETIRED_ANNOTATION] = "reclaim"
     real_kube.request("PUT", path, obj)
-    with answers(store) as seen:
+    with requests_of(store.client) as seen:
         assert store.remove_leases(POOL, of(real_kube, "b"))  # the kept copy's PUT is refused: the patch
-    assert seen == [("PUT", 409), ("PATCH", 200)]
+    assert pool_writes(seen) == [("PUT", 409), ("PATCH", 200)]
     after = pool_object(real_kube)
     assert after is not None
     assert RETIRED_ANNOTATION in (after["metadata"].get("annotations") or {})
@@ -136,9 +111,9 @@ def test_a_kept_answer_put_after_the_pool_was_deleted_or_remade_resurrects_nothi
     assert store.remove_leases(POOL, of(real_kube, "a"))
     path = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{ns}/ippools/{POOL}"
     real_kube.request("DELETE", path)
-    with answers(store) as seen:
+    with requests_of(store.client) as seen:
         assert not store.remove_leases(POOL, b)  # gone: nothing written, nothing made again
-    assert seen == [("PUT", 404)]
+    assert pool_writes(seen) == [("PUT", 404)]
     assert pool_object(real_kube) is None
 
     add(engine, ns, "x")
@@ -149,11 +124,11 @@ def test_a_kept_answer_put_after_the_pool_was_deleted_or_remade_resurrects_nothi
     add(engine, ns, "y")  # the pool made again under the name, within BASE_SECONDS
     add(engine, ns, "z")
     y_uid = uid_of(real_kube)
-    with answers(store) as seen:
+    with requests_of(store.client) as seen:
         # w is in the kept copy exactly as given: its PUT (old uid, old resourceVersion) is sent and
         # must be refused, not bring w back nor drop y and z; then the patch's test fails
         assert not store.remove_leases(POOL, w)
-    assert seen == [("PUT", 409), ("PATCH", 422)], seen
+    assert pool_writes(seen) == [("PUT", 409), ("PATCH", 422)], seen
     assert {lease.podref for lease in leases(real_kube).values()} == {f"{ns}/y", f"{ns}/z"}
     assert uid_of(real_kube) == y_uid
 
@@ -179,13 +154,13 @@ def test_two_threads_releasing_in_one_pool_through_one_store_remove_exactly_thei
             errors.append(exc)
 
     threads = [threading.Thread(target=release, args=(names[i:11:2],)) for i in (1, 2)]
-    with answers(store) as seen:
+    with requests_of(store.client) as seen:
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
     assert not errors
-    assert ("PUT", 200) in seen, seen  # the kept answers were used, side by side with patches
+    assert ("PUT", 200) in pool_writes(seen), seen  # the kept answers were used, side by side with patches
     assert {lease.podref for lease in leases(real_kube).values()} == {f"{ns}/p11"}
 
 

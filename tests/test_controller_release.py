@@ -18,9 +18,10 @@ import pytest
 from ipam.allocator import Lease, Request, parse_allocations
 from ipam.audit import Reservation
 from ipam.controller import reclaim
-from ipam.controller.main import Controller
 from ipam.engine import Engine
 from ipam.reconcile import Summary
+from ipam.store.kubeclient import ApiError as KubeApiError
+from ipam.store.kubeclient import KubeClient
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealKube
 from tests.test_controller import POOL, SPEC, add, engine, holders, reservations, running, wait_for
@@ -31,21 +32,30 @@ pytestmark = pytest.mark.apiserver
 
 
 @contextlib.contextmanager
-def recorded(controller: Controller) -> Iterator[list[tuple[str, str]]]:
-    """Every (method, path) the controller's client requests (its watches aside) while inside."""
-    seen: list[tuple[str, str]] = []
-    client = controller.client
+def requests_of(client: KubeClient) -> Iterator[list[tuple[str, str, int]]]:
+    """(method, path, HTTP status) of every request `client` makes (its watches aside) while inside."""
+    seen: list[tuple[str, str, int]] = []
     original = client.request
 
     def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        seen.append((method, path))
-        return original(method, path, *args, **kwargs)
+        try:
+            out = original(method, path, *args, **kwargs)
+        except KubeApiError as exc:
+            seen.append((method, path, exc.status))
+            raise
+        seen.append((method, path, 200))
+        return out
 
     client.request = request  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         client.request = original  # type: ignore[method-assign]
+
+
+def pool_writes(seen: list[tuple[str, str, int]]) -> list[tuple[str, int]]:
+    """(method, status) of the IPPool writes among `seen`."""
+    return [(m, status) for m, p, status in seen if m in ("PUT", "PATCH") and "/ippools/" in p]
 
 
 @contextlib.contextmanager
@@ -105,34 +115,25 @@ def test_the_next_release_in_a_pool_is_a_put_of_the_last_answer_and_a_patch_when
     for n in ("a", "b", "c"):
         add(engine, real_kube, pods[n])
     store = KubernetesStore.connect(real_kube.identity_kubeconfig("controller"), str(tmp_path / "locks"))
-    seen: list[tuple[str, int]] = []
-    original = store.client.request
-
-    def request(method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            out = original(method, path, *args, **kwargs)
-        except Exception as exc:
-            seen.append((method, int(getattr(exc, "status", 0))))
-            raise
-        seen.append((method, 200))
-        return out
-
-    store.client.request = request  # type: ignore[method-assign]
     try:
         leases = parse_allocations(pool_object(real_kube)["spec"]["allocations"])
         by_pod = {lease.podref.split("/")[1]: {offset: lease} for offset, lease in leases.items()}
-        assert store.remove_leases(POOL, by_pod["a"])
-        assert store.remove_leases(POOL, by_pod["b"])
-        assert seen == [("PATCH", 200), ("PUT", 200)]  # no read: the patch's answer was the base
+        with requests_of(store.client) as seen:
+            assert store.remove_leases(POOL, by_pod["a"])
+            assert store.remove_leases(POOL, by_pod["b"])
+        assert [(m, status) for m, _, status in seen] == [
+            ("PATCH", 200),
+            ("PUT", 200),
+        ]  # no read: the patch's answer was the base
         add(engine, real_kube, pods["d"])  # another writer: the kept copy is stale now
-        seen.clear()
-        assert store.remove_leases(POOL, by_pod["c"])
-        assert seen == [("PUT", 409), ("PATCH", 200)]
+        with requests_of(store.client) as seen:
+            assert store.remove_leases(POOL, by_pod["c"])
+        assert [(m, status) for m, _, status in seen] == [("PUT", 409), ("PATCH", 200)]
         assert set(holders(real_kube)) == {"d"}
         # a lease no longer as given: nothing written, from the copy or by the patch
-        seen.clear()
-        assert not store.remove_leases(POOL, by_pod["a"])
-        assert seen == [("PATCH", 422)]
+        with requests_of(store.client) as seen:
+            assert not store.remove_leases(POOL, by_pod["a"])
+        assert [(m, status) for m, _, status in seen] == [("PATCH", 422)]
         assert set(holders(real_kube)) == {"d"}
     finally:
         store.close()
@@ -161,13 +162,13 @@ def released_with_one_patch(real_kube: RealKube, tmp_path: Path) -> None:
             "the reservations are in the watch cache",
             lambda: len(controller.pools.reservations) == 2,
         )
-        with recorded(controller) as seen:
+        with requests_of(controller.client) as seen:
             api.delete_pod(ns, "gone")
             wait_for("released", lambda: set(holders(real_kube)) == {"keep"})
             wait_for("its reservation deleted", lambda: len(reservations(real_kube)) == 1)
             time.sleep(0.3)
-    assert [m for m, p in seen if p.endswith("/pods/gone")] == []  # its DELETED event named the UID
-    writes = [(m, p) for m, p in seen if "/ippools" in p or "/overlappingrangeipreservations" in p]
+    assert [m for m, p, _ in seen if p.endswith("/pods/gone")] == []  # its DELETED event named the UID
+    writes = [(m, p) for m, p, _ in seen if "/ippools" in p or "/overlappingrangeipreservations" in p]
     assert [m for m, p in writes if "/ippools/" in p] == ["PATCH"]  # no GET, no PUT of the pool
     assert [m for m, p in writes if "/overlappingrangeipreservations/" in p] == ["DELETE"]
     wait_for("counted", lambda: dict(controller.reclaimer.released) == {"pod-gone": 1})
@@ -187,16 +188,16 @@ def test_a_deleted_uid_spares_the_get_only_for_leases_that_name_it(
         r = controller.reclaimer
         api.delete_pod(ns, "web")
         wait_for("the DELETED event", lambda: controller.pods.deleted_uid(ref) == old["metadata"]["uid"])
-        with recorded(controller) as seen:
+        with requests_of(controller.client) as seen:
             (alone,) = r.judge(ref)
         assert alone.reason == "pod-gone" and seen == []
         new = api.put_pod(ns, "web")
         uid = new["metadata"]["uid"]  # another interface: a lease of its own beside the old pod's
         engine.add([SPEC], Request(f"ctr-{uid[:6]}", "net2", ref, poduid=uid, node="node-a"))
         wait_for("both leases cached", lambda: len(controller.pools.poduids(ref)) == 2)
-        with recorded(controller) as seen:
+        with requests_of(controller.client) as seen:
             (judged,) = r.judge(ref)
-        assert [m for m, p in seen if p.endswith("/pods/web")] == ["GET"]
+        assert [m for m, p, _ in seen if p.endswith("/pods/web")] == ["GET"]
         assert judged.reason == "pod-replaced"
         assert judged.holding.lease.poduid == old["metadata"]["uid"]
 
@@ -278,18 +279,18 @@ def stuck_on_a_node(real_kube: RealKube, engine: Engine, tmp_path: Path, node_na
     )
     with running(real_kube, tmp_path) as controller:
         time.sleep(1)
-        with recorded(controller) as seen:
+        with requests_of(controller.client) as seen:
             api.put_pod(ns, "stuck", node=node_name, deleting=True)  # Terminating: no kubelet
             wait_for("the controller saw it Terminating", lambda: bool(controller.pods.terminating()))
             time.sleep(1)
-            assert [p for m, p in seen if p.endswith("/pods/stuck")] == []  # healthy node: no GET
+            assert [p for m, p, _ in seen if p.endswith("/pods/stuck")] == []  # healthy node: no GET
             assert set(holders(real_kube)) == {"stuck"}
             taint = {"key": "node.kubernetes.io/out-of-service", "effect": "NoExecute"}
             real_kube.request("PATCH", f"/api/v1/nodes/{node_name}", {"spec": {"taints": [taint]}})
             wait_for("released once its node is out of service", lambda: holders(real_kube) == {})
         r = controller.reclaimer
         wait_for("counted", lambda: dict(r.released) == {"node-out-of-service": 1})
-        assert [m for m, p in seen if p.endswith("/pods/stuck")] == ["GET"]
+        assert [m for m, p, _ in seen if p.endswith("/pods/stuck")] == ["GET"]
 
 
 def test_a_reservation_that_changed_hands_since_the_watch_copy_is_not_deleted(
@@ -322,10 +323,10 @@ def test_a_reservation_that_changed_hands_since_the_watch_copy_is_not_deleted(
         )
         with controller.pools.lock:  # as if the watch had not caught up: the old copy
             controller.pools.reservations[name] = copy
-        with recorded(controller) as seen:
+        with requests_of(controller.client) as seen:
             r._unreserve(judged.holding)
         assert reservations(real_kube)[name]["spec"]["containerid"] == "ctr-newcomer"
-        assert [m for m, p in seen if name in p] == ["DELETE", "GET"]  # refused, then read: kept
+        assert [m for m, p, _ in seen if name in p] == ["DELETE", "GET"]  # refused, then read: kept
         # a copy at the current version naming the released container is deleted without a read
         fresh = reservations(real_kube)[name]
         fresh["spec"] = {**fresh["spec"], "containerid": judged.holding.lease.id, "podref": ref}
@@ -337,7 +338,7 @@ def test_a_reservation_that_changed_hands_since_the_watch_copy_is_not_deleted(
         version = written["metadata"]["resourceVersion"]
         wait_for("the watch has it", lambda: controller.pools.reservations[name].version == version)
         assert controller.pools.reservations[name] == Reservation.from_object(written)
-        with recorded(controller) as seen:
+        with requests_of(controller.client) as seen:
             r._unreserve(judged.holding)
         assert name not in reservations(real_kube)
-        assert [m for m, p in seen if name in p] == ["DELETE"]
+        assert [m for m, p, _ in seen if name in p] == ["DELETE"]
