@@ -227,34 +227,41 @@ def wait_http(url: str, seconds: float = 600) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-class ReleaseWatch(threading.Thread):
-    """Watches IPPools (and pods, the reference) as admin; records when each deleted pod's last lease
-    left the pools, and when its DELETED event came."""
+def gone_from(held: dict[str, set[str]], name: str, allocations: dict[str, Any]) -> list[str]:
+    """The pods of `held` (podref -> pools still holding one of its leases, updated here) whose last
+    lease `allocations`, pool `name` as just written, no longer holds. The podrefs as written, not
+    parsed: this harness shares the 2 cores with what it measures."""
+    present = {v.get("podref") for v in allocations.values() if isinstance(v, dict)}
+    out = []
+    for ref, pools in list(held.items()):
+        if name in pools and ref not in present:
+            pools.discard(name)
+            if not pools:
+                del held[ref]
+                out.append(ref)
+    return out
 
-    def __init__(self, client: KubeClient, held: dict[str, set[str]], report: Any = None) -> None:
+
+class ReleaseWatch(threading.Thread):
+    """Watches IPPools (and pods, the reference) through the API server as admin; reports when each
+    deleted pod's last lease left the pools, and when its DELETED event came."""
+
+    def __init__(self, client: KubeClient, held: dict[str, set[str]], report: Any) -> None:
         super().__init__(daemon=True)
         self.client = client
         self.held = held  # podref -> pool names holding its leases
-        self.released: dict[str, float] = {}
-        self.deleted: dict[str, float] = {}
-        self.report = report  # called with ("released" | "deleted", podref, time.monotonic())
-        self.stop = False
+        self.report = report  # called with (kind, podref or watch, time.monotonic())
 
     def run(self) -> None:
         threading.Thread(target=self._pods, daemon=True).start()
         path = f"/apis/whereabouts.cni.cncf.io/v1alpha1/namespaces/{NS}/ippools"
         rv = self.client.request("GET", path, params={"limit": "1"})["metadata"]["resourceVersion"]
-        while not self.stop:  # a watch the server ends (or an ERROR event) is resumed where it was
+        while True:  # a watch the server ends (or an ERROR event) is resumed where it was
             conn, resp = self.client.stream(
                 path, {"watch": "1", "resourceVersion": rv}, "application/json", 600
             )
-            if self.report is not None:
-                self.report(("ready", "ippools", time.monotonic()))
-            while not self.stop:
-                line = resp.readline()
-                if not line:
-                    print("bench: the IPPool watch ended; resuming", file=sys.stderr)
-                    break
+            self.report(("ready", "ippools", time.monotonic()))
+            while line := resp.readline():
                 event = json.loads(line)
                 obj = event["object"]
                 if event["type"] == "ERROR":
@@ -262,38 +269,23 @@ class ReleaseWatch(threading.Thread):
                     break
                 now = time.monotonic()
                 rv = obj["metadata"]["resourceVersion"]
-                self._seen(obj["metadata"]["name"], obj["spec"].get("allocations") or {}, now)
+                name, allocations = obj["metadata"]["name"], obj["spec"].get("allocations") or {}
+                for ref in gone_from(self.held, name, allocations):
+                    self.report(("released", ref, now))
+            else:
+                print("bench: the IPPool watch ended; resuming", file=sys.stderr)
             conn.close()
-
-    def _seen(self, name: str, allocations: dict[str, Any], now: float) -> None:
-        # the podrefs as written, not parsed: this harness shares the 2 cores with what it measures
-        present = {v.get("podref") for v in allocations.values() if isinstance(v, dict)}
-        for ref, pools in list(self.held.items()):
-            if name in pools and ref not in present:
-                pools.discard(name)
-                if not pools:
-                    self.released[ref] = now
-                    del self.held[ref]
-                    if self.report is not None:
-                        self.report(("released", ref, now))
 
     def _pods(self) -> None:
         rv = self.client.request("GET", "/api/v1/pods", params={"limit": "1"})["metadata"]["resourceVersion"]
         accept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
         conn, resp = self.client.stream("/api/v1/pods", {"watch": "1", "resourceVersion": rv}, accept, 600)
-        if self.report is not None:
-            self.report(("ready", "pods", time.monotonic()))
-        while not self.stop:
-            line = resp.readline()
-            if not line:
-                break
+        self.report(("ready", "pods", time.monotonic()))
+        while line := resp.readline():
             event = json.loads(line)
             if event["type"] == "DELETED":
                 meta = event["object"]["metadata"]
-                ref, now = f"{meta['namespace']}/{meta['name']}", time.monotonic()
-                self.deleted[ref] = now
-                if self.report is not None:
-                    self.report(("deleted", ref, now))
+                self.report(("deleted", f"{meta['namespace']}/{meta['name']}", time.monotonic()))
         conn.close()
 
 
@@ -330,15 +322,8 @@ class EtcdWatch(threading.Thread):
                     continue
                 name = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
                 obj = json.loads(base64.b64decode(kv["value"]))
-                present = {
-                    v.get("podref") for v in obj["spec"]["allocations"].values() if isinstance(v, dict)
-                }
-                for ref, where in list(self.held.items()):
-                    if name in where and ref not in present:
-                        where.discard(name)
-                        if not where:
-                            del self.held[ref]
-                            self.report(("committed", ref, now))
+                for ref in gone_from(self.held, name, obj["spec"]["allocations"]):
+                    self.report(("committed", ref, now))
 
     def _pods(self) -> None:
         pods = self._stream(b"/registry/pods/")
@@ -561,12 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ctl = cpu_seconds(controller.pid) - cpu_before[0]
         cpu_api = (cpu_seconds(cluster.apiserver.pid) if cluster.apiserver else 0.0) - cpu_before[1]
         drained = time.monotonic() - start
-        offset = time.time() - time.monotonic()
-        (work / "timeline.json").write_text(
-            json.dumps(
-                {k: {r: t + offset for r, t in v.items()} for k, v in {"sent": sent, **watcher.times}.items()}
-            )
-        )
 
         def since(kind: str) -> list[float]:
             return [watcher.times[kind][r] - sent[r] for r in victims if r in watcher.times[kind]]
