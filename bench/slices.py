@@ -359,53 +359,22 @@ def main() -> int:
                 }
             ]
             pids = {} if cluster is None else {"apiserver": cluster.apiserver.pid, "etcd": cluster.etcd.pid}
+
+            def burst(
+                slice_size: str | None, cidr: str, case: str, reference: str | None = None
+            ) -> dict[str, Any]:
+                return node_slice_burst(
+                    kubeconfig, metrics, work, args.pods, args.nodes, args.per_node,
+                    slice_size, cidr, case, pids, reference=reference,
+                )  # fmt: skip
+
             if not args.no_reference and cluster is not None:
                 for mode in REFERENCE_CASES:
-                    rows.append(
-                        node_slice_burst(
-                            kubeconfig,
-                            metrics,
-                            work,
-                            args.pods,
-                            args.nodes,
-                            args.per_node,
-                            None,
-                            "10.250.0.0/16",
-                            f"ref{mode}",
-                            pids,
-                            reference=mode,
-                        )
-                    )
+                    rows.append(burst(None, "10.250.0.0/16", f"ref{mode}", reference=mode))
             if not args.no_slices:
-                rows.append(
-                    node_slice_burst(
-                        kubeconfig,
-                        metrics,
-                        work,
-                        args.pods,
-                        args.nodes,
-                        args.per_node,
-                        args.slice_size,
-                        "10.210.0.0/16",
-                        "slices",
-                        pids,
-                    )
-                )
+                rows.append(burst(args.slice_size, "10.210.0.0/16", "slices"))
             if not args.no_baseline:
-                rows.append(
-                    node_slice_burst(
-                        kubeconfig,
-                        metrics,
-                        work,
-                        args.pods,
-                        args.nodes,
-                        args.per_node,
-                        None,
-                        "10.211.0.0/22",
-                        "onepool",
-                        pids,
-                    )
-                )
+                rows.append(burst(None, "10.211.0.0/22", "onepool"))
             base = float(rows[0]["wall_s"])
             reserve = [r for r in rows if r["case"] == REFERENCE_CASES["reserve"]]
             for row in rows:
