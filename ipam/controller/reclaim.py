@@ -149,9 +149,7 @@ class Reclaimer:
                 self._rechecks.discard(ref)
             self.notify([ref])
 
-        timer = threading.Timer(max(seconds, 0.0) + 0.05, fire)
-        timer.daemon = True
-        timer.start()
+        _after(max(seconds, 0.0) + 0.05, fire)
 
     def sweep(self) -> None:
         """Every pod holding leases (once every cache is listed, and on becoming leader)."""
@@ -261,9 +259,7 @@ class Reclaimer:
     def _later(self, refs: set[str]) -> None:
         """Look at these pods again in RETRY_SECONDS (not at once: a refusal that lasts must not
         become a loop of requests); only those the caches still point at are queued then."""
-        timer = threading.Timer(RETRY_SECONDS, self.notify, (sorted(refs),))
-        timer.daemon = True
-        timer.start()
+        _after(RETRY_SECONDS, self.notify, sorted(refs))
 
     def take(self) -> set[str]:
         """The queued pods, now (the worker's batch; tests drive `work` with it)."""
@@ -341,6 +337,13 @@ class Reclaimer:
             with self._count:
                 self.errors += summary.errors
             log.warning("controller.reservation.error", reservation=h.reservation, lines=summary.lines)
+
+
+def _after(seconds: float, fn: Callable[..., None], *args: Any) -> None:
+    """Call `fn(*args)` on a timer thread that does not keep the process alive."""
+    timer = threading.Timer(seconds, fn, args)
+    timer.daemon = True
+    timer.start()
 
 
 class _Discard(io.StringIO):
