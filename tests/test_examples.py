@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ipam.config import IPAMConfig, load_config
+from ipam.config import NODE_ONLY_KEYS, IPAMConfig, load_config
 from ipam.ranges import RangeSpec, pool_name
 from tests.e2e import conftest as e2e
 from tests.e2e import runtime as rt
@@ -41,17 +41,6 @@ THIRD_PARTY = Path(__file__).resolve().parent / "third_party"
 CRD_FILES = [THIRD_PARTY / "multus-nad-crd.yaml", THIRD_PARTY / "rook-cephcluster-crd.yaml"]
 
 NAD_KIND = "NetworkAttachmentDefinition"
-# Keys a NAD must not set: they name host paths or the node's identity and come from the node's flat
-# file or trusted environment (see README's configuration reference); a NAD is tenant input.
-NODE_ONLY_KEYS = {
-    "kubernetes",
-    "log_file",
-    "data_dir",
-    "datastore",
-    "configuration_path",
-    "agent_socket",
-    "node_name",
-}
 # Multus names a pod's extra interfaces net1, net2... in the order of its networks annotation; Rook
 # lists the public network first and adds the cluster network for OSD pods only.
 IFNAMES = {"public": "net1", "cluster": "net2"}
@@ -133,7 +122,7 @@ def load(conf: dict[str, Any]) -> tuple[IPAMConfig, tuple[RangeSpec, ...]]:
 
 
 def node_only_keys_in(conf: dict[str, Any]) -> set[str]:
-    return NODE_ONLY_KEYS & set(conf.get("ipam") or {})
+    return set(NODE_ONLY_KEYS) & set(conf.get("ipam") or {})
 
 
 def parse_selector(value: str, cluster_namespace: str) -> tuple[str, str]:
