@@ -16,7 +16,7 @@ from ipam.agent import Agent
 from ipam.ctl import main as ctl_main
 from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import RealKube
-from tests.test_nodeslices_isolation import WB, address, conf, direct, holder, nsp_path, through
+from tests.test_nodeslices_isolation import WB, add_via, address, conf, direct, holder, nsp_path, through
 
 
 @pytest.fixture(autouse=True)
@@ -148,9 +148,7 @@ def test_an_unnamed_network_on_a_named_networks_nodeslicepool_does_not_hide_it_f
     agent = Agent()
 
     def add(cid: str, netconf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if mode == "agent":
-            return through(agent, real_kube, "ADD", cid, netconf)
-        return direct(real_kube, "ADD", cid, netconf, forget=False)
+        return add_via(mode, agent, real_kube, cid, netconf)
 
     try:
         assert add("c0", named)[0] == 0  # makes NodeSlicePool "blue", marked network_name "blue"

@@ -73,6 +73,15 @@ def through(
     return int(reply["code"]), (json.loads(text) if text else {})
 
 
+def add_via(
+    mode: str, agent: Agent, kube: RealKube, cid: str, netconf: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """An ADD through this test's warm agent (`mode` "agent") or in direct mode, the agent kept warm."""
+    if mode == "agent":
+        return through(agent, kube, "ADD", cid, netconf)
+    return direct(kube, "ADD", cid, netconf, forget=False)
+
+
 def address(doc: dict[str, Any]) -> str:
     return str(doc["ips"][0]["address"]).split("/")[0]
 
@@ -232,9 +241,7 @@ def test_a_second_network_without_network_name_on_a_sliced_range_is_refused(
     agent = Agent()
 
     def add(cid: str, netconf: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if mode == "agent":
-            return through(agent, real_kube, "ADD", cid, netconf)
-        return direct(real_kube, "ADD", cid, netconf, forget=False)
+        return add_via(mode, agent, real_kube, cid, netconf)
 
     try:
         code, first = add("a0", net1)
