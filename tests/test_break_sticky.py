@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,19 @@ from ipam.store.kubernetes import KubernetesStore
 from tests.kubeapi.real import ApiError, RealKube
 from tests.test_requested import Node
 from tests.test_sticky_real import cni, delete, leases, netconf, owned_pod
+
+
+def reconcile_once(kube: RealKube, tmp_path: Path, source: Callable[[KubernetesStore], Any]) -> io.StringIO:
+    """One `ipam-reconcile` pass under the reconciler's own identity, reading through `source(store)`;
+    what it printed."""
+    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
+    try:
+        out = io.StringIO()
+        Reconciler(source(store), 0.0, False, out).run_once()
+    finally:
+        store.close()
+    return out
+
 
 # -- BREAK 1: sticky_seconds took a JSON bool (true -> 1 second) and a string ----------------------
 
@@ -60,12 +74,7 @@ def test_statefulset_with_a_start_ordinal_keeps_its_pods_addresses(
     assert cni(kube, conf, "ADD", "c-db5", "db-5", uid) == "10.61.0.1/24"
     cni(kube, conf, "DEL", "c-db5", "db-5", uid)
     delete(kube, f"/api/v1/namespaces/{ns}/pods/db-5")
-    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
-    try:
-        out = io.StringIO()
-        Reconciler(KubeSource(store), 0.0, False, out).run_once()
-    finally:
-        store.close()
+    out = reconcile_once(kube, tmp_path, KubeSource)
     assert "1" in leases(kube), out.getvalue()
     uid_b = owned_pod(kube, dict(sts), "db-5")
     assert cni(kube, conf, "ADD", "c-db5-b", "db-5", uid_b) == "10.61.0.1/24"
@@ -204,12 +213,7 @@ def test_reconcile_release_racing_a_take_back_leaves_the_new_pods_lease(
             assert cni(kube, conf, "ADD", "c-new", "db-0", uid_b) == "10.61.0.1/24"
             return {}  # as if the StatefulSet were gone by now
 
-    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
-    try:
-        out = io.StringIO()
-        Reconciler(Racing(store), 0.0, False, out).run_once()
-    finally:
-        store.close()
+    out = reconcile_once(kube, tmp_path, Racing)
     assert "statefulset-gone" in out.getvalue()  # judged released on what it had read
     held = leases(kube)["1"]
     assert held.id == "c-new" and not held.retained, out.getvalue()
@@ -369,12 +373,7 @@ def test_reservation_repair_racing_a_take_back_on_the_real_api_server(
             assert cni(kube, conf, "ADD", "c-new", "db-0", "") == "10.61.0.2/24"
             return pods
 
-    store = KubernetesStore.connect(kube.reconciler_kubeconfig(), str(tmp_path / "r"))
-    try:
-        out = io.StringIO()
-        Reconciler(Racing(store), 0.0, False, out).run_once()
-    finally:
-        store.close()
+    out = reconcile_once(kube, tmp_path, Racing)
     assert leases(kube)["2"].id == "c-new", out.getvalue()
     reservations = {o["metadata"]["name"]: o for o in kube.api.objects("overlappingrangeipreservations", ns)}
     assert reservations["10.61.0.2"]["spec"]["containerid"] == "c-new"
