@@ -85,14 +85,16 @@ class Reclaimer:
         self._threads = ThreadPoolExecutor(WRITERS, thread_name_prefix="reclaim-write")
         self._unreservers = ThreadPoolExecutor(PARALLEL, thread_name_prefix="reclaim-reservation")
         self._count = threading.Lock()
-        self._idle = threading.Condition()  # guards _pending and _writing
+        self._idle = threading.Condition()  # guards _pending, _writing, _in_flight and _writers
         # pool -> offset -> judged, not yet written: a pod looked at again before its pool was written
-        # (its deletion and a later event both pointed at it) is one release, not two
-        self._pending: dict[str, dict[int, Release]] = defaultdict(dict)
-        self._writing: set[str] = set()  # pools a _drain is working on
-        # pool -> the leases (offset, lease) its _drain is writing: the same lease judged again meanwhile
-        # is not queued again; another lease at that offset is (the write's test fails on it)
-        self._in_flight: dict[str, set[tuple[int, Lease]]] = defaultdict(set)
+        # (its deletion and a later event both pointed at it) is one release, not two. In the order
+        # the pools' oldest pending release came (a dict keeps it): the writers take the oldest first
+        self._pending: dict[str, dict[int, Release]] = {}
+        self._writing: set[str] = set()  # pools being written now, each by one writer
+        # pool -> the leases (offset, lease) its writer is writing: the same lease judged again
+        # meanwhile is not queued again; another lease at that offset is (the write's test fails on it)
+        self._in_flight: dict[str, set[tuple[int, Lease]]] = {}
+        self._writers = 0  # _write_oldest loops running or queued
 
     # -- what the caches point at -----------------------------------------------------------------
 
@@ -202,44 +204,64 @@ class Reclaimer:
         for judged in self._lookers.map(look, refs):
             for r in judged:
                 by_pool[r.holding.pool.name].append(r)
-        start = []
         with self._idle:
             for pool, group in by_pool.items():
                 busy = self._in_flight.get(pool, set())
-                self._pending[pool].update(
-                    (r.holding.offset, r) for r in group if (r.holding.offset, r.holding.lease) not in busy
-                )
-                if pool not in self._writing:
-                    self._writing.add(pool)
-                    start.append(pool)
-        for pool in start:
-            self._threads.submit(self._drain, pool)
+                fresh = [r for r in group if (r.holding.offset, r.holding.lease) not in busy]
+                if fresh:
+                    self._pending.setdefault(pool, {}).update((r.holding.offset, r) for r in fresh)
+            start = min(WRITERS - self._writers, len(self._pending))
+            self._writers += max(0, start)
+        for _ in range(start):
+            self._threads.submit(self._write_oldest)
         log.debug("controller.batch", pods=len(refs), pools=len(by_pool))
 
-    def _drain(self, pool: str) -> None:
-        """The one writer of `pool` at a time: releases whatever has been judged for it, in one
-        conditional write per round, until nothing is left."""
-        while True:
-            with self._idle:
-                group = list(self._pending.pop(pool, {}).values())
-                if not group:
-                    self._writing.discard(pool)
-                    self._in_flight.pop(pool, None)
+    def _write_oldest(self) -> None:
+        """One of WRITERS: writes the pool whose oldest pending release is the oldest of all (and
+        that no other writer is writing), all its pending releases in one conditional write, then
+        the next such pool, until none is left. Oldest first, not one pool until it is drained:
+        under a burst a pool that keeps getting releases would hold its writer while the releases of
+        pools queued behind it waited for ever longer; taken in turn, each write also carries what
+        its pool gathered meanwhile, so the API server gets fewer, fuller writes."""
+        exited = False
+        try:
+            while True:
+                with self._idle:
+                    pool = next((p for p in self._pending if p not in self._writing), None)
+                    if pool is None:  # a pool still pending is being written: its writer goes on
+                        exited = True  # decided under the lock: work() starts a writer if needed
+                        self._writers -= 1
+                        self._idle.notify_all()
+                        return
+                    group = list(self._pending.pop(pool).values())
+                    self._writing.add(pool)
+                    self._in_flight[pool] = {(r.holding.offset, r.holding.lease) for r in group}
+                try:
+                    if self.is_leader():
+                        with self._guard(sorted({r.holding.lease.podref for r in group})):
+                            try:
+                                self.release(group)
+                            finally:  # before a failure queues its pods again: looked at anew
+                                with self._idle:
+                                    self._in_flight.pop(pool, None)
+                finally:
+                    with self._idle:
+                        self._writing.discard(pool)
+                        self._in_flight.pop(pool, None)
+        finally:
+            if not exited:  # not a way out the writes take, but the count must stay true
+                with self._idle:
+                    self._writers -= 1
                     self._idle.notify_all()
-                    return
-                self._in_flight[pool] = {(r.holding.offset, r.holding.lease) for r in group}
-            if self.is_leader():
-                with self._guard(sorted({r.holding.lease.podref for r in group})):
-                    try:
-                        self.release(group)
-                    finally:  # before a failure queues its pods again: looked at anew, not skipped
-                        with self._idle:
-                            self._in_flight.pop(pool, None)
+
+    def _writes_idle(self) -> bool:
+        """No pool write pending or going on (under _idle)."""
+        return not self._writers and not self._writing and not self._pending
 
     def flush(self, timeout: float = 60.0) -> None:
         """Until every judged release has been written (tests; the worker never waits)."""
         with self._idle:
-            self._idle.wait_for(lambda: not self._writing, timeout)
+            self._idle.wait_for(self._writes_idle, timeout)
 
     @contextlib.contextmanager
     def _guard(self, refs: list[str]) -> Iterator[None]:
@@ -327,7 +349,7 @@ class Reclaimer:
         if until is None:
             until = time.monotonic() + DEFER_SECONDS
         with self._idle:
-            self._idle.wait_for(lambda: not self._writing, max(0.0, until - time.monotonic()))
+            self._idle.wait_for(self._writes_idle, max(0.0, until - time.monotonic()))
         summary = Summary()
         with self.pools.lock:
             cached = self.pools.reservations.get(h.reservation)
