@@ -189,8 +189,8 @@ class Reclaimer:
 
     def work(self, batch: Iterable[str]) -> None:
         """Look at each pod of `batch` side by side (when leading), and hand what was judged leaked to
-        its pool's writer (`_drain`) without waiting for it. A pod whose look or release failed is
-        queued again."""
+        the pool writers (`_write_oldest`) without waiting for them. A pod whose look or release
+        failed is looked at again RETRY_SECONDS later."""
         if not self.is_leader():
             return  # the leader does it; a new leader sweeps everything
 
@@ -212,8 +212,14 @@ class Reclaimer:
                     self._pending.setdefault(pool, {}).update((r.holding.offset, r) for r in fresh)
             start = min(WRITERS - self._writers, len(self._pending))
             self._writers += max(0, start)
-        for _ in range(start):
-            self._threads.submit(self._write_oldest)
+        for started in range(start):
+            try:
+                self._threads.submit(self._write_oldest)
+            except RuntimeError:  # stopping: the writers not started are not counted
+                with self._idle:
+                    self._writers -= start - started
+                    self._idle.notify_all()
+                break
         log.debug("controller.batch", pods=len(refs), pools=len(by_pool))
 
     def _write_oldest(self) -> None:
@@ -271,8 +277,12 @@ class Reclaimer:
             with self._count:
                 self.errors += 1
             log.warning("controller.reclaim.error", podrefs=refs, error=str(exc))
-            with self._cond:
-                self._queue.update(refs)  # looked at again with the next batch
+            # looked at again RETRY_SECONDS later, through notify (which wakes the worker: a failed
+            # write's pods are queued from a writer thread, while the worker may sleep). Not at once:
+            # a GET refused with 429/503 or a refused connection fails in milliseconds, and the worker,
+            # finding its queue not empty, would ask again as fast as the server refused it.
+            if refs:
+                self._later(set(refs))
         except Exception as exc:  # a bug must not stop the worker: logged, the CronJob still runs
             with self._count:
                 self.errors += 1
@@ -337,7 +347,10 @@ class Reclaimer:
                 address=h.address,
                 reason=r.reason,
             )
-            self._unreservers.submit(self._unreserve, h, until)
+            try:
+                self._unreservers.submit(self._unreserve, h, until)
+            except RuntimeError:  # stopping (the executor is shut down): the lease already left
+                self._unreserve(h, time.monotonic())  # its pool, so its reservation goes now, here
             if self.on_release is not None:
                 self.on_release(r)
         return done
