@@ -390,7 +390,7 @@ def test_a_batch_worked_after_stop_leaves_the_writers_count_true(reclaimer: Recl
     def worker() -> None:
         try:
             reclaimer.work(["ns/p1"])
-        except BaseException as exc:  # noqa: BLE001 - what the worker thread would have died of
+        except BaseException as exc:  # what the worker thread would have died of
             raised.append(exc)
 
     t = threading.Thread(target=worker)
