@@ -188,7 +188,8 @@ class Pools:
         self.pools: dict[str, PoolSnapshot] = {}
         self.slice_pools: dict[str, SlicePool] = {}
         self.reservations: dict[str, Reservation] = {}
-        self.by_pod: dict[str, dict[str, frozenset[str]]] = {}  # podref -> {pool: its leases' poduids}
+        # podref -> {pool: (offset, poduid) of each of its leases there}
+        self.by_pod: dict[str, dict[str, frozenset[tuple[int, str]]]] = {}
         self._raw: dict[str, dict[str, Any]] = {}  # pool -> its allocations as last received
         self.generation = 0  # bumped on every change: the metrics' computed figures are reused until then
 
@@ -226,17 +227,19 @@ class Pools:
 
     def _set_pool(self, name: str, snapshot: PoolSnapshot | None) -> set[str]:
         """Store (or with None drop) one pool; the podrefs of the leases it holds now that it did not
-        hold before (a new lease of a pod the pod cache may not know)."""
+        hold before (a new lease of a pod the pod cache may not know), by offset: a pod's second lease
+        in the pool (another interface) that arrives after its first was released from a cache that
+        lacked it is looked at too, not left to the CronJob."""
         old = self.pools.pop(name, None)
         if snapshot is None:
             self._raw.pop(name, None)
         before = {lease.podref: lease for lease in old.allocations.values()} if old is not None else {}
-        now: dict[str, set[str]] = defaultdict(set)  # podref -> poduids of its leases in this pool
+        now: dict[str, set[tuple[int, str]]] = defaultdict(set)  # podref -> its leases in this pool
         if snapshot is not None:
             self.pools[name] = snapshot
-            for lease in snapshot.allocations.values():
+            for offset, lease in snapshot.allocations.items():
                 if lease.podref:
-                    now[lease.podref].add(lease.poduid)
+                    now[lease.podref].add((offset, lease.poduid))
         for ref in before.keys() - now.keys():
             held = self.by_pod.get(ref)
             if held is not None:
@@ -244,11 +247,11 @@ class Pools:
                 if not held:
                     del self.by_pod[ref]
         fresh = set()
-        for ref, uids in now.items():
+        for ref, leases in now.items():
             held = self.by_pod.setdefault(ref, {})
-            if held.get(name) != frozenset(uids):
+            if held.get(name) != frozenset(leases):
                 fresh.add(ref)
-                held[name] = frozenset(uids)
+                held[name] = frozenset(leases)
         self.generation += 1
         return fresh
 
@@ -278,7 +281,7 @@ class Pools:
     def poduids(self, ref: str) -> set[str]:
         """The pod UIDs the leases of `ref` were made for (empty ones left out)."""
         with self.lock:
-            return {uid for uids in self.by_pod.get(ref, {}).values() for uid in uids if uid}
+            return {uid for leases in self.by_pod.get(ref, {}).values() for _, uid in leases if uid}
 
     def lease_nodes(self, ref: str) -> set[str]:
         """The nodes recorded on the leases of `ref` ("" for a lease that records none)."""
