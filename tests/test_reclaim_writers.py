@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,21 @@ def test_many_pools_at_once_never_run_more_writers_than_writers(reclaimer: Recla
     reclaimer.flush(10)
     assert sorted(pool for pool, _ in writes.order) == sorted(f"p{i}" for i in range(40))
     assert reclaimer._writers == 0
+
+
+def test_failures_meanwhile_wait_on_one_retry_timer(
+    reclaimer: Reclaimer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep failing on thousands of pods (the API server away) must not start a timer thread
+    for each: every failure until the timer fires joins it, and all are looked at again then."""
+    timers: list[tuple[float, Any]] = []
+    monkeypatch.setattr(reclaim, "_after", lambda seconds, fn, *args: timers.append((seconds, fn)))
+    notified: list[str] = []
+    reclaimer.notify = lambda refs: notified.extend(refs)  # type: ignore[method-assign]
+    for i in range(2000):
+        reclaimer._later({f"ns/p{i}"})
+    assert [seconds for seconds, _ in timers] == [reclaim.RETRY_SECONDS]
+    timers[0][1]()
+    assert sorted(notified) == sorted(f"ns/p{i}" for i in range(2000))
+    reclaimer._later({"ns/again"})  # a later failure starts the next timer
+    assert len(timers) == 2

@@ -74,6 +74,7 @@ class Reclaimer:
         self._queue: set[str] = set()
         # Terminating pods to look at again when their node has been NotReady long enough
         self._rechecks: set[str] = set()
+        self._retries: set[str] = set()  # pods to look at again when the retry timer fires (_later)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -290,8 +291,19 @@ class Reclaimer:
 
     def _later(self, refs: set[str]) -> None:
         """Look at these pods again in RETRY_SECONDS (not at once: a refusal that lasts must not
-        become a loop of requests); only those the caches still point at are queued then."""
-        _after(RETRY_SECONDS, self.notify, sorted(refs))
+        become a loop of requests); only those the caches still point at are queued then. One timer
+        for every failure meanwhile: a sweep failing on thousands of pods (the API server away)
+        waits on one thread, not on one each."""
+        with self._cond:
+            first = not self._retries
+            self._retries.update(refs)
+        if first:
+            _after(RETRY_SECONDS, self._retry)
+
+    def _retry(self) -> None:
+        with self._cond:
+            refs, self._retries = self._retries, set()
+        self.notify(sorted(refs))
 
     def take(self) -> set[str]:
         """The queued pods, now (the worker's batch; tests drive `work` with it)."""
