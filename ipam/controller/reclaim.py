@@ -228,8 +228,8 @@ class Reclaimer:
         that no other writer is writing), all its pending releases in one conditional write, then
         the next such pool, until none is left. Oldest first, not one pool until it is drained:
         under a burst a pool that keeps getting releases would hold its writer while the releases of
-        pools queued behind it waited for ever longer; taken in turn, each write also carries what
-        its pool gathered meanwhile, so the API server gets fewer, fuller writes."""
+        pools queued behind it waited. Taken in turn, each write carries what its pool gathered
+        meanwhile: when the writes fall behind, they carry more releases each and catch up."""
         exited = False
         try:
             while True:
