@@ -39,7 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import publish, start_cluster  # noqa: E402
+from bench import publish, start_cluster, stop_cluster  # noqa: E402
 from ipam.allocator import Lease, dump_allocations  # noqa: E402
 from ipam.ranges import pool_name, reservation_name  # noqa: E402
 from ipam.reconcile import main as reconcile_main  # noqa: E402
@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         if controller is not None:
             controller.terminate()
             controller.wait(timeout=20)
-        cluster.stop()
+        stop_cluster(cluster)
 
     load = os.getloadavg()[0]
     publish(

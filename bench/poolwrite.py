@@ -29,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import publish, start_cluster  # noqa: E402
+from bench import publish, start_cluster, stop_cluster  # noqa: E402
 from bench.slices import cpu_seconds  # noqa: E402
 from tests.kubeapi.real import RealCluster  # noqa: E402
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rnd:
                     cpu[(variant, "GET")].append(used / args.batch)
     finally:
-        cluster.stop()
+        stop_cluster(cluster)
 
     def per_request(variant: str, method: str) -> float:
         """Mean CPU seconds per request over every counted one (ticks are 10 ms: a mean, not a median)."""
