@@ -151,8 +151,16 @@ def controller(world: World) -> tuple[Reclaimer, Pods, Finished, Pools]:
 # b's second lease in the pool (another interface) arrives after its first was released from a cache
 # that lacked it: it must be looked at too (found by this test; the cache noticed only new pod UIDs)
 @example(
-    [("create", "b"), ("pod-event", ""), ("add", "b"), ("add", "b"), ("delete", "b")]
-    + [("pod-event", ""), ("pool-event", ""), ("work", "")]
+    [
+        ("create", "b"),
+        ("pod-event", ""),
+        ("add", "b"),
+        ("add", "b"),
+        ("delete", "b"),
+        ("pod-event", ""),
+        ("pool-event", ""),
+        ("work", ""),
+    ]
 )
 def test_no_interleaving_of_watch_events_and_adds_releases_a_live_pods_lease(
     steps: list[tuple[str, str]],
