@@ -14,13 +14,12 @@ import pytest
 
 from ipam.audit import Holding, Reservation
 from ipam.controller import reclaim
-from ipam.controller.cache import Finished, Nodes, Pods, Pools
 from ipam.controller.reclaim import Reclaimer
 from ipam.controller.rules import Release
 from ipam.errors import TransientStoreError
 from ipam.reconcile import Summary
 from tests.test_controller import wait_for
-from tests.test_reclaim_writers import Writes, release
+from tests.test_reclaim_writers import Writes, judging, point, release
 
 BOUND = 5.0  # how long a wait_for waits for what must happen (a failure bound, not a timing claim)
 
@@ -108,32 +107,13 @@ def leader() -> threading.Event:
 
 @pytest.fixture
 def reclaimer(releaser: Releaser, leader: threading.Event) -> Iterator[Reclaimer]:
-    noop = lambda _refs: None  # noqa: E731
-    r = Reclaimer(
-        Pods(noop),
-        Finished(noop),
-        Nodes(lambda: None),
-        Pools("ns", noop),
-        lambda _r: None,
-        releaser,
-        leader.is_set,
-    )
-    judged: dict[str, list[Release]] = {}
-    r.judge = lambda ref: judged.get(ref, [])  # type: ignore[method-assign]
-    r.judged = judged  # type: ignore[attr-defined]
+    r = judging(releaser, leader.is_set)
     # every pod the tests name is one the caches point at (a retry's notify queues it again)
     r.suspicious = lambda ref: True  # type: ignore[method-assign]
     r.ready = True
     yield r
     releaser.gate.set()
     r.stop()
-
-
-def point(r: Reclaimer, *releases: Release) -> None:
-    """The worker looks at these releases' pods (one batch)."""
-    for x in releases:
-        r.judged[x.holding.lease.podref] = [x]  # type: ignore[attr-defined]
-    r.work([x.holding.lease.podref for x in releases])
 
 
 # -- breaks: each fails on the code before the fix ------------------------------------------------

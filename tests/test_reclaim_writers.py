@@ -6,7 +6,7 @@ that records each write, and the judgement is given."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -68,8 +68,9 @@ def writes() -> Writes:
     return Writes()
 
 
-@pytest.fixture
-def reclaimer(writes: Writes) -> Iterator[Reclaimer]:
+def judging(releaser: Any, is_leader: Callable[[], bool] = lambda: True) -> Reclaimer:
+    """A Reclaimer whose judgement is given (`r.judged`: podref -> its releases) and whose writes
+    go to `releaser`."""
     noop = lambda _refs: None  # noqa: E731
     r = Reclaimer(
         Pods(noop),
@@ -77,12 +78,18 @@ def reclaimer(writes: Writes) -> Iterator[Reclaimer]:
         Nodes(lambda: None),
         Pools("ns", noop),
         lambda _r: None,
-        writes,
-        lambda: True,
+        releaser,
+        is_leader,
     )
     judged: dict[str, list[Release]] = {}
     r.judge = lambda ref: judged.get(ref, [])  # type: ignore[method-assign]
     r.judged = judged  # type: ignore[attr-defined]
+    return r
+
+
+@pytest.fixture
+def reclaimer(writes: Writes) -> Iterator[Reclaimer]:
+    r = judging(writes)
     yield r
     r.stop()
 
