@@ -35,6 +35,15 @@ def publish(results: str, title: str, target: str, intro: str, rows: list[tuple[
     return report
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used so far (/proc/PID/stat)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_cluster(prog: str) -> RealCluster:
     """etcd (with fsync) + kube-apiserver from $KUBEBUILDER_ASSETS in a directory of their own,
     started (stop it)."""

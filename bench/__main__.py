@@ -373,8 +373,8 @@ def part_e(cluster: Cluster, sizes: list[int], reps: int) -> list[dict[str, Any]
     (a schema per lease) granular and `x-kubernetes-map-type: atomic`, and the repo's (atomic, opaque:
     preserve-unknown-fields, no per-lease schema); the API server's CPU per PUT and the stored object's
     size. The repo's CRD is restored after. bench/poolwrite.py measures the last two more closely."""
+    from bench import cpu_seconds
     from bench.poolwrite import PREVIOUS_ALLOCATIONS, our_lease
-    from bench.slices import cpu_seconds
     from tests.kubeapi.real import ApiError
 
     real = cluster.real

@@ -39,7 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import publish, start_cluster, stop_cluster  # noqa: E402
+from bench import cpu_seconds, publish, start_cluster, stop_cluster  # noqa: E402
 from ipam.allocator import Lease, dump_allocations  # noqa: E402
 from ipam.ranges import pool_name, reservation_name  # noqa: E402
 from ipam.reconcile import main as reconcile_main  # noqa: E402
@@ -170,11 +170,6 @@ def timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> tuple[float, float]:

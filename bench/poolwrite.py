@@ -29,8 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import publish, start_cluster, stop_cluster  # noqa: E402
-from bench.slices import cpu_seconds  # noqa: E402
+from bench import cpu_seconds, publish, start_cluster, stop_cluster  # noqa: E402
 from tests.kubeapi.real import RealCluster  # noqa: E402
 
 IPPOOL_CRD = ROOT / "crds" / "whereabouts.cni.cncf.io_ippools.yaml"

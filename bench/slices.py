@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import charts  # noqa: E402
+from bench import charts, cpu_seconds  # noqa: E402
 from bench.agents import agent_running  # noqa: E402
 from tests.cni_exec import cni_env, use_opt_in_flat_file  # noqa: E402
 
@@ -74,13 +74,6 @@ def requests_by_resource(metrics_text: str) -> dict[str, tuple[float, float]]:
         if labels.get("code") == '"409"':
             slot[1] += float(m.group(2))
     return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a live process has used so far (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu() -> float:
