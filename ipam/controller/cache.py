@@ -286,8 +286,11 @@ class Pools:
     def lease_nodes(self, ref: str) -> set[str]:
         """The nodes recorded on the leases of `ref` ("" for a lease that records none)."""
         with self.lock:
-            pools = [self.pools[name] for name in self.by_pod.get(ref, ()) if name in self.pools]
-            return {lease.node for p in pools for lease in p.allocations.values() if lease.podref == ref}
+            return {
+                self.pools[name].allocations[offset].node
+                for name, leases in self.by_pod.get(ref, {}).items()
+                for offset, _ in leases
+            }
 
     def podrefs(self) -> list[str]:
         with self.lock:

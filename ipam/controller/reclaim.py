@@ -34,7 +34,7 @@ PARALLEL = 8  # GETs of pods side by side
 # cost on the API server grows with its leases, so fewer, fuller rounds cost it less (32 were slower
 # than 8 at 10,000 pods, bench/RESULTS.md)
 WRITERS = 8
-RETRY_SECONDS = 1.0  # a pool write that failed is tried again this much later
+RETRY_SECONDS = 1.0  # a pod whose look or pool write failed is looked at again this much later
 DEFER_SECONDS = 5.0  # a released lease's reservation waits this long at most for the pool writes
 GetPod = Callable[[str], "Mapping[str, Any] | None"]
 
